@@ -1,0 +1,11 @@
+"""lstmkit: LSTM, GRU and RNN from first principles, a faster drop-in for torch.nn.
+
+    >>> import torch, lstmkit
+    >>> lstm = lstmkit.LSTM(input_size=8, hidden_size=16, batch_first=True)
+    >>> output, (h_n, c_n) = lstm(torch.randn(4, 10, 8))
+"""
+
+from .nn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+
+__version__ = "0.1.0"
+__all__ = ["GRU", "GRUCell", "LSTM", "LSTMCell", "RNN", "RNNCell", "__version__"]

@@ -1,0 +1,31 @@
+"""Compute-dtype policy shared by the portable kernels.
+
+float32 and float64 run as they are. float16 and bfloat16 are upcast to float32 for the whole
+recurrence (the cell state accumulates over thousands of steps and must not round at 8 bits of
+mantissa), and results are cast back to the caller's dtype.
+"""
+
+import torch
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def upcast(tensors, dtype):
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
+def cast_like(tensors, like):
+    return [None if t is None else t.to(ref.dtype) for t, ref in zip(tensors, like)]
+
+
+def dtypes_of(tensors):
+    return [None if t is None else t.dtype for t in tensors]
+
+
+def cast_to(tensors, dtypes):
+    """Cast each gradient to its input's dtype; None where there is no input or no gradient."""
+    return [None if t is None or d is None else t.to(d) for t, d in zip(tensors, dtypes)]

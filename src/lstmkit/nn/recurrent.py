@@ -1,0 +1,291 @@
+"""Multi-layer LSTM, GRU and RNN modules with torch.nn's API, parameters and initialisation.
+
+The modules are thin: they check arguments, lay out the input for the kernels (time-major,
+flat, see `lstmkit.kernels.layout`), stack layers and directions, and apply dropout between
+layers. All recurrent arithmetic happens in `lstmkit.kernels`.
+
+Shape key: T time, B batch, I input_size, H hidden_size, P = proj_size or H,
+L num_layers, D = 2 if bidirectional else 1.
+"""
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from .. import kernels
+from ..kernels import StepLayout
+from . import _checks
+
+
+_KERNEL_ARGUMENT = {"weight_ih": "w_ih", "weight_hh": "w_hh", "bias_ih": "b_ih",
+                    "bias_hh": "b_hh", "weight_hr": "w_hr"}
+
+
+class _RecurrentBase(nn.Module):
+    """Shared body of LSTM, GRU and RNN. Subclasses set `_gates` and implement `_run_layer`."""
+
+    _gates: int = 1
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None):
+        super().__init__()
+        self.input_size = _checks.positive_int("input_size", input_size)
+        self.hidden_size = _checks.positive_int("hidden_size", hidden_size)
+        self.num_layers = _checks.positive_int("num_layers", num_layers)
+        self.bias = _checks.flag("bias", bias)
+        self.batch_first = _checks.flag("batch_first", batch_first)
+        self.dropout = _checks.probability("dropout", dropout)
+        self.bidirectional = _checks.flag("bidirectional", bidirectional)
+        if isinstance(proj_size, bool) or not isinstance(proj_size, int) or proj_size < 0:
+            raise ValueError(f"proj_size must be a non-negative int, got {proj_size!r}")
+        if proj_size >= hidden_size:
+            raise ValueError(f"proj_size must be smaller than hidden_size ({hidden_size}), "
+                             f"got {proj_size}")
+        self.proj_size = proj_size
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(f"dropout={dropout} acts between layers and num_layers=1: it has no "
+                          "effect", UserWarning, stacklevel=2)
+        factory = {"device": device, "dtype": dtype}
+        out_size = proj_size or hidden_size
+        self._weight_names: list[dict[str, str]] = []   # kernel argument -> parameter name
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else out_size * self.num_directions
+            for direction in range(self.num_directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                shapes = [("weight_ih", (self._gates * hidden_size, layer_input)),
+                          ("weight_hh", (self._gates * hidden_size, out_size))]
+                if bias:
+                    shapes += [("bias_ih", (self._gates * hidden_size,)),
+                               ("bias_hh", (self._gates * hidden_size,))]
+                if proj_size:
+                    shapes.append(("weight_hr", (proj_size, hidden_size)))
+                for stem, size in shapes:
+                    self.register_parameter(stem + suffix, nn.Parameter(torch.empty(size, **factory)))
+                self._weight_names.append({_KERNEL_ARGUMENT[stem]: stem + suffix
+                                           for stem, _ in shapes})
+        self.reset_parameters()
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        """Parameters per layer and direction, in torch.nn's order."""
+        return [[getattr(self, name) for name in names.values()] for names in self._weight_names]
+
+    def reset_parameters(self) -> None:
+        """U(-1/sqrt(H), 1/sqrt(H)) for every parameter, in registration order, as torch.nn."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -bound, bound)
+
+    def flatten_parameters(self) -> None:
+        """No-op, kept so code written for torch.nn (which packs weights for cuDNN) runs as is."""
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        defaults = {"num_layers": 1, "bias": True, "batch_first": False, "dropout": 0.0,
+                    "bidirectional": False, "proj_size": 0}
+        for name, default in defaults.items():
+            if getattr(self, name) != default:
+                s += f", {name}={getattr(self, name)}"
+        return s
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def _state_sizes(self) -> tuple[int, ...]:
+        """Feature size of each state tensor: (P,) for h, plus (H,) for the LSTM's c."""
+        return (self.proj_size or self.hidden_size,)
+
+    def _layer_weights(self, index: int) -> dict:
+        """Keyword arguments of the kernel for one layer and direction: w_ih, w_hh, ..."""
+        return {arg: getattr(self, name) for arg, name in self._weight_names[index].items()}
+
+    def _flat_input(self, input):
+        """Return (x (N, I), layout, batched, packed info or None) for any accepted input form."""
+        if isinstance(input, PackedSequence):
+            data = _checks.floating_tensor("input.data", input.data)
+            if data.dim() != 2 or data.shape[1] != self.input_size:
+                raise ValueError(f"PackedSequence data must have shape (N, {self.input_size}), "
+                                 f"got {tuple(data.shape)}")
+            return data, StepLayout.packed(input.batch_sizes.tolist()), True, input
+        x = _checks.floating_tensor("input", input)
+        if x.dim() not in (2, 3):
+            raise ValueError(f"input must be 3-D (batched) or 2-D (unbatched), got {x.dim()}-D "
+                             f"with shape {tuple(x.shape)}")
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"input must have {self.input_size} features in its last dimension "
+                             f"(input_size), got shape {tuple(x.shape)}")
+        batched = x.dim() == 3
+        if not batched:
+            x = x.unsqueeze(1)                       # (T, I) -> (T, 1, I)
+        elif self.batch_first:
+            x = x.transpose(0, 1)                    # (B, T, I) -> (T, B, I)
+        steps, batch = x.shape[0], x.shape[1]
+        if steps == 0 or batch == 0:
+            raise ValueError(f"input must have at least one time step and one sequence, "
+                             f"got shape {tuple(input.shape)}")
+        return x.reshape(steps * batch, self.input_size), StepLayout.padded(steps, batch), batched, None
+
+    def _initial_states(self, hx, x, batch, batched, packed):
+        """Return the initial states as (L*D, B, F) tensors, in the kernels' batch order."""
+        count = self.num_layers * self.num_directions
+        sizes = self._state_sizes()
+        if hx is None:
+            return [x.new_zeros(count, batch, size) for size in sizes]
+        names = ("h_0", "c_0")[:len(sizes)]
+        if len(sizes) > 1:
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise TypeError(f"hx must be a tuple (h_0, c_0) for {type(self).__name__}, "
+                                f"got {type(hx).__name__}")
+            states = list(hx)
+        else:
+            states = [hx]
+        result = []
+        for name, state, size in zip(names, states, sizes):
+            _checks.floating_tensor(name, state, like=x)
+            if batched:
+                _checks.shape(name, state, (count, batch, size))
+            else:
+                _checks.shape(name, state, (count, size))
+                state = state.unsqueeze(1)
+            if packed is not None and packed.sorted_indices is not None:
+                state = state.index_select(1, packed.sorted_indices)
+            result.append(state)
+        return result
+
+    def forward(self, input, hx=None):
+        """Run the stack over a sequence.
+
+        Args:
+            input: (T, B, I), or (B, T, I) with batch_first, or unbatched (T, I),
+                or a PackedSequence of (N, I) rows.
+            hx: initial state(s) shaped (L*D, B, P) (and (L*D, B, H) for the LSTM's c),
+                (L*D, P) for unbatched input, in the caller's batch order; zeros when None.
+        Returns:
+            output (same form as the input, with D*P features) and the final state(s), shaped
+            like hx.
+        """
+        x, layout, batched, packed = self._flat_input(input)
+        states = self._initial_states(hx, x, layout.batch, batched, packed)
+        finals = [[] for _ in states]
+        layer_input = x
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(self.num_directions):
+                index = layer * self.num_directions + direction
+                out, *state_T = self._run_layer(
+                    layer_input, [s[index] for s in states], self._layer_weights(index),
+                    layout, reverse=direction == 1)
+                outputs.append(out)
+                for collected, s in zip(finals, state_T):
+                    collected.append(s)
+            layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        finals = [torch.stack(f) for f in finals]
+        if packed is not None:
+            if packed.unsorted_indices is not None:
+                finals = [f.index_select(1, packed.unsorted_indices) for f in finals]
+            output = PackedSequence(layer_input, packed.batch_sizes, packed.sorted_indices,
+                                    packed.unsorted_indices)
+        else:
+            output = layer_input.view(layout.steps, layout.batch, -1)
+            if not batched:
+                output = output.squeeze(1)
+                finals = [f.squeeze(1) for f in finals]
+            elif self.batch_first:
+                output = output.transpose(0, 1)
+        return output, (tuple(finals) if len(finals) > 1 else finals[0])
+
+    def _run_layer(self, x, states, weights, layout, reverse):
+        raise NotImplementedError
+
+
+class LSTM(_RecurrentBase):
+    r"""Long short-term memory, a drop-in for `torch.nn.LSTM` (same arguments, weights, outputs).
+
+    For each layer, direction and step (gate order i, f, g, o in the stacked weights)::
+
+        i_t = sigma(W_ii x_t + b_ii + W_hi h_{t-1} + b_hi)      input gate
+        f_t = sigma(W_if x_t + b_if + W_hf h_{t-1} + b_hf)      forget gate
+        g_t = tanh (W_ig x_t + b_ig + W_hg h_{t-1} + b_hg)      candidate memory
+        o_t = sigma(W_io x_t + b_io + W_ho h_{t-1} + b_ho)      output gate
+        c_t = f_t * c_{t-1} + i_t * g_t                         cell state
+        h_t = o_t * tanh(c_t)            (times W_hr when proj_size > 0)
+
+    Parameters per layer k: weight_ih_lk (4H, I or D*P), weight_hh_lk (4H, P), bias_ih_lk,
+    bias_hh_lk (4H), weight_hr_lk (P, H) with proj_size; `_reverse` for the second direction.
+
+    Example::
+
+        >>> import torch, lstmkit
+        >>> lstm = lstmkit.LSTM(10, 20, num_layers=2, batch_first=True)
+        >>> output, (h_n, c_n) = lstm(torch.randn(3, 5, 10))
+        >>> output.shape, h_n.shape, c_n.shape
+        (torch.Size([3, 5, 20]), torch.Size([2, 3, 20]), torch.Size([2, 3, 20]))
+    """
+
+    _gates = 4
+
+    def _state_sizes(self):
+        return (self.proj_size or self.hidden_size, self.hidden_size)
+
+    def _run_layer(self, x, states, weights, layout, reverse):
+        h0, c0 = states
+        return kernels.lstm_layer(x, h0, c0, **weights, layout=layout, reverse=reverse)
+
+
+class GRU(_RecurrentBase):
+    r"""Gated recurrent unit, a drop-in for `torch.nn.GRU` (same arguments, weights, outputs).
+
+    Gate order r, z, n in the stacked weights::
+
+        r_t = sigma(W_ir x_t + b_ir + W_hr h_{t-1} + b_hr)            reset gate
+        z_t = sigma(W_iz x_t + b_iz + W_hz h_{t-1} + b_hz)            update gate
+        n_t = tanh (W_in x_t + b_in + r_t * (W_hn h_{t-1} + b_hn))    new memory
+        h_t = (1 - z_t) * n_t + z_t * h_{t-1}
+
+    With `reset_after=False` the reset gate acts before the product, as in Cho et al. (2014):
+    n_t = tanh(W_in x_t + b_in + W_hn (r_t * h_{t-1}) + b_hn). torch.nn has only the default.
+    """
+
+    _gates = 3
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, device=None, dtype=None, *,
+                 reset_after: bool = True):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, device=device, dtype=dtype)
+        self.reset_after = _checks.flag("reset_after", reset_after)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ("" if self.reset_after else ", reset_after=False")
+
+    def _run_layer(self, x, states, weights, layout, reverse):
+        return kernels.gru_layer(x, states[0], **weights, layout=layout, reverse=reverse,
+                                 reset_after=self.reset_after)
+
+
+class RNN(_RecurrentBase):
+    r"""Elman RNN, a drop-in for `torch.nn.RNN`: h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)
+    with act = tanh (default) or relu (`nonlinearity="relu"`)."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, device=device, dtype=dtype)
+        self.nonlinearity = _checks.choice("nonlinearity", nonlinearity, kernels.NONLINEARITIES)
+
+    def extra_repr(self) -> str:
+        tail = "" if self.nonlinearity == "tanh" else f", nonlinearity={self.nonlinearity!r}"
+        return super().extra_repr() + tail
+
+    def _run_layer(self, x, states, weights, layout, reverse):
+        return kernels.rnn_layer(x, states[0], **weights, layout=layout, reverse=reverse,
+                                 nonlinearity=self.nonlinearity)
