@@ -18,8 +18,10 @@ class _CellBase(nn.Module):
     _gates = 1
     _state_count = 1
 
-    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None):
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *,
+                 backend: str = "auto"):
         super().__init__()
+        self.backend = _checks.choice("backend", backend, kernels.BACKENDS)
         self.input_size = _checks.positive_int("input_size", input_size)
         self.hidden_size = _checks.positive_int("hidden_size", hidden_size)
         self.bias = _checks.flag("bias", bias)
@@ -95,7 +97,8 @@ class LSTMCell(_CellBase):
     _state_count = 2
 
     def _step(self, x, states, layout):
-        return kernels.lstm_layer(x, *states, **self._weights(), layout=layout)
+        return kernels.lstm_layer(x, *states, **self._weights(), layout=layout,
+                                  backend=self.backend)
 
 
 class GRUCell(_CellBase):
@@ -104,23 +107,23 @@ class GRUCell(_CellBase):
     _gates = 3
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *,
-                 reset_after: bool = True):
-        super().__init__(input_size, hidden_size, bias, device, dtype)
+                 reset_after: bool = True, backend: str = "auto"):
+        super().__init__(input_size, hidden_size, bias, device, dtype, backend=backend)
         self.reset_after = _checks.flag("reset_after", reset_after)
 
     def _step(self, x, states, layout):
         return kernels.gru_layer(x, *states, **self._weights(), layout=layout,
-                                 reset_after=self.reset_after)
+                                 reset_after=self.reset_after, backend=self.backend)
 
 
 class RNNCell(_CellBase):
     """One Elman RNN step, a drop-in for `torch.nn.RNNCell`: (input, h) -> h'."""
 
     def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None,
-                 dtype=None):
-        super().__init__(input_size, hidden_size, bias, device, dtype)
+                 dtype=None, *, backend: str = "auto"):
+        super().__init__(input_size, hidden_size, bias, device, dtype, backend=backend)
         self.nonlinearity = _checks.choice("nonlinearity", nonlinearity, kernels.NONLINEARITIES)
 
     def _step(self, x, states, layout):
         return kernels.rnn_layer(x, *states, **self._weights(), layout=layout,
-                                 nonlinearity=self.nonlinearity)
+                                 nonlinearity=self.nonlinearity, backend=self.backend)

@@ -31,8 +31,10 @@ class _RecurrentBase(nn.Module):
     _gates: int = 1
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None):
+                 dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None, *,
+                 backend: str = "auto"):
         super().__init__()
+        self.backend = _checks.choice("backend", backend, kernels.BACKENDS)
         self.input_size = _checks.positive_int("input_size", input_size)
         self.hidden_size = _checks.positive_int("hidden_size", hidden_size)
         self.num_layers = _checks.positive_int("num_layers", num_layers)
@@ -90,7 +92,7 @@ class _RecurrentBase(nn.Module):
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
         defaults = {"num_layers": 1, "bias": True, "batch_first": False, "dropout": 0.0,
-                    "bidirectional": False, "proj_size": 0}
+                    "bidirectional": False, "proj_size": 0, "backend": "auto"}
         for name, default in defaults.items():
             if getattr(self, name) != default:
                 s += f", {name}={getattr(self, name)}"
@@ -238,7 +240,8 @@ class LSTM(_RecurrentBase):
 
     def _run_layer(self, x, states, weights, layout, reverse):
         h0, c0 = states
-        return kernels.lstm_layer(x, h0, c0, **weights, layout=layout, reverse=reverse)
+        return kernels.lstm_layer(x, h0, c0, **weights, layout=layout, reverse=reverse,
+                                  backend=self.backend)
 
 
 class GRU(_RecurrentBase):
@@ -259,9 +262,9 @@ class GRU(_RecurrentBase):
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, device=None, dtype=None, *,
-                 reset_after: bool = True):
+                 reset_after: bool = True, backend: str = "auto"):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, device=device, dtype=dtype)
+                         bidirectional, device=device, dtype=dtype, backend=backend)
         self.reset_after = _checks.flag("reset_after", reset_after)
 
     def extra_repr(self) -> str:
@@ -269,7 +272,7 @@ class GRU(_RecurrentBase):
 
     def _run_layer(self, x, states, weights, layout, reverse):
         return kernels.gru_layer(x, states[0], **weights, layout=layout, reverse=reverse,
-                                 reset_after=self.reset_after)
+                                 reset_after=self.reset_after, backend=self.backend)
 
 
 class RNN(_RecurrentBase):
@@ -277,9 +280,10 @@ class RNN(_RecurrentBase):
     with act = tanh (default) or relu (`nonlinearity="relu"`)."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
-                 batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None):
+                 batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None,
+                 *, backend: str = "auto"):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, device=device, dtype=dtype)
+                         bidirectional, device=device, dtype=dtype, backend=backend)
         self.nonlinearity = _checks.choice("nonlinearity", nonlinearity, kernels.NONLINEARITIES)
 
     def extra_repr(self) -> str:
@@ -288,4 +292,4 @@ class RNN(_RecurrentBase):
 
     def _run_layer(self, x, states, weights, layout, reverse):
         return kernels.rnn_layer(x, states[0], **weights, layout=layout, reverse=reverse,
-                                 nonlinearity=self.nonlinearity)
+                                 nonlinearity=self.nonlinearity, backend=self.backend)
