@@ -7,8 +7,12 @@ B batch, I input, H hidden, P output (projection) size.
 Backends:
     "portable": torch operations only; any device, any floating dtype. The reference for the
     faster backends and the fallback when they are unavailable.
+    "native": whole-sequence loops compiled from C++ on first use (see `native.py`); CPU,
+    float32 and float64. If it cannot be built, the portable kernels run (one warning says why).
+    "auto": native for CPU float32/float64 inputs when it is available, portable otherwise.
 """
 
+from . import native
 from .gru import GRUFunction
 from .layout import StepLayout
 from .lstm import LSTMFunction
@@ -16,13 +20,14 @@ from .rnn import NONLINEARITIES, RNNFunction
 
 _BACKENDS = {
     "portable": {"lstm": LSTMFunction, "gru": GRUFunction, "rnn": RNNFunction},
+    "native": native.FUNCTIONS,
 }
 BACKENDS = ("auto", *_BACKENDS)
 
 
-def _function(family: str, backend: str):
+def _function(family: str, backend: str, x):
     if backend == "auto":
-        backend = "portable"
+        backend = "native" if native.supports(x) else "portable"
     try:
         return _BACKENDS[backend][family]
     except KeyError:
@@ -32,14 +37,14 @@ def _function(family: str, backend: str):
 def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
                layout: StepLayout, reverse: bool = False, backend: str = "auto"):
     """One LSTM layer, one direction: x (N, I), h0 (B, P), c0 (B, H) -> out (N, P), h_T, c_T."""
-    fn = _function("lstm", backend)
+    fn = _function("lstm", backend, x)
     return fn.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse)
 
 
 def gru_layer(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: StepLayout,
               reverse: bool = False, reset_after: bool = True, backend: str = "auto"):
     """One GRU layer, one direction: x (N, I), h0 (B, H) -> out (N, H), h_T (B, H)."""
-    fn = _function("gru", backend)
+    fn = _function("gru", backend, x)
     return fn.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after)
 
 
@@ -48,7 +53,7 @@ def rnn_layer(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: StepLayout,
     """One Elman RNN layer, one direction: x (N, I), h0 (B, H) -> out (N, H), h_T (B, H)."""
     if nonlinearity not in NONLINEARITIES:
         raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}")
-    fn = _function("rnn", backend)
+    fn = _function("rnn", backend, x)
     return fn.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, nonlinearity)
 
 

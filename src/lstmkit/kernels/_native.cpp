@@ -1,0 +1,1030 @@
+// lstmkit native CPU kernels: whole-sequence forward and backward loops for LSTM, GRU and RNN.
+//
+// B batch (largest step), T steps, N rows (flat time-major, see layout.py), H hidden,
+// P output size (H, or proj size), NG gates (LSTM 4: i f g o; GRU 3: r z n; RNN 1),
+// L SIMD lanes (16 floats or 8 doubles), J = ceil(H / L) unit blocks.
+//
+// The Python side (native.py) does what is one big matrix product per sequence: the input
+// projection of every step, and the weight gradients. This file runs only the recurrence.
+//
+// Two drivers per family:
+//   fused   small batches, no projection. The recurrent matrix is packed once per call into
+//           unit blocks (J, K, NG, L); each worker owns a range of unit blocks for the whole
+//           sequence, computes its gates' pre-activations in registers and applies the gate
+//           math to them at once. One synchronisation per step, between the workers only.
+//   generic any case (projection, GRU reset-before, large batches): each step's recurrent
+//           product is one at::mm (MKL/oneDNN, multi-threaded), the gate math a fused loop
+//           over rows split across threads.
+// Both share the per-unit-block gate math ("epilogues") below.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define LSTMKIT_X86 1
+#endif
+
+namespace {
+
+using at::Tensor;
+using i64 = int64_t;
+
+// ---- SIMD vectors (GCC/Clang vector extensions: AVX-512, AVX2 or SSE, as the machine has) ----
+
+template <typename S> struct Vec;
+template <> struct Vec<float> {
+  typedef float V __attribute__((vector_size(64)));
+  typedef float U __attribute__((vector_size(64), aligned(4)));
+  typedef int32_t I __attribute__((vector_size(64)));
+  static constexpr int L = 16;
+};
+template <> struct Vec<double> {
+  typedef double V __attribute__((vector_size(64)));
+  typedef double U __attribute__((vector_size(64), aligned(8)));
+  typedef int64_t I __attribute__((vector_size(64)));
+  static constexpr int L = 8;
+};
+
+template <typename S> using V = typename Vec<S>::V;
+
+template <typename S>
+inline V<S> load(const S* p, int n) {
+  if (n == Vec<S>::L) return *reinterpret_cast<const typename Vec<S>::U*>(p);
+  V<S> v = {};
+  for (int i = 0; i < n; ++i) v[i] = p[i];
+  return v;
+}
+template <typename S>
+inline void store(S* p, V<S> v, int n) {
+  if (n == Vec<S>::L) {
+    *reinterpret_cast<typename Vec<S>::U*>(p) = v;
+  } else {
+    for (int i = 0; i < n; ++i) p[i] = v[i];
+  }
+}
+template <typename S> inline V<S> splat(S s) { return V<S>{} + s; }
+
+// float: Cephes-style exp (about 1 ulp), vectorised. Inputs clamped so 2^n stays normal.
+inline V<float> vexp(V<float> x) {
+  using VF = V<float>;
+  using VI = Vec<float>::I;
+  x = x < -87.3f ? splat(-87.3f) : x;
+  x = x > 88.3f ? splat(88.3f) : x;
+  VF fx = x * 1.44269504088896341f + 0.5f;
+  VF tf = __builtin_convertvector(__builtin_convertvector(fx, VI), VF);
+  tf = tf > fx ? tf - 1.0f : tf;                                  // floor
+  x = x - tf * 0.693359375f + tf * 2.12194440e-4f;
+  VF z = x * x;
+  VF y = splat(1.9875691500E-4f);
+  y = y * x + 1.3981999507E-3f;
+  y = y * x + 8.3334519073E-3f;
+  y = y * x + 4.1665795894E-2f;
+  y = y * x + 1.6666665459E-1f;
+  y = y * x + 5.0000001201E-1f;
+  y = y * z + x + 1.0f;
+  VI e = (__builtin_convertvector(tf, VI) + 127) << 23;
+  return y * (VF)e;
+}
+
+inline V<float> vsigmoid(V<float> x) { return 1.0f / (1.0f + vexp(-x)); }
+
+// tanh: odd polynomial near 0 (keeps relative accuracy for tiny x), 1 - 2/(e^2|x| + 1) beyond.
+inline V<float> vtanh(V<float> x) {
+  using VF = V<float>;
+  VF ax = x < 0.0f ? -x : x;
+  VF z = x * x;
+  VF p = splat(-5.70498872745E-3f);
+  p = p * z + 2.06390887954E-2f;
+  p = p * z - 5.37397155531E-2f;
+  p = p * z + 1.33314422036E-1f;
+  p = p * z - 3.33332819422E-1f;
+  VF small = p * z * x + x;
+  VF big = 1.0f - 2.0f / (vexp(ax + ax) + 1.0f);
+  big = x < 0.0f ? -big : big;
+  return ax < 0.625f ? small : big;
+}
+
+// double: exact libm per lane (float64 is for checking, not for speed).
+inline V<double> vsigmoid(V<double> x) {
+  for (int i = 0; i < 8; ++i) x[i] = 1.0 / (1.0 + std::exp(-x[i]));
+  return x;
+}
+inline V<double> vtanh(V<double> x) {
+  for (int i = 0; i < 8; ++i) x[i] = std::tanh(x[i]);
+  return x;
+}
+
+template <typename S> inline V<S> vrelu(V<S> x) { return x > S(0) ? x : splat(S(0)); }
+
+// ---- denormals: flush to zero inside the kernels, restore the caller's mode after -----------
+
+struct FlushDenormals {
+#ifdef LSTMKIT_X86
+  unsigned saved;
+  FlushDenormals() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040); }   // FTZ | DAZ
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
+};
+
+// ---- the step layout ---------------------------------------------------------------------
+
+struct Steps {
+  std::vector<i64> size, offset, order;   // per step; order = processing order of the steps
+  i64 batch = 0, rows = 0;
+  bool reverse = false;
+  Steps(const std::vector<i64>& batch_sizes, bool rev) : size(batch_sizes), reverse(rev) {
+    TORCH_CHECK(!size.empty(), "batch_sizes must not be empty");
+    for (i64 s : size) { offset.push_back(rows); rows += s; }
+    batch = size[0];
+    for (i64 i = 0; i < (i64)size.size(); ++i) order.push_back(rev ? (i64)size.size() - 1 - i : i);
+  }
+  i64 count() const { return (i64)size.size(); }
+  // The step processed just before step t in the forward sweep (-1 at the start).
+  i64 before(i64 t) const {
+    i64 u = reverse ? t + 1 : t - 1;
+    return (u < 0 || u >= count()) ? -1 : u;
+  }
+  // Row of step u holding sequence b's state, or -1 when that sequence is not active there.
+  i64 row(i64 u, i64 b) const { return (u >= 0 && b < size[u]) ? offset[u] + b : -1; }
+};
+
+// ---- packed weights and the register-blocked product -------------------------------------
+
+// Pack so that output unit j (of each of NG gates) and contraction index k live at
+// P[((j / L) * K + k) * NG * L + q * L + j % L] = M(q, j, k), zero-padded past `units`.
+// M(q, j, k) = W[q * sq + j * su + k * sc].
+template <typename S>
+Tensor pack(const Tensor& w, i64 ng, i64 units, i64 K, i64 sq, i64 su, i64 sc) {
+  constexpr int L = Vec<S>::L;
+  i64 J = (units + L - 1) / L;
+  Tensor packed = at::zeros({J * K * ng * L}, w.options());
+  const S* W = w.data_ptr<S>();
+  S* out = packed.data_ptr<S>();
+  at::parallel_for(0, J, 1, [&](i64 j0, i64 j1) {
+    for (i64 jb = j0; jb < j1; ++jb)
+      for (i64 k = 0; k < K; ++k)
+        for (i64 q = 0; q < ng; ++q)
+          for (i64 l = 0; l < L && jb * L + l < units; ++l)
+            out[((jb * K + k) * ng + q) * L + l] = W[q * sq + (jb * L + l) * su + k * sc];
+  });
+  return packed;
+}
+
+// acc[r][q] = sum_k z[r * zs + k] * packed block (k, q): R rows of z times one unit block.
+template <typename S, int R, int NG>
+inline void block_product(const S* z, i64 zs, i64 K, const S* wp, V<S> (&acc)[R][NG]) {
+  constexpr int L = Vec<S>::L;
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int q = 0; q < NG; ++q) acc[r][q] = V<S>{};
+  for (i64 k = 0; k < K; ++k) {
+    const S* wk = wp + k * NG * L;
+    V<S> w[NG];
+#pragma GCC unroll 4
+    for (int q = 0; q < NG; ++q) w[q] = *reinterpret_cast<const V<S>*>(wk + q * L);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      V<S> zb = splat(z[r * zs + k]);
+#pragma GCC unroll 4
+      for (int q = 0; q < NG; ++q) acc[r][q] += zb * w[q];
+    }
+  }
+}
+
+// For rows [0, rows) of z and unit blocks [jb0, jb1): compute the block product in registers and
+// hand each (row, block) to epilogue(b, jb, acc[NG]).
+template <typename S, int NG, typename Epilogue>
+inline void rows_times_blocks(const S* z, i64 zs, i64 K, const S* packed, i64 rows, i64 jb0,
+                              i64 jb1, Epilogue&& epilogue) {
+  constexpr int L = Vec<S>::L;
+  constexpr int R = NG >= 3 ? 4 : 6;
+  for (i64 jb = jb0; jb < jb1; ++jb) {
+    const S* wp = packed + jb * K * NG * L;
+    i64 b = 0;
+    for (; b + R <= rows; b += R) {
+      V<S> acc[R][NG];
+      block_product<S, R, NG>(z + b * zs, zs, K, wp, acc);
+      for (int r = 0; r < R; ++r) epilogue(b + r, jb, acc[r]);
+    }
+    for (; b < rows; ++b) {
+      V<S> acc[1][NG];
+      block_product<S, 1, NG>(z + b * zs, zs, K, wp, acc);
+      epilogue(b, jb, acc[0]);
+    }
+  }
+}
+
+// ---- workers that stay together for a whole sequence -------------------------------------
+
+struct alignas(64) Progress { std::atomic<i64> done{0}; char pad[64 - sizeof(std::atomic<i64>)]; };
+
+inline void relax(int& spins) {
+#ifdef LSTMKIT_X86
+  _mm_pause();
+#endif
+  if (++spins > 2000) { std::this_thread::yield(); spins = 0; }
+}
+
+// Run step(w, s) for s = 0..steps-1 and every worker w in [0, workers); step s + 1 starts only
+// when every worker has finished step s. A thread that was given several workers runs them in
+// turn before it waits, so any mapping of workers to threads (including one thread) is safe.
+template <typename Step>
+void run_steps(i64 workers, i64 steps, Step&& step) {
+  std::vector<Progress> progress(workers);
+  auto body = [&](i64 w0, i64 w1) {
+    FlushDenormals ftz;
+    for (i64 s = 0; s < steps; ++s) {
+      for (i64 w = w0; w < w1; ++w) step(w, s);
+      for (i64 w = w0; w < w1; ++w) progress[w].done.store(s + 1, std::memory_order_release);
+      for (i64 v = 0; v < workers; ++v) {
+        int spins = 0;
+        while (progress[v].done.load(std::memory_order_acquire) < s + 1) relax(spins);
+      }
+    }
+  };
+  if (workers <= 1) {
+    body(0, 1);
+  } else {
+    at::parallel_for(0, workers, 1, body);
+  }
+}
+
+// Split J unit blocks among the workers: worker w owns [first(w), first(w + 1)).
+struct Split {
+  i64 J, workers;
+  i64 first(i64 w) const { return J * w / workers; }
+};
+
+i64 worker_count(i64 J, i64 flops_per_step) {
+  if (flops_per_step < 20000) return 1;                   // too little work to share a step
+  return std::max<i64>(1, std::min<i64>(at::get_num_threads(), J));
+}
+
+// Gate math over rows [0, rows) and all unit blocks, split across threads (generic driver).
+template <typename F>
+void for_rows(i64 rows, i64 units, F&& f) {
+  i64 grain = std::max<i64>(1, 16384 / std::max<i64>(units, 1));
+  at::parallel_for(0, rows, grain, [&](i64 b0, i64 b1) {
+    FlushDenormals ftz;
+    for (i64 b = b0; b < b1; ++b) f(b);
+  });
+}
+
+// at::*_out take the result by lvalue reference; these take views (narrow) by value.
+inline void mm_into(Tensor out, const Tensor& a, const Tensor& b) { at::mm_out(out, a, b); }
+inline void addmm_into(Tensor out, const Tensor& c, const Tensor& a, const Tensor& b) {
+  at::addmm_out(out, c, a, b);
+}
+inline void add_into(Tensor out, const Tensor& a, const Tensor& b) { at::add_out(out, a, b); }
+
+template <typename S> S* ptr(const Tensor& t) { return t.defined() ? t.data_ptr<S>() : nullptr; }
+
+// ==========================================================================================
+// LSTM
+// ==========================================================================================
+//   a = xproj[row] + h W_hh^T;  i, f, o = sigma(a_i, a_f, a_o);  g = tanh(a_g)
+//   c = f c_prev + i g;  m = o tanh(c);  h = m (W_hr^T with projection)
+// Saved: gates (N, 4H) activated, cells (N, H).
+
+template <typename S>
+struct LSTMForwardGates {
+  const S* xproj; S* c; S* gates; S* cells; i64 H;
+  // Pre-activations of row b (global row `row`), block jb -> writes c and the saved tensors,
+  // returns m = o tanh(c) for the block.
+  inline V<S> operator()(i64 b, i64 row, i64 jb, const V<S>* acc) const {
+    constexpr int L = Vec<S>::L;
+    i64 j = jb * L;
+    int n = (int)std::min<i64>(L, H - j);
+    const S* base = xproj + row * 4 * H + j;
+    V<S> i = vsigmoid(acc[0] + load(base, n));
+    V<S> f = vsigmoid(acc[1] + load(base + H, n));
+    V<S> g = vtanh(acc[2] + load(base + 2 * H, n));
+    V<S> o = vsigmoid(acc[3] + load(base + 3 * H, n));
+    S* cb = c + b * H + j;
+    V<S> cn = f * load(cb, n) + i * g;
+    store(cb, cn, n);
+    if (gates) {
+      S* gr = gates + row * 4 * H + j;
+      store(gr, i, n); store(gr + H, f, n); store(gr + 2 * H, g, n); store(gr + 3 * H, o, n);
+      store(cells + row * H + j, cn, n);
+    }
+    return o * vtanh(cn);
+  }
+};
+
+template <typename S>
+std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& h0, const Tensor& c0,
+                                 const Tensor& w_hh, const c10::optional<Tensor>& w_hr_opt,
+                                 const Steps& st, bool save, bool fused) {
+  constexpr int L = Vec<S>::L;
+  const i64 H = c0.size(1), P = h0.size(1), B = st.batch, N = st.rows;
+  Tensor w_hr = w_hr_opt.has_value() ? w_hr_opt->contiguous() : Tensor();
+  Tensor out = at::empty({N, P}, xproj.options());
+  Tensor gates = save ? at::empty({N, 4 * H}, xproj.options()) : Tensor();
+  Tensor cells = save ? at::empty({N, H}, xproj.options()) : Tensor();
+  Tensor c = c0.clone();
+  LSTMForwardGates<S> gate_math{ptr<S>(xproj), ptr<S>(c), ptr<S>(gates), ptr<S>(cells), H};
+  S* o_ptr = ptr<S>(out);
+  const i64 J = (H + L - 1) / L;
+  if (fused && !w_hr.defined()) {
+    Tensor packed = pack<S>(w_hh, 4, H, P, H * P, P, 1);
+    Tensor hbuf = at::empty({2, B, P}, xproj.options());
+    hbuf[0].copy_(h0);
+    hbuf[1].copy_(h0);
+    S* hb = ptr<S>(hbuf);
+    const S* wp = ptr<S>(packed);
+    i64 workers = worker_count(J, 8 * B * H * P);
+    Split split{J, workers};
+    run_steps(workers, st.count(), [&](i64 w, i64 s) {
+      i64 t = st.order[s], bs = st.size[t], off = st.offset[t];
+      const S* h_read = hb + (s % 2) * B * P;
+      S* h_write = hb + ((s + 1) % 2) * B * P;
+      i64 jb0 = split.first(w), jb1 = split.first(w + 1);
+      rows_times_blocks<S, 4>(h_read, P, P, wp, bs, jb0, jb1,
+                              [&](i64 b, i64 jb, const V<S>* acc) {
+        i64 j = jb * L;
+        int n = (int)std::min<i64>(L, H - j);
+        V<S> m = gate_math(b, off + b, jb, acc);
+        store(h_write + b * P + j, m, n);
+        store(o_ptr + (off + b) * P + j, m, n);
+      });
+      for (i64 b = bs; b < B; ++b) {                  // inactive rows keep their state
+        i64 j0 = std::min(H, jb0 * L), j1 = std::min(H, jb1 * L);
+        std::memcpy(h_write + b * P + j0, h_read + b * P + j0, (j1 - j0) * sizeof(S));
+      }
+    });
+    Tensor h_T = hbuf[st.count() % 2].clone();
+    return {out, h_T, c, gates, cells};
+  }
+  Tensor h = h0.clone();
+  Tensor rec = at::empty({B, 4 * H}, xproj.options());
+  Tensor m = w_hr.defined() ? at::empty({B, H}, xproj.options()) : Tensor();
+  Tensor w_hh_t = w_hh.t(), w_hr_t = w_hr.defined() ? w_hr.t() : Tensor();
+  for (i64 s = 0; s < st.count(); ++s) {
+    i64 t = st.order[s], bs = st.size[t], off = st.offset[t];
+    mm_into(rec.narrow(0, 0, bs), h.narrow(0, 0, bs), w_hh_t);
+    const S* r = ptr<S>(rec);
+    S* target = m.defined() ? ptr<S>(m) : ptr<S>(h);
+    const i64 ts = m.defined() ? H : P;
+    for_rows(bs, H, [&](i64 b) {
+      V<S> acc[4];
+      for (i64 jb = 0; jb < J; ++jb) {
+        i64 j = jb * L;
+        int n = (int)std::min<i64>(L, H - j);
+        for (int q = 0; q < 4; ++q) acc[q] = load(r + b * 4 * H + q * H + j, n);
+        V<S> mv = gate_math(b, off + b, jb, acc);
+        store(target + b * ts + j, mv, n);
+        if (!m.defined()) store(o_ptr + (off + b) * P + j, mv, n);
+      }
+    });
+    if (m.defined()) {
+      Tensor rows = out.narrow(0, off, bs);
+      mm_into(rows, m.narrow(0, 0, bs), w_hr_t);
+      h.narrow(0, 0, bs).copy_(rows);
+    }
+  }
+  return {out, h, c, gates, cells};
+}
+
+// Backward, per step in reverse order, dh including the output gradient:
+//   dm = dh [W_hr];  dc = dc_next + dm o (1 - tanh(c)^2)
+//   da = [dc g, dc c_prev, dc i, dm tanh(c)] * [i(1-i), f(1-f), 1-g^2, o(1-o)]
+//   dh_prev = da W_hh;  dc_prev = dc f
+template <typename S>
+struct LSTMBackwardGates {
+  const S* gates; const S* cells; const S* c0; S* dc; S* d_gates; const Steps* st; i64 H;
+  // dm: the gradient reaching m = o tanh(c) for row b of step t, block jb.
+  inline void operator()(i64 t, i64 b, i64 jb, V<S> dm) const {
+    constexpr int L = Vec<S>::L;
+    i64 j = jb * L;
+    int n = (int)std::min<i64>(L, H - j);
+    i64 row = st->offset[t] + b;
+    i64 prev = st->row(st->before(t), b);
+    const S* gr = gates + row * 4 * H + j;
+    V<S> i = load(gr, n), f = load(gr + H, n), g = load(gr + 2 * H, n), o = load(gr + 3 * H, n);
+    V<S> tc = vtanh(load(cells + row * H + j, n));
+    V<S> c_prev = prev >= 0 ? load(cells + prev * H + j, n) : load(c0 + b * H + j, n);
+    S* dcb = dc + b * H + j;
+    V<S> dct = load(dcb, n) + dm * o * (S(1) - tc * tc);
+    S* da = d_gates + row * 4 * H + j;
+    store(da, dct * g * i * (S(1) - i), n);
+    store(da + H, dct * c_prev * f * (S(1) - f), n);
+    store(da + 2 * H, dct * i * (S(1) - g * g), n);
+    store(da + 3 * H, dm * tc * o * (S(1) - o), n);
+    store(dcb, dct * f, n);
+  }
+};
+
+template <typename S>
+std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const Tensor& d_cT,
+                                  const Tensor& c0, const Tensor& w_hh,
+                                  const c10::optional<Tensor>& w_hr_opt, const Tensor& gates,
+                                  const Tensor& cells, const Steps& st, bool fused) {
+  constexpr int L = Vec<S>::L;
+  const i64 H = c0.size(1), P = d_hT.size(1), B = st.batch, N = st.rows;
+  Tensor w_hr = w_hr_opt.has_value() ? w_hr_opt->contiguous() : Tensor();
+  Tensor d_gates = at::empty({N, 4 * H}, gates.options());
+  Tensor dh = d_hT.clone(), dc = d_cT.clone();
+  LSTMBackwardGates<S> gate_math{ptr<S>(gates), ptr<S>(cells), ptr<S>(c0), ptr<S>(dc),
+                                 ptr<S>(d_gates), &st, H};
+  const S* dy = ptr<S>(d_out);
+  S* dhp = ptr<S>(dh);
+  const i64 J = (H + L - 1) / L;
+  if (fused && !w_hr.defined()) {
+    // dh_prev[b, k] = sum_g da[b, g] W_hh[g, k]: output unit k, contraction over g in 4H.
+    Tensor packed = pack<S>(w_hh, 1, H, 4 * H, 0, 1, H);
+    const S* wp = ptr<S>(packed);
+    i64 workers = worker_count(J, 8 * B * H * P);
+    Split split{J, workers};
+    const i64 S_ = st.count();
+    // Step s: first the product for the step done at s - 1 (its da is complete: all workers
+    // passed the barrier), then the gate math of step s for this worker's units.
+    run_steps(workers, S_ + 1, [&](i64 w, i64 s) {
+      i64 jb0 = split.first(w), jb1 = split.first(w + 1);
+      if (s > 0) {
+        i64 tp = st.order[S_ - s];
+        const S* da = ptr<S>(d_gates) + st.offset[tp] * 4 * H;
+        rows_times_blocks<S, 1>(da, 4 * H, 4 * H, wp, st.size[tp], jb0, jb1,
+                                [&](i64 b, i64 jb, const V<S>* acc) {
+          i64 j = jb * L;
+          store(dhp + b * P + j, acc[0], (int)std::min<i64>(L, H - j));
+        });
+      }
+      if (s < S_) {
+        i64 t = st.order[S_ - 1 - s], off = st.offset[t];
+        for (i64 b = 0; b < st.size[t]; ++b)
+          for (i64 jb = jb0; jb < jb1; ++jb) {
+            i64 j = jb * L;
+            int n = (int)std::min<i64>(L, H - j);
+            V<S> dm = load(dy + (off + b) * P + j, n) + load(dhp + b * P + j, n);
+            gate_math(t, b, jb, dm);
+          }
+      }
+    });
+    return {d_gates, dh, dc, Tensor()};
+  }
+  Tensor d_h_rows = w_hr.defined() ? at::empty({N, P}, gates.options()) : Tensor();
+  Tensor dm = at::empty({B, w_hr.defined() ? H : P}, gates.options());
+  for (i64 s = st.count() - 1; s >= 0; --s) {
+    i64 t = st.order[s], bs = st.size[t], off = st.offset[t];
+    Tensor dh_t = dh.narrow(0, 0, bs);
+    if (w_hr.defined()) {
+      Tensor d_rows = d_h_rows.narrow(0, off, bs);
+      add_into(d_rows, d_out.narrow(0, off, bs), dh_t);
+      mm_into(dm.narrow(0, 0, bs), d_rows, w_hr);
+    } else {
+      add_into(dm.narrow(0, 0, bs), d_out.narrow(0, off, bs), dh_t);
+    }
+    const S* dmp = ptr<S>(dm);
+    for_rows(bs, H, [&](i64 b) {
+      for (i64 jb = 0; jb < J; ++jb) {
+        i64 j = jb * L;
+        gate_math(t, b, jb, load(dmp + b * H + j, (int)std::min<i64>(L, H - j)));
+      }
+    });
+    mm_into(dh_t, d_gates.narrow(0, off, bs), w_hh);
+  }
+  return {d_gates, dh, dc, d_h_rows};
+}
+
+// ==========================================================================================
+// Elman RNN:  h = act(xproj[row] + h_prev W_hh^T);  backward da = (dy + dh) act'(h),
+// dh_prev = da W_hh, act' from the output: 1 - h^2 (tanh), [h > 0] (relu).
+// ==========================================================================================
+
+template <typename S>
+inline V<S> rnn_act(V<S> a, bool relu) { return relu ? vrelu<S>(a) : vtanh(a); }
+
+template <typename S>
+std::vector<Tensor> rnn_forward(const Tensor& xproj, const Tensor& h0, const Tensor& w_hh,
+                                const Steps& st, bool relu, bool fused) {
+  constexpr int L = Vec<S>::L;
+  const i64 H = h0.size(1), B = st.batch, N = st.rows;
+  const i64 J = (H + L - 1) / L;
+  Tensor out = at::empty({N, H}, xproj.options());
+  S* o_ptr = ptr<S>(out);
+  const S* xp = ptr<S>(xproj);
+  if (fused) {
+    Tensor packed = pack<S>(w_hh, 1, H, H, 0, H, 1);
+    Tensor hbuf = at::empty({2, B, H}, xproj.options());
+    hbuf[0].copy_(h0);
+    hbuf[1].copy_(h0);
+    S* hb = ptr<S>(hbuf);
+    const S* wp = ptr<S>(packed);
+    i64 workers = worker_count(J, 2 * B * H * H);
+    Split split{J, workers};
+    run_steps(workers, st.count(), [&](i64 w, i64 s) {
+      i64 t = st.order[s], bs = st.size[t], off = st.offset[t];
+      const S* h_read = hb + (s % 2) * B * H;
+      S* h_write = hb + ((s + 1) % 2) * B * H;
+      i64 jb0 = split.first(w), jb1 = split.first(w + 1);
+      rows_times_blocks<S, 1>(h_read, H, H, wp, bs, jb0, jb1,
+                              [&](i64 b, i64 jb, const V<S>* acc) {
+        i64 j = jb * L;
+        int n = (int)std::min<i64>(L, H - j);
+        V<S> h = rnn_act<S>(acc[0] + load(xp + (off + b) * H + j, n), relu);
+        store(h_write + b * H + j, h, n);
+        store(o_ptr + (off + b) * H + j, h, n);
+      });
+      for (i64 b = bs; b < B; ++b) {
+        i64 j0 = std::min(H, jb0 * L), j1 = std::min(H, jb1 * L);
+        std::memcpy(h_write + b * H + j0, h_read + b * H + j0, (j1 - j0) * sizeof(S));
+      }
+    });
+    return {out, hbuf[st.count() % 2].clone()};
+  }
+  Tensor h = h0.clone();
+  Tensor rec = at::empty({B, H}, xproj.options());
+  Tensor w_hh_t = w_hh.t();
+  for (i64 s = 0; s < st.count(); ++s) {
+    i64 t = st.order[s], bs = st.size[t], off = st.offset[t];
+    mm_into(rec.narrow(0, 0, bs), h.narrow(0, 0, bs), w_hh_t);
+    const S* r = ptr<S>(rec);
+    S* hp = ptr<S>(h);
+    for_rows(bs, H, [&](i64 b) {
+      for (i64 jb = 0; jb < J; ++jb) {
+        i64 j = jb * L;
+        int n = (int)std::min<i64>(L, H - j);
+        V<S> hv = rnn_act<S>(load(r + b * H + j, n) + load(xp + (off + b) * H + j, n), relu);
+        store(hp + b * H + j, hv, n);
+        store(o_ptr + (off + b) * H + j, hv, n);
+      }
+    });
+  }
+  return {out, h};
+}
+
+template <typename S>
+inline void rnn_backward_block(const S* dy, const S* dh, const S* out, S* d_pre, i64 H, i64 row,
+                               i64 b, i64 j, int n, bool relu) {
+  V<S> da = load(dy + row * H + j, n) + load(dh + b * H + j, n);
+  V<S> h = load(out + row * H + j, n);
+  da = relu ? (h > S(0) ? da : splat(S(0))) : da * (S(1) - h * h);
+  store(d_pre + row * H + j, da, n);
+}
+
+template <typename S>
+std::vector<Tensor> rnn_backward(const Tensor& d_out, const Tensor& d_hT, const Tensor& w_hh,
+                                 const Tensor& out, const Steps& st, bool relu, bool fused) {
+  constexpr int L = Vec<S>::L;
+  const i64 H = d_hT.size(1), B = st.batch, N = st.rows;
+  const i64 J = (H + L - 1) / L;
+  Tensor d_pre = at::empty({N, H}, out.options());
+  Tensor dh = d_hT.clone();
+  const S* dy = ptr<S>(d_out);
+  const S* op = ptr<S>(out);
+  S* dp = ptr<S>(d_pre);
+  S* dhp = ptr<S>(dh);
+  if (fused) {
+    Tensor packed = pack<S>(w_hh, 1, H, H, 0, 1, H);
+    const S* wp = ptr<S>(packed);
+    i64 workers = worker_count(J, 2 * B * H * H);
+    Split split{J, workers};
+    const i64 S_ = st.count();
+    run_steps(workers, S_ + 1, [&](i64 w, i64 s) {
+      i64 jb0 = split.first(w), jb1 = split.first(w + 1);
+      if (s > 0) {
+        i64 tp = st.order[S_ - s];
+        rows_times_blocks<S, 1>(dp + st.offset[tp] * H, H, H, wp, st.size[tp], jb0, jb1,
+                                [&](i64 b, i64 jb, const V<S>* acc) {
+          i64 j = jb * L;
+          store(dhp + b * H + j, acc[0], (int)std::min<i64>(L, H - j));
+        });
+      }
+      if (s < S_) {
+        i64 t = st.order[S_ - 1 - s], off = st.offset[t];
+        for (i64 b = 0; b < st.size[t]; ++b)
+          for (i64 jb = jb0; jb < jb1; ++jb) {
+            i64 j = jb * L;
+            rnn_backward_block(dy, dhp, op, dp, H, off + b, b, j, (int)std::min<i64>(L, H - j),
+                               relu);
+          }
+      }
+    });
+    return {d_pre, dh};
+  }
+  for (i64 s = st.count() - 1; s >= 0; --s) {
+    i64 t = st.order[s], bs = st.size[t], off = st.offset[t];
+    for_rows(bs, H, [&](i64 b) {
+      for (i64 jb = 0; jb < J; ++jb) {
+        i64 j = jb * L;
+        rnn_backward_block(dy, dhp, op, dp, H, off + b, b, j, (int)std::min<i64>(L, H - j),
+                           relu);
+      }
+    });
+    mm_into(dh.narrow(0, 0, bs), d_pre.narrow(0, off, bs), w_hh);
+  }
+  return {d_pre, dh};
+}
+
+// ==========================================================================================
+// GRU. gi = x W_ih^T + b_ih (all steps, from Python); gh = h W_hh^T + b_hh
+//   r = sigma(gi_r + gh_r), z = sigma(gi_z + gh_z)
+//   reset after:  n = tanh(gi_n + r gh_n)            stash [r | z | n | gh_n] (N, 4H)
+//   reset before: n = tanh(gi_n + (r h) W_hn^T + b_hn)  stash [r | z | n] (N, 3H)
+//   h' = n + z (h - n)
+// ==========================================================================================
+
+template <typename S>
+struct GRUForwardGates {    // reset after
+  const S* gi; const S* b_hh; S* stash; i64 H;
+  inline V<S> operator()(i64 row, i64 jb, const V<S>* acc, V<S> h_prev) const {
+    constexpr int L = Vec<S>::L;
+    i64 j = jb * L;
+    int n = (int)std::min<i64>(L, H - j);
+    const S* g = gi + row * 3 * H + j;
+    V<S> br = {}, bz = {}, bn = {};
+    if (b_hh) { br = load(b_hh + j, n); bz = load(b_hh + H + j, n); bn = load(b_hh + 2 * H + j, n); }
+    V<S> r = vsigmoid(load(g, n) + acc[0] + br);
+    V<S> z = vsigmoid(load(g + H, n) + acc[1] + bz);
+    V<S> gh_n = acc[2] + bn;
+    V<S> nn = vtanh(load(g + 2 * H, n) + r * gh_n);
+    if (stash) {
+      S* sr = stash + row * 4 * H + j;
+      store(sr, r, n); store(sr + H, z, n); store(sr + 2 * H, nn, n); store(sr + 3 * H, gh_n, n);
+    }
+    return nn + z * (h_prev - nn);
+  }
+};
+
+template <typename S>
+std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& h0, const Tensor& w_hh,
+                                const c10::optional<Tensor>& b_hh_opt, const Steps& st,
+                                bool reset_after, bool save, bool fused) {
+  constexpr int L = Vec<S>::L;
+  const i64 H = h0.size(1), B = st.batch, N = st.rows;
+  const i64 J = (H + L - 1) / L;
+  Tensor b_hh = b_hh_opt.has_value() ? b_hh_opt->contiguous() : Tensor();
+  Tensor out = at::empty({N, H}, gi.options());
+  Tensor stash = save ? at::empty({N, reset_after ? 4 * H : 3 * H}, gi.options()) : Tensor();
+  S* o_ptr = ptr<S>(out);
+  if (reset_after) {
+    GRUForwardGates<S> gate_math{ptr<S>(gi), ptr<S>(b_hh), ptr<S>(stash), H};
+    if (fused) {
+      Tensor packed = pack<S>(w_hh, 3, H, H, H * H, H, 1);
+      Tensor hbuf = at::empty({2, B, H}, gi.options());
+      hbuf[0].copy_(h0);
+      hbuf[1].copy_(h0);
+      S* hb = ptr<S>(hbuf);
+      const S* wp = ptr<S>(packed);
+      i64 workers = worker_count(J, 6 * B * H * H);
+      Split split{J, workers};
+      run_steps(workers, st.count(), [&](i64 w, i64 s) {
+        i64 t = st.order[s], bs = st.size[t], off = st.offset[t];
+        const S* h_read = hb + (s % 2) * B * H;
+        S* h_write = hb + ((s + 1) % 2) * B * H;
+        i64 jb0 = split.first(w), jb1 = split.first(w + 1);
+        rows_times_blocks<S, 3>(h_read, H, H, wp, bs, jb0, jb1,
+                                [&](i64 b, i64 jb, const V<S>* acc) {
+          i64 j = jb * L;
+          int n = (int)std::min<i64>(L, H - j);
+          V<S> h = gate_math(off + b, jb, acc, load(h_read + b * H + j, n));
+          store(h_write + b * H + j, h, n);
+          store(o_ptr + (off + b) * H + j, h, n);
+        });
+        for (i64 b = bs; b < B; ++b) {
+          i64 j0 = std::min(H, jb0 * L), j1 = std::min(H, jb1 * L);
+          std::memcpy(h_write + b * H + j0, h_read + b * H + j0, (j1 - j0) * sizeof(S));
+        }
+      });
+      return {out, hbuf[st.count() % 2].clone(), stash};
+    }
+    Tensor h = h0.clone();
+    Tensor rec = at::empty({B, 3 * H}, gi.options());
+    Tensor w_hh_t = w_hh.t();
+    for (i64 s = 0; s < st.count(); ++s) {
+      i64 t = st.order[s], bs = st.size[t], off = st.offset[t];
+      mm_into(rec.narrow(0, 0, bs), h.narrow(0, 0, bs), w_hh_t);
+      const S* r = ptr<S>(rec);
+      S* hp = ptr<S>(h);
+      for_rows(bs, H, [&](i64 b) {
+        V<S> acc[3];
+        for (i64 jb = 0; jb < J; ++jb) {
+          i64 j = jb * L;
+          int n = (int)std::min<i64>(L, H - j);
+          for (int q = 0; q < 3; ++q) acc[q] = load(r + b * 3 * H + q * H + j, n);
+          V<S> hv = gate_math(off + b, jb, acc, load(hp + b * H + j, n));
+          store(hp + b * H + j, hv, n);
+          store(o_ptr + (off + b) * H + j, hv, n);
+        }
+      });
+    }
+    return {out, h, stash};
+  }
+  // Reset before: the reset gate scales h before the second product, so each step is
+  // [r z] product -> gate math -> (r h) W_hn^T product -> gate math.
+  Tensor h = h0.clone();
+  Tensor rec = at::empty({B, 2 * H}, gi.options());
+  Tensor rh = at::empty({B, H}, gi.options());
+  Tensor rec_n = at::empty({B, H}, gi.options());
+  Tensor zbuf = at::empty({B, H}, gi.options());
+  Tensor w_rz_t = w_hh.narrow(0, 0, 2 * H).t(), w_hn_t = w_hh.narrow(0, 2 * H, H).t();
+  const S* gp = ptr<S>(gi);
+  const S* bp = ptr<S>(b_hh);
+  S* sp = ptr<S>(stash);
+  for (i64 s = 0; s < st.count(); ++s) {
+    i64 t = st.order[s], bs = st.size[t], off = st.offset[t];
+    mm_into(rec.narrow(0, 0, bs), h.narrow(0, 0, bs), w_rz_t);
+    const S* r_ = ptr<S>(rec);
+    S* hp = ptr<S>(h);
+    S* rhp = ptr<S>(rh);
+    S* zp = ptr<S>(zbuf);
+    for_rows(bs, H, [&](i64 b) {
+      for (i64 jb = 0; jb < J; ++jb) {
+        i64 j = jb * L;
+        int n = (int)std::min<i64>(L, H - j);
+        const S* g = gp + (off + b) * 3 * H + j;
+        V<S> br = {}, bz = {};
+        if (bp) { br = load(bp + j, n); bz = load(bp + H + j, n); }
+        V<S> r = vsigmoid(load(g, n) + load(r_ + b * 2 * H + j, n) + br);
+        V<S> z = vsigmoid(load(g + H, n) + load(r_ + b * 2 * H + H + j, n) + bz);
+        store(rhp + b * H + j, r * load(hp + b * H + j, n), n);
+        store(zp + b * H + j, z, n);
+        if (sp) { store(sp + (off + b) * 3 * H + j, r, n); store(sp + (off + b) * 3 * H + H + j, z, n); }
+      }
+    });
+    mm_into(rec_n.narrow(0, 0, bs), rh.narrow(0, 0, bs), w_hn_t);
+    const S* rn = ptr<S>(rec_n);
+    for_rows(bs, H, [&](i64 b) {
+      for (i64 jb = 0; jb < J; ++jb) {
+        i64 j = jb * L;
+        int n = (int)std::min<i64>(L, H - j);
+        V<S> bn = bp ? load(bp + 2 * H + j, n) : V<S>{};
+        V<S> nn = vtanh(load(gp + (off + b) * 3 * H + 2 * H + j, n) + load(rn + b * H + j, n) + bn);
+        V<S> z = load(zp + b * H + j, n), hv = load(hp + b * H + j, n);
+        hv = nn + z * (hv - nn);
+        if (sp) store(sp + (off + b) * 3 * H + 2 * H + j, nn, n);
+        store(hp + b * H + j, hv, n);
+        store(o_ptr + (off + b) * H + j, hv, n);
+      }
+    });
+  }
+  return {out, h, stash};
+}
+
+// Backward, dh including the output gradient:
+//   dn = dh (1 - z);  da_n = dn (1 - n^2);  da_z = dh (h - n) z (1 - z)
+//   reset after:  da_r = da_n gh_n r (1 - r);  d_gh = [da_r, da_z, da_n r]
+//                 dh_prev = dh z + d_gh W_hh
+//   reset before: d(rh) = da_n W_hn;  da_r = d(rh) h r (1 - r)
+//                 dh_prev = dh z + d(rh) r + [da_r, da_z] W_h{r,z}
+// Returns d_gi (N, 3H) = [da_r | da_z | da_n], d_gh (N, 3H) (reset after; = d_gi before), dh0.
+template <typename S>
+struct GRUBackwardGates {   // reset after
+  const S* dy; const S* out; const S* h0; const S* stash; S* d_gi; S* d_gh; S* carry;
+  const Steps* st; i64 H;
+  inline void operator()(i64 t, i64 b, i64 jb, V<S> dh_next) const {
+    constexpr int L = Vec<S>::L;
+    i64 j = jb * L;
+    int n = (int)std::min<i64>(L, H - j);
+    i64 row = st->offset[t] + b;
+    i64 prev = st->row(st->before(t), b);
+    V<S> h_prev = prev >= 0 ? load(out + prev * H + j, n) : load(h0 + b * H + j, n);
+    const S* s = stash + row * 4 * H + j;
+    V<S> r = load(s, n), z = load(s + H, n), nn = load(s + 2 * H, n), gh_n = load(s + 3 * H, n);
+    V<S> dh = load(dy + row * H + j, n) + dh_next;
+    V<S> da_n = dh * (S(1) - z) * (S(1) - nn * nn);
+    V<S> da_z = dh * (h_prev - nn) * z * (S(1) - z);
+    V<S> da_r = da_n * gh_n * r * (S(1) - r);
+    S* gi = d_gi + row * 3 * H + j;
+    S* gh = d_gh + row * 3 * H + j;
+    store(gi, da_r, n); store(gi + H, da_z, n); store(gi + 2 * H, da_n, n);
+    store(gh, da_r, n); store(gh + H, da_z, n); store(gh + 2 * H, da_n * r, n);
+    store(carry + b * H + j, dh * z, n);
+  }
+};
+
+template <typename S>
+std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const Tensor& h0,
+                                 const Tensor& w_hh, const Tensor& out, const Tensor& stash,
+                                 const Steps& st, bool reset_after, bool fused) {
+  constexpr int L = Vec<S>::L;
+  const i64 H = d_hT.size(1), B = st.batch, N = st.rows;
+  const i64 J = (H + L - 1) / L;
+  Tensor d_gi = at::empty({N, 3 * H}, out.options());
+  Tensor dh = d_hT.clone();
+  Tensor carry = at::empty({B, H}, out.options());
+  S* dhp = ptr<S>(dh);
+  S* cp = ptr<S>(carry);
+  if (reset_after) {
+    Tensor d_gh = at::empty({N, 3 * H}, out.options());
+    GRUBackwardGates<S> gate_math{ptr<S>(d_out), ptr<S>(out), ptr<S>(h0), ptr<S>(stash),
+                                  ptr<S>(d_gi), ptr<S>(d_gh), cp, &st, H};
+    if (fused) {
+      Tensor packed = pack<S>(w_hh, 1, H, 3 * H, 0, 1, H);
+      const S* wp = ptr<S>(packed);
+      i64 workers = worker_count(J, 6 * B * H * H);
+      Split split{J, workers};
+      const i64 S_ = st.count();
+      run_steps(workers, S_ + 1, [&](i64 w, i64 s) {
+        i64 jb0 = split.first(w), jb1 = split.first(w + 1);
+        if (s > 0) {
+          i64 tp = st.order[S_ - s];
+          rows_times_blocks<S, 1>(ptr<S>(d_gh) + st.offset[tp] * 3 * H, 3 * H, 3 * H, wp,
+                                  st.size[tp], jb0, jb1, [&](i64 b, i64 jb, const V<S>* acc) {
+            i64 j = jb * L;
+            int n = (int)std::min<i64>(L, H - j);
+            store(dhp + b * H + j, acc[0] + load(cp + b * H + j, n), n);
+          });
+        }
+        if (s < S_) {
+          i64 t = st.order[S_ - 1 - s];
+          for (i64 b = 0; b < st.size[t]; ++b)
+            for (i64 jb = jb0; jb < jb1; ++jb) {
+              i64 j = jb * L;
+              gate_math(t, b, jb, load(dhp + b * H + j, (int)std::min<i64>(L, H - j)));
+            }
+        }
+      });
+      return {d_gi, d_gh, dh};
+    }
+    for (i64 s = st.count() - 1; s >= 0; --s) {
+      i64 t = st.order[s], bs = st.size[t], off = st.offset[t];
+      for_rows(bs, H, [&](i64 b) {
+        for (i64 jb = 0; jb < J; ++jb) {
+          i64 j = jb * L;
+          gate_math(t, b, jb, load(dhp + b * H + j, (int)std::min<i64>(L, H - j)));
+        }
+      });
+      addmm_into(dh.narrow(0, 0, bs), carry.narrow(0, 0, bs), d_gh.narrow(0, off, bs), w_hh);
+    }
+    return {d_gi, d_gh, dh};
+  }
+  const S* dy = ptr<S>(d_out);
+  const S* op = ptr<S>(out);
+  const S* hp0 = ptr<S>(h0);
+  const S* sp = ptr<S>(stash);
+  S* gp = ptr<S>(d_gi);
+  Tensor w_rz = w_hh.narrow(0, 0, 2 * H), w_hn = w_hh.narrow(0, 2 * H, H);
+  Tensor d_rh = at::empty({B, H}, out.options());
+  Tensor dh_t = at::empty({B, H}, out.options());
+  S* drh = ptr<S>(d_rh);
+  S* dht = ptr<S>(dh_t);
+  for (i64 s = st.count() - 1; s >= 0; --s) {
+    i64 t = st.order[s], bs = st.size[t], off = st.offset[t];
+    i64 tb = st.before(t);
+    auto h_prev_at = [&](i64 b, i64 j, int n) {
+      i64 prev = st.row(tb, b);
+      return prev >= 0 ? load(op + prev * H + j, n) : load(hp0 + b * H + j, n);
+    };
+    for_rows(bs, H, [&](i64 b) {
+      for (i64 jb = 0; jb < J; ++jb) {
+        i64 j = jb * L;
+        int n = (int)std::min<i64>(L, H - j);
+        i64 row = off + b;
+        const S* sr = sp + row * 3 * H + j;
+        V<S> z = load(sr + H, n), nn = load(sr + 2 * H, n);
+        V<S> dh = load(dy + row * H + j, n) + load(dhp + b * H + j, n);
+        store(dht + b * H + j, dh, n);
+        store(gp + row * 3 * H + 2 * H + j, dh * (S(1) - z) * (S(1) - nn * nn), n);
+        store(gp + row * 3 * H + H + j, dh * (h_prev_at(b, j, n) - nn) * z * (S(1) - z), n);
+      }
+    });
+    mm_into(d_rh.narrow(0, 0, bs), d_gi.narrow(0, off, bs).narrow(1, 2 * H, H), w_hn);
+    for_rows(bs, H, [&](i64 b) {
+      for (i64 jb = 0; jb < J; ++jb) {
+        i64 j = jb * L;
+        int n = (int)std::min<i64>(L, H - j);
+        i64 row = off + b;
+        V<S> r = load(sp + row * 3 * H + j, n), z = load(sp + row * 3 * H + H + j, n);
+        V<S> d = load(drh + b * H + j, n);
+        store(gp + row * 3 * H + j, d * h_prev_at(b, j, n) * r * (S(1) - r), n);
+        store(cp + b * H + j, load(dht + b * H + j, n) * z + d * r, n);
+      }
+    });
+    addmm_into(dh.narrow(0, 0, bs), carry.narrow(0, 0, bs),
+                  d_gi.narrow(0, off, bs).narrow(1, 0, 2 * H), w_rz);
+  }
+  return {d_gi, d_gi, dh};
+}
+
+// ---- dispatch by dtype -------------------------------------------------------------------
+
+void check(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// f(scalar{}) for the tensor's dtype: float32 or float64.
+template <typename F>
+std::vector<Tensor> dispatch(at::ScalarType dtype, F&& f) {
+  if (dtype == at::kFloat) return f(float{});
+  TORCH_CHECK(dtype == at::kDouble, "native kernels take float32 or float64, got ", dtype);
+  return f(double{});
+}
+#define LSTMKIT_DISPATCH(dtype, body) \
+  dispatch(dtype, [&](auto tag) { using scalar = decltype(tag); return body(); })
+
+std::vector<Tensor> lstm_forward_py(Tensor xproj, Tensor h0, Tensor c0, Tensor w_hh,
+                                    c10::optional<Tensor> w_hr, std::vector<i64> batch_sizes,
+                                    bool reverse, bool save, bool fused) {
+  for (auto* t : {&xproj, &h0, &c0, &w_hh}) check(*t, "tensor");
+  Steps st(batch_sizes, reverse);
+  return LSTMKIT_DISPATCH(xproj.scalar_type(), [&] {
+    return lstm_forward<scalar>(xproj, h0, c0, w_hh, w_hr, st, save, fused);
+  });
+}
+
+std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Tensor c0,
+                                     Tensor w_hh, c10::optional<Tensor> w_hr, Tensor gates,
+                                     Tensor cells, std::vector<i64> batch_sizes, bool reverse,
+                                     bool fused) {
+  for (auto* t : {&d_out, &d_hT, &d_cT, &c0, &w_hh, &gates, &cells}) check(*t, "tensor");
+  Steps st(batch_sizes, reverse);
+  return LSTMKIT_DISPATCH(gates.scalar_type(), [&] {
+    return lstm_backward<scalar>(d_out, d_hT, d_cT, c0, w_hh, w_hr, gates, cells, st, fused);
+  });
+}
+
+std::vector<Tensor> rnn_forward_py(Tensor xproj, Tensor h0, Tensor w_hh,
+                                   std::vector<i64> batch_sizes, bool reverse, bool relu,
+                                   bool fused) {
+  for (auto* t : {&xproj, &h0, &w_hh}) check(*t, "tensor");
+  Steps st(batch_sizes, reverse);
+  return LSTMKIT_DISPATCH(xproj.scalar_type(), [&] {
+    return rnn_forward<scalar>(xproj, h0, w_hh, st, relu, fused);
+  });
+}
+
+std::vector<Tensor> rnn_backward_py(Tensor d_out, Tensor d_hT, Tensor w_hh, Tensor out,
+                                    std::vector<i64> batch_sizes, bool reverse, bool relu,
+                                    bool fused) {
+  for (auto* t : {&d_out, &d_hT, &w_hh, &out}) check(*t, "tensor");
+  Steps st(batch_sizes, reverse);
+  return LSTMKIT_DISPATCH(out.scalar_type(), [&] {
+    return rnn_backward<scalar>(d_out, d_hT, w_hh, out, st, relu, fused);
+  });
+}
+
+std::vector<Tensor> gru_forward_py(Tensor gi, Tensor h0, Tensor w_hh, c10::optional<Tensor> b_hh,
+                                   std::vector<i64> batch_sizes, bool reverse, bool reset_after,
+                                   bool save, bool fused) {
+  for (auto* t : {&gi, &h0, &w_hh}) check(*t, "tensor");
+  Steps st(batch_sizes, reverse);
+  return LSTMKIT_DISPATCH(gi.scalar_type(), [&] {
+    return gru_forward<scalar>(gi, h0, w_hh, b_hh, st, reset_after, save, fused);
+  });
+}
+
+std::vector<Tensor> gru_backward_py(Tensor d_out, Tensor d_hT, Tensor h0, Tensor w_hh,
+                                    Tensor out, Tensor stash, std::vector<i64> batch_sizes,
+                                    bool reverse, bool reset_after, bool fused) {
+  for (auto* t : {&d_out, &d_hT, &h0, &w_hh, &out, &stash}) check(*t, "tensor");
+  Steps st(batch_sizes, reverse);
+  return LSTMKIT_DISPATCH(out.scalar_type(), [&] {
+    return gru_backward<scalar>(d_out, d_hT, h0, w_hh, out, stash, st, reset_after, fused);
+  });
+}
+
+// For every row of `sequence` (N, F), the state its step started from (see layout.py).
+Tensor previous_rows_py(Tensor sequence, Tensor initial, std::vector<i64> batch_sizes,
+                        bool reverse) {
+  check(sequence, "sequence");
+  check(initial, "initial");
+  Steps st(batch_sizes, reverse);
+  const i64 F = sequence.size(1);
+  Tensor result = at::empty_like(sequence);
+  const size_t bytes = F * sequence.element_size();
+  const char* seq = static_cast<const char*>(sequence.data_ptr());
+  const char* init = static_cast<const char*>(initial.data_ptr());
+  char* res = static_cast<char*>(result.data_ptr());
+  for (i64 t = 0; t < st.count(); ++t) {
+    i64 u = st.before(t);
+    for (i64 b = 0; b < st.size[t]; ++b) {
+      i64 src = st.row(u, b);
+      const char* from = src >= 0 ? seq + src * bytes : init + b * bytes;
+      std::memcpy(res + (st.offset[t] + b) * bytes, from, bytes);
+    }
+  }
+  return result;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lstmkit native CPU recurrences (see _native.cpp)";
+  m.def("lstm_forward", &lstm_forward_py);
+  m.def("lstm_backward", &lstm_backward_py);
+  m.def("gru_forward", &gru_forward_py);
+  m.def("gru_backward", &gru_backward_py);
+  m.def("rnn_forward", &rnn_forward_py);
+  m.def("rnn_backward", &rnn_backward_py);
+  m.def("previous_rows", &previous_rows_py);
+}

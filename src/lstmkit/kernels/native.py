@@ -1,0 +1,331 @@
+"""Native CPU backend: the recurrences of `_native.cpp`, compiled on first use.
+
+# N rows (time-major, see layout.py), B batch, I input, H hidden, P output size.
+
+Same Functions, signatures and saved tensors as the portable kernels (lstm.py, gru.py, rnn.py).
+What is one large matrix product per sequence stays here in torch (the input projection of all
+steps, dX, the weight gradients); the step loops, forward and backward, run in C++ with no
+Python per step.
+
+Build: `torch.utils.cpp_extension.load` compiles `_native.cpp` against the installed torch the
+first time a native kernel is needed (about 10 s on 2 cores) into torch's extension cache
+(`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions), keyed by the source, the flags and
+this CPU's instruction set; later processes load the cached library. If the compiler, ninja or
+the load fails, or `LSTMKIT_NATIVE=0` is set, the portable kernels run instead and one warning
+says why.
+
+Without autograd (inference, `torch.no_grad()`, or no input needing a gradient) a Function's
+`apply` skips the autograd machinery and stores nothing for a backward pass.
+"""
+
+import hashlib
+import os
+import platform
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import gru as _gru
+from . import lstm as _lstm
+from . import rnn as _rnn
+from ._common import input_projection, linear
+from ._precision import cast_like, cast_to, compute_dtype, dtypes_of, upcast
+
+_SOURCE = Path(__file__).with_name("_native.cpp")
+NATIVE_DTYPES = (torch.float32, torch.float64)
+
+# Largest batch for which the fused driver (own register-blocked product, the recurrent matrix
+# split across the cores for the whole sequence) runs; beyond it each step's product goes to
+# torch's matrix multiply (MKL/oneDNN), which blocks for cache better at large sizes.
+FUSED_MAX_BATCH = 16
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "module": None, "reason": None}
+
+
+def _cpu_tag() -> str:
+    """Hash of this CPU's instruction-set flags: a build for one CPU never loads on another."""
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith(("flags", "Features")):
+                    flags += line
+                    break
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
+def _compiler_flags() -> list[str]:
+    flags = ["-O3", "-ffp-contract=fast"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags.append("-march=native")
+    return flags
+
+
+def _compile():
+    """Compile (or load from the cache) the extension module; raises on any failure."""
+    from torch.utils.cpp_extension import load
+
+    return load(name=f"lstmkit_native_{_cpu_tag()}", sources=[str(_SOURCE)],
+                extra_cflags=_compiler_flags(), verbose=False)
+
+
+def module():
+    """The compiled extension, or None (after one warning) when it cannot be built or loaded."""
+    if not _state["tried"]:
+        with _lock:
+            if not _state["tried"]:
+                if os.environ.get("LSTMKIT_NATIVE", "1") == "0":
+                    _state["reason"] = "disabled by LSTMKIT_NATIVE=0"
+                else:
+                    try:
+                        _state["module"] = _compile()
+                    except Exception as exc:  # any build or load failure means: fall back
+                        lines = str(exc).strip().splitlines() or [""]
+                        detail = next((ln.strip() for ln in lines if "error:" in ln), lines[0])
+                        _state["reason"] = f"{type(exc).__name__}: {detail}"[:300]
+                if _state["module"] is None:
+                    warnings.warn(f"lstmkit: native CPU kernels unavailable "
+                                  f"({_state['reason']}); using the portable kernels",
+                                  RuntimeWarning, stacklevel=3)
+                _state["tried"] = True
+    return _state["module"]
+
+
+def available() -> bool:
+    """True when the native kernels are built and loaded (builds them on the first call)."""
+    return module() is not None
+
+
+def unavailable_reason():
+    """Why the native kernels are not in use, or None when they are."""
+    module()
+    return _state["reason"]
+
+
+def supports(x: torch.Tensor) -> bool:
+    """Whether `backend="auto"` should run native for this input: CPU, float32/float64, built."""
+    return x.device.type == "cpu" and x.dtype in NATIVE_DTYPES and available()
+
+
+def _needs_autograd(tensors) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def _contiguous(tensors):
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
+def _fused(layout, projected: bool = False) -> bool:
+    return layout.batch <= FUSED_MAX_BATCH and not projected
+
+
+def _check_device(x):
+    if x.device.type != "cpu":
+        raise ValueError(f"backend='native' runs on the CPU only, got a tensor on {x.device}")
+
+
+class _NativeFunction(torch.autograd.Function):
+    """Shared `apply`: portable when the extension is missing, no autograd when none is needed."""
+
+    _portable: type[torch.autograd.Function]
+
+    @classmethod
+    def apply(cls, *args):
+        _check_device(args[0])
+        if module() is None:
+            return cls._portable.apply(*args)
+        if _needs_autograd(args):
+            return super().apply(*args)
+        with torch.no_grad():
+            return cls._infer(*args)
+
+
+class NativeLSTMFunction(_NativeFunction):
+    """One LSTM layer in one direction, native loops; same signature as `LSTMFunction`.
+
+    apply(x (N, I), h0 (B, P), c0 (B, H), w_ih (4H, I), w_hh (4H, P), b_ih (4H,) | None,
+          b_hh (4H,) | None, w_hr (P, H) | None, layout: StepLayout, reverse: bool)
+    -> out (N, P), h_T (B, P), c_T (B, H)
+    Saved for backward: x, h0, c0, w_ih, w_hh, w_hr, out, gates (N, 4H) activated, cells (N, H).
+    """
+
+    _portable = _lstm.LSTMFunction
+
+    @staticmethod
+    def _run(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, save):
+        xproj = input_projection(x, w_ih, b_ih, b_hh).contiguous()
+        h0, c0, w_hh, w_hr = _contiguous((h0, c0, w_hh, w_hr))
+        return module().lstm_forward(xproj, h0, c0, w_hh, w_hr, layout.batch_sizes, reverse,
+                                     save, _fused(layout, w_hr is not None))
+
+    @staticmethod
+    def _infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse):
+        originals = (x, h0, c0)
+        args = upcast((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), compute_dtype(x.dtype))
+        out, h_T, c_T, _, _ = NativeLSTMFunction._run(*args, layout, reverse, False)
+        return tuple(cast_like((out, h_T, c_T), originals))
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse):
+        originals = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = upcast(originals, compute_dtype(x.dtype))
+        out, h_T, c_T, gates, cells = NativeLSTMFunction._run(
+            x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, True)
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, out, gates, cells)
+        ctx.layout, ctx.reverse = layout, reverse
+        ctx.has_bias = (b_ih is not None, b_hh is not None)
+        ctx.dtypes = dtypes_of(originals)
+        return tuple(cast_like((out, h_T, c_T), originals[:3]))
+
+    @staticmethod
+    def backward(ctx, d_out, d_hT, d_cT):
+        x, h0, c0, w_ih, w_hh, w_hr, out, gates, cells = ctx.saved_tensors
+        layout, reverse, needs = ctx.layout, ctx.reverse, ctx.needs_input_grad
+        d_out, d_hT, d_cT = _contiguous(upcast((d_out, d_hT, d_cT), x.dtype))
+        d_gates, dh0, dc0, d_h_rows = module().lstm_backward(
+            d_out, d_hT, d_cT, c0.contiguous(), w_hh.contiguous(),
+            None if w_hr is None else w_hr.contiguous(), gates, cells, layout.batch_sizes,
+            reverse, _fused(layout, w_hr is not None))
+        dx = d_gates @ w_ih if needs[0] else None
+        dw_ih = d_gates.t() @ x if needs[3] else None
+        dw_hh = None
+        if needs[4]:
+            h_prev = module().previous_rows(out, h0.contiguous(), layout.batch_sizes, reverse)
+            dw_hh = d_gates.t() @ h_prev
+        db = d_gates.sum(0) if needs[5] or needs[6] else None
+        db_ih = db if ctx.has_bias[0] else None
+        db_hh = db.clone() if ctx.has_bias[1] else None      # never hand autograd one tensor twice
+        dw_hr = None
+        if w_hr is not None and needs[7]:
+            H = cells.shape[1]
+            dw_hr = d_h_rows.t() @ (gates[:, 3 * H:] * cells.tanh())   # dh^T (o tanh(c))
+        grads = (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr)
+        return (*cast_to(grads, ctx.dtypes), None, None)
+
+
+class NativeGRUFunction(_NativeFunction):
+    """One GRU layer in one direction, native loops; same signature as `GRUFunction`.
+
+    apply(x (N, I), h0 (B, H), w_ih (3H, I), w_hh (3H, H), b_ih (3H,) | None, b_hh (3H,) | None,
+          layout: StepLayout, reverse: bool, reset_after: bool) -> out (N, H), h_T (B, H)
+    Saved: x, h0, w_ih, w_hh, out, stash [r | z | n | gh_n] (N, 4H) ([r | z | n] reset-before).
+    """
+
+    _portable = _gru.GRUFunction
+
+    @staticmethod
+    def _run(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after, save):
+        gi = linear(x, w_ih, b_ih).contiguous()
+        h0, w_hh, b_hh = _contiguous((h0, w_hh, b_hh))
+        return module().gru_forward(gi, h0, w_hh, b_hh, layout.batch_sizes, reverse, reset_after,
+                                    save, _fused(layout, not reset_after))
+
+    @staticmethod
+    def _infer(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after):
+        args = upcast((x, h0, w_ih, w_hh, b_ih, b_hh), compute_dtype(x.dtype))
+        out, h_T, _ = NativeGRUFunction._run(*args, layout, reverse, reset_after, False)
+        return tuple(cast_like((out, h_T), (x, h0)))
+
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after):
+        originals = (x, h0, w_ih, w_hh, b_ih, b_hh)
+        x, h0, w_ih, w_hh, b_ih, b_hh = upcast(originals, compute_dtype(x.dtype))
+        out, h_T, stash = NativeGRUFunction._run(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse,
+                                                 reset_after, True)
+        ctx.save_for_backward(x, h0, w_ih, w_hh, out, stash)
+        ctx.layout, ctx.reverse, ctx.reset_after = layout, reverse, reset_after
+        ctx.dtypes = dtypes_of(originals)
+        return tuple(cast_like((out, h_T), (originals[0], originals[1])))
+
+    @staticmethod
+    def backward(ctx, d_out, d_hT):
+        x, h0, w_ih, w_hh, out, stash = ctx.saved_tensors
+        layout, reverse, needs = ctx.layout, ctx.reverse, ctx.needs_input_grad
+        H = w_hh.shape[0] // 3
+        d_out, d_hT = _contiguous(upcast((d_out, d_hT), x.dtype))
+        h0 = h0.contiguous()
+        d_gi, d_gh, dh0 = module().gru_backward(
+            d_out, d_hT, h0, w_hh.contiguous(), out, stash, layout.batch_sizes, reverse,
+            ctx.reset_after, _fused(layout, not ctx.reset_after))
+        dx = d_gi @ w_ih if needs[0] else None
+        dw_ih = d_gi.t() @ x if needs[2] else None
+        db_ih = d_gi.sum(0) if needs[4] else None
+        dw_hh = db_hh = None
+        if needs[3] or needs[5]:
+            h_prev = module().previous_rows(out, h0, layout.batch_sizes, reverse)
+            if ctx.reset_after:
+                dw_hh = d_gh.t() @ h_prev
+                db_hh = d_gh.sum(0)
+            else:
+                d_rz = d_gi[:, :2 * H]
+                r_h = stash[:, :H] * h_prev                       # the operand of W_hn
+                dw_hh = torch.cat([d_rz.t() @ h_prev, d_gi[:, 2 * H:].t() @ r_h])
+                db_hh = d_gi.sum(0)
+        grads = (dx, dh0, dw_ih, dw_hh, db_ih, db_hh)
+        return (*cast_to(grads, ctx.dtypes), None, None, None)
+
+
+class NativeRNNFunction(_NativeFunction):
+    """One Elman RNN layer in one direction, native loops; same signature as `RNNFunction`.
+
+    apply(x (N, I), h0 (B, H), w_ih (H, I), w_hh (H, H), b_ih (H,) | None, b_hh (H,) | None,
+          layout: StepLayout, reverse: bool, nonlinearity: "tanh" | "relu")
+    -> out (N, H), h_T (B, H)
+    Saved: x, h0, w_ih, w_hh, out.
+    """
+
+    _portable = _rnn.RNNFunction
+
+    @staticmethod
+    def _run(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, nonlinearity):
+        xproj = input_projection(x, w_ih, b_ih, b_hh).contiguous()
+        h0, w_hh = _contiguous((h0, w_hh))
+        return module().rnn_forward(xproj, h0, w_hh, layout.batch_sizes, reverse,
+                                    nonlinearity == "relu", _fused(layout))
+
+    @staticmethod
+    def _infer(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, nonlinearity):
+        args = upcast((x, h0, w_ih, w_hh, b_ih, b_hh), compute_dtype(x.dtype))
+        out, h_T = NativeRNNFunction._run(*args, layout, reverse, nonlinearity)
+        return tuple(cast_like((out, h_T), (x, h0)))
+
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, nonlinearity):
+        originals = (x, h0, w_ih, w_hh, b_ih, b_hh)
+        x, h0, w_ih, w_hh, b_ih, b_hh = upcast(originals, compute_dtype(x.dtype))
+        out, h_T = NativeRNNFunction._run(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse,
+                                          nonlinearity)
+        ctx.save_for_backward(x, h0, w_ih, w_hh, out)
+        ctx.layout, ctx.reverse, ctx.nonlinearity = layout, reverse, nonlinearity
+        ctx.has_bias = (b_ih is not None, b_hh is not None)
+        ctx.dtypes = dtypes_of(originals)
+        return tuple(cast_like((out, h_T), (originals[0], originals[1])))
+
+    @staticmethod
+    def backward(ctx, d_out, d_hT):
+        x, h0, w_ih, w_hh, out = ctx.saved_tensors
+        layout, reverse, needs = ctx.layout, ctx.reverse, ctx.needs_input_grad
+        d_out, d_hT = _contiguous(upcast((d_out, d_hT), x.dtype))
+        d_pre, dh0 = module().rnn_backward(d_out, d_hT, w_hh.contiguous(), out,
+                                           layout.batch_sizes, reverse,
+                                           ctx.nonlinearity == "relu", _fused(layout))
+        dx = d_pre @ w_ih if needs[0] else None
+        dw_ih = d_pre.t() @ x if needs[2] else None
+        dw_hh = None
+        if needs[3]:
+            dw_hh = d_pre.t() @ module().previous_rows(out, h0.contiguous(), layout.batch_sizes,
+                                                       reverse)
+        db = d_pre.sum(0) if needs[4] or needs[5] else None
+        db_ih = db if ctx.has_bias[0] else None
+        db_hh = db.clone() if ctx.has_bias[1] else None
+        grads = (dx, dh0, dw_ih, dw_hh, db_ih, db_hh)
+        return (*cast_to(grads, ctx.dtypes), None, None, None)
+
+
+FUNCTIONS = {"lstm": NativeLSTMFunction, "gru": NativeGRUFunction, "rnn": NativeRNNFunction}

@@ -1,0 +1,272 @@
+"""The native CPU backend against the NumPy float64 reference, torch.nn and gradcheck.
+
+Both native drivers run every case: "fused" (own register-blocked product, workers kept for the
+whole sequence; small batches) and "generic" (torch's matrix multiply per step; projection,
+GRU reset-before, large batches), chosen here by moving `FUSED_MAX_BATCH`.
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import lstmkit
+from lstmkit import kernels, reference
+from lstmkit.kernels import StepLayout, native
+
+FAMILIES = ("lstm", "lstm_proj", "lstm_nobias", "gru", "gru_reset_before", "rnn_tanh", "rnn_relu")
+# (T, B, I, H): T=1, batch 1, odd sizes, H=127 (a partial SIMD block), a long sequence, and a
+# batch above the fused driver's limit when that is the default.
+SHAPES = [(1, 1, 2, 1), (5, 3, 4, 3), (4, 2, 3, 127), (300, 2, 3, 5), (6, 20, 5, 9)]
+# float32 against the float64 reference: relative to the largest magnitude of each result.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def native_built():
+    assert native.available(), f"native kernels did not build: {native.unavailable_reason()}"
+
+
+@pytest.fixture(params=["fused", "generic"])
+def driver(request, monkeypatch):
+    monkeypatch.setattr(native, "FUSED_MAX_BATCH", 10**9 if request.param == "fused" else 0)
+    return request.param
+
+
+def make_weights(family, I, H, rng):
+    """NumPy float64 weights for one layer of `family`, scaled like torch.nn's initialisation."""
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}[family.split("_")[0]]
+    P = max(1, H // 2) if family == "lstm_proj" else H
+    bound = 1 / np.sqrt(H)
+    w = {"w_ih": rng.uniform(-bound, bound, (gates * H, I)) * 2,
+         "w_hh": rng.uniform(-bound, bound, (gates * H, P)) * 2,
+         "b_ih": rng.uniform(-1, 1, gates * H), "b_hh": rng.uniform(-1, 1, gates * H)}
+    if family == "lstm_nobias":
+        w["b_ih"] = w["b_hh"] = None
+    if family == "lstm_proj":
+        w["w_hr"] = rng.uniform(-bound, bound, (P, H)) * 2
+    return w, P
+
+
+def reference_run(family, x, states, w, dy, d_states):
+    """Forward and backward of the NumPy reference: (outputs, gradients by argument name)."""
+    if family.startswith("lstm"):
+        y, h, c, cache = reference.lstm_forward(x, *states, w["w_ih"], w["w_hh"], w["b_ih"],
+                                                w["b_hh"], w.get("w_hr"))
+        return (y, h, c), reference.lstm_backward(dy, *d_states, cache)
+    if family.startswith("gru"):
+        y, h, cache = reference.gru_forward(x, *states, w["w_ih"], w["w_hh"], w["b_ih"],
+                                            w["b_hh"], reset_after=family == "gru")
+        return (y, h), reference.gru_backward(dy, *d_states, cache)
+    y, h, cache = reference.rnn_forward(x, *states, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"],
+                                        nonlinearity=family.split("_")[1])
+    return (y, h), reference.rnn_backward(dy, *d_states, cache)
+
+
+def native_layer(family, x, states, w, layout, reverse):
+    if family.startswith("lstm"):
+        return kernels.lstm_layer(x, *states, **w, layout=layout, reverse=reverse,
+                                  backend="native")
+    if family.startswith("gru"):
+        return kernels.gru_layer(x, *states, **w, layout=layout, reverse=reverse,
+                                 reset_after=family == "gru", backend="native")
+    return kernels.rnn_layer(x, *states, **w, layout=layout, reverse=reverse,
+                             nonlinearity=family.split("_")[1], backend="native")
+
+
+def assert_close(name, actual, expected, dtype):
+    expected = np.asarray(expected)
+    scale = 1.0 if dtype == torch.float64 else max(1.0, np.abs(expected).max())
+    error = np.abs(actual.detach().double().numpy() - expected).max() / scale
+    assert error <= TOLERANCE[dtype], f"{name}: error {error:.2e} > {TOLERANCE[dtype]:.0e}"
+
+
+# A projection needs proj_size < hidden_size, so H=1 has none.
+REFERENCE_CASES = [pytest.param(family, shape, id="{}-T{}-B{}-I{}-H{}".format(family, *shape))
+                   for family in FAMILIES for shape in SHAPES
+                   if not (family == "lstm_proj" and shape[3] == 1)]
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("family, shape", REFERENCE_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_matches_reference(family, shape, reverse, dtype, driver):
+    T, B, I, H = shape
+    rng = np.random.default_rng(hash((family, shape, reverse)) % 2**32)
+    w, P = make_weights(family, I, H, rng)
+    x = rng.standard_normal((T, B, I))
+    sizes = (P, H) if family.startswith("lstm") else (H,)
+    states = [rng.standard_normal((B, s)) for s in sizes]
+    dy = rng.standard_normal((T, B, P))
+    d_states = [rng.standard_normal((B, s)) for s in sizes]
+    # The reverse direction is the forward direction over the time-flipped sequence.
+    flip = (lambda a: a[::-1].copy()) if reverse else (lambda a: a)
+    (y, *finals), grads = reference_run(family, flip(x), states, w, flip(dy), d_states)
+
+    def tensor(a):
+        return torch.tensor(a, dtype=dtype, requires_grad=True)
+
+    xt = tensor(x.reshape(T * B, I))
+    st = [tensor(s) for s in states]
+    wt = {k: None if v is None else tensor(v) for k, v in w.items()}
+    out, *finals_t = native_layer(family, xt, st, wt, StepLayout.padded(T, B), reverse)
+    loss = (out * torch.tensor(dy.reshape(T * B, P), dtype=dtype)).sum()
+    for final, d_final in zip(finals_t, d_states, strict=True):
+        loss = loss + (final * torch.tensor(d_final, dtype=dtype)).sum()
+    loss.backward()
+    assert out.dtype == dtype and out.shape == (T * B, P)
+    assert_close("output", out, flip(y).reshape(T * B, P), dtype)
+    for name, got, expected in zip(("h_T", "c_T"), finals_t, finals, strict=False):
+        assert_close(name, got, expected, dtype)
+    assert_close("dx", xt.grad, flip(grads["x"]).reshape(T * B, I), dtype)
+    for name, state in zip(("h0", "c0"), st, strict=False):
+        assert_close(f"d{name}", state.grad, grads[name], dtype)
+    for name, param in wt.items():
+        if param is not None:
+            assert_close(f"d{name}", param.grad, grads[name], dtype)
+
+
+TORCH_MODULES = {
+    "LSTM": dict(num_layers=2, bidirectional=True),
+    "LSTM-proj": dict(num_layers=2, bidirectional=True, proj_size=3),
+    "LSTM-nobias": dict(bias=False, bidirectional=True),
+    "GRU": dict(num_layers=2, bidirectional=True),
+    "RNN": dict(num_layers=2, bidirectional=True, nonlinearity="relu"),
+}
+
+
+@pytest.mark.parametrize("name", TORCH_MODULES)
+def test_packed_unsorted_matches_torch(name, driver):
+    """Packed sequences of unsorted lengths, both directions, two layers, against torch.nn."""
+    family = name.split("-")[0]
+    torch.manual_seed(7)
+    options = TORCH_MODULES[name]
+    ours = getattr(lstmkit, family)(4, 6, dtype=torch.float64, backend="native", **options)
+    theirs = getattr(torch.nn, family)(4, 6, dtype=torch.float64, **options)
+    theirs.load_state_dict(ours.state_dict())
+    lengths = torch.tensor([3, 9, 1, 6, 9])
+    x = torch.randn(9, 5, 4, dtype=torch.float64)
+    results = []
+    for module in (ours, theirs):
+        xi = x.clone().requires_grad_()
+        packed = pack_padded_sequence(xi, lengths, enforce_sorted=False)
+        out, state = module(packed)
+        padded, _ = pad_packed_sequence(out)
+        finals = state if isinstance(state, tuple) else (state,)
+        loss = (padded * torch.linspace(-1, 1, padded.numel(), dtype=torch.float64)
+                .view_as(padded)).sum() + sum((f * f).sum() for f in finals)
+        loss.backward()
+        results.append([padded.detach(), *[f.detach() for f in finals], xi.grad,
+                        *[p.grad for p in module.parameters()]])
+    for ours_value, torch_value in zip(*results, strict=True):
+        assert (ours_value - torch_value).abs().max().item() < 1e-10
+
+
+def _function_cases():
+    torch.manual_seed(3)
+    d = torch.float64
+
+    def r(*shape):
+        return torch.randn(*shape, dtype=d) * 0.5
+
+    lstm = native.NativeLSTMFunction
+    gru = native.NativeGRUFunction
+    rnn = native.NativeRNNFunction
+    packed = StepLayout.packed([3, 3, 2, 1])       # N = 9 rows, B = 3
+    padded = StepLayout.padded(3, 2)
+    return {
+        "lstm": (lstm, [r(6, 2), r(2, 3), r(2, 3), r(12, 2), r(12, 3), r(12), r(12), None,
+                        padded, False]),
+        "lstm-packed-reverse": (lstm, [r(9, 2), r(3, 3), r(3, 3), r(12, 2), r(12, 3), r(12),
+                                       None, None, packed, True]),
+        "lstm-proj": (lstm, [r(9, 2), r(3, 2), r(3, 3), r(12, 2), r(12, 2), r(12), r(12),
+                             r(2, 3), packed, False]),
+        "gru": (gru, [r(9, 2), r(3, 3), r(9, 2), r(9, 3), r(9), r(9), packed, True, True]),
+        "gru-reset-before": (gru, [r(6, 2), r(2, 3), r(9, 2), r(9, 3), r(9), r(9), padded,
+                                   False, False]),
+        "rnn-tanh": (rnn, [r(9, 2), r(3, 3), r(3, 2), r(3, 3), r(3), r(3), packed, True, "tanh"]),
+        "rnn-relu": (rnn, [r(6, 2), r(2, 3), r(3, 2), r(3, 3), r(3), r(3), padded, False, "relu"]),
+    }
+
+
+@pytest.mark.parametrize("case", list(_function_cases()))
+def test_gradcheck(case, driver):
+    function, args = _function_cases()[case]
+    args = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    assert torch.autograd.gradcheck(lambda *a: function.apply(*a), args)
+
+
+@pytest.mark.parametrize("family", ["lstm", "gru", "rnn_tanh"])
+def test_inference_path_matches_training_path(family, driver):
+    """Without autograd the Functions skip saving for backward; the results must not change."""
+    rng = np.random.default_rng(0)
+    w, P = make_weights(family, 3, 17, rng)
+    wt = {k: torch.tensor(v, dtype=torch.float32, requires_grad=True) for k, v in w.items()}
+    x = torch.randn(7 * 4, 3)
+    sizes = (P, 17) if family == "lstm" else (17,)
+    states = [torch.randn(4, s) for s in sizes]
+    layout = StepLayout.packed([4, 4, 3, 3, 2, 1, 1])
+    trained = native_layer(family, x, states, wt, layout, reverse=False)
+    with torch.no_grad():
+        inferred = native_layer(family, x, states, wt, layout, reverse=False)
+    for a, b in zip(trained, inferred, strict=True):
+        assert not b.requires_grad
+        assert torch.equal(a.detach(), b)
+
+
+def test_cell_matches_torch():
+    torch.manual_seed(0)
+    ours = lstmkit.LSTMCell(5, 256, backend="native")
+    theirs = torch.nn.LSTMCell(5, 256)
+    theirs.load_state_dict(ours.state_dict())
+    x, h, c = torch.randn(1, 5), torch.randn(1, 256), torch.randn(1, 256)
+    with torch.no_grad():
+        for _ in range(3):
+            (h1, c1), (h2, c2) = ours(x, (h, c)), theirs(x, (h, c))
+            assert (h1 - h2).abs().max() < 1e-5 and (c1 - c2).abs().max() < 1e-5
+            h, c = h1, c1
+
+
+def test_auto_picks_native_for_cpu_float32_and_float64():
+    for dtype in (torch.float32, torch.float64):
+        assert kernels._function("lstm", "auto", torch.zeros(1, dtype=dtype)) is \
+            native.NativeLSTMFunction
+    assert kernels._function("gru", "auto", torch.zeros(1, dtype=torch.bfloat16)) is \
+        kernels.GRUFunction
+
+
+def test_native_refuses_other_devices():
+    x = torch.empty(4, 2, device="meta")
+    with pytest.raises(ValueError, match="CPU only"):
+        kernels.rnn_layer(x, torch.empty(2, 3, device="meta"), torch.empty(3, 2, device="meta"),
+                          torch.empty(3, 3, device="meta"), layout=StepLayout.padded(2, 2),
+                          backend="native")
+
+
+def test_failed_build_falls_back_with_one_warning(monkeypatch):
+    def broken_build():
+        raise RuntimeError("Error building extension: no C++ compiler found")
+
+    monkeypatch.setattr(native, "_compile", broken_build)
+    monkeypatch.setattr(native, "_state", {"tried": False, "module": None, "reason": None})
+    x, h0 = torch.randn(6, 2), torch.zeros(2, 3)
+    weights = dict(w_ih=torch.randn(3, 2), w_hh=torch.randn(3, 3))
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found.*portable"):
+        out_auto, _ = kernels.rnn_layer(x, h0, **weights, layout=StepLayout.padded(3, 2))
+    assert native.unavailable_reason().endswith("no C++ compiler found")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # once: no second warning
+        out_native, _ = kernels.rnn_layer(x, h0, **weights, layout=StepLayout.padded(3, 2),
+                                          backend="native")
+        out_portable, _ = kernels.rnn_layer(x, h0, **weights, layout=StepLayout.padded(3, 2),
+                                            backend="portable")
+    assert torch.equal(out_auto, out_portable) and torch.equal(out_native, out_portable)
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("LSTMKIT_NATIVE", "0")
+    monkeypatch.setattr(native, "_state", {"tried": False, "module": None, "reason": None})
+    with pytest.warns(RuntimeWarning, match="LSTMKIT_NATIVE=0"):
+        assert not native.available()
