@@ -229,6 +229,21 @@ def test_cell_matches_torch():
             h, c = h1, c1
 
 
+def test_cell_sees_in_place_weight_updates():
+    """The single-step path caches packed weights; an in-place update must invalidate them."""
+    torch.manual_seed(1)
+    ours = lstmkit.LSTMCell(3, 19, backend="native")
+    theirs = torch.nn.LSTMCell(3, 19)
+    x = torch.randn(2, 3)
+    for _ in range(2):
+        theirs.load_state_dict(ours.state_dict())
+        with torch.no_grad():
+            (h1, c1), (h2, c2) = ours(x), theirs(x)
+            assert (h1 - h2).abs().max() < 1e-5 and (c1 - c2).abs().max() < 1e-5
+            for p in ours.parameters():
+                p.mul_(1.5)                            # as an optimizer step would
+
+
 def test_auto_picks_native_for_cpu_float32_and_float64():
     for dtype in (torch.float32, torch.float64):
         assert kernels._function("lstm", "auto", torch.zeros(1, dtype=dtype)) is \

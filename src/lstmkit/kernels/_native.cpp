@@ -23,6 +23,7 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/utils/pybind.h>
@@ -239,7 +240,7 @@ inline void relax(int& spins) {
 #ifdef LSTMKIT_X86
   _mm_pause();
 #endif
-  if (++spins > 2000) { std::this_thread::yield(); spins = 0; }
+  if (++spins > 64) std::this_thread::yield();   // a descheduled partner: give the core away
 }
 
 // Run step(w, s) for s = 0..steps-1 and every worker w in [0, workers); step s + 1 starts only
@@ -295,6 +296,23 @@ inline void addmm_into(Tensor out, const Tensor& c, const Tensor& a, const Tenso
 inline void add_into(Tensor out, const Tensor& a, const Tensor& b) { at::add_out(out, a, b); }
 
 template <typename S> S* ptr(const Tensor& t) { return t.defined() ? t.data_ptr<S>() : nullptr; }
+
+// f(scalar{}) for the tensor's dtype: float32 or float64.
+template <typename F>
+std::vector<Tensor> dispatch(at::ScalarType dtype, F&& f) {
+  if (dtype == at::kFloat) return f(float{});
+  TORCH_CHECK(dtype == at::kDouble, "native kernels take float32 or float64, got ", dtype);
+  return f(double{});
+}
+template <typename F>
+Tensor dispatch1(at::ScalarType dtype, F&& f) {
+  if (dtype == at::kFloat) return f(float{});
+  TORCH_CHECK(dtype == at::kDouble, "native kernels take float32 or float64, got ", dtype);
+  return f(double{});
+}
+
+#define LSTMKIT_DISPATCH(dtype, body) \
+  dispatch(dtype, [&](auto tag) { using scalar = decltype(tag); return body(); })
 
 // ==========================================================================================
 // LSTM
@@ -502,6 +520,39 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
     mm_into(dh_t, d_gates.narrow(0, off, bs), w_hh);
   }
   return {d_gates, dh, dc, d_h_rows};
+}
+
+// One LSTM step for the single-step API (no projection), inference only: the input and the
+// recurrent product are one product of [x | h] (B, I + H) with [W_ih | W_hh] packed once
+// (cached by the caller), on the calling thread: at batch 1 a step is a few microseconds, less
+// than waking a second thread.
+Tensor lstm_pack_cell_py(Tensor w_ih, Tensor w_hh) {
+  const i64 H = w_hh.size(0) / 4, I = w_ih.size(1), K = I + w_hh.size(1);
+  Tensor w = at::cat({w_ih, w_hh}, 1).contiguous();           // (4H, I + H)
+  return dispatch1(w.scalar_type(), [&](auto tag) {
+    using S = decltype(tag);
+    return pack<S>(w, 4, H, K, H * K, K, 1);
+  });
+}
+
+template <typename S>
+std::vector<Tensor> lstm_cell(const Tensor& x, const Tensor& h, const Tensor& c,
+                              const Tensor& packed, const Tensor& bias) {
+  constexpr int L = Vec<S>::L;
+  const i64 B = x.size(0), I = x.size(1), H = c.size(1), K = I + h.size(1);
+  Tensor z = at::cat({x, h}, 1).contiguous();
+  Tensor h_new = at::empty({B, H}, x.options()), c_new = c.clone();
+  Tensor base = bias.defined() ? bias.expand({B, 4 * H}).contiguous()
+                               : at::zeros({B, 4 * H}, x.options());
+  LSTMForwardGates<S> gate_math{ptr<S>(base), ptr<S>(c_new), nullptr, nullptr, H};
+  S* hp = ptr<S>(h_new);
+  FlushDenormals ftz;
+  rows_times_blocks<S, 4>(ptr<S>(z), K, K, ptr<S>(packed), B, 0, (H + L - 1) / L,
+                          [&](i64 b, i64 jb, const V<S>* acc) {
+    i64 j = jb * L;
+    store(hp + b * H + j, gate_math(b, b, jb, acc), (int)std::min<i64>(L, H - j));
+  });
+  return {h_new, c_new};
 }
 
 // ==========================================================================================
@@ -922,15 +973,6 @@ void check(const Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-// f(scalar{}) for the tensor's dtype: float32 or float64.
-template <typename F>
-std::vector<Tensor> dispatch(at::ScalarType dtype, F&& f) {
-  if (dtype == at::kFloat) return f(float{});
-  TORCH_CHECK(dtype == at::kDouble, "native kernels take float32 or float64, got ", dtype);
-  return f(double{});
-}
-#define LSTMKIT_DISPATCH(dtype, body) \
-  dispatch(dtype, [&](auto tag) { using scalar = decltype(tag); return body(); })
 
 std::vector<Tensor> lstm_forward_py(Tensor xproj, Tensor h0, Tensor c0, Tensor w_hh,
                                     c10::optional<Tensor> w_hr, std::vector<i64> batch_sizes,
@@ -951,6 +993,13 @@ std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Ten
   return LSTMKIT_DISPATCH(gates.scalar_type(), [&] {
     return lstm_backward<scalar>(d_out, d_hT, d_cT, c0, w_hh, w_hr, gates, cells, st, fused);
   });
+}
+
+std::vector<Tensor> lstm_cell_py(Tensor x, Tensor h, Tensor c, Tensor packed,
+                                 c10::optional<Tensor> bias) {
+  for (auto* t : {&x, &h, &c, &packed}) check(*t, "tensor");
+  Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
+  return LSTMKIT_DISPATCH(x.scalar_type(), [&] { return lstm_cell<scalar>(x, h, c, packed, b); });
 }
 
 std::vector<Tensor> rnn_forward_py(Tensor xproj, Tensor h0, Tensor w_hh,
@@ -1022,6 +1071,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lstmkit native CPU recurrences (see _native.cpp)";
   m.def("lstm_forward", &lstm_forward_py);
   m.def("lstm_backward", &lstm_backward_py);
+  m.def("lstm_pack_cell", &lstm_pack_cell_py);
+  m.def("lstm_cell", &lstm_cell_py);
   m.def("gru_forward", &gru_forward_py);
   m.def("gru_backward", &gru_backward_py);
   m.def("rnn_forward", &rnn_forward_py);

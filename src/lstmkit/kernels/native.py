@@ -23,6 +23,7 @@ import os
 import platform
 import threading
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -121,6 +122,37 @@ def _contiguous(tensors):
     return [None if t is None else t.contiguous() for t in tensors]
 
 
+# Single-step weights packed for `lstm_cell`, per (w_ih, w_hh, b_ih, b_hh): an entry is used only
+# while every tensor is alive and unchanged (autograd's version counter counts in-place updates,
+# such as an optimizer step or load_state_dict), and dropped when a tensor is freed.
+_cell_cache: dict = {}
+
+
+def _packed_cell(w_ih, w_hh, b_ih, b_hh):
+    tensors = (w_ih, w_hh, b_ih, b_hh)
+    key = tuple(id(t) for t in tensors)
+    versions = tuple(None if t is None else t._version for t in tensors)
+    entry = _cell_cache.get(key)
+    if entry is not None:
+        refs, cached_versions, packed, bias = entry
+        if cached_versions == versions and all(
+                (r is None and t is None) or (r is not None and r() is t)
+                for r, t in zip(refs, tensors, strict=True)):
+            return packed, bias
+    with torch.no_grad():
+        packed = module().lstm_pack_cell(w_ih.contiguous(), w_hh.contiguous())
+        bias = None
+        if b_ih is not None or b_hh is not None:
+            bias = sum(b for b in (b_ih, b_hh) if b is not None).contiguous()
+
+    def forget(_, key=key):
+        _cell_cache.pop(key, None)
+
+    refs = tuple(None if t is None else weakref.ref(t, forget) for t in tensors)
+    _cell_cache[key] = (refs, versions, packed, bias)
+    return packed, bias
+
+
 def _fused(layout, projected: bool = False) -> bool:
     return layout.batch <= FUSED_MAX_BATCH and not projected
 
@@ -166,6 +198,12 @@ class NativeLSTMFunction(_NativeFunction):
 
     @staticmethod
     def _infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse):
+        if layout.steps == 1 and w_hr is None and x.dtype in NATIVE_DTYPES:
+            # The single-step API (LSTMCell): one product of [x | h] with cached packed weights.
+            packed, bias = _packed_cell(w_ih, w_hh, b_ih, b_hh)
+            h_1, c_1 = module().lstm_cell(x.contiguous(), h0.contiguous(), c0.contiguous(),
+                                          packed, bias)
+            return h_1, h_1, c_1
         originals = (x, h0, c0)
         args = upcast((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), compute_dtype(x.dtype))
         out, h_T, c_T, _, _ = NativeLSTMFunction._run(*args, layout, reverse, False)

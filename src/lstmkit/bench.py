@@ -1,0 +1,280 @@
+"""Speed of lstmkit against torch.nn, same weights, same process, interleaved.
+
+Each point builds an lstmkit module and the torch.nn module of the same family with the same
+weights, then alternates between them: warm-up calls, then `repeats` timed calls of each, and
+reports the median. "forward" is inference under `torch.no_grad()`; "train" is one forward and
+backward pass (the gradients of the input and every parameter). Throughput is given as GFLOP/s
+of the matrix products (the gate math is not counted) and as a fraction of this machine's own
+matrix-multiply rate, measured here with torch.mm on square matrices.
+
+    >>> from lstmkit import bench
+    >>> results = bench.run(bench.grid("quick"), repeats=3)      # doctest: +SKIP
+
+`streaming()` times the single-step API called from Python once per step (batch 1), against
+torch.nn.LSTMCell called the same way.
+"""
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+FAMILIES = ("LSTM", "GRU")
+MODES = ("forward", "train")
+GATES = {"LSTM": 4, "GRU": 3}
+
+
+@dataclass(frozen=True)
+class Point:
+    """One benchmark configuration. Shapes: input (steps, batch, input_size)."""
+
+    family: str = "LSTM"
+    mode: str = "forward"
+    batch: int = 8
+    hidden: int = 256
+    input_size: int = 64
+    steps: int = 100
+    layers: int = 1
+    bidirectional: bool = False
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        for name in ("batch", "hidden", "input_size", "steps", "layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+    @property
+    def target_class(self) -> str:
+        """The issue's target classes: small, medium, large, or "-" for points between them."""
+        if self.batch <= 8 and self.hidden <= 256:
+            return "small"
+        if 32 <= self.batch <= 64 and 128 <= self.hidden <= 512:
+            return "medium"
+        if self.batch >= 128 and self.hidden >= 1024:
+            return "large"
+        return "-"
+
+    def flops(self) -> float:
+        """Multiply-adds x 2 of the matrix products; training counts forward + 2x backward."""
+        G, H, D = GATES[self.family], self.hidden, 2 if self.bidirectional else 1
+        total = 0.0
+        for layer in range(self.layers):
+            inputs = self.input_size if layer == 0 else D * H
+            total += D * 2.0 * self.steps * self.batch * G * H * (inputs + H)
+        return total * (3 if self.mode == "train" else 1)
+
+
+TARGET_RATIO = {"small": 2.0, "medium": 1.3, "large": 1.0}
+LARGE_MATMUL_FRACTION = 0.85
+
+
+def grid(name: str = "quick", families=FAMILIES, modes=MODES) -> list[Point]:
+    """Named grids. "quick" (~2 minutes on 2 cores): one or two points per target class.
+
+    "full": batch 1-128 x hidden 64-1024 at length 100, plus length 1000, two layers and
+    bidirectional points."""
+    if name == "quick":
+        shapes = [(1, 64, 100), (1, 256, 100), (8, 256, 100), (32, 256, 100), (64, 512, 100),
+                  (128, 1024, 20)]
+        extra = []
+    elif name == "full":
+        shapes = [(b, h, 100) for b in (1, 8, 32, 64, 128) for h in (64, 128, 256, 512, 1024)]
+        extra = [dict(batch=8, hidden=256, steps=1000), dict(batch=1, hidden=128, steps=1000),
+                 dict(batch=32, hidden=256, steps=100, layers=2),
+                 dict(batch=32, hidden=256, steps=100, bidirectional=True),
+                 dict(batch=8, hidden=128, steps=100, layers=2, bidirectional=True)]
+    else:
+        raise ValueError(f"grid must be 'quick' or 'full', got {name!r}")
+    points = []
+    for family in families:
+        for mode in modes:
+            points += [Point(family, mode, b, h, 64, t) for b, h, t in shapes]
+            points += [Point(family, mode, input_size=64, **e) for e in extra]
+    return points
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")),
+                       cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn, device, repeats):
+    times = []
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        fn()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_rate(dtype=torch.float32, device="cpu", size=2048, repeats=5) -> float:
+    """This machine's matrix-multiply rate in GFLOP/s: median of torch.mm on size x size."""
+    device = torch.device(device)
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    torch.mm(a, b)
+    seconds = _median_time(lambda: torch.mm(a, b), device, repeats)
+    return 2.0 * size ** 3 / seconds / 1e9
+
+
+def _modules(point: Point, dtype, device):
+    import lstmkit
+
+    options = dict(num_layers=point.layers, bidirectional=point.bidirectional, dtype=dtype,
+                   device=device)
+    ours = getattr(lstmkit, point.family)(point.input_size, point.hidden, **options)
+    theirs = getattr(torch.nn, point.family)(point.input_size, point.hidden, **options)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def _runner(module, x, mode):
+    if mode == "forward":
+        def forward():
+            with torch.no_grad():
+                module(x)
+        return forward
+
+    def train():
+        for p in module.parameters():
+            p.grad = None
+        x.grad = None
+        out, _ = module(x)
+        out.sum().backward()
+    return train
+
+
+def time_point(point: Point, dtype=torch.float32, device="cpu", repeats=5, warmup=1) -> dict:
+    """Median seconds of lstmkit and torch.nn at one point, measured alternately."""
+    device = torch.device(device)
+    torch.manual_seed(0)
+    ours, theirs = _modules(point, dtype, device)
+    x = torch.randn(point.steps, point.batch, point.input_size, dtype=dtype, device=device,
+                    requires_grad=point.mode == "train")
+    run_ours, run_theirs = _runner(ours, x, point.mode), _runner(theirs, x, point.mode)
+    for _ in range(warmup):
+        run_ours()
+        run_theirs()
+    ours_times, theirs_times = [], []
+    for _ in range(repeats):                      # interleaved: drift hits both alike
+        ours_times.append(_median_time(run_ours, device, 1))
+        theirs_times.append(_median_time(run_theirs, device, 1))
+    return {"lstmkit_s": statistics.median(ours_times), "torch_s": statistics.median(theirs_times)}
+
+
+def run(points, dtype=torch.float32, device="cpu", repeats=5, warmup=1, rate=None,
+        progress=None) -> dict:
+    """Time every point; returns {"machine", "matmul_gflops", "points": [...]}."""
+    rate = rate or matmul_rate(dtype, device)
+    rows = []
+    for point in points:
+        timing = time_point(point, dtype, device, repeats, warmup)
+        gflop = point.flops() / 1e9
+        row = {**asdict(point), "target_class": point.target_class,
+               "lstmkit_ms": timing["lstmkit_s"] * 1e3, "torch_ms": timing["torch_s"] * 1e3,
+               "lstmkit_gflops": gflop / timing["lstmkit_s"],
+               "torch_gflops": gflop / timing["torch_s"],
+               "speedup": timing["torch_s"] / timing["lstmkit_s"]}
+        row["lstmkit_matmul_fraction"] = row["lstmkit_gflops"] / rate
+        row["target_met"] = target_met(row)
+        rows.append(row)
+        if progress:
+            progress(row)
+    return {"machine": machine(), "dtype": str(dtype).replace("torch.", ""),
+            "device": str(device), "matmul_gflops": rate, "points": rows}
+
+
+def target_met(row: dict):
+    """True/False against the issue's target for the row's class; None outside the classes."""
+    target = TARGET_RATIO.get(row["target_class"])
+    if target is None:
+        return None
+    met = row["speedup"] >= target
+    if row["target_class"] == "large":
+        met = met and row["lstmkit_matmul_fraction"] >= LARGE_MATMUL_FRACTION
+    return met
+
+
+def streaming(hidden=256, input_size=256, steps=2000, repeats=5, dtype=torch.float32,
+              device="cpu") -> dict:
+    """Batch-1 streaming: one cell call from Python per step, no autograd, microseconds per step.
+
+    lstmkit.LSTMCell against torch.nn.LSTMCell with the same weights, timed alternately."""
+    import lstmkit
+
+    device = torch.device(device)
+    torch.manual_seed(0)
+    ours = lstmkit.LSTMCell(input_size, hidden, dtype=dtype, device=device)
+    theirs = torch.nn.LSTMCell(input_size, hidden, dtype=dtype, device=device)
+    theirs.load_state_dict(ours.state_dict())
+    xs = torch.randn(steps, 1, input_size, dtype=dtype, device=device)
+
+    def loop(cell):
+        def go():
+            h = torch.zeros(1, hidden, dtype=dtype, device=device)
+            state = (h, h)
+            with torch.no_grad():
+                for x in xs:
+                    state = cell(x, state)
+        return go
+
+    run_ours, run_theirs = loop(ours), loop(theirs)
+    run_ours()
+    run_theirs()
+    ours_times, theirs_times = [], []
+    for _ in range(repeats):
+        ours_times.append(_median_time(run_ours, device, 1))
+        theirs_times.append(_median_time(run_theirs, device, 1))
+    ours_us = statistics.median(ours_times) / steps * 1e6
+    theirs_us = statistics.median(theirs_times) / steps * 1e6
+    return {"hidden": hidden, "input_size": input_size, "steps": steps,
+            "lstmkit_us_per_step": ours_us, "torch_us_per_step": theirs_us,
+            "speedup": theirs_us / ours_us, "target_met": theirs_us / ours_us >= 2.0}
+
+
+HEADER = (f"{'family':6} {'mode':7} {'B':>4} {'H':>5} {'I':>4} {'T':>5} {'L':>2} {'D':>2} "
+          f"{'lstmkit ms':>11} {'torch ms':>10} {'GFLOP/s':>8} {'of mm':>6} {'speedup':>8} "
+          f"{'class':>7} {'target':>7}")
+
+
+def format_row(row: dict) -> str:
+    met = {True: "met", False: "MISSED", None: ""}[row["target_met"]]
+    return (f"{row['family']:6} {row['mode']:7} {row['batch']:>4} {row['hidden']:>5} "
+            f"{row['input_size']:>4} {row['steps']:>5} {row['layers']:>2} "
+            f"{2 if row['bidirectional'] else 1:>2} {row['lstmkit_ms']:>11.2f} "
+            f"{row['torch_ms']:>10.2f} {row['lstmkit_gflops']:>8.1f} "
+            f"{row['lstmkit_matmul_fraction']:>6.0%} {row['speedup']:>7.2f}x "
+            f"{row['target_class']:>7} {met:>7}")
+
+
+def write_json(results: dict, path) -> None:
+    """Write the results to `path` atomically (a temporary file in the same folder, then rename)."""
+    path = os.fspath(path)
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "w") as f:
+        json.dump(results, f, indent=1)
+        f.write("\n")
+    os.replace(temporary, path)

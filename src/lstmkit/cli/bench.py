@@ -1,0 +1,117 @@
+"""`lstmkit bench`: lstmkit against torch.nn on a grid of shapes, same weights, interleaved.
+
+Prints one line per point (milliseconds, GFLOP/s of the matrix products, the fraction of this
+machine's matrix-multiply rate, the speedup over torch.nn and the issue's target for the
+point's size class), then the batch-1 streaming comparison of the single-step API, and writes
+everything to a JSON file.
+"""
+
+import argparse
+
+import torch
+
+from ._errors import UsageError
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+
+
+def _int_list(text):
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def register(subparsers):
+    parser = subparsers.add_parser(
+        "bench", help="time lstmkit against torch.nn (LSTM, GRU) on a grid of shapes",
+        description=__doc__.splitlines()[0],
+        epilog="Shape options (--batch, --hidden, ...) replace the named grid by their product. "
+               "Example: lstmkit bench --family LSTM --mode train --batch 8 --hidden 256")
+    parser.add_argument("--grid", choices=("quick", "full"), default="quick",
+                        help="named grid: quick (~2 min on 2 cores) or full (default quick)")
+    parser.add_argument("--family", choices=("LSTM", "GRU"), action="append",
+                        help="only this family (repeatable; default both)")
+    parser.add_argument("--mode", choices=("forward", "train"), action="append",
+                        help="forward (no_grad inference) or train (forward + backward); "
+                             "repeatable, default both")
+    parser.add_argument("--batch", type=_int_list, help="batch sizes, e.g. 1,8,32")
+    parser.add_argument("--hidden", type=_int_list, help="hidden sizes, e.g. 64,256,1024")
+    parser.add_argument("--input-size", type=_int_list, help="input sizes (default 64)")
+    parser.add_argument("--steps", type=_int_list, help="sequence lengths (default 100)")
+    parser.add_argument("--layers", type=_int_list, help="numbers of layers (default 1)")
+    parser.add_argument("--bidirectional", action="store_true", help="bidirectional modules")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                        help="element type (default float32)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch.set_num_threads for both sides (default 2)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per point (median)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per point first")
+    parser.add_argument("--streaming-steps", type=int, default=2000,
+                        help="steps of the batch-1 single-step comparison; 0 skips it")
+    parser.add_argument("--streaming-hidden", type=int, default=256,
+                        help="hidden (and input) size of the streaming comparison (default 256)")
+    parser.add_argument("--json", default="bench.json", help="results file (default bench.json)")
+    parser.set_defaults(run=run)
+
+
+def _points(args):
+    from .. import bench
+
+    families = tuple(args.family or bench.FAMILIES)
+    modes = tuple(args.mode or bench.MODES)
+    shape_options = (args.batch, args.hidden, args.input_size, args.steps, args.layers)
+    if not any(shape_options) and not args.bidirectional:
+        return bench.grid(args.grid, families, modes)
+    points = []
+    for family in families:
+        for mode in modes:
+            for batch in args.batch or [8]:
+                for hidden in args.hidden or [256]:
+                    for input_size in args.input_size or [64]:
+                        for steps in args.steps or [100]:
+                            for layers in args.layers or [1]:
+                                points.append(bench.Point(family, mode, batch, hidden, input_size,
+                                                          steps, layers, args.bidirectional))
+    return points
+
+
+def run(args) -> int:
+    from .. import bench
+
+    for name in ("threads", "repeats", "warmup"):
+        if getattr(args, name) < (0 if name == "warmup" else 1):
+            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.streaming_steps < 0 or args.streaming_hidden < 1:
+        raise UsageError("--streaming-steps must be >= 0 and --streaming-hidden >= 1")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+    torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    points = _points(args)
+    rate = bench.matmul_rate(dtype, device)
+    info = bench.machine()
+    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} "
+          f"({args.threads} threads), {args.dtype} on {device}; "
+          f"matmul rate {rate:.1f} GFLOP/s")
+    print(bench.HEADER, flush=True)
+    results = bench.run(points, dtype, device, args.repeats, args.warmup, rate,
+                        progress=lambda row: print(bench.format_row(row), flush=True))
+    if args.streaming_steps:
+        stream = bench.streaming(args.streaming_hidden, args.streaming_hidden,
+                                 args.streaming_steps, args.repeats, dtype, device)
+        results["streaming"] = stream
+        print(f"streaming batch 1, hidden {stream['hidden']}: lstmkit.LSTMCell "
+              f"{stream['lstmkit_us_per_step']:.1f} us/step, torch.nn.LSTMCell "
+              f"{stream['torch_us_per_step']:.1f} us/step, speedup {stream['speedup']:.2f}x "
+              f"(target 2x: {'met' if stream['target_met'] else 'MISSED'})")
+    bench.write_json(results, args.json)
+    print(f"wrote {args.json}")
+    return 0
