@@ -6,6 +6,7 @@ GRU reset-before, large batches), chosen here by moving `FUSED_MAX_BATCH`.
 """
 
 import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -20,7 +21,8 @@ FAMILIES = ("lstm", "lstm_proj", "lstm_nobias", "gru", "gru_reset_before", "rnn_
 # (T, B, I, H): T=1, batch 1, odd sizes, H=127 (a partial SIMD block), a long sequence, and a
 # batch above the fused driver's limit when that is the default.
 SHAPES = [(1, 1, 2, 1), (5, 3, 4, 3), (4, 2, 3, 127), (300, 2, 3, 5), (6, 20, 5, 9)]
-# float32 against the float64 reference: relative to the largest magnitude of each result.
+# Relative to the largest magnitude of each result (float32 is compared with the float64
+# reference, so its tolerance is float32's rounding over a few hundred steps).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
@@ -78,7 +80,7 @@ def native_layer(family, x, states, w, layout, reverse):
 
 def assert_close(name, actual, expected, dtype):
     expected = np.asarray(expected)
-    scale = 1.0 if dtype == torch.float64 else max(1.0, np.abs(expected).max())
+    scale = max(1.0, np.abs(expected).max())       # relu RNNs over 300 steps grow large
     error = np.abs(actual.detach().double().numpy() - expected).max() / scale
     assert error <= TOLERANCE[dtype], f"{name}: error {error:.2e} > {TOLERANCE[dtype]:.0e}"
 
@@ -94,7 +96,7 @@ REFERENCE_CASES = [pytest.param(family, shape, id="{}-T{}-B{}-I{}-H{}".format(fa
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_matches_reference(family, shape, reverse, dtype, driver):
     T, B, I, H = shape
-    rng = np.random.default_rng(hash((family, shape, reverse)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr((family, shape, reverse)).encode()))
     w, P = make_weights(family, I, H, rng)
     x = rng.standard_normal((T, B, I))
     sizes = (P, H) if family.startswith("lstm") else (H,)
