@@ -31,10 +31,16 @@ def native_built():
     assert native.available(), f"native kernels did not build: {native.unavailable_reason()}"
 
 
-@pytest.fixture(params=["fused", "generic"])
+@pytest.fixture(params=["fused", "fused-chunked", "generic"])
 def driver(request, monkeypatch):
-    monkeypatch.setattr(native, "FUSED_MAX_BATCH", 10**9 if request.param == "fused" else 0)
-    return request.param
+    monkeypatch.setattr(native, "FUSED_MAX_BATCH", 0 if request.param == "generic" else 10**9)
+    # "chunked": the contraction split into chunks of 4, as large matrices are split to stay
+    # in the L2 cache, so the running sums between chunks are checked on small shapes too.
+    previous = native.module().set_chunk_bytes(1)
+    if request.param != "fused-chunked":
+        native.module().set_chunk_bytes(previous)
+    yield request.param
+    native.module().set_chunk_bytes(previous)
 
 
 def make_weights(family, I, H, rng):
