@@ -317,8 +317,8 @@ template <typename S>
 struct Chunking {
   Tensor sums;
   i64 J, kc;
-  Chunking(i64 B, i64 J_, i64 ng, i64 K, i64 workers, const at::TensorOptions& options)
-      : J(J_), kc(chunk_size<S>(K, (J_ + workers - 1) / workers, ng)) {
+  Chunking(i64 B, i64 J_, i64 ng, i64 K, const at::TensorOptions& options)
+      : J(J_), kc(chunk_size<S>(K, std::min<i64>(2, J_), ng)) {
     if (kc < K) sums = at::empty({B * J * ng * Vec<S>::L}, options);
   }
   S* partial() const { return sums.defined() ? sums.data_ptr<S>() : nullptr; }
@@ -346,29 +346,61 @@ inline void rows_times_blocks(const S* z, i64 zs, i64 K, const S* packed, i64 ro
 
 // ---- workers that stay together for a whole sequence -------------------------------------
 
-struct alignas(64) Progress { std::atomic<i64> done{0}; char pad[64 - sizeof(std::atomic<i64>)]; };
 
 inline void relax(int& spins) {
 #ifdef LSTMKIT_X86
   _mm_pause();
 #endif
-  if (++spins > 64) std::this_thread::yield();   // a descheduled partner: give the core away
+  if (++spins > 200) std::this_thread::yield();  // a descheduled partner: give the core away
 }
 
-// Run step(w, s) for s = 0..steps-1 and every worker w in [0, workers); step s + 1 starts only
-// when every worker has finished step s. A thread that was given several workers runs them in
-// turn before it waits, so any mapping of workers to threads (including one thread) is safe.
+// Split J unit blocks among the workers: worker w's own blocks are [first(w), first(w + 1)).
+struct Split {
+  i64 J, workers;
+  i64 first(i64 w) const { return J * w / workers; }
+};
+
+struct alignas(64) Counter { std::atomic<i64> value{0}; char pad[64 - sizeof(std::atomic<i64>)]; };
+
+// Run step(s, jb0, jb1) over all J unit blocks for s = 0..steps-1; step s + 1 starts when every
+// block of step s is done. Each worker works through its own blocks first (so its share of the
+// packed weights stays in its core's cache from step to step); a worker that has waited a few
+// microseconds for the others takes their unclaimed blocks, so a thread the OS has descheduled
+// (a busy machine) delays a step by one block at most, not by a time slice. Any mapping of
+// workers to threads works, including all of them on one thread.
 template <typename Step>
-void run_steps(i64 workers, i64 steps, Step&& step) {
-  std::vector<Progress> progress(workers);
+void run_steps(i64 workers, i64 J, i64 steps, Step&& step) {
+  constexpr i64 G = 2;                  // blocks per claim (one-gate products pair blocks up)
+  const i64 pieces = (J + G - 1) / G;
+  Split split{pieces, workers};
+  std::vector<Counter> next(workers);   // blocks claimed so far, counted over all steps
+  Counter done;                         // blocks finished so far, over all steps
+  auto own = [&](i64 w) { return split.first(w + 1) - split.first(w); };
+  // Claim one piece (G blocks) of worker w's share in step s; -1 when none is left.
+  auto claim = [&](i64 w, i64 s) -> i64 {
+    const i64 n = own(w);
+    i64 current = next[w].value.load(std::memory_order_relaxed);
+    while (current < (s + 1) * n) {
+      if (next[w].value.compare_exchange_weak(current, current + 1, std::memory_order_relaxed))
+        return split.first(w) + current - s * n;
+    }
+    return -1;
+  };
+  auto drain = [&](i64 w, i64 s) {
+    for (i64 piece = claim(w, s); piece >= 0; piece = claim(w, s)) {
+      step(s, piece * G, std::min(J, piece * G + G));
+      done.value.fetch_add(1, std::memory_order_release);
+    }
+  };
   auto body = [&](i64 w0, i64 w1) {
     FlushDenormals ftz;
     for (i64 s = 0; s < steps; ++s) {
-      for (i64 w = w0; w < w1; ++w) step(w, s);
-      for (i64 w = w0; w < w1; ++w) progress[w].done.store(s + 1, std::memory_order_release);
-      for (i64 v = 0; v < workers; ++v) {
-        int spins = 0;
-        while (progress[v].done.load(std::memory_order_acquire) < s + 1) relax(spins);
+      for (i64 w = w0; w < w1; ++w) drain(w, s);
+      int spins = 0;
+      while (done.value.load(std::memory_order_acquire) < (s + 1) * pieces) {
+        if (spins > 100)
+          for (i64 w = 0; w < workers; ++w) drain(w, s);
+        relax(spins);
       }
     }
   };
@@ -378,12 +410,6 @@ void run_steps(i64 workers, i64 steps, Step&& step) {
     at::parallel_for(0, workers, 1, body);
   }
 }
-
-// Split J unit blocks among the workers: worker w owns [first(w), first(w + 1)).
-struct Split {
-  i64 J, workers;
-  i64 first(i64 w) const { return J * w / workers; }
-};
 
 i64 worker_count(i64 J, i64 flops_per_step) {
   if (flops_per_step < 20000) return 1;                   // too little work to share a step
@@ -481,13 +507,11 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& h0, const Te
     S* hb = ptr<S>(hbuf);
     const S* wp = ptr<S>(packed);
     i64 workers = worker_count(J, 8 * B * H * P);
-    Split split{J, workers};
-    Chunking<S> chunks(B, J, 4, P, workers, xproj.options());
-    run_steps(workers, st.count(), [&](i64 w, i64 s) {
+    Chunking<S> chunks(B, J, 4, P, xproj.options());
+    run_steps(workers, J, st.count(), [&](i64 s, i64 jb0, i64 jb1) {
       i64 t = st.order[s], bs = st.size[t], off = st.offset[t];
       const S* h_read = hb + (s % 2) * B * P;
       S* h_write = hb + ((s + 1) % 2) * B * P;
-      i64 jb0 = split.first(w), jb1 = split.first(w + 1);
       rows_times_blocks<S, 4>(h_read, P, P, wp, bs, jb0, jb1,
                               &chunks, [&](i64 b, i64 jb, const V<S>* acc) {
         i64 j = jb * L;
@@ -583,13 +607,11 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
     Tensor packed = pack<S>(w_hh, 1, H, 4 * H, 0, 1, H);
     const S* wp = ptr<S>(packed);
     i64 workers = worker_count(J, 8 * B * H * P);
-    Split split{J, workers};
-    Chunking<S> chunks(B, J, 1, 4 * H, workers, gates.options());
+    Chunking<S> chunks(B, J, 1, 4 * H, gates.options());
     const i64 S_ = st.count();
     // Step s: first the product for the step done at s - 1 (its da is complete: all workers
     // passed the barrier), then the gate math of step s for this worker's units.
-    run_steps(workers, S_ + 1, [&](i64 w, i64 s) {
-      i64 jb0 = split.first(w), jb1 = split.first(w + 1);
+    run_steps(workers, J, S_ + 1, [&](i64 s, i64 jb0, i64 jb1) {
       if (s > 0) {
         i64 tp = st.order[S_ - s];
         const S* da = ptr<S>(d_gates) + st.offset[tp] * 4 * H;
@@ -694,13 +716,11 @@ std::vector<Tensor> rnn_forward(const Tensor& xproj, const Tensor& h0, const Ten
     S* hb = ptr<S>(hbuf);
     const S* wp = ptr<S>(packed);
     i64 workers = worker_count(J, 2 * B * H * H);
-    Split split{J, workers};
-    Chunking<S> chunks(B, J, 1, H, workers, xproj.options());
-    run_steps(workers, st.count(), [&](i64 w, i64 s) {
+    Chunking<S> chunks(B, J, 1, H, xproj.options());
+    run_steps(workers, J, st.count(), [&](i64 s, i64 jb0, i64 jb1) {
       i64 t = st.order[s], bs = st.size[t], off = st.offset[t];
       const S* h_read = hb + (s % 2) * B * H;
       S* h_write = hb + ((s + 1) % 2) * B * H;
-      i64 jb0 = split.first(w), jb1 = split.first(w + 1);
       rows_times_blocks<S, 1>(h_read, H, H, wp, bs, jb0, jb1,
                               &chunks, [&](i64 b, i64 jb, const V<S>* acc) {
         i64 j = jb * L;
@@ -762,11 +782,9 @@ std::vector<Tensor> rnn_backward(const Tensor& d_out, const Tensor& d_hT, const 
     Tensor packed = pack<S>(w_hh, 1, H, H, 0, 1, H);
     const S* wp = ptr<S>(packed);
     i64 workers = worker_count(J, 2 * B * H * H);
-    Split split{J, workers};
-    Chunking<S> chunks(B, J, 1, H, workers, out.options());
+    Chunking<S> chunks(B, J, 1, H, out.options());
     const i64 S_ = st.count();
-    run_steps(workers, S_ + 1, [&](i64 w, i64 s) {
-      i64 jb0 = split.first(w), jb1 = split.first(w + 1);
+    run_steps(workers, J, S_ + 1, [&](i64 s, i64 jb0, i64 jb1) {
       if (s > 0) {
         i64 tp = st.order[S_ - s];
         rows_times_blocks<S, 1>(dp + st.offset[tp] * H, H, H, wp, st.size[tp], jb0, jb1,
@@ -852,13 +870,11 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& h0, const Tensor
       S* hb = ptr<S>(hbuf);
       const S* wp = ptr<S>(packed);
       i64 workers = worker_count(J, 6 * B * H * H);
-      Split split{J, workers};
-      Chunking<S> chunks(B, J, 3, H, workers, gi.options());
-      run_steps(workers, st.count(), [&](i64 w, i64 s) {
+      Chunking<S> chunks(B, J, 3, H, gi.options());
+      run_steps(workers, J, st.count(), [&](i64 s, i64 jb0, i64 jb1) {
         i64 t = st.order[s], bs = st.size[t], off = st.offset[t];
         const S* h_read = hb + (s % 2) * B * H;
         S* h_write = hb + ((s + 1) % 2) * B * H;
-        i64 jb0 = split.first(w), jb1 = split.first(w + 1);
         rows_times_blocks<S, 3>(h_read, H, H, wp, bs, jb0, jb1,
                                 &chunks, [&](i64 b, i64 jb, const V<S>* acc) {
           i64 j = jb * L;
@@ -999,11 +1015,9 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
       Tensor packed = pack<S>(w_hh, 1, H, 3 * H, 0, 1, H);
       const S* wp = ptr<S>(packed);
       i64 workers = worker_count(J, 6 * B * H * H);
-      Split split{J, workers};
-      Chunking<S> chunks(B, J, 1, 3 * H, workers, out.options());
+      Chunking<S> chunks(B, J, 1, 3 * H, out.options());
       const i64 S_ = st.count();
-      run_steps(workers, S_ + 1, [&](i64 w, i64 s) {
-        i64 jb0 = split.first(w), jb1 = split.first(w + 1);
+      run_steps(workers, J, S_ + 1, [&](i64 s, i64 jb0, i64 jb1) {
         if (s > 0) {
           i64 tp = st.order[S_ - s];
           rows_times_blocks<S, 1>(ptr<S>(d_gh) + st.offset[tp] * 3 * H, 3 * H, 3 * H, wp,
