@@ -38,9 +38,12 @@ _SOURCE = Path(__file__).with_name("_native.cpp")
 NATIVE_DTYPES = (torch.float32, torch.float64)
 
 # Largest batch for which the fused driver (own register-blocked product, the recurrent matrix
-# split across the cores for the whole sequence) runs; beyond it each step's product goes to
-# torch's matrix multiply (MKL/oneDNN), which blocks for cache better at large sizes.
-FUSED_MAX_BATCH = 16
+# split across the cores for the whole sequence, one synchronisation per step) runs; beyond it
+# each step's product goes to torch's matrix multiply. On the 2-core benchmark machine the fused
+# driver beat the per-step torch.mm driver at every batch of the grid (1-128): torch.mm wakes
+# and joins its threads at every step, which costs more than its better cache blocking gains.
+# The per-step torch.mm driver also runs projection (proj_size) and GRU reset-before.
+FUSED_MAX_BATCH = 4096
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "module": None, "reason": None}
