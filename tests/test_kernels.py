@@ -7,7 +7,7 @@ Padded and packed layouts, both directions, odd sizes, T=1, batch 1, long sequen
 import numpy as np
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence, PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pack_sequence, pad_packed_sequence
 
 from conftest import assert_close
 from lstmkit import kernels, reference

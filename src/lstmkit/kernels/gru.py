@@ -21,8 +21,8 @@ Backward per step, dh including the output gradient:
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._precision import cast_like, cast_to, compute_dtype, dtypes_of, upcast
 from ._common import linear
+from ._precision import cast_like, cast_to, compute_dtype, dtypes_of, upcast
 from .layout import StepLayout
 
 

@@ -19,8 +19,8 @@ Then dW_ih = dA^T X, dW_hh = dA^T H_prev, db = sum dA, dX = dA W_ih, each one ma
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._precision import cast_like, cast_to, compute_dtype, dtypes_of, upcast
 from ._common import input_projection
+from ._precision import cast_like, cast_to, compute_dtype, dtypes_of, upcast
 from .layout import StepLayout
 
 

@@ -10,8 +10,8 @@ with act' taken from the saved output: 1 - h^2 for tanh, [h > 0] for relu.
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._precision import cast_like, cast_to, compute_dtype, dtypes_of, upcast
 from ._common import input_projection
+from ._precision import cast_like, cast_to, compute_dtype, dtypes_of, upcast
 from .layout import StepLayout
 
 NONLINEARITIES = ("tanh", "relu")
