@@ -27,6 +27,7 @@ import weakref
 from pathlib import Path
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import gru as _gru
 from . import lstm as _lstm
@@ -220,11 +221,11 @@ class NativeLSTMFunction(_NativeFunction):
             x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, True)
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, out, gates, cells)
         ctx.layout, ctx.reverse = layout, reverse
-        ctx.has_bias = (b_ih is not None, b_hh is not None)
         ctx.dtypes = dtypes_of(originals)
         return tuple(cast_like((out, h_T, c_T), originals[:3]))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, d_out, d_hT, d_cT):
         x, h0, c0, w_ih, w_hh, w_hr, out, gates, cells = ctx.saved_tensors
         layout, reverse, needs = ctx.layout, ctx.reverse, ctx.needs_input_grad
@@ -240,8 +241,8 @@ class NativeLSTMFunction(_NativeFunction):
             h_prev = module().previous_rows(out, h0.contiguous(), layout.batch_sizes, reverse)
             dw_hh = d_gates.t() @ h_prev
         db = d_gates.sum(0) if needs[5] or needs[6] else None
-        db_ih = db if ctx.has_bias[0] else None
-        db_hh = db.clone() if ctx.has_bias[1] else None      # never hand autograd one tensor twice
+        db_ih = db if needs[5] else None
+        db_hh = db.clone() if needs[6] else None      # never hand autograd one tensor twice
         dw_hr = None
         if w_hr is not None and needs[7]:
             H = cells.shape[1]
@@ -285,6 +286,7 @@ class NativeGRUFunction(_NativeFunction):
         return tuple(cast_like((out, h_T), (originals[0], originals[1])))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, d_out, d_hT):
         x, h0, w_ih, w_hh, out, stash = ctx.saved_tensors
         layout, reverse, needs = ctx.layout, ctx.reverse, ctx.needs_input_grad
@@ -344,11 +346,11 @@ class NativeRNNFunction(_NativeFunction):
                                           nonlinearity)
         ctx.save_for_backward(x, h0, w_ih, w_hh, out)
         ctx.layout, ctx.reverse, ctx.nonlinearity = layout, reverse, nonlinearity
-        ctx.has_bias = (b_ih is not None, b_hh is not None)
         ctx.dtypes = dtypes_of(originals)
         return tuple(cast_like((out, h_T), (originals[0], originals[1])))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, d_out, d_hT):
         x, h0, w_ih, w_hh, out = ctx.saved_tensors
         layout, reverse, needs = ctx.layout, ctx.reverse, ctx.needs_input_grad
@@ -363,8 +365,8 @@ class NativeRNNFunction(_NativeFunction):
             dw_hh = d_pre.t() @ module().previous_rows(out, h0.contiguous(), layout.batch_sizes,
                                                        reverse)
         db = d_pre.sum(0) if needs[4] or needs[5] else None
-        db_ih = db if ctx.has_bias[0] else None
-        db_hh = db.clone() if ctx.has_bias[1] else None
+        db_ih = db if needs[4] else None
+        db_hh = db.clone() if needs[5] else None
         grads = (dx, dh0, dw_ih, dw_hh, db_ih, db_hh)
         return (*cast_to(grads, ctx.dtypes), None, None, None)
 
