@@ -1174,6 +1174,32 @@ std::vector<Tensor> gru_backward_py(Tensor d_out, Tensor d_hT, Tensor h0, Tensor
   });
 }
 
+// out[i] (+)= a[i] @ b[i] for every i, all in one parallel region: each product is cut into
+// row slices, one per thread, and each slice is one single-threaded matrix multiply. For the
+// per-sequence products of a layer (input projection, dX, weight gradients) this replaces
+// several multi-threaded calls, each with its own fork and join of the thread team, by one.
+void products_py(std::vector<Tensor> outs, std::vector<Tensor> as, std::vector<Tensor> bs,
+                 std::vector<bool> accumulate) {
+  TORCH_CHECK(outs.size() == as.size() && as.size() == bs.size() &&
+              bs.size() == accumulate.size(), "products: lists of different lengths");
+  const i64 threads = std::max<i64>(1, at::get_num_threads());
+  const i64 tasks = (i64)outs.size() * threads;
+  at::parallel_for(0, tasks, 1, [&](i64 t0, i64 t1) {
+    for (i64 task = t0; task < t1; ++task) {
+      i64 i = task / threads, part = task % threads;
+      i64 M = outs[i].size(0), r0 = M * part / threads, r1 = M * (part + 1) / threads;
+      if (r1 <= r0) continue;
+      Tensor out = outs[i].narrow(0, r0, r1 - r0);
+      Tensor a = as[i].narrow(0, r0, r1 - r0);
+      if (accumulate[i]) {
+        at::addmm_out(out, out, a, bs[i]);
+      } else {
+        at::mm_out(out, a, bs[i]);
+      }
+    }
+  });
+}
+
 // For every row of `sequence` (N, F), the state its step started from (see layout.py).
 Tensor previous_rows_py(Tensor sequence, Tensor initial, std::vector<i64> batch_sizes,
                         bool reverse) {
@@ -1210,6 +1236,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rnn_forward", &rnn_forward_py);
   m.def("rnn_backward", &rnn_backward_py);
   m.def("previous_rows", &previous_rows_py);
+  m.def("products", &products_py);
   m.def("set_chunk_bytes", [](i64 bytes) {
     i64 old = chunk_bytes;
     chunk_bytes = bytes;

@@ -32,7 +32,6 @@ from torch.autograd.function import once_differentiable
 from . import gru as _gru
 from . import lstm as _lstm
 from . import rnn as _rnn
-from ._common import input_projection, linear
 from ._precision import cast_like, cast_to, compute_dtype, dtypes_of, upcast
 
 _SOURCE = Path(__file__).with_name("_native.cpp")
@@ -157,6 +156,24 @@ def _packed_cell(w_ih, w_hh, b_ih, b_hh):
     return packed, bias
 
 
+def _products(jobs):
+    """out (+)= a @ b for each (out, a, b, accumulate), in one parallel region (see products_py)."""
+    if jobs:
+        outs, lefts, rights, accumulate = zip(*jobs, strict=True)
+        module().products(list(outs), list(lefts), list(rights), list(accumulate))
+
+
+def _projection(x, w, *biases):
+    """x (N, K) W^T (G, K) + the sum of the given biases (G,): every step's input part."""
+    present = [b for b in biases if b is not None]
+    if present:
+        out = sum(present).expand(x.shape[0], w.shape[0]).contiguous()
+    else:
+        out = x.new_empty(x.shape[0], w.shape[0])
+    _products([(out, x, w.t(), bool(present))])
+    return out
+
+
 def _fused(layout, projected: bool = False) -> bool:
     return layout.batch <= FUSED_MAX_BATCH and not projected
 
@@ -195,7 +212,7 @@ class NativeLSTMFunction(_NativeFunction):
 
     @staticmethod
     def _run(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, save):
-        xproj = input_projection(x, w_ih, b_ih, b_hh).contiguous()
+        xproj = _projection(x, w_ih, b_ih, b_hh)
         h0, c0, w_hh, w_hr = _contiguous((h0, c0, w_hh, w_hr))
         return module().lstm_forward(xproj, h0, c0, w_hh, w_hr, layout.batch_sizes, reverse,
                                      save, _fused(layout, w_hr is not None))
@@ -234,19 +251,26 @@ class NativeLSTMFunction(_NativeFunction):
             d_out, d_hT, d_cT, c0.contiguous(), w_hh.contiguous(),
             None if w_hr is None else w_hr.contiguous(), gates, cells, layout.batch_sizes,
             reverse, _fused(layout, w_hr is not None))
-        dx = d_gates @ w_ih if needs[0] else None
-        dw_ih = d_gates.t() @ x if needs[3] else None
-        dw_hh = None
-        if needs[4]:
+        dx = x.new_empty(x.shape) if needs[0] else None
+        dw_ih = torch.empty_like(w_ih) if needs[3] else None
+        dw_hh = torch.empty_like(w_hh) if needs[4] else None
+        dw_hr = torch.empty_like(w_hr) if w_hr is not None and needs[7] else None
+        jobs = []
+        if dx is not None:
+            jobs.append((dx, d_gates, w_ih, False))
+        if dw_ih is not None:
+            jobs.append((dw_ih, d_gates.t(), x, False))
+        if dw_hh is not None:
             h_prev = module().previous_rows(out, h0.contiguous(), layout.batch_sizes, reverse)
-            dw_hh = d_gates.t() @ h_prev
+            jobs.append((dw_hh, d_gates.t(), h_prev, False))
+        if dw_hr is not None:
+            H = cells.shape[1]
+            m = gates[:, 3 * H:] * cells.tanh()                 # o tanh(c), the operand of W_hr
+            jobs.append((dw_hr, d_h_rows.t(), m, False))
+        _products(jobs)
         db = d_gates.sum(0) if needs[5] or needs[6] else None
         db_ih = db if needs[5] else None
         db_hh = db.clone() if needs[6] else None      # never hand autograd one tensor twice
-        dw_hr = None
-        if w_hr is not None and needs[7]:
-            H = cells.shape[1]
-            dw_hr = d_h_rows.t() @ (gates[:, 3 * H:] * cells.tanh())   # dh^T (o tanh(c))
         grads = (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr)
         return (*cast_to(grads, ctx.dtypes), None, None)
 
@@ -263,7 +287,7 @@ class NativeGRUFunction(_NativeFunction):
 
     @staticmethod
     def _run(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after, save):
-        gi = linear(x, w_ih, b_ih).contiguous()
+        gi = _projection(x, w_ih, b_ih)
         h0, w_hh, b_hh = _contiguous((h0, w_hh, b_hh))
         return module().gru_forward(gi, h0, w_hh, b_hh, layout.batch_sizes, reverse, reset_after,
                                     save, _fused(layout, not reset_after))
@@ -296,20 +320,25 @@ class NativeGRUFunction(_NativeFunction):
         d_gi, d_gh, dh0 = module().gru_backward(
             d_out, d_hT, h0, w_hh.contiguous(), out, stash, layout.batch_sizes, reverse,
             ctx.reset_after, _fused(layout, not ctx.reset_after))
-        dx = d_gi @ w_ih if needs[0] else None
-        dw_ih = d_gi.t() @ x if needs[2] else None
-        db_ih = d_gi.sum(0) if needs[4] else None
-        dw_hh = db_hh = None
-        if needs[3] or needs[5]:
+        dx = x.new_empty(x.shape) if needs[0] else None
+        dw_ih = torch.empty_like(w_ih) if needs[2] else None
+        dw_hh = torch.empty_like(w_hh) if needs[3] else None
+        jobs = []
+        if dx is not None:
+            jobs.append((dx, d_gi, w_ih, False))
+        if dw_ih is not None:
+            jobs.append((dw_ih, d_gi.t(), x, False))
+        if dw_hh is not None:
             h_prev = module().previous_rows(out, h0, layout.batch_sizes, reverse)
             if ctx.reset_after:
-                dw_hh = d_gh.t() @ h_prev
-                db_hh = d_gh.sum(0)
+                jobs.append((dw_hh, d_gh.t(), h_prev, False))
             else:
-                d_rz = d_gi[:, :2 * H]
                 r_h = stash[:, :H] * h_prev                       # the operand of W_hn
-                dw_hh = torch.cat([d_rz.t() @ h_prev, d_gi[:, 2 * H:].t() @ r_h])
-                db_hh = d_gi.sum(0)
+                jobs.append((dw_hh[:2 * H], d_gi[:, :2 * H].t(), h_prev, False))
+                jobs.append((dw_hh[2 * H:], d_gi[:, 2 * H:].t(), r_h, False))
+        _products(jobs)
+        db_ih = d_gi.sum(0) if needs[4] else None
+        db_hh = d_gh.sum(0) if needs[5] else None
         grads = (dx, dh0, dw_ih, dw_hh, db_ih, db_hh)
         return (*cast_to(grads, ctx.dtypes), None, None, None)
 
@@ -327,7 +356,7 @@ class NativeRNNFunction(_NativeFunction):
 
     @staticmethod
     def _run(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, nonlinearity):
-        xproj = input_projection(x, w_ih, b_ih, b_hh).contiguous()
+        xproj = _projection(x, w_ih, b_ih, b_hh)
         h0, w_hh = _contiguous((h0, w_hh))
         return module().rnn_forward(xproj, h0, w_hh, layout.batch_sizes, reverse,
                                     nonlinearity == "relu", _fused(layout))
@@ -358,12 +387,18 @@ class NativeRNNFunction(_NativeFunction):
         d_pre, dh0 = module().rnn_backward(d_out, d_hT, w_hh.contiguous(), out,
                                            layout.batch_sizes, reverse,
                                            ctx.nonlinearity == "relu", _fused(layout))
-        dx = d_pre @ w_ih if needs[0] else None
-        dw_ih = d_pre.t() @ x if needs[2] else None
-        dw_hh = None
-        if needs[3]:
-            dw_hh = d_pre.t() @ module().previous_rows(out, h0.contiguous(), layout.batch_sizes,
-                                                       reverse)
+        dx = x.new_empty(x.shape) if needs[0] else None
+        dw_ih = torch.empty_like(w_ih) if needs[2] else None
+        dw_hh = torch.empty_like(w_hh) if needs[3] else None
+        jobs = []
+        if dx is not None:
+            jobs.append((dx, d_pre, w_ih, False))
+        if dw_ih is not None:
+            jobs.append((dw_ih, d_pre.t(), x, False))
+        if dw_hh is not None:
+            h_prev = module().previous_rows(out, h0.contiguous(), layout.batch_sizes, reverse)
+            jobs.append((dw_hh, d_pre.t(), h_prev, False))
+        _products(jobs)
         db = d_pre.sum(0) if needs[4] or needs[5] else None
         db_ih = db if needs[4] else None
         db_hh = db.clone() if needs[5] else None
