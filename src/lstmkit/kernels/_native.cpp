@@ -208,21 +208,47 @@ inline V<double> broadcast(const double* p) {
 template <typename S, int R, int NV>
 inline void block_product(const S* z, i64 zs, i64 K, const S* w, i64 vs, i64 ks,
                           V<S> (&acc)[R][NV]) {
+  // With few rows there are too few accumulators to hide the FMA latency (4 cycles, 2 ports):
+  // then even and odd k go to separate accumulators, summed at the end.
+  constexpr int SPLIT = R * NV < 8 ? 2 : 1;
+  V<S> part[SPLIT][R][NV];
+#pragma GCC unroll 2
+  for (int h = 0; h < SPLIT; ++h)
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
+    for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = V<S>{};
-  for (i64 k = 0; k < K; ++k) {
-    V<S> wv[NV];
+      for (int v = 0; v < NV; ++v) part[h][r][v] = V<S>{};
+  i64 k = 0;
+  for (; k + SPLIT <= K; k += SPLIT) {
+#pragma GCC unroll 2
+    for (int h = 0; h < SPLIT; ++h) {
+      V<S> wv[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) wv[v] = *reinterpret_cast<const V<S>*>(w + v * vs + k * ks);
+      for (int v = 0; v < NV; ++v)
+        wv[v] = *reinterpret_cast<const V<S>*>(w + v * vs + (k + h) * ks);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        V<S> zb = broadcast(z + r * zs + k + h);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) part[h][r][v] += zb * wv[v];
+      }
+    }
+  }
+  for (; k < K; ++k)
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       V<S> zb = broadcast(z + r * zs + k);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] += zb * wv[v];
+      for (int v = 0; v < NV; ++v)
+        part[0][r][v] += zb * *reinterpret_cast<const V<S>*>(w + v * vs + k * ks);
     }
-  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v] = part[0][r][v];
+      if (SPLIT == 2) acc[r][v] += part[SPLIT - 1][r][v];
+    }
 }
 
 #ifdef __AVX512F__
@@ -285,6 +311,14 @@ inline void row_group(const S* z, i64 zs, const S* packed, i64 b, i64 jb0, i64 j
   }
   for (i64 jb = jb0; jb < jb1; ++jb) {
     const S* wp = packed + (jb * K + c.k0) * NG * L;
+    if (R <= 2) {                                      // few rows: all gates in one pass
+      V<S> acc[R][NG];
+      block_product<S, R, NG>(zc, zs, n, wp, L, NG * L, acc);
+      finish<S, R, NG>(acc, partial, c, b, jb, 0, NG, false, done);
+      if (c.last())
+        for (int r = 0; r < R; ++r) epilogue(b + r, jb, done[r]);
+      continue;
+    }
     for (int q0 = 0; q0 < NG; q0 += 2) {               // two gates at a time
       if (q0 + 1 < NG) {
         V<S> acc[R][2];
@@ -347,11 +381,15 @@ inline void rows_times_blocks(const S* z, i64 zs, i64 K, const S* packed, i64 ro
 // ---- workers that stay together for a whole sequence -------------------------------------
 
 
+// Waiting for the other workers: spin (a step takes microseconds), and after ~30 us, which
+// means a worker's thread lost its core, take its blocks and yield between checks.
+constexpr int STEAL_AFTER_SPINS = 600;
+
 inline void relax(int& spins) {
 #ifdef LSTMKIT_X86
   _mm_pause();
 #endif
-  if (++spins > 200) std::this_thread::yield();  // a descheduled partner: give the core away
+  if (++spins > STEAL_AFTER_SPINS) std::this_thread::yield();
 }
 
 // Split J unit blocks among the workers: worker w's own blocks are [first(w), first(w + 1)).
@@ -387,10 +425,10 @@ void run_steps(i64 workers, i64 J, i64 steps, Step&& step) {
     return -1;
   };
   auto drain = [&](i64 w, i64 s) {
-    for (i64 piece = claim(w, s); piece >= 0; piece = claim(w, s)) {
+    i64 finished = 0;
+    for (i64 piece = claim(w, s); piece >= 0; piece = claim(w, s), ++finished)
       step(s, piece * G, std::min(J, piece * G + G));
-      done.value.fetch_add(1, std::memory_order_release);
-    }
+    if (finished) done.value.fetch_add(finished, std::memory_order_release);
   };
   auto body = [&](i64 w0, i64 w1) {
     FlushDenormals ftz;
@@ -398,7 +436,7 @@ void run_steps(i64 workers, i64 J, i64 steps, Step&& step) {
       for (i64 w = w0; w < w1; ++w) drain(w, s);
       int spins = 0;
       while (done.value.load(std::memory_order_acquire) < (s + 1) * pieces) {
-        if (spins > 100)
+        if (spins > STEAL_AFTER_SPINS)
           for (i64 w = 0; w < workers; ++w) drain(w, s);
         relax(spins);
       }
