@@ -110,8 +110,10 @@ def machine() -> dict:
                        cpu)
     except OSError:
         pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
+            "torch": torch.__version__, "python": platform.python_version(),
+            "load_average_1min": round(load[0], 2)}
 
 
 def _synchronize(device):
@@ -188,6 +190,7 @@ def time_point(point: Point, dtype=torch.float32, device="cpu", repeats=5, warmu
 def run(points, dtype=torch.float32, device="cpu", repeats=5, warmup=1, rate=None,
         progress=None) -> dict:
     """Time every point; returns {"machine", "matmul_gflops", "points": [...]}."""
+    machine_before = machine()
     rate = rate or matmul_rate(dtype, device)
     rows = []
     for point in points:
@@ -203,7 +206,10 @@ def run(points, dtype=torch.float32, device="cpu", repeats=5, warmup=1, rate=Non
         rows.append(row)
         if progress:
             progress(row)
-    return {"machine": machine(), "dtype": str(dtype).replace("torch.", ""),
+    # The load average before and after: other processes on the machine slow both sides, and
+    # thread-team synchronisation suffers most when cores are shared.
+    return {"machine": machine_before, "load_average_1min_after": machine()["load_average_1min"],
+            "dtype": str(dtype).replace("torch.", ""),
             "device": str(device), "matmul_gflops": rate, "points": rows}
 
 

@@ -100,7 +100,7 @@ def run(args) -> int:
     info = bench.machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} "
           f"({args.threads} threads), {args.dtype} on {device}; "
-          f"matmul rate {rate:.1f} GFLOP/s")
+          f"matmul rate {rate:.1f} GFLOP/s; load average {info['load_average_1min']}")
     print(bench.HEADER, flush=True)
     results = bench.run(points, dtype, device, args.repeats, args.warmup, rate,
                         progress=lambda row: print(bench.format_row(row), flush=True))
