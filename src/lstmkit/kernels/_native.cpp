@@ -451,7 +451,7 @@ void run_steps(i64 workers, i64 J, i64 steps, Step&& step) {
 
 i64 worker_count(i64 J, i64 flops_per_step) {
   if (flops_per_step < 150000) return 1;   // a step of 1-2 us: sharing it costs more than it saves
-  return std::max<i64>(1, std::min<i64>(at::get_num_threads(), J));
+  return std::max<i64>(1, std::min<i64>(at::get_num_threads(), (J + 1) / 2));  // 2 blocks a claim
 }
 
 // Gate math over rows [0, rows) and all unit blocks, split across threads (generic driver).
