@@ -23,6 +23,8 @@ def test_run_reports_each_point():
         assert row["speedup"] == pytest.approx(row["torch_ms"] / row["lstmkit_ms"])
         assert row["lstmkit_gflops"] == pytest.approx(point.flops() / 1e6 / row["lstmkit_ms"])
         assert row["target_class"] == "small" and row["target_met"] == (row["speedup"] >= 2)
+    table = bench.markdown(results).splitlines()
+    assert len(table) == 2 + len(points) and table[2].startswith("| LSTM | train | 2 | 4 |")
 
 
 def test_flops_and_classes():

@@ -276,6 +276,25 @@ def format_row(row: dict) -> str:
             f"{row['target_class']:>7} {met:>7}")
 
 
+def markdown(results: dict) -> str:
+    """The results as a Markdown table (the one in docs/performance.md)."""
+    lines = ["| family | mode | B | H | I | T | layers | dirs | lstmkit ms | torch.nn ms | "
+             "lstmkit GFLOP/s | of matmul rate | speedup | class | target |",
+             "|" + "---|" * 15]
+    for row in results["points"]:
+        met = {True: "met", False: "**missed**", None: ""}[row["target_met"]]
+        target = TARGET_RATIO.get(row["target_class"])
+        target_text = f"{target:.1f}x {met}" if target else ""
+        lines.append(
+            f"| {row['family']} | {row['mode']} | {row['batch']} | {row['hidden']} | "
+            f"{row['input_size']} | {row['steps']} | {row['layers']} | "
+            f"{2 if row['bidirectional'] else 1} | {row['lstmkit_ms']:.2f} | "
+            f"{row['torch_ms']:.2f} | {row['lstmkit_gflops']:.1f} | "
+            f"{row['lstmkit_matmul_fraction']:.0%} | {row['speedup']:.2f}x | "
+            f"{row['target_class']} | {target_text} |")
+    return "\n".join(lines)
+
+
 def write_json(results: dict, path) -> None:
     """Write the results to `path` atomically (a temporary file in the same folder, then rename)."""
     path = os.fspath(path)

@@ -58,6 +58,8 @@ def register(subparsers):
     parser.add_argument("--streaming-hidden", type=int, default=256,
                         help="hidden (and input) size of the streaming comparison (default 256)")
     parser.add_argument("--json", default="bench.json", help="results file (default bench.json)")
+    parser.add_argument("--markdown", action="store_true",
+                        help="also print the results as a Markdown table")
     parser.set_defaults(run=run)
 
 
@@ -112,6 +114,8 @@ def run(args) -> int:
               f"{stream['lstmkit_us_per_step']:.1f} us/step, torch.nn.LSTMCell "
               f"{stream['torch_us_per_step']:.1f} us/step, speedup {stream['speedup']:.2f}x "
               f"(target 2x: {'met' if stream['target_met'] else 'MISSED'})")
+    if args.markdown:
+        print(bench.markdown(results))
     bench.write_json(results, args.json)
     print(f"wrote {args.json}")
     return 0
