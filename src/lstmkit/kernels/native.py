@@ -39,11 +39,11 @@ NATIVE_DTYPES = (torch.float32, torch.float64)
 
 # Largest batch for which the fused driver (own register-blocked product, the recurrent matrix
 # split across the cores for the whole sequence, one synchronisation per step) runs; beyond it
-# each step's product goes to torch's matrix multiply. On the 2-core benchmark machine the fused
-# driver beat the per-step torch.mm driver at every batch of the grid (1-128): torch.mm wakes
-# and joins its threads at every step, which costs more than its better cache blocking gains.
-# The per-step torch.mm driver also runs projection (proj_size) and GRU reset-before.
-FUSED_MAX_BATCH = 4096
+# each step's product is one torch.mm (MKL), whose cache blocking wins once a step holds enough
+# work to pay for its thread fork/join: on the 2-core benchmark machine, single-threaded, the
+# fused driver ran batch 8 / hidden 256 at 127 GFLOP/s against 97 for torch.mm, and batch 32 at
+# 77 against 112. The torch.mm driver also runs projection (proj_size) and GRU reset-before.
+FUSED_MAX_BATCH = 16
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "module": None, "reason": None}
