@@ -39,11 +39,11 @@ NATIVE_DTYPES = (torch.float32, torch.float64)
 
 # Largest batch for which the fused driver (own register-blocked product, the recurrent matrix
 # split across the cores for the whole sequence, one synchronisation per step) runs; beyond it
-# each step's product is one torch.mm (MKL), whose cache blocking wins once a step holds enough
-# work to pay for its thread fork/join: on the 2-core benchmark machine, single-threaded, the
-# fused driver ran batch 8 / hidden 256 at 127 GFLOP/s against 97 for torch.mm, and batch 32 at
-# 77 against 112. The torch.mm driver also runs projection (proj_size) and GRU reset-before.
-FUSED_MAX_BATCH = 16
+# each step's product is one torch.mm (MKL), whose cache blocking wins on large products.
+# Measured on the 2-core benchmark machine, 2 threads, LSTM forward loop only: batch 8 / hidden
+# 256: fused 210 GFLOP/s, torch.mm 124; batch 32 / 256: 241 vs 150; batch 128 / 1024: 234 vs 285.
+# The torch.mm driver also runs projection (proj_size) and GRU reset-before.
+FUSED_MAX_BATCH = 64
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "module": None, "reason": None}
@@ -70,12 +70,27 @@ def _compiler_flags() -> list[str]:
     return flags
 
 
+def _openmp_flags() -> tuple[list[str], list[str]]:
+    """Compile and link flags for OpenMP, against the OpenMP runtime torch itself uses.
+
+    ATen's `at::parallel_for` is an inline template that runs in parallel only when the code
+    including it is compiled with OpenMP; linking torch's bundled libgomp (already loaded by
+    torch) keeps one runtime and one thread pool in the process. Without it the kernels run
+    single-threaded (still correct).
+    """
+    torch_lib = Path(torch.__file__).parent / "lib"
+    if (torch_lib / "libgomp.so.1").exists():
+        return ["-fopenmp"], [f"-L{torch_lib}", "-l:libgomp.so.1"]
+    return [], []
+
+
 def _compile():
     """Compile (or load from the cache) the extension module; raises on any failure."""
     from torch.utils.cpp_extension import load
 
+    cflags, ldflags = _openmp_flags()
     return load(name=f"lstmkit_native_{_cpu_tag()}", sources=[str(_SOURCE)],
-                extra_cflags=_compiler_flags(), verbose=False)
+                extra_cflags=_compiler_flags() + cflags, extra_ldflags=ldflags, verbose=False)
 
 
 def module():
