@@ -26,6 +26,7 @@
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/GradMode.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
@@ -1228,6 +1229,7 @@ void products_py(std::vector<Tensor> outs, std::vector<Tensor> as, std::vector<T
   const i64 threads = std::max<i64>(1, at::get_num_threads());
   const i64 tasks = (i64)outs.size() * threads;
   at::parallel_for(0, tasks, 1, [&](i64 t0, i64 t1) {
+    c10::NoGradGuard no_grad;   // grad mode is thread-local: the pool's threads do not inherit it
     for (i64 task = t0; task < t1; ++task) {
       i64 i = task / threads, part = task % threads;
       i64 M = outs[i].size(0), r0 = M * part / threads, r1 = M * (part + 1) / threads;
