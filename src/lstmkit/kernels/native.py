@@ -8,7 +8,7 @@ steps, dX, the weight gradients); the step loops, forward and backward, run in C
 Python per step.
 
 Build: `torch.utils.cpp_extension.load` compiles `_native.cpp` against the installed torch the
-first time a native kernel is needed (about 10 s on 2 cores) into torch's extension cache
+first time a native kernel is needed (about 20 s on 2 cores) into torch's extension cache
 (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions), keyed by the source, the flags and
 this CPU's instruction set; later processes load the cached library. If the compiler, ninja or
 the load fails, or `LSTMKIT_NATIVE=0` is set, the portable kernels run instead and one warning
