@@ -148,14 +148,15 @@ _cell_cache: dict = {}
 
 def _packed_cell(w_ih, w_hh, b_ih, b_hh):
     tensors = (w_ih, w_hh, b_ih, b_hh)
-    key = tuple(id(t) for t in tensors)
-    versions = tuple(None if t is None else t._version for t in tensors)
+    key = (id(w_ih), id(w_hh), id(b_ih), id(b_hh))
+    versions = (w_ih._version, w_hh._version, None if b_ih is None else b_ih._version,
+                None if b_hh is None else b_hh._version)
     entry = _cell_cache.get(key)
     if entry is not None:
         refs, cached_versions, packed, bias = entry
-        if cached_versions == versions and all(
-                (r is None and t is None) or (r is not None and r() is t)
-                for r, t in zip(refs, tensors, strict=True)):
+        # Same ids and versions; the weak references make sure the ids are not of new tensors.
+        if cached_versions == versions and refs[0]() is w_ih and refs[1]() is w_hh and \
+                (b_ih is None or refs[2]() is b_ih) and (b_hh is None or refs[3]() is b_hh):
             return packed, bias
     with torch.no_grad():
         packed = module().lstm_pack_cell(w_ih.contiguous(), w_hh.contiguous())
@@ -210,8 +211,8 @@ class _NativeFunction(torch.autograd.Function):
             return cls._portable.apply(*args)
         if _needs_autograd(args):
             return super().apply(*args)
-        with torch.no_grad():
-            return cls._infer(*args)
+        # No tensor needs a gradient here (or grad mode is off), so nothing records a graph.
+        return cls._infer(*args)
 
 
 class NativeLSTMFunction(_NativeFunction):
