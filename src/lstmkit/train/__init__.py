@@ -16,12 +16,12 @@
 """
 
 from .checkpoint import (
-                         atomic_write_bytes,
-                         atomic_write_json,
-                         atomic_write_text,
-                         checkpoint_exists,
-                         load_checkpoint,
-                         save_checkpoint,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    checkpoint_exists,
+    load_checkpoint,
+    save_checkpoint,
 )
 from .config import OPTIMIZERS, SCHEDULES, TrainConfig
 from .loop import TrainResult, mean_loss, resolve_device, seed_everything, to_device, train
