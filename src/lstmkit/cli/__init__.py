@@ -10,7 +10,7 @@ import sys
 from . import _errors
 from ._errors import UsageError
 
-COMMAND_MODULES: tuple[str, ...] = ("check",)
+COMMAND_MODULES: tuple[str, ...] = ("check", "demo", "forecast")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -47,13 +47,20 @@ class Series:
     notes: tuple
 
 
+def time_label(value) -> str:
+    """A timestamp (its date alone at midnight) or a row position, as text."""
+    if isinstance(value, pd.Timestamp) and value == value.normalize():
+        return value.date().isoformat()
+    return str(value)
+
+
 def infer_frequency(index: pd.DatetimeIndex) -> str | None:
     """The regular step of a sorted DatetimeIndex that may have gaps, as an offset alias."""
     if len(index) < 3:
         return None
-    exact = pd.infer_freq(index)
+    exact = pd.DatetimeIndex(index, freq="infer").freq
     if exact is not None:
-        return exact
+        return exact.freqstr
     steps = pd.Series(index[1:] - index[:-1])
     step = steps.mode().iloc[0]
     days = step / pd.Timedelta(days=1)
@@ -76,7 +83,7 @@ def season_of(frequency: str | None) -> int:
     offset = pd.tseries.frequencies.to_offset(frequency)
     if offset.n != 1:
         return 1
-    name = offset.name.split("-")[0]
+    name = offset.rule_code.split("-")[0]
     for prefix, season in _SEASON_OF_FREQUENCY.items():
         if name.rstrip("SE") == prefix or name == prefix:
             return season
@@ -126,6 +133,8 @@ def prepare_series(frame: pd.DataFrame, targets, covariates=(), time_column=None
     if time_column is not None:
         raw = frame[time_column]
         times = pd.to_datetime(raw, errors="coerce")
+        if (times.isna() & raw.notna()).any():   # pandas infers one format from the first row
+            times = pd.to_datetime(raw, errors="coerce", format="mixed")
         bad = times.isna()
         if bad.any():
             where = int(np.flatnonzero(bad.to_numpy())[0])
@@ -140,7 +149,7 @@ def prepare_series(frame: pd.DataFrame, targets, covariates=(), time_column=None
             where = int(np.flatnonzero(duplicated)[0])
             first = int(data["__row__"].iloc[where - 1])
             raise ValueError(f"time column {time_column!r} has duplicate timestamp "
-                             f"{data.index[where]} (rows {first} and "
+                             f"{time_label(data.index[where])} (rows {first} and "
                              f"{int(data['__row__'].iloc[where])})")
         frequency = infer_frequency(data.index)
         if frequency is None:
@@ -152,9 +161,9 @@ def prepare_series(frame: pd.DataFrame, targets, covariates=(), time_column=None
             missing = grid.difference(data.index)
             if len(off_grid):
                 notes.append(f"{len(off_grid)} timestamps are off the {frequency} grid (first "
-                             f"{off_grid[0]}); the rows are used in order")
+                             f"{time_label(off_grid[0])}); the rows are used in order")
             elif len(missing):
-                where = f"first {missing[0].date() if frequency != 'h' else missing[0]}"
+                where = f"first {time_label(missing[0])}"
                 if fill == "none":
                     notes.append(f"{len(missing)} gaps in the {frequency} time grid ({where}); "
                                  "rows used in order, choose a fill policy to fill them")
@@ -172,7 +181,7 @@ def prepare_series(frame: pd.DataFrame, targets, covariates=(), time_column=None
         if fill == "none":
             where, col = (int(i) for i in np.argwhere(missing)[0])
             row = data["__row__"].iloc[where]
-            when = f" (time {data.index[where]})" if time_column is not None else ""
+            when = f" (time {time_label(data.index[where])})" if time_column is not None else ""
             raise ValueError(f"column {columns[col]!r} has a missing value (NaN) at row "
                              f"{int(row)}{when}; choose a fill policy (interpolate, ffill, zero) "
                              "to fill missing values")

@@ -28,7 +28,7 @@ from ...train import TrainConfig, TrainResult, load_checkpoint, save_checkpoint,
 from ...train import train as train_loop
 from . import metrics
 from .config import ForecastConfig
-from .data import Scaler, Series, past_windows, prepare_series, season_of, windows
+from .data import Scaler, Series, past_windows, prepare_series, season_of, time_label, windows
 from .model import ForecastNet
 
 MODEL_FORMAT = "lstmkit.forecaster/1"
@@ -61,8 +61,8 @@ def _default_targets(frame: pd.DataFrame, config: ForecastConfig) -> tuple:
             frame.columns.tolist() == ["y"]:
         return tuple(candidates)                     # an array: every column is a target
     if len(candidates) != 1:
-        raise ValueError(f"choose the target column(s): the data has numeric columns "
-                         f"{[str(c) for c in candidates]}")
+        raise ValueError(f"choose the target column(s) (target=, CLI --target): the data has "
+                         f"numeric columns {[str(c) for c in candidates]}")
     return (candidates[0],)
 
 
@@ -193,8 +193,8 @@ class Forecaster:
         result = metrics.compare(actual, self.baselines(values[:, :k], origins, forecast),
                                  self.mase_scale_, config.targets)
         result.update(windows=len(origins), season=config.season,
-                      first_origin=str(series.index[origins[0]]),
-                      last_origin=str(series.index[origins[-1]]))
+                      first_origin=time_label(series.index[origins[0]]),
+                      last_origin=time_label(series.index[origins[-1]]))
         tiles = np.arange(0, len(origins), h)           # non-overlapping windows, for people
         rows = []
         for n in tiles:
@@ -296,7 +296,7 @@ class Forecaster:
             scale = model.mase_scale_
             fold = metrics.compare(actual, model.baselines(series.values[:, :k], [origin],
                                                            forecast), scale, config.targets)
-            fold.update(origin=str(series.index[origin]), train_rows=origin)
+            fold.update(origin=time_label(series.index[origin]), train_rows=origin)
             results.append(fold)
         names = results[0]["overall"].keys()
         mean = {name: {m: float(np.mean([f["overall"][name][m] for f in results]))
@@ -317,7 +317,7 @@ class Forecaster:
             "forecast_config": self.config_.to_dict(), "train_config": self.training.to_dict(),
             "scaler": self.scaler_.to_dict(), "columns": list(self.columns_),
             "frequency": self.frequency_, "mase_scale": self.mase_scale_.tolist(),
-            "history": {"index": [str(i) for i in index],
+            "history": {"index": [time_label(i) for i in index],
                         "datetime": isinstance(index, pd.DatetimeIndex),
                         "rows": len(self.index_),
                         "values": self.history_[-lookback:].tolist()},
