@@ -74,12 +74,14 @@ def run(args) -> int:
         return 130
     print_report(model, metrics, out)
     print(f"Done in {time.perf_counter() - started:.0f} s. Look at {out / 'forecast.png'}.")
+    data = out / DATA_FILE
     print("Try next:")
-    print(f"  lstmkit forecast predict --model {out}          # next year's forecast from the "
-          "saved model")
-    print(f"  lstmkit forecast train {out / DATA_FILE} --time month --target co2 "
-          "--fill interpolate --lookback 24 --out runs/co2   # your own settings")
-    print(f"  lstmkit forecast evaluate {out / DATA_FILE} --time month --target co2 "
-          "--fill interpolate --folds 5                      # a longer backtest")
-    print("  lstmkit forecast --help")
+    print(f"  lstmkit forecast predict --model {out}")
+    print("      the next year from the saved model")
+    print(f"  lstmkit forecast train {data} --time month --target co2 --fill interpolate "
+          "--lookback 24 --out runs/co2")
+    print("      your own settings (lstmkit forecast train --help lists them)")
+    print(f"  lstmkit forecast evaluate {data} --time month --target co2 --fill interpolate "
+          "--lookback 36 --folds 5")
+    print("      a longer rolling-origin backtest")
     return 0

@@ -28,9 +28,11 @@ from ._errors import UsageError
 from ._output import check_output_dir
 
 CHECKPOINT = "train-checkpoint"
-_DESCRIPTION = """Train an LSTM forecaster on a time series (CSV or Parquet), forecast from a saved
-model, or evaluate the setup by rolling-origin backtest. Every evaluation shows the LSTM next to
-the naive (last value) and seasonal-naive (last season) forecasts on the same windows."""
+_DESCRIPTION = """\
+Train an LSTM forecaster on a time series (CSV or Parquet), forecast from a
+saved model, or evaluate the setup by rolling-origin backtest. Every evaluation
+shows the LSTM next to the naive (last value) and seasonal-naive (last season)
+forecasts on the same windows."""
 _EPILOG = """examples:
   lstmkit forecast train sales.csv --time date --target sales --horizon 12 --out runs/sales
   lstmkit forecast predict --model runs/sales new_sales.csv
@@ -186,10 +188,10 @@ def configs_from_args(args) -> tuple[ForecastConfig, TrainConfig]:
 
 def metrics_table(overall: dict) -> str:
     """Rows: lstm, naive, seasonal_naive; columns: MAE, RMSE, sMAPE %, MASE."""
-    lines = [f"  {'model':<16}{'MAE':>10}{'RMSE':>10}{'sMAPE %':>10}{'MASE':>8}"]
+    lines = [f"  {'model':<16}{'MAE':>11}{'RMSE':>11}{'sMAPE %':>10}{'MASE':>8}"]
     for name, values in overall.items():
-        lines.append(f"  {name:<16}{values['mae']:>10.4g}{values['rmse']:>10.4g}"
-                     f"{values['smape']:>10.3g}{values['mase']:>8.3f}")
+        lines.append(f"  {name:<16}{values['mae']:>11.3f}{values['rmse']:>11.3f}"
+                     f"{values['smape']:>10.3f}{values['mase']:>8.3f}")
     return "\n".join(lines)
 
 
@@ -268,11 +270,12 @@ def train_and_save(frame: pd.DataFrame, forecast: ForecastConfig, training: Trai
 
 def print_report(model: Forecaster, metrics: dict, out: Path) -> None:
     result, config = model.training_, model.config_
-    print(f"Trained {result.epochs} epochs on {result.device} (best validation loss "
-          f"{result.best_metric:.4g} at epoch {result.best_epoch}"
-          f"{', stopped early' if result.stopped_early else ''}).")
     for note in model.notes_:
         print(f"Data: {note}.")
+    training = metrics["training"]
+    print(f"Trained {result.epochs} epochs in {training['seconds']:.0f} s on {result.device} "
+          f"(best validation loss {result.best_metric:.4g} at epoch {result.best_epoch}"
+          f"{', stopped early' if result.stopped_early else ''}).")
     if model.evaluation_ is not None:
         print(describe_holdout(model.evaluation_, config.horizon))
         print(metrics_table(model.evaluation_["overall"]))
