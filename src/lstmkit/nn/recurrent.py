@@ -14,12 +14,11 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .. import kernels
 from ..kernels import StepLayout
 from . import _checks
-
 
 _KERNEL_ARGUMENT = {"weight_ih": "w_ih", "weight_hh": "w_hh", "bias_ih": "b_ih",
                     "bias_hh": "b_hh", "weight_hr": "w_hr"}
@@ -111,12 +110,13 @@ class _RecurrentBase(nn.Module):
     def _flat_input(self, input):
         """Return (x (N, I), layout, batched, packed info or None) for any accepted input form."""
         if isinstance(input, PackedSequence):
-            data = _checks.floating_tensor("input.data", input.data)
+            data = _checks.floating_tensor("input.data", input.data, self.weight_ih_l0,
+                                           "the parameters")
             if data.dim() != 2 or data.shape[1] != self.input_size:
                 raise ValueError(f"PackedSequence data must have shape (N, {self.input_size}), "
                                  f"got {tuple(data.shape)}")
             return data, StepLayout.packed(input.batch_sizes.tolist()), True, input
-        x = _checks.floating_tensor("input", input)
+        x = _checks.floating_tensor("input", input, self.weight_ih_l0, "the parameters")
         if x.dim() not in (2, 3):
             raise ValueError(f"input must be 3-D (batched) or 2-D (unbatched), got {x.dim()}-D "
                              f"with shape {tuple(x.shape)}")
@@ -161,7 +161,7 @@ class _RecurrentBase(nn.Module):
             result.append(state)
         return result
 
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, *, lengths=None):
         """Run the stack over a sequence.
 
         Args:
@@ -169,10 +169,16 @@ class _RecurrentBase(nn.Module):
                 or a PackedSequence of (N, I) rows.
             hx: initial state(s) shaped (L*D, B, P) (and (L*D, B, H) for the LSTM's c),
                 (L*D, P) for unbatched input, in the caller's batch order; zeros when None.
+            lengths: optional, for batched padded input only (not in torch.nn): the true length
+                of each sequence (B,), each in [1, T]. Steps past a sequence's length are not
+                computed; its output there is zero and its final state is the one at its
+                last step. Saves the pack_padded_sequence / pad_packed_sequence round trip.
         Returns:
             output (same form as the input, with D*P features) and the final state(s), shaped
             like hx.
         """
+        if lengths is not None:
+            return self._forward_with_lengths(input, hx, lengths)
         x, layout, batched, packed = self._flat_input(input)
         states = self._initial_states(hx, x, layout.batch, batched, packed)
         finals = [[] for _ in states]
@@ -204,6 +210,29 @@ class _RecurrentBase(nn.Module):
             elif self.batch_first:
                 output = output.transpose(0, 1)
         return output, (tuple(finals) if len(finals) > 1 else finals[0])
+
+    def _forward_with_lengths(self, input, hx, lengths):
+        if isinstance(input, PackedSequence) or not torch.is_tensor(input) or input.dim() != 3:
+            raise ValueError("lengths is only for batched padded input (a 3-D tensor), got "
+                             + (type(input).__name__ if not torch.is_tensor(input)
+                                else f"a {input.dim()}-D tensor"))
+        steps, batch = (input.shape[1], input.shape[0]) if self.batch_first else input.shape[:2]
+        lengths = torch.as_tensor(lengths)
+        if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+            raise TypeError(f"lengths must hold integers, got dtype {lengths.dtype}")
+        if lengths.shape != (batch,):
+            raise ValueError(f"lengths must have shape ({batch},) (one per sequence), "
+                             f"got {tuple(lengths.shape)}")
+        bad = ((lengths < 1) | (lengths > steps)).nonzero()
+        if len(bad):
+            b = int(bad[0])
+            raise ValueError(f"lengths must be in [1, {steps}] (the padded length), got "
+                             f"{int(lengths[b])} for sequence {b}")
+        packed = pack_padded_sequence(input, lengths.cpu(), batch_first=self.batch_first,
+                                      enforce_sorted=False)
+        output, state = self.forward(packed, hx)
+        output, _ = pad_packed_sequence(output, batch_first=self.batch_first, total_length=steps)
+        return output, state
 
     def _run_layer(self, x, states, weights, layout, reverse):
         raise NotImplementedError
