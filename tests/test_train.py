@@ -152,10 +152,19 @@ def test_checkpoint_files_hold_no_pickle(tmp_path):
     ("device", "tpu", "device must be"),
     ("clip_norm", 0.0, "clip_norm must be > 0"),
     ("patience", 0, "patience must be an int >= 1"),
+    ("threads", 0, "threads must be an int >= 1, got 0"),
 ])
 def test_config_names_the_bad_value(field, value, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**{field: value})
+
+
+def test_threads_apply_during_training_only():
+    before = torch.get_num_threads()
+    seen = []
+    train(TinyNet(), F.mse_loss, make_data(), TrainConfig(max_epochs=1, threads=1), quiet=True,
+          on_epoch_end=lambda epoch, record: seen.append(torch.get_num_threads()))
+    assert seen == [1] and torch.get_num_threads() == before
 
 
 def test_config_types_and_cuda_request():

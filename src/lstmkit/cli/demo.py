@@ -52,8 +52,10 @@ def co2_monthly():
 def run(args) -> int:
     if args.folds < 0:
         raise ValueError(f"--folds must be >= 0, got {args.folds}")
+    # One thread: this small LSTM's matrix products are too small to share between cores,
+    # and on a busy machine two threads wait for each other (see TrainConfig.threads).
     training = TrainConfig(max_epochs=args.epochs, lr=3e-3, batch_size=32, patience=20,
-                           seed=args.seed, device=args.device)
+                           seed=args.seed, device=args.device, threads=1)
     out = check_output_dir(args.out)
     started = time.perf_counter()
     frame = co2_monthly()

@@ -148,6 +148,9 @@ def _add_task_arguments(parser):
     training.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     training.add_argument("--device", default="auto",
                           help="auto (cuda if available), cpu, cuda or cuda:N (default auto)")
+    training.add_argument("--threads", type=int, metavar="N",
+                          help="CPU threads for training (default: torch's); 1 is often "
+                          "fastest for small models")
     training.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
@@ -180,7 +183,8 @@ def configs_from_args(args) -> tuple[ForecastConfig, TrainConfig]:
     training = TrainConfig(
         max_epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         weight_decay=args.weight_decay, clip_norm=args.clip or None, schedule=args.schedule,
-        patience=args.patience or None, seed=args.seed, device=args.device)
+        patience=args.patience or None, seed=args.seed, device=args.device,
+        threads=args.threads)
     return forecast, training
 
 

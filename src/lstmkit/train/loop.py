@@ -277,6 +277,9 @@ def train(model: nn.Module, loss: Callable, train_data: Dataset, config: TrainCo
         val_data, batch_size=max(config.batch_size, 256), shuffle=False, collate_fn=collate_fn)
     sign = -1.0 if higher_is_better else 1.0
     bar = _progress(config, run.epoch, quiet)
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     try:
         while not run.finished:
             started = time.perf_counter()
@@ -334,6 +337,7 @@ def train(model: nn.Module, loss: Callable, train_data: Dataset, config: TrainCo
                 on_epoch_end(run.epoch, record)
     finally:
         bar.close()
+        torch.set_num_threads(threads)
     if run.best_state is not None:
         model.load_state_dict(run.best_state)
     model.eval()
