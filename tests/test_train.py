@@ -126,6 +126,9 @@ def test_checkpoint_roundtrip_and_mismatch_detection(tmp_path):
     loaded, meta = load_checkpoint(stem)
     assert torch.equal(loaded["w"], tensors["w"]) and meta["vocabulary"] == ["a", "b"]
     assert not list(tmp_path.glob("*.tmp"))                  # no temporary files left behind
+    probe = tmp_path / "probe"
+    probe.write_text("")                                     # what open() gives a new file
+    assert (tmp_path / "c.json").stat().st_mode == probe.stat().st_mode
     # A JSON file from another save does not pair with these tensors.
     other = tmp_path / "d"
     save_checkpoint(other, tensors, {})

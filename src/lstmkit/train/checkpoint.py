@@ -23,8 +23,19 @@ TENSORS_SUFFIX = ".safetensors"
 JSON_SUFFIX = ".json"
 
 
+def _default_mode() -> int:
+    """The permissions `open()` would give a new file: 0o666 less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path, data: bytes) -> Path:
-    """Write `data` to `path` through a temporary file in the same directory and os.replace."""
+    """Write `data` to `path` through a temporary file in the same directory and os.replace.
+
+    The file gets the permissions a plain `open(path, "w")` would give it (mkstemp's are
+    owner-only).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -33,6 +44,7 @@ def atomic_write_bytes(path, data: bytes) -> Path:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
