@@ -213,6 +213,13 @@ def test_short_series_and_bad_horizon():
             model.predict(horizon)
 
 
+def test_training_rows_must_cover_a_season():
+    with pytest.raises(ValueError, match=r"the training rows \(10\) must cover more than one "
+                                         r"season \(12\)"):
+        Forecaster(lookback=4, horizon=2, season=12, test_size=10, val_size=10,
+                   training=FAST).fit(seasonal_series(30))
+
+
 def test_backtest_refits_at_each_origin():
     model = Forecaster(lookback=6, horizon=3, season=12, hidden_size=8, training=FAST)
     result = model.backtest(seasonal_series(80), folds=2, step=5)
@@ -229,3 +236,32 @@ def test_relative_forecasting_beats_seasonal_naive_on_a_trended_season():
                        hidden_size=16, training=training).fit(seasonal_series(150))
     overall = model.evaluation_["overall"]
     assert overall["lstm"]["mase"] < overall["seasonal_naive"]["mase"]
+
+
+def test_interrupted_fit_resumes_to_the_uninterrupted_model(tmp_path, monkeypatch):
+    import lstmkit.tasks.forecasting.estimator as estimator
+
+    def make():
+        return Forecaster(lookback=12, horizon=4, test_size=8, val_size=8, season=12,
+                          hidden_size=8, dropout=0.2, num_layers=2,
+                          training=TrainConfig(max_epochs=5, batch_size=16, lr=1e-2))
+
+    frame = monthly_frame()[["y"]]
+    reference = make().fit(frame, quiet=True)
+    real_loop = estimator.train_loop
+
+    def interrupted(*args, **kwargs):
+        def stop(epoch, record):
+            if epoch == 2:
+                raise KeyboardInterrupt
+        return real_loop(*args, **kwargs, on_epoch_end=stop)
+
+    monkeypatch.setattr(estimator, "train_loop", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        make().fit(frame, checkpoint=tmp_path / "ckpt", quiet=True)
+    monkeypatch.setattr(estimator, "train_loop", real_loop)
+    resumed = make().fit(frame, checkpoint=tmp_path / "ckpt", resume=True, quiet=True)
+    assert resumed.training_.epochs == 5
+    for a, b in zip(reference.network.parameters(), resumed.network.parameters(), strict=True):
+        assert torch.equal(a, b)
+    pd.testing.assert_frame_equal(resumed.predict(), reference.predict())

@@ -115,9 +115,9 @@ class Forecaster:
                 f"the series has {rows} rows: too short for test_size {test} + val_size {val} "
                 f"+ lookback {config.lookback} + horizon {config.horizon} (at least "
                 f"{test + val + config.lookback + config.horizon} rows); lower them")
-        if rows - test <= season:
+        if rows - test - val <= season:
             raise ValueError(f"the training rows ({rows - test - val}) must cover more than one "
-                             f"season ({season}) for MASE")
+                             f"season ({season}) for MASE; lower test_size/val_size or season")
         return config, series
 
     def _network(self, config: ForecastConfig, inputs: int) -> ForecastNet:
@@ -138,14 +138,14 @@ class Forecaster:
     # -- fit ------------------------------------------------------------------------------
 
     def fit(self, data, *, checkpoint=None, resume: bool = False,
-            quiet: bool = True) -> "Forecaster":
+            quiet: bool = False) -> "Forecaster":
         """Check the data, train on all but the held-out tail, evaluate on the tail.
 
         Args:
             data: DataFrame (with the configured columns), Series, or array (T,) / (T, C).
             checkpoint: path stem of the training checkpoint (see `lstmkit.train.train`).
             resume: continue an interrupted fit from `checkpoint`.
-            quiet: no progress bar.
+            quiet: no progress bar (there is none either when stderr is not a terminal).
         """
         config, series = self._prepare(data)
         rows, k = len(series.values), len(config.targets)
@@ -260,7 +260,7 @@ class Forecaster:
     # -- backtest ---------------------------------------------------------------------------
 
     def backtest(self, data, folds: int = 3, step: int | None = None,
-                 quiet: bool = True) -> dict:
+                 quiet: bool = False) -> dict:
         """Rolling-origin evaluation: for each of `folds` origins (`step` rows apart, default
         the horizon, the last one ending at the end of the data), fit a fresh forecaster on
         the rows before the origin and forecast the horizon after it, next to the baselines.
