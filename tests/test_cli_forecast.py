@@ -9,7 +9,7 @@ import pytest
 from lstmkit.cli import main
 
 TINY = ["--lookback", "6", "--horizon", "3", "--hidden-size", "8", "--epochs", "3",
-        "--test-size", "6", "--val-size", "6", "--quiet"]
+        "--test-size", "6", "--val-size", "6", "--threads", "1", "--quiet"]
 
 
 def write_csv(path, rows=60, **changes):

@@ -23,7 +23,8 @@ from lstmkit.tasks.forecasting import (
 )
 from lstmkit.train import TrainConfig
 
-FAST = TrainConfig(max_epochs=3, batch_size=16, lr=1e-2, patience=None)
+# One thread: these tiny models are fastest on one core, and stay fast on a busy machine.
+FAST = TrainConfig(max_epochs=3, batch_size=16, lr=1e-2, patience=None, threads=1)
 
 
 def seasonal_series(rows=90, seed=0):
@@ -231,7 +232,7 @@ def test_backtest_refits_at_each_origin():
 
 def test_relative_forecasting_beats_seasonal_naive_on_a_trended_season():
     """A learnable series: the LSTM must do better than repeating last season."""
-    training = TrainConfig(max_epochs=60, batch_size=16, lr=1e-2, patience=10)
+    training = TrainConfig(max_epochs=60, batch_size=16, lr=1e-2, patience=10, threads=1)
     model = Forecaster(lookback=24, horizon=6, season=12, test_size=12, val_size=12,
                        hidden_size=16, training=training).fit(seasonal_series(150))
     overall = model.evaluation_["overall"]
@@ -244,7 +245,8 @@ def test_interrupted_fit_resumes_to_the_uninterrupted_model(tmp_path, monkeypatc
     def make():
         return Forecaster(lookback=12, horizon=4, test_size=8, val_size=8, season=12,
                           hidden_size=8, dropout=0.2, num_layers=2,
-                          training=TrainConfig(max_epochs=5, batch_size=16, lr=1e-2))
+                          training=TrainConfig(max_epochs=5, batch_size=16, lr=1e-2,
+                                              threads=1))
 
     frame = monthly_frame()[["y"]]
     reference = make().fit(frame, quiet=True)
