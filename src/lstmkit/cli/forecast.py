@@ -212,7 +212,8 @@ def verdict(overall: dict) -> str:
 
 
 def describe_holdout(evaluation: dict, horizon: int) -> str:
-    return (f"Held-out tail: {evaluation['windows']} windows of {horizon} steps, origins "
+    count = evaluation["windows"]
+    return (f"Held-out tail: {count} window{'s' if count != 1 else ''} of {horizon} steps, origins "
             f"{evaluation['first_origin']} .. {evaluation['last_origin']}, season "
             f"{evaluation['season']}.")
 
