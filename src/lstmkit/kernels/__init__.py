@@ -12,6 +12,9 @@ Backends:
 from .gru import GRUFunction
 from .layout import StepLayout
 from .lstm import LSTMFunction
+from .lstm_variants import MASKS as _VARIANT_MASKS
+from .lstm_variants import PARAMETERS as _VARIANT_PARAMETERS
+from .lstm_variants import LSTMVariantFunction
 from .rnn import NONLINEARITIES, RNNFunction
 
 _BACKENDS = {
@@ -36,6 +39,26 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
     return fn.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse)
 
 
+def lstm_variant_layer(x, h0, c0, params: dict, masks: dict, variant, *, layout: StepLayout,
+                       reverse: bool = False, backend: str = "auto"):
+    """One LSTM-variant layer, one direction (see lstm_variants.py); portable backend only.
+
+    params: w_ih, w_hh, ... as `LSTMVariantFunction`'s (missing keys are absent); masks:
+    zoneout_h, zoneout_c, recurrent (missing keys are off).
+    Returns out (N, P), h_T (B, P), c_T (B, H), gates (N, 4H), cells (N, H).
+    """
+    if backend not in ("auto", "portable"):
+        raise ValueError(f"backend={backend!r} has no kernel for LSTM variants (peepholes, layer "
+                         "norm, zoneout, ...): use backend='auto' or 'portable' with a variant")
+    unknown = (set(params) - set(_VARIANT_PARAMETERS)) | (set(masks) - set(_VARIANT_MASKS))
+    if unknown:
+        raise ValueError(f"unknown LSTM-variant arguments {sorted(unknown)}; expected some of "
+                         f"{_VARIANT_PARAMETERS + _VARIANT_MASKS}")
+    return LSTMVariantFunction.apply(x, h0, c0, *(params.get(k) for k in _VARIANT_PARAMETERS),
+                                     *(masks.get(k) for k in _VARIANT_MASKS), variant, layout,
+                                     reverse)
+
+
 def gru_layer(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: StepLayout,
               reverse: bool = False, reset_after: bool = True, backend: str = "auto"):
     """One GRU layer, one direction: x (N, I), h0 (B, H) -> out (N, H), h_T (B, H)."""
@@ -53,6 +76,6 @@ def rnn_layer(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: StepLayout,
 
 
 __all__ = [
-    "BACKENDS", "GRUFunction", "NONLINEARITIES", "LSTMFunction", "RNNFunction", "StepLayout",
-    "gru_layer", "lstm_layer", "rnn_layer",
+    "BACKENDS", "GRUFunction", "NONLINEARITIES", "LSTMFunction", "LSTMVariantFunction",
+    "RNNFunction", "StepLayout", "gru_layer", "lstm_layer", "lstm_variant_layer", "rnn_layer",
 ]
