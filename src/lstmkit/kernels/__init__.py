@@ -10,6 +10,7 @@ Backends:
 """
 
 from .gru import GRUFunction
+from .gru_trace import GRUTraceFunction
 from .layout import StepLayout
 from .lstm import LSTMFunction
 from .lstm_variants import MASKS as _VARIANT_MASKS
@@ -66,6 +67,12 @@ def gru_layer(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: StepLayout,
     return fn.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after)
 
 
+def gru_layer_with_gates(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: StepLayout,
+                         reverse: bool = False, reset_after: bool = True):
+    """`gru_layer` on the portable kernel, also returning gates (N, 3H) = [r | z | n]."""
+    return GRUTraceFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after)
+
+
 def rnn_layer(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: StepLayout,
               reverse: bool = False, nonlinearity: str = "tanh", backend: str = "auto"):
     """One Elman RNN layer, one direction: x (N, I), h0 (B, H) -> out (N, H), h_T (B, H)."""
@@ -76,6 +83,7 @@ def rnn_layer(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: StepLayout,
 
 
 __all__ = [
-    "BACKENDS", "GRUFunction", "NONLINEARITIES", "LSTMFunction", "LSTMVariantFunction",
-    "RNNFunction", "StepLayout", "gru_layer", "lstm_layer", "lstm_variant_layer", "rnn_layer",
+    "BACKENDS", "GRUFunction", "GRUTraceFunction", "NONLINEARITIES", "LSTMFunction",
+    "LSTMVariantFunction", "RNNFunction", "StepLayout", "gru_layer", "gru_layer_with_gates",
+    "lstm_layer", "lstm_variant_layer", "rnn_layer",
 ]
