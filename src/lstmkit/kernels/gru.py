@@ -19,9 +19,10 @@ Backward per step, dh including the output gradient:
 """
 
 import torch
+from torch.autograd.function import once_differentiable
 
-from ._precision import cast_like, cast_to, compute_dtype, dtypes_of, upcast
 from ._common import linear
+from ._precision import cast_like, cast_to, compute_dtype, dtypes_of, upcast
 from .layout import StepLayout
 
 
@@ -125,6 +126,7 @@ class GRUFunction(torch.autograd.Function):
         return tuple(cast_like((out, h_T), (originals[0], originals[1])))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, d_out, d_hT):
         x, h0, w_ih, w_hh, out, stash = ctx.saved_tensors
         d_out, d_hT = upcast((d_out, d_hT), x.dtype)

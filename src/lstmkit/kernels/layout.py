@@ -68,7 +68,7 @@ class StepLayout:
                 return torch.cat([sequence[B:], initial])
             return torch.cat([initial, sequence[:-B]])
         pieces = []
-        for t, (start, size) in enumerate(zip(self.offsets, self.batch_sizes)):
+        for t, size in enumerate(self.batch_sizes):
             neighbour = t + 1 if reverse else t - 1
             if 0 <= neighbour < self.steps:
                 carried = min(size, self.batch_sizes[neighbour])

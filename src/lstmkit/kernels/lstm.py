@@ -17,9 +17,10 @@ Then dW_ih = dA^T X, dW_hh = dA^T H_prev, db = sum dA, dX = dA W_ih, each one ma
 """
 
 import torch
+from torch.autograd.function import once_differentiable
 
-from ._precision import cast_like, cast_to, compute_dtype, dtypes_of, upcast
 from ._common import input_projection
+from ._precision import cast_like, cast_to, compute_dtype, dtypes_of, upcast
 from .layout import StepLayout
 
 
@@ -124,6 +125,7 @@ class LSTMFunction(torch.autograd.Function):
         return tuple(cast_like((out, h_T, c_T), (originals[0], originals[1], originals[2])))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, d_out, d_hT, d_cT):
         x, h0, c0, w_ih, w_hh, w_hr, out, gates, cells = ctx.saved_tensors
         d_out, d_hT, d_cT = upcast((d_out, d_hT, d_cT), x.dtype)

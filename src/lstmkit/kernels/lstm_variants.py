@@ -23,6 +23,7 @@ Then the weight gradients are one matrix product each over all rows, as in lstm.
 """
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..reference.variant import LSTMVariant
 from ._precision import cast_like, cast_to, compute_dtype, dtypes_of, upcast
@@ -327,6 +328,7 @@ class LSTMVariantFunction(torch.autograd.Function):
         return tuple(results)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, d_out, d_hT, d_cT, _d_gates, _d_cells):
         saved = ctx.saved_tensors
         x, h0, c0 = saved[:3]

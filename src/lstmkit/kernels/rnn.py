@@ -8,9 +8,10 @@ with act' taken from the saved output: 1 - h^2 for tanh, [h > 0] for relu.
 """
 
 import torch
+from torch.autograd.function import once_differentiable
 
-from ._precision import cast_like, cast_to, compute_dtype, dtypes_of, upcast
 from ._common import input_projection
+from ._precision import cast_like, cast_to, compute_dtype, dtypes_of, upcast
 from .layout import StepLayout
 
 NONLINEARITIES = ("tanh", "relu")
@@ -76,6 +77,7 @@ class RNNFunction(torch.autograd.Function):
         return tuple(cast_like((out, h_T), (originals[0], originals[1])))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, d_out, d_hT):
         x, h0, w_ih, w_hh, out = ctx.saved_tensors
         d_out, d_hT = upcast((d_out, d_hT), x.dtype)

@@ -33,7 +33,8 @@ def choice(name: str, value, options):
     return value
 
 
-def floating_tensor(name: str, value, like: torch.Tensor | None = None) -> torch.Tensor:
+def floating_tensor(name: str, value, like: torch.Tensor | None = None,
+                    like_name: str = "the input") -> torch.Tensor:
     """A floating-point tensor; with `like`, also of like's dtype and device."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -41,9 +42,10 @@ def floating_tensor(name: str, value, like: torch.Tensor | None = None) -> torch
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
     if like is not None:
         if value.dtype != like.dtype:
-            raise TypeError(f"{name} must have dtype {like.dtype} (as the input), got {value.dtype}")
+            raise TypeError(f"{name} must have dtype {like.dtype} (as {like_name}), "
+                            f"got {value.dtype}")
         if value.device != like.device:
-            raise ValueError(f"{name} must be on device {like.device} (as the input), "
+            raise ValueError(f"{name} must be on device {like.device} (as {like_name}), "
                              f"got {value.device}")
     return value
 

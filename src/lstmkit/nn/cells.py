@@ -64,7 +64,7 @@ class _CellBase(nn.Module):
 
     def forward(self, input, hx=None):
         """input (B, I) or (I,); hx state(s) (B, H) or (H,), zeros when None -> new state(s)."""
-        x = _checks.floating_tensor("input", input)
+        x = _checks.floating_tensor("input", input, self.weight_ih, "the parameters")
         if x.dim() not in (1, 2) or x.shape[-1] != self.input_size:
             raise ValueError(f"input must have shape (B, {self.input_size}) or "
                              f"({self.input_size},), got {tuple(x.shape)}")

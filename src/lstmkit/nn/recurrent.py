@@ -14,7 +14,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .. import kernels
 from ..kernels import StepLayout
@@ -116,12 +116,13 @@ class _RecurrentBase(nn.Module):
     def _flat_input(self, input):
         """Return (x (N, I), layout, batched, packed info or None) for any accepted input form."""
         if isinstance(input, PackedSequence):
-            data = _checks.floating_tensor("input.data", input.data)
+            data = _checks.floating_tensor("input.data", input.data, self.weight_ih_l0,
+                                           "the parameters")
             if data.dim() != 2 or data.shape[1] != self.input_size:
                 raise ValueError(f"PackedSequence data must have shape (N, {self.input_size}), "
                                  f"got {tuple(data.shape)}")
             return data, StepLayout.packed(input.batch_sizes.tolist()), True, input
-        x = _checks.floating_tensor("input", input)
+        x = _checks.floating_tensor("input", input, self.weight_ih_l0, "the parameters")
         if x.dim() not in (2, 3):
             raise ValueError(f"input must be 3-D (batched) or 2-D (unbatched), got {x.dim()}-D "
                              f"with shape {tuple(x.shape)}")
@@ -167,7 +168,7 @@ class _RecurrentBase(nn.Module):
             result.append(state)
         return result
 
-    def forward(self, input, hx=None, *, return_gates: bool = False):
+    def forward(self, input, hx=None, *, lengths=None, return_gates: bool = False):
         """Run the stack over a sequence.
 
         Args:
@@ -177,13 +178,20 @@ class _RecurrentBase(nn.Module):
                 (L*D, P) for unbatched input, in the caller's batch order; zeros when None.
                 Passing the final state of the previous chunk continues a long sequence
                 exactly (streaming); see `step` and `lstmkit.detach_state`.
+            lengths: optional, for batched padded input only (not in torch.nn): the true length
+                of each sequence (B,), each in [1, T]. Steps past a sequence's length are not
+                computed; its output there is zero and its final state is the one at its
+                last step. Saves the pack_padded_sequence / pad_packed_sequence round trip.
             return_gates: also return a `GateTrace` with every layer's and direction's
-                per-step gates and states (LSTM and GRU only).
+                per-step gates and states (LSTM and GRU only); with lengths, zero past
+                each sequence's length.
         Returns:
             output (same form as the input, with D*P features) and the final state(s), shaped
             like hx; and the GateTrace when return_gates.
         """
         _checks.flag("return_gates", return_gates)
+        if lengths is not None:
+            return self._forward_with_lengths(input, hx, lengths, return_gates)
         x, layout, batched, packed = self._flat_input(input)
         states = self._initial_states(hx, x, layout.batch, batched, packed)
         finals = [[] for _ in states]
@@ -234,6 +242,37 @@ class _RecurrentBase(nn.Module):
             return t.squeeze(1)
         return t.transpose(0, 1) if self.batch_first else t
 
+    def _forward_with_lengths(self, input, hx, lengths, return_gates=False):
+        if isinstance(input, PackedSequence) or not torch.is_tensor(input) or input.dim() != 3:
+            raise ValueError("lengths is only for batched padded input (a 3-D tensor), got "
+                             + (type(input).__name__ if not torch.is_tensor(input)
+                                else f"a {input.dim()}-D tensor"))
+        steps, batch = (input.shape[1], input.shape[0]) if self.batch_first else input.shape[:2]
+        lengths = torch.as_tensor(lengths)
+        if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+            raise TypeError(f"lengths must hold integers, got dtype {lengths.dtype}")
+        if lengths.shape != (batch,):
+            raise ValueError(f"lengths must have shape ({batch},) (one per sequence), "
+                             f"got {tuple(lengths.shape)}")
+        bad = ((lengths < 1) | (lengths > steps)).nonzero()
+        if len(bad):
+            b = int(bad[0])
+            raise ValueError(f"lengths must be in [1, {steps}] (the padded length), got "
+                             f"{int(lengths[b])} for sequence {b}")
+        packed = pack_padded_sequence(input, lengths.cpu(), batch_first=self.batch_first,
+                                      enforce_sorted=False)
+        output, state, *trace = self.forward(packed, hx, return_gates=return_gates)
+
+        def pad(sequence):
+            return pad_packed_sequence(sequence, batch_first=self.batch_first,
+                                       total_length=steps)[0]
+
+        if return_gates:
+            records = {key: {name: pad(t) for name, t in record.items()}
+                       for key, record in trace[0].items()}
+            return pad(output), state, GateTrace(trace[0].family, records)
+        return pad(output), state
+
     def _run_layer(self, x, states, weights, layout, reverse, return_gates):
         """One layer and direction -> (out (N, P), [final states], {name: (N, F)} or None)."""
         raise NotImplementedError
@@ -262,7 +301,7 @@ class _RecurrentBase(nn.Module):
             ...     y_t, state = lstm.step(x_t, state)
         """
         self._check_streamable()
-        x = _checks.floating_tensor("input", input)
+        x = _checks.floating_tensor("input", input, self.weight_ih_l0, "the parameters")
         if x.dim() not in (1, 2) or x.shape[-1] != self.input_size:
             raise ValueError(f"step input must have shape (B, {self.input_size}) or "
                              f"({self.input_size},), got {tuple(x.shape)}")

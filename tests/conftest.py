@@ -1,0 +1,34 @@
+"""Shared test helpers: one comparison function with tolerances derived per dtype."""
+
+import numpy as np
+import pytest
+import torch
+
+import lstmkit.kernels
+
+# Relative tolerances per dtype: float64 is exact to rounding over the short sequences used
+# here; float32 accumulates ~1e-7 per operation over a few hundred operations per value.
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+BACKENDS = [b for b in lstmkit.kernels.BACKENDS if b != "auto"]
+
+
+def assert_close(actual, expected, dtype=None, name=""):
+    """Compare tensors/arrays with the dtype's relative tolerance, scaled by the values' size.
+
+    atol = rtol * max(1, max|expected|): an entry that is ~0 by cancellation is held to the
+    precision of the largest entry, not to its own (unrepresentable) relative precision.
+    """
+    actual = torch.as_tensor(np.asarray(actual) if not torch.is_tensor(actual) else actual)
+    expected = torch.as_tensor(np.asarray(expected) if not torch.is_tensor(expected) else expected)
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    dtype = dtype or actual.dtype
+    rtol = RTOL[dtype]
+    scale = max(1.0, expected.detach().abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual.detach().to(torch.float64), expected.detach().to(torch.float64),
+                               rtol=rtol, atol=rtol * scale, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
