@@ -170,3 +170,14 @@ def test_saturation_of_a_real_trace():
         lstmkit.gate_saturation({})
     with pytest.raises(KeyError, match="available"):
         trace[5, "forward"]
+
+
+def test_trace_with_lengths_is_padded_like_the_output():
+    module = lstmkit.LSTM(2, 3, batch_first=True)
+    x = torch.randn(2, 5, 2)
+    out, _, trace = module(x, lengths=[5, 3], return_gates=True)
+    gate = trace[0, "forward"]["f"]
+    assert gate.shape == (2, 5, 3)
+    assert torch.all(gate[1, 3:] == 0) and torch.all(gate[1, :3] > 0)
+    _, _, full = module(x[1:, :3], return_gates=True)
+    torch.testing.assert_close(gate[1, :3], full[0, "forward"]["f"][0])

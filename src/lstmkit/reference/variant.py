@@ -43,7 +43,7 @@ def _check_flag(name: str, value) -> None:
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class LSTMVariant:
     """Options of an LSTM layer or cell; the defaults are exactly torch.nn.LSTM.
 
@@ -159,6 +159,9 @@ class LSTMVariant:
     def stochastic(self) -> bool:
         """True when training draws random masks (zoneout, recurrent dropout, DropConnect)."""
         return bool(self.zoneout_h or self.zoneout_c or self.recurrent_dropout or self.weight_drop)
+
+    def __repr__(self) -> str:
+        return f"LSTMVariant({self.describe()})"
 
     def describe(self) -> str:
         """The fields that differ from the defaults, as `name=value, ...` (for repr)."""
