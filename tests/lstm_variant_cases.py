@@ -25,6 +25,9 @@ VARIANTS = {
     "hardtanh": LSTMVariant(cell_activation="hardtanh", output_activation="hardtanh"),
     "layer_norm": LSTMVariant(layer_norm=True),
     "layer_norm_peepholes_cifg": LSTMVariant(layer_norm=True, peepholes=True, cifg=True),
+    "full_gate_recurrence": LSTMVariant(full_gate_recurrence=True, peepholes=True),
+    "full_gate_recurrence_cifg_no_output_gate": LSTMVariant(full_gate_recurrence=True, cifg=True,
+                                                            output_gate=False),
 }
 
 LN_NAMES = ("ln_ih_weight", "ln_ih_bias", "ln_hh_weight", "ln_hh_bias",
@@ -46,6 +49,8 @@ def random_problem(variant, T=4, B=2, I=3, H=3, P=None, bias=True, masks=(), see
         params["w_hr"] = rng.normal(size=(P, H)) * 0.6
     if variant.peepholes:
         params["w_peephole"] = rng.normal(size=3 * H) * 0.6
+    if variant.full_gate_recurrence:
+        params["w_gate"] = rng.normal(size=(3 * H, 3 * H)) * 0.6
     if variant.layer_norm:
         for name in LN_NAMES:
             size = H if "cell" in name else 4 * H
@@ -64,14 +69,21 @@ def random_problem(variant, T=4, B=2, I=3, H=3, P=None, bias=True, masks=(), see
               "c0": rng.normal(size=(B, H)) * 0.5}
     out_weights = {"dy": rng.normal(size=(T, B, P)), "dh": rng.normal(size=(B, P)),
                    "dc": rng.normal(size=(B, H))}
+    if variant.full_gate_recurrence:                  # the previous gates: a third state
+        inputs["q0"] = rng.random((B, 3 * H))
+        out_weights["dq"] = rng.normal(size=(B, 3 * H))
     return params, inputs, drawn, out_weights
 
 
 def reference_result(variant, params, inputs, masks, out_weights):
-    """Reference outputs and gradients of L = sum(dy*y) + sum(dh*h_T) + sum(dc*c_T)."""
+    """Reference outputs and gradients of L = sum(dy*y) + sum(dh*h_T) + sum(dc*c_T)
+    (+ sum(dq*q_T) with full gate recurrence). Outputs: (y, h_T, c_T[, q_T])."""
     y, h, c, cache = lstm_variant_forward(inputs["x"], inputs["h0"], inputs["c0"], params,
-                                          variant, masks)
-    grads = lstm_variant_backward(out_weights["dy"], out_weights["dh"], out_weights["dc"], cache)
+                                          variant, masks, q0=inputs.get("q0"))
+    grads = lstm_variant_backward(out_weights["dy"], out_weights["dh"], out_weights["dc"], cache,
+                                  dq_T=out_weights.get("dq"))
+    if "q0" in inputs:
+        return (y, h, c, cache[-1]), grads
     return (y, h, c), grads
 
 
@@ -94,15 +106,19 @@ def kernel_result(variant, params, inputs, masks, out_weights, dtype):
             kernel_masks[name] = tensor(masks[name], False).reshape(T * B, -1)
     if "recurrent" in masks:
         kernel_masks["recurrent"] = tensor(masks["recurrent"], False)
-    out, h, c, _, _ = kernels.lstm_variant_layer(
+    out, h, c, q, _, _ = kernels.lstm_variant_layer(
         ins["x"].reshape(T * B, -1), ins["h0"], ins["c0"], weights, kernel_masks, variant,
-        layout=StepLayout.padded(T, B))
+        q0=ins.get("q0"), layout=StepLayout.padded(T, B))
     loss = ((out * tensor(out_weights["dy"], False).reshape(T * B, -1)).sum()
             + (h * tensor(out_weights["dh"], False)).sum()
             + (c * tensor(out_weights["dc"], False)).sum())
+    if q is not None:
+        loss = loss + (q * tensor(out_weights["dq"], False)).sum()
     loss.backward()
     outputs = (out.detach().reshape(T, B, -1).double().numpy(), h.detach().double().numpy(),
                c.detach().double().numpy())
+    if q is not None:
+        outputs += (q.detach().double().numpy(),)
     grads = {name: t.grad.double().numpy() for name, t in {**p, **ins}.items()}
     grads["x"] = grads["x"].reshape(inputs["x"].shape)
     return outputs, grads

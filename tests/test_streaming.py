@@ -14,6 +14,9 @@ MODULES = {
         3, 5, num_layers=2, dtype=torch.float64,
         variant=LSTMVariant(peepholes=True, layer_norm=True, cifg=True, zoneout_h=0.1,
                             zoneout_c=0.2, recurrent_dropout=0.3)),
+    "lstm_full_gate_recurrence": lambda: lstmkit.LSTM(
+        3, 5, num_layers=2, dtype=torch.float64,
+        variant=LSTMVariant(full_gate_recurrence=True, cifg=True)),
     "gru": lambda: lstmkit.GRU(3, 5, num_layers=2, dtype=torch.float64),
     "gru_reset_before": lambda: lstmkit.GRU(3, 5, num_layers=2, reset_after=False,
                                             dtype=torch.float64),

@@ -33,9 +33,9 @@ def finite_difference_errors(variant, params, inputs, masks, out_weights):
     eps = 1e-6
 
     def loss():
-        (y, h, c), _ = reference_result(variant, params, inputs, masks, out_weights)
-        return ((y * out_weights["dy"]).sum() + (h * out_weights["dh"]).sum()
-                + (c * out_weights["dc"]).sum())
+        outputs, _ = reference_result(variant, params, inputs, masks, out_weights)
+        weights = [out_weights[k] for k in ("dy", "dh", "dc", "dq") if k in out_weights]
+        return sum((a * w).sum() for a, w in zip(outputs, weights, strict=True))
 
     errors = {}
     for name, array in {**params, **inputs}.items():
@@ -135,7 +135,7 @@ def test_kernel_matches_reference(name, dtype):
     dict(T=300, B=2, I=2, H=3),               # long
 ])
 def test_kernel_matches_reference_at_odd_sizes(shape):
-    variant = LSTMVariant(peepholes=True, layer_norm=True, cifg=True)
+    variant = LSTMVariant(peepholes=True, layer_norm=True, cifg=True, full_gate_recurrence=True)
     problem = random_problem(variant, **shape, masks=ALL_MASKS, seed=6)
     ref_out, ref_grads = reference_result(variant, *problem)
     outs, grads = kernel_result(variant, *problem, dtype=torch.float64)
@@ -148,7 +148,7 @@ def test_kernel_matches_reference_at_odd_sizes(shape):
 def test_kernel_packed_and_reverse_match_reference_per_sequence():
     """Packed sequences of different lengths, both directions: each sequence as the
     reference runs it alone (reverse = the reference on the time-flipped sequence)."""
-    variant = LSTMVariant(peepholes=True, layer_norm=True, cifg=True)
+    variant = LSTMVariant(peepholes=True, layer_norm=True, cifg=True, full_gate_recurrence=True)
     lengths = (5, 3, 2)
     params, _, _, _ = random_problem(variant, I=3, H=4, seed=7)
     rng = np.random.default_rng(7)
@@ -160,7 +160,7 @@ def test_kernel_packed_and_reverse_match_reference_per_sequence():
     p = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
     for reverse in (False, True):
         xt = torch.tensor(x, requires_grad=True)
-        out, h_T, c_T, _, _ = kernels.lstm_variant_layer(
+        out, h_T, c_T, _, _, _ = kernels.lstm_variant_layer(
             xt, torch.tensor(h0), torch.tensor(c0), p, {}, variant, layout=layout,
             reverse=reverse)
         out.sum().backward()
@@ -183,7 +183,8 @@ def test_kernel_packed_and_reverse_match_reference_per_sequence():
     LSTMVariant(peepholes=True, cifg=True),
     LSTMVariant(layer_norm=True, gate_activation="hard_sigmoid", cell_activation="softsign"),
     LSTMVariant(input_gate=False, output_gate=False, output_activation="identity"),
-], ids=["peephole_cifg", "layer_norm_activations", "ablations"])
+    LSTMVariant(full_gate_recurrence=True, peepholes=True),
+], ids=["peephole_cifg", "layer_norm_activations", "ablations", "full_gate_recurrence"])
 def test_variant_function_gradcheck(variant):
     torch.manual_seed(0)
     T, B, I, H, P = 3, 2, 2, 3, 2
@@ -196,6 +197,8 @@ def test_variant_function_gradcheck(variant):
               "b_hh": leaf(4 * H), "w_hr": leaf(P, H)}
     if variant.peepholes:
         params["w_peephole"] = leaf(3 * H)
+    if variant.full_gate_recurrence:
+        params["w_gate"] = leaf(3 * H, 3 * H)
     if variant.layer_norm:
         for stem, size in (("ih", 4 * H), ("hh", 4 * H), ("cell", H)):
             params[f"ln_{stem}_weight"] = leaf(size, offset=1.0)
@@ -205,13 +208,14 @@ def test_variant_function_gradcheck(variant):
              "recurrent": torch.bernoulli(torch.full((B, P), 0.7, dtype=torch.float64)) / 0.7}
     names = list(params)
 
-    def run(x, h0, c0, *values):
-        out, h, c, _, _ = kernels.lstm_variant_layer(
-            x, h0, c0, dict(zip(names, values, strict=True)), masks, variant, layout=layout)
-        return out, h, c
+    def run(x, h0, c0, q0, *values):
+        out, h, c, q, _, _ = kernels.lstm_variant_layer(
+            x, h0, c0, dict(zip(names, values, strict=True)), masks, variant,
+            q0=q0 if variant.full_gate_recurrence else None, layout=layout)
+        return (out, h, c) if q is None else (out, h, c, q)
 
     assert torch.autograd.gradcheck(run, (leaf(T * B, I), leaf(B, P), leaf(B, H),
-                                          *params.values()))
+                                          leaf(B, 3 * H), *params.values()))
 
 
 # -- modules -------------------------------------------------------------------------------------
@@ -297,7 +301,7 @@ def _reference_stack(module, x, variant):
 
 def test_module_variant_matches_reference_through_layers_and_directions():
     variant = LSTMVariant(peepholes=True, layer_norm=True, cifg=True, zoneout_h=0.2,
-                          zoneout_c=0.3)
+                          zoneout_c=0.3, full_gate_recurrence=True)
     torch.manual_seed(2)
     module = lstmkit.LSTM(3, 4, num_layers=2, bidirectional=True, variant=variant,
                           dtype=torch.float64).eval()
@@ -309,6 +313,25 @@ def test_module_variant_matches_reference_through_layers_and_directions():
     expected = _reference_stack(module, x, variant)
     got = module(torch.tensor(x))[0].detach().numpy()
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+
+
+def test_full_gate_recurrence_state_is_h_c_q():
+    torch.manual_seed(7)
+    module = lstmkit.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2,
+                          variant=LSTMVariant(full_gate_recurrence=True))
+    assert module.weight_gate_l1_reverse.shape == (12, 12)
+    x = torch.randn(5, 2, 3)
+    out, (h, c, q) = module(x)
+    assert h.shape == (4, 2, 2) and c.shape == (4, 2, 4) and q.shape == (4, 2, 12)
+    _, _, trace = module(x, return_gates=True)
+    last = trace[1, "forward"]
+    torch.testing.assert_close(q[2], torch.cat([last["i"][-1], last["f"][-1], last["o"][-1]], 1))
+    with pytest.raises(TypeError, match=r"\(h_0, c_0, q_0\).*full_gate_recurrence.*tuple of 2"):
+        module(x, (h, c))
+    with pytest.raises(ValueError, match=r"q_0 must have shape \(4, 2, 12\)"):
+        module(x, (h, c, q[:, :, :3]))
+    with pytest.raises(ValueError, match="full_gate_recurrence"):
+        lstmkit.LSTMCell(3, 4, variant=LSTMVariant(full_gate_recurrence=True))
 
 
 def test_cell_variant_is_one_step_of_the_layer():
@@ -351,11 +374,12 @@ def test_greff_presets():
     assert LSTMVariant.greff("NOAF").output_activation == "identity"
     assert LSTMVariant.greff("CIFG", layer_norm=True) == LSTMVariant(peepholes=True, cifg=True,
                                                                       layer_norm=True)
-    for name in ("V", "NIG", "NFG", "NOG", "NIAF", "NOAF", "NP", "CIFG"):
+    assert LSTMVariant.greff("FGR").full_gate_recurrence is True
+    for name in ("V", "NIG", "NFG", "NOG", "NIAF", "NOAF", "NP", "CIFG", "FGR"):
         out, _ = lstmkit.LSTM(2, 3, variant=LSTMVariant.greff(name))(torch.randn(4, 1, 2))
         assert torch.isfinite(out).all()
-    with pytest.raises(ValueError, match="FGR"):
-        LSTMVariant.greff("FGR")
+    with pytest.raises(ValueError, match="'LSTM5'"):
+        LSTMVariant.greff("LSTM5")
 
 
 # -- stochastic regularisers ---------------------------------------------------------------------

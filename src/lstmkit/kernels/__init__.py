@@ -40,13 +40,15 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
     return fn.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse)
 
 
-def lstm_variant_layer(x, h0, c0, params: dict, masks: dict, variant, *, layout: StepLayout,
-                       reverse: bool = False, backend: str = "auto"):
+def lstm_variant_layer(x, h0, c0, params: dict, masks: dict, variant, *, q0=None,
+                       layout: StepLayout, reverse: bool = False, backend: str = "auto"):
     """One LSTM-variant layer, one direction (see lstm_variants.py); portable backend only.
 
     params: w_ih, w_hh, ... as `LSTMVariantFunction`'s (missing keys are absent); masks:
-    zoneout_h, zoneout_c, recurrent (missing keys are off).
-    Returns out (N, P), h_T (B, P), c_T (B, H), gates (N, 4H), cells (N, H).
+    zoneout_h, zoneout_c, recurrent (missing keys are off); q0 (B, 3H): the previous gates,
+    for full gate recurrence (zeros when None).
+    Returns out (N, P), h_T (B, P), c_T (B, H), q_T (B, 3H) or None without full gate
+    recurrence, gates (N, 4H), cells (N, H).
     """
     if backend not in ("auto", "portable"):
         raise ValueError(f"backend={backend!r} has no kernel for LSTM variants (peepholes, layer "
@@ -55,9 +57,14 @@ def lstm_variant_layer(x, h0, c0, params: dict, masks: dict, variant, *, layout:
     if unknown:
         raise ValueError(f"unknown LSTM-variant arguments {sorted(unknown)}; expected some of "
                          f"{_VARIANT_PARAMETERS + _VARIANT_MASKS}")
-    return LSTMVariantFunction.apply(x, h0, c0, *(params.get(k) for k in _VARIANT_PARAMETERS),
-                                     *(masks.get(k) for k in _VARIANT_MASKS), variant, layout,
-                                     reverse)
+    if variant.full_gate_recurrence and q0 is None:
+        q0 = h0.new_zeros(h0.shape[0], 3 * (c0.shape[1]))
+    if not variant.full_gate_recurrence:
+        q0 = None
+    out, h_T, c_T, q_T, gates, cells = LSTMVariantFunction.apply(
+        x, h0, c0, q0, *(params.get(k) for k in _VARIANT_PARAMETERS),
+        *(masks.get(k) for k in _VARIANT_MASKS), variant, layout, reverse)
+    return out, h_T, c_T, (q_T if q0 is not None else None), gates, cells
 
 
 def gru_layer(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: StepLayout,

@@ -9,6 +9,7 @@ plain LSTM keeps its own, faster kernel in lstm.py), or when the caller asks for
 
 Forward per step (the x-part for all steps as one matrix product, then normalised once):
     r = h * d_r;  a = [LN_x](x W_ih^T)[rows] + [LN_h](r W_hh^T) + b;  a_{i,f} += p_{i,f} * c
+    a_{i,f,o} += q W_gg^T   (full gate recurrence, q = the previous step's [i | f | o])
     i, f, g = sigma(a_i) | 1,  sigma(a_f) | 1 - i | 1,  phi(a_g);  c~ = f * c + i * g
     o = sigma(a_o + p_o * c~) | 1;  s = psi([LN_c](c~));  h~ = (o * s) [W_hr^T]
     c' = z_c * c + (1 - z_c) * c~;  h' = z_h * h + (1 - z_h) * h~
@@ -19,6 +20,8 @@ Backward per step (reverse order), dh including the output gradient:
     dh~ = dh (1 - z_h);  dc~ = dc (1 - z_c) + [LN_c'](dm o psi'(s)) + da_o p_o, dm = dh~ [W_hr]
     da = [dc~ g (- dc~ c for cifg), dc~ c, dc~ i, dm s] * activation slopes (0 for a removed gate)
     dh_prev = dh z_h + ([LN_h'](da) W_hh) * d_r;  dc_prev = dc z_c + dc~ f + da_i p_i + da_f p_f
+    full gate recurrence: dq (the gradient of the gates as values) joins di, df, do, and
+    dq_prev = [da_i, da_f, da_o] W_gg
 Then the weight gradients are one matrix product each over all rows, as in lstm.py.
 """
 
@@ -96,11 +99,12 @@ def _per_row(batch_mask, layout: StepLayout):
 # -- forward and backward ---------------------------------------------------------------------
 
 
-def lstm_variant_forward(x, h0, c0, p: dict, masks: dict, v: LSTMVariant, layout: StepLayout,
-                         reverse: bool):
-    """x (N, I), h0 (B, P), c0 (B, H) -> out (N, P), h_T (B, P), c_T (B, H), stash dict.
+def lstm_variant_forward(x, h0, c0, q0, p: dict, masks: dict, v: LSTMVariant,
+                         layout: StepLayout, reverse: bool):
+    """x (N, I), h0 (B, P), c0 (B, H), q0 (B, 3H) | None
+    -> out (N, P), h_T (B, P), c_T (B, H), q_T (B, 3H) | None, stash dict.
 
-    p: w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, ln_* (None where absent).
+    p: w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, w_gate, ln_* (None where absent).
     masks: zoneout_h (N, P) or (1, P), zoneout_c (N, H) or (1, H), recurrent (B, P); or None.
     """
     H = p["w_hh"].shape[0] // 4
@@ -127,7 +131,10 @@ def lstm_variant_forward(x, h0, c0, p: dict, masks: dict, v: LSTMVariant, layout
     w_hr_t = None if p["w_hr"] is None else p["w_hr"].t()
     if v.peepholes:
         p_i, p_f, p_o = p["w_peephole"].chunk(3)
+    fgr = v.full_gate_recurrence
+    w_gate_t = p["w_gate"].t() if fgr else None
     h, c = h0.clone(), c0.clone()
+    q = q0.clone() if fgr else None
     for rows, size in layout.order(reverse):
         h_prev, c_prev = h[:size], c[:size]
         r = h_prev if d_r is None else h_prev * d_r[:size]
@@ -138,6 +145,10 @@ def lstm_variant_forward(x, h0, c0, p: dict, masks: dict, v: LSTMVariant, layout
         a = gates[rows]
         a.add_(ah)
         a_i, a_f, a_g, a_o = a.chunk(4, 1)
+        if fgr:
+            aq = q[:size] @ w_gate_t                              # (B, 3H)
+            a[:, :2 * H].add_(aq[:, :2 * H])
+            a_o.add_(aq[:, 2 * H:])
         if v.peepholes:
             a_i.addcmul_(p_i, c_prev)
             a_f.addcmul_(p_f, c_prev)
@@ -175,13 +186,24 @@ def lstm_variant_forward(x, h0, c0, p: dict, masks: dict, v: LSTMVariant, layout
             cells[rows] = torch.addcmul(c_new, _rows(z_c, rows), c_prev - c_new)
         h[:size] = h_new
         c[:size] = cells[rows]
+        if fgr:
+            q[:size, :2 * H] = a[:, :2 * H]
+            q[:size, 2 * H:] = a_o
     st.update(gates=gates, cells=cells, cand=cand, s=s_all)
-    return out, h, c, st
+    return out, h, c, q, st
 
 
-def lstm_variant_backward(d_out, d_hT, d_cT, x, h0, c0, p, masks, out, st, v: LSTMVariant,
-                          layout: StepLayout, reverse: bool, needs_input_grad: bool):
-    """Gradients of `lstm_variant_forward`: dx, dh0, dc0 and a dict of parameter gradients."""
+def _ifo(t):
+    """[i | f | o] of gate rows [i | f | g | o] (M, 4H) -> (M, 3H)."""
+    H = t.shape[1] // 4
+    return torch.cat([t[:, :2 * H], t[:, 3 * H:]], 1)
+
+
+def lstm_variant_backward(d_out, d_hT, d_cT, d_qT, x, h0, c0, q0, p, masks, out, st,
+                          v: LSTMVariant, layout: StepLayout, reverse: bool,
+                          needs_input_grad: bool):
+    """Gradients of `lstm_variant_forward`: dx, dh0, dc0, dq0 and a dict of parameter
+    gradients."""
     H = p["w_hh"].shape[0] // 4
     z_h, z_c, d_r = masks["zoneout_h"], masks["zoneout_c"], masks["recurrent"]
     gates, cells, cand, s_all = st["gates"], st["cells"], st["cand"], st["s"]
@@ -193,7 +215,9 @@ def lstm_variant_backward(d_out, d_hT, d_cT, x, h0, c0, p, masks, out, st, v: LS
     w_hh, w_hr = p["w_hh"], p["w_hr"]
     if v.peepholes:
         p_i, p_f, p_o = p["w_peephole"].chunk(3)
+    fgr = v.full_gate_recurrence
     dh, dc = d_hT.clone(), d_cT.clone()
+    dq = d_qT.clone() if fgr else None
     for rows, size in layout.order(not reverse):
         dh_t = d_out[rows] + dh[:size]
         dc_t = dc[:size]
@@ -223,14 +247,22 @@ def lstm_variant_backward(d_out, d_hT, d_cT, x, h0, c0, p, masks, out, st, v: LS
             d_c_out = _layer_norm_backward(d_c_out, st["c_hat"][rows], st["rstd_c"][rows],
                                            p["ln_cell_weight"])
         dc_new = dc_t + d_c_out                                  # dL/dc~
+        if fgr:                                                  # q_t = [i, f, o] as values
+            dq_i, dq_f, dq_o = dq[:size].chunk(3, 1)
         if v.output_gate:
-            torch.mul(dm, s, out=da_o).mul_(_slope(v.gate_activation, o))
+            torch.mul(dm, s, out=da_o)
+            if fgr:
+                da_o.add_(dq_o)
+            da_o.mul_(_slope(v.gate_activation, o))
             if v.peepholes:
                 dc_new.addcmul_(da_o, p_o)
         else:
             da_o.zero_()
         torch.mul(dc_new, g, out=da_i)                           # di
         torch.mul(dc_new, c_prev, out=da_f)                      # df
+        if fgr:
+            da_i.add_(dq_i)
+            da_f.add_(dq_f)
         torch.mul(dc_new, i, out=da_g).mul_(_slope(v.cell_activation, g))
         dc_from_cell = dc_new * f
         dc_prev = dc_from_cell if dc_prev is None else dc_prev.add_(dc_from_cell)
@@ -259,6 +291,8 @@ def lstm_variant_backward(d_out, d_hT, d_cT, x, h0, c0, p, masks, out, st, v: LS
             dr.add_(dh_prev)
         dh[:size] = dr
         dc[:size] = dc_prev
+        if fgr:
+            dq[:size] = _ifo(da) @ p["w_gate"]
     grads = {}
     d_ax = d_gates
     if v.layer_norm:
@@ -280,17 +314,19 @@ def lstm_variant_backward(d_out, d_hT, d_cT, x, h0, c0, p, masks, out, st, v: LS
     grads["b_hh"] = db.clone() if p["b_hh"] is not None else None
     if w_hr is not None:
         grads["w_hr"] = d_h_tilde.t() @ (gates[:, 3 * H:] * s_all)
+    if fgr:
+        grads["w_gate"] = _ifo(d_gates).t() @ layout.previous_rows(_ifo(gates), q0, reverse)
     if v.peepholes:
         grads["w_peephole"] = torch.cat([
             (d_gates[:, :H] * c_prev_rows).sum(0),
             (d_gates[:, H:2 * H] * c_prev_rows).sum(0),
             (d_gates[:, 3 * H:] * cand).sum(0)])
-    return dx, dh, dc, grads
+    return dx, dh, dc, dq, grads
 
 
 # -- autograd Function -----------------------------------------------------------------------
 
-PARAMETERS = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "w_peephole",
+PARAMETERS = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "w_peephole", "w_gate",
               "ln_ih_weight", "ln_ih_bias", "ln_hh_weight", "ln_hh_bias",
               "ln_cell_weight", "ln_cell_bias")
 MASKS = ("zoneout_h", "zoneout_c", "recurrent")
@@ -300,47 +336,54 @@ _STASH = ("gates", "cells", "cand", "s", "x_hat", "rstd_x", "h_hat", "rstd_h", "
 class LSTMVariantFunction(torch.autograd.Function):
     """One LSTM-variant layer in one direction over a flat time-major sequence.
 
-    apply(x (N, I), h0 (B, P), c0 (B, H), w_ih (4H, I), w_hh (4H, P), b_ih, b_hh (4H,) | None,
-          w_hr (P, H) | None, w_peephole (3H,) | None, ln_ih_weight, ln_ih_bias,
+    apply(x (N, I), h0 (B, P), c0 (B, H), q0 (B, 3H) | None, w_ih (4H, I), w_hh (4H, P),
+          b_ih, b_hh (4H,) | None, w_hr (P, H) | None, w_peephole (3H,) | None,
+          w_gate (3H, 3H) | None, ln_ih_weight, ln_ih_bias,
           ln_hh_weight, ln_hh_bias (4H,) | None, ln_cell_weight, ln_cell_bias (H,) | None,
           zoneout_h (N or 1, P) | None, zoneout_c (N or 1, H) | None, recurrent (B, P) | None,
           variant: LSTMVariant, layout: StepLayout, reverse: bool)
-    -> out (N, P), h_T (B, P), c_T (B, H), gates (N, 4H) [i | f | g | o], cells (N, H)
+    -> out (N, P), h_T (B, P), c_T (B, H), q_T (B, 3H) (empty without full gate recurrence),
+       gates (N, 4H) [i | f | g | o], cells (N, H)
 
     gates and cells are the values the forward stored for its backward, returned as
     non-differentiable outputs for introspection: they cost nothing extra.
     """
 
     @staticmethod
-    def forward(ctx, x, h0, c0, *args):
+    def forward(ctx, x, h0, c0, q0, *args):
         tensors, (variant, layout, reverse) = args[:-3], args[-3:]
-        originals = (x, h0, c0, *tensors)
-        x, h0, c0, *tensors = upcast(originals, compute_dtype(x.dtype))
+        originals = (x, h0, c0, q0, *tensors)
+        x, h0, c0, q0, *tensors = upcast(originals, compute_dtype(x.dtype))
         p = dict(zip(PARAMETERS, tensors[:len(PARAMETERS)], strict=True))
         masks = dict(zip(MASKS, tensors[len(PARAMETERS):], strict=True))
-        out, h_T, c_T, st = lstm_variant_forward(x, h0, c0, p, masks, variant, layout, reverse)
-        ctx.save_for_backward(x, h0, c0, *tensors, out, *(st.get(k) for k in _STASH))
+        out, h_T, c_T, q_T, st = lstm_variant_forward(x, h0, c0, q0, p, masks, variant, layout,
+                                                      reverse)
+        ctx.save_for_backward(x, h0, c0, q0, *tensors, out, *(st.get(k) for k in _STASH))
         ctx.variant, ctx.layout, ctx.reverse = variant, layout, reverse
         ctx.dtypes = dtypes_of(originals)
-        results = cast_like((out, h_T, c_T, st["gates"], st["cells"]),
-                            (originals[0], originals[1], originals[2], originals[0], originals[0]))
-        ctx.mark_non_differentiable(results[3], results[4])
+        if q_T is None:
+            q_T = h_T.new_empty(0)
+        like = (originals[0], originals[1], originals[2], originals[0], originals[0], originals[0])
+        results = cast_like((out, h_T, c_T, q_T, st["gates"], st["cells"]), like)
+        ctx.mark_non_differentiable(*results[4:] if q0 is not None else results[3:])
         return tuple(results)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, d_out, d_hT, d_cT, _d_gates, _d_cells):
+    def backward(ctx, d_out, d_hT, d_cT, d_qT, _d_gates, _d_cells):
         saved = ctx.saved_tensors
-        x, h0, c0 = saved[:3]
+        x, h0, c0, q0 = saved[:4]
         count = len(PARAMETERS) + len(MASKS)
-        tensors, out = saved[3:3 + count], saved[3 + count]
-        st = dict(zip(_STASH, saved[4 + count:], strict=True))
+        tensors, out = saved[4:4 + count], saved[4 + count]
+        st = dict(zip(_STASH, saved[5 + count:], strict=True))
         p = dict(zip(PARAMETERS, tensors[:len(PARAMETERS)], strict=True))
         masks = dict(zip(MASKS, tensors[len(PARAMETERS):], strict=True))
         d_out, d_hT, d_cT = upcast((d_out, d_hT, d_cT), x.dtype)
-        dx, dh0, dc0, grads = lstm_variant_backward(
-            d_out, d_hT, d_cT, x, h0, c0, p, masks, out, st, ctx.variant, ctx.layout,
+        if q0 is not None:
+            d_qT = torch.zeros_like(q0) if d_qT is None else d_qT.to(x.dtype)
+        dx, dh0, dc0, dq0, grads = lstm_variant_backward(
+            d_out, d_hT, d_cT, d_qT, x, h0, c0, q0, p, masks, out, st, ctx.variant, ctx.layout,
             ctx.reverse, ctx.needs_input_grad[0])
-        result = [dx, dh0, dc0] + [grads.get(name) if p[name] is not None else None
-                                   for name in PARAMETERS] + [None] * len(MASKS)
+        result = [dx, dh0, dc0, dq0] + [grads.get(name) if p[name] is not None else None
+                                        for name in PARAMETERS] + [None] * len(MASKS)
         return (*cast_to(result, ctx.dtypes), None, None, None)

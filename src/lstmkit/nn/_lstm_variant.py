@@ -32,6 +32,8 @@ def extra_shapes(variant: LSTMVariant, hidden_size: int) -> list[tuple[str, tupl
     shapes = []
     if variant.peepholes:
         shapes.append(("weight_peephole", (3 * H,)))          # [p_i | p_f | p_o]
+    if variant.full_gate_recurrence:
+        shapes.append(("weight_gate", (3 * H, 3 * H)))        # [i | f | o]_{t-1} -> a_{i,f,o}
     if variant.layer_norm:
         shapes += [("ln_ih_weight", (4 * H,)), ("ln_ih_bias", (4 * H,)),
                    ("ln_hh_weight", (4 * H,)), ("ln_hh_bias", (4 * H,)),
@@ -41,7 +43,7 @@ def extra_shapes(variant: LSTMVariant, hidden_size: int) -> list[tuple[str, tupl
 
 # parameter stem -> keyword argument of the kernels
 KERNEL_ARGUMENT = {"weight_ih": "w_ih", "weight_hh": "w_hh", "bias_ih": "b_ih", "bias_hh": "b_hh",
-                   "weight_hr": "w_hr", "weight_peephole": "w_peephole",
+                   "weight_hr": "w_hr", "weight_peephole": "w_peephole", "weight_gate": "w_gate",
                    "ln_ih_weight": "ln_ih_weight", "ln_ih_bias": "ln_ih_bias",
                    "ln_hh_weight": "ln_hh_weight", "ln_hh_bias": "ln_hh_bias",
                    "ln_cell_weight": "ln_cell_weight", "ln_cell_bias": "ln_cell_bias"}

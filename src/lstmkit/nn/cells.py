@@ -121,6 +121,10 @@ class LSTMCell(_CellBase):
                              f"{self.variant.recurrent_dropout} or weight_drop="
                              f"{self.variant.weight_drop}: they draw one mask per sequence and a "
                              "cell sees one step; use lstmkit.LSTM (whose step() also streams)")
+        if self.variant.full_gate_recurrence:
+            raise ValueError("LSTMCell cannot apply full_gate_recurrence=True: it carries the "
+                             "previous gates as a third state beside (h, c); use lstmkit.LSTM, "
+                             "whose state is then (h, c, q) and whose step() also streams")
         super().__init__(input_size, hidden_size, bias, device, dtype, backend=backend)
 
     def _extra_shapes(self):
@@ -143,7 +147,7 @@ class LSTMCell(_CellBase):
         h0, c0 = states
         masks = _lstm_variant.draw_masks(self.variant, self.training, layout, x, h0.shape[1],
                                          c0.shape[1])
-        out, h, c, _, _ = kernels.lstm_variant_layer(x, h0, c0, self._weights(), masks,
+        out, h, c, _, _, _ = kernels.lstm_variant_layer(x, h0, c0, self._weights(), masks,
                                                      self.variant, layout=layout,
                                                      backend=self.backend)
         return out, h, c

@@ -109,6 +109,9 @@ class _RecurrentBase(nn.Module):
         """Feature size of each state tensor: (P,) for h, plus (H,) for the LSTM's c."""
         return (self.proj_size or self.hidden_size,)
 
+    def _describe_state(self) -> str:
+        return type(self).__name__
+
     def _layer_weights(self, index: int) -> dict:
         """Keyword arguments of the kernel for one layer and direction: w_ih, w_hh, ..."""
         return {arg: getattr(self, name) for arg, name in self._weight_names[index].items()}
@@ -147,16 +150,18 @@ class _RecurrentBase(nn.Module):
         sizes = self._state_sizes()
         if hx is None:
             return [x.new_zeros(count, batch, size) for size in sizes]
-        names = ("h_0", "c_0")[:len(sizes)]
+        names = ("h_0", "c_0", "q_0")[:len(sizes)]
         if len(sizes) > 1:
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise TypeError(f"hx must be a tuple (h_0, c_0) for {type(self).__name__}, "
-                                f"got {type(hx).__name__}")
+            if not isinstance(hx, (tuple, list)) or len(hx) != len(sizes):
+                described = (f"{type(hx).__name__} of {len(hx)}"
+                             if isinstance(hx, (tuple, list)) else type(hx).__name__)
+                raise TypeError(f"hx must be a tuple ({', '.join(names)}) for "
+                                f"{self._describe_state()}, got {described}")
             states = list(hx)
         else:
             states = [hx]
         result = []
-        for name, state, size in zip(names, states, sizes):
+        for name, state, size in zip(names, states, sizes, strict=True):
             _checks.floating_tensor(name, state, like=x)
             if batched:
                 _checks.shape(name, state, (count, batch, size))
@@ -375,7 +380,15 @@ class LSTM(_RecurrentBase):
         return super().extra_repr() + (f", variant=LSTMVariant({described})" if described else "")
 
     def _state_sizes(self):
-        return (self.proj_size or self.hidden_size, self.hidden_size)
+        sizes = (self.proj_size or self.hidden_size, self.hidden_size)
+        if self.variant.full_gate_recurrence:        # q: the previous step's [i | f | o]
+            return (*sizes, 3 * self.hidden_size)
+        return sizes
+
+    def _describe_state(self) -> str:
+        if self.variant.full_gate_recurrence:
+            return "LSTM with full_gate_recurrence (the previous gates are a third state)"
+        return "LSTM"
 
     def _check_streamable(self) -> None:
         super()._check_streamable()
@@ -387,7 +400,7 @@ class LSTM(_RecurrentBase):
                              ".eval() for online inference, or train on whole chunks with forward")
 
     def _run_layer(self, x, states, weights, layout, reverse, return_gates):
-        h0, c0 = states
+        h0, c0, *q0 = states
         v = self.variant
         if v.weight_drop and self.training:         # DropConnect: one mask per call
             weights = {**weights, "w_hh": _lstm_variant.drop_connect(weights["w_hh"],
@@ -398,14 +411,14 @@ class LSTM(_RecurrentBase):
                                                reverse=reverse, backend=self.backend)
             return out, (h_T, c_T), None
         masks = _lstm_variant.draw_masks(v, self.training, layout, x, h0.shape[1], c0.shape[1])
-        out, h_T, c_T, gates, cells = kernels.lstm_variant_layer(
-            x, h0, c0, weights, masks, v, layout=layout, reverse=reverse,
-            backend=self.backend if needs_variant else "portable")
+        out, h_T, c_T, q_T, gates, cells = kernels.lstm_variant_layer(
+            x, h0, c0, weights, masks, v, q0=q0[0] if q0 else None, layout=layout,
+            reverse=reverse, backend=self.backend if needs_variant else "portable")
         trace = None
         if return_gates:
             i, f, g, o = gates.chunk(4, 1)
             trace = {"i": i, "f": f, "g": g, "o": o, "c": cells, "h": out.detach()}
-        return out, (h_T, c_T), trace
+        return out, (h_T, c_T) if q_T is None else (h_T, c_T, q_T), trace
 
 
 class GRU(_RecurrentBase):

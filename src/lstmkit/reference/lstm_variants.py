@@ -10,6 +10,7 @@ the variant field named on the right:
     W        = W_hh * D                                 DropConnect mask D (4H, P), per call
     a        = x_t W_ih^T + r W^T + b_ih + b_hh         (B, 4H)
              = LN_x(x_t W_ih^T) + LN_h(r W^T) + b ...   layer_norm
+    a_{ifo} += q_{t-1} W_gg^T,  q = [i | f | o]         full_gate_recurrence (q_{-1} = q0)
     a_i     += p_i * c_{t-1};  a_f += p_f * c_{t-1}     peepholes
     i        = sigma(a_i)          or 1                 gate_activation / input_gate=False
     f        = sigma(a_f), 1 - i   or 1                 cifg / forget_gate=False
@@ -30,7 +31,7 @@ import numpy as np
 from ._common import dsigmoid_from_output, dtanh_from_output, sigmoid
 from .variant import LSTMVariant
 
-PARAMETERS = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "w_peephole",
+PARAMETERS = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "w_peephole", "w_gate",
               "ln_ih_weight", "ln_ih_bias", "ln_hh_weight", "ln_hh_bias",
               "ln_cell_weight", "ln_cell_bias")
 
@@ -89,18 +90,21 @@ def layer_norm_backward(d_out, cache, gain):
 
 # -- the cell ------------------------------------------------------------------------------------
 
-def lstm_variant_forward(x, h0, c0, params, variant: LSTMVariant, masks=None):
+def lstm_variant_forward(x, h0, c0, params, variant: LSTMVariant, masks=None, q0=None):
     """Run one LSTM layer with the equations `variant` selects.
 
     Args:
         x (T, B, I), h0 (B, P), c0 (B, H).
         params: dict with w_ih (4H, I), w_hh (4H, P), and as needed b_ih, b_hh (4H,),
-            w_hr (P, H), w_peephole (3H,) = [p_i | p_f | p_o], ln_ih_weight/bias (4H,),
+            w_hr (P, H), w_peephole (3H,) = [p_i | p_f | p_o], w_gate (3H, 3H) mapping the
+            previous [i | f | o] to [a_i | a_f | a_o], ln_ih_weight/bias (4H,),
             ln_hh_weight/bias (4H,), ln_cell_weight/bias (H,); a missing key means absent.
         masks: dict, any of zoneout_h (T, B, P), zoneout_c (T, B, H) (1 = keep the previous
             value), recurrent (B, P) and weight (4H, P) (already scaled by 1 / keep).
+        q0: (B, 3H) the gates before the first step, for full_gate_recurrence (zeros if None).
     Returns:
-        y (T, B, P), h_T (B, P), c_T (B, H), cache for `lstm_variant_backward`.
+        y (T, B, P), h_T (B, P), c_T (B, H), cache for `lstm_variant_backward`; with
+        full_gate_recurrence the last gates q_T (B, 3H) are `cache[-1]`.
     """
     v = variant
     masks = masks or {}
@@ -111,9 +115,10 @@ def lstm_variant_forward(x, h0, c0, params, variant: LSTMVariant, masks=None):
     if v.peepholes:
         p_i, p_f, p_o = p["w_peephole"][:H], p["w_peephole"][H:2 * H], p["w_peephole"][2 * H:]
     h, c = h0, c0
+    q = np.zeros((x.shape[1], 3 * H)) if q0 is None else q0
     ys, steps = [], []
     for t in range(x.shape[0]):
-        h_prev, c_prev = h, c
+        h_prev, c_prev, q_prev = h, c, q
         r = h_prev if "recurrent" not in masks else h_prev * masks["recurrent"]
         ax, ah = x[t] @ p["w_ih"].T, r @ w_hh.T                        # (B, 4H) each
         ln_x = ln_h = None
@@ -121,6 +126,9 @@ def lstm_variant_forward(x, h0, c0, params, variant: LSTMVariant, masks=None):
             ax, ln_x = layer_norm_forward(ax, p["ln_ih_weight"], p["ln_ih_bias"], v.layer_norm_eps)
             ah, ln_h = layer_norm_forward(ah, p["ln_hh_weight"], p["ln_hh_bias"], v.layer_norm_eps)
         a = ax + ah + bias
+        if v.full_gate_recurrence:
+            aq = q_prev @ p["w_gate"].T                                # (B, 3H)
+            a = a + np.concatenate([aq[:, :2 * H], np.zeros((a.shape[0], H)), aq[:, 2 * H:]], 1)
         a_i, a_f, a_g, a_o = (a[:, k * H:(k + 1) * H] for k in range(4))
         if v.peepholes:
             a_i, a_f = a_i + p_i * c_prev, a_f + p_f * c_prev
@@ -149,20 +157,23 @@ def lstm_variant_forward(x, h0, c0, params, variant: LSTMVariant, masks=None):
         z_h = masks["zoneout_h"][t] if "zoneout_h" in masks else None
         c = c_new if z_c is None else z_c * c_prev + (1.0 - z_c) * c_new
         h = h_new if z_h is None else z_h * h_prev + (1.0 - z_h) * h_new
-        steps.append(dict(x=x[t], h_prev=h_prev, c_prev=c_prev, r=r, i=i, f=f, g=g, o=o,
+        q = np.concatenate([i, f, o], axis=1)
+        steps.append(dict(x=x[t], h_prev=h_prev, c_prev=c_prev, q_prev=q_prev, r=r, i=i, f=f,
+                          g=g, o=o,
                           c_new=c_new, s=s, m=m, ln_x=ln_x, ln_h=ln_h, ln_c=ln_c, z_c=z_c, z_h=z_h))
         ys.append(h)
-    return np.stack(ys), h, c, (steps, p, w_hh, v, masks)
+    return np.stack(ys), h, c, (steps, p, w_hh, v, masks, q)
 
 
-def lstm_variant_backward(dy, dh_T, dc_T, cache):
+def lstm_variant_backward(dy, dh_T, dc_T, cache, dq_T=None):
     """Backward through time for `lstm_variant_forward`.
 
-    Args: dy (T, B, P), dh_T (B, P), dc_T (B, H).
-    Returns: dict with x (T, B, I), h0 (B, P), c0 (B, H) and one gradient per parameter
-        present in `params` (same shape; the raw w_hh's gradient when DropConnect is on).
+    Args: dy (T, B, P), dh_T (B, P), dc_T (B, H); dq_T (B, 3H) for full_gate_recurrence.
+    Returns: dict with x (T, B, I), h0 (B, P), c0 (B, H), q0 (B, 3H) with full gate
+        recurrence, and one gradient per parameter present in `params` (same shape; the raw
+        w_hh's gradient with DropConnect).
     """
-    steps, p, w_hh, v, masks = cache
+    steps, p, w_hh, v, masks, _ = cache
     H = w_hh.shape[0] // 4
     grads = {name: np.zeros_like(w) for name, w in p.items() if w is not None}
     dw_hh_eff = np.zeros_like(w_hh)
@@ -170,6 +181,7 @@ def lstm_variant_backward(dy, dh_T, dc_T, cache):
         p_i, p_f, p_o = p["w_peephole"][:H], p["w_peephole"][H:2 * H], p["w_peephole"][2 * H:]
     dx = np.zeros((len(steps),) + steps[0]["x"].shape)
     dh_next, dc_next = dh_T, dc_T
+    dq_next = np.zeros_like(steps[0]["q_prev"]) if dq_T is None else dq_T
     for t in range(len(steps) - 1, -1, -1):
         st = steps[t]
         dh = dy[t] + dh_next                                   # dL/dh_t (B, P)
@@ -187,7 +199,8 @@ def lstm_variant_backward(dy, dh_T, dc_T, cache):
         else:
             grads["w_hr"] += dh.T @ st["m"]                    # h~ = m W_hr^T
             dm = dh @ p["w_hr"]
-        do = dm * st["s"]                                      # m = o * s
+        dq_i, dq_f, dq_o = (dq_next[:, k * H:(k + 1) * H] for k in range(3))
+        do = dm * st["s"] + dq_o                               # m = o * s; q_t = [i, f, o]
         d_c_out = dm * st["o"] * derivative_from_output(v.output_activation, st["s"])
         if v.layer_norm:
             d_c_out, dgain, dbias = layer_norm_backward(d_c_out, st["ln_c"], p["ln_cell_weight"])
@@ -198,8 +211,8 @@ def lstm_variant_backward(dy, dh_T, dc_T, cache):
             else np.zeros_like(do)
         if v.peepholes:                                        # a_o += p_o * c~
             dc_new += da_o * p_o
-        di = dc_new * st["g"]                                  # c~ = f c_prev + i g
-        df = dc_new * st["c_prev"]
+        di = dc_new * st["g"] + dq_i                           # c~ = f c_prev + i g
+        df = dc_new * st["c_prev"] + dq_f
         dg = dc_new * st["i"]
         dc_prev += dc_new * st["f"]
         if v.cifg:                                             # f = 1 - i
@@ -215,6 +228,11 @@ def lstm_variant_backward(dy, dh_T, dc_T, cache):
                 (da_i * st["c_prev"]).sum(0), (da_f * st["c_prev"]).sum(0),
                 (da_o * st["c_new"]).sum(0)])
         da = np.concatenate([da_i, da_f, da_g, da_o], axis=1)  # (B, 4H)
+        dq_next = np.zeros_like(dq_next)
+        if v.full_gate_recurrence:                             # a_ifo += q_prev W_gg^T
+            da_q = np.concatenate([da_i, da_f, da_o], axis=1)
+            grads["w_gate"] += da_q.T @ st["q_prev"]
+            dq_next = da_q @ p["w_gate"]
         for b in ("b_ih", "b_hh"):
             if p[b] is not None:
                 grads[b] += da.sum(axis=0)
@@ -234,4 +252,6 @@ def lstm_variant_backward(dy, dh_T, dc_T, cache):
         dh_next, dc_next = dh_prev, dc_prev
     grads["w_hh"] = dw_hh_eff if "weight" not in masks else dw_hh_eff * masks["weight"]
     grads.update(x=dx, h0=dh_next, c0=dc_next)
+    if v.full_gate_recurrence:
+        grads["q0"] = dq_next
     return grads

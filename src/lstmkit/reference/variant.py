@@ -27,8 +27,8 @@ _WHY_NOT_A_GATE = {
 }
 
 # Greff et al. (2015), "LSTM: A Search Space Odyssey": their vanilla LSTM has peepholes; each
-# variant changes one thing. FGR (full gate recurrence) is not offered, see docs/variants.md.
-GREFF_VARIANTS = ("V", "NIG", "NFG", "NOG", "NIAF", "NOAF", "NP", "CIFG")
+# variant changes one thing.
+GREFF_VARIANTS = ("V", "NIG", "NFG", "NOG", "NIAF", "NOAF", "NP", "CIFG", "FGR")
 
 
 def _check_rate(name: str, value) -> None:
@@ -51,6 +51,8 @@ class LSTMVariant:
         peepholes:        a_i += p_i * c_{t-1}, a_f += p_f * c_{t-1}, a_o += p_o * c_t
         cifg:             f_t = 1 - i_t                          (coupled input-forget gate)
         input_gate=False: i_t = 1;  forget_gate=False: f_t = 1;  output_gate=False: o_t = 1
+        full_gate_recurrence: [a_i, a_f, a_o] += [i, f, o]_{t-1} W_gg^T (Greff's FGR); the
+                          previous gates q = [i, f, o]_{t-1} become a third state beside h, c
         gate_activation:  sigma in i, f, o ("sigmoid" or "hard_sigmoid" = clip(a/6 + 1/2, 0, 1))
         cell_activation:  phi in g_t = phi(a_g) ("identity" is Greff's NIAF)
         output_activation: psi in h_t = o_t * psi(c_t) ("identity" is Greff's NOAF)
@@ -70,6 +72,7 @@ class LSTMVariant:
     input_gate: bool = True
     forget_gate: bool = True
     output_gate: bool = True
+    full_gate_recurrence: bool = False
     gate_activation: Literal["sigmoid", "hard_sigmoid"] = "sigmoid"
     cell_activation: Literal["tanh", "softsign", "hardtanh", "identity"] = "tanh"
     output_activation: Literal["tanh", "softsign", "hardtanh", "identity"] = "tanh"
@@ -85,7 +88,7 @@ class LSTMVariant:
 
     def __post_init__(self):
         for name in ("peepholes", "cifg", "input_gate", "forget_gate", "output_gate",
-                     "layer_norm", "orthogonal_init"):
+                     "full_gate_recurrence", "layer_norm", "orthogonal_init"):
             _check_flag(name, getattr(self, name))
         if self.gate_activation not in GATE_ACTIVATIONS:
             why = _WHY_NOT_A_GATE.get(self.gate_activation)
@@ -133,15 +136,15 @@ class LSTMVariant:
         """One of the variants of Greff et al. (2015), whose vanilla LSTM ("V") has peepholes.
 
         NIG/NFG/NOG: no input/forget/output gate; NIAF/NOAF: no input/output activation
-        (identity); NP: no peepholes (torch.nn's LSTM); CIFG: coupled input and forget gate.
+        (identity); NP: no peepholes (torch.nn's LSTM); CIFG: coupled input and forget gate;
+        FGR: full gate recurrence.
         """
         changes = {"V": {}, "NIG": {"input_gate": False}, "NFG": {"forget_gate": False},
                    "NOG": {"output_gate": False}, "NIAF": {"cell_activation": "identity"},
                    "NOAF": {"output_activation": "identity"}, "NP": {"peepholes": False},
-                   "CIFG": {"cifg": True}}
+                   "CIFG": {"cifg": True}, "FGR": {"full_gate_recurrence": True}}
         if name not in changes:
-            raise ValueError(f"Greff variant must be one of {GREFF_VARIANTS}, got {name!r} "
-                             "(FGR, full gate recurrence, is not implemented)")
+            raise ValueError(f"Greff variant must be one of {GREFF_VARIANTS}, got {name!r}")
         return cls(**{"peepholes": True, **changes[name], **overrides})
 
     # -- what the equations need ----------------------------------------------------------
@@ -151,7 +154,7 @@ class LSTMVariant:
         """True when the cell differs from torch.nn's in eval mode (needs the variant kernel)."""
         plain = LSTMVariant()
         equation_fields = ("peepholes", "cifg", "input_gate", "forget_gate", "output_gate",
-                           "gate_activation", "cell_activation", "output_activation",
+                           "full_gate_recurrence", "gate_activation", "cell_activation", "output_activation",
                            "layer_norm", "zoneout_h", "zoneout_c")
         return any(getattr(self, f) != getattr(plain, f) for f in equation_fields)
 
