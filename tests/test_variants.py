@@ -539,3 +539,20 @@ def test_module_level_errors():
                                    {"w_ih": torch.randn(16, 3), "w_hh": torch.randn(16, 4)}, {},
                                    LSTMVariant(peepholes=True), layout=StepLayout.padded(2, 1),
                                    backend="other")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_runs_in_float32_and_returns_its_dtype(dtype):
+    variant = LSTMVariant(peepholes=True, layer_norm=True, full_gate_recurrence=True)
+    torch.manual_seed(8)
+    module = lstmkit.LSTM(3, 4, variant=variant, dtype=torch.float64)
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    expected, _ = module(x)
+    low = lstmkit.LSTM(3, 4, variant=variant, dtype=dtype)
+    low.load_state_dict(module.state_dict())
+    xl = x.to(dtype).requires_grad_()
+    out, (h, c, q) = low(xl)
+    out.sum().backward()
+    assert out.dtype == h.dtype == q.dtype == xl.grad.dtype == low.weight_gate_l0.grad.dtype == dtype
+    # the error of rounding inputs and weights to 8 (bfloat16) or 11 (float16) bits
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=0.05)

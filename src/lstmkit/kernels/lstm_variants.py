@@ -14,7 +14,7 @@ Forward per step (the x-part for all steps as one matrix product, then normalise
     o = sigma(a_o + p_o * c~) | 1;  s = psi([LN_c](c~));  h~ = (o * s) [W_hr^T]
     c' = z_c * c + (1 - z_c) * c~;  h' = z_h * h + (1 - z_h) * h~
 Saved: gates [i | f | g | o] (N, 4H) as applied, carried cells (N, H), c~ (N, H) when it differs,
-s (N, H), and for layer norm the normalised values and reciprocal deviations.
+s (N, H), and for layer norm each LN's input with its mean and reciprocal deviation (N, 1).
 
 Backward per step (reverse order), dh including the output gradient:
     dh~ = dh (1 - z_h);  dc~ = dc (1 - z_c) + [LN_c'](dm o psi'(s)) + da_o p_o, dm = dh~ [W_hr]
@@ -70,18 +70,19 @@ def _slope(name: str, y: torch.Tensor) -> torch.Tensor:
 
 
 def _layer_norm(v, gain, bias, eps):
-    """v (M, F) -> (LN(v), v_hat, rstd (M, 1))."""
-    var, mean = torch.var_mean(v, dim=1, keepdim=True, correction=0)
-    rstd = (var + eps).rsqrt_()
-    v_hat = (v - mean).mul_(rstd)
-    return torch.addcmul(bias, v_hat, gain), v_hat, rstd
+    """v (M, F) -> (LN(v), mean (M, 1), rstd (M, 1)), with torch's fused layer norm.
+
+    Layer norm is not part of the recurrence's own mathematics, so it comes from torch (one
+    fused kernel each way); the recurrence around it is ours."""
+    return torch.native_layer_norm(v, [v.shape[1]], gain, bias, eps)
 
 
-def _layer_norm_backward(d_out, v_hat, rstd, gain):
-    """dL/dv for LN(v) = gain * v_hat + bias, given dL/dLN (M, F)."""
-    d_hat = d_out * gain
-    return (d_hat - d_hat.mean(1, keepdim=True)
-            - v_hat * (d_hat * v_hat).mean(1, keepdim=True)).mul_(rstd)
+def _layer_norm_backward(d_out, v, mean, rstd, gain, bias, parameters=False):
+    """dL/dv for LN(v) = gain * (v - mean) * rstd + bias, given dL/dLN (M, F); with
+    `parameters`, also (dL/dgain, dL/dbias) summed over the rows."""
+    dv, dgain, dbias = torch.ops.aten.native_layer_norm_backward(
+        d_out, v, [v.shape[1]], mean, rstd, gain, bias, [True, parameters, parameters])
+    return (dv, dgain, dbias) if parameters else dv
 
 
 def _rows(mask, rows):
@@ -112,13 +113,13 @@ def lstm_variant_forward(x, h0, c0, q0, p: dict, masks: dict, v: LSTMVariant,
     z_h, z_c, d_r = masks["zoneout_h"], masks["zoneout_c"], masks["recurrent"]
     st = {}
     ax = x @ p["w_ih"].t()                                       # (N, 4H)
-    if v.layer_norm:
-        ax, st["x_hat"], st["rstd_x"] = _layer_norm(ax, p["ln_ih_weight"], p["ln_ih_bias"],
-                                                    v.layer_norm_eps)
-        st["h_hat"] = x.new_empty(N, 4 * H)
-        st["rstd_h"] = x.new_empty(N, 1)
-        st["c_hat"] = x.new_empty(N, H)
-        st["rstd_c"] = x.new_empty(N, 1)
+    if v.layer_norm:                      # stash each LN's input, mean and 1/deviation
+        st["x_pre"] = ax
+        ax, st["mean_x"], st["rstd_x"] = _layer_norm(ax, p["ln_ih_weight"], p["ln_ih_bias"],
+                                                     v.layer_norm_eps)
+        st["h_pre"] = x.new_empty(N, 4 * H)
+        st["mean_h"], st["rstd_h"] = x.new_empty(N, 1), x.new_empty(N, 1)
+        st["mean_c"], st["rstd_c"] = x.new_empty(N, 1), x.new_empty(N, 1)
     for b in (p["b_ih"], p["b_hh"]):
         if b is not None:
             ax = ax + b
@@ -140,7 +141,8 @@ def lstm_variant_forward(x, h0, c0, q0, p: dict, masks: dict, v: LSTMVariant,
         r = h_prev if d_r is None else h_prev * d_r[:size]
         ah = r @ w_hh_t
         if v.layer_norm:
-            ah, st["h_hat"][rows], st["rstd_h"][rows] = _layer_norm(
+            st["h_pre"][rows] = ah
+            ah, st["mean_h"][rows], st["rstd_h"][rows] = _layer_norm(
                 ah, p["ln_hh_weight"], p["ln_hh_bias"], v.layer_norm_eps)
         a = gates[rows]
         a.add_(ah)
@@ -172,7 +174,7 @@ def lstm_variant_forward(x, h0, c0, q0, p: dict, masks: dict, v: LSTMVariant,
             a_o.fill_(1.0)
         c_out = c_new
         if v.layer_norm:
-            c_out, st["c_hat"][rows], st["rstd_c"][rows] = _layer_norm(
+            c_out, st["mean_c"][rows], st["rstd_c"][rows] = _layer_norm(
                 c_new, p["ln_cell_weight"], p["ln_cell_bias"], v.layer_norm_eps)
         s = s_all[rows]
         s.copy_(c_out)
@@ -244,8 +246,9 @@ def lstm_variant_backward(d_out, d_hT, d_cT, d_qT, x, h0, c0, q0, p, masks, out,
         d_c_out = dm * o * _slope(v.output_activation, s)
         if v.layer_norm:
             d_c_ln[rows] = d_c_out
-            d_c_out = _layer_norm_backward(d_c_out, st["c_hat"][rows], st["rstd_c"][rows],
-                                           p["ln_cell_weight"])
+            d_c_out = _layer_norm_backward(d_c_out, cand[rows], st["mean_c"][rows],
+                                           st["rstd_c"][rows], p["ln_cell_weight"],
+                                           p["ln_cell_bias"])
         dc_new = dc_t + d_c_out                                  # dL/dc~
         if fgr:                                                  # q_t = [i, f, o] as values
             dq_i, dq_f, dq_o = dq[:size].chunk(3, 1)
@@ -281,8 +284,8 @@ def lstm_variant_backward(d_out, d_hT, d_cT, d_qT, x, h0, c0, q0, p, masks, out,
             dc_prev.addcmul_(da_i, p_i).addcmul_(da_f, p_f)
         dah = da
         if v.layer_norm:
-            dah = _layer_norm_backward(da, st["h_hat"][rows], st["rstd_h"][rows],
-                                       p["ln_hh_weight"])
+            dah = _layer_norm_backward(da, st["h_pre"][rows], st["mean_h"][rows],
+                                       st["rstd_h"][rows], p["ln_hh_weight"], p["ln_hh_bias"])
             d_ah[rows] = dah
         dr = dah @ w_hh
         if d_r is not None:
@@ -296,13 +299,16 @@ def lstm_variant_backward(d_out, d_hT, d_cT, d_qT, x, h0, c0, q0, p, masks, out,
     grads = {}
     d_ax = d_gates
     if v.layer_norm:
-        grads["ln_hh_weight"] = (d_gates * st["h_hat"]).sum(0)
-        grads["ln_hh_bias"] = d_gates.sum(0)
-        grads["ln_ih_weight"] = (d_gates * st["x_hat"]).sum(0)
-        grads["ln_ih_bias"] = d_gates.sum(0)
-        grads["ln_cell_weight"] = (d_c_ln * st["c_hat"]).sum(0)
-        grads["ln_cell_bias"] = d_c_ln.sum(0)
-        d_ax = _layer_norm_backward(d_gates, st["x_hat"], st["rstd_x"], p["ln_ih_weight"])
+        # gain and bias gradients of all steps at once, from the stashed LN inputs
+        _, grads["ln_hh_weight"], grads["ln_hh_bias"] = _layer_norm_backward(
+            d_gates, st["h_pre"], st["mean_h"], st["rstd_h"], p["ln_hh_weight"],
+            p["ln_hh_bias"], parameters=True)
+        _, grads["ln_cell_weight"], grads["ln_cell_bias"] = _layer_norm_backward(
+            d_c_ln, cand, st["mean_c"], st["rstd_c"], p["ln_cell_weight"], p["ln_cell_bias"],
+            parameters=True)
+        d_ax, grads["ln_ih_weight"], grads["ln_ih_bias"] = _layer_norm_backward(
+            d_gates, st["x_pre"], st["mean_x"], st["rstd_x"], p["ln_ih_weight"],
+            p["ln_ih_bias"], parameters=True)
     dx = d_ax @ p["w_ih"] if needs_input_grad else None
     grads["w_ih"] = d_ax.t() @ x
     r_prev_rows = layout.previous_rows(out, h0, reverse)
@@ -330,7 +336,8 @@ PARAMETERS = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "w_peephole", "w_gate",
               "ln_ih_weight", "ln_ih_bias", "ln_hh_weight", "ln_hh_bias",
               "ln_cell_weight", "ln_cell_bias")
 MASKS = ("zoneout_h", "zoneout_c", "recurrent")
-_STASH = ("gates", "cells", "cand", "s", "x_hat", "rstd_x", "h_hat", "rstd_h", "c_hat", "rstd_c")
+_STASH = ("gates", "cells", "cand", "s", "x_pre", "mean_x", "rstd_x", "h_pre", "mean_h",
+          "rstd_h", "mean_c", "rstd_c")
 
 
 class LSTMVariantFunction(torch.autograd.Function):
