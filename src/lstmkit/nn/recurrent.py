@@ -341,8 +341,13 @@ class LSTM(_RecurrentBase):
     activations, layer norm, zoneout, recurrent dropout, DropConnect, initialisation); see
     `LSTMVariant` and docs/variants.md. It adds parameters only where the equations need them:
     weight_peephole_lk (3H) = [p_i | p_f | p_o]; ln_ih_weight/bias_lk, ln_hh_weight/bias_lk
-    (4H), ln_cell_weight/bias_lk (H) for layer norm. With no variant (or the default one) the
-    module is torch.nn.LSTM: same parameters, initialisation and results.
+    (4H), ln_cell_weight/bias_lk (H) for layer norm; weight_gate_lk (3H, 3H) for full gate
+    recurrence, whose state is then (h, c, q) with q (L*D, B, 3H) the last step's [i | f | o].
+    With no variant (or the default one) the module is torch.nn.LSTM: same parameters,
+    initialisation and results.
+
+    `forward(..., return_gates=True)` also returns a `GateTrace` of every gate at every step;
+    `step(x_t, state)` advances one step for online use.
 
     Example::
 
