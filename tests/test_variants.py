@@ -422,6 +422,20 @@ def test_zoneout_in_eval_uses_the_expectation():
     np.testing.assert_allclose(module(torch.tensor(x))[0].detach().numpy(), y, atol=1e-12)
 
 
+def test_zoneout_eval_off_is_the_plain_lstm_in_eval_and_zoneout_in_training():
+    variant = LSTMVariant(zoneout_h=0.3, zoneout_c=0.3, zoneout_eval="off")
+    torch.manual_seed(9)
+    module = lstmkit.LSTM(2, 3, variant=variant, dtype=torch.float64)
+    plain = torch.nn.LSTM(2, 3, dtype=torch.float64)
+    plain.load_state_dict(module.state_dict())
+    x = torch.randn(6, 2, 2, dtype=torch.float64)
+    assert not torch.allclose(module(x)[0], plain(x)[0])          # training: masks drawn
+    module.eval()
+    torch.testing.assert_close(module(x)[0], plain(x)[0], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="zoneout_eval.*'never'"):
+        LSTMVariant(zoneout_eval="never")
+
+
 def test_mask_keep_rates():
     from lstmkit.nn import _lstm_variant
 

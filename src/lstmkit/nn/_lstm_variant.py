@@ -95,13 +95,13 @@ def draw_masks(variant: LSTMVariant, training: bool, layout: StepLayout, like: t
     """Masks for one layer and direction: zoneout_h (N, P), zoneout_c (N, H), recurrent (B, P).
 
     In eval, zoneout uses its expectation, a (1, F) tensor filled with the rate (Krueger et
-    al. 2016), and recurrent dropout is off.
+    al. 2016), or nothing with zoneout_eval="off"; recurrent dropout is off.
     """
     masks = {}
     factory = {"dtype": like.dtype, "device": like.device}
     for name, rate, size in (("zoneout_h", variant.zoneout_h, out_size),
                              ("zoneout_c", variant.zoneout_c, hidden_size)):
-        if rate:
+        if rate and (training or variant.zoneout_eval == "expectation"):
             rows = layout.rows if training else 1
             probability = torch.full((rows, size), rate, **factory)
             masks[name] = torch.bernoulli(probability) if training else probability
@@ -115,5 +115,6 @@ def draw_masks(variant: LSTMVariant, training: bool, layout: StepLayout, like: t
 def uses_variant_kernel(variant: LSTMVariant, training: bool) -> bool:
     """True when the plain LSTM kernel cannot compute this variant (DropConnect alone can:
     it only changes the weight the kernel receives)."""
-    return variant.changes_equations or bool(training and variant.recurrent_dropout)
+    masked = variant.recurrent_dropout or variant.zoneout_h or variant.zoneout_c
+    return variant.changes_equations or bool(training and masked)
 

@@ -59,7 +59,9 @@ class LSTMVariant:
         layer_norm:       a = LN(x W_ih^T) + LN(h W_hh^T) + b, h_t = o_t * psi(LN(c_t)),
                           each LN with a learnable gain (init 1) and bias (init 0)
         zoneout_h, zoneout_c: rates; in training each unit keeps its previous value with that
-                          probability each step, in eval it moves by (1 - rate) (the expectation)
+                          probability each step
+        zoneout_eval:     "expectation" (Krueger et al.): in eval each unit moves by
+                          (1 - rate) of its update; "off": in eval zoneout does nothing
         recurrent_dropout: rate of one dropout mask per sequence on h_{t-1} in h W_hh^T (training)
         weight_drop:      DropConnect rate on weight_hh, one mask per forward call (training)
         forget_bias:      initial forget-gate bias (e.g. 1.0)
@@ -80,6 +82,7 @@ class LSTMVariant:
     layer_norm_eps: float = 1e-5
     zoneout_h: float = 0.0
     zoneout_c: float = 0.0
+    zoneout_eval: Literal["expectation", "off"] = "expectation"
     recurrent_dropout: float = 0.0
     weight_drop: float = 0.0
     forget_bias: float | None = None
@@ -103,6 +106,9 @@ class LSTMVariant:
                                  f"got {getattr(self, name)!r}")
         for name in ("zoneout_h", "zoneout_c", "recurrent_dropout", "weight_drop"):
             _check_rate(name, getattr(self, name))
+        if self.zoneout_eval not in ("expectation", "off"):
+            raise ValueError(f"zoneout_eval must be 'expectation' or 'off', got "
+                             f"{self.zoneout_eval!r}")
         eps = self.layer_norm_eps
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
             raise ValueError(f"layer_norm_eps must be a positive float, got {eps!r}")
@@ -154,9 +160,14 @@ class LSTMVariant:
         """True when the cell differs from torch.nn's in eval mode (needs the variant kernel)."""
         plain = LSTMVariant()
         equation_fields = ("peepholes", "cifg", "input_gate", "forget_gate", "output_gate",
-                           "full_gate_recurrence", "gate_activation", "cell_activation", "output_activation",
-                           "layer_norm", "zoneout_h", "zoneout_c")
-        return any(getattr(self, f) != getattr(plain, f) for f in equation_fields)
+                           "full_gate_recurrence", "gate_activation", "cell_activation",
+                           "output_activation", "layer_norm")
+        return (any(getattr(self, f) != getattr(plain, f) for f in equation_fields)
+                or self.zoneout_in_eval())
+
+    def zoneout_in_eval(self) -> bool:
+        """True when zoneout changes the eval-mode equations (its expectation)."""
+        return bool(self.zoneout_eval == "expectation" and (self.zoneout_h or self.zoneout_c))
 
     @property
     def stochastic(self) -> bool:
