@@ -13,7 +13,7 @@ MODULES = {
     "lstm_variant": lambda: lstmkit.LSTM(
         3, 5, num_layers=2, dtype=torch.float64,
         variant=LSTMVariant(peepholes=True, layer_norm=True, cifg=True, zoneout_h=0.1,
-                            zoneout_c=0.2, recurrent_dropout=0.3)),
+                            zoneout_c=0.2, zoneout_eval="expectation", recurrent_dropout=0.3)),
     "lstm_full_gate_recurrence": lambda: lstmkit.LSTM(
         3, 5, num_layers=2, dtype=torch.float64,
         variant=LSTMVariant(full_gate_recurrence=True, cifg=True)),

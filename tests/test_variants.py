@@ -236,7 +236,8 @@ def _compare_with_torch(ours, theirs, x, tol=1e-10):
 
 @pytest.mark.parametrize("variant", [
     None, LSTMVariant(), LSTMVariant(forget_bias=1.0), LSTMVariant(chrono_init=20),
-    LSTMVariant(orthogonal_init=True), LSTMVariant(recurrent_dropout=0.3, weight_drop=0.4),
+    LSTMVariant(orthogonal_init=True),
+    LSTMVariant(recurrent_dropout=0.3, weight_drop=0.4, zoneout_h=0.2, zoneout_c=0.1),
     LSTMVariant(peepholes=False, layer_norm=False, cifg=False),
 ], ids=["none", "default", "forget_bias", "chrono", "orthogonal", "dropouts_in_eval",
         "options_off"])
@@ -301,7 +302,7 @@ def _reference_stack(module, x, variant):
 
 def test_module_variant_matches_reference_through_layers_and_directions():
     variant = LSTMVariant(peepholes=True, layer_norm=True, cifg=True, zoneout_h=0.2,
-                          zoneout_c=0.3, full_gate_recurrence=True)
+                          zoneout_c=0.3, zoneout_eval="expectation", full_gate_recurrence=True)
     torch.manual_seed(2)
     module = lstmkit.LSTM(3, 4, num_layers=2, bidirectional=True, variant=variant,
                           dtype=torch.float64).eval()
@@ -410,8 +411,8 @@ def test_stochastic_variants_are_deterministic_in_eval():
     torch.testing.assert_close(module(x)[0], plain(x)[0])      # off: exactly the plain LSTM
 
 
-def test_zoneout_in_eval_uses_the_expectation():
-    variant = LSTMVariant(zoneout_h=0.25, zoneout_c=0.5)
+def test_zoneout_in_eval_can_use_the_expectation():
+    variant = LSTMVariant(zoneout_h=0.25, zoneout_c=0.5, zoneout_eval="expectation")
     module = lstmkit.LSTM(2, 3, variant=variant, dtype=torch.float64).eval()
     x = np.random.default_rng(3).normal(size=(4, 2, 2))
     params = {arg: getattr(module, stem + "_l0").detach().numpy() for stem, arg in
@@ -422,8 +423,9 @@ def test_zoneout_in_eval_uses_the_expectation():
     np.testing.assert_allclose(module(torch.tensor(x))[0].detach().numpy(), y, atol=1e-12)
 
 
-def test_zoneout_eval_off_is_the_plain_lstm_in_eval_and_zoneout_in_training():
-    variant = LSTMVariant(zoneout_h=0.3, zoneout_c=0.3, zoneout_eval="off")
+def test_zoneout_is_off_in_eval_by_default_and_on_in_training():
+    variant = LSTMVariant(zoneout_h=0.3, zoneout_c=0.3)
+    assert variant.zoneout_eval == "off" and not variant.changes_equations
     torch.manual_seed(9)
     module = lstmkit.LSTM(2, 3, variant=variant, dtype=torch.float64)
     plain = torch.nn.LSTM(2, 3, dtype=torch.float64)
@@ -457,7 +459,10 @@ def test_mask_keep_rates():
     dropped = _lstm_variant.drop_connect(w, 0.4)
     assert abs((dropped > 0).double().mean().item() - 0.6) < 5 * math.sqrt(0.24 / 40000)
     assert set(dropped.unique().tolist()) <= {0.0, 1 / 0.6}
-    eval_masks = _lstm_variant.draw_masks(LSTMVariant(zoneout_h=0.2, recurrent_dropout=0.3),
+    assert _lstm_variant.draw_masks(LSTMVariant(zoneout_h=0.2, recurrent_dropout=0.3),
+                                    False, layout, like, 40, 40) == {}
+    eval_masks = _lstm_variant.draw_masks(LSTMVariant(zoneout_h=0.2, recurrent_dropout=0.3,
+                                                      zoneout_eval="expectation"),
                                           False, layout, like, 40, 40)
     assert set(eval_masks) == {"zoneout_h"} and torch.all(eval_masks["zoneout_h"] == 0.2)
 

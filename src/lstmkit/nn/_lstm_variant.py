@@ -94,8 +94,8 @@ def draw_masks(variant: LSTMVariant, training: bool, layout: StepLayout, like: t
                out_size: int, hidden_size: int) -> dict:
     """Masks for one layer and direction: zoneout_h (N, P), zoneout_c (N, H), recurrent (B, P).
 
-    In eval, zoneout uses its expectation, a (1, F) tensor filled with the rate (Krueger et
-    al. 2016), or nothing with zoneout_eval="off"; recurrent dropout is off.
+    In eval, zoneout is off, or with zoneout_eval="expectation" uses its expectation, a
+    (1, F) tensor filled with the rate (Krueger et al. 2016); recurrent dropout is off.
     """
     masks = {}
     factory = {"dtype": like.dtype, "device": like.device}

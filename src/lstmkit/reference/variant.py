@@ -60,8 +60,9 @@ class LSTMVariant:
                           each LN with a learnable gain (init 1) and bias (init 0)
         zoneout_h, zoneout_c: rates; in training each unit keeps its previous value with that
                           probability each step
-        zoneout_eval:     "expectation" (Krueger et al.): in eval each unit moves by
-                          (1 - rate) of its update; "off": in eval zoneout does nothing
+        zoneout_eval:     "off" (default): in eval zoneout does nothing, like every regulariser
+                          here; "expectation" (Krueger et al.): in eval each unit moves by
+                          (1 - rate) of its update
         recurrent_dropout: rate of one dropout mask per sequence on h_{t-1} in h W_hh^T (training)
         weight_drop:      DropConnect rate on weight_hh, one mask per forward call (training)
         forget_bias:      initial forget-gate bias (e.g. 1.0)
@@ -82,7 +83,7 @@ class LSTMVariant:
     layer_norm_eps: float = 1e-5
     zoneout_h: float = 0.0
     zoneout_c: float = 0.0
-    zoneout_eval: Literal["expectation", "off"] = "expectation"
+    zoneout_eval: Literal["off", "expectation"] = "off"
     recurrent_dropout: float = 0.0
     weight_drop: float = 0.0
     forget_bias: float | None = None
@@ -107,7 +108,7 @@ class LSTMVariant:
         for name in ("zoneout_h", "zoneout_c", "recurrent_dropout", "weight_drop"):
             _check_rate(name, getattr(self, name))
         if self.zoneout_eval not in ("expectation", "off"):
-            raise ValueError(f"zoneout_eval must be 'expectation' or 'off', got "
+            raise ValueError(f"zoneout_eval must be 'off' or 'expectation', got "
                              f"{self.zoneout_eval!r}")
         eps = self.layer_norm_eps
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
