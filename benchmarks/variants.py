@@ -1,7 +1,7 @@
 """What each LSTM variant costs: a training step of lstmkit.LSTM(variant=...) vs torch.nn.LSTM.
 
     python benchmarks/variants.py                       # B=32, T=50, I=64, H=128, all variants
-    python benchmarks/variants.py --only layer_norm peepholes --hidden 256
+    python benchmarks/variants.py --only layer_norm peepholes --hidden 256 --threads 1
 
 torch.nn has none of the variants, so its plain LSTM is the peer: the ratio says how much a
 variant costs over the cell every user already has. Each pair runs interleaved (A, B, A, B,
@@ -75,8 +75,11 @@ def main():
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"LSTM training step, B={args.batch} T={args.length} I={args.input} H={args.hidden}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     results = {}
