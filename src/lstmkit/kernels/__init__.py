@@ -57,10 +57,10 @@ def lstm_variant_layer(x, h0, c0, params: dict, masks: dict, variant, *, q0=None
     if unknown:
         raise ValueError(f"unknown LSTM-variant arguments {sorted(unknown)}; expected some of "
                          f"{_VARIANT_PARAMETERS + _VARIANT_MASKS}")
-    if variant.full_gate_recurrence and q0 is None:
-        q0 = h0.new_zeros(h0.shape[0], 3 * (c0.shape[1]))
     if not variant.full_gate_recurrence:
         q0 = None
+    elif q0 is None:
+        q0 = h0.new_zeros(h0.shape[0], 3 * c0.shape[1])
     out, h_T, c_T, q_T, gates, cells = LSTMVariantFunction.apply(
         x, h0, c0, q0, *(params.get(k) for k in _VARIANT_PARAMETERS),
         *(masks.get(k) for k in _VARIANT_MASKS), variant, layout, reverse)
@@ -90,7 +90,9 @@ def rnn_layer(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: StepLayout,
 
 
 __all__ = [
-    "BACKENDS", "GRUFunction", "GRUTraceFunction", "NONLINEARITIES", "LSTMFunction",
-    "LSTMVariantFunction", "RNNFunction", "StepLayout", "gru_layer", "gru_layer_with_gates",
-    "lstm_layer", "lstm_variant_layer", "rnn_layer",
+    "BACKENDS", "GRUFunction", "NONLINEARITIES", "LSTMFunction", "RNNFunction", "StepLayout",
+    "gru_layer", "lstm_layer", "rnn_layer",
 ]
+# Variants and gate traces (portable only): LSTMVariant options, return_gates.
+__all__ += ["GRUTraceFunction", "LSTMVariantFunction", "gru_layer_with_gates",
+            "lstm_variant_layer"]
