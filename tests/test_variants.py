@@ -187,7 +187,7 @@ def test_kernel_packed_and_reverse_match_reference_per_sequence():
 ], ids=["peephole_cifg", "layer_norm_activations", "ablations", "full_gate_recurrence"])
 def test_variant_function_gradcheck(variant):
     torch.manual_seed(0)
-    T, B, I, H, P = 3, 2, 2, 3, 2
+    T, B, I, H, P = 2, 1, 2, 3, 2             # small: gradcheck runs the kernel ~400 times
     layout = StepLayout.padded(T, B)
 
     def leaf(*shape, scale=0.5, offset=0.0):
