@@ -109,6 +109,28 @@ def test_gru_trace_matches_reference(reset_after):
     torch.testing.assert_close(x.grad, grad, rtol=0, atol=1e-14)
 
 
+def test_lstm_trace_function_gradcheck():
+    torch.manual_seed(4)
+    layout = kernels.StepLayout.padded(3, 2)
+    args = [torch.randn(s, dtype=torch.float64, requires_grad=True)
+            for s in ((6, 2), (2, 2), (2, 3), (12, 2), (12, 2), (12,), (12,), (2, 3))]
+
+    def run(*tensors):
+        out, h, c, _, _ = kernels.lstm_layer_with_gates(*tensors, layout=layout)
+        return out, h, c
+
+    assert torch.autograd.gradcheck(run, args)
+
+
+def test_plain_trace_is_the_plain_kernel_exactly():
+    torch.manual_seed(5)
+    module = lstmkit.LSTM(3, 4, num_layers=2, proj_size=2)
+    x = torch.randn(7, 3, 3)
+    out, (h, c) = module(x)
+    traced, (h2, c2), _ = module(x, return_gates=True)
+    assert torch.equal(out, traced) and torch.equal(h, h2) and torch.equal(c, c2)
+
+
 def test_gru_trace_function_gradcheck():
     torch.manual_seed(3)
     layout = kernels.StepLayout.padded(3, 2)
@@ -128,6 +150,7 @@ def test_zero_cost_when_off(monkeypatch):
         raise AssertionError("tracing kernel used without return_gates")
 
     monkeypatch.setattr(kernels, "lstm_variant_layer", forbidden)
+    monkeypatch.setattr(kernels, "lstm_layer_with_gates", forbidden)
     monkeypatch.setattr(kernels, "gru_layer_with_gates", forbidden)
     out = lstmkit.LSTM(2, 3)(torch.randn(4, 1, 2))
     assert len(out) == 2

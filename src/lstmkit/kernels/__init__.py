@@ -10,13 +10,13 @@ Backends:
 """
 
 from .gru import GRUFunction
-from .gru_trace import GRUTraceFunction
 from .layout import StepLayout
 from .lstm import LSTMFunction
 from .lstm_variants import MASKS as _VARIANT_MASKS
 from .lstm_variants import PARAMETERS as _VARIANT_PARAMETERS
 from .lstm_variants import LSTMVariantFunction
 from .rnn import NONLINEARITIES, RNNFunction
+from .traces import GRUTraceFunction, LSTMTraceFunction
 
 _BACKENDS = {
     "portable": {"lstm": LSTMFunction, "gru": GRUFunction, "rnn": RNNFunction},
@@ -38,6 +38,13 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
     """One LSTM layer, one direction: x (N, I), h0 (B, P), c0 (B, H) -> out (N, P), h_T, c_T."""
     fn = _function("lstm", backend)
     return fn.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse)
+
+
+def lstm_layer_with_gates(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
+                          layout: StepLayout, reverse: bool = False):
+    """`lstm_layer` on the portable kernel, also returning gates (N, 4H) = [i | f | g | o]
+    and cells (N, H)."""
+    return LSTMTraceFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse)
 
 
 def lstm_variant_layer(x, h0, c0, params: dict, masks: dict, variant, *, q0=None,
@@ -94,5 +101,5 @@ __all__ = [
     "gru_layer", "lstm_layer", "rnn_layer",
 ]
 # Variants and gate traces (portable only): LSTMVariant options, return_gates.
-__all__ += ["GRUTraceFunction", "LSTMVariantFunction", "gru_layer_with_gates",
-            "lstm_variant_layer"]
+__all__ += ["GRUTraceFunction", "LSTMTraceFunction", "LSTMVariantFunction",
+            "gru_layer_with_gates", "lstm_layer_with_gates", "lstm_variant_layer"]

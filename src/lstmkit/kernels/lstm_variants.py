@@ -5,7 +5,7 @@
 
 The equations are those of `lstmkit.reference.lstm_variants` (read that file first); the
 `LSTMVariant` passed in selects them. Used only when a variant changes the equations (the
-plain LSTM keeps its own, faster kernel in lstm.py), or when the caller asks for the gates.
+plain LSTM keeps its own, faster kernel in lstm.py).
 
 Forward per step (the x-part for all steps as one matrix product, then normalised once):
     r = h * d_r;  a = [LN_x](x W_ih^T)[rows] + [LN_h](r W_hh^T) + b;  a_{i,f} += p_{i,f} * c

@@ -410,15 +410,20 @@ class LSTM(_RecurrentBase):
         if v.weight_drop and self.training:         # DropConnect: one mask per call
             weights = {**weights, "w_hh": _lstm_variant.drop_connect(weights["w_hh"],
                                                                      v.weight_drop)}
-        needs_variant = _lstm_variant.uses_variant_kernel(v, self.training)
-        if not (needs_variant or return_gates):
-            out, h_T, c_T = kernels.lstm_layer(x, h0, c0, **weights, layout=layout,
-                                               reverse=reverse, backend=self.backend)
-            return out, (h_T, c_T), None
-        masks = _lstm_variant.draw_masks(v, self.training, layout, x, h0.shape[1], c0.shape[1])
-        out, h_T, c_T, q_T, gates, cells = kernels.lstm_variant_layer(
-            x, h0, c0, weights, masks, v, q0=q0[0] if q0 else None, layout=layout,
-            reverse=reverse, backend=self.backend if needs_variant else "portable")
+        q_T = None
+        if not _lstm_variant.uses_variant_kernel(v, self.training):
+            if not return_gates:
+                out, h_T, c_T = kernels.lstm_layer(x, h0, c0, **weights, layout=layout,
+                                                   reverse=reverse, backend=self.backend)
+                return out, (h_T, c_T), None
+            out, h_T, c_T, gates, cells = kernels.lstm_layer_with_gates(
+                x, h0, c0, **weights, layout=layout, reverse=reverse)
+        else:
+            masks = _lstm_variant.draw_masks(v, self.training, layout, x, h0.shape[1],
+                                             c0.shape[1])
+            out, h_T, c_T, q_T, gates, cells = kernels.lstm_variant_layer(
+                x, h0, c0, weights, masks, v, q0=q0[0] if q0 else None, layout=layout,
+                reverse=reverse, backend=self.backend)
         trace = None
         if return_gates:
             i, f, g, o = gates.chunk(4, 1)
