@@ -6,6 +6,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import lstmkit
 from lstm_variant_cases import (
@@ -573,3 +575,41 @@ def test_low_precision_runs_in_float32_and_returns_its_dtype(dtype):
     assert out.dtype == h.dtype == q.dtype == xl.grad.dtype == low.weight_gate_l0.grad.dtype == dtype
     # the error of rounding inputs and weights to 8 (bfloat16) or 11 (float16) bits
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=0.05)
+
+
+def _valid_variant(options):
+    """An LSTMVariant from drawn options, or None for a combination the dataclass refuses."""
+    try:
+        return LSTMVariant(**options)
+    except ValueError:
+        return None
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    options=st.fixed_dictionaries({
+        "peepholes": st.booleans(), "cifg": st.booleans(), "input_gate": st.booleans(),
+        "forget_gate": st.booleans(), "output_gate": st.booleans(),
+        "full_gate_recurrence": st.booleans(), "layer_norm": st.booleans(),
+        "gate_activation": st.sampled_from(["sigmoid", "hard_sigmoid"]),
+        "cell_activation": st.sampled_from(["tanh", "softsign", "hardtanh", "identity"]),
+        "output_activation": st.sampled_from(["tanh", "softsign", "hardtanh", "identity"]),
+    }),
+    masks=st.lists(st.sampled_from(ALL_MASKS), unique=True),
+    T=st.integers(1, 5), B=st.integers(1, 3), I=st.integers(1, 3), H=st.integers(1, 4),
+    project=st.booleans(), bias=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_any_combination_of_options_matches_reference(options, masks, T, B, I, H, project, bias,
+                                                      seed):
+    """Every combination the dataclass accepts: the kernel equals the reference (float64)."""
+    variant = _valid_variant(options)
+    assume(variant is not None)
+    P = max(1, H - 1) if project and H > 1 else None
+    problem = random_problem(variant, T=T, B=B, I=I, H=H, P=P, bias=bias, masks=masks,
+                             seed=seed)
+    ref_out, ref_grads = reference_result(variant, *problem)
+    outs, grads = kernel_result(variant, *problem, dtype=torch.float64)
+    for got, expected in zip(outs, ref_out, strict=True):
+        assert relative_error(got, expected) < 1e-10
+    for key, expected in ref_grads.items():
+        assert relative_error(grads[key], expected) < 1e-10, key
