@@ -106,7 +106,8 @@ class LSTMCell(_CellBase):
     `variant=lstmkit.LSTMVariant(...)` selects the same variants as `lstmkit.LSTM` (adding
     weight_peephole (3H) and ln_* parameters where needed), except recurrent_dropout and
     weight_drop, whose one-mask-per-sequence a single step cannot keep: use `lstmkit.LSTM`.
-    Zoneout draws its masks per call in training and uses the expectation in eval.
+    Zoneout draws its masks per call in training; in eval it is off (or its expectation, with
+    zoneout_eval="expectation").
     """
 
     _gates = 4
