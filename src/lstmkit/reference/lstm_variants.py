@@ -157,10 +157,10 @@ def lstm_variant_forward(x, h0, c0, params, variant: LSTMVariant, masks=None, q0
         z_h = masks["zoneout_h"][t] if "zoneout_h" in masks else None
         c = c_new if z_c is None else z_c * c_prev + (1.0 - z_c) * c_new
         h = h_new if z_h is None else z_h * h_prev + (1.0 - z_h) * h_new
-        q = np.concatenate([i, f, o], axis=1)
-        steps.append(dict(x=x[t], h_prev=h_prev, c_prev=c_prev, q_prev=q_prev, r=r, i=i, f=f,
-                          g=g, o=o,
-                          c_new=c_new, s=s, m=m, ln_x=ln_x, ln_h=ln_h, ln_c=ln_c, z_c=z_c, z_h=z_h))
+        q = np.concatenate([i, f, o], axis=1)                         # the gates, for FGR
+        steps.append(dict(x=x[t], h_prev=h_prev, c_prev=c_prev, q_prev=q_prev, r=r,
+                          i=i, f=f, g=g, o=o, c_new=c_new, s=s, m=m,
+                          ln_x=ln_x, ln_h=ln_h, ln_c=ln_c, z_c=z_c, z_h=z_h))
         ys.append(h)
     return np.stack(ys), h, c, (steps, p, w_hh, v, masks, q)
 
