@@ -80,6 +80,24 @@ def test_step_costs_one_step(monkeypatch):
     assert seen == [1] * 60
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_step_returns_the_gates_of_its_step(batch_first):
+    torch.manual_seed(5)
+    module = lstmkit.LSTM(2, 3, num_layers=2, batch_first=batch_first)
+    x = torch.randn(4, 2, 2)                                    # (T, B, I)
+    _, _, whole = module(x.transpose(0, 1) if batch_first else x, return_gates=True)
+    state = None
+    for t in range(4):
+        y_t, state, trace = module.step(x[t], state, return_gates=True)
+        for name in trace.names:
+            expected = whole[1, "forward"][name]
+            expected = expected[:, t] if batch_first else expected[t]
+            torch.testing.assert_close(trace[1, "forward"][name], expected, rtol=0, atol=1e-6)
+    assert trace[0, "forward"]["f"].shape == (2, 3)
+    _, _, unbatched = lstmkit.GRU(2, 3).step(x[0, 0], return_gates=True)
+    assert unbatched[0, "forward"]["z"].shape == (3,)
+
+
 def test_step_batch_first_and_shapes():
     module = lstmkit.LSTM(2, 4, num_layers=2, batch_first=True)
     y, (h, c) = module.step(torch.randn(3, 2))

@@ -289,14 +289,16 @@ class _RecurrentBase(nn.Module):
                              "direction reads the sequence from its end, so it cannot run "
                              "online one step at a time")
 
-    def step(self, input, hx=None):
+    def step(self, input, hx=None, *, return_gates: bool = False):
         """Advance the stack by one time step: the cost of one step, not a re-run.
 
         Args:
             input: (B, I) one step of a batch, or (I,) unbatched (batch_first does not matter).
             hx: the state returned by the previous call (or by `forward`), zeros when None.
+            return_gates: also return this step's gates, trace[layer, "forward"][name] (B, H).
         Returns:
-            output (B, P) (or (P,)) of the last layer, and the new state, shaped as forward's.
+            output (B, P) (or (P,)) of the last layer, and the new state, shaped as forward's;
+            and the GateTrace of this step when return_gates.
 
         Example::
 
@@ -314,11 +316,13 @@ class _RecurrentBase(nn.Module):
             sequence = x.unsqueeze(1) if self.batch_first else x.unsqueeze(0)
         else:
             sequence = x.unsqueeze(0)                # (1, I): one unbatched step
-        output, state = self.forward(sequence, hx)
-        if x.dim() == 2:
-            output = output.squeeze(1) if self.batch_first else output.squeeze(0)
-        else:
-            output = output.squeeze(0)
+        output, state, *trace = self.forward(sequence, hx, return_gates=return_gates)
+        time_dim = 1 if x.dim() == 2 and self.batch_first else 0
+        output = output.squeeze(time_dim)
+        if return_gates:
+            records = {key: {name: t.squeeze(time_dim) for name, t in record.items()}
+                       for key, record in trace[0].items()}
+            return output, state, GateTrace(trace[0].family, records)
         return output, state
 
 
