@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/lstmkit check
+	$(BIN)/lstmkit demo
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest

@@ -5,7 +5,19 @@
     >>> output, (h_n, c_n) = lstm(torch.randn(4, 10, 8))
 """
 
-from .nn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from .nn import (
+    GRU,
+    LSTM,
+    RNN,
+    GateTrace,
+    GRUCell,
+    LSTMCell,
+    LSTMVariant,
+    RNNCell,
+    detach_state,
+    gate_saturation,
+)
 
 __version__ = "0.1.0"
-__all__ = ["GRU", "GRUCell", "LSTM", "LSTMCell", "RNN", "RNNCell", "__version__"]
+__all__ = ["GRU", "GRUCell", "GateTrace", "LSTM", "LSTMCell", "LSTMVariant", "RNN", "RNNCell",
+           "__version__", "detach_state", "gate_saturation"]

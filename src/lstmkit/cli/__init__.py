@@ -10,7 +10,7 @@ import sys
 from . import _errors
 from ._errors import UsageError
 
-COMMAND_MODULES: tuple[str, ...] = ("check", "bench")
+COMMAND_MODULES: tuple[str, ...] = ("demo", "forecast", "bench", "check")
 
 
 class _Parser(argparse.ArgumentParser):

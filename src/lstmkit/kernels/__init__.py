@@ -16,7 +16,11 @@ from . import native
 from .gru import GRUFunction
 from .layout import StepLayout
 from .lstm import LSTMFunction
+from .lstm_variants import MASKS as _VARIANT_MASKS
+from .lstm_variants import PARAMETERS as _VARIANT_PARAMETERS
+from .lstm_variants import LSTMVariantFunction
 from .rnn import NONLINEARITIES, RNNFunction
+from .traces import GRUTraceFunction, LSTMTraceFunction
 
 _BACKENDS = {
     "portable": {"lstm": LSTMFunction, "gru": GRUFunction, "rnn": RNNFunction},
@@ -41,11 +45,51 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
     return fn.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse)
 
 
+def lstm_layer_with_gates(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
+                          layout: StepLayout, reverse: bool = False):
+    """`lstm_layer` on the portable kernel, also returning gates (N, 4H) = [i | f | g | o]
+    and cells (N, H)."""
+    return LSTMTraceFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse)
+
+
+def lstm_variant_layer(x, h0, c0, params: dict, masks: dict, variant, *, q0=None,
+                       layout: StepLayout, reverse: bool = False, backend: str = "auto"):
+    """One LSTM-variant layer, one direction (see lstm_variants.py); portable backend only.
+
+    params: w_ih, w_hh, ... as `LSTMVariantFunction`'s (missing keys are absent); masks:
+    zoneout_h, zoneout_c, recurrent (missing keys are off); q0 (B, 3H): the previous gates,
+    for full gate recurrence (zeros when None).
+    Returns out (N, P), h_T (B, P), c_T (B, H), q_T (B, 3H) or None without full gate
+    recurrence, gates (N, 4H), cells (N, H).
+    """
+    if backend not in ("auto", "portable"):
+        raise ValueError(f"backend={backend!r} has no kernel for LSTM variants (peepholes, layer "
+                         "norm, zoneout, ...): use backend='auto' or 'portable' with a variant")
+    unknown = (set(params) - set(_VARIANT_PARAMETERS)) | (set(masks) - set(_VARIANT_MASKS))
+    if unknown:
+        raise ValueError(f"unknown LSTM-variant arguments {sorted(unknown)}; expected some of "
+                         f"{_VARIANT_PARAMETERS + _VARIANT_MASKS}")
+    if not variant.full_gate_recurrence:
+        q0 = None
+    elif q0 is None:
+        q0 = h0.new_zeros(h0.shape[0], 3 * c0.shape[1])
+    out, h_T, c_T, q_T, gates, cells = LSTMVariantFunction.apply(
+        x, h0, c0, q0, *(params.get(k) for k in _VARIANT_PARAMETERS),
+        *(masks.get(k) for k in _VARIANT_MASKS), variant, layout, reverse)
+    return out, h_T, c_T, (q_T if q0 is not None else None), gates, cells
+
+
 def gru_layer(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: StepLayout,
               reverse: bool = False, reset_after: bool = True, backend: str = "auto"):
     """One GRU layer, one direction: x (N, I), h0 (B, H) -> out (N, H), h_T (B, H)."""
     fn = _function("gru", backend, x)
     return fn.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after)
+
+
+def gru_layer_with_gates(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: StepLayout,
+                         reverse: bool = False, reset_after: bool = True):
+    """`gru_layer` on the portable kernel, also returning gates (N, 3H) = [r | z | n]."""
+    return GRUTraceFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after)
 
 
 def rnn_layer(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: StepLayout,
@@ -61,3 +105,6 @@ __all__ = [
     "BACKENDS", "GRUFunction", "NONLINEARITIES", "LSTMFunction", "RNNFunction", "StepLayout",
     "gru_layer", "lstm_layer", "rnn_layer",
 ]
+# Variants and gate traces (portable only): LSTMVariant options, return_gates.
+__all__ += ["GRUTraceFunction", "LSTMTraceFunction", "LSTMVariantFunction",
+            "gru_layer_with_gates", "lstm_layer_with_gates", "lstm_variant_layer"]

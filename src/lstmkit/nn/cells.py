@@ -11,7 +11,9 @@ from torch import nn
 
 from .. import kernels
 from ..kernels import StepLayout
-from . import _checks
+from ..reference.variant import LSTMVariant
+from . import _checks, _lstm_variant
+from ._lstm_variant import KERNEL_ARGUMENT
 
 
 class _CellBase(nn.Module):
@@ -35,7 +37,13 @@ class _CellBase(nn.Module):
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
+        for stem, size in self._extra_shapes():
+            self.register_parameter(stem, nn.Parameter(torch.empty(size, **factory)))
         self.reset_parameters()
+
+    def _extra_shapes(self) -> list:
+        """(name, shape) of parameters a subclass adds."""
+        return []
 
     def reset_parameters(self) -> None:
         """U(-1/sqrt(H), 1/sqrt(H)) for every parameter, as torch.nn."""
@@ -47,8 +55,12 @@ class _CellBase(nn.Module):
         return f"{self.input_size}, {self.hidden_size}" + ("" if self.bias else ", bias=False")
 
     def _weights(self) -> dict:
-        return {"w_ih": self.weight_ih, "w_hh": self.weight_hh,
-                "b_ih": self.bias_ih, "b_hh": self.bias_hh}
+        """Keyword arguments of the kernel: w_ih, w_hh, b_ih, b_hh and any variant parameters."""
+        weights = {"w_ih": self.weight_ih, "w_hh": self.weight_hh,
+                   "b_ih": self.bias_ih, "b_hh": self.bias_hh}
+        for stem, _ in self._extra_shapes():
+            weights[KERNEL_ARGUMENT[stem]] = getattr(self, stem)
+        return weights
 
     def forward(self, input, hx=None):
         """input (B, I) or (I,); hx state(s) (B, H) or (H,), zeros when None -> new state(s)."""
@@ -91,14 +103,55 @@ class LSTMCell(_CellBase):
     """One LSTM step, a drop-in for `torch.nn.LSTMCell`: (input, (h, c)) -> (h', c').
 
     Same equations as `lstmkit.LSTM`; weight_ih (4H, I), weight_hh (4H, H), gate order i, f, g, o.
+    `variant=lstmkit.LSTMVariant(...)` selects the same variants as `lstmkit.LSTM` (adding
+    weight_peephole (3H) and ln_* parameters where needed), except recurrent_dropout and
+    weight_drop, whose one-mask-per-sequence a single step cannot keep: use `lstmkit.LSTM`.
+    Zoneout draws its masks per call in training; in eval it is off (or its expectation, with
+    zoneout_eval="expectation").
     """
 
     _gates = 4
     _state_count = 2
 
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *,
+                 variant: LSTMVariant | None = None, backend: str = "auto"):
+        # Set first: the parameters registered (and initialised) by the base depend on it.
+        self.variant = _lstm_variant.check_variant(variant, bias)
+        if self.variant.recurrent_dropout or self.variant.weight_drop:
+            raise ValueError(f"LSTMCell cannot apply recurrent_dropout="
+                             f"{self.variant.recurrent_dropout} or weight_drop="
+                             f"{self.variant.weight_drop}: they draw one mask per sequence and a "
+                             "cell sees one step; use lstmkit.LSTM (whose step() also streams)")
+        if self.variant.full_gate_recurrence:
+            raise ValueError("LSTMCell cannot apply full_gate_recurrence=True: it carries the "
+                             "previous gates as a third state beside (h, c); use lstmkit.LSTM, "
+                             "whose state is then (h, c, q) and whose step() also streams")
+        super().__init__(input_size, hidden_size, bias, device, dtype, backend=backend)
+
+    def _extra_shapes(self):
+        return _lstm_variant.extra_shapes(self.variant, self.hidden_size)
+
+    def reset_parameters(self) -> None:
+        """torch.nn's initialisation, then the variant's (layer-norm gains, biases, ...)."""
+        super().reset_parameters()
+        if self.variant != LSTMVariant():
+            _lstm_variant.initialise(self._weights(), self.variant, self.hidden_size)
+
+    def extra_repr(self) -> str:
+        described = self.variant.describe()
+        return super().extra_repr() + (f", variant=LSTMVariant({described})" if described else "")
+
     def _step(self, x, states, layout):
-        return kernels.lstm_layer(x, *states, **self._weights(), layout=layout,
-                                  backend=self.backend)
+        if not _lstm_variant.uses_variant_kernel(self.variant, self.training):
+            return kernels.lstm_layer(x, *states, **self._weights(), layout=layout,
+                                      backend=self.backend)
+        h0, c0 = states
+        masks = _lstm_variant.draw_masks(self.variant, self.training, layout, x, h0.shape[1],
+                                         c0.shape[1])
+        out, h, c, _, _, _ = kernels.lstm_variant_layer(x, h0, c0, self._weights(), masks,
+                                                     self.variant, layout=layout,
+                                                     backend=self.backend)
+        return out, h, c
 
 
 class GRUCell(_CellBase):

@@ -18,10 +18,10 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .. import kernels
 from ..kernels import StepLayout
-from . import _checks
-
-_KERNEL_ARGUMENT = {"weight_ih": "w_ih", "weight_hh": "w_hh", "bias_ih": "b_ih",
-                    "bias_hh": "b_hh", "weight_hr": "w_hr"}
+from ..reference.variant import LSTMVariant
+from . import _checks, _lstm_variant
+from ._lstm_variant import KERNEL_ARGUMENT as _KERNEL_ARGUMENT
+from .introspection import GateTrace
 
 
 class _RecurrentBase(nn.Module):
@@ -64,11 +64,17 @@ class _RecurrentBase(nn.Module):
                                ("bias_hh", (self._gates * hidden_size,))]
                 if proj_size:
                     shapes.append(("weight_hr", (proj_size, hidden_size)))
+                shapes += self._extra_shapes()
                 for stem, size in shapes:
-                    self.register_parameter(stem + suffix, nn.Parameter(torch.empty(size, **factory)))
+                    self.register_parameter(stem + suffix,
+                                            nn.Parameter(torch.empty(size, **factory)))
                 self._weight_names.append({_KERNEL_ARGUMENT[stem]: stem + suffix
                                            for stem, _ in shapes})
         self.reset_parameters()
+
+    def _extra_shapes(self) -> list:
+        """(stem, shape) of parameters a subclass adds to each layer and direction."""
+        return []
 
     @property
     def num_directions(self) -> int:
@@ -103,6 +109,9 @@ class _RecurrentBase(nn.Module):
         """Feature size of each state tensor: (P,) for h, plus (H,) for the LSTM's c."""
         return (self.proj_size or self.hidden_size,)
 
+    def _describe_state(self) -> str:
+        return type(self).__name__
+
     def _layer_weights(self, index: int) -> dict:
         """Keyword arguments of the kernel for one layer and direction: w_ih, w_hh, ..."""
         return {arg: getattr(self, name) for arg, name in self._weight_names[index].items()}
@@ -132,7 +141,8 @@ class _RecurrentBase(nn.Module):
         if steps == 0 or batch == 0:
             raise ValueError(f"input must have at least one time step and one sequence, "
                              f"got shape {tuple(input.shape)}")
-        return x.reshape(steps * batch, self.input_size), StepLayout.padded(steps, batch), batched, None
+        layout = StepLayout.padded(steps, batch)
+        return x.reshape(steps * batch, self.input_size), layout, batched, None
 
     def _initial_states(self, hx, x, batch, batched, packed):
         """Return the initial states as (L*D, B, F) tensors, in the kernels' batch order."""
@@ -140,16 +150,18 @@ class _RecurrentBase(nn.Module):
         sizes = self._state_sizes()
         if hx is None:
             return [x.new_zeros(count, batch, size) for size in sizes]
-        names = ("h_0", "c_0")[:len(sizes)]
+        names = ("h_0", "c_0", "q_0")[:len(sizes)]
         if len(sizes) > 1:
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise TypeError(f"hx must be a tuple (h_0, c_0) for {type(self).__name__}, "
-                                f"got {type(hx).__name__}")
+            if not isinstance(hx, (tuple, list)) or len(hx) != len(sizes):
+                described = (f"{type(hx).__name__} of {len(hx)}"
+                             if isinstance(hx, (tuple, list)) else type(hx).__name__)
+                raise TypeError(f"hx must be a tuple ({', '.join(names)}) for "
+                                f"{self._describe_state()}, got {described}")
             states = list(hx)
         else:
             states = [hx]
         result = []
-        for name, state, size in zip(names, states, sizes):
+        for name, state, size in zip(names, states, sizes, strict=True):
             _checks.floating_tensor(name, state, like=x)
             if batched:
                 _checks.shape(name, state, (count, batch, size))
@@ -161,7 +173,7 @@ class _RecurrentBase(nn.Module):
             result.append(state)
         return result
 
-    def forward(self, input, hx=None, *, lengths=None):
+    def forward(self, input, hx=None, *, lengths=None, return_gates: bool = False):
         """Run the stack over a sequence.
 
         Args:
@@ -169,30 +181,41 @@ class _RecurrentBase(nn.Module):
                 or a PackedSequence of (N, I) rows.
             hx: initial state(s) shaped (L*D, B, P) (and (L*D, B, H) for the LSTM's c),
                 (L*D, P) for unbatched input, in the caller's batch order; zeros when None.
+                Passing the final state of the previous chunk continues a long sequence
+                exactly (streaming); see `step` and `lstmkit.detach_state`.
             lengths: optional, for batched padded input only (not in torch.nn): the true length
                 of each sequence (B,), each in [1, T]. Steps past a sequence's length are not
                 computed; its output there is zero and its final state is the one at its
                 last step. Saves the pack_padded_sequence / pad_packed_sequence round trip.
+            return_gates: also return a `GateTrace` with every layer's and direction's
+                per-step gates and states (LSTM and GRU only); with lengths, zero past
+                each sequence's length.
         Returns:
             output (same form as the input, with D*P features) and the final state(s), shaped
-            like hx.
+            like hx; and the GateTrace when return_gates.
         """
+        _checks.flag("return_gates", return_gates)
         if lengths is not None:
-            return self._forward_with_lengths(input, hx, lengths)
+            return self._forward_with_lengths(input, hx, lengths, return_gates)
         x, layout, batched, packed = self._flat_input(input)
         states = self._initial_states(hx, x, layout.batch, batched, packed)
         finals = [[] for _ in states]
+        records = {}
         layer_input = x
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(self.num_directions):
                 index = layer * self.num_directions + direction
-                out, *state_T = self._run_layer(
+                out, state_T, trace = self._run_layer(
                     layer_input, [s[index] for s in states], self._layer_weights(index),
-                    layout, reverse=direction == 1)
+                    layout, reverse=direction == 1, return_gates=return_gates)
                 outputs.append(out)
-                for collected, s in zip(finals, state_T):
+                for collected, s in zip(finals, state_T, strict=True):
                     collected.append(s)
+                if return_gates:
+                    records[layer, ("forward", "reverse")[direction]] = {
+                        name: self._like_output(t, layout, batched, packed)
+                        for name, t in trace.items()}
             layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)
             if self.dropout and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
@@ -209,9 +232,22 @@ class _RecurrentBase(nn.Module):
                 finals = [f.squeeze(1) for f in finals]
             elif self.batch_first:
                 output = output.transpose(0, 1)
-        return output, (tuple(finals) if len(finals) > 1 else finals[0])
+        state = tuple(finals) if len(finals) > 1 else finals[0]
+        if return_gates:
+            return output, state, GateTrace(type(self).__name__, records)
+        return output, state
 
-    def _forward_with_lengths(self, input, hx, lengths):
+    def _like_output(self, flat, layout, batched, packed):
+        """A traced (N, F) tensor in the layout of the module's output."""
+        if packed is not None:
+            return PackedSequence(flat, packed.batch_sizes, packed.sorted_indices,
+                                  packed.unsorted_indices)
+        t = flat.view(layout.steps, layout.batch, -1)
+        if not batched:
+            return t.squeeze(1)
+        return t.transpose(0, 1) if self.batch_first else t
+
+    def _forward_with_lengths(self, input, hx, lengths, return_gates=False):
         if isinstance(input, PackedSequence) or not torch.is_tensor(input) or input.dim() != 3:
             raise ValueError("lengths is only for batched padded input (a 3-D tensor), got "
                              + (type(input).__name__ if not torch.is_tensor(input)
@@ -230,12 +266,64 @@ class _RecurrentBase(nn.Module):
                              f"{int(lengths[b])} for sequence {b}")
         packed = pack_padded_sequence(input, lengths.cpu(), batch_first=self.batch_first,
                                       enforce_sorted=False)
-        output, state = self.forward(packed, hx)
-        output, _ = pad_packed_sequence(output, batch_first=self.batch_first, total_length=steps)
-        return output, state
+        output, state, *trace = self.forward(packed, hx, return_gates=return_gates)
 
-    def _run_layer(self, x, states, weights, layout, reverse):
+        def pad(sequence):
+            return pad_packed_sequence(sequence, batch_first=self.batch_first,
+                                       total_length=steps)[0]
+
+        if return_gates:
+            records = {key: {name: pad(t) for name, t in record.items()}
+                       for key, record in trace[0].items()}
+            return pad(output), state, GateTrace(trace[0].family, records)
+        return pad(output), state
+
+    def _run_layer(self, x, states, weights, layout, reverse, return_gates):
+        """One layer and direction -> (out (N, P), [final states], {name: (N, F)} or None)."""
         raise NotImplementedError
+
+    def _check_streamable(self) -> None:
+        """Raise unless a step-by-step run equals a run over the whole sequence."""
+        if self.bidirectional:
+            raise ValueError(f"{type(self).__name__}.step needs bidirectional=False: the reverse "
+                             "direction reads the sequence from its end, so it cannot run "
+                             "online one step at a time")
+
+    def step(self, input, hx=None, *, return_gates: bool = False):
+        """Advance the stack by one time step: the cost of one step, not a re-run.
+
+        Args:
+            input: (B, I) one step of a batch, or (I,) unbatched (batch_first does not matter).
+            hx: the state returned by the previous call (or by `forward`), zeros when None.
+            return_gates: also return this step's gates, trace[layer, "forward"][name] (B, H).
+        Returns:
+            output (B, P) (or (P,)) of the last layer, and the new state, shaped as forward's;
+            and the GateTrace of this step when return_gates.
+
+        Example::
+
+            >>> lstm = lstmkit.LSTM(3, 8, num_layers=2).eval()
+            >>> state = None
+            >>> for x_t in torch.randn(5, 1, 3):           # arrives one step at a time
+            ...     y_t, state = lstm.step(x_t, state)
+        """
+        self._check_streamable()
+        x = _checks.floating_tensor("input", input, self.weight_ih_l0, "the parameters")
+        if x.dim() not in (1, 2) or x.shape[-1] != self.input_size:
+            raise ValueError(f"step input must have shape (B, {self.input_size}) or "
+                             f"({self.input_size},), got {tuple(x.shape)}")
+        if x.dim() == 2:
+            sequence = x.unsqueeze(1) if self.batch_first else x.unsqueeze(0)
+        else:
+            sequence = x.unsqueeze(0)                # (1, I): one unbatched step
+        output, state, *trace = self.forward(sequence, hx, return_gates=return_gates)
+        time_dim = 1 if x.dim() == 2 and self.batch_first else 0
+        output = output.squeeze(time_dim)
+        if return_gates:
+            records = {key: {name: t.squeeze(time_dim) for name, t in record.items()}
+                       for key, record in trace[0].items()}
+            return output, state, GateTrace(trace[0].family, records)
+        return output, state
 
 
 class LSTM(_RecurrentBase):
@@ -253,6 +341,18 @@ class LSTM(_RecurrentBase):
     Parameters per layer k: weight_ih_lk (4H, I or D*P), weight_hh_lk (4H, P), bias_ih_lk,
     bias_hh_lk (4H), weight_hr_lk (P, H) with proj_size; `_reverse` for the second direction.
 
+    `variant=lstmkit.LSTMVariant(...)` changes the cell (peepholes, CIFG, Greff's ablations,
+    activations, layer norm, zoneout, recurrent dropout, DropConnect, initialisation); see
+    `LSTMVariant` and docs/variants.md. It adds parameters only where the equations need them:
+    weight_peephole_lk (3H) = [p_i | p_f | p_o]; ln_ih_weight/bias_lk, ln_hh_weight/bias_lk
+    (4H), ln_cell_weight/bias_lk (H) for layer norm; weight_gate_lk (3H, 3H) for full gate
+    recurrence, whose state is then (h, c, q) with q (L*D, B, 3H) the last step's [i | f | o].
+    With no variant (or the default one) the module is torch.nn.LSTM: same parameters,
+    initialisation and results.
+
+    `forward(..., return_gates=True)` also returns a `GateTrace` of every gate at every step;
+    `step(x_t, state)` advances one step for online use.
+
     Example::
 
         >>> import torch, lstmkit
@@ -260,17 +360,79 @@ class LSTM(_RecurrentBase):
         >>> output, (h_n, c_n) = lstm(torch.randn(3, 5, 10))
         >>> output.shape, h_n.shape, c_n.shape
         (torch.Size([3, 5, 20]), torch.Size([2, 3, 20]), torch.Size([2, 3, 20]))
+        >>> peephole = lstmkit.LSTM(10, 20, variant=lstmkit.LSTMVariant(peepholes=True))
     """
 
     _gates = 4
 
-    def _state_sizes(self):
-        return (self.proj_size or self.hidden_size, self.hidden_size)
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None, *,
+                 variant: LSTMVariant | None = None, backend: str = "auto"):
+        # Set first: the parameters registered (and initialised) by the base depend on it.
+        self.variant = _lstm_variant.check_variant(variant, bias)
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, proj_size, device, dtype, backend=backend)
 
-    def _run_layer(self, x, states, weights, layout, reverse):
-        h0, c0 = states
-        return kernels.lstm_layer(x, h0, c0, **weights, layout=layout, reverse=reverse,
-                                  backend=self.backend)
+    def _extra_shapes(self):
+        return _lstm_variant.extra_shapes(self.variant, self.hidden_size)
+
+    def reset_parameters(self) -> None:
+        """torch.nn's initialisation, then the variant's (layer-norm gains, biases, ...)."""
+        super().reset_parameters()
+        if self.variant != LSTMVariant():
+            for index in range(len(self._weight_names)):
+                _lstm_variant.initialise(self._layer_weights(index), self.variant,
+                                         self.hidden_size)
+
+    def extra_repr(self) -> str:
+        described = self.variant.describe()
+        return super().extra_repr() + (f", variant=LSTMVariant({described})" if described else "")
+
+    def _state_sizes(self):
+        sizes = (self.proj_size or self.hidden_size, self.hidden_size)
+        if self.variant.full_gate_recurrence:        # q: the previous step's [i | f | o]
+            return (*sizes, 3 * self.hidden_size)
+        return sizes
+
+    def _describe_state(self) -> str:
+        if self.variant.full_gate_recurrence:
+            return "LSTM with full_gate_recurrence (the previous gates are a third state)"
+        return "LSTM"
+
+    def _check_streamable(self) -> None:
+        super()._check_streamable()
+        v = self.variant
+        if self.training and (v.recurrent_dropout or v.weight_drop):
+            raise ValueError(f"LSTM.step in training mode with recurrent_dropout="
+                             f"{v.recurrent_dropout} and weight_drop={v.weight_drop}: each draws "
+                             "one mask per sequence, which separate steps cannot share; call "
+                             ".eval() for online inference, or train on whole chunks with forward")
+
+    def _run_layer(self, x, states, weights, layout, reverse, return_gates):
+        h0, c0, *q0 = states
+        v = self.variant
+        if v.weight_drop and self.training:         # DropConnect: one mask per call
+            weights = {**weights, "w_hh": _lstm_variant.drop_connect(weights["w_hh"],
+                                                                     v.weight_drop)}
+        q_T = None
+        if not _lstm_variant.uses_variant_kernel(v, self.training):
+            if not return_gates:
+                out, h_T, c_T = kernels.lstm_layer(x, h0, c0, **weights, layout=layout,
+                                                   reverse=reverse, backend=self.backend)
+                return out, (h_T, c_T), None
+            out, h_T, c_T, gates, cells = kernels.lstm_layer_with_gates(
+                x, h0, c0, **weights, layout=layout, reverse=reverse)
+        else:
+            masks = _lstm_variant.draw_masks(v, self.training, layout, x, h0.shape[1],
+                                             c0.shape[1])
+            out, h_T, c_T, q_T, gates, cells = kernels.lstm_variant_layer(
+                x, h0, c0, weights, masks, v, q0=q0[0] if q0 else None, layout=layout,
+                reverse=reverse, backend=self.backend)
+        trace = None
+        if return_gates:
+            i, f, g, o = gates.chunk(4, 1)
+            trace = {"i": i, "f": f, "g": g, "o": o, "c": cells, "h": out.detach()}
+        return out, (h_T, c_T) if q_T is None else (h_T, c_T, q_T), trace
 
 
 class GRU(_RecurrentBase):
@@ -284,7 +446,9 @@ class GRU(_RecurrentBase):
         h_t = (1 - z_t) * n_t + z_t * h_{t-1}
 
     With `reset_after=False` the reset gate acts before the product, as in Cho et al. (2014):
-    n_t = tanh(W_in x_t + b_in + W_hn (r_t * h_{t-1}) + b_hn). torch.nn has only the default.
+    n_t = tanh(W_in x_t + b_in + W_hn (r_t * h_{t-1}) + b_hn). torch.nn has only the default
+    (as cuDNN and Keras's `reset_after=True`); the textbook form is what Keras calls
+    `reset_after=False`. Same parameters either way, so weights load into both.
     """
 
     _gates = 3
@@ -299,9 +463,15 @@ class GRU(_RecurrentBase):
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.reset_after else ", reset_after=False")
 
-    def _run_layer(self, x, states, weights, layout, reverse):
-        return kernels.gru_layer(x, states[0], **weights, layout=layout, reverse=reverse,
-                                 reset_after=self.reset_after, backend=self.backend)
+    def _run_layer(self, x, states, weights, layout, reverse, return_gates):
+        if not return_gates:
+            out, h_T = kernels.gru_layer(x, states[0], **weights, layout=layout, reverse=reverse,
+                                         reset_after=self.reset_after, backend=self.backend)
+            return out, (h_T,), None
+        out, h_T, gates = kernels.gru_layer_with_gates(
+            x, states[0], **weights, layout=layout, reverse=reverse, reset_after=self.reset_after)
+        r, z, n = gates.chunk(3, 1)
+        return out, (h_T,), {"r": r, "z": z, "n": n, "h": out.detach()}
 
 
 class RNN(_RecurrentBase):
@@ -319,6 +489,10 @@ class RNN(_RecurrentBase):
         tail = "" if self.nonlinearity == "tanh" else f", nonlinearity={self.nonlinearity!r}"
         return super().extra_repr() + tail
 
-    def _run_layer(self, x, states, weights, layout, reverse):
-        return kernels.rnn_layer(x, states[0], **weights, layout=layout, reverse=reverse,
-                                 nonlinearity=self.nonlinearity, backend=self.backend)
+    def _run_layer(self, x, states, weights, layout, reverse, return_gates):
+        if return_gates:
+            raise ValueError("return_gates=True: the Elman RNN has no gates (LSTM and GRU do); "
+                             "its hidden states are its output")
+        out, h_T = kernels.rnn_layer(x, states[0], **weights, layout=layout, reverse=reverse,
+                                     nonlinearity=self.nonlinearity, backend=self.backend)
+        return out, (h_T,), None

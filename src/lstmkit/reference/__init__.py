@@ -6,10 +6,14 @@ one layer, one direction) and a hand-derived backward through time.
 
 from .gru import gru_backward, gru_forward
 from .lstm import lstm_backward, lstm_forward
+from .lstm_variants import lstm_variant_backward, lstm_variant_forward
 from .rnn import rnn_backward, rnn_forward
+from .variant import LSTMVariant
 
 __all__ = [
+    "LSTMVariant",
     "gru_backward", "gru_forward",
     "lstm_backward", "lstm_forward",
+    "lstm_variant_backward", "lstm_variant_forward",
     "rnn_backward", "rnn_forward",
 ]

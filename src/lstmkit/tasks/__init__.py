@@ -1,0 +1,1 @@
+"""Applications built on lstmkit.train and lstmkit.nn: data -> model -> fit/predict/evaluate."""
