@@ -23,8 +23,63 @@ def test_run_reports_each_point():
         assert row["speedup"] == pytest.approx(row["torch_ms"] / row["lstmkit_ms"])
         assert row["lstmkit_gflops"] == pytest.approx(point.flops() / 1e6 / row["lstmkit_ms"])
         assert row["target_class"] == "small" and row["target_met"] == (row["speedup"] >= 2)
+        assert row["speedup_bound"] == pytest.approx(100.0 / row["torch_gflops"])
+        assert row["torch_matmul_fraction"] == pytest.approx(row["torch_gflops"] / 100.0)
+        assert row["target_status"] in ("met", "missed", "out of reach")
     table = bench.markdown(results).splitlines()
     assert len(table) == 2 + len(points) and table[2].startswith("| LSTM | train | 2 | 4 |")
+    assert "bound (100% of matmul rate)" in table[0]
+    assert all(line.count("|") == table[0].count("|") for line in table)
+
+
+def _row(target_class, speedup, torch_gflops, lstmkit_gflops, rate):
+    row = {"target_class": target_class, "speedup": speedup, "torch_gflops": torch_gflops,
+           "lstmkit_gflops": lstmkit_gflops}
+    bench._judge(row, rate)
+    return row
+
+
+def test_speedup_bound_is_torch_time_over_matmul_time():
+    # LSTM forward, batch 8, hidden 256, input 64, length 100: 0.524 GFLOP of products.
+    point = bench.Point("LSTM", "forward", batch=8, hidden=256, input_size=64, steps=100)
+    gflop = point.flops() / 1e9
+    torch_s, rate = 2.29e-3, 430.0
+    bound = bench.speedup_bound(gflop / torch_s, rate)
+    assert bound == pytest.approx(torch_s / (gflop / rate))
+    assert bound == pytest.approx(1.878, abs=1e-3)   # torch.nn already at 53% of the rate
+
+
+def test_target_status_separates_missed_from_out_of_reach():
+    rate = 400.0
+    # Small class (2x): torch.nn at 50% of the rate leaves exactly 2x; at 60%, only 1.67x.
+    assert _row("small", 2.1, 200.0, 420.0, rate)["target_status"] == "met"
+    assert _row("small", 1.5, 100.0, 150.0, rate)["target_status"] == "missed"   # bound 4x
+    out = _row("small", 0.9, 240.0, 216.0, rate)
+    assert out["speedup_bound"] == pytest.approx(400 / 240)
+    assert out["target_met"] is False and out["target_status"] == "out of reach"
+    # Medium (1.3x): bound 400/300 = 1.33x still allows it.
+    assert _row("medium", 1.0, 300.0, 300.0, rate)["target_status"] == "missed"
+    assert _row("medium", 1.0, 320.0, 320.0, rate)["target_status"] == "out of reach"
+    # Large: the speedup alone is not enough, 85% of the rate is needed too.
+    large = _row("large", 1.1, 250.0, 275.0, rate)
+    assert large["lstmkit_matmul_fraction"] == pytest.approx(275 / 400)
+    assert large["target_met"] is False and large["target_status"] == "missed"
+    assert _row("large", 1.2, 290.0, 348.0, rate)["target_status"] == "met"
+    # Outside the classes: no verdict, but the bound is still reported.
+    other = _row("-", 0.5, 100.0, 50.0, rate)
+    assert other["target_status"] is None and other["speedup_bound"] == pytest.approx(4.0)
+
+
+def test_printed_and_markdown_rows_show_the_bound():
+    row = {**bench.asdict(bench.Point("LSTM", "forward", batch=8, hidden=256)),
+           "target_class": "small", "lstmkit_ms": 2.65, "torch_ms": 2.29, "speedup": 2.29 / 2.65,
+           "lstmkit_gflops": 197.8, "torch_gflops": 228.9}
+    bench._judge(row, 430.0)
+    line = bench.format_row(row)
+    assert "1.88x" in line and "out of reach" in line and "53%" in line
+    table = bench.markdown({"points": [row]}).splitlines()
+    assert table[2].endswith("| 0.86x | 1.88x | small | 2.0x out of reach |")
+    assert len(bench.HEADER) == len(line)
 
 
 def test_flops_and_classes():

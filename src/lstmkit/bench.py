@@ -5,7 +5,9 @@ weights, then alternates between them: warm-up calls, then `repeats` timed calls
 reports the median. "forward" is inference under `torch.no_grad()`; "train" is one forward and
 backward pass (the gradients of the input and every parameter). Throughput is given as GFLOP/s
 of the matrix products (the gate math is not counted) and as a fraction of this machine's own
-matrix-multiply rate, measured here with torch.mm on square matrices.
+matrix-multiply rate, measured here with torch.mm on square matrices. Each point also gets the
+largest speedup physically possible there (`speedup_bound`: torch.nn's time over the time of the
+matrix products at 100% of that rate); a missed target above that bound is "out of reach".
 
     >>> from lstmkit import bench
     >>> results = bench.run(bench.grid("quick"), repeats=3)      # doctest: +SKIP
@@ -202,8 +204,7 @@ def run(points, dtype=torch.float32, device="cpu", repeats=5, warmup=1, rate=Non
                "lstmkit_gflops": gflop / timing["lstmkit_s"],
                "torch_gflops": gflop / timing["torch_s"],
                "speedup": timing["torch_s"] / timing["lstmkit_s"]}
-        row["lstmkit_matmul_fraction"] = row["lstmkit_gflops"] / rate
-        row["target_met"] = target_met(row)
+        _judge(row, rate)
         rows.append(row)
         if progress:
             progress(row)
@@ -214,13 +215,43 @@ def run(points, dtype=torch.float32, device="cpu", repeats=5, warmup=1, rate=Non
         if final_rate > rate:
             rate = final_rate
             for row in rows:
-                row["lstmkit_matmul_fraction"] = row["lstmkit_gflops"] / rate
-                row["target_met"] = target_met(row)
+                _judge(row, rate)
     # The load average before and after: other processes on the machine slow both sides, and
     # thread-team synchronisation suffers most when cores are shared.
     return {"machine": machine_before, "load_average_1min_after": machine()["load_average_1min"],
             "dtype": str(dtype).replace("torch.", ""),
             "device": str(device), "matmul_gflops": rate, "points": rows}
+
+
+def speedup_bound(torch_gflops: float, rate: float) -> float:
+    """The largest speedup over torch.nn physically possible at a point: torch.nn's time over
+    the time of the point's matrix products at the machine's full matrix-multiply rate.
+
+    torch_s / (flops / rate) = rate / torch_gflops. Nothing that performs the same products
+    (and the gate math besides) can beat it on this machine."""
+    return rate / torch_gflops
+
+
+def target_status(row: dict):
+    """The row's verdict: "met", "missed", or "out of reach" when missed and the target exceeds
+    `speedup_bound` (it would need more than 100% of the matrix-multiply rate); None outside
+    the target classes."""
+    if row["target_met"] is None:
+        return None
+    if row["target_met"]:
+        return "met"
+    if row["speedup_bound"] < TARGET_RATIO[row["target_class"]]:
+        return "out of reach"
+    return "missed"
+
+
+def _judge(row: dict, rate: float) -> None:
+    """Fill the row's fields that depend on the matrix-multiply rate."""
+    row["lstmkit_matmul_fraction"] = row["lstmkit_gflops"] / rate
+    row["torch_matmul_fraction"] = row["torch_gflops"] / rate
+    row["speedup_bound"] = speedup_bound(row["torch_gflops"], rate)
+    row["target_met"] = target_met(row)
+    row["target_status"] = target_status(row)
 
 
 def target_met(row: dict):
@@ -272,35 +303,42 @@ def streaming(hidden=256, input_size=256, steps=2000, repeats=5, dtype=torch.flo
 
 
 HEADER = (f"{'family':6} {'mode':7} {'B':>4} {'H':>5} {'I':>4} {'T':>5} {'L':>2} {'D':>2} "
-          f"{'lstmkit ms':>11} {'torch ms':>10} {'GFLOP/s':>8} {'of mm':>6} {'speedup':>8} "
-          f"{'class':>7} {'target':>7}")
+          f"{'lstmkit ms':>11} {'torch ms':>10} {'GFLOP/s':>8} {'of mm':>6} {'torch':>6} "
+          f"{'speedup':>8} {'bound':>7} {'class':>7} {'target':>12}")
+
+STATUS_TEXT = {"met": "met", "missed": "MISSED", "out of reach": "out of reach", None: ""}
 
 
 def format_row(row: dict) -> str:
-    met = {True: "met", False: "MISSED", None: ""}[row["target_met"]]
+    """One line of the printed table; "bound" is `speedup_bound`, "torch" torch.nn's fraction
+    of the matrix-multiply rate."""
     return (f"{row['family']:6} {row['mode']:7} {row['batch']:>4} {row['hidden']:>5} "
             f"{row['input_size']:>4} {row['steps']:>5} {row['layers']:>2} "
             f"{2 if row['bidirectional'] else 1:>2} {row['lstmkit_ms']:>11.2f} "
             f"{row['torch_ms']:>10.2f} {row['lstmkit_gflops']:>8.1f} "
-            f"{row['lstmkit_matmul_fraction']:>6.0%} {row['speedup']:>7.2f}x "
-            f"{row['target_class']:>7} {met:>7}")
+            f"{row['lstmkit_matmul_fraction']:>6.0%} {row['torch_matmul_fraction']:>6.0%} "
+            f"{row['speedup']:>7.2f}x {row['speedup_bound']:>6.2f}x "
+            f"{row['target_class']:>7} {STATUS_TEXT[row['target_status']]:>12}")
 
 
 def markdown(results: dict) -> str:
     """The results as a Markdown table (the one in docs/performance.md)."""
     lines = ["| family | mode | B | H | I | T | layers | dirs | lstmkit ms | torch.nn ms | "
-             "lstmkit GFLOP/s | of matmul rate | speedup | class | target |",
-             "|" + "---|" * 15]
+             "lstmkit GFLOP/s | lstmkit of matmul rate | torch.nn of matmul rate | speedup | "
+             "bound (100% of matmul rate) | class | target |",
+             "|" + "---|" * 17]
+    status_text = {"met": "met", "missed": "**missed**", "out of reach": "out of reach",
+                   None: ""}
     for row in results["points"]:
-        met = {True: "met", False: "**missed**", None: ""}[row["target_met"]]
         target = TARGET_RATIO.get(row["target_class"])
-        target_text = f"{target:.1f}x {met}" if target else ""
+        target_text = f"{target:.1f}x {status_text[row['target_status']]}" if target else ""
         lines.append(
             f"| {row['family']} | {row['mode']} | {row['batch']} | {row['hidden']} | "
             f"{row['input_size']} | {row['steps']} | {row['layers']} | "
             f"{2 if row['bidirectional'] else 1} | {row['lstmkit_ms']:.2f} | "
             f"{row['torch_ms']:.2f} | {row['lstmkit_gflops']:.1f} | "
-            f"{row['lstmkit_matmul_fraction']:.0%} | {row['speedup']:.2f}x | "
+            f"{row['lstmkit_matmul_fraction']:.0%} | {row['torch_matmul_fraction']:.0%} | "
+            f"{row['speedup']:.2f}x | {row['speedup_bound']:.2f}x | "
             f"{row['target_class']} | {target_text} |")
     return "\n".join(lines)
 

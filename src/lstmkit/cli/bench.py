@@ -1,9 +1,11 @@
 """`lstmkit bench`: lstmkit against torch.nn on a grid of shapes, same weights, interleaved.
 
-Prints one line per point (milliseconds, GFLOP/s of the matrix products, the fraction of this
-machine's matrix-multiply rate, the speedup over torch.nn and the issue's target for the
-point's size class), then the batch-1 streaming comparison of the single-step API, and writes
-everything to a JSON file.
+Prints one line per point (milliseconds, GFLOP/s of the matrix products, the fractions of this
+machine's matrix-multiply rate reached by lstmkit and by torch.nn, the speedup over torch.nn,
+the bound on any speedup there (torch.nn's time over the products' time at 100% of the
+matrix-multiply rate) and the issue's target for the point's size class: met, missed, or out of
+reach when the target is above the bound), then the batch-1 streaming comparison of the
+single-step API, and writes everything to a JSON file.
 """
 
 import argparse
