@@ -171,6 +171,9 @@ struct Steps {
 // Pack so that output unit j (of each of NG gates) and contraction index k live at
 // P[((j / L) * K + k) * NG * L + q * L + j % L] = M(q, j, k), zero-padded past `units`.
 // M(q, j, k) = W[q * sq + j * su + k * sc].
+// Below this much work (floating-point operations) a parallel region costs more than it saves.
+constexpr double SERIAL_FLOPS = 4e6;
+
 template <typename S>
 Tensor pack(const Tensor& w, i64 ng, i64 units, i64 K, i64 sq, i64 su, i64 sc) {
   constexpr int L = Vec<S>::L;
@@ -181,7 +184,9 @@ Tensor pack(const Tensor& w, i64 ng, i64 units, i64 K, i64 sq, i64 su, i64 sc) {
   S* out = packed.data_ptr<S>();
   // Read along whichever of j (su == 1) and k is contiguous in W: a strided gather, one element
   // per cache line, made the packing of a 1 MiB matrix cost as much as 50 recurrent steps.
-  at::parallel_for(0, J, 1, [&](i64 j0, i64 j1) {
+  // Serial below 32K elements (a parallel region costs more); two cores halve a 1 MiB pack.
+  const i64 grain = std::max<i64>(1, 32768 / std::max<i64>(1, K * ng * L));
+  at::parallel_for(0, J, grain, [&](i64 j0, i64 j1) {
     S tile[KT][L];
     for (i64 jb = j0; jb < j1; ++jb) {
       const i64 n = std::min<i64>(L, units - jb * L);
@@ -1247,9 +1252,14 @@ void products_py(std::vector<Tensor> outs, std::vector<Tensor> as, std::vector<T
                  std::vector<bool> accumulate) {
   TORCH_CHECK(outs.size() == as.size() && as.size() == bs.size() &&
               bs.size() == accumulate.size(), "products: lists of different lengths");
-  const i64 threads = std::max<i64>(1, at::get_num_threads());
+  double flops = 0;
+  for (size_t i = 0; i < outs.size(); ++i)
+    flops += 2.0 * outs[i].size(0) * outs[i].size(1) * as[i].size(1);
+  // Small products (batch 1, short sequences) run on the calling thread: waking the thread
+  // team costs more than the product, and far more when another process holds the other core.
+  const i64 threads = flops < SERIAL_FLOPS ? 1 : std::max<i64>(1, at::get_num_threads());
   const i64 tasks = (i64)outs.size() * threads;
-  at::parallel_for(0, tasks, 1, [&](i64 t0, i64 t1) {
+  at::parallel_for(0, tasks, threads == 1 ? tasks : 1, [&](i64 t0, i64 t1) {
     c10::NoGradGuard no_grad;   // grad mode is thread-local: the pool's threads do not inherit it
     for (i64 task = t0; task < t1; ++task) {
       i64 i = task / threads, part = task % threads;

@@ -45,6 +45,10 @@ NATIVE_DTYPES = (torch.float32, torch.float64)
 # The torch.mm driver also runs projection (proj_size) and GRU reset-before.
 FUSED_MAX_BATCH = 64
 
+# Products smaller than this (floating-point operations) run on the calling thread (the same
+# threshold as SERIAL_FLOPS in _native.cpp): waking the thread team costs more than they do.
+SERIAL_FLOPS = 4e6
+
 _lock = threading.Lock()
 _state: dict = {"tried": False, "module": None, "reason": None}
 
@@ -182,6 +186,11 @@ def _products(jobs):
 def _projection(x, w, *biases):
     """x (N, K) W^T (G, K) + the sum of the given biases (G,): every step's input part."""
     present = [b for b in biases if b is not None]
+    if 2.0 * x.shape[0] * x.shape[1] * w.shape[0] < SERIAL_FLOPS:
+        # Small (batch 1, short sequences): one torch call, no separate bias fill.
+        if present:
+            return torch.addmm(sum(present), x, w.t())
+        return torch.mm(x, w.t())
     if present:
         out = sum(present).expand(x.shape[0], w.shape[0]).contiguous()
     else:
