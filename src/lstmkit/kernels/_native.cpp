@@ -1258,21 +1258,23 @@ void products_py(std::vector<Tensor> outs, std::vector<Tensor> as, std::vector<T
   // Small products (batch 1, short sequences) run on the calling thread: waking the thread
   // team costs more than the product, and far more when another process holds the other core.
   const i64 threads = flops < SERIAL_FLOPS ? 1 : std::max<i64>(1, at::get_num_threads());
-  const i64 tasks = (i64)outs.size() * threads;
-  at::parallel_for(0, tasks, threads == 1 ? tasks : 1, [&](i64 t0, i64 t1) {
+  // Thread `part` takes row slice `part` of every product: each thread gets an equal share of
+  // every product. (Numbering the tasks product-major instead gave one thread both halves of
+  // the largest product, dW_hh, and the other thread the small ones.)
+  at::parallel_for(0, threads, 1, [&](i64 p0, i64 p1) {
     c10::NoGradGuard no_grad;   // grad mode is thread-local: the pool's threads do not inherit it
-    for (i64 task = t0; task < t1; ++task) {
-      i64 i = task / threads, part = task % threads;
-      i64 M = outs[i].size(0), r0 = M * part / threads, r1 = M * (part + 1) / threads;
-      if (r1 <= r0) continue;
-      Tensor out = outs[i].narrow(0, r0, r1 - r0);
-      Tensor a = as[i].narrow(0, r0, r1 - r0);
-      if (accumulate[i]) {
-        at::addmm_out(out, out, a, bs[i]);
-      } else {
-        at::mm_out(out, a, bs[i]);
+    for (i64 part = p0; part < p1; ++part)
+      for (size_t i = 0; i < outs.size(); ++i) {
+        i64 M = outs[i].size(0), r0 = M * part / threads, r1 = M * (part + 1) / threads;
+        if (r1 <= r0) continue;
+        Tensor out = outs[i].narrow(0, r0, r1 - r0);
+        Tensor a = as[i].narrow(0, r0, r1 - r0);
+        if (accumulate[i]) {
+          at::addmm_out(out, out, a, bs[i]);
+        } else {
+          at::mm_out(out, a, bs[i]);
+        }
       }
-    }
   });
 }
 
