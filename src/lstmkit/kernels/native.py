@@ -42,17 +42,12 @@ NATIVE_DTYPES = (torch.float32, torch.float64)
 # each step's product is one torch.mm (MKL), whose cache blocking wins on large products.
 # Measured on the 2-core benchmark machine, 2 threads, LSTM forward loop only: batch 8 / hidden
 # 256: fused 210 GFLOP/s, torch.mm 124; batch 32 / 256: 241 vs 150; batch 128 / 1024: 234 vs 285.
+# Again, forward with saved gates + backward, ms, fused vs torch.mm: batch 32 / hidden 512 (T=50)
+# 15.5 + 15.3 vs 23.8 + 17.0; batch 64 / 512, 32.2 + 29.3 vs 36.4 + 26.8 (a tie); batch 128 /
+# 1024 (T=20), 114.8 + 99.5 vs 89.3 + 82.1. (One thread favours torch.mm from batch 32 on:
+# with two, the fused driver keeps each half of W_hh in one core's L2.)
 # The torch.mm driver also runs projection (proj_size) and GRU reset-before.
 FUSED_MAX_BATCH = 64
-
-# From batch 32 on, the fused driver also needs each thread's share of W_hh to fit its core's L2
-# cache (it re-reads it every step); beyond, its contraction is cut into chunks with running
-# sums in memory and MKL's blocking wins. Measured on the benchmark machine (1 thread, to keep
-# other processes out; ms for fused vs torch.mm driver), LSTM hidden 512 (4 MiB): batch 32
-# forward 33.1 vs 33.8, backward 30.9 vs 26.1; batch 64: 58.1 vs 51.6, 55.8 vs 45.7; hidden 256
-# (1 MiB), batch 32: 6.8 vs 8.7 forward (fused wins), 6.3 vs 5.8 backward.
-FUSED_MIN_BATCH_FOR_L2_RULE = 32
-L2_BYTES_PER_THREAD = 1 << 20
 
 # Products smaller than this (floating-point operations) run on the calling thread (the same
 # threshold as SERIAL_FLOPS in _native.cpp): waking the thread team costs more than they do.
@@ -208,12 +203,9 @@ def _projection(x, w, *biases):
     return out
 
 
-def _fused(layout, w_hh, projected: bool = False) -> bool:
+def _fused(layout, projected: bool = False) -> bool:
     """Whether the fused driver runs (else the torch.mm driver); see FUSED_MAX_BATCH."""
-    if projected or layout.batch > FUSED_MAX_BATCH:
-        return False
-    share = w_hh.numel() * w_hh.element_size() / max(1, torch.get_num_threads())
-    return layout.batch < FUSED_MIN_BATCH_FOR_L2_RULE or share <= L2_BYTES_PER_THREAD
+    return layout.batch <= FUSED_MAX_BATCH and not projected
 
 
 def _check_device(x):
@@ -253,7 +245,7 @@ class NativeLSTMFunction(_NativeFunction):
         xproj = _projection(x, w_ih, b_ih, b_hh)
         h0, c0, w_hh, w_hr = _contiguous((h0, c0, w_hh, w_hr))
         return module().lstm_forward(xproj, h0, c0, w_hh, w_hr, layout.batch_sizes, reverse,
-                                     save, _fused(layout, w_hh, w_hr is not None))
+                                     save, _fused(layout, w_hr is not None))
 
     @staticmethod
     def _infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse):
@@ -288,7 +280,7 @@ class NativeLSTMFunction(_NativeFunction):
         d_gates, dh0, dc0, d_h_rows = module().lstm_backward(
             d_out, d_hT, d_cT, c0.contiguous(), w_hh.contiguous(),
             None if w_hr is None else w_hr.contiguous(), gates, cells, layout.batch_sizes,
-            reverse, _fused(layout, w_hh, w_hr is not None))
+            reverse, _fused(layout, w_hr is not None))
         dx = x.new_empty(x.shape) if needs[0] else None
         dw_ih = torch.empty_like(w_ih) if needs[3] else None
         dw_hh = torch.empty_like(w_hh) if needs[4] else None
@@ -328,7 +320,7 @@ class NativeGRUFunction(_NativeFunction):
         gi = _projection(x, w_ih, b_ih)
         h0, w_hh, b_hh = _contiguous((h0, w_hh, b_hh))
         return module().gru_forward(gi, h0, w_hh, b_hh, layout.batch_sizes, reverse, reset_after,
-                                    save, _fused(layout, w_hh, not reset_after))
+                                    save, _fused(layout, not reset_after))
 
     @staticmethod
     def _infer(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after):
@@ -357,7 +349,7 @@ class NativeGRUFunction(_NativeFunction):
         h0 = h0.contiguous()
         d_gi, d_gh, dh0 = module().gru_backward(
             d_out, d_hT, h0, w_hh.contiguous(), out, stash, layout.batch_sizes, reverse,
-            ctx.reset_after, _fused(layout, w_hh, not ctx.reset_after))
+            ctx.reset_after, _fused(layout, not ctx.reset_after))
         dx = x.new_empty(x.shape) if needs[0] else None
         dw_ih = torch.empty_like(w_ih) if needs[2] else None
         dw_hh = torch.empty_like(w_hh) if needs[3] else None
@@ -397,7 +389,7 @@ class NativeRNNFunction(_NativeFunction):
         xproj = _projection(x, w_ih, b_ih, b_hh)
         h0, w_hh = _contiguous((h0, w_hh))
         return module().rnn_forward(xproj, h0, w_hh, layout.batch_sizes, reverse,
-                                    nonlinearity == "relu", _fused(layout, w_hh))
+                                    nonlinearity == "relu", _fused(layout))
 
     @staticmethod
     def _infer(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, nonlinearity):
@@ -424,7 +416,7 @@ class NativeRNNFunction(_NativeFunction):
         d_out, d_hT = _contiguous(upcast((d_out, d_hT), x.dtype))
         d_pre, dh0 = module().rnn_backward(d_out, d_hT, w_hh.contiguous(), out,
                                            layout.batch_sizes, reverse,
-                                           ctx.nonlinearity == "relu", _fused(layout, w_hh))
+                                           ctx.nonlinearity == "relu", _fused(layout))
         dx = x.new_empty(x.shape) if needs[0] else None
         dw_ih = torch.empty_like(w_ih) if needs[2] else None
         dw_hh = torch.empty_like(w_hh) if needs[3] else None
