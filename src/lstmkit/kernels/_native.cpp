@@ -1244,14 +1244,15 @@ std::vector<Tensor> gru_backward_py(Tensor d_out, Tensor d_hT, Tensor h0, Tensor
   });
 }
 
-// out[i] (+)= a[i] @ b[i] for every i, all in one parallel region: each product is cut into
-// row slices, one per thread, and each slice is one single-threaded matrix multiply. For the
+// out[i] = a[i] @ b[i] (+ biases[i], broadcast over the rows) for every i, all in one parallel
+// region: each product is cut into row slices, one per thread, and each slice is one
+// single-threaded matrix multiply. For the
 // per-sequence products of a layer (input projection, dX, weight gradients) this replaces
 // several multi-threaded calls, each with its own fork and join of the thread team, by one.
 void products_py(std::vector<Tensor> outs, std::vector<Tensor> as, std::vector<Tensor> bs,
-                 std::vector<bool> accumulate) {
+                 std::vector<c10::optional<Tensor>> biases) {
   TORCH_CHECK(outs.size() == as.size() && as.size() == bs.size() &&
-              bs.size() == accumulate.size(), "products: lists of different lengths");
+              bs.size() == biases.size(), "products: lists of different lengths");
   double flops = 0;
   for (size_t i = 0; i < outs.size(); ++i)
     flops += 2.0 * outs[i].size(0) * outs[i].size(1) * as[i].size(1);
@@ -1269,8 +1270,10 @@ void products_py(std::vector<Tensor> outs, std::vector<Tensor> as, std::vector<T
         if (r1 <= r0) continue;
         Tensor out = outs[i].narrow(0, r0, r1 - r0);
         Tensor a = as[i].narrow(0, r0, r1 - r0);
-        if (accumulate[i]) {
-          at::addmm_out(out, out, a, bs[i]);
+        if (biases[i].has_value()) {
+          // The bias row broadcast into this thread's slice just before its product: no
+          // separate pass over the whole (N, G) result.
+          at::addmm_out(out, *biases[i], a, bs[i]);
         } else {
           at::mm_out(out, a, bs[i]);
         }

@@ -181,25 +181,22 @@ def _packed_cell(w_ih, w_hh, b_ih, b_hh):
 
 
 def _products(jobs):
-    """out (+)= a @ b for each (out, a, b, accumulate), in one parallel region (see products_py)."""
+    """out = a @ b (+ bias, broadcast over the rows) for each (out, a, b, bias | None), in one
+    parallel region (see products_py)."""
     if jobs:
-        outs, lefts, rights, accumulate = zip(*jobs, strict=True)
-        module().products(list(outs), list(lefts), list(rights), list(accumulate))
+        outs, lefts, rights, biases = zip(*jobs, strict=True)
+        module().products(list(outs), list(lefts), list(rights), list(biases))
 
 
 def _projection(x, w, *biases):
     """x (N, K) W^T (G, K) + the sum of the given biases (G,): every step's input part."""
     present = [b for b in biases if b is not None]
+    bias = sum(present) if present else None
     if 2.0 * x.shape[0] * x.shape[1] * w.shape[0] < SERIAL_FLOPS:
-        # Small (batch 1, short sequences): one torch call, no separate bias fill.
-        if present:
-            return torch.addmm(sum(present), x, w.t())
-        return torch.mm(x, w.t())
-    if present:
-        out = sum(present).expand(x.shape[0], w.shape[0]).contiguous()
-    else:
-        out = x.new_empty(x.shape[0], w.shape[0])
-    _products([(out, x, w.t(), bool(present))])
+        # Small (batch 1, short sequences): one torch call on this thread.
+        return torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
+    out = x.new_empty(x.shape[0], w.shape[0])
+    _products([(out, x, w.t(), bias)])
     return out
 
 
@@ -287,16 +284,16 @@ class NativeLSTMFunction(_NativeFunction):
         dw_hr = torch.empty_like(w_hr) if w_hr is not None and needs[7] else None
         jobs = []
         if dx is not None:
-            jobs.append((dx, d_gates, w_ih, False))
+            jobs.append((dx, d_gates, w_ih, None))
         if dw_ih is not None:
-            jobs.append((dw_ih, d_gates.t(), x, False))
+            jobs.append((dw_ih, d_gates.t(), x, None))
         if dw_hh is not None:
             h_prev = module().previous_rows(out, h0.contiguous(), layout.batch_sizes, reverse)
-            jobs.append((dw_hh, d_gates.t(), h_prev, False))
+            jobs.append((dw_hh, d_gates.t(), h_prev, None))
         if dw_hr is not None:
             H = cells.shape[1]
             m = gates[:, 3 * H:] * cells.tanh()                 # o tanh(c), the operand of W_hr
-            jobs.append((dw_hr, d_h_rows.t(), m, False))
+            jobs.append((dw_hr, d_h_rows.t(), m, None))
         _products(jobs)
         db = d_gates.sum(0) if needs[5] or needs[6] else None
         db_ih = db if needs[5] else None
@@ -355,17 +352,17 @@ class NativeGRUFunction(_NativeFunction):
         dw_hh = torch.empty_like(w_hh) if needs[3] else None
         jobs = []
         if dx is not None:
-            jobs.append((dx, d_gi, w_ih, False))
+            jobs.append((dx, d_gi, w_ih, None))
         if dw_ih is not None:
-            jobs.append((dw_ih, d_gi.t(), x, False))
+            jobs.append((dw_ih, d_gi.t(), x, None))
         if dw_hh is not None:
             h_prev = module().previous_rows(out, h0, layout.batch_sizes, reverse)
             if ctx.reset_after:
-                jobs.append((dw_hh, d_gh.t(), h_prev, False))
+                jobs.append((dw_hh, d_gh.t(), h_prev, None))
             else:
                 r_h = stash[:, :H] * h_prev                       # the operand of W_hn
-                jobs.append((dw_hh[:2 * H], d_gi[:, :2 * H].t(), h_prev, False))
-                jobs.append((dw_hh[2 * H:], d_gi[:, 2 * H:].t(), r_h, False))
+                jobs.append((dw_hh[:2 * H], d_gi[:, :2 * H].t(), h_prev, None))
+                jobs.append((dw_hh[2 * H:], d_gi[:, 2 * H:].t(), r_h, None))
         _products(jobs)
         db_ih = d_gi.sum(0) if needs[4] else None
         db_hh = d_gh.sum(0) if needs[5] else None
@@ -422,12 +419,12 @@ class NativeRNNFunction(_NativeFunction):
         dw_hh = torch.empty_like(w_hh) if needs[3] else None
         jobs = []
         if dx is not None:
-            jobs.append((dx, d_pre, w_ih, False))
+            jobs.append((dx, d_pre, w_ih, None))
         if dw_ih is not None:
-            jobs.append((dw_ih, d_pre.t(), x, False))
+            jobs.append((dw_ih, d_pre.t(), x, None))
         if dw_hh is not None:
             h_prev = module().previous_rows(out, h0.contiguous(), layout.batch_sizes, reverse)
-            jobs.append((dw_hh, d_pre.t(), h_prev, False))
+            jobs.append((dw_hh, d_pre.t(), h_prev, None))
         _products(jobs)
         db = d_pre.sum(0) if needs[4] or needs[5] else None
         db_ih = db if needs[4] else None
