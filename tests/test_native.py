@@ -5,6 +5,7 @@ whole sequence; small batches) and "generic" (torch's matrix multiply per step; 
 GRU reset-before, large batches), chosen here by moving `FUSED_MAX_BATCH`.
 """
 
+import threading
 import warnings
 import zlib
 
@@ -250,6 +251,35 @@ def test_cell_sees_in_place_weight_updates():
             assert (h1 - h2).abs().max() < 1e-5 and (c1 - c2).abs().max() < 1e-5
             for p in ours.parameters():
                 p.mul_(1.5)                            # as an optimizer step would
+
+
+def test_projection_scratch_is_per_thread_and_never_aliases_results():
+    """The input projection reuses one buffer per thread: layers, directions, successive calls
+    of other sizes and two Python threads at once must still get their own numbers."""
+    torch.manual_seed(3)
+    ours = lstmkit.LSTM(64, 40, num_layers=2, bidirectional=True, backend="native")
+    theirs = torch.nn.LSTM(64, 40, num_layers=2, bidirectional=True)
+    theirs.load_state_dict(ours.state_dict())
+    inputs = [torch.randn(50, 8, 64), torch.randn(30, 12, 64)]   # projections above 4 MFLOP
+    assert 2 * 50 * 8 * 64 * 160 > native.SERIAL_FLOPS
+    expected = [theirs(x)[0] for x in inputs]
+    results = {}
+
+    def work(index):
+        with torch.no_grad():
+            for _ in range(3):
+                results[index] = ours(inputs[index])[0]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    first = ours(inputs[0])[0]
+    ours(inputs[1])                                   # reuses the buffer `first` came through
+    for index, want in enumerate(expected):
+        assert (results[index] - want).abs().max() < 1e-5
+    assert (first - expected[0]).abs().max() < 1e-5
 
 
 def test_auto_picks_native_for_cpu_float32_and_float64():
