@@ -656,11 +656,13 @@ template <typename S>
 std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const Tensor& d_cT,
                                   const Tensor& c0, const Tensor& w_hh,
                                   const c10::optional<Tensor>& w_hr_opt, const Tensor& gates,
-                                  const Tensor& cells, const Steps& st, bool fused) {
+                                  const Tensor& cells, const Steps& st, bool fused,
+                                  const Tensor& d_gates_buffer) {
   constexpr int L = Vec<S>::L;
   const i64 H = c0.size(1), P = d_hT.size(1), B = st.batch, N = st.rows;
   Tensor w_hr = w_hr_opt.has_value() ? w_hr_opt->contiguous() : Tensor();
-  Tensor d_gates = at::empty({N, 4 * H}, gates.options());
+  Tensor d_gates = d_gates_buffer.defined() ? d_gates_buffer
+                                            : at::empty({N, 4 * H}, gates.options());
   Tensor dh = d_hT.clone(), dc = d_cT.clone();
   LSTMBackwardGates<S> gate_math{ptr<S>(gates), ptr<S>(cells), ptr<S>(c0), ptr<S>(dc),
                                  ptr<S>(d_gates), &st, H};
@@ -1189,11 +1191,18 @@ std::vector<Tensor> lstm_forward_py(Tensor xproj, Tensor h0, Tensor c0, Tensor w
 std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Tensor c0,
                                      Tensor w_hh, c10::optional<Tensor> w_hr, Tensor gates,
                                      Tensor cells, std::vector<i64> batch_sizes, bool reverse,
-                                     bool fused) {
+                                     bool fused, c10::optional<Tensor> d_gates_buffer) {
   for (auto* t : {&d_out, &d_hT, &d_cT, &c0, &w_hh, &gates, &cells}) check(*t, "tensor");
   Steps st(batch_sizes, reverse);
+  // Where the caller wants d_gates (N, 4H) written: its scratch memory, reused between calls.
+  Tensor buffer = d_gates_buffer.has_value() ? *d_gates_buffer : Tensor();
+  TORCH_CHECK(!buffer.defined() || (buffer.sizes() == gates.sizes() && buffer.is_contiguous() &&
+                                    buffer.scalar_type() == gates.scalar_type()),
+              "lstm_backward: d_gates buffer must be contiguous, shaped like gates ",
+              gates.sizes());
   return LSTMKIT_DISPATCH(gates.scalar_type(), [&] {
-    return lstm_backward<scalar>(d_out, d_hT, d_cT, c0, w_hh, w_hr, gates, cells, st, fused);
+    return lstm_backward<scalar>(d_out, d_hT, d_cT, c0, w_hh, w_hr, gates, cells, st, fused,
+                                 buffer);
   });
 }
 

@@ -188,21 +188,23 @@ def _products(jobs):
         module().products(list(outs), list(lefts), list(rights), list(biases))
 
 
-# The input projection of a layer (N, G) is read only by that layer's forward loop, never
-# saved or returned, so one buffer per thread serves every call. A fresh one would be memory
-# the kernel must fault in page by page: 52 MB at batch 64 / hidden 512 / length 100, which
-# took 22 ms, as long as the product itself. Buffers above SCRATCH_MAX_BYTES are not kept.
+# Scratch memory kept per thread between calls, one buffer per use: the input projection of a
+# layer (N, G), read only by that layer's forward loop, and the LSTM's d_gates (N, 4H), read
+# only within its backward; neither is saved or returned. Fresh memory would be faulted in page
+# by page on every call: 52 MB at batch 64 / hidden 512 / length 100, which took 22 ms, as long
+# as the projection's product itself. Buffers above SCRATCH_MAX_BYTES are not kept.
 SCRATCH_MAX_BYTES = 256 << 20
 _scratch = threading.local()
 
 
-def _projection_buffer(rows, cols, like):
+def _scratch_buffer(use: str, rows, cols, like):
     count = rows * cols
     if count * like.element_size() > SCRATCH_MAX_BYTES:
         return like.new_empty(rows, cols)
-    buffer = getattr(_scratch, "buffer", None)
+    buffer = getattr(_scratch, use, None)
     if buffer is None or buffer.dtype != like.dtype or buffer.numel() < count:
-        buffer = _scratch.buffer = like.new_empty(count)
+        buffer = like.new_empty(count)
+        setattr(_scratch, use, buffer)
     return buffer[:count].view(rows, cols)
 
 
@@ -215,7 +217,7 @@ def _projection(x, w, *biases):
     if 2.0 * x.shape[0] * x.shape[1] * w.shape[0] < SERIAL_FLOPS:
         # Small (batch 1, short sequences): one torch call on this thread.
         return torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
-    out = _projection_buffer(x.shape[0], w.shape[0], x)
+    out = _scratch_buffer("projection", x.shape[0], w.shape[0], x)
     _products([(out, x, w.t(), bias)])
     return out
 
@@ -297,7 +299,8 @@ class NativeLSTMFunction(_NativeFunction):
         d_gates, dh0, dc0, d_h_rows = module().lstm_backward(
             d_out, d_hT, d_cT, c0.contiguous(), w_hh.contiguous(),
             None if w_hr is None else w_hr.contiguous(), gates, cells, layout.batch_sizes,
-            reverse, _fused(layout, w_hr is not None))
+            reverse, _fused(layout, w_hr is not None),
+            _scratch_buffer("d_gates", *gates.shape, gates))
         dx = x.new_empty(x.shape) if needs[0] else None
         dw_ih = torch.empty_like(w_ih) if needs[3] else None
         dw_hh = torch.empty_like(w_hh) if needs[4] else None
