@@ -1070,17 +1070,18 @@ struct GRUBackwardGates {   // reset after
 template <typename S>
 std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const Tensor& h0,
                                  const Tensor& w_hh, const Tensor& out, const Tensor& stash,
-                                 const Steps& st, bool reset_after, bool fused) {
+                                 const Steps& st, bool reset_after, bool fused,
+                                 const Tensor& d_gi_buffer, const Tensor& d_gh_buffer) {
   constexpr int L = Vec<S>::L;
   const i64 H = d_hT.size(1), B = st.batch, N = st.rows;
   const i64 J = (H + L - 1) / L;
-  Tensor d_gi = at::empty({N, 3 * H}, out.options());
+  Tensor d_gi = d_gi_buffer.defined() ? d_gi_buffer : at::empty({N, 3 * H}, out.options());
   Tensor dh = d_hT.clone();
   Tensor carry = at::empty({B, H}, out.options());
   S* dhp = ptr<S>(dh);
   S* cp = ptr<S>(carry);
   if (reset_after) {
-    Tensor d_gh = at::empty({N, 3 * H}, out.options());
+    Tensor d_gh = d_gh_buffer.defined() ? d_gh_buffer : at::empty({N, 3 * H}, out.options());
     GRUBackwardGates<S> gate_math{ptr<S>(d_out), ptr<S>(out), ptr<S>(h0), ptr<S>(stash),
                                   ptr<S>(d_gi), ptr<S>(d_gh), cp, &st, H};
     if (fused) {
@@ -1245,11 +1246,26 @@ std::vector<Tensor> gru_forward_py(Tensor gi, Tensor h0, Tensor w_hh, c10::optio
 
 std::vector<Tensor> gru_backward_py(Tensor d_out, Tensor d_hT, Tensor h0, Tensor w_hh,
                                     Tensor out, Tensor stash, std::vector<i64> batch_sizes,
-                                    bool reverse, bool reset_after, bool fused) {
+                                    bool reverse, bool reset_after, bool fused,
+                                    c10::optional<Tensor> d_gi_buffer,
+                                    c10::optional<Tensor> d_gh_buffer) {
   for (auto* t : {&d_out, &d_hT, &h0, &w_hh, &out, &stash}) check(*t, "tensor");
   Steps st(batch_sizes, reverse);
+  // Where the caller wants d_gi and d_gh (N, 3H) written: its scratch memory.
+  Tensor buffers[2];
+  const c10::optional<Tensor>* given[2] = {&d_gi_buffer, &d_gh_buffer};
+  for (int i = 0; i < 2; ++i) {
+    if (!given[i]->has_value()) continue;
+    buffers[i] = **given[i];
+    TORCH_CHECK(buffers[i].dim() == 2 && buffers[i].size(0) == out.size(0) &&
+                buffers[i].size(1) == 3 * out.size(1) && buffers[i].is_contiguous() &&
+                buffers[i].scalar_type() == out.scalar_type(),
+                "gru_backward: gradient buffers must be contiguous (N, 3H), got ",
+                buffers[i].sizes());
+  }
   return LSTMKIT_DISPATCH(out.scalar_type(), [&] {
-    return gru_backward<scalar>(d_out, d_hT, h0, w_hh, out, stash, st, reset_after, fused);
+    return gru_backward<scalar>(d_out, d_hT, h0, w_hh, out, stash, st, reset_after, fused,
+                                buffers[0], buffers[1]);
   });
 }
 

@@ -189,10 +189,11 @@ def _products(jobs):
 
 
 # Scratch memory kept per thread between calls, one buffer per use: the input projection of a
-# layer (N, G), read only by that layer's forward loop, and the LSTM's d_gates (N, 4H), read
-# only within its backward; neither is saved or returned. Fresh memory would be faulted in page
-# by page on every call: 52 MB at batch 64 / hidden 512 / length 100, which took 22 ms, as long
-# as the projection's product itself. Buffers above SCRATCH_MAX_BYTES are not kept.
+# layer (N, G), read only by that layer's forward loop, and the gate gradients (LSTM d_gates
+# (N, 4H), GRU d_gi and d_gh (N, 3H)), read only within the backward; none is saved or
+# returned. Fresh memory would be faulted in page by page on every call: 52 MB at batch 64 /
+# hidden 512 / length 100, which took 22 ms, as long as the projection's product itself.
+# Buffers above SCRATCH_MAX_BYTES are not kept.
 SCRATCH_MAX_BYTES = 256 << 20
 _scratch = threading.local()
 
@@ -367,9 +368,12 @@ class NativeGRUFunction(_NativeFunction):
         H = w_hh.shape[0] // 3
         d_out, d_hT = _contiguous(upcast((d_out, d_hT), x.dtype))
         h0 = h0.contiguous()
+        N = out.shape[0]
         d_gi, d_gh, dh0 = module().gru_backward(
             d_out, d_hT, h0, w_hh.contiguous(), out, stash, layout.batch_sizes, reverse,
-            ctx.reset_after, _fused(layout, not ctx.reset_after))
+            ctx.reset_after, _fused(layout, not ctx.reset_after),
+            _scratch_buffer("d_gi", N, 3 * H, out),
+            _scratch_buffer("d_gh", N, 3 * H, out) if ctx.reset_after else None)
         dx = x.new_empty(x.shape) if needs[0] else None
         dw_ih = torch.empty_like(w_ih) if needs[2] else None
         dw_hh = torch.empty_like(w_hh) if needs[3] else None
