@@ -8,7 +8,6 @@ speed hits both alike; the script reports the median time of each and the ratio.
 """
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -16,6 +15,7 @@ import time
 import torch
 
 import lstmkit
+from lstmkit.train.checkpoint import atomic_write_json
 
 
 def training_step(module, x):
@@ -64,8 +64,7 @@ def main():
     print(f"  lstmkit  {m['lstmkit']:8.2f} ms   torch.nn {m['torch.nn']:8.2f} ms   "
           f"lstmkit/torch.nn = {result['lstmkit_over_torch']:.2f}x the time")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        atomic_write_json(args.json, result)
 
 
 if __name__ == "__main__":

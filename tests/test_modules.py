@@ -22,7 +22,7 @@ FAMILIES = {  # name: (lstmkit class, torch class, extra constructor arguments)
     "rnn-relu": (lstmkit.RNN, nn.RNN, {"nonlinearity": "relu"}),
 }
 INPUT_SIZE, HIDDEN, T, B = 4, 5, 6, 4
-LENGTHS = torch.tensor([4, 6, 1, 3])          # unsorted, with a length-1 sequence
+LENGTHS = torch.tensor([4, 6, 1, 4])          # unsorted, a tie, a length-1 sequence
 
 
 def make_pair(family, dtype, backend, **options):
@@ -174,14 +174,21 @@ def test_cells_match_torch_nn(backend, family, batched, given_state, bias, dtype
     results = []
     for module in (ours, theirs):
         xi = x.clone().requires_grad_()
-        new = module(xi, hx)
+        hxi = hx
+        if hx is not None:
+            hxi = tuple(h.clone().requires_grad_() for h in hx) if isinstance(hx, tuple) \
+                else hx.clone().requires_grad_()
+        new = module(xi, hxi)
         new = new if isinstance(new, tuple) else (new,)
         sum(((k + 1) * torch.sin(s)).sum() for k, s in enumerate(new)).backward()
-        results.append((new, xi.grad, [p.grad for p in module.parameters()]))
+        state_leaves = [] if hxi is None else list(hxi) if isinstance(hxi, tuple) else [hxi]
+        results.append((new, [xi.grad] + [h.grad for h in state_leaves],
+                        [p.grad for p in module.parameters()]))
     (new_a, gx_a, gp_a), (new_b, gx_b, gp_b) = results
     for a, b in zip(new_a, new_b, strict=True):
         assert_close(a, b, dtype, "new state")
-    assert_close(gx_a, gx_b, dtype, "input gradient")
+    for name, a, b in zip(["input", "h", "c"], gx_a, gx_b):
+        assert_close(a, b, dtype, f"{name} gradient")
     for a, b in zip(gp_a, gp_b, strict=True):
         assert_close(a, b, dtype, "parameter gradient")
 

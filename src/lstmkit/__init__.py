@@ -1,4 +1,7 @@
-"""lstmkit: LSTM, GRU and RNN from first principles, a faster drop-in for torch.nn.
+"""lstmkit: LSTM, GRU and RNN from first principles, a drop-in for torch.nn.
+
+How its speed compares with torch.nn, shape by shape, is measured in docs/performance.md
+(`lstmkit bench`).
 
     >>> import torch, lstmkit
     >>> lstm = lstmkit.LSTM(input_size=8, hidden_size=16, batch_first=True)

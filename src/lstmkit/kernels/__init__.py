@@ -12,6 +12,7 @@ Backends:
     "auto": native for CPU float32/float64 inputs when it is available, portable otherwise.
 """
 
+from ..reference.rnn import NONLINEARITIES
 from . import native
 from .gru import GRUFunction
 from .layout import StepLayout
@@ -19,7 +20,7 @@ from .lstm import LSTMFunction
 from .lstm_variants import MASKS as _VARIANT_MASKS
 from .lstm_variants import PARAMETERS as _VARIANT_PARAMETERS
 from .lstm_variants import LSTMVariantFunction
-from .rnn import NONLINEARITIES, RNNFunction
+from .rnn import RNNFunction
 from .traces import GRUTraceFunction, LSTMTraceFunction
 
 _BACKENDS = {

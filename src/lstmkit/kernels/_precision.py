@@ -11,18 +11,22 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kernel computes in for inputs of `dtype`."""
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
 def upcast(tensors, dtype):
+    """Each tensor in `dtype` (None stays None)."""
     return [None if t is None else t.to(dtype) for t in tensors]
 
 
 def cast_like(tensors, like):
+    """Each result in the dtype of the input it corresponds to (the caller's dtype)."""
     return [None if t is None else t.to(ref.dtype) for t, ref in zip(tensors, like)]
 
 
 def dtypes_of(tensors):
+    """The inputs' dtypes, for `cast_to` in the backward pass."""
     return [None if t is None else t.dtype for t in tensors]
 
 

@@ -19,6 +19,13 @@ import torch
 
 @dataclass(frozen=True)
 class StepLayout:
+    """The steps of a flat time-major (N, F) tensor; build one with `padded` or `packed`.
+
+    >>> layout = StepLayout.packed([3, 2, 2, 1])   # 3 sequences of lengths 4, 3, 1
+    >>> layout.order(reverse=False)[:2]               # (rows of the step, active batch)
+    [(slice(0, 3, None), 3), (slice(3, 5, None), 2)]
+    """
+
     batch_sizes: tuple[int, ...]   # rows active at each step, non-increasing
     offsets: tuple[int, ...]       # first row of each step in the flat tensor
     uniform: bool                  # every step has the full batch (no per-step slicing needed)

@@ -14,8 +14,6 @@ from ._common import input_projection
 from ._precision import cast_like, cast_to, compute_dtype, dtypes_of, upcast
 from .layout import StepLayout
 
-NONLINEARITIES = ("tanh", "relu")
-
 
 def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, layout: StepLayout, reverse: bool, nonlinearity: str):
     """x (N, I), h0 (B, H) -> out (N, H), h_T (B, H)."""
@@ -25,7 +23,10 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, layout: StepLayout, reverse: bool
     for rows, size in layout.order(reverse):
         h_prev = h if layout.uniform else h[:size]
         h_new = out[rows].addmm_(h_prev, w_hh_t)
-        h_new.tanh_() if nonlinearity == "tanh" else h_new.relu_()
+        if nonlinearity == "tanh":
+            h_new.tanh_()
+        else:
+            h_new.relu_()
         if layout.uniform:
             h = h_new
         else:

@@ -5,12 +5,18 @@ import numbers
 import torch
 
 
-def positive_int(name: str, value) -> int:
+def integer(name: str, value) -> int:
+    """An int (Python or NumPy, not bool)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def positive_int(name: str, value) -> int:
+    value = integer(name, value)
     if value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value}")
-    return int(value)
+    return value
 
 
 def flag(name: str, value) -> bool:

@@ -20,6 +20,7 @@ from .. import kernels
 from ..kernels import StepLayout
 from ..reference.variant import LSTMVariant
 from . import _checks, _lstm_variant
+from ._autocast import outside_autocast
 from ._lstm_variant import KERNEL_ARGUMENT as _KERNEL_ARGUMENT
 from .introspection import GateTrace
 
@@ -41,8 +42,9 @@ class _RecurrentBase(nn.Module):
         self.batch_first = _checks.flag("batch_first", batch_first)
         self.dropout = _checks.probability("dropout", dropout)
         self.bidirectional = _checks.flag("bidirectional", bidirectional)
-        if isinstance(proj_size, bool) or not isinstance(proj_size, int) or proj_size < 0:
-            raise ValueError(f"proj_size must be a non-negative int, got {proj_size!r}")
+        proj_size = _checks.integer("proj_size", proj_size)
+        if proj_size < 0:
+            raise ValueError(f"proj_size must be a non-negative int, got {proj_size}")
         if proj_size >= hidden_size:
             raise ValueError(f"proj_size must be smaller than hidden_size ({hidden_size}), "
                              f"got {proj_size}")
@@ -84,6 +86,20 @@ class _RecurrentBase(nn.Module):
     def all_weights(self) -> list[list[nn.Parameter]]:
         """Parameters per layer and direction, in torch.nn's order."""
         return [[getattr(self, name) for name in names.values()] for names in self._weight_names]
+
+    # torch.nn.RNNBase's bookkeeping attributes, which code written for torch.nn reads
+    # (weight-drop wrappers, pruning, export helpers).
+    @property
+    def _all_weights(self) -> list[list[str]]:
+        return [list(names.values()) for names in self._weight_names]
+
+    @property
+    def _flat_weights_names(self) -> list[str]:
+        return [name for names in self._all_weights for name in names]
+
+    @property
+    def _flat_weights(self) -> list[nn.Parameter]:
+        return [getattr(self, name) for name in self._flat_weights_names]
 
     def reset_parameters(self) -> None:
         """U(-1/sqrt(H), 1/sqrt(H)) for every parameter, in registration order, as torch.nn."""
@@ -153,7 +169,7 @@ class _RecurrentBase(nn.Module):
         names = ("h_0", "c_0", "q_0")[:len(sizes)]
         if len(sizes) > 1:
             if not isinstance(hx, (tuple, list)) or len(hx) != len(sizes):
-                described = (f"{type(hx).__name__} of {len(hx)}"
+                described = (f"a {type(hx).__name__} of {len(hx)} tensors"
                              if isinstance(hx, (tuple, list)) else type(hx).__name__)
                 raise TypeError(f"hx must be a tuple ({', '.join(names)}) for "
                                 f"{self._describe_state()}, got {described}")
@@ -173,6 +189,7 @@ class _RecurrentBase(nn.Module):
             result.append(state)
         return result
 
+    @outside_autocast
     def forward(self, input, hx=None, *, lengths=None, return_gates: bool = False):
         """Run the stack over a sequence.
 
@@ -192,7 +209,8 @@ class _RecurrentBase(nn.Module):
                 each sequence's length.
         Returns:
             output (same form as the input, with D*P features) and the final state(s), shaped
-            like hx; and the GateTrace when return_gates.
+            like hx; and the GateTrace when return_gates. Under `torch.autocast` they are in
+            the parameters' dtype: the kernels keep float32 state themselves (see _autocast.py).
         """
         _checks.flag("return_gates", return_gates)
         if lengths is not None:
@@ -219,6 +237,10 @@ class _RecurrentBase(nn.Module):
             layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)
             if self.dropout and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
+        if self.num_directions == 1 and layer_input.requires_grad:
+            # The kernel saved this tensor for its backward pass; the caller gets a copy, so
+            # in-place edits of the output (out += residual) work as they do with torch.nn.
+            layer_input = layer_input.clone()
         finals = [torch.stack(f) for f in finals]
         if packed is not None:
             if packed.unsorted_indices is not None:
@@ -252,8 +274,13 @@ class _RecurrentBase(nn.Module):
             raise ValueError("lengths is only for batched padded input (a 3-D tensor), got "
                              + (type(input).__name__ if not torch.is_tensor(input)
                                 else f"a {input.dim()}-D tensor"))
+        self._flat_input(input)                      # the input's own checks, before packing
         steps, batch = (input.shape[1], input.shape[0]) if self.batch_first else input.shape[:2]
-        lengths = torch.as_tensor(lengths)
+        try:
+            lengths = torch.as_tensor(lengths)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"lengths must be a sequence or tensor of ints, got "
+                            f"{type(lengths).__name__} {lengths!r}") from None
         if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
             raise TypeError(f"lengths must hold integers, got dtype {lengths.dtype}")
         if lengths.shape != (batch,):
@@ -364,6 +391,7 @@ class LSTM(_RecurrentBase):
     """
 
     _gates = 4
+    mode = "LSTM"
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None, *,
@@ -452,6 +480,7 @@ class GRU(_RecurrentBase):
     """
 
     _gates = 3
+    mode = "GRU"
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, device=None, dtype=None, *,
@@ -484,6 +513,11 @@ class RNN(_RecurrentBase):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, device=device, dtype=dtype, backend=backend)
         self.nonlinearity = _checks.choice("nonlinearity", nonlinearity, kernels.NONLINEARITIES)
+
+    @property
+    def mode(self) -> str:
+        """torch.nn.RNN's mode string: "RNN_TANH" or "RNN_RELU"."""
+        return f"RNN_{self.nonlinearity.upper()}"
 
     def extra_repr(self) -> str:
         tail = "" if self.nonlinearity == "tanh" else f", nonlinearity={self.nonlinearity!r}"

@@ -43,6 +43,13 @@ def _check_flag(name: str, value) -> None:
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
 
 
+# The options that change the cell's equations in eval mode (the others are training-time
+# regularisers or initialisations).
+_EQUATION_FIELDS = ("peepholes", "cifg", "input_gate", "forget_gate", "output_gate",
+                    "full_gate_recurrence", "gate_activation", "cell_activation",
+                    "output_activation", "layer_norm")
+
+
 @dataclass(frozen=True, repr=False)
 class LSTMVariant:
     """Options of an LSTM layer or cell; the defaults are exactly torch.nn.LSTM.
@@ -159,11 +166,10 @@ class LSTMVariant:
     @property
     def changes_equations(self) -> bool:
         """True when the cell differs from torch.nn's in eval mode (needs the variant kernel)."""
-        plain = LSTMVariant()
-        equation_fields = ("peepholes", "cifg", "input_gate", "forget_gate", "output_gate",
-                           "full_gate_recurrence", "gate_activation", "cell_activation",
-                           "output_activation", "layer_norm")
-        return (any(getattr(self, f) != getattr(plain, f) for f in equation_fields)
+        # Compared with the fields' defaults, not with a new LSTMVariant(): this runs on every
+        # forward call, and the single-step API pays for each microsecond.
+        fields = self.__dataclass_fields__
+        return (any(getattr(self, f) != fields[f].default for f in _EQUATION_FIELDS)
                 or self.zoneout_in_eval())
 
     def zoneout_in_eval(self) -> bool:
