@@ -79,7 +79,7 @@ LARGE_MATMUL_FRACTION = 0.85
 
 
 def grid(name: str = "quick", families=FAMILIES, modes=MODES) -> list[Point]:
-    """Named grids. "quick" (~2 minutes on 2 cores): one or two points per target class.
+    """Named grids. "quick" (about 30 s on 2 cores): one or two points per target class.
 
     "full": batch 1-128 x hidden 64-1024 at length 100, plus length 1000, two layers and
     bidirectional points."""

@@ -36,7 +36,7 @@ def register(subparsers):
         epilog="Shape options (--batch, --hidden, ...) replace the named grid by their product. "
                "Example: lstmkit bench --family LSTM --mode train --batch 8 --hidden 256")
     parser.add_argument("--grid", choices=("quick", "full"), default="quick",
-                        help="named grid: quick (~2 min on 2 cores) or full (default quick)")
+                        help="named grid: quick (about 30 s on 2 cores) or full (default quick)")
     parser.add_argument("--family", choices=("LSTM", "GRU"), action="append",
                         help="only this family (repeatable; default both)")
     parser.add_argument("--mode", choices=("forward", "train"), action="append",
