@@ -83,7 +83,7 @@ inline void store(S* p, V<S> v, int n) {
 template <typename S> inline V<S> splat(S s) { return V<S>{} + s; }
 
 // float: Cephes-style exp (about 1 ulp), vectorised. Inputs clamped so 2^n stays normal.
-inline V<float> vexp(V<float> x) {
+__attribute__((always_inline)) inline V<float> vexp(V<float> x) {
   using VF = V<float>;
   using VI = Vec<float>::I;
   x = x < -87.3f ? splat(-87.3f) : x;
@@ -104,10 +104,10 @@ inline V<float> vexp(V<float> x) {
   return y * (VF)e;
 }
 
-inline V<float> vsigmoid(V<float> x) { return 1.0f / (1.0f + vexp(-x)); }
+__attribute__((always_inline)) inline V<float> vsigmoid(V<float> x) { return 1.0f / (1.0f + vexp(-x)); }
 
 // tanh: odd polynomial near 0 (keeps relative accuracy for tiny x), 1 - 2/(e^2|x| + 1) beyond.
-inline V<float> vtanh(V<float> x) {
+__attribute__((always_inline)) inline V<float> vtanh(V<float> x) {
   using VF = V<float>;
   VF ax = x < 0.0f ? -x : x;
   VF z = x * x;
