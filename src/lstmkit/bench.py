@@ -200,6 +200,7 @@ def run(points, dtype=torch.float32, device="cpu", repeats=5, warmup=1, rate=Non
     machine_before = machine()
     measured_rate = rate is None
     rate = rate or matmul_rate(dtype, device)
+    start_rate = rate
     rows = []
     for point in points:
         timing = time_point(point, dtype, device, repeats, warmup)
@@ -225,7 +226,8 @@ def run(points, dtype=torch.float32, device="cpu", repeats=5, warmup=1, rate=Non
     # thread-team synchronisation suffers most when cores are shared.
     return {"machine": machine_before, "load_average_1min_after": machine()["load_average_1min"],
             "dtype": str(dtype).replace("torch.", ""),
-            "device": str(device), "matmul_gflops": rate, "points": rows}
+            "device": str(device), "matmul_gflops": rate, "matmul_gflops_start": start_rate,
+            "points": rows}
 
 
 def speedup_bound(torch_gflops: float, rate: float) -> float:
