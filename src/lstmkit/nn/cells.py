@@ -161,7 +161,8 @@ class GRUCell(_CellBase):
     """One GRU step, a drop-in for `torch.nn.GRUCell`: (input, h) -> h'. Gate order r, z, n.
 
     Same equations as `lstmkit.GRU`; weight_ih (3H, I), weight_hh (3H, H).
-    `variant=lstmkit.GRUVariant(...)` selects the same variants as `lstmkit.GRU`, except
+    `variant=lstmkit.GRUVariant(...)` selects the same variants as `lstmkit.GRU` (adding ln_*
+    parameters for layer norm), except
     recurrent_dropout and weight_drop, whose one-mask-per-sequence a single step cannot keep:
     use `lstmkit.GRU`. Zoneout draws its mask per call in training; in eval it is off (or its
     expectation, with zoneout_eval="expectation").
@@ -182,8 +183,11 @@ class GRUCell(_CellBase):
         super().__init__(input_size, hidden_size, bias, device, dtype, backend=backend)
         self.reset_after = _checks.flag("reset_after", reset_after)
 
+    def _extra_shapes(self):
+        return _gru_variant.extra_shapes(self.variant, self.hidden_size)
+
     def reset_parameters(self) -> None:
-        """torch.nn's initialisation, then the variant's (update-gate bias, orthogonal)."""
+        """torch.nn's initialisation, then the variant's (layer norm, update-gate bias, ...)."""
         super().reset_parameters()
         if self.variant != GRUVariant():
             _gru_variant.initialise(self._weights(), self.variant, self.hidden_size)

@@ -481,10 +481,11 @@ class GRU(_RecurrentBase):
     Parameters per layer k: weight_ih_lk (3H, I or D*H), weight_hh_lk (3H, H), bias_ih_lk,
     bias_hh_lk (3H); `_reverse` for the second direction.
 
-    `variant=lstmkit.GRUVariant(...)` changes the cell (gate and candidate activations,
-    zoneout, recurrent dropout, DropConnect, update-gate bias, orthogonal initialisation); see
-    `GRUVariant` and docs/variants.md. It adds no parameters. With no variant (or the default
-    one) the module is torch.nn.GRU: same parameters, initialisation and results.
+    `variant=lstmkit.GRUVariant(...)` changes the cell (gate and candidate activations, layer
+    norm, zoneout, recurrent dropout, DropConnect, update-gate bias, orthogonal
+    initialisation); see `GRUVariant` and docs/variants.md. It adds parameters only for layer
+    norm: ln_ih_weight/bias_lk, ln_hh_weight/bias_lk (3H) = [rz | n]. With no variant (or the
+    default one) the module is torch.nn.GRU: same parameters, initialisation and results.
 
     `forward(..., return_gates=True)` also returns a `GateTrace` of r, z, n and h at every
     step; `step(x_t, h)` advances one step for online use.
@@ -511,8 +512,11 @@ class GRU(_RecurrentBase):
                          bidirectional, device=device, dtype=dtype, backend=backend)
         self.reset_after = _checks.flag("reset_after", reset_after)
 
+    def _extra_shapes(self):
+        return _gru_variant.extra_shapes(self.variant, self.hidden_size)
+
     def reset_parameters(self) -> None:
-        """torch.nn's initialisation, then the variant's (update-gate bias, orthogonal)."""
+        """torch.nn's initialisation, then the variant's (layer norm, update-gate bias, ...)."""
         super().reset_parameters()
         if self.variant != GRUVariant():
             for index in range(len(self._weight_names)):

@@ -194,7 +194,7 @@ class LSTMVariant:
 # -- GRU -------------------------------------------------------------------------------------
 
 CANDIDATE_ACTIVATIONS = ("tanh", "softsign", "hardtanh")
-_GRU_EQUATION_FIELDS = ("gate_activation", "candidate_activation")
+_GRU_EQUATION_FIELDS = ("gate_activation", "candidate_activation", "layer_norm")
 
 
 @dataclass(frozen=True, repr=False)
@@ -205,6 +205,9 @@ class GRUVariant:
     reset-after / reset-before choice stays the module's `reset_after` argument):
         gate_activation:  sigma in r and z ("sigmoid" or "hard_sigmoid" = clip(a/6 + 1/2, 0, 1))
         candidate_activation: phi in n_t = phi(a_n) ("tanh", "softsign" or "hardtanh")
+        layer_norm:       x W_ih^T and the recurrent products normalised before the biases, each
+                          in two blocks, [r | z] (2H) and n (H) (Ba et al.'s layer-normalised
+                          GRU), with learnable gains (init 1) and biases (init 0)
         zoneout_h:        rate; in training each unit keeps its previous value with that
                           probability each step
         zoneout_eval:     "off" (default): in eval zoneout does nothing; "expectation"
@@ -219,6 +222,8 @@ class GRUVariant:
 
     gate_activation: Literal["sigmoid", "hard_sigmoid"] = "sigmoid"
     candidate_activation: Literal["tanh", "softsign", "hardtanh"] = "tanh"
+    layer_norm: bool = False
+    layer_norm_eps: float = 1e-5
     zoneout_h: float = 0.0
     zoneout_eval: Literal["off", "expectation"] = "off"
     recurrent_dropout: float = 0.0
@@ -227,7 +232,8 @@ class GRUVariant:
     orthogonal_init: bool = False
 
     def __post_init__(self):
-        _check_flag("orthogonal_init", self.orthogonal_init)
+        for name in ("layer_norm", "orthogonal_init"):
+            _check_flag(name, getattr(self, name))
         if self.gate_activation not in GATE_ACTIVATIONS:
             why = _WHY_NOT_A_GATE.get(self.gate_activation)
             if why is not None:
@@ -243,6 +249,9 @@ class GRUVariant:
         if self.zoneout_eval not in ("expectation", "off"):
             raise ValueError(f"zoneout_eval must be 'off' or 'expectation', got "
                              f"{self.zoneout_eval!r}")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"layer_norm_eps must be a positive float, got {eps!r}")
         if self.update_bias is not None:
             ub = self.update_bias
             if isinstance(ub, bool) or not isinstance(ub, (int, float)) or not math.isfinite(ub):
