@@ -106,8 +106,8 @@ def gru_variant_layer(x, h0, params: dict, masks: dict, variant, *, layout: Step
     """
     if backend not in ("auto", "portable"):
         raise ValueError(f"backend={backend!r} has no kernel for GRU variants (activations, "
-                         "zoneout, recurrent dropout): use backend='auto' or 'portable' with a "
-                         "variant")
+                         "layer norm, zoneout, recurrent dropout): use backend='auto' or "
+                         "'portable' with a variant")
     unknown = (set(params) - set(_GRU_VARIANT_PARAMETERS)) | (set(masks) - set(_GRU_VARIANT_MASKS))
     if unknown:
         raise ValueError(f"unknown GRU-variant arguments {sorted(unknown)}; expected some of "
