@@ -5,7 +5,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ...nn import LSTM, _checks
+from ...nn import LSTM, LSTMVariant, _checks
 from .data import FILL_POLICIES
 
 
@@ -100,6 +100,13 @@ class ForecastConfig:
         _checks.flag("relative", self.relative)
         if not isinstance(self.lstm_options, dict):
             raise TypeError(f"lstm_options must be a dict, got {type(self.lstm_options).__name__}")
+        variant = self.lstm_options.get("variant")
+        if isinstance(variant, dict):               # from JSON: a saved model or the CLI
+            try:
+                variant = LSTMVariant(**variant)
+            except TypeError as exc:
+                raise ValueError(f"lstm_options variant {variant}: {exc}") from None
+            object.__setattr__(self, "lstm_options", {**self.lstm_options, "variant": variant})
         reserved = {"input_size", "hidden_size", "num_layers", "dropout", "batch_first",
                     "device", "dtype"} & set(self.lstm_options)
         if reserved:
