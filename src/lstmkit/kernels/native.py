@@ -180,6 +180,17 @@ def _packed_cell(w_ih, w_hh, b_ih, b_hh):
     return packed, bias
 
 
+def lstm_step_inference(x, h, c, w_ih, w_hh, b_ih, b_hh):
+    """One LSTM step without autograd: x (B, I), h (B, H), c (B, H) -> h' (B, H), c' (B, H).
+
+    The single-step API's path (`LSTMCell` in inference): one product of [x | h] with the
+    cached packed [W_ih | W_hh]. The caller has checked what `LSTMFunction` would: CPU tensors
+    of one dtype in NATIVE_DTYPES, these shapes, no gradient wanted, the native module loaded.
+    """
+    packed, bias = _packed_cell(w_ih, w_hh, b_ih, b_hh)
+    return module().lstm_cell(x, h, c, packed, bias)          # it makes them contiguous
+
+
 def _products(jobs):
     """out = a @ b (+ bias, broadcast over the rows) for each (out, a, b, bias | None), in one
     parallel region (see products_py)."""
@@ -270,10 +281,7 @@ class NativeLSTMFunction(_NativeFunction):
     @staticmethod
     def _infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse):
         if layout.steps == 1 and w_hr is None and x.dtype in NATIVE_DTYPES:
-            # The single-step API (LSTMCell): one product of [x | h] with cached packed weights.
-            packed, bias = _packed_cell(w_ih, w_hh, b_ih, b_hh)
-            h_1, c_1 = module().lstm_cell(x.contiguous(), h0.contiguous(), c0.contiguous(),
-                                          packed, bias)
+            h_1, c_1 = lstm_step_inference(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
             return h_1, h_1, c_1
         originals = (x, h0, c0)
         args = upcast((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), compute_dtype(x.dtype))
