@@ -18,6 +18,7 @@ Without autograd (inference, `torch.no_grad()`, or no input needing a gradient) 
 `apply` skips the autograd machinery and stores nothing for a backward pass.
 """
 
+import functools
 import hashlib
 import os
 import platform
@@ -290,13 +291,9 @@ class NativeLSTMFunction(_NativeFunction):
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse):
-        originals = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = upcast(originals, compute_dtype(x.dtype))
-        out, h_T, c_T, gates, cells = NativeLSTMFunction._run(
-            x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, True)
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, out, gates, cells)
-        ctx.layout, ctx.reverse = layout, reverse
-        ctx.dtypes = dtypes_of(originals)
+        out, h_T, c_T, _, _, originals = _lstm.forward_and_save(
+            ctx, functools.partial(NativeLSTMFunction._run, save=True), x, h0, c0, w_ih, w_hh,
+            b_ih, b_hh, w_hr, layout, reverse)
         return tuple(cast_like((out, h_T, c_T), originals[:3]))
 
     @staticmethod
@@ -359,14 +356,10 @@ class NativeGRUFunction(_NativeFunction):
 
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after):
-        originals = (x, h0, w_ih, w_hh, b_ih, b_hh)
-        x, h0, w_ih, w_hh, b_ih, b_hh = upcast(originals, compute_dtype(x.dtype))
-        out, h_T, stash = NativeGRUFunction._run(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse,
-                                                 reset_after, True)
-        ctx.save_for_backward(x, h0, w_ih, w_hh, out, stash)
-        ctx.layout, ctx.reverse, ctx.reset_after = layout, reverse, reset_after
-        ctx.dtypes = dtypes_of(originals)
-        return tuple(cast_like((out, h_T), (originals[0], originals[1])))
+        out, h_T, _, originals = _gru.forward_and_save(
+            ctx, functools.partial(NativeGRUFunction._run, save=True), x, h0, w_ih, w_hh, b_ih,
+            b_hh, layout, reverse, reset_after)
+        return tuple(cast_like((out, h_T), originals[:2]))
 
     @staticmethod
     @once_differentiable
