@@ -33,7 +33,7 @@ from torch.autograd.function import once_differentiable
 from . import gru as _gru
 from . import lstm as _lstm
 from . import rnn as _rnn
-from ._precision import cast_like, cast_to, compute_dtype, dtypes_of, upcast
+from ._precision import cast_like, cast_to, compute_dtype, upcast
 
 _SOURCE = Path(__file__).with_name("_native.cpp")
 NATIVE_DTYPES = (torch.float32, torch.float64)
@@ -424,14 +424,10 @@ class NativeRNNFunction(_NativeFunction):
 
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, nonlinearity):
-        originals = (x, h0, w_ih, w_hh, b_ih, b_hh)
-        x, h0, w_ih, w_hh, b_ih, b_hh = upcast(originals, compute_dtype(x.dtype))
-        out, h_T = NativeRNNFunction._run(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse,
-                                          nonlinearity)
-        ctx.save_for_backward(x, h0, w_ih, w_hh, out)
-        ctx.layout, ctx.reverse, ctx.nonlinearity = layout, reverse, nonlinearity
-        ctx.dtypes = dtypes_of(originals)
-        return tuple(cast_like((out, h_T), (originals[0], originals[1])))
+        out, h_T, originals = _rnn.forward_and_save(ctx, NativeRNNFunction._run, x, h0, w_ih,
+                                                    w_hh, b_ih, b_hh, layout, reverse,
+                                                    nonlinearity)
+        return tuple(cast_like((out, h_T), originals[:2]))
 
     @staticmethod
     @once_differentiable
