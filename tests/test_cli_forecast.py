@@ -70,6 +70,60 @@ def test_rerun_and_resume_of_a_finished_run(tmp_path, capsys):
     assert "cannot resume" in capsys.readouterr().err
 
 
+def test_interrupted_cli_run_resumes_to_the_uninterrupted_one(tmp_path, capsys, monkeypatch):
+    import lstmkit.tasks.forecasting.estimator as estimator
+
+    data = write_csv(tmp_path / "sales.csv")
+    args = ["forecast", "train", str(data), "--time", "month", "--target", "sales", *TINY]
+    assert main(args + ["--out", str(tmp_path / "whole")]) == 0
+    real_loop = estimator.train_loop
+
+    def interrupted(*a, **kw):
+        def stop(epoch, record):
+            if epoch == 2:
+                raise KeyboardInterrupt
+        return real_loop(*a, **kw, on_epoch_end=stop)
+
+    monkeypatch.setattr(estimator, "train_loop", interrupted)
+    out = tmp_path / "run"
+    assert main(args + ["--out", str(out)]) == 130
+    assert "--resume" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["train-checkpoint.json",
+                                                    "train-checkpoint.safetensors"]
+    monkeypatch.setattr(estimator, "train_loop", real_loop)
+    assert main(args + ["--out", str(out), "--resume"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["holdout"] == \
+        json.loads((tmp_path / "whole" / "metrics.json").read_text())["holdout"]
+
+
+def test_lstm_variant_from_the_command_line_survives_save_and_load(tmp_path, capsys):
+    data = write_csv(tmp_path / "sales.csv")
+    out = tmp_path / "run"
+    assert main(["forecast", "train", str(data), "--time", "month", "--target", "sales",
+                 "--out", str(out), *TINY, "--lstm-option",
+                 'variant={"peepholes": true, "forget_bias": 1.0}']) == 0
+    saved = json.loads((out / "config.json").read_text())["forecast_config"]["lstm_options"]
+    assert saved["variant"]["peepholes"] is True and saved["variant"]["forget_bias"] == 1.0
+    capsys.readouterr()
+    assert main(["forecast", "predict", "--model", str(out)]) == 0
+    assert capsys.readouterr().out.startswith("month,sales")
+    one_line_error(capsys, ["forecast", "train", str(data), "--time", "month", "--target",
+                            "sales", "--out", str(tmp_path / "bad"), *TINY, "--lstm-option",
+                            'variant={"peep": true}'], "variant")
+
+
+def test_metrics_file_is_standard_json_on_a_constant_series(tmp_path, capsys):
+    data = write_csv(tmp_path / "flat.csv")
+    frame = pd.read_csv(data).assign(sales=5.0)
+    frame.to_csv(data, index=False)
+    out = tmp_path / "run"
+    assert main(["forecast", "train", str(data), "--time", "month", "--target", "sales",
+                 "--out", str(out), *TINY]) == 0
+    text = (out / "metrics.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON {name}"))
+
+
 def one_line_error(capsys, argv, expected):
     assert main(argv) == 2
     captured = capsys.readouterr()

@@ -90,6 +90,15 @@ def test_season_of_frequency():
         [12, 12, 4, 52, 7, 24, 1, 1]
 
 
+@pytest.mark.parametrize("freq,season", [("D", 7), ("W-MON", 52), ("B", 5), ("h", 24),
+                                         ("MS", 12)])
+def test_a_gap_keeps_the_season(freq, season):
+    index = pd.date_range("2020-01-06", periods=60, freq=freq).delete([20, 21])
+    frame = pd.DataFrame({"t": index, "y": np.arange(58.0)})
+    series = prepare_series(frame, ["y"], time_column="t", fill="interpolate")
+    assert season_of(series.frequency) == season and len(series.values) == 60
+
+
 # -- data checks -----------------------------------------------------------------------------
 
 def test_time_column_sorted_and_gaps_reported_or_filled():

@@ -238,6 +238,62 @@ def test_cell_matches_torch():
             h, c = h1, c1
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch,hidden,bias", [(1, 1, True), (1, 256, True), (3, 3, False),
+                                               (2, 127, True), (5, 17, False)])
+@pytest.mark.parametrize("backend", ["auto", "native"])
+def test_streaming_cell_fast_path_matches_reference(dtype, batch, hidden, bias, backend,
+                                                     monkeypatch):
+    """LSTMCell under no_grad goes straight to the native single-step kernel (once per step
+    from Python); over several steps it must equal the NumPy float64 reference."""
+    general = count_general_cell_calls(monkeypatch)
+    g = torch.Generator().manual_seed(hidden + batch)
+    cell = lstmkit.LSTMCell(4, hidden, bias=bias, dtype=dtype, backend=backend)
+    xs = torch.randn(6, batch, 4, dtype=dtype, generator=g)
+    h, c = (torch.randn(batch, hidden, dtype=dtype, generator=g) for _ in range(2))
+    weights = {"w_ih": cell.weight_ih, "w_hh": cell.weight_hh, "b_ih": cell.bias_ih,
+               "b_hh": cell.bias_hh}
+    expected, h_T, c_T, _ = reference.lstm_forward(
+        xs.double().numpy(), h.double().numpy(), c.double().numpy(),
+        **{k: None if w is None else w.detach().double().numpy() for k, w in weights.items()})
+    state = (h, c)
+    with torch.no_grad():
+        for t in range(len(xs)):
+            state = cell(xs[t], state)
+            assert_close(f"h at step {t}", state[0], expected[t], dtype)
+    assert_close("final c", state[1], c_T, dtype)
+    assert general == []                                   # every step took the fast path
+
+
+def count_general_cell_calls(monkeypatch) -> list:
+    """Record every call that takes the cells' general (checked, dispatched) path."""
+    from lstmkit.nn import cells
+
+    calls, general = [], cells._CellBase.forward
+    monkeypatch.setattr(cells._CellBase, "forward",
+                        lambda self, *a, **k: calls.append(1) or general(self, *a, **k))
+    return calls
+
+
+def test_streaming_cell_leaves_other_calls_to_the_general_path(monkeypatch):
+    general = count_general_cell_calls(monkeypatch)
+    cell = lstmkit.LSTMCell(3, 4)
+    x, h, c = torch.randn(2, 3), torch.randn(2, 4), torch.randn(2, 4)
+    cell(x, (h, c))                                        # gradients wanted
+    with torch.no_grad():
+        cell(x)                                            # no state given
+        cell(x[0], (h[0], c[0]))                           # unbatched
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cell(x, (h, c))
+        lstmkit.LSTMCell(3, 4, backend="portable")(x, (h, c))
+        lstmkit.LSTMCell(3, 4, variant=lstmkit.LSTMVariant(peepholes=True))(x, (h, c))
+        with pytest.raises(ValueError, match="h must have shape \\(2, 4\\), got \\(2, 5\\)"):
+            cell(x, (torch.randn(2, 5), c))
+        with pytest.raises(TypeError, match="h must have dtype torch.float32"):
+            cell(x, (h.double(), c))
+    assert len(general) == 8
+
+
 def test_cell_sees_in_place_weight_updates():
     """The single-step path caches packed weights; an in-place update must invalidate them."""
     torch.manual_seed(1)

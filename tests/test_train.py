@@ -96,6 +96,19 @@ def test_resume_refuses_a_different_config(tmp_path):
         run(TrainConfig(max_epochs=2, batch_size=8, lr=0.5), checkpoint=stem, resume=True)
 
 
+def test_resume_may_change_device_and_threads(tmp_path):
+    stem = tmp_path / "ckpt"
+    config = TrainConfig(max_epochs=3, batch_size=8, threads=2)
+    reference, _ = run(config)
+    with pytest.raises(KeyboardInterrupt):
+        run(config, checkpoint=stem, stop_at=2)
+    resumed, result = run(TrainConfig(max_epochs=3, batch_size=8, threads=1, device="cpu"),
+                          checkpoint=stem, resume=True)
+    assert result.epochs == 3
+    for a, b in zip(reference.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(a, b)             # another thread count may round otherwise
+
+
 def test_resume_without_checkpoint_starts_fresh(tmp_path):
     model, result = run(CONFIG, checkpoint=tmp_path / "none", resume=True)
     reference, _ = run(CONFIG)

@@ -1,6 +1,7 @@
 """Output directories of runs: never mix our files into a user's folder, never half-write."""
 
 import json
+import math
 from pathlib import Path
 
 from ._errors import UsageError
@@ -25,7 +26,29 @@ def check_output_dir(path) -> Path:
 
 
 def is_run_dir(path: Path) -> bool:
+    """A finished run (its MARKER) or an interrupted one (only a training checkpoint, whose
+    JSON names the lstmkit.train format): both may be rerun or resumed into."""
+    if "lstmkit" in _json_keys(path / MARKER):
+        return True
+    return any(_json_keys(p).get("format", "").startswith("lstmkit.train/")
+               for p in path.glob("*checkpoint.json"))
+
+
+def _json_keys(path: Path) -> dict:
     try:
-        return "lstmkit" in json.loads((path / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):
-        return False
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def strict_json(value):
+    """`value` with every non-finite float replaced by None, so that the file is standard JSON
+    (a MASE is infinite on a constant series; Python's `Infinity` breaks other readers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value

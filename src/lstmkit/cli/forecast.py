@@ -25,7 +25,7 @@ from ..train import (
 )
 from ..viz import figure_png, forecast_figure
 from ._errors import UsageError
-from ._output import check_output_dir
+from ._output import check_output_dir, strict_json
 
 CHECKPOINT = "train-checkpoint"
 _DESCRIPTION = """\
@@ -127,7 +127,8 @@ def _add_task_arguments(parser):
                        help="dropout between LSTM layers (default 0)")
     model.add_argument("--lstm-option", action="append", default=[], metavar="KEY=VALUE",
                        help="any other lstmkit.LSTM argument, e.g. bidirectional=true, "
-                       "proj_size=16")
+                       "proj_size=16, variant='{\"peepholes\": true, \"forget_bias\": 1.0}' "
+                       "(an lstmkit.LSTMVariant as a JSON object)")
     model.add_argument("--absolute", action="store_true",
                        help="forecast levels, not the change from the last value")
     training = parser.add_argument_group("training")
@@ -265,7 +266,7 @@ def train_and_save(frame: pd.DataFrame, forecast: ForecastConfig, training: Trai
         atomic_write_text(out / name, content)
     atomic_write_json(out / "config.json", run_config)
     model.save(out)
-    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "metrics.json", strict_json(metrics))
     atomic_write_text(out / "forecast.csv", future_csv)
     if model.holdout_ is not None:
         atomic_write_text(out / "holdout.csv", model.holdout_.to_csv(index=False))
@@ -341,6 +342,6 @@ def run_evaluate(args) -> int:
     print(metrics_table(result["mean"]))
     print(verdict(result["mean"]))
     if args.out:
-        atomic_write_json(args.out, result)
+        atomic_write_json(args.out, strict_json(result))
         print(f"Wrote {args.out}")
     return 0

@@ -742,13 +742,27 @@ std::vector<Tensor> lstm_cell(const Tensor& x, const Tensor& h, const Tensor& c,
                               const Tensor& packed, const Tensor& bias) {
   constexpr int L = Vec<S>::L;
   const i64 B = x.size(0), I = x.size(1), H = c.size(1), K = I + h.size(1);
-  Tensor z = at::cat({x, h}, 1).contiguous();
+  // Called once per step from Python, so each ATen allocation (~1 us) counts: [x | h] and a
+  // zero bias live in this thread's scratch, and every row reads the one bias row (row 0).
+  thread_local std::vector<S> z_scratch, zero_bias;
+  z_scratch.resize(B * K);
+  const S* xs = ptr<S>(x);
+  const S* hs = ptr<S>(h);
+  for (i64 b = 0; b < B; ++b) {
+    std::copy(xs + b * I, xs + (b + 1) * I, z_scratch.data() + b * K);
+    std::copy(hs + b * (K - I), hs + (b + 1) * (K - I), z_scratch.data() + b * K + I);
+  }
+  const S* bias_row = nullptr;
+  if (bias.defined()) {
+    bias_row = ptr<S>(bias);
+  } else {
+    zero_bias.assign(4 * H, S(0));
+    bias_row = zero_bias.data();
+  }
   Tensor h_new = at::empty({B, H}, x.options()), c_new = c.clone();
-  Tensor base = bias.defined() ? bias.expand({B, 4 * H}).contiguous()
-                               : at::zeros({B, 4 * H}, x.options());
-  LSTMForwardGates<S> gate_math{ptr<S>(base), ptr<S>(c_new), nullptr, nullptr, H};
+  LSTMForwardGates<S> gate_math{bias_row, ptr<S>(c_new), nullptr, nullptr, H};
   S* hp = ptr<S>(h_new);
-  const S* zp = ptr<S>(z);
+  const S* zp = z_scratch.data();
   const S* wp = ptr<S>(packed);
   // The packed matrix (about 2 MiB at hidden 256) is larger than one core's L2; split over the
   // cores with the same blocks on the same thread every call, each half stays in its L2.
@@ -757,7 +771,7 @@ std::vector<Tensor> lstm_cell(const Tensor& x, const Tensor& h, const Tensor& c,
     rows_times_blocks<S, 4>(zp, K, K, wp, B, jb0, jb1, nullptr,
                             [&](i64 b, i64 jb, const V<S>* acc) {
       i64 j = jb * L;
-      store(hp + b * H + j, gate_math(b, b, jb, acc), (int)std::min<i64>(L, H - j));
+      store(hp + b * H + j, gate_math(b, 0, jb, acc), (int)std::min<i64>(L, H - j));
     });
   });
   return {h_new, c_new};
@@ -1209,6 +1223,8 @@ std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Ten
 
 std::vector<Tensor> lstm_cell_py(Tensor x, Tensor h, Tensor c, Tensor packed,
                                  c10::optional<Tensor> bias) {
+  // Made contiguous here rather than in Python: this runs once per step of online inference.
+  for (auto* t : {&x, &h, &c}) *t = t->contiguous();
   for (auto* t : {&x, &h, &c, &packed}) check(*t, "tensor");
   Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
   return LSTMKIT_DISPATCH(x.scalar_type(), [&] { return lstm_cell<scalar>(x, h, c, packed, b); });

@@ -18,6 +18,7 @@ Without autograd (inference, `torch.no_grad()`, or no input needing a gradient) 
 `apply` skips the autograd machinery and stores nothing for a backward pass.
 """
 
+import functools
 import hashlib
 import os
 import platform
@@ -32,7 +33,7 @@ from torch.autograd.function import once_differentiable
 from . import gru as _gru
 from . import lstm as _lstm
 from . import rnn as _rnn
-from ._precision import cast_like, cast_to, compute_dtype, dtypes_of, upcast
+from ._precision import cast_like, cast_to, compute_dtype, upcast
 
 _SOURCE = Path(__file__).with_name("_native.cpp")
 NATIVE_DTYPES = (torch.float32, torch.float64)
@@ -180,6 +181,17 @@ def _packed_cell(w_ih, w_hh, b_ih, b_hh):
     return packed, bias
 
 
+def lstm_step_inference(x, h, c, w_ih, w_hh, b_ih, b_hh):
+    """One LSTM step without autograd: x (B, I), h (B, H), c (B, H) -> h' (B, H), c' (B, H).
+
+    The single-step API's path (`LSTMCell` in inference): one product of [x | h] with the
+    cached packed [W_ih | W_hh]. The caller has checked what `LSTMFunction` would: CPU tensors
+    of one dtype in NATIVE_DTYPES, these shapes, no gradient wanted, the native module loaded.
+    """
+    packed, bias = _packed_cell(w_ih, w_hh, b_ih, b_hh)
+    return module().lstm_cell(x, h, c, packed, bias)          # it makes them contiguous
+
+
 def _products(jobs):
     """out = a @ b (+ bias, broadcast over the rows) for each (out, a, b, bias | None), in one
     parallel region (see products_py)."""
@@ -270,10 +282,7 @@ class NativeLSTMFunction(_NativeFunction):
     @staticmethod
     def _infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse):
         if layout.steps == 1 and w_hr is None and x.dtype in NATIVE_DTYPES:
-            # The single-step API (LSTMCell): one product of [x | h] with cached packed weights.
-            packed, bias = _packed_cell(w_ih, w_hh, b_ih, b_hh)
-            h_1, c_1 = module().lstm_cell(x.contiguous(), h0.contiguous(), c0.contiguous(),
-                                          packed, bias)
+            h_1, c_1 = lstm_step_inference(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
             return h_1, h_1, c_1
         originals = (x, h0, c0)
         args = upcast((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), compute_dtype(x.dtype))
@@ -282,13 +291,9 @@ class NativeLSTMFunction(_NativeFunction):
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse):
-        originals = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = upcast(originals, compute_dtype(x.dtype))
-        out, h_T, c_T, gates, cells = NativeLSTMFunction._run(
-            x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, True)
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, out, gates, cells)
-        ctx.layout, ctx.reverse = layout, reverse
-        ctx.dtypes = dtypes_of(originals)
+        out, h_T, c_T, _, _, originals = _lstm.forward_and_save(
+            ctx, functools.partial(NativeLSTMFunction._run, save=True), x, h0, c0, w_ih, w_hh,
+            b_ih, b_hh, w_hr, layout, reverse)
         return tuple(cast_like((out, h_T, c_T), originals[:3]))
 
     @staticmethod
@@ -351,14 +356,10 @@ class NativeGRUFunction(_NativeFunction):
 
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after):
-        originals = (x, h0, w_ih, w_hh, b_ih, b_hh)
-        x, h0, w_ih, w_hh, b_ih, b_hh = upcast(originals, compute_dtype(x.dtype))
-        out, h_T, stash = NativeGRUFunction._run(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse,
-                                                 reset_after, True)
-        ctx.save_for_backward(x, h0, w_ih, w_hh, out, stash)
-        ctx.layout, ctx.reverse, ctx.reset_after = layout, reverse, reset_after
-        ctx.dtypes = dtypes_of(originals)
-        return tuple(cast_like((out, h_T), (originals[0], originals[1])))
+        out, h_T, _, originals = _gru.forward_and_save(
+            ctx, functools.partial(NativeGRUFunction._run, save=True), x, h0, w_ih, w_hh, b_ih,
+            b_hh, layout, reverse, reset_after)
+        return tuple(cast_like((out, h_T), originals[:2]))
 
     @staticmethod
     @once_differentiable
@@ -423,14 +424,10 @@ class NativeRNNFunction(_NativeFunction):
 
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, nonlinearity):
-        originals = (x, h0, w_ih, w_hh, b_ih, b_hh)
-        x, h0, w_ih, w_hh, b_ih, b_hh = upcast(originals, compute_dtype(x.dtype))
-        out, h_T = NativeRNNFunction._run(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse,
-                                          nonlinearity)
-        ctx.save_for_backward(x, h0, w_ih, w_hh, out)
-        ctx.layout, ctx.reverse, ctx.nonlinearity = layout, reverse, nonlinearity
-        ctx.dtypes = dtypes_of(originals)
-        return tuple(cast_like((out, h_T), (originals[0], originals[1])))
+        out, h_T, originals = _rnn.forward_and_save(ctx, NativeRNNFunction._run, x, h0, w_ih,
+                                                    w_hh, b_ih, b_hh, layout, reverse,
+                                                    nonlinearity)
+        return tuple(cast_like((out, h_T), originals[:2]))
 
     @staticmethod
     @once_differentiable

@@ -11,9 +11,11 @@ signatures stay untouched for the other backends.
 
 import torch
 
-from ._precision import cast_like, compute_dtype, dtypes_of, upcast
+from ._precision import cast_like
 from .gru import GRUFunction, gru_forward
+from .gru import forward_and_save as gru_forward_and_save
 from .lstm import LSTMFunction, lstm_forward
+from .lstm import forward_and_save as lstm_forward_and_save
 
 
 class LSTMTraceFunction(torch.autograd.Function):
@@ -22,14 +24,8 @@ class LSTMTraceFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse):
-        originals = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = upcast(originals, compute_dtype(x.dtype))
-        out, h_T, c_T, gates, cells = lstm_forward(
-            x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse)
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, out, gates, cells)
-        ctx.layout, ctx.reverse = layout, reverse
-        ctx.has_bias = (b_ih is not None, b_hh is not None)
-        ctx.dtypes = dtypes_of(originals)
+        out, h_T, c_T, gates, cells, originals = lstm_forward_and_save(
+            ctx, lstm_forward, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse)
         like = (originals[0], originals[1], originals[2], originals[0], originals[0])
         results = cast_like((out, h_T, c_T, gates, cells), like)
         ctx.mark_non_differentiable(results[3], results[4])
@@ -46,12 +42,8 @@ class GRUTraceFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after):
-        originals = (x, h0, w_ih, w_hh, b_ih, b_hh)
-        x, h0, w_ih, w_hh, b_ih, b_hh = upcast(originals, compute_dtype(x.dtype))
-        out, h_T, stash = gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after)
-        ctx.save_for_backward(x, h0, w_ih, w_hh, out, stash)
-        ctx.layout, ctx.reverse, ctx.reset_after = layout, reverse, reset_after
-        ctx.dtypes = dtypes_of(originals)
+        out, h_T, stash, originals = gru_forward_and_save(ctx, gru_forward, x, h0, w_ih, w_hh, b_ih,
+                                                      b_hh, layout, reverse, reset_after)
         H = w_hh.shape[0] // 3
         like = (originals[0], originals[1], originals[0])
         results = cast_like((out, h_T, stash[:, :3 * H]), like)

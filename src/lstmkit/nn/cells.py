@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..kernels import StepLayout
+from ..kernels import StepLayout, native
 from ..reference.variant import GRUVariant, LSTMVariant
 from . import _checks, _gru_variant, _lstm_variant
 from ._autocast import outside_autocast
@@ -130,6 +130,40 @@ class LSTMCell(_CellBase):
                              "previous gates as a third state beside (h, c); use lstmkit.LSTM, "
                              "whose state is then (h, c, q) and whose step() also streams")
         super().__init__(input_size, hidden_size, bias, device, dtype, backend=backend)
+        # Per training mode: does the plain LSTM kernel compute this cell? (The variant is fixed
+        # at construction: the parameters registered depend on it.)
+        self._plain_kernel = {mode: not _lstm_variant.uses_variant_kernel(self.variant, mode)
+                              for mode in (False, True)}
+
+    def forward(self, input, hx=None):
+        """input (B, I) or (I,); hx (h, c) each (B, H) or (H,), zeros when None -> (h', c')."""
+        if self._streams(input, hx):
+            # Online inference, one call per step: straight to the native single-step kernel.
+            p = self._parameters
+            return tuple(native.lstm_step_inference(input, hx[0], hx[1], p["weight_ih"],
+                                                    p["weight_hh"], p["bias_ih"], p["bias_hh"]))
+        return super().forward(input, hx)
+
+    def _streams(self, x, hx) -> bool:
+        """True for a call the native single-step kernel can take as it is: no gradient, no
+        autocast, batched CPU float32/float64 tensors of the parameters' dtype and the right
+        shapes, the plain LSTM. Anything else (including every error) takes the general path.
+        Every test here is cheap: at hidden 256 the whole step takes ~15 us."""
+        if torch.is_grad_enabled() or not isinstance(hx, tuple) or len(hx) != 2 \
+                or self.backend == "portable" or not self._plain_kernel[self.training]:
+            return False
+        h, c = hx
+        w = self._parameters["weight_ih"]
+        dtype = w.dtype
+        if not (type(x) is torch.Tensor and type(h) is torch.Tensor and type(c) is torch.Tensor
+                and x.dtype == dtype and h.dtype == dtype and c.dtype == dtype
+                and dtype in native.NATIVE_DTYPES
+                and w.is_cpu and x.is_cpu and h.is_cpu and c.is_cpu):
+            return False
+        batch, hidden = x.shape[0], self.hidden_size
+        return (x.dim() == 2 and batch > 0 and x.shape[1] == self.input_size
+                and h.shape == (batch, hidden) and c.shape == (batch, hidden)
+                and not torch.is_autocast_enabled("cpu") and native.available())
 
     def _extra_shapes(self):
         return _lstm_variant.extra_shapes(self.variant, self.hidden_size)

@@ -33,6 +33,10 @@ Batch = tuple
 Metric = Callable[[nn.Module, Iterable[Batch]], float]
 
 
+# TrainConfig fields a resumed run may change.
+_RESUMABLE_ANYWHERE = frozenset({"device", "threads"})
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """What a training run did. `history` has one dict per epoch: epoch, train_loss,
@@ -195,6 +199,10 @@ class _Run:
         if saved.get("format") != "lstmkit.train/1":
             raise ValueError(f"{str(stem)!r} is not an lstmkit training checkpoint")
         for key, value in config.to_dict().items():
+            # Where and how fast it runs may change between the halves of a run (an interrupted
+            # CPU run resumed on a GPU); what it computes may not.
+            if key in _RESUMABLE_ANYWHERE:
+                continue
             if saved["train_config"].get(key) != _json_roundtrip(value):
                 raise ValueError(f"cannot resume from {str(stem)!r}: it was trained with "
                                  f"{key}={saved['train_config'].get(key)!r}, this run asks for "

@@ -5,7 +5,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ...nn import LSTM, _checks
+from ...nn import LSTM, LSTMVariant, _checks
 from .data import FILL_POLICIES
 
 
@@ -24,7 +24,7 @@ def _names(name: str, value) -> tuple:
     if isinstance(value, str):
         return (value,)
     if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
-        raise TypeError(f"{name} must be a column name or a sequence of names, got {value!r}")
+        raise TypeError(f"{name} must be a column name (a str) or a sequence of them, got {value!r}")
     if len(set(value)) != len(value):
         raise ValueError(f"{name} lists a column twice: {list(value)}")
     return tuple(value)
@@ -77,7 +77,7 @@ class ForecastConfig:
         if overlap:
             raise ValueError(f"columns {sorted(overlap)} cannot be both target and covariate")
         if self.time_column is not None and not isinstance(self.time_column, str):
-            raise TypeError(f"time_column must be a column name, got {self.time_column!r}")
+            raise TypeError(f"time_column must be a column name (a str), got {self.time_column!r}")
         _checks.positive_int("lookback", self.lookback)
         if isinstance(self.horizon, bool) or not isinstance(self.horizon, int):
             raise TypeError(f"horizon must be an int, got {type(self.horizon).__name__} "
@@ -100,6 +100,13 @@ class ForecastConfig:
         _checks.flag("relative", self.relative)
         if not isinstance(self.lstm_options, dict):
             raise TypeError(f"lstm_options must be a dict, got {type(self.lstm_options).__name__}")
+        variant = self.lstm_options.get("variant")
+        if isinstance(variant, dict):               # from JSON: a saved model or the CLI
+            try:
+                variant = LSTMVariant(**variant)
+            except TypeError as exc:
+                raise ValueError(f"lstm_options variant {variant}: {exc}") from None
+            object.__setattr__(self, "lstm_options", {**self.lstm_options, "variant": variant})
         reserved = {"input_size", "hidden_size", "num_layers", "dropout", "batch_first",
                     "device", "dtype"} & set(self.lstm_options)
         if reserved:

@@ -71,7 +71,12 @@ def infer_frequency(index: pd.DatetimeIndex) -> str | None:
             return "ME"
         return None
     if 365 <= days <= 366:
-        return "YS" if (index.dayofyear == 1).all() else None
+        return "YS" if (index.day_of_year == 1).all() else None
+    # Whole days and weeks by name: to_offset(1 day) is "24h", which names no season.
+    if days == 1:
+        return "B" if (index.day_of_week < 5).all() else "D"
+    if days == 7:
+        return f"W-{index[0].day_name()[:3].upper()}"
     return pd.tseries.frequencies.to_offset(step).freqstr
 
 
