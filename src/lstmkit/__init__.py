@@ -14,6 +14,7 @@ from .nn import (
     RNN,
     GateTrace,
     GRUCell,
+    GRUVariant,
     LSTMCell,
     LSTMVariant,
     RNNCell,
@@ -22,5 +23,5 @@ from .nn import (
 )
 
 __version__ = "0.1.0"
-__all__ = ["GRU", "GRUCell", "GateTrace", "LSTM", "LSTMCell", "LSTMVariant", "RNN", "RNNCell",
-           "__version__", "detach_state", "gate_saturation"]
+__all__ = ["GRU", "GRUCell", "GRUVariant", "GateTrace", "LSTM", "LSTMCell", "LSTMVariant",
+           "RNN", "RNNCell", "__version__", "detach_state", "gate_saturation"]

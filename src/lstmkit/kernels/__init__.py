@@ -15,6 +15,9 @@ Backends:
 from ..reference.rnn import NONLINEARITIES
 from . import native
 from .gru import GRUFunction
+from .gru_variants import MASKS as _GRU_VARIANT_MASKS
+from .gru_variants import PARAMETERS as _GRU_VARIANT_PARAMETERS
+from .gru_variants import GRUVariantFunction
 from .layout import StepLayout
 from .lstm import LSTMFunction
 from .lstm_variants import MASKS as _VARIANT_MASKS
@@ -93,6 +96,27 @@ def gru_layer_with_gates(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: Ste
     return GRUTraceFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after)
 
 
+def gru_variant_layer(x, h0, params: dict, masks: dict, variant, *, layout: StepLayout,
+                      reverse: bool = False, reset_after: bool = True, backend: str = "auto"):
+    """One GRU-variant layer, one direction (see gru_variants.py); portable backend only.
+
+    params: w_ih (3H, I), w_hh (3H, H), b_ih, b_hh (3H,) (missing keys are absent); masks:
+    zoneout_h (N or 1, H), recurrent (B, H) (missing keys are off).
+    Returns out (N, H), h_T (B, H), gates (N, 3H) = [r | z | n].
+    """
+    if backend not in ("auto", "portable"):
+        raise ValueError(f"backend={backend!r} has no kernel for GRU variants (activations, "
+                         "layer norm, zoneout, recurrent dropout): use backend='auto' or "
+                         "'portable' with a variant")
+    unknown = (set(params) - set(_GRU_VARIANT_PARAMETERS)) | (set(masks) - set(_GRU_VARIANT_MASKS))
+    if unknown:
+        raise ValueError(f"unknown GRU-variant arguments {sorted(unknown)}; expected some of "
+                         f"{_GRU_VARIANT_PARAMETERS + _GRU_VARIANT_MASKS}")
+    return GRUVariantFunction.apply(
+        x, h0, *(params.get(k) for k in _GRU_VARIANT_PARAMETERS),
+        *(masks.get(k) for k in _GRU_VARIANT_MASKS), variant, layout, reverse, reset_after)
+
+
 def rnn_layer(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: StepLayout,
               reverse: bool = False, nonlinearity: str = "tanh", backend: str = "auto"):
     """One Elman RNN layer, one direction: x (N, I), h0 (B, H) -> out (N, H), h_T (B, H)."""
@@ -106,6 +130,7 @@ __all__ = [
     "BACKENDS", "GRUFunction", "NONLINEARITIES", "LSTMFunction", "RNNFunction", "StepLayout",
     "gru_layer", "lstm_layer", "rnn_layer",
 ]
-# Variants and gate traces (portable only): LSTMVariant options, return_gates.
-__all__ += ["GRUTraceFunction", "LSTMTraceFunction", "LSTMVariantFunction",
-            "gru_layer_with_gates", "lstm_layer_with_gates", "lstm_variant_layer"]
+# Variants and gate traces (portable only): LSTMVariant and GRUVariant options, return_gates.
+__all__ += ["GRUTraceFunction", "GRUVariantFunction", "LSTMTraceFunction", "LSTMVariantFunction",
+            "gru_layer_with_gates", "gru_variant_layer", "lstm_layer_with_gates",
+            "lstm_variant_layer"]

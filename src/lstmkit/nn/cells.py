@@ -11,8 +11,8 @@ from torch import nn
 
 from .. import kernels
 from ..kernels import StepLayout, native
-from ..reference.variant import LSTMVariant
-from . import _checks, _lstm_variant
+from ..reference.variant import GRUVariant, LSTMVariant
+from . import _checks, _gru_variant, _lstm_variant
 from ._autocast import outside_autocast
 from ._lstm_variant import KERNEL_ARGUMENT
 
@@ -192,21 +192,55 @@ class LSTMCell(_CellBase):
 
 
 class GRUCell(_CellBase):
-    """One GRU step, a drop-in for `torch.nn.GRUCell`: (input, h) -> h'. Gate order r, z, n."""
+    """One GRU step, a drop-in for `torch.nn.GRUCell`: (input, h) -> h'. Gate order r, z, n.
+
+    Same equations as `lstmkit.GRU`; weight_ih (3H, I), weight_hh (3H, H).
+    `variant=lstmkit.GRUVariant(...)` selects the same variants as `lstmkit.GRU` (adding ln_*
+    parameters for layer norm), except
+    recurrent_dropout and weight_drop, whose one-mask-per-sequence a single step cannot keep:
+    use `lstmkit.GRU`. Zoneout draws its mask per call in training; in eval it is off (or its
+    expectation, with zoneout_eval="expectation").
+    """
 
     _gates = 3
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *,
-                 reset_after: bool = True, backend: str = "auto"):
+                 reset_after: bool = True, variant: GRUVariant | None = None,
+                 backend: str = "auto"):
+        # Set first: the initialisation run by the base depends on it.
+        self.variant = _gru_variant.check_variant(variant, bias)
+        if self.variant.recurrent_dropout or self.variant.weight_drop:
+            raise ValueError(f"GRUCell cannot apply recurrent_dropout="
+                             f"{self.variant.recurrent_dropout} or weight_drop="
+                             f"{self.variant.weight_drop}: they draw one mask per sequence and a "
+                             "cell sees one step; use lstmkit.GRU (whose step() also streams)")
         super().__init__(input_size, hidden_size, bias, device, dtype, backend=backend)
         self.reset_after = _checks.flag("reset_after", reset_after)
 
+    def _extra_shapes(self):
+        return _gru_variant.extra_shapes(self.variant, self.hidden_size)
+
+    def reset_parameters(self) -> None:
+        """torch.nn's initialisation, then the variant's (layer norm, update-gate bias, ...)."""
+        super().reset_parameters()
+        if self.variant != GRUVariant():
+            _gru_variant.initialise(self._weights(), self.variant, self.hidden_size)
+
     def extra_repr(self) -> str:
-        return super().extra_repr() + ("" if self.reset_after else ", reset_after=False")
+        s = super().extra_repr() + ("" if self.reset_after else ", reset_after=False")
+        described = self.variant.describe()
+        return s + (f", variant=GRUVariant({described})" if described else "")
 
     def _step(self, x, states, layout):
-        return kernels.gru_layer(x, *states, **self._weights(), layout=layout,
-                                 reset_after=self.reset_after, backend=self.backend)
+        if not _gru_variant.uses_variant_kernel(self.variant, self.training):
+            return kernels.gru_layer(x, *states, **self._weights(), layout=layout,
+                                     reset_after=self.reset_after, backend=self.backend)
+        masks = _gru_variant.draw_masks(self.variant, self.training, layout, x,
+                                        self.hidden_size)
+        out, h, _ = kernels.gru_variant_layer(x, *states, self._weights(), masks, self.variant,
+                                              layout=layout, reset_after=self.reset_after,
+                                              backend=self.backend)
+        return out, h
 
 
 class RNNCell(_CellBase):

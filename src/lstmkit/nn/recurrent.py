@@ -18,8 +18,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .. import kernels
 from ..kernels import StepLayout
-from ..reference.variant import LSTMVariant
-from . import _checks, _lstm_variant
+from ..reference.variant import GRUVariant, LSTMVariant
+from . import _checks, _gru_variant, _lstm_variant
 from ._autocast import outside_autocast
 from ._lstm_variant import KERNEL_ARGUMENT as _KERNEL_ARGUMENT
 from .introspection import GateTrace
@@ -477,6 +477,26 @@ class GRU(_RecurrentBase):
     n_t = tanh(W_in x_t + b_in + W_hn (r_t * h_{t-1}) + b_hn). torch.nn has only the default
     (as cuDNN and Keras's `reset_after=True`); the textbook form is what Keras calls
     `reset_after=False`. Same parameters either way, so weights load into both.
+
+    Parameters per layer k: weight_ih_lk (3H, I or D*H), weight_hh_lk (3H, H), bias_ih_lk,
+    bias_hh_lk (3H); `_reverse` for the second direction.
+
+    `variant=lstmkit.GRUVariant(...)` changes the cell (gate and candidate activations, layer
+    norm, zoneout, recurrent dropout, DropConnect, update-gate bias, orthogonal
+    initialisation); see `GRUVariant` and docs/variants.md. It adds parameters only for layer
+    norm: ln_ih_weight/bias_lk, ln_hh_weight/bias_lk (3H) = [rz | n]. With no variant (or the
+    default one) the module is torch.nn.GRU: same parameters, initialisation and results.
+
+    `forward(..., return_gates=True)` also returns a `GateTrace` of r, z, n and h at every
+    step; `step(x_t, h)` advances one step for online use.
+
+    Example::
+
+        >>> import torch, lstmkit
+        >>> gru = lstmkit.GRU(10, 20, variant=lstmkit.GRUVariant(zoneout_h=0.1, update_bias=1.0))
+        >>> output, h_n = gru(torch.randn(5, 3, 10))
+        >>> output.shape, h_n.shape
+        (torch.Size([5, 3, 20]), torch.Size([1, 3, 20]))
     """
 
     _gates = 3
@@ -484,21 +504,59 @@ class GRU(_RecurrentBase):
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, device=None, dtype=None, *,
-                 reset_after: bool = True, backend: str = "auto"):
+                 reset_after: bool = True, variant: GRUVariant | None = None,
+                 backend: str = "auto"):
+        # Set first: the initialisation run by the base depends on it.
+        self.variant = _gru_variant.check_variant(variant, bias)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, device=device, dtype=dtype, backend=backend)
         self.reset_after = _checks.flag("reset_after", reset_after)
 
+    def _extra_shapes(self):
+        return _gru_variant.extra_shapes(self.variant, self.hidden_size)
+
+    def reset_parameters(self) -> None:
+        """torch.nn's initialisation, then the variant's (layer norm, update-gate bias, ...)."""
+        super().reset_parameters()
+        if self.variant != GRUVariant():
+            for index in range(len(self._weight_names)):
+                _gru_variant.initialise(self._layer_weights(index), self.variant,
+                                        self.hidden_size)
+
     def extra_repr(self) -> str:
-        return super().extra_repr() + ("" if self.reset_after else ", reset_after=False")
+        s = super().extra_repr() + ("" if self.reset_after else ", reset_after=False")
+        described = self.variant.describe()
+        return s + (f", variant=GRUVariant({described})" if described else "")
+
+    def _check_streamable(self) -> None:
+        super()._check_streamable()
+        v = self.variant
+        if self.training and (v.recurrent_dropout or v.weight_drop):
+            raise ValueError(f"GRU.step in training mode with recurrent_dropout="
+                             f"{v.recurrent_dropout} and weight_drop={v.weight_drop}: each draws "
+                             "one mask per sequence, which separate steps cannot share; call "
+                             ".eval() for online inference, or train on whole chunks with forward")
 
     def _run_layer(self, x, states, weights, layout, reverse, return_gates):
-        if not return_gates:
+        v = self.variant
+        if v.weight_drop and self.training:         # DropConnect: one mask per call
+            weights = {**weights, "w_hh": _lstm_variant.drop_connect(weights["w_hh"],
+                                                                     v.weight_drop)}
+        if _gru_variant.uses_variant_kernel(v, self.training):
+            masks = _gru_variant.draw_masks(v, self.training, layout, x, self.hidden_size)
+            out, h_T, gates = kernels.gru_variant_layer(
+                x, states[0], weights, masks, v, layout=layout, reverse=reverse,
+                reset_after=self.reset_after, backend=self.backend)
+        elif not return_gates:
             out, h_T = kernels.gru_layer(x, states[0], **weights, layout=layout, reverse=reverse,
                                          reset_after=self.reset_after, backend=self.backend)
             return out, (h_T,), None
-        out, h_T, gates = kernels.gru_layer_with_gates(
-            x, states[0], **weights, layout=layout, reverse=reverse, reset_after=self.reset_after)
+        else:
+            out, h_T, gates = kernels.gru_layer_with_gates(
+                x, states[0], **weights, layout=layout, reverse=reverse,
+                reset_after=self.reset_after)
+        if not return_gates:
+            return out, (h_T,), None
         r, z, n = gates.chunk(3, 1)
         return out, (h_T,), {"r": r, "z": z, "n": n, "h": out.detach()}
 

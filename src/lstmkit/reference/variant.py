@@ -189,3 +189,95 @@ class LSTMVariant:
         plain = LSTMVariant()
         return ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
                          if getattr(self, f.name) != getattr(plain, f.name))
+
+
+# -- GRU -------------------------------------------------------------------------------------
+
+CANDIDATE_ACTIVATIONS = ("tanh", "softsign", "hardtanh")
+_GRU_EQUATION_FIELDS = ("gate_activation", "candidate_activation", "layer_norm")
+
+
+@dataclass(frozen=True, repr=False)
+class GRUVariant:
+    """Options of a GRU layer or cell; the defaults are exactly torch.nn.GRU.
+
+    Equations (each field's effect; gate order [r | z | n] as torch.nn, per step t; the
+    reset-after / reset-before choice stays the module's `reset_after` argument):
+        gate_activation:  sigma in r and z ("sigmoid" or "hard_sigmoid" = clip(a/6 + 1/2, 0, 1))
+        candidate_activation: phi in n_t = phi(a_n) ("tanh", "softsign" or "hardtanh")
+        layer_norm:       x W_ih^T and the recurrent products normalised before the biases, each
+                          in two blocks, [r | z] (2H) and n (H) (Ba et al.'s layer-normalised
+                          GRU), with learnable gains (init 1) and biases (init 0)
+        zoneout_h:        rate; in training each unit keeps its previous value with that
+                          probability each step
+        zoneout_eval:     "off" (default): in eval zoneout does nothing; "expectation"
+                          (Krueger et al.): in eval each unit moves by (1 - rate) of its update
+        recurrent_dropout: rate of one dropout mask per sequence on h_{t-1} in every recurrent
+                          product (training)
+        weight_drop:      DropConnect rate on weight_hh, one mask per forward call (training)
+        update_bias:      initial update-gate bias b_z (e.g. 1.0: z ~ 0.73, so each unit starts
+                          by mostly keeping h_{t-1}); the GRU's forget_bias
+        orthogonal_init:  each gate's (H, H) block of weight_hh initialised orthogonal
+    """
+
+    gate_activation: Literal["sigmoid", "hard_sigmoid"] = "sigmoid"
+    candidate_activation: Literal["tanh", "softsign", "hardtanh"] = "tanh"
+    layer_norm: bool = False
+    layer_norm_eps: float = 1e-5
+    zoneout_h: float = 0.0
+    zoneout_eval: Literal["off", "expectation"] = "off"
+    recurrent_dropout: float = 0.0
+    weight_drop: float = 0.0
+    update_bias: float | None = None
+    orthogonal_init: bool = False
+
+    def __post_init__(self):
+        for name in ("layer_norm", "orthogonal_init"):
+            _check_flag(name, getattr(self, name))
+        if self.gate_activation not in GATE_ACTIVATIONS:
+            why = _WHY_NOT_A_GATE.get(self.gate_activation)
+            if why is not None:
+                raise ValueError(f"gate_activation={self.gate_activation!r} cannot gate: {why}; "
+                                 f"use one of {GATE_ACTIVATIONS}")
+            raise ValueError(f"gate_activation must be one of {GATE_ACTIVATIONS}, "
+                             f"got {self.gate_activation!r}")
+        if self.candidate_activation not in CANDIDATE_ACTIVATIONS:
+            raise ValueError(f"candidate_activation must be one of {CANDIDATE_ACTIVATIONS}, "
+                             f"got {self.candidate_activation!r}")
+        for name in ("zoneout_h", "recurrent_dropout", "weight_drop"):
+            _check_rate(name, getattr(self, name))
+        if self.zoneout_eval not in ("expectation", "off"):
+            raise ValueError(f"zoneout_eval must be 'off' or 'expectation', got "
+                             f"{self.zoneout_eval!r}")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"layer_norm_eps must be a positive float, got {eps!r}")
+        if self.update_bias is not None:
+            ub = self.update_bias
+            if isinstance(ub, bool) or not isinstance(ub, (int, float)) or not math.isfinite(ub):
+                raise ValueError(f"update_bias must be a finite float or None, got {ub!r}")
+
+    @property
+    def changes_equations(self) -> bool:
+        """True when the cell differs from torch.nn's in eval mode (needs the variant kernel)."""
+        fields = self.__dataclass_fields__
+        return (any(getattr(self, f) != fields[f].default for f in _GRU_EQUATION_FIELDS)
+                or self.zoneout_in_eval())
+
+    def zoneout_in_eval(self) -> bool:
+        """True when zoneout changes the eval-mode equations (its expectation)."""
+        return bool(self.zoneout_eval == "expectation" and self.zoneout_h)
+
+    @property
+    def stochastic(self) -> bool:
+        """True when training draws random masks (zoneout, recurrent dropout, DropConnect)."""
+        return bool(self.zoneout_h or self.recurrent_dropout or self.weight_drop)
+
+    def __repr__(self) -> str:
+        return f"GRUVariant({self.describe()})"
+
+    def describe(self) -> str:
+        """The fields that differ from the defaults, as `name=value, ...` (for repr)."""
+        plain = GRUVariant()
+        return ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+                         if getattr(self, f.name) != getattr(plain, f.name))
