@@ -1,10 +1,13 @@
 """The native CPU backend against the NumPy float64 reference, torch.nn and gradcheck.
 
 Both native drivers run every case: "fused" (own register-blocked product, workers kept for the
-whole sequence; small batches) and "generic" (torch's matrix multiply per step; projection,
-GRU reset-before, large batches), chosen here by moving `FUSED_MAX_BATCH`.
+whole sequence; small products) and "generic" (a library matrix product per step: MKL's packed
+GEMM, or at::mm as "generic-mm"; projection, GRU reset-before, large products), chosen here by
+moving `FUSED_MAX_BATCH` and `FUSED_ALWAYS_BATCH`.
 """
 
+import platform
+import sys
 import threading
 import warnings
 import zlib
@@ -32,16 +35,28 @@ def native_built():
     assert native.available(), f"native kernels did not build: {native.unavailable_reason()}"
 
 
-@pytest.fixture(params=["fused", "fused-chunked", "generic"])
+@pytest.fixture(params=["fused", "fused-chunked", "generic", "generic-mm"])
 def driver(request, monkeypatch):
-    monkeypatch.setattr(native, "FUSED_MAX_BATCH", 0 if request.param == "generic" else 10**9)
+    generic = request.param.startswith("generic")
+    monkeypatch.setattr(native, "FUSED_MAX_BATCH", 0 if generic else 10**9)
+    monkeypatch.setattr(native, "FUSED_ALWAYS_BATCH", 0 if generic else 10**9)
     # "chunked": the contraction split into chunks of 4, as large matrices are split to stay
     # in the L2 cache, so the running sums between chunks are checked on small shapes too.
     previous = native.module().set_chunk_bytes(1)
     if request.param != "fused-chunked":
         native.module().set_chunk_bytes(previous)
+    # "generic" multiplies by MKL's packed W_hh where this torch has it; "generic-mm" by at::mm.
+    packed = native.module().set_packed_gemm(request.param != "generic-mm")
     yield request.param
     native.module().set_chunk_bytes(previous)
+    native.module().set_packed_gemm(packed)
+
+
+@pytest.mark.skipif(not (sys.platform == "linux" and platform.machine() == "x86_64"
+                         and torch.backends.mkl.is_available()),
+                    reason="MKL's packed GEMM is looked for in x86-64 Linux builds of torch")
+def test_torch_mm_driver_finds_mkl_packed_gemm():
+    assert native.module().mkl_packed_gemm()
 
 
 def make_weights(family, I, H, rng):

@@ -38,17 +38,21 @@ from ._precision import cast_like, cast_to, compute_dtype, upcast
 _SOURCE = Path(__file__).with_name("_native.cpp")
 NATIVE_DTYPES = (torch.float32, torch.float64)
 
-# Largest batch for which the fused driver (own register-blocked product, the recurrent matrix
-# split across the cores for the whole sequence, one synchronisation per step) runs; beyond it
-# each step's product is one torch.mm (MKL), whose cache blocking wins on large products.
-# Measured on the 2-core benchmark machine, 2 threads, LSTM forward loop only: batch 8 / hidden
-# 256: fused 210 GFLOP/s, torch.mm 124; batch 32 / 256: 241 vs 150; batch 128 / 1024: 234 vs 285.
-# Again, forward with saved gates + backward, ms, fused vs torch.mm: batch 32 / hidden 512 (T=50)
-# 15.5 + 15.3 vs 23.8 + 17.0; batch 64 / 512, 32.2 + 29.3 vs 36.4 + 26.8 (a tie); batch 128 /
-# 1024 (T=20), 114.8 + 99.5 vs 89.3 + 82.1. (One thread favours torch.mm from batch 32 on:
-# with two, the fused driver keeps each half of W_hh in one core's L2.)
-# The torch.mm driver also runs projection (proj_size) and GRU reset-before.
+# Which driver runs a layer. "fused": our register-blocked product, W_hh packed and split
+# across the cores for the whole sequence, one synchronisation per step; it wins while each
+# core's share of W_hh stays in its L2 cache and the batch is small. "generic": each step's
+# product is one call of MKL's packed GEMM (W_hh reordered once per call; at::mm where MKL is
+# absent), the gate math a pass over the rows; it wins on larger matrices and batches, and it
+# also runs projection (proj_size) and GRU reset-before.
+# Measured on the 2-core benchmark machine (ms per 100 steps, forward / training step, fused
+# vs generic): LSTM batch 32 / hidden 256 8.9 / 28.7 vs 10.5 / 32.0 (W_hh 1 MiB); batch 32 /
+# 512 33.4 / 101 vs 31.6 / 97 (4 MiB); batch 64 / 512 68.2 / 216 vs 57.6 / 192; batch 128 / 256
+# 40.6 / 127 vs 37.0 / 118; GRU batch 32 / 384 (1.7 MiB) 13.5 / 45.6 vs 14.2 / 49.8 and 32 / 512
+# (3 MiB) 25.4 / 85 vs 23.5 / 81. On one thread the generic driver wins from hidden 256 on;
+# at batch 1-2 the fused one wins always (MKL's packed product of one row is slower than ours).
 FUSED_MAX_BATCH = 64
+FUSED_ALWAYS_BATCH = 2
+FUSED_MAX_WEIGHT_BYTES_PER_THREAD = 1 << 20
 
 # Products smaller than this (floating-point operations) run on the calling thread (the same
 # threshold as SERIAL_FLOPS in _native.cpp): waking the thread team costs more than they do.
@@ -235,9 +239,13 @@ def _projection(x, w, *biases):
     return out
 
 
-def _fused(layout, projected: bool = False) -> bool:
-    """Whether the fused driver runs (else the torch.mm driver); see FUSED_MAX_BATCH."""
-    return layout.batch <= FUSED_MAX_BATCH and not projected
+def _fused(layout, w_hh, projected: bool = False) -> bool:
+    """Whether the fused driver runs (else the generic one); see FUSED_MAX_BATCH."""
+    if projected or layout.batch > FUSED_MAX_BATCH:
+        return False
+    weight_bytes = w_hh.numel() * w_hh.element_size()
+    return (layout.batch <= FUSED_ALWAYS_BATCH
+            or weight_bytes < torch.get_num_threads() * FUSED_MAX_WEIGHT_BYTES_PER_THREAD)
 
 
 def _check_device(x):
@@ -277,7 +285,7 @@ class NativeLSTMFunction(_NativeFunction):
         xproj = _projection(x, w_ih, b_ih, b_hh)
         h0, c0, w_hh, w_hr = _contiguous((h0, c0, w_hh, w_hr))
         return module().lstm_forward(xproj, h0, c0, w_hh, w_hr, layout.batch_sizes, reverse,
-                                     save, _fused(layout, w_hr is not None))
+                                     save, _fused(layout, w_hh, w_hr is not None))
 
     @staticmethod
     def _infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse):
@@ -305,7 +313,7 @@ class NativeLSTMFunction(_NativeFunction):
         d_gates, dh0, dc0, d_h_rows = module().lstm_backward(
             d_out, d_hT, d_cT, c0.contiguous(), w_hh.contiguous(),
             None if w_hr is None else w_hr.contiguous(), gates, cells, layout.batch_sizes,
-            reverse, _fused(layout, w_hr is not None),
+            reverse, _fused(layout, w_hh, w_hr is not None),
             _scratch_buffer("d_gates", *gates.shape, gates))
         dx = x.new_empty(x.shape) if needs[0] else None
         dw_ih = torch.empty_like(w_ih) if needs[3] else None
@@ -346,7 +354,7 @@ class NativeGRUFunction(_NativeFunction):
         gi = _projection(x, w_ih, b_ih)
         h0, w_hh, b_hh = _contiguous((h0, w_hh, b_hh))
         return module().gru_forward(gi, h0, w_hh, b_hh, layout.batch_sizes, reverse, reset_after,
-                                    save, _fused(layout, not reset_after))
+                                    save, _fused(layout, w_hh, not reset_after))
 
     @staticmethod
     def _infer(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after):
@@ -372,7 +380,7 @@ class NativeGRUFunction(_NativeFunction):
         N = out.shape[0]
         d_gi, d_gh, dh0 = module().gru_backward(
             d_out, d_hT, h0, w_hh.contiguous(), out, stash, layout.batch_sizes, reverse,
-            ctx.reset_after, _fused(layout, not ctx.reset_after),
+            ctx.reset_after, _fused(layout, w_hh, not ctx.reset_after),
             _scratch_buffer("d_gi", N, 3 * H, out),
             _scratch_buffer("d_gh", N, 3 * H, out) if ctx.reset_after else None)
         dx = x.new_empty(x.shape) if needs[0] else None
@@ -414,7 +422,7 @@ class NativeRNNFunction(_NativeFunction):
         xproj = _projection(x, w_ih, b_ih, b_hh)
         h0, w_hh = _contiguous((h0, w_hh))
         return module().rnn_forward(xproj, h0, w_hh, layout.batch_sizes, reverse,
-                                    nonlinearity == "relu", _fused(layout))
+                                    nonlinearity == "relu", _fused(layout, w_hh))
 
     @staticmethod
     def _infer(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, nonlinearity):
@@ -437,7 +445,7 @@ class NativeRNNFunction(_NativeFunction):
         d_out, d_hT = _contiguous(upcast((d_out, d_hT), x.dtype))
         d_pre, dh0 = module().rnn_backward(d_out, d_hT, w_hh.contiguous(), out,
                                            layout.batch_sizes, reverse,
-                                           ctx.nonlinearity == "relu", _fused(layout))
+                                           ctx.nonlinearity == "relu", _fused(layout, w_hh))
         dx = x.new_empty(x.shape) if needs[0] else None
         dw_ih = torch.empty_like(w_ih) if needs[2] else None
         dw_hh = torch.empty_like(w_hh) if needs[3] else None
