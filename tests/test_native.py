@@ -2,8 +2,9 @@
 
 Both native drivers run every case: "fused" (own register-blocked product, workers kept for the
 whole sequence; small products) and "generic" (a library matrix product per step: MKL's packed
-GEMM, or at::mm as "generic-mm"; projection, GRU reset-before, large products), chosen here by
-moving `FUSED_MAX_BATCH` and `FUSED_ALWAYS_BATCH`.
+GEMM, or at::mm as "generic-mm"; with the batch rows in one part, or split into independent
+parts as "generic-rows"; projection, GRU reset-before, large products), chosen here through
+the constants `_driver` reads.
 """
 
 import platform
@@ -35,11 +36,17 @@ def native_built():
     assert native.available(), f"native kernels did not build: {native.unavailable_reason()}"
 
 
-@pytest.fixture(params=["fused", "fused-chunked", "generic", "generic-mm"])
+@pytest.fixture(params=["fused", "fused-chunked", "generic", "generic-rows", "generic-mm"])
 def driver(request, monkeypatch):
     generic = request.param.startswith("generic")
     monkeypatch.setattr(native, "FUSED_MAX_BATCH", 0 if generic else 10**9)
     monkeypatch.setattr(native, "FUSED_ALWAYS_BATCH", 0 if generic else 10**9)
+    # "generic-rows": the batch rows split into up to 3 independent parts (uneven ones too);
+    # the other generic cases run one part.
+    rows = request.param == "generic-rows"
+    monkeypatch.setattr(native, "MIN_PART_ROWS", 1 if rows else 10**9)
+    monkeypatch.setattr(native, "MAX_ROW_PARTS", 3 if rows else None)
+    monkeypatch.setattr(native, "ROW_PARTS_MAX_WEIGHT_BYTES", 2**62)
     # "chunked": the contraction split into chunks of 4, as large matrices are split to stay
     # in the L2 cache, so the running sums between chunks are checked on small shapes too.
     previous = native.module().set_chunk_bytes(1)

@@ -484,13 +484,35 @@ i64 worker_count(i64 J, i64 flops_per_step) {
   return std::max<i64>(1, std::min<i64>(at::get_num_threads(), (J + 1) / 2));  // 2 blocks a claim
 }
 
-// Gate math over rows [0, rows) and all unit blocks, split across threads (generic driver).
+// Gate math over rows [first, rows) and all unit blocks, split across threads (generic driver;
+// inside a row part, see run_row_parts, it runs on the part's thread).
 template <typename F>
-void for_rows(i64 rows, i64 units, F&& f) {
+void for_rows(i64 rows, i64 units, F&& f, i64 first = 0) {
   i64 grain = std::max<i64>(1, 16384 / std::max<i64>(units, 1));
-  at::parallel_for(0, rows, grain, [&](i64 b0, i64 b1) {
+  at::parallel_for(first, rows, grain, [&](i64 b0, i64 b1) {
     FlushDenormals ftz;
     for (i64 b = b0; b < b1; ++b) f(b);
+  });
+}
+
+// The generic driver's steps over batch rows split into independent parts. No batch row's
+// recurrence reads another row, so with several parts each thread runs the whole sequence for
+// its own rows: its step products single-threaded (MKL runs serially inside a parallel
+// region), its gate math right after, on a product still in its cache, and no fork and join of
+// the thread team per step; but each part reads all of W_hh at every step, so native.py's
+// _driver asks for several parts only when W_hh fits in one core's L2. One part: each step's
+// product and gate math are split across the threads instead. step(k, r0, r1) does step k (in
+// the loop's order) for rows [r0, r1); a part skips the steps where none of its rows is active.
+template <typename Step>
+void run_row_parts(i64 steps, i64 B, i64 parts, Step&& step) {
+  if (parts <= 1) {
+    for (i64 k = 0; k < steps; ++k) step(k, 0, B);
+    return;
+  }
+  at::parallel_for(0, parts, 1, [&](i64 p0, i64 p1) {
+    c10::NoGradGuard no_grad;   // the pool's threads do not inherit the caller's grad mode
+    for (i64 part = p0; part < p1; ++part)
+      for (i64 k = 0; k < steps; ++k) step(k, B * part / parts, B * (part + 1) / parts);
   });
 }
 
@@ -638,7 +660,7 @@ struct LSTMForwardGates {
 template <typename S>
 std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& h0, const Tensor& c0,
                                  const Tensor& w_hh, const c10::optional<Tensor>& w_hr_opt,
-                                 const Steps& st, bool save, bool fused) {
+                                 const Steps& st, bool save, i64 parts) {
   constexpr int L = Vec<S>::L;
   const i64 H = c0.size(1), P = h0.size(1), B = st.batch, N = st.rows;
   Tensor w_hr = w_hr_opt.has_value() ? w_hr_opt->contiguous() : Tensor();
@@ -649,7 +671,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& h0, const Te
   LSTMForwardGates<S> gate_math{ptr<S>(xproj), ptr<S>(c), ptr<S>(gates), ptr<S>(cells), H};
   S* o_ptr = ptr<S>(out);
   const i64 J = (H + L - 1) / L;
-  if (fused && !w_hr.defined()) {
+  if (parts == 0 && !w_hr.defined()) {
     Tensor packed = pack<S>(w_hh, 4, H, P, H * P, P, 1);
     Tensor hbuf = at::empty({2, B, P}, xproj.options());
     hbuf[0].copy_(h0);
@@ -684,13 +706,14 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& h0, const Te
   StepProduct<S> recurrent(w_hh.t(), B);
   c10::optional<StepProduct<S>> projection;
   if (w_hr.defined()) projection.emplace(w_hr.t(), B);
-  for (i64 s = 0; s < st.count(); ++s) {
-    i64 t = st.order[s], bs = st.size[t], off = st.offset[t];
-    recurrent(rec.narrow(0, 0, bs), h.narrow(0, 0, bs));
-    const S* r = ptr<S>(rec);
-    S* target = m.defined() ? ptr<S>(m) : ptr<S>(h);
-    const i64 ts = m.defined() ? H : P;
-    for_rows(bs, H, [&](i64 b) {
+  const S* r = ptr<S>(rec);
+  S* target = m.defined() ? ptr<S>(m) : ptr<S>(h);
+  const i64 ts = m.defined() ? H : P;
+  run_row_parts(st.count(), B, parts, [&](i64 s, i64 r0, i64 r1) {
+    i64 t = st.order[s], off = st.offset[t], e = std::min(r1, st.size[t]);
+    if (e <= r0) return;
+    recurrent(rec.narrow(0, r0, e - r0), h.narrow(0, r0, e - r0));
+    for_rows(e, H, [&](i64 b) {
       V<S> acc[4];
       for (i64 jb = 0; jb < J; ++jb) {
         i64 j = jb * L;
@@ -700,13 +723,13 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& h0, const Te
         store(target + b * ts + j, mv, n);
         if (!m.defined()) store(o_ptr + (off + b) * P + j, mv, n);
       }
-    });
+    }, r0);
     if (m.defined()) {
-      Tensor rows = out.narrow(0, off, bs);
-      (*projection)(rows, m.narrow(0, 0, bs));
-      h.narrow(0, 0, bs).copy_(rows);
+      Tensor rows = out.narrow(0, off + r0, e - r0);
+      (*projection)(rows, m.narrow(0, r0, e - r0));
+      h.narrow(0, r0, e - r0).copy_(rows);
     }
-  }
+  });
   return {out, h, c, gates, cells};
 }
 
@@ -743,7 +766,7 @@ template <typename S>
 std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const Tensor& d_cT,
                                   const Tensor& c0, const Tensor& w_hh,
                                   const c10::optional<Tensor>& w_hr_opt, const Tensor& gates,
-                                  const Tensor& cells, const Steps& st, bool fused,
+                                  const Tensor& cells, const Steps& st, i64 parts,
                                   const Tensor& d_gates_buffer) {
   constexpr int L = Vec<S>::L;
   const i64 H = c0.size(1), P = d_hT.size(1), B = st.batch, N = st.rows;
@@ -756,7 +779,7 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
   const S* dy = ptr<S>(d_out);
   S* dhp = ptr<S>(dh);
   const i64 J = (H + L - 1) / L;
-  if (fused && !w_hr.defined()) {
+  if (parts == 0 && !w_hr.defined()) {
     // dh_prev[b, k] = sum_g da[b, g] W_hh[g, k]: output unit k, contraction over g in 4H.
     Tensor packed = pack<S>(w_hh, 1, H, 4 * H, 0, 1, H);
     const S* wp = ptr<S>(packed);
@@ -793,25 +816,27 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
   StepProduct<S> recurrent(w_hh, B);
   c10::optional<StepProduct<S>> projection;
   if (w_hr.defined()) projection.emplace(w_hr, B);
-  for (i64 s = st.count() - 1; s >= 0; --s) {
-    i64 t = st.order[s], bs = st.size[t], off = st.offset[t];
-    Tensor dh_t = dh.narrow(0, 0, bs);
+  const S* dmp = ptr<S>(dm);
+  run_row_parts(st.count(), B, parts, [&](i64 k, i64 r0, i64 r1) {
+    i64 t = st.order[st.count() - 1 - k], off = st.offset[t], e = std::min(r1, st.size[t]);
+    if (e <= r0) return;
+    const i64 n = e - r0;
+    Tensor dh_t = dh.narrow(0, r0, n);
     if (w_hr.defined()) {
-      Tensor d_rows = d_h_rows.narrow(0, off, bs);
-      add_into(d_rows, d_out.narrow(0, off, bs), dh_t);
-      (*projection)(dm.narrow(0, 0, bs), d_rows);
+      Tensor d_rows = d_h_rows.narrow(0, off + r0, n);
+      add_into(d_rows, d_out.narrow(0, off + r0, n), dh_t);
+      (*projection)(dm.narrow(0, r0, n), d_rows);
     } else {
-      add_into(dm.narrow(0, 0, bs), d_out.narrow(0, off, bs), dh_t);
+      add_into(dm.narrow(0, r0, n), d_out.narrow(0, off + r0, n), dh_t);
     }
-    const S* dmp = ptr<S>(dm);
-    for_rows(bs, H, [&](i64 b) {
+    for_rows(e, H, [&](i64 b) {
       for (i64 jb = 0; jb < J; ++jb) {
         i64 j = jb * L;
         gate_math(t, b, jb, load(dmp + b * H + j, (int)std::min<i64>(L, H - j)));
       }
-    });
-    recurrent(dh_t, d_gates.narrow(0, off, bs));
-  }
+    }, r0);
+    recurrent(dh_t, d_gates.narrow(0, off + r0, n));
+  });
   return {d_gates, dh, dc, d_h_rows};
 }
 
@@ -877,14 +902,14 @@ inline V<S> rnn_act(V<S> a, bool relu) { return relu ? vrelu<S>(a) : vtanh(a); }
 
 template <typename S>
 std::vector<Tensor> rnn_forward(const Tensor& xproj, const Tensor& h0, const Tensor& w_hh,
-                                const Steps& st, bool relu, bool fused) {
+                                const Steps& st, bool relu, i64 parts) {
   constexpr int L = Vec<S>::L;
   const i64 H = h0.size(1), B = st.batch, N = st.rows;
   const i64 J = (H + L - 1) / L;
   Tensor out = at::empty({N, H}, xproj.options());
   S* o_ptr = ptr<S>(out);
   const S* xp = ptr<S>(xproj);
-  if (fused) {
+  if (parts == 0) {
     Tensor packed = pack<S>(w_hh, 1, H, H, 0, H, 1);
     Tensor hbuf = at::empty({2, B, H}, xproj.options());
     hbuf[0].copy_(h0);
@@ -915,12 +940,13 @@ std::vector<Tensor> rnn_forward(const Tensor& xproj, const Tensor& h0, const Ten
   Tensor h = h0.clone();
   Tensor rec = at::empty({B, H}, xproj.options());
   StepProduct<S> recurrent(w_hh.t(), B);
-  for (i64 s = 0; s < st.count(); ++s) {
-    i64 t = st.order[s], bs = st.size[t], off = st.offset[t];
-    recurrent(rec.narrow(0, 0, bs), h.narrow(0, 0, bs));
-    const S* r = ptr<S>(rec);
-    S* hp = ptr<S>(h);
-    for_rows(bs, H, [&](i64 b) {
+  const S* r = ptr<S>(rec);
+  S* hp = ptr<S>(h);
+  run_row_parts(st.count(), B, parts, [&](i64 s, i64 r0, i64 r1) {
+    i64 t = st.order[s], off = st.offset[t], e = std::min(r1, st.size[t]);
+    if (e <= r0) return;
+    recurrent(rec.narrow(0, r0, e - r0), h.narrow(0, r0, e - r0));
+    for_rows(e, H, [&](i64 b) {
       for (i64 jb = 0; jb < J; ++jb) {
         i64 j = jb * L;
         int n = (int)std::min<i64>(L, H - j);
@@ -928,8 +954,8 @@ std::vector<Tensor> rnn_forward(const Tensor& xproj, const Tensor& h0, const Ten
         store(hp + b * H + j, hv, n);
         store(o_ptr + (off + b) * H + j, hv, n);
       }
-    });
-  }
+    }, r0);
+  });
   return {out, h};
 }
 
@@ -944,7 +970,7 @@ inline void rnn_backward_block(const S* dy, const S* dh, const S* out, S* d_pre,
 
 template <typename S>
 std::vector<Tensor> rnn_backward(const Tensor& d_out, const Tensor& d_hT, const Tensor& w_hh,
-                                 const Tensor& out, const Steps& st, bool relu, bool fused) {
+                                 const Tensor& out, const Steps& st, bool relu, i64 parts) {
   constexpr int L = Vec<S>::L;
   const i64 H = d_hT.size(1), B = st.batch, N = st.rows;
   const i64 J = (H + L - 1) / L;
@@ -954,7 +980,7 @@ std::vector<Tensor> rnn_backward(const Tensor& d_out, const Tensor& d_hT, const 
   const S* op = ptr<S>(out);
   S* dp = ptr<S>(d_pre);
   S* dhp = ptr<S>(dh);
-  if (fused) {
+  if (parts == 0) {
     Tensor packed = pack<S>(w_hh, 1, H, H, 0, 1, H);
     const S* wp = ptr<S>(packed);
     i64 workers = worker_count(J, 2 * B * H * H);
@@ -982,17 +1008,18 @@ std::vector<Tensor> rnn_backward(const Tensor& d_out, const Tensor& d_hT, const 
     return {d_pre, dh};
   }
   StepProduct<S> recurrent(w_hh, B);
-  for (i64 s = st.count() - 1; s >= 0; --s) {
-    i64 t = st.order[s], bs = st.size[t], off = st.offset[t];
-    for_rows(bs, H, [&](i64 b) {
+  run_row_parts(st.count(), B, parts, [&](i64 k, i64 r0, i64 r1) {
+    i64 t = st.order[st.count() - 1 - k], off = st.offset[t], e = std::min(r1, st.size[t]);
+    if (e <= r0) return;
+    for_rows(e, H, [&](i64 b) {
       for (i64 jb = 0; jb < J; ++jb) {
         i64 j = jb * L;
         rnn_backward_block(dy, dhp, op, dp, H, off + b, b, j, (int)std::min<i64>(L, H - j),
                            relu);
       }
-    });
-    recurrent(dh.narrow(0, 0, bs), d_pre.narrow(0, off, bs));
-  }
+    }, r0);
+    recurrent(dh.narrow(0, r0, e - r0), d_pre.narrow(0, off + r0, e - r0));
+  });
   return {d_pre, dh};
 }
 
@@ -1029,7 +1056,7 @@ struct GRUForwardGates {    // reset after
 template <typename S>
 std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& h0, const Tensor& w_hh,
                                 const c10::optional<Tensor>& b_hh_opt, const Steps& st,
-                                bool reset_after, bool save, bool fused) {
+                                bool reset_after, bool save, i64 parts) {
   constexpr int L = Vec<S>::L;
   const i64 H = h0.size(1), B = st.batch, N = st.rows;
   const i64 J = (H + L - 1) / L;
@@ -1039,7 +1066,7 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& h0, const Tensor
   S* o_ptr = ptr<S>(out);
   if (reset_after) {
     GRUForwardGates<S> gate_math{ptr<S>(gi), ptr<S>(b_hh), ptr<S>(stash), H};
-    if (fused) {
+    if (parts == 0) {
       Tensor packed = pack<S>(w_hh, 3, H, H, H * H, H, 1);
       Tensor hbuf = at::empty({2, B, H}, gi.options());
       hbuf[0].copy_(h0);
@@ -1070,12 +1097,13 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& h0, const Tensor
     Tensor h = h0.clone();
     Tensor rec = at::empty({B, 3 * H}, gi.options());
     StepProduct<S> recurrent(w_hh.t(), B);
-    for (i64 s = 0; s < st.count(); ++s) {
-      i64 t = st.order[s], bs = st.size[t], off = st.offset[t];
-      recurrent(rec.narrow(0, 0, bs), h.narrow(0, 0, bs));
-      const S* r = ptr<S>(rec);
-      S* hp = ptr<S>(h);
-      for_rows(bs, H, [&](i64 b) {
+    const S* r = ptr<S>(rec);
+    S* hp = ptr<S>(h);
+    run_row_parts(st.count(), B, parts, [&](i64 s, i64 r0, i64 r1) {
+      i64 t = st.order[s], off = st.offset[t], e = std::min(r1, st.size[t]);
+      if (e <= r0) return;
+      recurrent(rec.narrow(0, r0, e - r0), h.narrow(0, r0, e - r0));
+      for_rows(e, H, [&](i64 b) {
         V<S> acc[3];
         for (i64 jb = 0; jb < J; ++jb) {
           i64 j = jb * L;
@@ -1085,8 +1113,8 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& h0, const Tensor
           store(hp + b * H + j, hv, n);
           store(o_ptr + (off + b) * H + j, hv, n);
         }
-      });
-    }
+      }, r0);
+    });
     return {out, h, stash};
   }
   // Reset before: the reset gate scales h before the second product, so each step is
@@ -1101,14 +1129,16 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& h0, const Tensor
   const S* gp = ptr<S>(gi);
   const S* bp = ptr<S>(b_hh);
   S* sp = ptr<S>(stash);
-  for (i64 s = 0; s < st.count(); ++s) {
-    i64 t = st.order[s], bs = st.size[t], off = st.offset[t];
-    recurrent_rz(rec.narrow(0, 0, bs), h.narrow(0, 0, bs));
-    const S* r_ = ptr<S>(rec);
-    S* hp = ptr<S>(h);
-    S* rhp = ptr<S>(rh);
-    S* zp = ptr<S>(zbuf);
-    for_rows(bs, H, [&](i64 b) {
+  const S* r_ = ptr<S>(rec);
+  const S* rn = ptr<S>(rec_n);
+  S* hp = ptr<S>(h);
+  S* rhp = ptr<S>(rh);
+  S* zp = ptr<S>(zbuf);
+  run_row_parts(st.count(), B, parts, [&](i64 s, i64 r0, i64 r1) {
+    i64 t = st.order[s], off = st.offset[t], e = std::min(r1, st.size[t]);
+    if (e <= r0) return;
+    recurrent_rz(rec.narrow(0, r0, e - r0), h.narrow(0, r0, e - r0));
+    for_rows(e, H, [&](i64 b) {
       for (i64 jb = 0; jb < J; ++jb) {
         i64 j = jb * L;
         int n = (int)std::min<i64>(L, H - j);
@@ -1121,10 +1151,9 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& h0, const Tensor
         store(zp + b * H + j, z, n);
         if (sp) { store(sp + (off + b) * 3 * H + j, r, n); store(sp + (off + b) * 3 * H + H + j, z, n); }
       }
-    });
-    recurrent_n(rec_n.narrow(0, 0, bs), rh.narrow(0, 0, bs));
-    const S* rn = ptr<S>(rec_n);
-    for_rows(bs, H, [&](i64 b) {
+    }, r0);
+    recurrent_n(rec_n.narrow(0, r0, e - r0), rh.narrow(0, r0, e - r0));
+    for_rows(e, H, [&](i64 b) {
       for (i64 jb = 0; jb < J; ++jb) {
         i64 j = jb * L;
         int n = (int)std::min<i64>(L, H - j);
@@ -1136,8 +1165,8 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& h0, const Tensor
         store(hp + b * H + j, hv, n);
         store(o_ptr + (off + b) * H + j, hv, n);
       }
-    });
-  }
+    }, r0);
+  });
   return {out, h, stash};
 }
 
@@ -1176,7 +1205,7 @@ struct GRUBackwardGates {   // reset after
 template <typename S>
 std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const Tensor& h0,
                                  const Tensor& w_hh, const Tensor& out, const Tensor& stash,
-                                 const Steps& st, bool reset_after, bool fused,
+                                 const Steps& st, bool reset_after, i64 parts,
                                  const Tensor& d_gi_buffer, const Tensor& d_gh_buffer) {
   constexpr int L = Vec<S>::L;
   const i64 H = d_hT.size(1), B = st.batch, N = st.rows;
@@ -1190,7 +1219,7 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
     Tensor d_gh = d_gh_buffer.defined() ? d_gh_buffer : at::empty({N, 3 * H}, out.options());
     GRUBackwardGates<S> gate_math{ptr<S>(d_out), ptr<S>(out), ptr<S>(h0), ptr<S>(stash),
                                   ptr<S>(d_gi), ptr<S>(d_gh), cp, &st, H};
-    if (fused) {
+    if (parts == 0) {
       Tensor packed = pack<S>(w_hh, 1, H, 3 * H, 0, 1, H);
       const S* wp = ptr<S>(packed);
       i64 workers = worker_count(J, 6 * B * H * H);
@@ -1218,16 +1247,18 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
       return {d_gi, d_gh, dh};
     }
     StepProduct<S> recurrent(w_hh, B);
-    for (i64 s = st.count() - 1; s >= 0; --s) {
-      i64 t = st.order[s], bs = st.size[t], off = st.offset[t];
-      for_rows(bs, H, [&](i64 b) {
+    run_row_parts(st.count(), B, parts, [&](i64 k, i64 r0, i64 r1) {
+      i64 t = st.order[st.count() - 1 - k], off = st.offset[t], e = std::min(r1, st.size[t]);
+      if (e <= r0) return;
+      for_rows(e, H, [&](i64 b) {
         for (i64 jb = 0; jb < J; ++jb) {
           i64 j = jb * L;
           gate_math(t, b, jb, load(dhp + b * H + j, (int)std::min<i64>(L, H - j)));
         }
-      });
-      recurrent(dh.narrow(0, 0, bs), d_gh.narrow(0, off, bs), carry.narrow(0, 0, bs));
-    }
+      }, r0);
+      recurrent(dh.narrow(0, r0, e - r0), d_gh.narrow(0, off + r0, e - r0),
+                carry.narrow(0, r0, e - r0));
+    });
     return {d_gi, d_gh, dh};
   }
   const S* dy = ptr<S>(d_out);
@@ -1241,14 +1272,16 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
   Tensor dh_t = at::empty({B, H}, out.options());
   S* drh = ptr<S>(d_rh);
   S* dht = ptr<S>(dh_t);
-  for (i64 s = st.count() - 1; s >= 0; --s) {
-    i64 t = st.order[s], bs = st.size[t], off = st.offset[t];
+  run_row_parts(st.count(), B, parts, [&](i64 k, i64 r0, i64 r1) {
+    i64 t = st.order[st.count() - 1 - k], off = st.offset[t], e = std::min(r1, st.size[t]);
+    if (e <= r0) return;
+    const i64 n_rows = e - r0;
     i64 tb = st.before(t);
     auto h_prev_at = [&](i64 b, i64 j, int n) {
       i64 prev = st.row(tb, b);
       return prev >= 0 ? load(op + prev * H + j, n) : load(hp0 + b * H + j, n);
     };
-    for_rows(bs, H, [&](i64 b) {
+    for_rows(e, H, [&](i64 b) {
       for (i64 jb = 0; jb < J; ++jb) {
         i64 j = jb * L;
         int n = (int)std::min<i64>(L, H - j);
@@ -1260,9 +1293,9 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
         store(gp + row * 3 * H + 2 * H + j, dh * (S(1) - z) * (S(1) - nn * nn), n);
         store(gp + row * 3 * H + H + j, dh * (h_prev_at(b, j, n) - nn) * z * (S(1) - z), n);
       }
-    });
-    recurrent_n(d_rh.narrow(0, 0, bs), d_gi.narrow(0, off, bs).narrow(1, 2 * H, H));
-    for_rows(bs, H, [&](i64 b) {
+    }, r0);
+    recurrent_n(d_rh.narrow(0, r0, n_rows), d_gi.narrow(0, off + r0, n_rows).narrow(1, 2 * H, H));
+    for_rows(e, H, [&](i64 b) {
       for (i64 jb = 0; jb < J; ++jb) {
         i64 j = jb * L;
         int n = (int)std::min<i64>(L, H - j);
@@ -1272,10 +1305,10 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
         store(gp + row * 3 * H + j, d * h_prev_at(b, j, n) * r * (S(1) - r), n);
         store(cp + b * H + j, load(dht + b * H + j, n) * z + d * r, n);
       }
-    });
-    recurrent_rz(dh.narrow(0, 0, bs), d_gi.narrow(0, off, bs).narrow(1, 0, 2 * H),
-                 carry.narrow(0, 0, bs));
-  }
+    }, r0);
+    recurrent_rz(dh.narrow(0, r0, n_rows), d_gi.narrow(0, off + r0, n_rows).narrow(1, 0, 2 * H),
+                 carry.narrow(0, r0, n_rows));
+  });
   return {d_gi, d_gi, dh};
 }
 
@@ -1289,18 +1322,18 @@ void check(const Tensor& t, const char* name) {
 
 std::vector<Tensor> lstm_forward_py(Tensor xproj, Tensor h0, Tensor c0, Tensor w_hh,
                                     c10::optional<Tensor> w_hr, std::vector<i64> batch_sizes,
-                                    bool reverse, bool save, bool fused) {
+                                    bool reverse, bool save, i64 parts) {
   for (auto* t : {&xproj, &h0, &c0, &w_hh}) check(*t, "tensor");
   Steps st(batch_sizes, reverse);
   return LSTMKIT_DISPATCH(xproj.scalar_type(), [&] {
-    return lstm_forward<scalar>(xproj, h0, c0, w_hh, w_hr, st, save, fused);
+    return lstm_forward<scalar>(xproj, h0, c0, w_hh, w_hr, st, save, parts);
   });
 }
 
 std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Tensor c0,
                                      Tensor w_hh, c10::optional<Tensor> w_hr, Tensor gates,
                                      Tensor cells, std::vector<i64> batch_sizes, bool reverse,
-                                     bool fused, c10::optional<Tensor> d_gates_buffer) {
+                                     i64 parts, c10::optional<Tensor> d_gates_buffer) {
   for (auto* t : {&d_out, &d_hT, &d_cT, &c0, &w_hh, &gates, &cells}) check(*t, "tensor");
   Steps st(batch_sizes, reverse);
   // Where the caller wants d_gates (N, 4H) written: its scratch memory, reused between calls.
@@ -1310,7 +1343,7 @@ std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Ten
               "lstm_backward: d_gates buffer must be contiguous, shaped like gates ",
               gates.sizes());
   return LSTMKIT_DISPATCH(gates.scalar_type(), [&] {
-    return lstm_backward<scalar>(d_out, d_hT, d_cT, c0, w_hh, w_hr, gates, cells, st, fused,
+    return lstm_backward<scalar>(d_out, d_hT, d_cT, c0, w_hh, w_hr, gates, cells, st, parts,
                                  buffer);
   });
 }
@@ -1326,37 +1359,37 @@ std::vector<Tensor> lstm_cell_py(Tensor x, Tensor h, Tensor c, Tensor packed,
 
 std::vector<Tensor> rnn_forward_py(Tensor xproj, Tensor h0, Tensor w_hh,
                                    std::vector<i64> batch_sizes, bool reverse, bool relu,
-                                   bool fused) {
+                                   i64 parts) {
   for (auto* t : {&xproj, &h0, &w_hh}) check(*t, "tensor");
   Steps st(batch_sizes, reverse);
   return LSTMKIT_DISPATCH(xproj.scalar_type(), [&] {
-    return rnn_forward<scalar>(xproj, h0, w_hh, st, relu, fused);
+    return rnn_forward<scalar>(xproj, h0, w_hh, st, relu, parts);
   });
 }
 
 std::vector<Tensor> rnn_backward_py(Tensor d_out, Tensor d_hT, Tensor w_hh, Tensor out,
                                     std::vector<i64> batch_sizes, bool reverse, bool relu,
-                                    bool fused) {
+                                    i64 parts) {
   for (auto* t : {&d_out, &d_hT, &w_hh, &out}) check(*t, "tensor");
   Steps st(batch_sizes, reverse);
   return LSTMKIT_DISPATCH(out.scalar_type(), [&] {
-    return rnn_backward<scalar>(d_out, d_hT, w_hh, out, st, relu, fused);
+    return rnn_backward<scalar>(d_out, d_hT, w_hh, out, st, relu, parts);
   });
 }
 
 std::vector<Tensor> gru_forward_py(Tensor gi, Tensor h0, Tensor w_hh, c10::optional<Tensor> b_hh,
                                    std::vector<i64> batch_sizes, bool reverse, bool reset_after,
-                                   bool save, bool fused) {
+                                   bool save, i64 parts) {
   for (auto* t : {&gi, &h0, &w_hh}) check(*t, "tensor");
   Steps st(batch_sizes, reverse);
   return LSTMKIT_DISPATCH(gi.scalar_type(), [&] {
-    return gru_forward<scalar>(gi, h0, w_hh, b_hh, st, reset_after, save, fused);
+    return gru_forward<scalar>(gi, h0, w_hh, b_hh, st, reset_after, save, parts);
   });
 }
 
 std::vector<Tensor> gru_backward_py(Tensor d_out, Tensor d_hT, Tensor h0, Tensor w_hh,
                                     Tensor out, Tensor stash, std::vector<i64> batch_sizes,
-                                    bool reverse, bool reset_after, bool fused,
+                                    bool reverse, bool reset_after, i64 parts,
                                     c10::optional<Tensor> d_gi_buffer,
                                     c10::optional<Tensor> d_gh_buffer) {
   for (auto* t : {&d_out, &d_hT, &h0, &w_hh, &out, &stash}) check(*t, "tensor");
@@ -1374,7 +1407,7 @@ std::vector<Tensor> gru_backward_py(Tensor d_out, Tensor d_hT, Tensor h0, Tensor
                 buffers[i].sizes());
   }
   return LSTMKIT_DISPATCH(out.scalar_type(), [&] {
-    return gru_backward<scalar>(d_out, d_hT, h0, w_hh, out, stash, st, reset_after, fused,
+    return gru_backward<scalar>(d_out, d_hT, h0, w_hh, out, stash, st, reset_after, parts,
                                 buffers[0], buffers[1]);
   });
 }

@@ -38,21 +38,30 @@ from ._precision import cast_like, cast_to, compute_dtype, upcast
 _SOURCE = Path(__file__).with_name("_native.cpp")
 NATIVE_DTYPES = (torch.float32, torch.float64)
 
-# Which driver runs a layer. "fused": our register-blocked product, W_hh packed and split
-# across the cores for the whole sequence, one synchronisation per step; it wins while each
-# core's share of W_hh stays in its L2 cache and the batch is small. "generic": each step's
+# Which driver runs a layer (`_driver`). "fused": our register-blocked product, W_hh packed
+# and split across the cores for the whole sequence, one synchronisation per step; it wins at
+# small batches while each core's share of W_hh stays in its L2 cache. "generic": each step's
 # product is one call of MKL's packed GEMM (W_hh reordered once per call; at::mm where MKL is
-# absent), the gate math a pass over the rows; it wins on larger matrices and batches, and it
-# also runs projection (proj_size) and GRU reset-before.
-# Measured on the 2-core benchmark machine (ms per 100 steps, forward / training step, fused
-# vs generic): LSTM batch 32 / hidden 256 8.9 / 28.7 vs 10.5 / 32.0 (W_hh 1 MiB); batch 32 /
-# 512 33.4 / 101 vs 31.6 / 97 (4 MiB); batch 64 / 512 68.2 / 216 vs 57.6 / 192; batch 128 / 256
-# 40.6 / 127 vs 37.0 / 118; GRU batch 32 / 384 (1.7 MiB) 13.5 / 45.6 vs 14.2 / 49.8 and 32 / 512
-# (3 MiB) 25.4 / 85 vs 23.5 / 81. On one thread the generic driver wins from hidden 256 on;
-# at batch 1-2 the fused one wins always (MKL's packed product of one row is slower than ours).
+# absent), then the gate math over the rows; it also runs projection (proj_size) and GRU
+# reset-before. The generic driver splits the batch rows into independent parts, one per
+# thread, each running the whole sequence for its rows (no synchronisation at all), when
+# W_hh is small enough to be read whole by every core at every step; otherwise one part, with
+# each step's product and gate math split across the threads.
+# Measured on the 2-core benchmark machine, LSTM forward, ms per 100 steps: batch 8 / hidden
+# 256, fused 2.39, row parts of 4 rows 2.54 (torch.nn 2.31); 16 / 256, fused 4.40, parts of 8
+# rows 4.00 (3.99); 32 / 256, fused 8.23, two parts 7.46, one part 10.17 (6.89); 64 / 256,
+# fused 16.74, two parts 14.88, one part 19.02; GRU 32 / 384 (W_hh 1.7 MiB), fused 13.9, two
+# parts 12.8; but LSTM 32 / 384 (2.25 MiB), fused 18.0, two parts 18.7, one part 19.0, and
+# 64 / 512 (4 MiB), two parts 58.0, one part 52.9; 128 / 1024 (T=20) 71.9 and 66.7. Fused
+# against one generic part (forward / training): 32 / 512 33.4 / 101 vs 31.6 / 97. Training
+# steps follow the forward (LSTM 32 / 256: fused 27.8, two parts 27.0). At batch 1-2 the
+# fused driver always wins (MKL's product of one row is slower than ours).
 FUSED_MAX_BATCH = 64
 FUSED_ALWAYS_BATCH = 2
 FUSED_MAX_WEIGHT_BYTES_PER_THREAD = 1 << 20
+MIN_PART_ROWS = 8
+ROW_PARTS_MAX_WEIGHT_BYTES = 2 << 20        # read whole by each core at every step
+MAX_ROW_PARTS = None                        # None: one per thread (tests ask for more)
 
 # Products smaller than this (floating-point operations) run on the calling thread (the same
 # threshold as SERIAL_FLOPS in _native.cpp): waking the thread team costs more than they do.
@@ -239,13 +248,20 @@ def _projection(x, w, *biases):
     return out
 
 
-def _fused(layout, w_hh, projected: bool = False) -> bool:
-    """Whether the fused driver runs (else the generic one); see FUSED_MAX_BATCH."""
-    if projected or layout.batch > FUSED_MAX_BATCH:
-        return False
+def _driver(layout, w_hh, projected: bool = False) -> int:
+    """0: the fused driver; n >= 1: the generic driver with n row parts (see FUSED_MAX_BATCH)."""
+    threads = torch.get_num_threads()
     weight_bytes = w_hh.numel() * w_hh.element_size()
-    return (layout.batch <= FUSED_ALWAYS_BATCH
-            or weight_bytes < torch.get_num_threads() * FUSED_MAX_WEIGHT_BYTES_PER_THREAD)
+    parts = 1
+    if weight_bytes <= ROW_PARTS_MAX_WEIGHT_BYTES:
+        most = threads if MAX_ROW_PARTS is None else MAX_ROW_PARTS
+        parts = max(1, min(most, layout.batch // MIN_PART_ROWS))
+    if not projected and layout.batch <= FUSED_MAX_BATCH:
+        if layout.batch <= FUSED_ALWAYS_BATCH:
+            return 0
+        if parts == 1 and weight_bytes < threads * FUSED_MAX_WEIGHT_BYTES_PER_THREAD:
+            return 0
+    return parts
 
 
 def _check_device(x):
@@ -285,7 +301,7 @@ class NativeLSTMFunction(_NativeFunction):
         xproj = _projection(x, w_ih, b_ih, b_hh)
         h0, c0, w_hh, w_hr = _contiguous((h0, c0, w_hh, w_hr))
         return module().lstm_forward(xproj, h0, c0, w_hh, w_hr, layout.batch_sizes, reverse,
-                                     save, _fused(layout, w_hh, w_hr is not None))
+                                     save, _driver(layout, w_hh, w_hr is not None))
 
     @staticmethod
     def _infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse):
@@ -313,7 +329,7 @@ class NativeLSTMFunction(_NativeFunction):
         d_gates, dh0, dc0, d_h_rows = module().lstm_backward(
             d_out, d_hT, d_cT, c0.contiguous(), w_hh.contiguous(),
             None if w_hr is None else w_hr.contiguous(), gates, cells, layout.batch_sizes,
-            reverse, _fused(layout, w_hh, w_hr is not None),
+            reverse, _driver(layout, w_hh, w_hr is not None),
             _scratch_buffer("d_gates", *gates.shape, gates))
         dx = x.new_empty(x.shape) if needs[0] else None
         dw_ih = torch.empty_like(w_ih) if needs[3] else None
@@ -354,7 +370,7 @@ class NativeGRUFunction(_NativeFunction):
         gi = _projection(x, w_ih, b_ih)
         h0, w_hh, b_hh = _contiguous((h0, w_hh, b_hh))
         return module().gru_forward(gi, h0, w_hh, b_hh, layout.batch_sizes, reverse, reset_after,
-                                    save, _fused(layout, w_hh, not reset_after))
+                                    save, _driver(layout, w_hh, not reset_after))
 
     @staticmethod
     def _infer(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after):
@@ -380,7 +396,7 @@ class NativeGRUFunction(_NativeFunction):
         N = out.shape[0]
         d_gi, d_gh, dh0 = module().gru_backward(
             d_out, d_hT, h0, w_hh.contiguous(), out, stash, layout.batch_sizes, reverse,
-            ctx.reset_after, _fused(layout, w_hh, not ctx.reset_after),
+            ctx.reset_after, _driver(layout, w_hh, not ctx.reset_after),
             _scratch_buffer("d_gi", N, 3 * H, out),
             _scratch_buffer("d_gh", N, 3 * H, out) if ctx.reset_after else None)
         dx = x.new_empty(x.shape) if needs[0] else None
@@ -422,7 +438,7 @@ class NativeRNNFunction(_NativeFunction):
         xproj = _projection(x, w_ih, b_ih, b_hh)
         h0, w_hh = _contiguous((h0, w_hh))
         return module().rnn_forward(xproj, h0, w_hh, layout.batch_sizes, reverse,
-                                    nonlinearity == "relu", _fused(layout, w_hh))
+                                    nonlinearity == "relu", _driver(layout, w_hh))
 
     @staticmethod
     def _infer(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, nonlinearity):
@@ -445,7 +461,7 @@ class NativeRNNFunction(_NativeFunction):
         d_out, d_hT = _contiguous(upcast((d_out, d_hT), x.dtype))
         d_pre, dh0 = module().rnn_backward(d_out, d_hT, w_hh.contiguous(), out,
                                            layout.batch_sizes, reverse,
-                                           ctx.nonlinearity == "relu", _fused(layout, w_hh))
+                                           ctx.nonlinearity == "relu", _driver(layout, w_hh))
         dx = x.new_empty(x.shape) if needs[0] else None
         dw_ih = torch.empty_like(w_ih) if needs[2] else None
         dw_hh = torch.empty_like(w_hh) if needs[3] else None
