@@ -84,6 +84,9 @@ inline void store(S* p, V<S> v, int n) {
   }
 }
 template <typename S> inline V<S> splat(S s) { return V<S>{} + s; }
+// A slice of an optional bias vector (zero without one).
+template <typename S>
+inline V<S> load_bias(const S* bias, i64 at, int n) { return bias ? load(bias + at, n) : V<S>{}; }
 
 // float: Cephes-style exp (about 1 ulp), vectorised. Inputs clamped so 2^n stays normal.
 __attribute__((always_inline)) inline V<float> vexp(V<float> x) {
@@ -627,13 +630,15 @@ Tensor dispatch1(at::ScalarType dtype, F&& f) {
 // ==========================================================================================
 // LSTM
 // ==========================================================================================
-//   a = xproj[row] + h W_hh^T;  i, f, o = sigma(a_i, a_f, a_o);  g = tanh(a_g)
+//   a = xproj[row] + bias + h W_hh^T;  i, f, o = sigma(a_i, a_f, a_o);  g = tanh(a_g)
+//   (xproj = x W_ih^T; the bias b_ih + b_hh is added here, where xproj is read anyway: added
+//   into the projection's product, it doubled that product's memory traffic)
 //   c = f c_prev + i g;  m = o tanh(c);  h = m (W_hr^T with projection)
 // Saved: gates (N, 4H) activated, cells (N, H).
 
 template <typename S>
 struct LSTMForwardGates {
-  const S* xproj; S* c; S* gates; S* cells; i64 H;
+  const S* xproj; const S* bias; S* c; S* gates; S* cells; i64 H;
   // Pre-activations of row b (global row `row`), block jb -> writes c and the saved tensors,
   // returns m = o tanh(c) for the block.
   inline V<S> operator()(i64 b, i64 row, i64 jb, const V<S>* acc) const {
@@ -641,10 +646,10 @@ struct LSTMForwardGates {
     i64 j = jb * L;
     int n = (int)std::min<i64>(L, H - j);
     const S* base = xproj + row * 4 * H + j;
-    V<S> i = vsigmoid(acc[0] + load(base, n));
-    V<S> f = vsigmoid(acc[1] + load(base + H, n));
-    V<S> g = vtanh(acc[2] + load(base + 2 * H, n));
-    V<S> o = vsigmoid(acc[3] + load(base + 3 * H, n));
+    V<S> i = vsigmoid(acc[0] + load(base, n) + load_bias(bias, j, n));
+    V<S> f = vsigmoid(acc[1] + load(base + H, n) + load_bias(bias, H + j, n));
+    V<S> g = vtanh(acc[2] + load(base + 2 * H, n) + load_bias(bias, 2 * H + j, n));
+    V<S> o = vsigmoid(acc[3] + load(base + 3 * H, n) + load_bias(bias, 3 * H + j, n));
     S* cb = c + b * H + j;
     V<S> cn = f * load(cb, n) + i * g;
     store(cb, cn, n);
@@ -658,7 +663,8 @@ struct LSTMForwardGates {
 };
 
 template <typename S>
-std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& h0, const Tensor& c0,
+std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const Tensor& h0,
+                                 const Tensor& c0,
                                  const Tensor& w_hh, const c10::optional<Tensor>& w_hr_opt,
                                  const Steps& st, bool save, i64 parts) {
   constexpr int L = Vec<S>::L;
@@ -668,7 +674,8 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& h0, const Te
   Tensor gates = save ? at::empty({N, 4 * H}, xproj.options()) : Tensor();
   Tensor cells = save ? at::empty({N, H}, xproj.options()) : Tensor();
   Tensor c = c0.clone();
-  LSTMForwardGates<S> gate_math{ptr<S>(xproj), ptr<S>(c), ptr<S>(gates), ptr<S>(cells), H};
+  LSTMForwardGates<S> gate_math{ptr<S>(xproj), ptr<S>(bias), ptr<S>(c), ptr<S>(gates),
+                                ptr<S>(cells), H};
   S* o_ptr = ptr<S>(out);
   const i64 J = (H + L - 1) / L;
   if (parts == 0 && !w_hr.defined()) {
@@ -875,7 +882,7 @@ std::vector<Tensor> lstm_cell(const Tensor& x, const Tensor& h, const Tensor& c,
     bias_row = zero_bias.data();
   }
   Tensor h_new = at::empty({B, H}, x.options()), c_new = c.clone();
-  LSTMForwardGates<S> gate_math{bias_row, ptr<S>(c_new), nullptr, nullptr, H};
+  LSTMForwardGates<S> gate_math{bias_row, nullptr, ptr<S>(c_new), nullptr, nullptr, H};
   S* hp = ptr<S>(h_new);
   const S* zp = z_scratch.data();
   const S* wp = ptr<S>(packed);
@@ -893,7 +900,7 @@ std::vector<Tensor> lstm_cell(const Tensor& x, const Tensor& h, const Tensor& c,
 }
 
 // ==========================================================================================
-// Elman RNN:  h = act(xproj[row] + h_prev W_hh^T);  backward da = (dy + dh) act'(h),
+// Elman RNN:  h = act(xproj[row] + bias + h_prev W_hh^T);  backward da = (dy + dh) act'(h),
 // dh_prev = da W_hh, act' from the output: 1 - h^2 (tanh), [h > 0] (relu).
 // ==========================================================================================
 
@@ -901,14 +908,15 @@ template <typename S>
 inline V<S> rnn_act(V<S> a, bool relu) { return relu ? vrelu<S>(a) : vtanh(a); }
 
 template <typename S>
-std::vector<Tensor> rnn_forward(const Tensor& xproj, const Tensor& h0, const Tensor& w_hh,
-                                const Steps& st, bool relu, i64 parts) {
+std::vector<Tensor> rnn_forward(const Tensor& xproj, const Tensor& bias, const Tensor& h0,
+                                const Tensor& w_hh, const Steps& st, bool relu, i64 parts) {
   constexpr int L = Vec<S>::L;
   const i64 H = h0.size(1), B = st.batch, N = st.rows;
   const i64 J = (H + L - 1) / L;
   Tensor out = at::empty({N, H}, xproj.options());
   S* o_ptr = ptr<S>(out);
   const S* xp = ptr<S>(xproj);
+  const S* bp = ptr<S>(bias);
   if (parts == 0) {
     Tensor packed = pack<S>(w_hh, 1, H, H, 0, H, 1);
     Tensor hbuf = at::empty({2, B, H}, xproj.options());
@@ -926,7 +934,7 @@ std::vector<Tensor> rnn_forward(const Tensor& xproj, const Tensor& h0, const Ten
                               &chunks, [&](i64 b, i64 jb, const V<S>* acc) {
         i64 j = jb * L;
         int n = (int)std::min<i64>(L, H - j);
-        V<S> h = rnn_act<S>(acc[0] + load(xp + (off + b) * H + j, n), relu);
+        V<S> h = rnn_act<S>(acc[0] + load(xp + (off + b) * H + j, n) + load_bias(bp, j, n), relu);
         store(h_write + b * H + j, h, n);
         store(o_ptr + (off + b) * H + j, h, n);
       });
@@ -950,7 +958,8 @@ std::vector<Tensor> rnn_forward(const Tensor& xproj, const Tensor& h0, const Ten
       for (i64 jb = 0; jb < J; ++jb) {
         i64 j = jb * L;
         int n = (int)std::min<i64>(L, H - j);
-        V<S> hv = rnn_act<S>(load(r + b * H + j, n) + load(xp + (off + b) * H + j, n), relu);
+        V<S> hv = rnn_act<S>(load(r + b * H + j, n) + load(xp + (off + b) * H + j, n) +
+                             load_bias(bp, j, n), relu);
         store(hp + b * H + j, hv, n);
         store(o_ptr + (off + b) * H + j, hv, n);
       }
@@ -1024,7 +1033,7 @@ std::vector<Tensor> rnn_backward(const Tensor& d_out, const Tensor& d_hT, const 
 }
 
 // ==========================================================================================
-// GRU. gi = x W_ih^T + b_ih (all steps, from Python); gh = h W_hh^T + b_hh
+// GRU. gi = x W_ih^T + b_ih (the product from Python, b_ih added here); gh = h W_hh^T + b_hh
 //   r = sigma(gi_r + gh_r), z = sigma(gi_z + gh_z)
 //   reset after:  n = tanh(gi_n + r gh_n)            stash [r | z | n | gh_n] (N, 4H)
 //   reset before: n = tanh(gi_n + (r h) W_hn^T + b_hn)  stash [r | z | n] (N, 3H)
@@ -1033,7 +1042,7 @@ std::vector<Tensor> rnn_backward(const Tensor& d_out, const Tensor& d_hT, const 
 
 template <typename S>
 struct GRUForwardGates {    // reset after
-  const S* gi; const S* b_hh; S* stash; i64 H;
+  const S* gi; const S* b_ih; const S* b_hh; S* stash; i64 H;
   inline V<S> operator()(i64 row, i64 jb, const V<S>* acc, V<S> h_prev) const {
     constexpr int L = Vec<S>::L;
     i64 j = jb * L;
@@ -1041,10 +1050,10 @@ struct GRUForwardGates {    // reset after
     const S* g = gi + row * 3 * H + j;
     V<S> br = {}, bz = {}, bn = {};
     if (b_hh) { br = load(b_hh + j, n); bz = load(b_hh + H + j, n); bn = load(b_hh + 2 * H + j, n); }
-    V<S> r = vsigmoid(load(g, n) + acc[0] + br);
-    V<S> z = vsigmoid(load(g + H, n) + acc[1] + bz);
+    V<S> r = vsigmoid(load(g, n) + load_bias(b_ih, j, n) + acc[0] + br);
+    V<S> z = vsigmoid(load(g + H, n) + load_bias(b_ih, H + j, n) + acc[1] + bz);
     V<S> gh_n = acc[2] + bn;
-    V<S> nn = vtanh(load(g + 2 * H, n) + r * gh_n);
+    V<S> nn = vtanh(load(g + 2 * H, n) + load_bias(b_ih, 2 * H + j, n) + r * gh_n);
     if (stash) {
       S* sr = stash + row * 4 * H + j;
       store(sr, r, n); store(sr + H, z, n); store(sr + 2 * H, nn, n); store(sr + 3 * H, gh_n, n);
@@ -1054,7 +1063,8 @@ struct GRUForwardGates {    // reset after
 };
 
 template <typename S>
-std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& h0, const Tensor& w_hh,
+std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tensor& h0,
+                                const Tensor& w_hh,
                                 const c10::optional<Tensor>& b_hh_opt, const Steps& st,
                                 bool reset_after, bool save, i64 parts) {
   constexpr int L = Vec<S>::L;
@@ -1065,7 +1075,7 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& h0, const Tensor
   Tensor stash = save ? at::empty({N, reset_after ? 4 * H : 3 * H}, gi.options()) : Tensor();
   S* o_ptr = ptr<S>(out);
   if (reset_after) {
-    GRUForwardGates<S> gate_math{ptr<S>(gi), ptr<S>(b_hh), ptr<S>(stash), H};
+    GRUForwardGates<S> gate_math{ptr<S>(gi), ptr<S>(b_ih), ptr<S>(b_hh), ptr<S>(stash), H};
     if (parts == 0) {
       Tensor packed = pack<S>(w_hh, 3, H, H, H * H, H, 1);
       Tensor hbuf = at::empty({2, B, H}, gi.options());
@@ -1127,6 +1137,7 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& h0, const Tensor
   StepProduct<S> recurrent_rz(w_hh.narrow(0, 0, 2 * H).t(), B);
   StepProduct<S> recurrent_n(w_hh.narrow(0, 2 * H, H).t(), B);
   const S* gp = ptr<S>(gi);
+  const S* bip = ptr<S>(b_ih);
   const S* bp = ptr<S>(b_hh);
   S* sp = ptr<S>(stash);
   const S* r_ = ptr<S>(rec);
@@ -1145,8 +1156,9 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& h0, const Tensor
         const S* g = gp + (off + b) * 3 * H + j;
         V<S> br = {}, bz = {};
         if (bp) { br = load(bp + j, n); bz = load(bp + H + j, n); }
-        V<S> r = vsigmoid(load(g, n) + load(r_ + b * 2 * H + j, n) + br);
-        V<S> z = vsigmoid(load(g + H, n) + load(r_ + b * 2 * H + H + j, n) + bz);
+        V<S> r = vsigmoid(load(g, n) + load_bias(bip, j, n) + load(r_ + b * 2 * H + j, n) + br);
+        V<S> z = vsigmoid(load(g + H, n) + load_bias(bip, H + j, n) +
+                          load(r_ + b * 2 * H + H + j, n) + bz);
         store(rhp + b * H + j, r * load(hp + b * H + j, n), n);
         store(zp + b * H + j, z, n);
         if (sp) { store(sp + (off + b) * 3 * H + j, r, n); store(sp + (off + b) * 3 * H + H + j, z, n); }
@@ -1158,7 +1170,8 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& h0, const Tensor
         i64 j = jb * L;
         int n = (int)std::min<i64>(L, H - j);
         V<S> bn = bp ? load(bp + 2 * H + j, n) : V<S>{};
-        V<S> nn = vtanh(load(gp + (off + b) * 3 * H + 2 * H + j, n) + load(rn + b * H + j, n) + bn);
+        V<S> nn = vtanh(load(gp + (off + b) * 3 * H + 2 * H + j, n) + load_bias(bip, 2 * H + j, n) +
+                        load(rn + b * H + j, n) + bn);
         V<S> z = load(zp + b * H + j, n), hv = load(hp + b * H + j, n);
         hv = nn + z * (hv - nn);
         if (sp) store(sp + (off + b) * 3 * H + 2 * H + j, nn, n);
@@ -1320,13 +1333,15 @@ void check(const Tensor& t, const char* name) {
 }
 
 
-std::vector<Tensor> lstm_forward_py(Tensor xproj, Tensor h0, Tensor c0, Tensor w_hh,
-                                    c10::optional<Tensor> w_hr, std::vector<i64> batch_sizes,
-                                    bool reverse, bool save, i64 parts) {
+std::vector<Tensor> lstm_forward_py(Tensor xproj, c10::optional<Tensor> bias, Tensor h0,
+                                    Tensor c0, Tensor w_hh, c10::optional<Tensor> w_hr,
+                                    std::vector<i64> batch_sizes, bool reverse, bool save,
+                                    i64 parts) {
   for (auto* t : {&xproj, &h0, &c0, &w_hh}) check(*t, "tensor");
+  Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
   Steps st(batch_sizes, reverse);
   return LSTMKIT_DISPATCH(xproj.scalar_type(), [&] {
-    return lstm_forward<scalar>(xproj, h0, c0, w_hh, w_hr, st, save, parts);
+    return lstm_forward<scalar>(xproj, b, h0, c0, w_hh, w_hr, st, save, parts);
   });
 }
 
@@ -1357,13 +1372,14 @@ std::vector<Tensor> lstm_cell_py(Tensor x, Tensor h, Tensor c, Tensor packed,
   return LSTMKIT_DISPATCH(x.scalar_type(), [&] { return lstm_cell<scalar>(x, h, c, packed, b); });
 }
 
-std::vector<Tensor> rnn_forward_py(Tensor xproj, Tensor h0, Tensor w_hh,
-                                   std::vector<i64> batch_sizes, bool reverse, bool relu,
-                                   i64 parts) {
+std::vector<Tensor> rnn_forward_py(Tensor xproj, c10::optional<Tensor> bias, Tensor h0,
+                                   Tensor w_hh, std::vector<i64> batch_sizes, bool reverse,
+                                   bool relu, i64 parts) {
   for (auto* t : {&xproj, &h0, &w_hh}) check(*t, "tensor");
+  Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
   Steps st(batch_sizes, reverse);
   return LSTMKIT_DISPATCH(xproj.scalar_type(), [&] {
-    return rnn_forward<scalar>(xproj, h0, w_hh, st, relu, parts);
+    return rnn_forward<scalar>(xproj, b, h0, w_hh, st, relu, parts);
   });
 }
 
@@ -1377,13 +1393,14 @@ std::vector<Tensor> rnn_backward_py(Tensor d_out, Tensor d_hT, Tensor w_hh, Tens
   });
 }
 
-std::vector<Tensor> gru_forward_py(Tensor gi, Tensor h0, Tensor w_hh, c10::optional<Tensor> b_hh,
-                                   std::vector<i64> batch_sizes, bool reverse, bool reset_after,
-                                   bool save, i64 parts) {
+std::vector<Tensor> gru_forward_py(Tensor gi, c10::optional<Tensor> b_ih, Tensor h0, Tensor w_hh,
+                                   c10::optional<Tensor> b_hh, std::vector<i64> batch_sizes,
+                                   bool reverse, bool reset_after, bool save, i64 parts) {
   for (auto* t : {&gi, &h0, &w_hh}) check(*t, "tensor");
+  Tensor bi = b_ih.has_value() ? b_ih->contiguous() : Tensor();
   Steps st(batch_sizes, reverse);
   return LSTMKIT_DISPATCH(gi.scalar_type(), [&] {
-    return gru_forward<scalar>(gi, h0, w_hh, b_hh, st, reset_after, save, parts);
+    return gru_forward<scalar>(gi, bi, h0, w_hh, b_hh, st, reset_after, save, parts);
   });
 }
 
@@ -1417,10 +1434,9 @@ std::vector<Tensor> gru_backward_py(Tensor d_out, Tensor d_hT, Tensor h0, Tensor
 // single-threaded matrix multiply. For the
 // per-sequence products of a layer (input projection, dX, weight gradients) this replaces
 // several multi-threaded calls, each with its own fork and join of the thread team, by one.
-void products_py(std::vector<Tensor> outs, std::vector<Tensor> as, std::vector<Tensor> bs,
-                 std::vector<c10::optional<Tensor>> biases) {
-  TORCH_CHECK(outs.size() == as.size() && as.size() == bs.size() &&
-              bs.size() == biases.size(), "products: lists of different lengths");
+void products_py(std::vector<Tensor> outs, std::vector<Tensor> as, std::vector<Tensor> bs) {
+  TORCH_CHECK(outs.size() == as.size() && as.size() == bs.size(),
+              "products: lists of different lengths");
   double flops = 0;
   for (size_t i = 0; i < outs.size(); ++i)
     flops += 2.0 * outs[i].size(0) * outs[i].size(1) * as[i].size(1);
@@ -1437,14 +1453,7 @@ void products_py(std::vector<Tensor> outs, std::vector<Tensor> as, std::vector<T
         i64 M = outs[i].size(0), r0 = M * part / threads, r1 = M * (part + 1) / threads;
         if (r1 <= r0) continue;
         Tensor out = outs[i].narrow(0, r0, r1 - r0);
-        Tensor a = as[i].narrow(0, r0, r1 - r0);
-        if (biases[i].has_value()) {
-          // The bias row broadcast into this thread's slice just before its product: no
-          // separate pass over the whole (N, G) result.
-          at::addmm_out(out, *biases[i], a, bs[i]);
-        } else {
-          at::mm_out(out, a, bs[i]);
-        }
+        at::mm_out(out, as[i].narrow(0, r0, r1 - r0), bs[i]);
       }
   });
 }

@@ -206,11 +206,10 @@ def lstm_step_inference(x, h, c, w_ih, w_hh, b_ih, b_hh):
 
 
 def _products(jobs):
-    """out = a @ b (+ bias, broadcast over the rows) for each (out, a, b, bias | None), in one
-    parallel region (see products_py)."""
+    """out = a @ b for each (out, a, b), in one parallel region (see products_py)."""
     if jobs:
-        outs, lefts, rights, biases = zip(*jobs, strict=True)
-        module().products(list(outs), list(lefts), list(rights), list(biases))
+        outs, lefts, rights = zip(*jobs, strict=True)
+        module().products(list(outs), list(lefts), list(rights))
 
 
 # Scratch memory kept per thread between calls, one buffer per use: the input projection of a
@@ -234,18 +233,23 @@ def _scratch_buffer(use: str, rows, cols, like):
     return buffer[:count].view(rows, cols)
 
 
-def _projection(x, w, *biases):
-    """x (N, K) W^T (G, K) + the sum of the given biases (G,): every step's input part.
+def _projection(x, w):
+    """x (N, K) W^T (G, K): every step's input part. The kernels add the biases as they read it
+    (added into this product, the bias doubled its memory traffic).
 
     The result lives in this thread's scratch buffer: use it before the next projection."""
-    present = [b for b in biases if b is not None]
-    bias = sum(present) if present else None
     if 2.0 * x.shape[0] * x.shape[1] * w.shape[0] < SERIAL_FLOPS:
-        # Small (batch 1, short sequences): one torch call on this thread.
-        return torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
+        return torch.mm(x, w.t())          # small (batch 1, short sequences): this thread
     out = _scratch_buffer("projection", x.shape[0], w.shape[0], x)
-    _products([(out, x, w.t(), bias)])
+    _products([(out, x, w.t())])
     return out
+
+
+def _bias_sum(b_ih, b_hh):
+    """b_ih + b_hh (G,), or whichever is given, or None."""
+    if b_ih is None or b_hh is None:
+        return b_hh if b_ih is None else b_ih
+    return b_ih + b_hh
 
 
 def _driver(layout, w_hh, projected: bool = False) -> int:
@@ -298,10 +302,11 @@ class NativeLSTMFunction(_NativeFunction):
 
     @staticmethod
     def _run(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, save):
-        xproj = _projection(x, w_ih, b_ih, b_hh)
+        xproj = _projection(x, w_ih)
         h0, c0, w_hh, w_hr = _contiguous((h0, c0, w_hh, w_hr))
-        return module().lstm_forward(xproj, h0, c0, w_hh, w_hr, layout.batch_sizes, reverse,
-                                     save, _driver(layout, w_hh, w_hr is not None))
+        return module().lstm_forward(xproj, _bias_sum(b_ih, b_hh), h0, c0, w_hh, w_hr,
+                                     layout.batch_sizes, reverse, save,
+                                     _driver(layout, w_hh, w_hr is not None))
 
     @staticmethod
     def _infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse):
@@ -337,16 +342,16 @@ class NativeLSTMFunction(_NativeFunction):
         dw_hr = torch.empty_like(w_hr) if w_hr is not None and needs[7] else None
         jobs = []
         if dx is not None:
-            jobs.append((dx, d_gates, w_ih, None))
+            jobs.append((dx, d_gates, w_ih))
         if dw_ih is not None:
-            jobs.append((dw_ih, d_gates.t(), x, None))
+            jobs.append((dw_ih, d_gates.t(), x))
         if dw_hh is not None:
             h_prev = module().previous_rows(out, h0.contiguous(), layout.batch_sizes, reverse)
-            jobs.append((dw_hh, d_gates.t(), h_prev, None))
+            jobs.append((dw_hh, d_gates.t(), h_prev))
         if dw_hr is not None:
             H = cells.shape[1]
             m = gates[:, 3 * H:] * cells.tanh()                 # o tanh(c), the operand of W_hr
-            jobs.append((dw_hr, d_h_rows.t(), m, None))
+            jobs.append((dw_hr, d_h_rows.t(), m))
         _products(jobs)
         db = d_gates.sum(0) if needs[5] or needs[6] else None
         db_ih = db if needs[5] else None
@@ -367,10 +372,10 @@ class NativeGRUFunction(_NativeFunction):
 
     @staticmethod
     def _run(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after, save):
-        gi = _projection(x, w_ih, b_ih)
+        gi = _projection(x, w_ih)
         h0, w_hh, b_hh = _contiguous((h0, w_hh, b_hh))
-        return module().gru_forward(gi, h0, w_hh, b_hh, layout.batch_sizes, reverse, reset_after,
-                                    save, _driver(layout, w_hh, not reset_after))
+        return module().gru_forward(gi, b_ih, h0, w_hh, b_hh, layout.batch_sizes, reverse,
+                                    reset_after, save, _driver(layout, w_hh, not reset_after))
 
     @staticmethod
     def _infer(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after):
@@ -404,17 +409,17 @@ class NativeGRUFunction(_NativeFunction):
         dw_hh = torch.empty_like(w_hh) if needs[3] else None
         jobs = []
         if dx is not None:
-            jobs.append((dx, d_gi, w_ih, None))
+            jobs.append((dx, d_gi, w_ih))
         if dw_ih is not None:
-            jobs.append((dw_ih, d_gi.t(), x, None))
+            jobs.append((dw_ih, d_gi.t(), x))
         if dw_hh is not None:
             h_prev = module().previous_rows(out, h0, layout.batch_sizes, reverse)
             if ctx.reset_after:
-                jobs.append((dw_hh, d_gh.t(), h_prev, None))
+                jobs.append((dw_hh, d_gh.t(), h_prev))
             else:
                 r_h = stash[:, :H] * h_prev                       # the operand of W_hn
-                jobs.append((dw_hh[:2 * H], d_gi[:, :2 * H].t(), h_prev, None))
-                jobs.append((dw_hh[2 * H:], d_gi[:, 2 * H:].t(), r_h, None))
+                jobs.append((dw_hh[:2 * H], d_gi[:, :2 * H].t(), h_prev))
+                jobs.append((dw_hh[2 * H:], d_gi[:, 2 * H:].t(), r_h))
         _products(jobs)
         db_ih = d_gi.sum(0) if needs[4] else None
         db_hh = d_gh.sum(0) if needs[5] else None
@@ -435,10 +440,10 @@ class NativeRNNFunction(_NativeFunction):
 
     @staticmethod
     def _run(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, nonlinearity):
-        xproj = _projection(x, w_ih, b_ih, b_hh)
+        xproj = _projection(x, w_ih)
         h0, w_hh = _contiguous((h0, w_hh))
-        return module().rnn_forward(xproj, h0, w_hh, layout.batch_sizes, reverse,
-                                    nonlinearity == "relu", _driver(layout, w_hh))
+        return module().rnn_forward(xproj, _bias_sum(b_ih, b_hh), h0, w_hh, layout.batch_sizes,
+                                    reverse, nonlinearity == "relu", _driver(layout, w_hh))
 
     @staticmethod
     def _infer(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, nonlinearity):
@@ -467,12 +472,12 @@ class NativeRNNFunction(_NativeFunction):
         dw_hh = torch.empty_like(w_hh) if needs[3] else None
         jobs = []
         if dx is not None:
-            jobs.append((dx, d_pre, w_ih, None))
+            jobs.append((dx, d_pre, w_ih))
         if dw_ih is not None:
-            jobs.append((dw_ih, d_pre.t(), x, None))
+            jobs.append((dw_ih, d_pre.t(), x))
         if dw_hh is not None:
             h_prev = module().previous_rows(out, h0.contiguous(), layout.batch_sizes, reverse)
-            jobs.append((dw_hh, d_pre.t(), h_prev, None))
+            jobs.append((dw_hh, d_pre.t(), h_prev))
         _products(jobs)
         db = d_pre.sum(0) if needs[4] or needs[5] else None
         db_ih = db if needs[4] else None
