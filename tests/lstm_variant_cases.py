@@ -130,3 +130,25 @@ def relative_error(got, expected) -> float:
     of its input) is held to the precision of O(1) values, not to its own."""
     scale = max(1.0, float(np.abs(expected).max()))
     return float(np.abs(np.asarray(got) - expected).max()) / scale
+
+
+def central_difference_errors(loss, arrays, grads, eps=1e-6):
+    """Largest relative error of each analytic gradient grads[name] against central
+    differences of loss() in each of the arrays (perturbed in place, then restored)."""
+    errors = {}
+    for name, array in arrays.items():
+        numeric = np.zeros_like(array)
+        flat, out = array.reshape(-1), numeric.reshape(-1)
+        for k in range(flat.size):
+            old = flat[k]
+            flat[k] = old + eps
+            up = loss()
+            flat[k] = old - eps
+            down = loss()
+            flat[k] = old
+            out[k] = (up - down) / (2 * eps)
+        scale = max(np.abs(numeric).max(), np.abs(grads[name]).max())
+        # A gradient that is exactly zero (a removed gate's weights) must be zero numerically.
+        errors[name] = (np.abs(numeric - grads[name]).max() / scale if scale > 1e-7
+                        else np.abs(numeric).max())
+    return errors

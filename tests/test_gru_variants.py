@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import lstmkit
 from gru_variant_cases import ALL_MASKS, VARIANTS, kernel_result, random_problem, reference_result
-from lstm_variant_cases import relative_error
+from lstm_variant_cases import central_difference_errors, relative_error
 from lstmkit import kernels
 from lstmkit.kernels import StepLayout
 from lstmkit.nn import _gru_variant
@@ -39,28 +39,12 @@ def _module_params(module, suffix):
 def finite_difference_errors(variant, params, inputs, masks, out_weights, reset_after):
     """Largest relative error of each analytic gradient against central differences."""
     _, grads = reference_result(variant, params, inputs, masks, out_weights, reset_after)
-    eps = 1e-6
 
     def loss():
         (y, h), _ = reference_result(variant, params, inputs, masks, out_weights, reset_after)
         return (y * out_weights["dy"]).sum() + (h * out_weights["dh"]).sum()
 
-    errors = {}
-    for name, array in {**params, **inputs}.items():
-        numeric = np.zeros_like(array)
-        flat, out = array.reshape(-1), numeric.reshape(-1)
-        for k in range(flat.size):
-            old = flat[k]
-            flat[k] = old + eps
-            up = loss()
-            flat[k] = old - eps
-            down = loss()
-            flat[k] = old
-            out[k] = (up - down) / (2 * eps)
-        scale = max(np.abs(numeric).max(), np.abs(grads[name]).max())
-        errors[name] = (np.abs(numeric - grads[name]).max() / scale if scale > 1e-7
-                        else np.abs(numeric).max())
-    return errors
+    return central_difference_errors(loss, {**params, **inputs}, grads)
 
 
 def _assert_matches(outs, grads, ref_out, ref_grads, tol):

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import lstmkit
 from lstm_variant_cases import (
     VARIANTS,
+    central_difference_errors,
     kernel_result,
     random_problem,
     reference_result,
@@ -32,30 +33,13 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 def finite_difference_errors(variant, params, inputs, masks, out_weights):
     """Largest relative error of each analytic gradient against central differences."""
     _, grads = reference_result(variant, params, inputs, masks, out_weights)
-    eps = 1e-6
 
     def loss():
         outputs, _ = reference_result(variant, params, inputs, masks, out_weights)
         weights = [out_weights[k] for k in ("dy", "dh", "dc", "dq") if k in out_weights]
         return sum((a * w).sum() for a, w in zip(outputs, weights, strict=True))
 
-    errors = {}
-    for name, array in {**params, **inputs}.items():
-        numeric = np.zeros_like(array)
-        flat, out = array.reshape(-1), numeric.reshape(-1)
-        for k in range(flat.size):
-            old = flat[k]
-            flat[k] = old + eps
-            up = loss()
-            flat[k] = old - eps
-            down = loss()
-            flat[k] = old
-            out[k] = (up - down) / (2 * eps)
-        scale = max(np.abs(numeric).max(), np.abs(grads[name]).max())
-        # A gradient that is exactly zero (a removed gate's weights) must be zero numerically.
-        errors[name] = (np.abs(numeric - grads[name]).max() / scale if scale > 1e-7
-                        else np.abs(numeric).max())
-    return errors
+    return central_difference_errors(loss, {**params, **inputs}, grads)
 
 
 # -- the reference ------------------------------------------------------------------------------

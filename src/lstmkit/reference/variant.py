@@ -43,6 +43,29 @@ def _check_flag(name: str, value) -> None:
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
 
 
+def _check_optional_float(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite float or None, got {value!r}")
+
+
+def _check_common(variant) -> None:
+    """The checks LSTMVariant and GRUVariant share: gate activation, zoneout_eval, eps."""
+    if variant.gate_activation not in GATE_ACTIVATIONS:
+        why = _WHY_NOT_A_GATE.get(variant.gate_activation)
+        if why is not None:
+            raise ValueError(f"gate_activation={variant.gate_activation!r} cannot gate: {why}; "
+                             f"use one of {GATE_ACTIVATIONS}")
+        raise ValueError(f"gate_activation must be one of {GATE_ACTIVATIONS}, "
+                         f"got {variant.gate_activation!r}")
+    if variant.zoneout_eval not in ("expectation", "off"):
+        raise ValueError(f"zoneout_eval must be 'off' or 'expectation', got "
+                         f"{variant.zoneout_eval!r}")
+    eps = variant.layer_norm_eps
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"layer_norm_eps must be a positive float, got {eps!r}")
+
+
 # The options that change the cell's equations in eval mode (the others are training-time
 # regularisers or initialisations).
 _EQUATION_FIELDS = ("peepholes", "cifg", "input_gate", "forget_gate", "output_gate",
@@ -101,35 +124,22 @@ class LSTMVariant:
         for name in ("peepholes", "cifg", "input_gate", "forget_gate", "output_gate",
                      "full_gate_recurrence", "layer_norm", "orthogonal_init"):
             _check_flag(name, getattr(self, name))
-        if self.gate_activation not in GATE_ACTIVATIONS:
-            why = _WHY_NOT_A_GATE.get(self.gate_activation)
-            if why is not None:
-                raise ValueError(f"gate_activation={self.gate_activation!r} cannot gate: {why}; "
-                                 f"use one of {GATE_ACTIVATIONS}")
-            raise ValueError(f"gate_activation must be one of {GATE_ACTIVATIONS}, "
-                             f"got {self.gate_activation!r}")
+        _check_common(self)
         for name in ("cell_activation", "output_activation"):
             if getattr(self, name) not in CELL_ACTIVATIONS:
                 raise ValueError(f"{name} must be one of {CELL_ACTIVATIONS}, "
                                  f"got {getattr(self, name)!r}")
         for name in ("zoneout_h", "zoneout_c", "recurrent_dropout", "weight_drop"):
             _check_rate(name, getattr(self, name))
-        if self.zoneout_eval not in ("expectation", "off"):
-            raise ValueError(f"zoneout_eval must be 'off' or 'expectation', got "
-                             f"{self.zoneout_eval!r}")
-        eps = self.layer_norm_eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"layer_norm_eps must be a positive float, got {eps!r}")
         if self.cifg and not self.input_gate:
             raise ValueError("cifg=True computes the forget gate from the input gate (f = 1 - i), "
                              "so it cannot be combined with input_gate=False")
         if self.cifg and not self.forget_gate:
             raise ValueError("cifg=True replaces the forget gate by 1 - i, and forget_gate=False "
                              "replaces it by 1: choose one of them")
+        _check_optional_float("forget_bias", self.forget_bias)
         if self.forget_bias is not None:
             fb = self.forget_bias
-            if isinstance(fb, bool) or not isinstance(fb, (int, float)) or not math.isfinite(fb):
-                raise ValueError(f"forget_bias must be a finite float or None, got {fb!r}")
             if self.chrono_init is not None:
                 raise ValueError(f"forget_bias={fb} and chrono_init={self.chrono_init} both set "
                                  "the forget-gate bias: choose one of them")
@@ -234,28 +244,13 @@ class GRUVariant:
     def __post_init__(self):
         for name in ("layer_norm", "orthogonal_init"):
             _check_flag(name, getattr(self, name))
-        if self.gate_activation not in GATE_ACTIVATIONS:
-            why = _WHY_NOT_A_GATE.get(self.gate_activation)
-            if why is not None:
-                raise ValueError(f"gate_activation={self.gate_activation!r} cannot gate: {why}; "
-                                 f"use one of {GATE_ACTIVATIONS}")
-            raise ValueError(f"gate_activation must be one of {GATE_ACTIVATIONS}, "
-                             f"got {self.gate_activation!r}")
+        _check_common(self)
         if self.candidate_activation not in CANDIDATE_ACTIVATIONS:
             raise ValueError(f"candidate_activation must be one of {CANDIDATE_ACTIVATIONS}, "
                              f"got {self.candidate_activation!r}")
         for name in ("zoneout_h", "recurrent_dropout", "weight_drop"):
             _check_rate(name, getattr(self, name))
-        if self.zoneout_eval not in ("expectation", "off"):
-            raise ValueError(f"zoneout_eval must be 'off' or 'expectation', got "
-                             f"{self.zoneout_eval!r}")
-        eps = self.layer_norm_eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"layer_norm_eps must be a positive float, got {eps!r}")
-        if self.update_bias is not None:
-            ub = self.update_bias
-            if isinstance(ub, bool) or not isinstance(ub, (int, float)) or not math.isfinite(ub):
-                raise ValueError(f"update_bias must be a finite float or None, got {ub!r}")
+        _check_optional_float("update_bias", self.update_bias)
 
     @property
     def changes_equations(self) -> bool:
