@@ -159,6 +159,35 @@ def test_matches_reference(family, shape, reverse, dtype, driver):
             assert_close(f"d{name}", param.grad, grads[name], dtype)
 
 
+# The weight and bias gradients come out of one stacked product (native._weight_gradients);
+# each subset of wanted gradients must still get exactly its own, right, gradients.
+GRADIENT_SUBSETS = [("b_hh",), ("b_ih",), ("w_hh",), ("w_ih", "b_hh"), ("x", "w_hh", "b_ih")]
+
+
+@pytest.mark.parametrize("wanted", GRADIENT_SUBSETS, ids="+".join)
+@pytest.mark.parametrize("family", ["lstm", "lstm_proj", "gru", "gru_reset_before", "rnn_tanh"])
+def test_only_the_wanted_gradients(family, wanted):
+    T, B, I, H = 5, 3, 4, 6
+    rng = np.random.default_rng(zlib.crc32(repr((family, wanted)).encode()))
+    w, P = make_weights(family, I, H, rng)
+    x = rng.standard_normal((T, B, I))
+    states = [rng.standard_normal((B, s)) for s in ((P, H) if family.startswith("lstm") else (H,))]
+    dy = rng.standard_normal((T, B, P))
+    _, grads = reference_run(family, x, states, w, dy, [np.zeros_like(s) for s in states])
+    tensors = {"x": x.reshape(T * B, I), **w}
+    tensors = {k: torch.tensor(v, requires_grad=k in wanted) for k, v in tensors.items()}
+    xt = tensors.pop("x")
+    out = native_layer(family, xt, [torch.tensor(s) for s in states], tensors,
+                       StepLayout.padded(T, B), reverse=False)[0]
+    (out * torch.tensor(dy.reshape(T * B, P))).sum().backward()
+    for name, param in {"x": xt, **tensors}.items():
+        if name in wanted:
+            expected = grads[name].reshape(param.shape)
+            assert_close(f"d{name}", param.grad, expected, torch.float64)
+        else:
+            assert param.grad is None, name
+
+
 TORCH_MODULES = {
     "LSTM": dict(num_layers=2, bidirectional=True),
     "LSTM-proj": dict(num_layers=2, bidirectional=True, proj_size=3),

@@ -1502,27 +1502,31 @@ void products_py(std::vector<Tensor> outs, std::vector<Tensor> as, std::vector<T
   });
 }
 
-// For every row of `sequence` (N, F), the state its step started from (see layout.py).
-Tensor previous_rows_py(Tensor sequence, Tensor initial, std::vector<i64> batch_sizes,
-                        bool reverse) {
+// For every row of `sequence` (N, F), the state its step started from (see layout.py), written
+// into `into` (N, F): rows of unit column stride, possibly columns of a wider buffer (the
+// stacked operand of the weight gradients, native.py's _weight_gradients).
+void previous_rows_py(Tensor into, Tensor sequence, Tensor initial, std::vector<i64> batch_sizes,
+                      bool reverse) {
   check(sequence, "sequence");
   check(initial, "initial");
-  Steps st(batch_sizes, reverse);
   const i64 F = sequence.size(1);
-  Tensor result = at::empty_like(sequence);
+  TORCH_CHECK(into.dim() == 2 && into.size(0) == sequence.size(0) && into.size(1) == F &&
+              into.scalar_type() == sequence.scalar_type() && unit_stride(into, 1),
+              "previous_rows: `into` must be ", sequence.sizes(), " with unit column stride");
+  Steps st(batch_sizes, reverse);
   const size_t bytes = F * sequence.element_size();
+  const size_t into_row = leading(into, 0) * into.element_size();
   const char* seq = static_cast<const char*>(sequence.data_ptr());
   const char* init = static_cast<const char*>(initial.data_ptr());
-  char* res = static_cast<char*>(result.data_ptr());
+  char* res = static_cast<char*>(into.data_ptr());
   for (i64 t = 0; t < st.count(); ++t) {
     i64 u = st.before(t);
     for (i64 b = 0; b < st.size[t]; ++b) {
       i64 src = st.row(u, b);
       const char* from = src >= 0 ? seq + src * bytes : init + b * bytes;
-      std::memcpy(res + (st.offset[t] + b) * bytes, from, bytes);
+      std::memcpy(res + (st.offset[t] + b) * into_row, from, bytes);
     }
   }
-  return result;
 }
 
 }  // namespace

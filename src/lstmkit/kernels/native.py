@@ -245,6 +245,50 @@ def _projection(x, w):
     return out
 
 
+def _weight_gradients(jobs, d_pre, operands, bias: bool, use: str = "weight_operand"):
+    """Queue in `jobs` one product d_pre^T [o_1 | o_2 | ... | 1] (G, K_1 + K_2 + ... + 1) for
+    the weight gradients d_pre^T o_i (G, K_i) and, with `bias`, the bias gradient
+    d_pre.sum(0) (G,) (the ones column). It reads d_pre (N, G), the largest operand, once
+    instead of once per gradient, and the previous rows go straight into a scratch buffer:
+    LSTM backward products (dX, the weights, the bias) at batch 32 / hidden 256 / length 100
+    8.3 -> 7.5 ms, 64 / 512 50.9 -> 46.0 ms, 128 / 1024 / 20 66.0 -> 62.5 ms (2 threads).
+
+    operands: per weight, None (gradient not wanted), an (N, K) tensor, or (K, fill) where
+    fill(view) writes the (N, K) operand into its columns of the stacked one (the previous
+    rows, in place). The stacked operand lives in the scratch buffer `use` until the jobs
+    have run. Returns a function that, after `_products(jobs)`, gives the gradients in order
+    and then the bias gradient, None where not wanted."""
+    widths = [0 if o is None else o[0] if isinstance(o, tuple) else o.shape[1]
+              for o in operands]
+    count = sum(widths) + int(bias)
+    if count == 0:
+        return lambda: [None] * (len(operands) + 1)
+    stacked = _scratch_buffer(use, d_pre.shape[0], count, d_pre)
+    columns = stacked.split([*widths, int(bias)], dim=1)
+    for operand, column in zip(operands, columns, strict=False):
+        if isinstance(operand, tuple):
+            operand[1](column)
+        elif operand is not None:
+            column.copy_(operand)
+    if bias:
+        columns[-1].fill_(1)
+    result = d_pre.new_empty(d_pre.shape[1], count)
+    jobs.append((result, d_pre.t(), stacked))
+
+    def gradients():
+        parts = result.split([*widths, int(bias)], dim=1)
+        grads = [None if o is None else p.contiguous() for o, p in zip(operands, parts,
+                                                                           strict=False)]
+        return [*grads, parts[-1].flatten().contiguous() if bias else None]
+    return gradients
+
+
+def _previous_rows(out, h0, layout, reverse):
+    """(P, fill) for _weight_gradients: each row's previous state written into its columns."""
+    return (out.shape[1],
+            lambda into: module().previous_rows(into, out, h0, layout.batch_sizes, reverse))
+
+
 def _bias_sum(b_ih, b_hh):
     """b_ih + b_hh (G,), or whichever is given, or None."""
     if b_ih is None or b_hh is None:
@@ -336,24 +380,21 @@ class NativeLSTMFunction(_NativeFunction):
             None if w_hr is None else w_hr.contiguous(), gates, cells, layout.batch_sizes,
             reverse, _driver(layout, w_hh, w_hr is not None),
             _scratch_buffer("d_gates", *gates.shape, gates))
-        dx = x.new_empty(x.shape) if needs[0] else None
-        dw_ih = torch.empty_like(w_ih) if needs[3] else None
-        dw_hh = torch.empty_like(w_hh) if needs[4] else None
-        dw_hr = torch.empty_like(w_hr) if w_hr is not None and needs[7] else None
         jobs = []
+        dx = x.new_empty(x.shape) if needs[0] else None
         if dx is not None:
             jobs.append((dx, d_gates, w_ih))
-        if dw_ih is not None:
-            jobs.append((dw_ih, d_gates.t(), x))
-        if dw_hh is not None:
-            h_prev = module().previous_rows(out, h0.contiguous(), layout.batch_sizes, reverse)
-            jobs.append((dw_hh, d_gates.t(), h_prev))
-        if dw_hr is not None:
+        h_prev = _previous_rows(out, h0.contiguous(), layout, reverse) if needs[4] else None
+        gradients = _weight_gradients(jobs, d_gates, [x if needs[3] else None, h_prev],
+                                      needs[5] or needs[6])
+        dw_hr = None
+        if w_hr is not None and needs[7]:
             H = cells.shape[1]
             m = gates[:, 3 * H:] * cells.tanh()                 # o tanh(c), the operand of W_hr
+            dw_hr = torch.empty_like(w_hr)
             jobs.append((dw_hr, d_h_rows.t(), m))
         _products(jobs)
-        db = d_gates.sum(0) if needs[5] or needs[6] else None
+        dw_ih, dw_hh, db = gradients()
         db_ih = db if needs[5] else None
         db_hh = db.clone() if needs[6] else None      # never hand autograd one tensor twice
         grads = (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr)
@@ -404,25 +445,33 @@ class NativeGRUFunction(_NativeFunction):
             ctx.reset_after, _driver(layout, w_hh, not ctx.reset_after),
             _scratch_buffer("d_gi", N, 3 * H, out),
             _scratch_buffer("d_gh", N, 3 * H, out) if ctx.reset_after else None)
-        dx = x.new_empty(x.shape) if needs[0] else None
-        dw_ih = torch.empty_like(w_ih) if needs[2] else None
-        dw_hh = torch.empty_like(w_hh) if needs[3] else None
         jobs = []
+        dx = x.new_empty(x.shape) if needs[0] else None
         if dx is not None:
             jobs.append((dx, d_gi, w_ih))
-        if dw_ih is not None:
-            jobs.append((dw_ih, d_gi.t(), x))
-        if dw_hh is not None:
-            h_prev = module().previous_rows(out, h0, layout.batch_sizes, reverse)
-            if ctx.reset_after:
-                jobs.append((dw_hh, d_gh.t(), h_prev))
-            else:
-                r_h = stash[:, :H] * h_prev                       # the operand of W_hn
-                jobs.append((dw_hh[:2 * H], d_gi[:, :2 * H].t(), h_prev))
-                jobs.append((dw_hh[2 * H:], d_gi[:, 2 * H:].t(), r_h))
+        # Reset after, b_hh's gradient is d_gh's column sums; reset before, d_gh is d_gi.
+        shared_bias = not ctx.reset_after
+        input_side = _weight_gradients(jobs, d_gi, [x if needs[2] else None],
+                                       needs[4] or (shared_bias and needs[5]))
+        if ctx.reset_after:
+            h_prev = _previous_rows(out, h0, layout, reverse) if needs[3] else None
+            hidden_side = _weight_gradients(jobs, d_gh, [h_prev], needs[5], "weight_operand_h")
+        dw_hh = None
+        if needs[3] and not ctx.reset_after:
+            # W_hr and W_hz multiply h_prev, W_hn multiplies r * h_prev.
+            h_prev = out.new_empty(out.shape)
+            module().previous_rows(h_prev, out, h0, layout.batch_sizes, reverse)
+            r_h = stash[:, :H] * h_prev
+            dw_hh = torch.empty_like(w_hh)
+            jobs.append((dw_hh[:2 * H], d_gi[:, :2 * H].t(), h_prev))
+            jobs.append((dw_hh[2 * H:], d_gi[:, 2 * H:].t(), r_h))
         _products(jobs)
-        db_ih = d_gi.sum(0) if needs[4] else None
-        db_hh = d_gh.sum(0) if needs[5] else None
+        dw_ih, db_ih = input_side()
+        if ctx.reset_after:
+            dw_hh, db_hh = hidden_side()
+        else:
+            db_hh = db_ih.clone() if needs[5] else None   # never hand autograd one tensor twice
+            db_ih = db_ih if needs[4] else None
         grads = (dx, dh0, dw_ih, dw_hh, db_ih, db_hh)
         return (*cast_to(grads, ctx.dtypes), None, None, None)
 
@@ -467,19 +516,15 @@ class NativeRNNFunction(_NativeFunction):
         d_pre, dh0 = module().rnn_backward(d_out, d_hT, w_hh.contiguous(), out,
                                            layout.batch_sizes, reverse,
                                            ctx.nonlinearity == "relu", _driver(layout, w_hh))
-        dx = x.new_empty(x.shape) if needs[0] else None
-        dw_ih = torch.empty_like(w_ih) if needs[2] else None
-        dw_hh = torch.empty_like(w_hh) if needs[3] else None
         jobs = []
+        dx = x.new_empty(x.shape) if needs[0] else None
         if dx is not None:
             jobs.append((dx, d_pre, w_ih))
-        if dw_ih is not None:
-            jobs.append((dw_ih, d_pre.t(), x))
-        if dw_hh is not None:
-            h_prev = module().previous_rows(out, h0.contiguous(), layout.batch_sizes, reverse)
-            jobs.append((dw_hh, d_pre.t(), h_prev))
+        h_prev = _previous_rows(out, h0.contiguous(), layout, reverse) if needs[3] else None
+        gradients = _weight_gradients(jobs, d_pre, [x if needs[2] else None, h_prev],
+                                      needs[4] or needs[5])
         _products(jobs)
-        db = d_pre.sum(0) if needs[4] or needs[5] else None
+        dw_ih, dw_hh, db = gradients()
         db_ih = db if needs[4] else None
         db_hh = db.clone() if needs[5] else None
         grads = (dx, dh0, dw_ih, dw_hh, db_ih, db_hh)
