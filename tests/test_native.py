@@ -389,6 +389,79 @@ def test_projection_scratch_is_per_thread_and_never_aliases_results():
     assert (first - expected[0]).abs().max() < 1e-5
 
 
+@pytest.fixture
+def empty_pool():
+    native.release_memory()
+    yield native.module()
+    native.release_memory()
+
+
+def test_pool_gives_freed_memory_to_the_next_tensor_of_that_size(empty_pool):
+    pool = empty_pool
+    like = torch.empty(0)
+    t = native.pooled_empty((512, 256), like)          # 512 KiB: pooled
+    address = t.data_ptr()
+    t.fill_(3.0)
+    del t
+    assert pool.pool_free_bytes() == 512 * 256 * 4
+    again = native.pooled_empty((256, 512), like)      # same bytes, another shape
+    assert again.data_ptr() == address and pool.pool_free_bytes() == 0
+    smaller = native.pooled_empty((100, 256), like)    # would waste more than a quarter: fresh
+    assert smaller.data_ptr() != address
+    small = native.pooled_empty((3,), like)            # below the pooled size: not kept
+    del small
+    assert pool.pool_free_bytes() == 0
+    native.release_memory()
+    assert pool.pool_free_bytes() == 0
+
+
+def test_pool_keeps_at_most_its_limit(empty_pool):
+    pool = empty_pool
+    old = pool.set_pool_limit(1 << 20)
+    try:
+        tensors = [native.pooled_empty((256, 256), torch.empty(0)) for _ in range(3)]
+        del tensors                                   # 3 x 256 KiB freed, 1 MiB kept at most
+        assert pool.pool_free_bytes() == 3 * 256 * 256 * 4
+        more = [native.pooled_empty((512, 512), torch.empty(0)) for _ in range(2)]
+        del more                                      # 2 x 1 MiB: neither fits beside them
+        assert pool.pool_free_bytes() == 3 * 256 * 256 * 4
+    finally:
+        pool.set_pool_limit(old)
+
+
+def test_pooled_tensors_behave_like_any_tensor(empty_pool):
+    """Resizing, dtype, autograd through a pooled copy, and threads allocating at once."""
+    t = native.pooled_empty((300, 300), torch.empty(0, dtype=torch.float64))
+    assert t.dtype == torch.float64 and t.is_contiguous() and t.shape == (300, 300)
+    t.fill_(2.0)
+    t.resize_(700, 700)                               # grows through the same allocator
+    assert t.shape == (700, 700) and (t.view(-1)[:300 * 300] == 2.0).all()
+    t.fill_(1.0)
+    assert t.sum().item() == 700 * 700
+    x = torch.randn(400, 400, requires_grad=True)
+    y = native.pooled_copy(x)
+    assert torch.equal(y, x) and y.data_ptr() != x.data_ptr()
+    (y * 3).sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 3.0))
+    errors = []
+
+    def churn(seed):
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(200):
+            n = int(torch.randint(200, 400, (1,), generator=g))
+            a = native.pooled_empty((n, 300), torch.empty(0))
+            a.fill_(seed)
+            if not (a == seed).all():
+                errors.append(seed)
+
+    threads = [threading.Thread(target=churn, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+
+
 def test_auto_picks_native_for_cpu_float32_and_float64():
     for dtype in (torch.float32, torch.float64):
         assert kernels._function("lstm", "auto", torch.zeros(1, dtype=dtype)) is \

@@ -42,6 +42,15 @@ def _function(family: str, backend: str, x):
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}") from None
 
 
+def output_copy(x, backend: str):
+    """A copy of a layer's output for the caller, whose kernel saved the original for its
+    backward pass; in the native kernels' recycled memory when they ran it (`native.pooled_copy`:
+    no page faults for a fresh block)."""
+    if backend != "portable" and native.supports(x):
+        return native.pooled_copy(x)
+    return x.clone()
+
+
 def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
                layout: StepLayout, reverse: bool = False, backend: str = "auto"):
     """One LSTM layer, one direction: x (N, I), h0 (B, P), c0 (B, H) -> out (N, P), h_T, c_T."""

@@ -240,7 +240,7 @@ class _RecurrentBase(nn.Module):
         if self.num_directions == 1 and layer_input.requires_grad:
             # The kernel saved this tensor for its backward pass; the caller gets a copy, so
             # in-place edits of the output (out += residual) work as they do with torch.nn.
-            layer_input = layer_input.clone()
+            layer_input = kernels.output_copy(layer_input, self.backend)
         finals = [torch.stack(f) for f in finals]
         if packed is not None:
             if packed.unsorted_indices is not None:
