@@ -10,6 +10,7 @@ import torch
 
 from lstmkit import bench
 from lstmkit.cli import main
+from lstmkit.kernels import native
 
 
 def test_run_reports_each_point():
@@ -26,16 +27,18 @@ def test_run_reports_each_point():
         assert row["target_class"] == "small" and row["target_met"] == (row["speedup"] >= 2)
         assert row["speedup_bound"] == pytest.approx(100.0 / row["torch_gflops"])
         assert row["torch_matmul_fraction"] == pytest.approx(row["torch_gflops"] / 100.0)
-        assert row["target_status"] in ("met", "missed", "out of reach")
+        assert row["target_status"] in ("met", "missed", "out of reach", "beyond MKL")
+        assert row["products_ms"] > 0
+        assert row["products_bound"] == pytest.approx(row["torch_ms"] / row["products_ms"])
     table = bench.markdown(results).splitlines()
     assert len(table) == 2 + len(points) and table[2].startswith("| LSTM | train | 2 | 4 |")
     assert "bound (100% of matmul rate)" in table[0]
     assert all(line.count("|") == table[0].count("|") for line in table)
 
 
-def _row(target_class, speedup, torch_gflops, lstmkit_gflops, rate):
+def _row(target_class, speedup, torch_gflops, lstmkit_gflops, rate, products=None):
     row = {"target_class": target_class, "speedup": speedup, "torch_gflops": torch_gflops,
-           "lstmkit_gflops": lstmkit_gflops}
+           "lstmkit_gflops": lstmkit_gflops, "products_gflops": products}
     bench._judge(row, rate)
     return row
 
@@ -66,6 +69,16 @@ def test_target_status_separates_missed_from_out_of_reach():
     assert large["lstmkit_matmul_fraction"] == pytest.approx(275 / 400)
     assert large["target_met"] is False and large["target_status"] == "missed"
     assert _row("large", 1.2, 290.0, 348.0, rate)["target_status"] == "met"
+    # "beyond MKL": reachable at 100% of the rate, but not with the products at MKL's speed.
+    medium = _row("medium", 1.0, 300.0, 300.0, rate, products=360.0)
+    assert medium["products_bound"] == pytest.approx(1.2)
+    assert medium["target_status"] == "beyond MKL"
+    assert _row("medium", 1.0, 300.0, 300.0, rate, products=420.0)["target_status"] == "missed"
+    # Large: MKL's products alone at 82% of the rate cannot make 85%, whatever the speedup.
+    large = _row("large", 1.1, 250.0, 275.0, rate, products=328.0)
+    assert large["products_matmul_fraction"] == pytest.approx(0.82)
+    assert large["target_status"] == "beyond MKL"
+    assert _row("large", 1.1, 250.0, 275.0, rate, products=360.0)["target_status"] == "missed"
     # Outside the classes: no verdict, but the bound is still reported.
     other = _row("-", 0.5, 100.0, 50.0, rate)
     assert other["target_status"] is None and other["speedup_bound"] == pytest.approx(4.0)
@@ -79,8 +92,29 @@ def test_printed_and_markdown_rows_show_the_bound():
     line = bench.format_row(row)
     assert "1.88x" in line and "out of reach" in line and "53%" in line
     table = bench.markdown({"points": [row]}).splitlines()
-    assert table[2].endswith("| 0.86x | 1.88x | small | 2.0x out of reach |")
+    assert table[2].endswith("| 0.86x | 1.88x | - | - | small | 2.0x out of reach |")
     assert len(bench.HEADER) == len(line)
+    # With the products timed alone: LSTM forward 32 / 256, MKL's products 5.7 ms, torch.nn 6.9.
+    row = {**bench.asdict(bench.Point("LSTM", "forward", batch=32, hidden=256)),
+           "target_class": "medium", "lstmkit_ms": 7.4, "torch_ms": 6.9, "speedup": 6.9 / 7.4,
+           "lstmkit_gflops": 283.0, "torch_gflops": 303.9, "products_gflops": 367.9}
+    bench._judge(row, 430.0)
+    line = bench.format_row(row)
+    assert "1.21x" in line and "86%" in line and "beyond MKL" in line
+    assert len(bench.HEADER) == len(line)
+    table = bench.markdown({"points": [row]}).splitlines()
+    assert table[2].endswith("| 1.41x | 1.21x | 86% | medium | 1.3x beyond MKL |")
+
+
+def test_products_seconds_times_the_products_alone(monkeypatch):
+    forward = bench.Point("GRU", "forward", batch=3, hidden=5, input_size=4, steps=6, layers=2,
+                          bidirectional=True)
+    train = bench.Point("LSTM", "train", batch=3, hidden=5, input_size=4, steps=6)
+    for point in (forward, train):
+        assert bench.products_seconds(point, repeats=1) > 0
+    assert bench.products_seconds(train, dtype=torch.float64, repeats=1) > 0
+    monkeypatch.setattr(native, "available", lambda: False)
+    assert bench.products_seconds(train, repeats=1) is None
 
 
 def test_flops_and_classes():

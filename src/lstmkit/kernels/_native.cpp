@@ -25,7 +25,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/add.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty_like.h>
@@ -654,8 +654,6 @@ void run_row_parts(i64 steps, i64 B, i64 parts, Step&& step) {
   });
 }
 
-// at::*_out take the result by lvalue reference; these take views (narrow) by value.
-inline void add_into(Tensor out, const Tensor& a, const Tensor& b) { at::add_out(out, a, b); }
 
 // ---- the per-step products of the torch.mm driver: MKL's packed GEMM ---------------------
 // Every ?gemm call reorders its right-hand matrix into MKL's blocked format before it
@@ -690,8 +688,40 @@ inline i64 leading(const Tensor& t, int dim) {
   return std::max<i64>(t.stride(dim), t.size(1 - dim));
 }
 
+// A row-major matrix in memory: `rows` rows of `cols` elements, `ld` apart (rows of a larger
+// buffer, or some of its columns). The generic driver's per-step operands are these rather
+// than Tensor views: a view costs nothing to make, a Tensor narrow an ATen call (about 1.5 us,
+// several per step and part).
+template <typename S>
+struct Mat {
+  S* p = nullptr;
+  i64 rows = 0, cols = 0, ld = 0;
+  Mat rows_at(i64 r0, i64 n) const { return {p + r0 * ld, n, cols, ld}; }
+  Mat cols_at(i64 c0, i64 n) const { return {p + c0, rows, n, ld}; }
+  S* row(i64 r) const { return p + r * ld; }
+  Tensor tensor() const {       // the same memory as a Tensor (the at::mm fallback)
+    return at::from_blob(p, {rows, cols}, {ld, 1},
+                         at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value));
+  }
+};
+template <typename S>
+Mat<S> mat(const Tensor& t) {      // a 2-D tensor of unit column stride
+  TORCH_CHECK(t.dim() == 2 && unit_stride(t, 1), "mat: rows must be contiguous");
+  return {t.data_ptr<S>(), t.size(0), t.size(1), leading(t, 0)};
+}
+// out = a + b, row by row.
+template <typename S>
+void add_rows(Mat<S> out, Mat<S> a, Mat<S> b) {
+  for (i64 r = 0; r < out.rows; ++r)
+    for (i64 c = 0; c < out.cols; ++c) out.row(r)[c] = a.row(r)[c] + b.row(r)[c];
+}
+template <typename S>
+void copy_rows(Mat<S> out, Mat<S> a) {
+  for (i64 r = 0; r < out.rows; ++r) std::memcpy(out.row(r), a.row(r), out.cols * sizeof(S));
+}
+
 // out = a @ b, or out = add + a @ b, for the same b (K, N) at every step and at most `rows` rows
-// in a. a and out need unit column stride (rows of a larger buffer are fine).
+// in a.
 template <typename S>
 class StepProduct {
  public:
@@ -720,21 +750,21 @@ class StepProduct {
 #endif
   }
 
-  void operator()(Tensor out, const Tensor& a, const Tensor& add = Tensor()) const {
+  void operator()(Mat<S> out, Mat<S> a, Mat<S> add = {}) const {
     if (!packed_.defined()) {
-      if (add.defined()) at::addmm_out(out, add, a, b_);
-      else at::mm_out(out, a, b_);
+      Tensor o = out.tensor();
+      if (add.p) at::addmm_out(o, add.tensor(), a.tensor(), b_);
+      else at::mm_out(o, a.tensor(), b_);
       return;
     }
 #if defined(__linux__) && defined(LSTMKIT_X86)
     constexpr int ROW_MAJOR = 101, NO_TRANS = 111, PACKED = 151;
-    TORCH_CHECK(unit_stride(a, 1) && unit_stride(out, 1), "StepProduct: rows must be contiguous");
-    if (add.defined()) out.copy_(add);
-    cblas_sgemm_compute(ROW_MAJOR, NO_TRANS, PACKED, (int)a.size(0), (int)N_, (int)K_,
-                        reinterpret_cast<const float*>(a.data_ptr()), (int)leading(a, 0),
+    if (add.p) copy_rows(out, add);
+    cblas_sgemm_compute(ROW_MAJOR, NO_TRANS, PACKED, (int)a.rows, (int)N_, (int)K_,
+                        reinterpret_cast<const float*>(a.p), (int)std::max(a.ld, a.cols),
                         reinterpret_cast<const float*>(packed_.data_ptr()), (int)N_,
-                        add.defined() ? 1.0f : 0.0f, reinterpret_cast<float*>(out.data_ptr()),
-                        (int)leading(out, 0));
+                        add.p ? 1.0f : 0.0f, reinterpret_cast<float*>(out.p),
+                        (int)std::max(out.ld, out.cols));
 #endif
   }
 
@@ -854,7 +884,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
   run_row_parts(st.count(), B, parts, [&](i64 s, i64 r0, i64 r1) {
     i64 t = st.order[s], off = st.offset[t], e = std::min(r1, st.size[t]);
     if (e <= r0) return;
-    recurrent(rec.narrow(0, r0, e - r0), h.narrow(0, r0, e - r0));
+    recurrent(mat<S>(rec).rows_at(r0, e - r0), mat<S>(h).rows_at(r0, e - r0));
     for_rows(e, H, [&](i64 b) {
       V<S> acc[4];
       for (i64 jb = 0; jb < J; ++jb) {
@@ -867,9 +897,9 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
       }
     }, r0);
     if (m.defined()) {
-      Tensor rows = out.narrow(0, off + r0, e - r0);
-      (*projection)(rows, m.narrow(0, r0, e - r0));
-      h.narrow(0, r0, e - r0).copy_(rows);
+      Mat<S> rows = mat<S>(out).rows_at(off + r0, e - r0);
+      (*projection)(rows, mat<S>(m).rows_at(r0, e - r0));
+      copy_rows(mat<S>(h).rows_at(r0, e - r0), rows);
     }
   });
   return {out, h, c, gates, cells};
@@ -963,13 +993,13 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
     i64 t = st.order[st.count() - 1 - k], off = st.offset[t], e = std::min(r1, st.size[t]);
     if (e <= r0) return;
     const i64 n = e - r0;
-    Tensor dh_t = dh.narrow(0, r0, n);
+    Mat<S> dh_t = mat<S>(dh).rows_at(r0, n);
     if (w_hr.defined()) {
-      Tensor d_rows = d_h_rows.narrow(0, off + r0, n);
-      add_into(d_rows, d_out.narrow(0, off + r0, n), dh_t);
-      (*projection)(dm.narrow(0, r0, n), d_rows);
+      Mat<S> d_rows = mat<S>(d_h_rows).rows_at(off + r0, n);
+      add_rows(d_rows, mat<S>(d_out).rows_at(off + r0, n), dh_t);
+      (*projection)(mat<S>(dm).rows_at(r0, n), d_rows);
     } else {
-      add_into(dm.narrow(0, r0, n), d_out.narrow(0, off + r0, n), dh_t);
+      add_rows(mat<S>(dm).rows_at(r0, n), mat<S>(d_out).rows_at(off + r0, n), dh_t);
     }
     for_rows(e, H, [&](i64 b) {
       for (i64 jb = 0; jb < J; ++jb) {
@@ -977,7 +1007,7 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
         gate_math(t, b, jb, load(dmp + b * H + j, (int)std::min<i64>(L, H - j)));
       }
     }, r0);
-    recurrent(dh_t, d_gates.narrow(0, off + r0, n));
+    recurrent(dh_t, mat<S>(d_gates).rows_at(off + r0, n));
   });
   return {d_gates, dh, dc, d_h_rows};
 }
@@ -1088,7 +1118,7 @@ std::vector<Tensor> rnn_forward(const Tensor& xproj, const Tensor& bias, const T
   run_row_parts(st.count(), B, parts, [&](i64 s, i64 r0, i64 r1) {
     i64 t = st.order[s], off = st.offset[t], e = std::min(r1, st.size[t]);
     if (e <= r0) return;
-    recurrent(rec.narrow(0, r0, e - r0), h.narrow(0, r0, e - r0));
+    recurrent(mat<S>(rec).rows_at(r0, e - r0), mat<S>(h).rows_at(r0, e - r0));
     for_rows(e, H, [&](i64 b) {
       for (i64 jb = 0; jb < J; ++jb) {
         i64 j = jb * L;
@@ -1162,7 +1192,7 @@ std::vector<Tensor> rnn_backward(const Tensor& d_out, const Tensor& d_hT, const 
                            relu);
       }
     }, r0);
-    recurrent(dh.narrow(0, r0, e - r0), d_pre.narrow(0, off + r0, e - r0));
+    recurrent(mat<S>(dh).rows_at(r0, e - r0), mat<S>(d_pre).rows_at(off + r0, e - r0));
   });
   return {d_pre, dh};
 }
@@ -1247,7 +1277,7 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
     run_row_parts(st.count(), B, parts, [&](i64 s, i64 r0, i64 r1) {
       i64 t = st.order[s], off = st.offset[t], e = std::min(r1, st.size[t]);
       if (e <= r0) return;
-      recurrent(rec.narrow(0, r0, e - r0), h.narrow(0, r0, e - r0));
+      recurrent(mat<S>(rec).rows_at(r0, e - r0), mat<S>(h).rows_at(r0, e - r0));
       for_rows(e, H, [&](i64 b) {
         V<S> acc[3];
         for (i64 jb = 0; jb < J; ++jb) {
@@ -1283,7 +1313,7 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
   run_row_parts(st.count(), B, parts, [&](i64 s, i64 r0, i64 r1) {
     i64 t = st.order[s], off = st.offset[t], e = std::min(r1, st.size[t]);
     if (e <= r0) return;
-    recurrent_rz(rec.narrow(0, r0, e - r0), h.narrow(0, r0, e - r0));
+    recurrent_rz(mat<S>(rec).rows_at(r0, e - r0), mat<S>(h).rows_at(r0, e - r0));
     for_rows(e, H, [&](i64 b) {
       for (i64 jb = 0; jb < J; ++jb) {
         i64 j = jb * L;
@@ -1299,7 +1329,7 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
         if (sp) { store(sp + (off + b) * 3 * H + j, r, n); store(sp + (off + b) * 3 * H + H + j, z, n); }
       }
     }, r0);
-    recurrent_n(rec_n.narrow(0, r0, e - r0), rh.narrow(0, r0, e - r0));
+    recurrent_n(mat<S>(rec_n).rows_at(r0, e - r0), mat<S>(rh).rows_at(r0, e - r0));
     for_rows(e, H, [&](i64 b) {
       for (i64 jb = 0; jb < J; ++jb) {
         i64 j = jb * L;
@@ -1404,8 +1434,8 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
           gate_math(t, b, jb, load(dhp + b * H + j, (int)std::min<i64>(L, H - j)));
         }
       }, r0);
-      recurrent(dh.narrow(0, r0, e - r0), d_gh.narrow(0, off + r0, e - r0),
-                carry.narrow(0, r0, e - r0));
+      recurrent(mat<S>(dh).rows_at(r0, e - r0), mat<S>(d_gh).rows_at(off + r0, e - r0),
+                mat<S>(carry).rows_at(r0, e - r0));
     });
     return {d_gi, d_gh, dh};
   }
@@ -1442,7 +1472,8 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
         store(gp + row * 3 * H + H + j, dh * (h_prev_at(b, j, n) - nn) * z * (S(1) - z), n);
       }
     }, r0);
-    recurrent_n(d_rh.narrow(0, r0, n_rows), d_gi.narrow(0, off + r0, n_rows).narrow(1, 2 * H, H));
+    recurrent_n(mat<S>(d_rh).rows_at(r0, n_rows),
+                mat<S>(d_gi).rows_at(off + r0, n_rows).cols_at(2 * H, H));
     for_rows(e, H, [&](i64 b) {
       for (i64 jb = 0; jb < J; ++jb) {
         i64 j = jb * L;
@@ -1454,8 +1485,9 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
         store(cp + b * H + j, load(dht + b * H + j, n) * z + d * r, n);
       }
     }, r0);
-    recurrent_rz(dh.narrow(0, r0, n_rows), d_gi.narrow(0, off + r0, n_rows).narrow(1, 0, 2 * H),
-                 carry.narrow(0, r0, n_rows));
+    recurrent_rz(mat<S>(dh).rows_at(r0, n_rows),
+                 mat<S>(d_gi).rows_at(off + r0, n_rows).cols_at(0, 2 * H),
+                 mat<S>(carry).rows_at(r0, n_rows));
   });
   return {d_gi, d_gi, dh};
 }
@@ -1593,6 +1625,26 @@ void products_py(std::vector<Tensor> outs, std::vector<Tensor> as, std::vector<T
   });
 }
 
+// For the benchmark's products bound (bench.products_seconds): out[t] = a[t] @ b for every
+// step t of a (T, B, K), b (K, N), as the generic driver multiplies, MKL's packed GEMM with b
+// packed once (at::mm without it), the rows in `parts` independent per-thread parts (1: each
+// product split across the threads): the recurrence's products alone, with no gate math.
+Tensor step_products_py(Tensor a, Tensor b, i64 parts) {
+  check(a, "a");
+  TORCH_CHECK(a.dim() == 3 && b.dim() == 2 && a.size(2) == b.size(0) &&
+              a.scalar_type() == b.scalar_type(), "step_products: a (T, B, K), b (K, N)");
+  const i64 T = a.size(0), B = a.size(1);
+  Tensor out = at::empty({T, B, b.size(1)}, a.options());
+  return dispatch1(a.scalar_type(), [&](auto tag) {
+    using S = decltype(tag);
+    StepProduct<S> product(b, B);
+    run_row_parts(T, B, parts, [&](i64 t, i64 r0, i64 r1) {
+      product(mat<S>(out[t]).rows_at(r0, r1 - r0), mat<S>(a[t]).rows_at(r0, r1 - r0));
+    });
+    return out;
+  });
+}
+
 // For every row of `sequence` (N, F), the state its step started from (see layout.py), written
 // into `into` (N, F): rows of unit column stride, possibly columns of a wider buffer (the
 // stacked operand of the weight gradients, native.py's _weight_gradients).
@@ -1634,6 +1686,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rnn_backward", &rnn_backward_py);
   m.def("previous_rows", &previous_rows_py);
   m.def("products", &products_py);
+  m.def("step_products", &step_products_py);
   m.def("pooled_empty", [](std::vector<i64> sizes, const Tensor& like) {
     return pooled_empty(sizes, like.options());
   }, "like.new_empty(sizes) on the CPU, its memory from the recycling pool.");
