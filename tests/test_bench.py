@@ -4,17 +4,20 @@ Speed itself is never asserted here (RULES: the benchmark, not a test, proves th
 """
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from lstmkit import bench
 from lstmkit.cli import main
-from lstmkit.kernels import native
+from lstmkit.kernels import StepLayout, native
 
 
 def test_run_reports_each_point():
     points = [bench.Point("LSTM", "train", batch=2, hidden=4, input_size=3, steps=3),
+              bench.Point("LSTM", "forward", batch=64, hidden=128, input_size=3, steps=2),
               bench.Point("GRU", "forward", batch=1, hidden=5, input_size=2, steps=2, layers=2,
                           bidirectional=True)]
     results = bench.run(points, repeats=1, warmup=0, rate=100.0)
@@ -24,16 +27,35 @@ def test_run_reports_each_point():
         assert row["family"] == point.family and row["lstmkit_ms"] > 0 and row["torch_ms"] > 0
         assert row["speedup"] == pytest.approx(row["torch_ms"] / row["lstmkit_ms"])
         assert row["lstmkit_gflops"] == pytest.approx(point.flops() / 1e6 / row["lstmkit_ms"])
-        assert row["target_class"] == "small" and row["target_met"] == (row["speedup"] >= 2)
+        assert row["target_class"] == point.target_class
+        assert row["target_met"] == (row["speedup"] >= bench.TARGET_RATIO[point.target_class])
         assert row["speedup_bound"] == pytest.approx(100.0 / row["torch_gflops"])
         assert row["torch_matmul_fraction"] == pytest.approx(row["torch_gflops"] / 100.0)
         assert row["target_status"] in ("met", "missed", "out of reach", "beyond MKL")
-        assert row["products_ms"] > 0
-        assert row["products_bound"] == pytest.approx(row["torch_ms"] / row["products_ms"])
+        # The products bound is measured where MKL runs the steps (the generic driver) only.
+        fused = native._driver(StepLayout.padded(point.steps, point.batch),
+                               torch.empty(point.hidden, point.hidden)) == 0
+        assert (row["products_ms"] is None) == fused
+        if not fused:
+            assert row["products_bound"] == pytest.approx(row["torch_ms"] / row["products_ms"])
     table = bench.markdown(results).splitlines()
     assert len(table) == 2 + len(points) and table[2].startswith("| LSTM | train | 2 | 4 |")
     assert "bound (100% of matmul rate)" in table[0]
     assert all(line.count("|") == table[0].count("|") for line in table)
+
+
+def test_isolated_points_run_in_a_fresh_process_with_the_same_threads():
+    point = bench.Point("GRU", "train", batch=16, hidden=4, input_size=3, steps=2)
+    results = bench.run([point], repeats=1, warmup=0, rate=100.0, isolate=True)
+    row = results["points"][0]
+    assert row["lstmkit_ms"] > 0 and row["torch_ms"] > 0 and row["products_ms"] > 0
+    request = {"point": bench.asdict(point), "dtype": "float64", "device": "cpu", "repeats": 1,
+               "warmup": 0, "threads": 1}
+    done = subprocess.run([sys.executable, "-m", "lstmkit.bench", json.dumps(request)],
+                          capture_output=True, text=True, check=True)
+    measured = json.loads(done.stdout.splitlines()[-1])
+    assert set(measured) == {"lstmkit_s", "torch_s", "products_s"}
+    assert "RuntimeWarning" not in done.stderr
 
 
 def _row(target_class, speedup, torch_gflops, lstmkit_gflops, rate, products=None):
@@ -107,12 +129,16 @@ def test_printed_and_markdown_rows_show_the_bound():
 
 
 def test_products_seconds_times_the_products_alone(monkeypatch):
-    forward = bench.Point("GRU", "forward", batch=3, hidden=5, input_size=4, steps=6, layers=2,
+    # Batches above the fused driver's limit, so MKL runs the steps.
+    forward = bench.Point("GRU", "forward", batch=80, hidden=5, input_size=4, steps=6, layers=2,
                           bidirectional=True)
-    train = bench.Point("LSTM", "train", batch=3, hidden=5, input_size=4, steps=6)
-    for point in (forward, train):
+    train = bench.Point("LSTM", "train", batch=80, hidden=5, input_size=4, steps=6)
+    one_layer = bench.Point("GRU", "forward", batch=80, hidden=5, input_size=4, steps=6)
+    for point in (forward, train, one_layer):
         assert bench.products_seconds(point, repeats=1) > 0
     assert bench.products_seconds(train, dtype=torch.float64, repeats=1) > 0
+    # Where lstmkit's own step kernel runs (batch 1), MKL's speed bounds nothing.
+    assert bench.products_seconds(bench.Point(batch=1, hidden=5, steps=3), repeats=1) is None
     monkeypatch.setattr(native, "available", lambda: False)
     assert bench.products_seconds(train, repeats=1) is None
 
@@ -144,7 +170,8 @@ def test_cli_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
     code = main(["bench", "--family", "LSTM", "--mode", "forward", "--batch", "1,2",
                  "--hidden", "4", "--steps", "2", "--repeats", "1", "--warmup", "0",
-                 "--streaming-steps", "3", "--streaming-hidden", "4", "--json", str(path)])
+                 "--streaming-steps", "3", "--streaming-hidden", "4", "--json", str(path),
+                 "--same-process"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "matmul rate" in printed and "streaming batch 1" in printed

@@ -20,6 +20,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -204,8 +206,9 @@ def products_seconds(point: Point, dtype=torch.float32, repeats=5):
     the T backward steps (B, G) x (G, H), dX (N, G) x (G, I) and the weight and bias gradients
     (G, N) x (N, I + H + 1). No gate math, no state, no allocation: torch.nn's time over this
     (`products_bound`) is the largest speedup for any implementation whose products run at
-    MKL's speed."""
-    from .kernels import native
+    MKL's speed. None where lstmkit's own fused step kernel runs instead (small batches: it is
+    faster than MKL at those shapes, so MKL's speed bounds nothing there)."""
+    from .kernels import StepLayout, native
 
     if not native.available():
         return None
@@ -217,11 +220,15 @@ def products_seconds(point: Point, dtype=torch.float32, repeats=5):
     def randn(*shape):
         return torch.randn(*shape, dtype=dtype)
 
+    w_hh = randn(G, H)
+    if native._driver(StepLayout.padded(T, B), w_hh) == 0:
+        return None       # lstmkit's own step product runs here, faster than MKL's at the shape
+
     def timed(fn):
         fn()
         return _median_time(fn, torch.device("cpu"), repeats)
 
-    w_hh, h, d_gates = randn(G, H), randn(T, B, H), randn(T, B, G)
+    h, d_gates = randn(T, B, H), randn(T, B, G)
     # The recurrence: the same for every layer and direction.
     steps = min(timed(lambda parts=parts: module.step_products(h, w_hh.t(), parts))
                 for parts in sorted({1, threads}))
@@ -244,9 +251,43 @@ def products_seconds(point: Point, dtype=torch.float32, repeats=5):
     return total
 
 
+def _measure(point: Point, dtype, device, repeats, warmup) -> dict:
+    """time_point, and products_seconds on the CPU: one point's raw measurements (seconds)."""
+    timing = time_point(point, dtype, device, repeats, warmup)
+    products = products_seconds(point, dtype, repeats) if device.type == "cpu" else None
+    return {**timing, "products_s": products}
+
+
+def _measure_in_subprocess(point: Point, dtype, device, repeats, warmup) -> dict:
+    """_measure in a fresh Python process with this one's thread count (see `run`)."""
+    request = {"point": asdict(point), "dtype": str(dtype).replace("torch.", ""),
+               "device": str(device), "repeats": repeats, "warmup": warmup,
+               "threads": torch.get_num_threads()}
+    done = subprocess.run([sys.executable, "-m", "lstmkit.bench", json.dumps(request)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark subprocess for {point} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _main(request: str) -> None:
+    """`python -m lstmkit.bench REQUEST`: one point measured, its JSON on the last stdout line."""
+    request = json.loads(request)
+    torch.set_num_threads(request["threads"])
+    result = _measure(Point(**request["point"]), getattr(torch, request["dtype"]),
+                      torch.device(request["device"]), request["repeats"], request["warmup"])
+    print(json.dumps(result))
+
+
 def run(points, dtype=torch.float32, device="cpu", repeats=5, warmup=1, rate=None,
-        progress=None) -> dict:
-    """Time every point; returns {"machine", "matmul_gflops", "points": [...]}."""
+        progress=None, isolate=False) -> dict:
+    """Time every point; returns {"machine", "matmul_gflops", "points": [...]}.
+
+    isolate: each point in a fresh Python process (`lstmkit bench` does this by default). In
+    one process, what earlier points allocated and freed decides how many of a later point's
+    allocations fault fresh pages in, for both sides (torch.nn's LSTM training step at batch
+    32 / hidden 256: 31 ms in a fresh process, 24.7 ms after the other points of the quick
+    grid), so the same point measures differently depending on what ran before it."""
     device = torch.device(device)
     machine_before = machine()
     measured_rate = rate is None
@@ -254,14 +295,15 @@ def run(points, dtype=torch.float32, device="cpu", repeats=5, warmup=1, rate=Non
     start_rate = rate
     rows = []
     for point in points:
-        timing = time_point(point, dtype, device, repeats, warmup)
+        measure = _measure_in_subprocess if isolate else _measure
+        timing = measure(point, dtype, device, repeats, warmup)
         gflop = point.flops() / 1e9
         row = {**asdict(point), "target_class": point.target_class,
                "lstmkit_ms": timing["lstmkit_s"] * 1e3, "torch_ms": timing["torch_s"] * 1e3,
                "lstmkit_gflops": gflop / timing["lstmkit_s"],
                "torch_gflops": gflop / timing["torch_s"],
                "speedup": timing["torch_s"] / timing["lstmkit_s"]}
-        products = products_seconds(point, dtype, repeats) if device.type == "cpu" else None
+        products = timing["products_s"]
         row["products_ms"] = None if products is None else products * 1e3
         row["products_gflops"] = None if products is None else gflop / products
         _judge(row, rate)
@@ -383,8 +425,9 @@ STATUS_TEXT = {"met": "met", "missed": "MISSED", "out of reach": "out of reach",
                "beyond MKL": "beyond MKL", None: ""}
 
 
-def _optional(value, form: str, width: int) -> str:
-    return f"{value:{form}}".rjust(width) if value is not None else "-".rjust(width)
+def _optional(value, form: str, width: int, unit: str = "") -> str:
+    text = "-" if value is None else f"{value:{form}}"
+    return text.rjust(width) + (unit if value is not None else " " * len(unit))
 
 
 def format_row(row: dict) -> str:
@@ -397,7 +440,7 @@ def format_row(row: dict) -> str:
             f"{row['torch_ms']:>10.2f} {row['lstmkit_gflops']:>8.1f} "
             f"{row['lstmkit_matmul_fraction']:>6.0%} {row['torch_matmul_fraction']:>6.0%} "
             f"{row['speedup']:>7.2f}x {row['speedup_bound']:>6.2f}x "
-            f"{_optional(row.get('products_bound'), '.2f', 6)}x "
+            f"{_optional(row.get('products_bound'), '.2f', 6, 'x')} "
             f"{_optional(row.get('products_matmul_fraction'), '.0%', 7)} "
             f"{row['target_class']:>7} {STATUS_TEXT[row['target_status']]:>12}")
 
@@ -436,3 +479,7 @@ def write_json(results: dict, path) -> None:
         json.dump(results, f, indent=1)
         f.write("\n")
     os.replace(temporary, path)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])

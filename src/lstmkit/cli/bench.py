@@ -59,6 +59,10 @@ def register(subparsers):
                         help="steps of the batch-1 single-step comparison; 0 skips it")
     parser.add_argument("--streaming-hidden", type=int, default=256,
                         help="hidden (and input) size of the streaming comparison (default 256)")
+    parser.add_argument("--same-process", action="store_true",
+                        help="time every point in this process instead of one fresh process per "
+                             "point (faster to start, but what earlier points allocated changes "
+                             "how many page faults later points pay, on both sides)")
     parser.add_argument("--json", default="bench.json", help="results file (default bench.json)")
     parser.add_argument("--markdown", action="store_true",
                         help="also print the results as a Markdown table")
@@ -106,7 +110,8 @@ def run(args) -> int:
           f"load average {info['load_average_1min']}")
     print(bench.HEADER, flush=True)
     results = bench.run(points, dtype, device, args.repeats, args.warmup,
-                        progress=lambda row: print(bench.format_row(row), flush=True))
+                        progress=lambda row: print(bench.format_row(row), flush=True),
+                        isolate=not args.same_process)
     if args.streaming_steps:
         stream = bench.streaming(args.streaming_hidden, args.streaming_hidden,
                                  args.streaming_steps, args.repeats, dtype, device)
