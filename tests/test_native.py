@@ -7,6 +7,7 @@ parts as "generic-rows"; projection, GRU reset-before, large products), chosen h
 the constants `_driver` reads.
 """
 
+import multiprocessing
 import platform
 import sys
 import threading
@@ -427,6 +428,26 @@ def test_pool_keeps_at_most_its_limit(empty_pool):
         assert pool.pool_free_bytes() == 3 * 256 * 256 * 4
     finally:
         pool.set_pool_limit(old)
+
+
+def _pool_in_child(queue):
+    torch.set_num_threads(1)      # GNU OpenMP's thread team does not survive a fork
+    t = native.pooled_empty((400, 400), torch.empty(0))
+    t.fill_(1.0)
+    del t
+    queue.put(native.module().pool_free_bytes())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_pool_works_in_a_forked_child(empty_pool):
+    keep = native.pooled_empty((300, 300), torch.empty(0))
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_pool_in_child, args=(queue,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0 and queue.get(timeout=5) == 400 * 400 * 4
+    del keep
 
 
 def test_pooled_tensors_behave_like_any_tensor(empty_pool):

@@ -40,6 +40,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <pthread.h>
 #include <thread>
 #include <tuple>
 #include <type_traits>
@@ -89,6 +90,7 @@ class RecyclingAllocator final : public c10::Allocator {
     std::lock_guard<std::mutex> lock(mutex_);
     return free_bytes_;
   }
+  void unlock_after_fork() { new (&mutex_) std::mutex(); }
   void release() {
     std::lock_guard<std::mutex> lock(mutex_);
     for (auto& [capacity, block] : free_) std::free(block);
@@ -116,7 +118,12 @@ class RecyclingAllocator final : public c10::Allocator {
 
 // Never destroyed: tensors may die after static destructors have run (at interpreter exit).
 RecyclingAllocator& recycling() {
-  static auto* allocator = new RecyclingAllocator();
+  static auto* allocator = [] {
+    auto* pool = new RecyclingAllocator();
+    // A child forked while another thread held the pool's lock would wait for it forever.
+    pthread_atfork(nullptr, nullptr, [] { recycling().unlock_after_fork(); });
+    return pool;
+  }();
   return *allocator;
 }
 
