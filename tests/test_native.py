@@ -53,8 +53,10 @@ def driver(request, monkeypatch):
     previous = native.module().set_chunk_bytes(1)
     if request.param != "fused-chunked":
         native.module().set_chunk_bytes(previous)
-    # "generic" multiplies by MKL's packed W_hh where this torch has it; "generic-mm" by at::mm.
+    # "generic" multiplies by MKL's packed W_hh where this torch has it; "generic-mm" by at::mm,
+    # and takes the LSTM input as a projection of all steps (the others multiply it at each step).
     packed = native.module().set_packed_gemm(request.param != "generic-mm")
+    monkeypatch.setattr(native, "INPUT_IN_STEP", request.param != "generic-mm")
     yield request.param
     native.module().set_chunk_bytes(previous)
     native.module().set_packed_gemm(packed)

@@ -202,7 +202,8 @@ def products_seconds(point: Point, dtype=torch.float32, repeats=5):
 
     Per layer and direction: the input projection (N, I) x (I, G) and the T step products
     (B, H) x (H, G), as MKL's packed GEMM with W_hh packed once (the faster of the whole batch
-    split across the threads and the batch rows split into one part per thread); training adds
+    split across the threads and the batch rows split into one part per thread), or for the
+    LSTM, if faster, the T step products (B, I + H) x (I + H, G) with the input; training adds
     the T backward steps (B, G) x (G, H), dX (N, G) x (G, I) and the weight and bias gradients
     (G, N) x (N, I + H + 1). No gate math, no state, no allocation: torch.nn's time over this
     (`products_bound`) is the largest speedup for any implementation whose products run at
@@ -229,25 +230,30 @@ def products_seconds(point: Point, dtype=torch.float32, repeats=5):
         return _median_time(fn, torch.device("cpu"), repeats)
 
     h, d_gates = randn(T, B, H), randn(T, B, G)
-    # The recurrence: the same for every layer and direction.
-    steps = min(timed(lambda parts=parts: module.step_products(h, w_hh.t(), parts))
-                for parts in sorted({1, threads}))
-    if point.mode == "train":
-        steps += min(timed(lambda parts=parts: module.step_products(d_gates, w_hh, parts))
-                     for parts in sorted({1, threads}))
+
+    def steps(a, b):          # T step products a[t] @ b, the faster row split
+        return min(timed(lambda parts=parts: module.step_products(a, b, parts))
+                   for parts in sorted({1, threads}))
+
+    def products(outs, lefts, rights):   # one product per (out, left, right), at once
+        return timed(lambda: module.products(outs, lefts, rights))
+
+    recurrent = steps(h, w_hh.t())
+    backward = steps(d_gates, w_hh) if point.mode == "train" else 0.0
     total = 0.0
     for layer in range(point.layers):
         inputs = point.input_size if layer == 0 else D * H
         x, w_ih, flat_gates = randn(N, inputs), randn(G, inputs), d_gates.view(N, G)
         projection = torch.empty(N, G, dtype=dtype)
-        jobs = [[(projection, x, w_ih.t())]]
+        forward = recurrent + products([projection], [x], [w_ih.t()])
+        if point.family == "LSTM":     # or the input inside each step's product, if faster
+            forward = min(forward, steps(randn(T, B, inputs + H), randn(G, inputs + H).t()))
+        sequence = 0.0
         if point.mode == "train":
             dx, stacked = torch.empty(N, inputs, dtype=dtype), randn(N, inputs + H + 1)
-            jobs.append([(dx, flat_gates, w_ih),
-                         (torch.empty(G, inputs + H + 1, dtype=dtype), flat_gates.t(), stacked)])
-        sequence = sum(timed(lambda j=j: module.products(*map(list, zip(*j, strict=True))))
-                       for j in jobs)
-        total += D * (steps + sequence)
+            weights = torch.empty(G, inputs + H + 1, dtype=dtype)
+            sequence = products([dx, weights], [flat_gates, flat_gates.t()], [w_ih, stacked])
+        total += D * (forward + backward + sequence)
     return total
 
 

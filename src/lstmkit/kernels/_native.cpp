@@ -817,11 +817,11 @@ struct LSTMForwardGates {
     constexpr int L = Vec<S>::L;
     i64 j = jb * L;
     int n = (int)std::min<i64>(L, H - j);
-    const S* base = xproj + row * 4 * H + j;
-    V<S> i = vsigmoid(acc[0] + load(base, n) + load_bias(bias, j, n));
-    V<S> f = vsigmoid(acc[1] + load(base + H, n) + load_bias(bias, H + j, n));
-    V<S> g = vtanh(acc[2] + load(base + 2 * H, n) + load_bias(bias, 2 * H + j, n));
-    V<S> o = vsigmoid(acc[3] + load(base + 3 * H, n) + load_bias(bias, 3 * H + j, n));
+    const S* x = xproj ? xproj + row * 4 * H : nullptr;      // none: already in acc
+    V<S> i = vsigmoid(acc[0] + load_bias(x, j, n) + load_bias(bias, j, n));
+    V<S> f = vsigmoid(acc[1] + load_bias(x, H + j, n) + load_bias(bias, H + j, n));
+    V<S> g = vtanh(acc[2] + load_bias(x, 2 * H + j, n) + load_bias(bias, 2 * H + j, n));
+    V<S> o = vsigmoid(acc[3] + load_bias(x, 3 * H + j, n) + load_bias(bias, 3 * H + j, n));
     S* cb = c + b * H + j;
     V<S> cn = f * load(cb, n) + i * g;
     store(cb, cn, n);
@@ -834,20 +834,27 @@ struct LSTMForwardGates {
   }
 };
 
+// With w_ih (generic driver, no projection), `xproj` is the input x (N, I) itself and each step
+// multiplies [x_t | h] by [W_ih | W_hh]^T ("input in the step"): the same products as the
+// projection of all steps before the loop, but the (N, 4H) projection is never written out and
+// read back (13 MB at batch 32 / hidden 256 / length 100, mostly from DRAM after other work).
 template <typename S>
 std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const Tensor& h0,
                                  const Tensor& c0,
                                  const Tensor& w_hh, const c10::optional<Tensor>& w_hr_opt,
-                                 const Steps& st, bool save, i64 parts) {
+                                 const Steps& st, bool save, i64 parts, const Tensor& w_ih) {
   constexpr int L = Vec<S>::L;
   const i64 H = c0.size(1), P = h0.size(1), B = st.batch, N = st.rows;
+  const i64 I = w_ih.defined() ? w_ih.size(1) : 0;
   Tensor w_hr = w_hr_opt.has_value() ? w_hr_opt->contiguous() : Tensor();
+  TORCH_CHECK(!I || (parts > 0 && !w_hr.defined() && xproj.size(1) == I),
+              "lstm_forward: the input in the step needs the generic driver, no projection");
   Tensor out = pooled_empty({N, P}, xproj.options());
   Tensor gates = save ? pooled_empty({N, 4 * H}, xproj.options()) : Tensor();
   Tensor cells = save ? pooled_empty({N, H}, xproj.options()) : Tensor();
   Tensor c = c0.clone();
-  LSTMForwardGates<S> gate_math{ptr<S>(xproj), ptr<S>(bias), ptr<S>(c), ptr<S>(gates),
-                                ptr<S>(cells), H};
+  LSTMForwardGates<S> gate_math{I ? nullptr : ptr<S>(xproj), ptr<S>(bias), ptr<S>(c),
+                                ptr<S>(gates), ptr<S>(cells), H};
   S* o_ptr = ptr<S>(out);
   const i64 J = (H + L - 1) / L;
   if (parts == 0 && !w_hr.defined()) {
@@ -879,19 +886,24 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
     Tensor h_T = hbuf[st.count() % 2].clone();
     return {out, h_T, c, gates, cells};
   }
-  Tensor h = h0.clone();
+  // z = [x_t | h] (B, I + P), the step product's left operand; just h without the input.
+  Tensor z = at::empty({B, I + P}, xproj.options());
+  z.narrow(1, I, P).copy_(h0);
   Tensor rec = at::empty({B, 4 * H}, xproj.options());
   Tensor m = w_hr.defined() ? at::empty({B, H}, xproj.options()) : Tensor();
-  StepProduct<S> recurrent(w_hh.t(), B);
+  StepProduct<S> recurrent((I ? at::cat({w_ih, w_hh}, 1) : w_hh).t(), B);
   c10::optional<StepProduct<S>> projection;
   if (w_hr.defined()) projection.emplace(w_hr.t(), B);
   const S* r = ptr<S>(rec);
-  S* target = m.defined() ? ptr<S>(m) : ptr<S>(h);
-  const i64 ts = m.defined() ? H : P;
+  const S* x = ptr<S>(xproj);
+  Mat<S> zm = mat<S>(z);
+  S* target = m.defined() ? ptr<S>(m) : zm.p + I;
+  const i64 ts = m.defined() ? H : I + P;
   run_row_parts(st.count(), B, parts, [&](i64 s, i64 r0, i64 r1) {
     i64 t = st.order[s], off = st.offset[t], e = std::min(r1, st.size[t]);
     if (e <= r0) return;
-    recurrent(mat<S>(rec).rows_at(r0, e - r0), mat<S>(h).rows_at(r0, e - r0));
+    for (i64 b = r0; b < e && I; ++b) std::memcpy(zm.row(b), x + (off + b) * I, I * sizeof(S));
+    recurrent(mat<S>(rec).rows_at(r0, e - r0), zm.rows_at(r0, e - r0));
     for_rows(e, H, [&](i64 b) {
       V<S> acc[4];
       for (i64 jb = 0; jb < J; ++jb) {
@@ -906,10 +918,10 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
     if (m.defined()) {
       Mat<S> rows = mat<S>(out).rows_at(off + r0, e - r0);
       (*projection)(rows, mat<S>(m).rows_at(r0, e - r0));
-      copy_rows(mat<S>(h).rows_at(r0, e - r0), rows);
+      copy_rows(zm.rows_at(r0, e - r0), rows);
     }
   });
-  return {out, h, c, gates, cells};
+  return {out, z.narrow(1, I, P).contiguous(), c, gates, cells};
 }
 
 // Backward, per step in reverse order, dh including the output gradient:
@@ -1507,15 +1519,17 @@ void check(const Tensor& t, const char* name) {
 }
 
 
+// xproj: the projection x W_ih^T (N, 4H); with w_ih, the input x (N, I) (see lstm_forward).
 std::vector<Tensor> lstm_forward_py(Tensor xproj, c10::optional<Tensor> bias, Tensor h0,
                                     Tensor c0, Tensor w_hh, c10::optional<Tensor> w_hr,
                                     std::vector<i64> batch_sizes, bool reverse, bool save,
-                                    i64 parts) {
+                                    i64 parts, c10::optional<Tensor> w_ih) {
   for (auto* t : {&xproj, &h0, &c0, &w_hh}) check(*t, "tensor");
   Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
+  Tensor wi = w_ih.has_value() ? w_ih->contiguous() : Tensor();
   Steps st(batch_sizes, reverse);
   return LSTMKIT_DISPATCH(xproj.scalar_type(), [&] {
-    return lstm_forward<scalar>(xproj, b, h0, c0, w_hh, w_hr, st, save, parts);
+    return lstm_forward<scalar>(xproj, b, h0, c0, w_hh, w_hr, st, save, parts, wi);
   });
 }
 

@@ -66,6 +66,9 @@ MAX_ROW_PARTS = None                        # None: one per thread (tests ask fo
 # Products smaller than this (floating-point operations) run on the calling thread (the same
 # threshold as SERIAL_FLOPS in _native.cpp): waking the thread team costs more than they do.
 SERIAL_FLOPS = 4e6
+# LSTM, generic driver: the input multiplied inside each step's product (see lstm_forward in
+# _native.cpp) instead of projected for all steps before the loop.
+INPUT_IN_STEP = True
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "module": None, "reason": None}
@@ -326,12 +329,14 @@ def _bias_sum(b_ih, b_hh):
     return b_ih + b_hh
 
 
-def _driver(layout, w_hh, projected: bool = False) -> int:
-    """0: the fused driver; n >= 1: the generic driver with n row parts (see FUSED_MAX_BATCH)."""
+def _driver(layout, w_hh, projected: bool = False, w_ih=None) -> int:
+    """0: the fused driver; n >= 1: the generic driver with n row parts (see FUSED_MAX_BATCH).
+    w_ih: given when the generic driver would multiply it at every step too (INPUT_IN_STEP)."""
     threads = torch.get_num_threads()
     weight_bytes = w_hh.numel() * w_hh.element_size()
+    step_weight_bytes = weight_bytes + (0 if w_ih is None else w_ih.numel() * w_ih.element_size())
     parts = 1
-    if weight_bytes <= ROW_PARTS_MAX_WEIGHT_BYTES:
+    if step_weight_bytes <= ROW_PARTS_MAX_WEIGHT_BYTES:
         most = threads if MAX_ROW_PARTS is None else MAX_ROW_PARTS
         parts = max(1, min(most, layout.batch // MIN_PART_ROWS))
     if not projected and layout.batch <= FUSED_MAX_BATCH:
@@ -376,11 +381,15 @@ class NativeLSTMFunction(_NativeFunction):
 
     @staticmethod
     def _run(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, save):
-        xproj = _projection(x, w_ih)
         h0, c0, w_hh, w_hr = _contiguous((h0, c0, w_hh, w_hr))
-        return module().lstm_forward(xproj, _bias_sum(b_ih, b_hh), h0, c0, w_hh, w_hr,
-                                     layout.batch_sizes, reverse, save,
-                                     _driver(layout, w_hh, w_hr is not None))
+        input_in_step = INPUT_IN_STEP and w_hr is None
+        parts = _driver(layout, w_hh, w_hr is not None, w_ih if input_in_step else None)
+        if parts and input_in_step:
+            # Generic driver: [x_t | h] times [W_ih | W_hh]^T at each step, no projection.
+            return module().lstm_forward(x.contiguous(), _bias_sum(b_ih, b_hh), h0, c0, w_hh,
+                                         None, layout.batch_sizes, reverse, save, parts, w_ih)
+        return module().lstm_forward(_projection(x, w_ih), _bias_sum(b_ih, b_hh), h0, c0, w_hh,
+                                     w_hr, layout.batch_sizes, reverse, save, parts, None)
 
     @staticmethod
     def _infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse):
