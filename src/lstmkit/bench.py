@@ -202,8 +202,9 @@ def products_seconds(point: Point, dtype=torch.float32, repeats=5):
 
     Per layer and direction: the input projection (N, I) x (I, G) and the T step products
     (B, H) x (H, G), as MKL's packed GEMM with W_hh packed once (the faster of the whole batch
-    split across the threads and the batch rows split into one part per thread), or for the
-    LSTM, if faster, the T step products (B, I + H) x (I + H, G) with the input; training adds
+    split across the threads and the batch rows split into one part per thread; operands and
+    results in the same buffers at every step, as in the loop), or for the LSTM, if faster, the
+    T step products (B, I + H) x (I + H, G) with the input; training adds
     the T backward steps (B, G) x (G, H), dX (N, G) x (G, I) and the weight and bias gradients
     (G, N) x (N, I + H + 1). No gate math, no state, no allocation: torch.nn's time over this
     (`products_bound`) is the largest speedup for any implementation whose products run at
@@ -229,25 +230,25 @@ def products_seconds(point: Point, dtype=torch.float32, repeats=5):
         fn()
         return _median_time(fn, torch.device("cpu"), repeats)
 
-    h, d_gates = randn(T, B, H), randn(T, B, G)
+    h, d_gates = randn(B, H), randn(N, G)
 
-    def steps(a, b):          # T step products a[t] @ b, the faster row split
-        return min(timed(lambda parts=parts: module.step_products(a, b, parts))
+    def steps(a, b):          # T step products a @ b, the faster row split
+        return min(timed(lambda parts=parts: module.step_products(a, b, T, parts))
                    for parts in sorted({1, threads}))
 
     def products(outs, lefts, rights):   # one product per (out, left, right), at once
         return timed(lambda: module.products(outs, lefts, rights))
 
     recurrent = steps(h, w_hh.t())
-    backward = steps(d_gates, w_hh) if point.mode == "train" else 0.0
+    backward = steps(d_gates[:B], w_hh) if point.mode == "train" else 0.0
     total = 0.0
     for layer in range(point.layers):
         inputs = point.input_size if layer == 0 else D * H
-        x, w_ih, flat_gates = randn(N, inputs), randn(G, inputs), d_gates.view(N, G)
+        x, w_ih, flat_gates = randn(N, inputs), randn(G, inputs), d_gates
         projection = torch.empty(N, G, dtype=dtype)
         forward = recurrent + products([projection], [x], [w_ih.t()])
         if point.family == "LSTM":     # or the input inside each step's product, if faster
-            forward = min(forward, steps(randn(T, B, inputs + H), randn(G, inputs + H).t()))
+            forward = min(forward, steps(randn(B, inputs + H), randn(G, inputs + H).t()))
         sequence = 0.0
         if point.mode == "train":
             dx, stacked = torch.empty(N, inputs, dtype=dtype), randn(N, inputs + H + 1)

@@ -142,11 +142,14 @@ void RecyclingAllocator::give_back(void* context) {
   std::free(block);
 }
 
-// at::empty, with the memory from the pool above.
+// at::empty and Tensor::clone, with the memory from the pool above. Every buffer of a kernel
+// call comes from here: the packed weights alone are 16 MiB at hidden 1024, and faulting them
+// in anew cost 4 ms per call (6% of a forward at batch 128).
 Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return at::detail::empty_generic(sizes, &recycling(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(options.dtype()), c10::nullopt);
 }
+Tensor pooled_clone(const Tensor& t) { return pooled_empty(t.sizes(), t.options()).copy_(t); }
 
 // ---- SIMD vectors (GCC/Clang vector extensions: AVX-512, AVX2 or SSE, as the machine has) ----
 
@@ -330,7 +333,7 @@ Tensor pack(const Tensor& w, i64 ng, i64 units, i64 K, i64 sq, i64 su, i64 sc) {
   constexpr int L = Vec<S>::L;
   constexpr i64 KT = 16;                 // contraction tile: L x KT elements transposed at once
   i64 J = (units + L - 1) / L;
-  Tensor packed = at::empty({J * K * ng * L}, w.options());
+  Tensor packed = pooled_empty({J * K * ng * L}, w.options());
   const S* W = w.data_ptr<S>();
   S* out = packed.data_ptr<S>();
   // Read along whichever of j (su == 1) and k is contiguous in W: a strided gather, one element
@@ -528,7 +531,7 @@ struct Chunking {
   i64 J, kc;
   Chunking(i64 B, i64 J_, i64 ng, i64 K, const at::TensorOptions& options)
       : J(J_), kc(chunk_size<S>(K, std::min<i64>(2, J_), ng)) {
-    if (kc < K) sums = at::empty({B * J * ng * Vec<S>::L}, options);
+    if (kc < K) sums = pooled_empty({B * J * ng * Vec<S>::L}, options);
   }
   S* partial() const { return sums.defined() ? sums.data_ptr<S>() : nullptr; }
 };
@@ -750,7 +753,7 @@ class StepProduct {
       }
     }
     size_t bytes = cblas_sgemm_pack_get_size(B_MATRIX, (int)rows, (int)N_, (int)K_);
-    packed_ = at::empty({(i64)(bytes / sizeof(float)) + 1}, b.options());
+    packed_ = pooled_empty({(i64)(bytes / sizeof(float)) + 1}, b.options());
     cblas_sgemm_pack(ROW_MAJOR, B_MATRIX, trans, (int)rows, (int)N_, (int)K_, 1.0f,
                      reinterpret_cast<const float*>(src.data_ptr()),
                      ld, reinterpret_cast<float*>(packed_.data_ptr()));
@@ -852,14 +855,14 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
   Tensor out = pooled_empty({N, P}, xproj.options());
   Tensor gates = save ? pooled_empty({N, 4 * H}, xproj.options()) : Tensor();
   Tensor cells = save ? pooled_empty({N, H}, xproj.options()) : Tensor();
-  Tensor c = c0.clone();
+  Tensor c = pooled_clone(c0);
   LSTMForwardGates<S> gate_math{I ? nullptr : ptr<S>(xproj), ptr<S>(bias), ptr<S>(c),
                                 ptr<S>(gates), ptr<S>(cells), H};
   S* o_ptr = ptr<S>(out);
   const i64 J = (H + L - 1) / L;
   if (parts == 0 && !w_hr.defined()) {
     Tensor packed = pack<S>(w_hh, 4, H, P, H * P, P, 1);
-    Tensor hbuf = at::empty({2, B, P}, xproj.options());
+    Tensor hbuf = pooled_empty({2, B, P}, xproj.options());
     hbuf[0].copy_(h0);
     hbuf[1].copy_(h0);
     S* hb = ptr<S>(hbuf);
@@ -883,15 +886,21 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
         std::memcpy(h_write + b * P + j0, h_read + b * P + j0, (j1 - j0) * sizeof(S));
       }
     });
-    Tensor h_T = hbuf[st.count() % 2].clone();
+    Tensor h_T = pooled_clone(hbuf[st.count() % 2]);
     return {out, h_T, c, gates, cells};
   }
   // z = [x_t | h] (B, I + P), the step product's left operand; just h without the input.
-  Tensor z = at::empty({B, I + P}, xproj.options());
+  Tensor z = pooled_empty({B, I + P}, xproj.options());
   z.narrow(1, I, P).copy_(h0);
-  Tensor rec = at::empty({B, 4 * H}, xproj.options());
-  Tensor m = w_hr.defined() ? at::empty({B, H}, xproj.options()) : Tensor();
-  StepProduct<S> recurrent((I ? at::cat({w_ih, w_hh}, 1) : w_hh).t(), B);
+  Tensor rec = pooled_empty({B, 4 * H}, xproj.options());
+  Tensor m = w_hr.defined() ? pooled_empty({B, H}, xproj.options()) : Tensor();
+  Tensor w = w_hh;
+  if (I) {                                 // [W_ih | W_hh] (4H, I + P)
+    w = pooled_empty({4 * H, I + P}, w_hh.options());
+    w.narrow(1, 0, I).copy_(w_ih);
+    w.narrow(1, I, P).copy_(w_hh);
+  }
+  StepProduct<S> recurrent(w.t(), B);
   c10::optional<StepProduct<S>> projection;
   if (w_hr.defined()) projection.emplace(w_hr.t(), B);
   const S* r = ptr<S>(rec);
@@ -964,7 +973,7 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
   Tensor w_hr = w_hr_opt.has_value() ? w_hr_opt->contiguous() : Tensor();
   Tensor d_gates = d_gates_buffer.defined() ? d_gates_buffer
                                             : pooled_empty({N, 4 * H}, gates.options());
-  Tensor dh = d_hT.clone(), dc = d_cT.clone();
+  Tensor dh = pooled_clone(d_hT), dc = pooled_clone(d_cT);
   LSTMBackwardGates<S> gate_math{ptr<S>(gates), ptr<S>(cells), ptr<S>(c0), ptr<S>(dc),
                                  ptr<S>(d_gates), &st, H};
   const S* dy = ptr<S>(d_out);
@@ -1003,7 +1012,7 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
     return {d_gates, dh, dc, Tensor()};
   }
   Tensor d_h_rows = w_hr.defined() ? pooled_empty({N, P}, gates.options()) : Tensor();
-  Tensor dm = at::empty({B, w_hr.defined() ? H : P}, gates.options());
+  Tensor dm = pooled_empty({B, w_hr.defined() ? H : P}, gates.options());
   StepProduct<S> recurrent(w_hh, B);
   c10::optional<StepProduct<S>> projection;
   if (w_hr.defined()) projection.emplace(w_hr, B);
@@ -1065,7 +1074,7 @@ std::vector<Tensor> lstm_cell(const Tensor& x, const Tensor& h, const Tensor& c,
     zero_bias.assign(4 * H, S(0));
     bias_row = zero_bias.data();
   }
-  Tensor h_new = at::empty({B, H}, x.options()), c_new = c.clone();
+  Tensor h_new = pooled_empty({B, H}, x.options()), c_new = pooled_clone(c);
   LSTMForwardGates<S> gate_math{bias_row, nullptr, ptr<S>(c_new), nullptr, nullptr, H};
   S* hp = ptr<S>(h_new);
   const S* zp = z_scratch.data();
@@ -1103,7 +1112,7 @@ std::vector<Tensor> rnn_forward(const Tensor& xproj, const Tensor& bias, const T
   const S* bp = ptr<S>(bias);
   if (parts == 0) {
     Tensor packed = pack<S>(w_hh, 1, H, H, 0, H, 1);
-    Tensor hbuf = at::empty({2, B, H}, xproj.options());
+    Tensor hbuf = pooled_empty({2, B, H}, xproj.options());
     hbuf[0].copy_(h0);
     hbuf[1].copy_(h0);
     S* hb = ptr<S>(hbuf);
@@ -1127,10 +1136,10 @@ std::vector<Tensor> rnn_forward(const Tensor& xproj, const Tensor& bias, const T
         std::memcpy(h_write + b * H + j0, h_read + b * H + j0, (j1 - j0) * sizeof(S));
       }
     });
-    return {out, hbuf[st.count() % 2].clone()};
+    return {out, pooled_clone(hbuf[st.count() % 2])};
   }
-  Tensor h = h0.clone();
-  Tensor rec = at::empty({B, H}, xproj.options());
+  Tensor h = pooled_clone(h0);
+  Tensor rec = pooled_empty({B, H}, xproj.options());
   StepProduct<S> recurrent(w_hh.t(), B);
   const S* r = ptr<S>(rec);
   S* hp = ptr<S>(h);
@@ -1168,7 +1177,7 @@ std::vector<Tensor> rnn_backward(const Tensor& d_out, const Tensor& d_hT, const 
   const i64 H = d_hT.size(1), B = st.batch, N = st.rows;
   const i64 J = (H + L - 1) / L;
   Tensor d_pre = pooled_empty({N, H}, out.options());
-  Tensor dh = d_hT.clone();
+  Tensor dh = pooled_clone(d_hT);
   const S* dy = ptr<S>(d_out);
   const S* op = ptr<S>(out);
   S* dp = ptr<S>(d_pre);
@@ -1262,7 +1271,7 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
     GRUForwardGates<S> gate_math{ptr<S>(gi), ptr<S>(b_ih), ptr<S>(b_hh), ptr<S>(stash), H};
     if (parts == 0) {
       Tensor packed = pack<S>(w_hh, 3, H, H, H * H, H, 1);
-      Tensor hbuf = at::empty({2, B, H}, gi.options());
+      Tensor hbuf = pooled_empty({2, B, H}, gi.options());
       hbuf[0].copy_(h0);
       hbuf[1].copy_(h0);
       S* hb = ptr<S>(hbuf);
@@ -1286,10 +1295,10 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
           std::memcpy(h_write + b * H + j0, h_read + b * H + j0, (j1 - j0) * sizeof(S));
         }
       });
-      return {out, hbuf[st.count() % 2].clone(), stash};
+      return {out, pooled_clone(hbuf[st.count() % 2]), stash};
     }
-    Tensor h = h0.clone();
-    Tensor rec = at::empty({B, 3 * H}, gi.options());
+    Tensor h = pooled_clone(h0);
+    Tensor rec = pooled_empty({B, 3 * H}, gi.options());
     StepProduct<S> recurrent(w_hh.t(), B);
     const S* r = ptr<S>(rec);
     S* hp = ptr<S>(h);
@@ -1313,11 +1322,11 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
   }
   // Reset before: the reset gate scales h before the second product, so each step is
   // [r z] product -> gate math -> (r h) W_hn^T product -> gate math.
-  Tensor h = h0.clone();
-  Tensor rec = at::empty({B, 2 * H}, gi.options());
-  Tensor rh = at::empty({B, H}, gi.options());
-  Tensor rec_n = at::empty({B, H}, gi.options());
-  Tensor zbuf = at::empty({B, H}, gi.options());
+  Tensor h = pooled_clone(h0);
+  Tensor rec = pooled_empty({B, 2 * H}, gi.options());
+  Tensor rh = pooled_empty({B, H}, gi.options());
+  Tensor rec_n = pooled_empty({B, H}, gi.options());
+  Tensor zbuf = pooled_empty({B, H}, gi.options());
   StepProduct<S> recurrent_rz(w_hh.narrow(0, 0, 2 * H).t(), B);
   StepProduct<S> recurrent_n(w_hh.narrow(0, 2 * H, H).t(), B);
   const S* gp = ptr<S>(gi);
@@ -1408,8 +1417,8 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
   const i64 H = d_hT.size(1), B = st.batch, N = st.rows;
   const i64 J = (H + L - 1) / L;
   Tensor d_gi = d_gi_buffer.defined() ? d_gi_buffer : pooled_empty({N, 3 * H}, out.options());
-  Tensor dh = d_hT.clone();
-  Tensor carry = at::empty({B, H}, out.options());
+  Tensor dh = pooled_clone(d_hT);
+  Tensor carry = pooled_empty({B, H}, out.options());
   S* dhp = ptr<S>(dh);
   S* cp = ptr<S>(carry);
   if (reset_after) {
@@ -1465,8 +1474,8 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
   S* gp = ptr<S>(d_gi);
   StepProduct<S> recurrent_rz(w_hh.narrow(0, 0, 2 * H), B);
   StepProduct<S> recurrent_n(w_hh.narrow(0, 2 * H, H), B);
-  Tensor d_rh = at::empty({B, H}, out.options());
-  Tensor dh_t = at::empty({B, H}, out.options());
+  Tensor d_rh = pooled_empty({B, H}, out.options());
+  Tensor dh_t = pooled_empty({B, H}, out.options());
   S* drh = ptr<S>(d_rh);
   S* dht = ptr<S>(dh_t);
   run_row_parts(st.count(), B, parts, [&](i64 k, i64 r0, i64 r1) {
@@ -1646,21 +1655,22 @@ void products_py(std::vector<Tensor> outs, std::vector<Tensor> as, std::vector<T
   });
 }
 
-// For the benchmark's products bound (bench.products_seconds): out[t] = a[t] @ b for every
-// step t of a (T, B, K), b (K, N), as the generic driver multiplies, MKL's packed GEMM with b
-// packed once (at::mm without it), the rows in `parts` independent per-thread parts (1: each
-// product split across the threads): the recurrence's products alone, with no gate math.
-Tensor step_products_py(Tensor a, Tensor b, i64 parts) {
+// For the benchmark's products bound (bench.products_seconds): `steps` times out = a @ b, a
+// (B, K), b (K, N), as the generic driver multiplies: MKL's packed GEMM with b packed once
+// (at::mm without it), the rows in `parts` independent per-thread parts (1: each product split
+// across the threads), the same operand and result buffers at every step, as the loop's stay
+// in cache: the recurrence's products alone, with no gate math and no memory traffic besides.
+Tensor step_products_py(Tensor a, Tensor b, i64 steps, i64 parts) {
   check(a, "a");
-  TORCH_CHECK(a.dim() == 3 && b.dim() == 2 && a.size(2) == b.size(0) &&
-              a.scalar_type() == b.scalar_type(), "step_products: a (T, B, K), b (K, N)");
-  const i64 T = a.size(0), B = a.size(1);
-  Tensor out = at::empty({T, B, b.size(1)}, a.options());
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0) &&
+              a.scalar_type() == b.scalar_type(), "step_products: a (B, K), b (K, N)");
+  const i64 B = a.size(0);
+  Tensor out = pooled_empty({B, b.size(1)}, a.options());
   return dispatch1(a.scalar_type(), [&](auto tag) {
     using S = decltype(tag);
     StepProduct<S> product(b, B);
-    run_row_parts(T, B, parts, [&](i64 t, i64 r0, i64 r1) {
-      product(mat<S>(out[t]).rows_at(r0, r1 - r0), mat<S>(a[t]).rows_at(r0, r1 - r0));
+    run_row_parts(steps, B, parts, [&](i64, i64 r0, i64 r1) {
+      product(mat<S>(out).rows_at(r0, r1 - r0), mat<S>(a).rows_at(r0, r1 - r0));
     });
     return out;
   });
