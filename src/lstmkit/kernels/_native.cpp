@@ -5,7 +5,8 @@
 // L SIMD lanes (16 floats or 8 doubles), J = ceil(H / L) unit blocks.
 //
 // The Python side (native.py) does what is one big matrix product per sequence: the input
-// projection of every step, and the weight gradients. This file runs only the recurrence.
+// projection of every step (except where the LSTM's generic driver multiplies the input at each
+// step) and the weight gradients. This file runs the recurrence, and owns the memory pool.
 //
 // Two drivers per family:
 //   fused   small batches and recurrent matrices whose per-core share fits in L2, no
@@ -15,8 +16,10 @@
 //           them at once. One synchronisation per step, between the workers only.
 //   generic any case (projection, GRU reset-before, larger matrices and batches): each
 //           step's recurrent product is one call of MKL's packed GEMM, W_hh reordered once
-//           per call (StepProduct; at::mm without MKL), the gate math a fused loop over rows
-//           split across threads. native.py's _fused chooses.
+//           per call (StepProduct; at::mm without MKL), the gate math a loop over rows right
+//           after it; the batch rows split into independent per-thread parts when W_hh is
+//           small, else each product and loop split across the threads. native.py's _driver
+//           chooses.
 // Both share the per-unit-block gate math ("epilogues") below.
 
 #include <ATen/EmptyTensor.h>

@@ -42,24 +42,26 @@ NATIVE_DTYPES = (torch.float32, torch.float64)
 # and split across the cores for the whole sequence, one synchronisation per step; it wins at
 # small batches while each core's share of W_hh stays in its L2 cache. "generic": each step's
 # product is one call of MKL's packed GEMM (W_hh reordered once per call; at::mm where MKL is
-# absent), then the gate math over the rows; it also runs projection (proj_size) and GRU
-# reset-before. The generic driver splits the batch rows into independent parts, one per
-# thread, each running the whole sequence for its rows (no synchronisation at all), when
-# W_hh is small enough to be read whole by every core at every step; otherwise one part, with
-# each step's product and gate math split across the threads.
-# Measured on the 2-core benchmark machine, LSTM forward, ms per 100 steps: batch 8 / hidden
-# 256, fused 2.39, row parts of 4 rows 2.54 (torch.nn 2.31); 16 / 256, fused 4.40, parts of 8
-# rows 4.00 (3.99); 32 / 256, fused 8.23, two parts 7.46, one part 10.17 (6.89); 64 / 256,
-# fused 16.74, two parts 14.88, one part 19.02; GRU 32 / 384 (W_hh 1.7 MiB), fused 13.9, two
-# parts 12.8; but LSTM 32 / 384 (2.25 MiB), fused 18.0, two parts 18.7, one part 19.0, and
-# 64 / 512 (4 MiB), two parts 58.0, one part 52.9; 128 / 1024 (T=20) 71.9 and 66.7. Fused
-# against one generic part (forward / training): 32 / 512 33.4 / 101 vs 31.6 / 97. Training
-# steps follow the forward (LSTM 32 / 256: fused 27.8, two parts 27.0). At batch 1-2 the
-# fused driver always wins (MKL's product of one row is slower than ours).
+# absent; for the LSTM with the input inside it, INPUT_IN_STEP), then the gate math over the
+# rows; it also runs projection (proj_size) and GRU reset-before. The generic driver splits the
+# batch rows into independent parts, one per thread, each running the whole sequence for its
+# rows (no synchronisation at all), when the step's weights are small enough to be read whole
+# by every core at every step; otherwise one part, with each step's product and gate math split
+# across the threads.
+# Measured on the 2-core benchmark machine before the input moved into the LSTM's steps, LSTM
+# forward, ms per 100 steps: batch 16 / hidden 256, fused 4.40, parts of 8 rows 4.00 (torch.nn
+# 3.99); 32 / 256, fused 8.23, two parts 7.46, one part 10.17 (6.89); 64 / 256, fused 16.74,
+# two parts 14.88, one part 19.02; GRU 32 / 384 (W_hh 1.7 MiB), fused 13.9, two parts 12.8;
+# but LSTM 32 / 384 (2.25 MiB), fused 18.0, two parts 18.7, one part 19.0, and 64 / 512
+# (4 MiB), two parts 58.0, one part 52.9; 128 / 1024 (T=20) 71.9 and 66.7. Fused against one
+# generic part (forward / training): 32 / 512 33.4 / 101 vs 31.6 / 97. With the input in the
+# step, parts of 4 rows beat the fused driver at batch 8 (interleaved medians, forward /
+# training): hidden 256 2.35 / 6.59 vs 2.44 / 6.97, hidden 128 0.91 / 2.83 vs 1.01 / 3.18. At
+# batch 1-2 the fused driver always wins (MKL's product of one row is slower than ours).
 FUSED_MAX_BATCH = 64
 FUSED_ALWAYS_BATCH = 2
 FUSED_MAX_WEIGHT_BYTES_PER_THREAD = 1 << 20
-MIN_PART_ROWS = 8
+MIN_PART_ROWS = 4
 ROW_PARTS_MAX_WEIGHT_BYTES = 2 << 20        # read whole by each core at every step
 MAX_ROW_PARTS = None                        # None: one per thread (tests ask for more)
 
