@@ -302,6 +302,11 @@ def run(points, dtype=torch.float32, device="cpu", repeats=5, warmup=1, rate=Non
     start_rate = rate
     rows = []
     for point in points:
+        if measured_rate and rows:
+            # Sampled again before every point, the best kept: the machine's speed drifts and
+            # other processes slow some samples down (on the shared 2-core machine the start
+            # and end samples alone ranged over 381-439 GFLOP/s between runs).
+            rate = max(rate, matmul_rate(dtype, device, repeats=2))
         measure = _measure_in_subprocess if isolate else _measure
         timing = measure(point, dtype, device, repeats, warmup)
         gflop = point.flops() / 1e9
@@ -318,13 +323,11 @@ def run(points, dtype=torch.float32, device="cpu", repeats=5, warmup=1, rate=Non
         if progress:
             progress(row)
     if measured_rate:
-        # Measured again at the end and the better one kept: another process running at one of
-        # the two moments would otherwise make every fraction look larger than it is.
-        final_rate = matmul_rate(dtype, device)
-        if final_rate > rate:
-            rate = final_rate
-            for row in rows:
-                _judge(row, rate)
+        # Measured again at the end and the best of all samples kept, for every row: another
+        # process running at some of the moments would otherwise make fractions look larger.
+        rate = max(rate, matmul_rate(dtype, device))
+        for row in rows:
+            _judge(row, rate)
     # The load average before and after: other processes on the machine slow both sides, and
     # thread-team synchronisation suffers most when cores are shared.
     return {"machine": machine_before, "load_average_1min_after": machine()["load_average_1min"],

@@ -120,11 +120,11 @@ def run(args) -> int:
               f"{stream['lstmkit_us_per_step']:.1f} us/step, torch.nn.LSTMCell "
               f"{stream['torch_us_per_step']:.1f} us/step, speedup {stream['speedup']:.2f}x "
               f"(target 2x: {'met' if stream['target_met'] else 'MISSED'})")
-    print(f"matmul rate (best of start and end): {results['matmul_gflops']:.1f} GFLOP/s")
+    print(f"matmul rate (best sample of the run): {results['matmul_gflops']:.1f} GFLOP/s")
     if results["matmul_gflops"] != results["matmul_gflops_start"]:
-        print(f"(the lines above used the rate measured at the start, "
-              f"{results['matmul_gflops_start']:.1f} GFLOP/s; the JSON file"
-              f"{' and the Markdown table' if args.markdown else ''} use the better one)")
+        print(f"(the lines above used the best rate sampled before each of them, from "
+              f"{results['matmul_gflops_start']:.1f} GFLOP/s at the start; the JSON file"
+              f"{' and the Markdown table' if args.markdown else ''} use the best one)")
     if args.markdown:
         print(bench.markdown(results))
     bench.write_json(results, args.json)
