@@ -2,19 +2,21 @@
 
 Each point builds an lstmkit module and the torch.nn module of the same family with the same
 weights, then alternates between them: warm-up calls, then `repeats` timed calls of each, and
-reports the median. "forward" is inference under `torch.no_grad()`; "train" is one forward and
+reports the median (`run(..., isolate=True)`, as `lstmkit bench` does, runs each point in a
+fresh process). "forward" is inference under `torch.no_grad()`; "train" is one forward and
 backward pass (the gradients of the input and every parameter). Throughput is given as GFLOP/s
 of the matrix products (the gate math is not counted) and as a fraction of this machine's own
 matrix-multiply rate, measured here with torch.mm on square matrices. Each point also gets the
 largest speedup physically possible there (`speedup_bound`: torch.nn's time over the time of the
-matrix products at 100% of that rate); a missed target above that bound is "out of reach".
+matrix products at 100% of that rate; a missed target above it is "out of reach"), and, where
+MKL runs the steps, the largest speedup with the same products at MKL's speed
+(`products_bound`, see `products_seconds`; a missed target above it is "beyond MKL").
 
     >>> from lstmkit import bench
-    >>> results = bench.run(bench.grid("quick"), repeats=3)      # doctest: +SKIP
+    >>> results = bench.run(bench.grid("quick"), repeats=3, isolate=True)    # doctest: +SKIP
 
 `streaming()` times the single-step API called from Python once per step (batch 1), against
-torch.nn.LSTMCell called the same way.
-"""
+torch.nn.LSTMCell called the same way."""
 
 import json
 import os
@@ -81,7 +83,7 @@ LARGE_MATMUL_FRACTION = 0.85
 
 
 def grid(name: str = "quick", families=FAMILIES, modes=MODES) -> list[Point]:
-    """Named grids. "quick" (about 30 s on 2 cores): one or two points per target class.
+    """Named grids. "quick" (about a minute on 2 cores): one or two points per target class.
 
     "full": batch 1-128 x hidden 64-1024 at length 100, plus length 1000, two layers and
     bidirectional points."""

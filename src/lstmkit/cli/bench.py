@@ -3,10 +3,11 @@
 Prints one line per point (milliseconds, GFLOP/s of the matrix products, the fractions of this
 machine's matrix-multiply rate reached by lstmkit and by torch.nn, the speedup over torch.nn,
 the bound on any speedup there (torch.nn's time over the products' time at 100% of the
-matrix-multiply rate) and the issue's target for the point's size class: met, missed, or out of
-reach when the target is above the bound), then the batch-1 streaming comparison of the
-single-step API, and writes everything to a JSON file.
-"""
+matrix-multiply rate), the bound with the same products at MKL's speed ("MKL") and the fraction
+of the rate those reach ("MKL mm"), and the issue's target for the point's size class: met,
+missed, out of reach when the target is above the first bound, beyond MKL when above the
+second), then the batch-1 streaming comparison of the single-step API, and writes everything to
+a JSON file. Each point runs in a fresh process unless --same-process is given."""
 
 import argparse
 
@@ -36,7 +37,7 @@ def register(subparsers):
         epilog="Shape options (--batch, --hidden, ...) replace the named grid by their product. "
                "Example: lstmkit bench --family LSTM --mode train --batch 8 --hidden 256")
     parser.add_argument("--grid", choices=("quick", "full"), default="quick",
-                        help="named grid: quick (about 30 s on 2 cores) or full (default quick)")
+                        help="named grid: quick (about a minute on 2 cores) or full (default quick)")
     parser.add_argument("--family", choices=("LSTM", "GRU"), action="append",
                         help="only this family (repeatable; default both)")
     parser.add_argument("--mode", choices=("forward", "train"), action="append",
