@@ -42,12 +42,12 @@ NATIVE_DTYPES = (torch.float32, torch.float64)
 # and split across the cores for the whole sequence, one synchronisation per step; it wins at
 # small batches while each core's share of W_hh stays in its L2 cache. "generic": each step's
 # product is one call of MKL's packed GEMM (W_hh reordered once per call; at::mm where MKL is
-# absent; for the LSTM with the input inside it, INPUT_IN_STEP), then the gate math over the
-# rows; it also runs projection (proj_size) and GRU reset-before. The generic driver splits the
-# batch rows into independent parts, one per thread, each running the whole sequence for its
-# rows (no synchronisation at all), when the step's weights are small enough to be read whole
-# by every core at every step; otherwise one part, with each step's product and gate math split
-# across the threads.
+# absent; for an LSTM with a small input, the input inside it: INPUT_IN_STEP_MAX_RATIO), then
+# the gate math over the rows; it also runs projection (proj_size) and GRU reset-before. The
+# generic driver splits the batch rows into independent parts, one per thread, each running
+# the whole sequence for its rows (no synchronisation at all), when the step's weights are
+# small enough to be read whole by every core at every step; otherwise one part, with each
+# step's product and gate math split across the threads.
 # Measured on the 2-core benchmark machine before the input moved into the LSTM's steps, LSTM
 # forward, ms per 100 steps: batch 16 / hidden 256, fused 4.40, parts of 8 rows 4.00 (torch.nn
 # 3.99); 32 / 256, fused 8.23, two parts 7.46, one part 10.17 (6.89); 64 / 256, fused 16.74,
@@ -69,8 +69,11 @@ MAX_ROW_PARTS = None                        # None: one per thread (tests ask fo
 # threshold as SERIAL_FLOPS in _native.cpp): waking the thread team costs more than they do.
 SERIAL_FLOPS = 4e6
 # LSTM, generic driver: the input multiplied inside each step's product (see lstm_forward in
-# _native.cpp) instead of projected for all steps before the loop.
-INPUT_IN_STEP = True
+# _native.cpp) instead of projected for all steps before the loop, when input size <= this
+# times hidden size. Measured, forward ms, in the step vs projected (interleaved medians):
+# batch 32 / hidden 256 with input 64 7.25 vs 8.30, 128 9.01 vs 9.55, but 256 12.04 vs 11.18
+# and 512 16.90 vs 15.62; 32 / 128 / input 64 2.75 vs 3.06; 64 / 512 / 256 63.9 vs 67.2.
+INPUT_IN_STEP_MAX_RATIO = 0.5
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "module": None, "reason": None}
@@ -333,7 +336,8 @@ def _bias_sum(b_ih, b_hh):
 
 def _driver(layout, w_hh, projected: bool = False, w_ih=None) -> int:
     """0: the fused driver; n >= 1: the generic driver with n row parts (see FUSED_MAX_BATCH).
-    w_ih: given when the generic driver would multiply it at every step too (INPUT_IN_STEP)."""
+    w_ih: given when the generic driver would multiply it at every step too
+    (INPUT_IN_STEP_MAX_RATIO)."""
     threads = torch.get_num_threads()
     weight_bytes = w_hh.numel() * w_hh.element_size()
     step_weight_bytes = weight_bytes + (0 if w_ih is None else w_ih.numel() * w_ih.element_size())
@@ -384,7 +388,7 @@ class NativeLSTMFunction(_NativeFunction):
     @staticmethod
     def _run(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, save):
         h0, c0, w_hh, w_hr = _contiguous((h0, c0, w_hh, w_hr))
-        input_in_step = INPUT_IN_STEP and w_hr is None
+        input_in_step = w_hr is None and w_ih.shape[1] <= INPUT_IN_STEP_MAX_RATIO * w_hh.shape[1]
         parts = _driver(layout, w_hh, w_hr is not None, w_ih if input_in_step else None)
         if parts and input_in_step:
             # Generic driver: [x_t | h] times [W_ih | W_hh]^T at each step, no projection.
