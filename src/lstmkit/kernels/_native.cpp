@@ -1696,14 +1696,19 @@ void previous_rows_py(Tensor into, Tensor sequence, Tensor initial, std::vector<
   const char* seq = static_cast<const char*>(sequence.data_ptr());
   const char* init = static_cast<const char*>(initial.data_ptr());
   char* res = static_cast<char*>(into.data_ptr());
-  for (i64 t = 0; t < st.count(); ++t) {
-    i64 u = st.before(t);
-    for (i64 b = 0; b < st.size[t]; ++b) {
-      i64 src = st.row(u, b);
-      const char* from = src >= 0 ? seq + src * bytes : init + b * bytes;
-      std::memcpy(res + (st.offset[t] + b) * into_row, from, bytes);
+  // Steps in parallel when there is much to copy (3.2 MB at batch 32 / hidden 256 / length 100,
+  // mostly not in cache: 0.47 ms on one thread inside a training step).
+  const i64 grain = std::max<i64>(1, (i64)((1 << 18) / std::max<size_t>(1, bytes * st.batch)));
+  at::parallel_for(0, st.count(), grain, [&](i64 t0, i64 t1) {
+    for (i64 t = t0; t < t1; ++t) {
+      i64 u = st.before(t);
+      for (i64 b = 0; b < st.size[t]; ++b) {
+        i64 src = st.row(u, b);
+        const char* from = src >= 0 ? seq + src * bytes : init + b * bytes;
+        std::memcpy(res + (st.offset[t] + b) * into_row, from, bytes);
+      }
     }
-  }
+  });
 }
 
 }  // namespace
