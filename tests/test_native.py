@@ -393,6 +393,19 @@ def test_projection_scratch_is_per_thread_and_never_aliases_results():
     assert (first - expected[0]).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_previous_rows_into_columns_of_a_wider_buffer(reverse):
+    """The weight gradients' operand: each row's previous state, written into some columns of a
+    wider buffer; large enough that the steps are copied in parallel."""
+    sizes = [32] * 40 + [30, 17, 9, 3, 1]
+    layout = StepLayout.packed(sizes)
+    sequence, h0 = torch.randn(layout.rows, 256), torch.randn(32, 256)
+    wide = torch.full((layout.rows, 256 + 70), 7.0)
+    native.module().previous_rows(wide[:, 64:320], sequence, h0, layout.batch_sizes, reverse)
+    assert torch.equal(wide[:, 64:320], layout.previous_rows(sequence, h0, reverse))
+    assert (wide[:, :64] == 7.0).all() and (wide[:, 320:] == 7.0).all()
+
+
 @pytest.fixture
 def empty_pool():
     native.release_memory()
