@@ -1100,6 +1100,36 @@ std::vector<Tensor> lstm_cell(const Tensor& x, const Tensor& h, const Tensor& c,
 // dh_prev = da W_hh, act' from the output: 1 - h^2 (tanh), [h > 0] (relu).
 // ==========================================================================================
 
+// The generic driver's forward for the RNN and the reset-after GRU: at each step, rec = h W_hh^T
+// (G columns) for a part's active rows, then for each row and unit block the new h vector,
+// hv = block(row, j, n, rec row, h row), stored as the state and as the output row. Returns h_T.
+template <typename S, typename Block>
+Tensor generic_forward(const Tensor& w_hh, const Tensor& h0, i64 G, S* out, const Steps& st,
+                       i64 parts, Block&& block) {
+  constexpr int L = Vec<S>::L;
+  const i64 B = st.batch, H = h0.size(1), J = (H + L - 1) / L;
+  Tensor h = pooled_clone(h0);
+  Tensor rec = pooled_empty({B, G}, h0.options());
+  StepProduct<S> recurrent(w_hh.t(), B);
+  const S* r = ptr<S>(rec);
+  S* hp = ptr<S>(h);
+  run_row_parts(st.count(), B, parts, [&](i64 s, i64 r0, i64 r1) {
+    i64 t = st.order[s], off = st.offset[t], e = std::min(r1, st.size[t]);
+    if (e <= r0) return;
+    recurrent(mat<S>(rec).rows_at(r0, e - r0), mat<S>(h).rows_at(r0, e - r0));
+    for_rows(e, H, [&](i64 b) {
+      for (i64 jb = 0; jb < J; ++jb) {
+        i64 j = jb * L;
+        int n = (int)std::min<i64>(L, H - j);
+        V<S> hv = block(off + b, j, n, r + b * G, hp + b * H);
+        store(hp + b * H + j, hv, n);
+        store(out + (off + b) * H + j, hv, n);
+      }
+    }, r0);
+  });
+  return h;
+}
+
 template <typename S>
 inline V<S> rnn_act(V<S> a, bool relu) { return relu ? vrelu<S>(a) : vtanh(a); }
 
@@ -1141,25 +1171,9 @@ std::vector<Tensor> rnn_forward(const Tensor& xproj, const Tensor& bias, const T
     });
     return {out, pooled_clone(hbuf[st.count() % 2])};
   }
-  Tensor h = pooled_clone(h0);
-  Tensor rec = pooled_empty({B, H}, xproj.options());
-  StepProduct<S> recurrent(w_hh.t(), B);
-  const S* r = ptr<S>(rec);
-  S* hp = ptr<S>(h);
-  run_row_parts(st.count(), B, parts, [&](i64 s, i64 r0, i64 r1) {
-    i64 t = st.order[s], off = st.offset[t], e = std::min(r1, st.size[t]);
-    if (e <= r0) return;
-    recurrent(mat<S>(rec).rows_at(r0, e - r0), mat<S>(h).rows_at(r0, e - r0));
-    for_rows(e, H, [&](i64 b) {
-      for (i64 jb = 0; jb < J; ++jb) {
-        i64 j = jb * L;
-        int n = (int)std::min<i64>(L, H - j);
-        V<S> hv = rnn_act<S>(load(r + b * H + j, n) + load(xp + (off + b) * H + j, n) +
-                             load_bias(bp, j, n), relu);
-        store(hp + b * H + j, hv, n);
-        store(o_ptr + (off + b) * H + j, hv, n);
-      }
-    }, r0);
+  Tensor h = generic_forward<S>(w_hh, h0, H, o_ptr, st, parts,
+                                [&](i64 row, i64 j, int n, const S* rec, const S*) {
+    return rnn_act<S>(load(rec + j, n) + load(xp + row * H + j, n) + load_bias(bp, j, n), relu);
   });
   return {out, h};
 }
@@ -1300,26 +1314,11 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
       });
       return {out, pooled_clone(hbuf[st.count() % 2]), stash};
     }
-    Tensor h = pooled_clone(h0);
-    Tensor rec = pooled_empty({B, 3 * H}, gi.options());
-    StepProduct<S> recurrent(w_hh.t(), B);
-    const S* r = ptr<S>(rec);
-    S* hp = ptr<S>(h);
-    run_row_parts(st.count(), B, parts, [&](i64 s, i64 r0, i64 r1) {
-      i64 t = st.order[s], off = st.offset[t], e = std::min(r1, st.size[t]);
-      if (e <= r0) return;
-      recurrent(mat<S>(rec).rows_at(r0, e - r0), mat<S>(h).rows_at(r0, e - r0));
-      for_rows(e, H, [&](i64 b) {
-        V<S> acc[3];
-        for (i64 jb = 0; jb < J; ++jb) {
-          i64 j = jb * L;
-          int n = (int)std::min<i64>(L, H - j);
-          for (int q = 0; q < 3; ++q) acc[q] = load(r + b * 3 * H + q * H + j, n);
-          V<S> hv = gate_math(off + b, jb, acc, load(hp + b * H + j, n));
-          store(hp + b * H + j, hv, n);
-          store(o_ptr + (off + b) * H + j, hv, n);
-        }
-      }, r0);
+    Tensor h = generic_forward<S>(w_hh, h0, 3 * H, o_ptr, st, parts,
+                                  [&](i64 row, i64 j, int n, const S* rec, const S* h_row) {
+      V<S> acc[3];
+      for (int q = 0; q < 3; ++q) acc[q] = load(rec + q * H + j, n);
+      return gate_math(row, j / L, acc, load(h_row + j, n));
     });
     return {out, h, stash};
   }
