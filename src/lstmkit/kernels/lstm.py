@@ -19,7 +19,7 @@ Then dW_ih = dA^T X, dW_hh = dA^T H_prev, db = sum dA, dX = dA W_ih, each one ma
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._common import input_projection
+from ._common import input_projection, split_bias_gradient
 from ._precision import cast_like, cast_to, compute_dtype, dtypes_of, upcast
 from .layout import StepLayout
 
@@ -139,7 +139,6 @@ class LSTMFunction(torch.autograd.Function):
         dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = lstm_backward(
             d_out, d_hT, d_cT, x, h0, c0, w_ih, w_hh, w_hr, out, gates, cells,
             ctx.layout, ctx.reverse, ctx.needs_input_grad[0])
-        db_ih = db if ctx.has_bias[0] else None
-        db_hh = db.clone() if ctx.has_bias[1] else None      # never hand autograd one tensor twice
+        db_ih, db_hh = split_bias_gradient(db, *ctx.has_bias)
         grads = (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr)
         return (*cast_to(grads, ctx.dtypes), None, None)

@@ -33,6 +33,7 @@ from torch.autograd.function import once_differentiable
 from . import gru as _gru
 from . import lstm as _lstm
 from . import rnn as _rnn
+from ._common import bias_sum, split_bias_gradient
 from ._precision import cast_like, cast_to, compute_dtype, upcast
 
 _SOURCE = Path(__file__).with_name("_native.cpp")
@@ -191,10 +192,12 @@ def release_memory() -> None:
         module().release_pool()
 
 
-def _contiguous_gradient(d_out):
-    """The output gradient, contiguous; a copy in pooled memory when it is not (the gradient of
-    out.sum() is a broadcast, and a fresh copy of it faults in a page per 4 KiB)."""
-    return d_out if d_out.is_contiguous() else pooled_copy(d_out)
+def _incoming_gradients(dtype, d_out, *d_states):
+    """The gradients a Function's backward receives, in its compute dtype and contiguous; d_out
+    copied into pooled memory when it is not (the gradient of out.sum() is a broadcast, and a
+    fresh copy of it faults in a page per 4 KiB)."""
+    d_out, *d_states = upcast((d_out, *d_states), dtype)
+    return [d_out if d_out.is_contiguous() else pooled_copy(d_out), *_contiguous(d_states)]
 
 
 # Single-step weights packed for `lstm_cell`, per (w_ih, w_hh, b_ih, b_hh): an entry is used only
@@ -327,13 +330,6 @@ def _previous_rows(out, h0, layout, reverse):
             lambda into: module().previous_rows(into, out, h0, layout.batch_sizes, reverse))
 
 
-def _bias_sum(b_ih, b_hh):
-    """b_ih + b_hh (G,), or whichever is given, or None."""
-    if b_ih is None or b_hh is None:
-        return b_hh if b_ih is None else b_ih
-    return b_ih + b_hh
-
-
 def _driver(layout, w_hh, projected: bool = False, w_ih=None) -> int:
     """0: the fused driver; n >= 1: the generic driver with n row parts (see FUSED_MAX_BATCH).
     w_ih: given when the generic driver would multiply it at every step too
@@ -390,12 +386,13 @@ class NativeLSTMFunction(_NativeFunction):
         h0, c0, w_hh, w_hr = _contiguous((h0, c0, w_hh, w_hr))
         input_in_step = w_hr is None and w_ih.shape[1] <= INPUT_IN_STEP_MAX_RATIO * w_hh.shape[1]
         parts = _driver(layout, w_hh, w_hr is not None, w_ih if input_in_step else None)
+        bias = bias_sum(b_ih, b_hh)
         if parts and input_in_step:
             # Generic driver: [x_t | h] times [W_ih | W_hh]^T at each step, no projection.
-            return module().lstm_forward(x.contiguous(), _bias_sum(b_ih, b_hh), h0, c0, w_hh,
-                                         None, layout.batch_sizes, reverse, save, parts, w_ih)
-        return module().lstm_forward(_projection(x, w_ih), _bias_sum(b_ih, b_hh), h0, c0, w_hh,
-                                     w_hr, layout.batch_sizes, reverse, save, parts, None)
+            return module().lstm_forward(x.contiguous(), bias, h0, c0, w_hh, None,
+                                         layout.batch_sizes, reverse, save, parts, w_ih)
+        return module().lstm_forward(_projection(x, w_ih), bias, h0, c0, w_hh, w_hr,
+                                     layout.batch_sizes, reverse, save, parts, None)
 
     @staticmethod
     def _infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse):
@@ -419,8 +416,7 @@ class NativeLSTMFunction(_NativeFunction):
     def backward(ctx, d_out, d_hT, d_cT):
         x, h0, c0, w_ih, w_hh, w_hr, out, gates, cells = ctx.saved_tensors
         layout, reverse, needs = ctx.layout, ctx.reverse, ctx.needs_input_grad
-        d_out, d_hT, d_cT = upcast((d_out, d_hT, d_cT), x.dtype)
-        d_out, (d_hT, d_cT) = _contiguous_gradient(d_out), _contiguous((d_hT, d_cT))
+        d_out, d_hT, d_cT = _incoming_gradients(x.dtype, d_out, d_hT, d_cT)
         d_gates, dh0, dc0, d_h_rows = module().lstm_backward(
             d_out, d_hT, d_cT, c0.contiguous(), w_hh.contiguous(),
             None if w_hr is None else w_hr.contiguous(), gates, cells, layout.batch_sizes,
@@ -441,8 +437,7 @@ class NativeLSTMFunction(_NativeFunction):
             jobs.append((dw_hr, d_h_rows.t(), m))
         _products(jobs)
         dw_ih, dw_hh, db = gradients()
-        db_ih = db if needs[5] else None
-        db_hh = db.clone() if needs[6] else None      # never hand autograd one tensor twice
+        db_ih, db_hh = split_bias_gradient(db, needs[5], needs[6])
         grads = (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr)
         return (*cast_to(grads, ctx.dtypes), None, None)
 
@@ -483,8 +478,7 @@ class NativeGRUFunction(_NativeFunction):
         x, h0, w_ih, w_hh, out, stash = ctx.saved_tensors
         layout, reverse, needs = ctx.layout, ctx.reverse, ctx.needs_input_grad
         H = w_hh.shape[0] // 3
-        d_out, d_hT = upcast((d_out, d_hT), x.dtype)
-        d_out, d_hT = _contiguous_gradient(d_out), d_hT.contiguous()
+        d_out, d_hT = _incoming_gradients(x.dtype, d_out, d_hT)
         h0 = h0.contiguous()
         N = out.shape[0]
         d_gi, d_gh, dh0 = module().gru_backward(
@@ -517,8 +511,7 @@ class NativeGRUFunction(_NativeFunction):
         if ctx.reset_after:
             dw_hh, db_hh = hidden_side()
         else:
-            db_hh = db_ih.clone() if needs[5] else None   # never hand autograd one tensor twice
-            db_ih = db_ih if needs[4] else None
+            db_ih, db_hh = split_bias_gradient(db_ih, needs[4], needs[5])
         grads = (dx, dh0, dw_ih, dw_hh, db_ih, db_hh)
         return (*cast_to(grads, ctx.dtypes), None, None, None)
 
@@ -538,7 +531,7 @@ class NativeRNNFunction(_NativeFunction):
     def _run(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, nonlinearity):
         xproj = _projection(x, w_ih)
         h0, w_hh = _contiguous((h0, w_hh))
-        return module().rnn_forward(xproj, _bias_sum(b_ih, b_hh), h0, w_hh, layout.batch_sizes,
+        return module().rnn_forward(xproj, bias_sum(b_ih, b_hh), h0, w_hh, layout.batch_sizes,
                                     reverse, nonlinearity == "relu", _driver(layout, w_hh))
 
     @staticmethod
@@ -559,8 +552,7 @@ class NativeRNNFunction(_NativeFunction):
     def backward(ctx, d_out, d_hT):
         x, h0, w_ih, w_hh, out = ctx.saved_tensors
         layout, reverse, needs = ctx.layout, ctx.reverse, ctx.needs_input_grad
-        d_out, d_hT = upcast((d_out, d_hT), x.dtype)
-        d_out, d_hT = _contiguous_gradient(d_out), d_hT.contiguous()
+        d_out, d_hT = _incoming_gradients(x.dtype, d_out, d_hT)
         d_pre, dh0 = module().rnn_backward(d_out, d_hT, w_hh.contiguous(), out,
                                            layout.batch_sizes, reverse,
                                            ctx.nonlinearity == "relu", _driver(layout, w_hh))
@@ -573,8 +565,7 @@ class NativeRNNFunction(_NativeFunction):
                                       needs[4] or needs[5])
         _products(jobs)
         dw_ih, dw_hh, db = gradients()
-        db_ih = db if needs[4] else None
-        db_hh = db.clone() if needs[5] else None
+        db_ih, db_hh = split_bias_gradient(db, needs[4], needs[5])
         grads = (dx, dh0, dw_ih, dw_hh, db_ih, db_hh)
         return (*cast_to(grads, ctx.dtypes), None, None, None)
 

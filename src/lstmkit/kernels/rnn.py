@@ -10,7 +10,7 @@ with act' taken from the saved output: 1 - h^2 for tanh, [h > 0] for relu.
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._common import input_projection
+from ._common import input_projection, split_bias_gradient
 from ._precision import cast_like, cast_to, compute_dtype, dtypes_of, upcast
 from .layout import StepLayout
 
@@ -94,7 +94,6 @@ class RNNFunction(torch.autograd.Function):
         dx, dh0, dw_ih, dw_hh, db = rnn_backward(
             d_out, d_hT, x, h0, w_ih, w_hh, out, ctx.layout, ctx.reverse, ctx.nonlinearity,
             ctx.needs_input_grad[0])
-        db_ih = db if ctx.has_bias[0] else None
-        db_hh = db.clone() if ctx.has_bias[1] else None
+        db_ih, db_hh = split_bias_gradient(db, *ctx.has_bias)
         grads = (dx, dh0, dw_ih, dw_hh, db_ih, db_hh)
         return (*cast_to(grads, ctx.dtypes), None, None, None)
