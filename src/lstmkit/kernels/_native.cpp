@@ -59,14 +59,14 @@ namespace {
 using at::Tensor;
 using i64 = int64_t;
 
-// ---- recycled memory for the large tensors the kernels return -----------------------------
+// ---- recycled memory for every buffer of a kernel call -------------------------------------
 // Memory fresh from the operating system costs a page fault per 4 KiB page when first written:
 // 0.9 us each on the benchmark VM (16 MiB filled in 4.7 ms fresh, 0.9 ms reused). A training
 // step allocates its saved gates, cells and outputs anew (about 20 MiB at batch 32 / hidden
 // 256), and glibc gives large blocks back to the system when they are freed, so every step
 // paid ~5000 faults, a sixth of its time. Tensors from `pooled_empty` return their memory to a
 // pool when they die instead, and the next call of the same size takes it back, already
-// mapped. The pool keeps at most `pool_limit` bytes of free blocks (release_memory() in
+// mapped. The pool keeps at most `limit` bytes of free blocks (release_memory() in
 // native.py empties it); tensors that stay alive are the caller's, as with any allocator.
 class RecyclingAllocator final : public c10::Allocator {
  public:
@@ -668,7 +668,7 @@ void run_row_parts(i64 steps, i64 B, i64 parts, Step&& step) {
 }
 
 
-// ---- the per-step products of the torch.mm driver: MKL's packed GEMM ---------------------
+// ---- the per-step products of the generic driver: MKL's packed GEMM ---------------------
 // Every ?gemm call reorders its right-hand matrix into MKL's blocked format before it
 // multiplies; a recurrence multiplies by the same W_hh at every step. MKL's packed API
 // (cblas_sgemm_pack once, cblas_sgemm_compute per step) reorders it once per call: at batch 32
@@ -1743,7 +1743,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return old;
   }, "Set the L2 budget of the packed-matrix chunks (bytes); returns the previous value.");
   m.def("mkl_packed_gemm", [] { return mkl_packed_gemm(); },
-        "Whether MKL's packed GEMM is there for the torch.mm driver's float32 steps.");
+        "Whether MKL's packed GEMM is there for the generic driver's float32 steps.");
   m.def("set_packed_gemm", [](bool on) {
     bool old = use_packed_gemm;
     use_packed_gemm = on;
