@@ -1,4 +1,5 @@
-"""Shared test helpers: one comparison function with tolerances derived per dtype."""
+"""Shared test helpers: one comparison function with tolerances derived per dtype, and an
+interrupted forecaster training run."""
 
 import numpy as np
 import pytest
@@ -32,3 +33,20 @@ def assert_close(actual, expected, dtype=None, name=""):
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param
+
+
+def interrupt_forecaster_training(monkeypatch, epoch):
+    """Make the forecaster's training loop raise KeyboardInterrupt (as Ctrl-C would) when
+    `epoch` ends. Returns a function that puts the real loop back."""
+    import lstmkit.tasks.forecasting.estimator as estimator
+
+    real_loop = estimator.train_loop
+
+    def interrupted(*args, **kwargs):
+        def stop(done, record):
+            if done == epoch:
+                raise KeyboardInterrupt
+        return real_loop(*args, **kwargs, on_epoch_end=stop)
+
+    monkeypatch.setattr(estimator, "train_loop", interrupted)
+    return lambda: monkeypatch.setattr(estimator, "train_loop", real_loop)

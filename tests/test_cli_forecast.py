@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import interrupt_forecaster_training
 from lstmkit.cli import main
 
 TINY = ["--lookback", "6", "--horizon", "3", "--hidden-size", "8", "--epochs", "3",
@@ -71,26 +72,16 @@ def test_rerun_and_resume_of_a_finished_run(tmp_path, capsys):
 
 
 def test_interrupted_cli_run_resumes_to_the_uninterrupted_one(tmp_path, capsys, monkeypatch):
-    import lstmkit.tasks.forecasting.estimator as estimator
-
     data = write_csv(tmp_path / "sales.csv")
     args = ["forecast", "train", str(data), "--time", "month", "--target", "sales", *TINY]
     assert main(args + ["--out", str(tmp_path / "whole")]) == 0
-    real_loop = estimator.train_loop
-
-    def interrupted(*a, **kw):
-        def stop(epoch, record):
-            if epoch == 2:
-                raise KeyboardInterrupt
-        return real_loop(*a, **kw, on_epoch_end=stop)
-
-    monkeypatch.setattr(estimator, "train_loop", interrupted)
+    restore = interrupt_forecaster_training(monkeypatch, epoch=2)
     out = tmp_path / "run"
     assert main(args + ["--out", str(out)]) == 130
     assert "--resume" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["train-checkpoint.json",
                                                     "train-checkpoint.safetensors"]
-    monkeypatch.setattr(estimator, "train_loop", real_loop)
+    restore()
     assert main(args + ["--out", str(out), "--resume"]) == 0
     assert json.loads((out / "metrics.json").read_text())["holdout"] == \
         json.loads((tmp_path / "whole" / "metrics.json").read_text())["holdout"]

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import interrupt_forecaster_training
 from lstmkit.tasks.forecasting import (
     ForecastConfig,
     Forecaster,
@@ -249,8 +250,6 @@ def test_relative_forecasting_beats_seasonal_naive_on_a_trended_season():
 
 
 def test_interrupted_fit_resumes_to_the_uninterrupted_model(tmp_path, monkeypatch):
-    import lstmkit.tasks.forecasting.estimator as estimator
-
     def make():
         return Forecaster(lookback=12, horizon=4, test_size=8, val_size=8, season=12,
                           hidden_size=8, dropout=0.2, num_layers=2,
@@ -259,18 +258,10 @@ def test_interrupted_fit_resumes_to_the_uninterrupted_model(tmp_path, monkeypatc
 
     frame = monthly_frame()[["y"]]
     reference = make().fit(frame, quiet=True)
-    real_loop = estimator.train_loop
-
-    def interrupted(*args, **kwargs):
-        def stop(epoch, record):
-            if epoch == 2:
-                raise KeyboardInterrupt
-        return real_loop(*args, **kwargs, on_epoch_end=stop)
-
-    monkeypatch.setattr(estimator, "train_loop", interrupted)
+    restore = interrupt_forecaster_training(monkeypatch, epoch=2)
     with pytest.raises(KeyboardInterrupt):
         make().fit(frame, checkpoint=tmp_path / "ckpt", quiet=True)
-    monkeypatch.setattr(estimator, "train_loop", real_loop)
+    restore()
     resumed = make().fit(frame, checkpoint=tmp_path / "ckpt", resume=True, quiet=True)
     assert resumed.training_.epochs == 5
     for a, b in zip(reference.network.parameters(), resumed.network.parameters(), strict=True):
