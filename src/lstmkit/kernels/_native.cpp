@@ -29,6 +29,9 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/tanh.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty_like.h>
@@ -969,13 +972,11 @@ template <typename S>
 std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const Tensor& d_cT,
                                   const Tensor& c0, const Tensor& w_hh,
                                   const c10::optional<Tensor>& w_hr_opt, const Tensor& gates,
-                                  const Tensor& cells, const Steps& st, i64 parts,
-                                  const Tensor& d_gates_buffer) {
+                                  const Tensor& cells, const Steps& st, i64 parts) {
   constexpr int L = Vec<S>::L;
   const i64 H = c0.size(1), P = d_hT.size(1), B = st.batch, N = st.rows;
   Tensor w_hr = w_hr_opt.has_value() ? w_hr_opt->contiguous() : Tensor();
-  Tensor d_gates = d_gates_buffer.defined() ? d_gates_buffer
-                                            : pooled_empty({N, 4 * H}, gates.options());
+  Tensor d_gates = pooled_empty({N, 4 * H}, gates.options());
   Tensor dh = pooled_clone(d_hT), dc = pooled_clone(d_cT);
   LSTMBackwardGates<S> gate_math{ptr<S>(gates), ptr<S>(cells), ptr<S>(c0), ptr<S>(dc),
                                  ptr<S>(d_gates), &st, H};
@@ -1275,12 +1276,11 @@ struct GRUForwardGates {    // reset after
 template <typename S>
 std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tensor& h0,
                                 const Tensor& w_hh,
-                                const c10::optional<Tensor>& b_hh_opt, const Steps& st,
-                                bool reset_after, bool save, i64 parts) {
+                                const Tensor& b_hh, const Steps& st, bool reset_after,
+                                bool save, i64 parts) {
   constexpr int L = Vec<S>::L;
   const i64 H = h0.size(1), B = st.batch, N = st.rows;
   const i64 J = (H + L - 1) / L;
-  Tensor b_hh = b_hh_opt.has_value() ? b_hh_opt->contiguous() : Tensor();
   Tensor out = pooled_empty({N, H}, gi.options());
   Tensor stash = save ? pooled_empty({N, reset_after ? 4 * H : 3 * H}, gi.options()) : Tensor();
   S* o_ptr = ptr<S>(out);
@@ -1413,18 +1413,17 @@ struct GRUBackwardGates {   // reset after
 template <typename S>
 std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const Tensor& h0,
                                  const Tensor& w_hh, const Tensor& out, const Tensor& stash,
-                                 const Steps& st, bool reset_after, i64 parts,
-                                 const Tensor& d_gi_buffer, const Tensor& d_gh_buffer) {
+                                 const Steps& st, bool reset_after, i64 parts) {
   constexpr int L = Vec<S>::L;
   const i64 H = d_hT.size(1), B = st.batch, N = st.rows;
   const i64 J = (H + L - 1) / L;
-  Tensor d_gi = d_gi_buffer.defined() ? d_gi_buffer : pooled_empty({N, 3 * H}, out.options());
+  Tensor d_gi = pooled_empty({N, 3 * H}, out.options());
   Tensor dh = pooled_clone(d_hT);
   Tensor carry = pooled_empty({B, H}, out.options());
   S* dhp = ptr<S>(dh);
   S* cp = ptr<S>(carry);
   if (reset_after) {
-    Tensor d_gh = d_gh_buffer.defined() ? d_gh_buffer : pooled_empty({N, 3 * H}, out.options());
+    Tensor d_gh = pooled_empty({N, 3 * H}, out.options());
     GRUBackwardGates<S> gate_math{ptr<S>(d_out), ptr<S>(out), ptr<S>(h0), ptr<S>(stash),
                                   ptr<S>(d_gi), ptr<S>(d_gh), cp, &st, H};
     if (parts == 0) {
@@ -1522,174 +1521,67 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
   return {d_gi, d_gi, dh};
 }
 
-// ---- dispatch by dtype -------------------------------------------------------------------
+// ==========================================================================================
+// Per-sequence products: the input projection of all steps before the loop; after the backward
+// loop, dX and the weight and bias gradients. Large matrix products, here rather than in Python
+// so that a layer's whole forward or backward is one call: at batch 1 the two dozen ATen and
+// Python calls around the loops (views, copies, splits, each 1-5 us) cost as much as the loops.
+// ==========================================================================================
 
-void check(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
-
-
-// xproj: the projection x W_ih^T (N, 4H); with w_ih, the input x (N, I) (see lstm_forward).
-std::vector<Tensor> lstm_forward_py(Tensor xproj, c10::optional<Tensor> bias, Tensor h0,
-                                    Tensor c0, Tensor w_hh, c10::optional<Tensor> w_hr,
-                                    std::vector<i64> batch_sizes, bool reverse, bool save,
-                                    i64 parts, c10::optional<Tensor> w_ih) {
-  for (auto* t : {&xproj, &h0, &c0, &w_hh}) check(*t, "tensor");
-  Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
-  Tensor wi = w_ih.has_value() ? w_ih->contiguous() : Tensor();
-  Steps st(batch_sizes, reverse);
-  return LSTMKIT_DISPATCH(xproj.scalar_type(), [&] {
-    return lstm_forward<scalar>(xproj, b, h0, c0, w_hh, w_hr, st, save, parts, wi);
-  });
-}
-
-std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Tensor c0,
-                                     Tensor w_hh, c10::optional<Tensor> w_hr, Tensor gates,
-                                     Tensor cells, std::vector<i64> batch_sizes, bool reverse,
-                                     i64 parts, c10::optional<Tensor> d_gates_buffer) {
-  for (auto* t : {&d_out, &d_hT, &d_cT, &c0, &w_hh, &gates, &cells}) check(*t, "tensor");
-  Steps st(batch_sizes, reverse);
-  // Where the caller wants d_gates (N, 4H) written: its scratch memory, reused between calls.
-  Tensor buffer = d_gates_buffer.has_value() ? *d_gates_buffer : Tensor();
-  TORCH_CHECK(!buffer.defined() || (buffer.sizes() == gates.sizes() && buffer.is_contiguous() &&
-                                    buffer.scalar_type() == gates.scalar_type()),
-              "lstm_backward: d_gates buffer must be contiguous, shaped like gates ",
-              gates.sizes());
-  return LSTMKIT_DISPATCH(gates.scalar_type(), [&] {
-    return lstm_backward<scalar>(d_out, d_hT, d_cT, c0, w_hh, w_hr, gates, cells, st, parts,
-                                 buffer);
-  });
-}
-
-std::vector<Tensor> lstm_cell_py(Tensor x, Tensor h, Tensor c, Tensor packed,
-                                 c10::optional<Tensor> bias) {
-  // Made contiguous here rather than in Python: this runs once per step of online inference.
-  for (auto* t : {&x, &h, &c}) *t = t->contiguous();
-  for (auto* t : {&x, &h, &c, &packed}) check(*t, "tensor");
-  Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
-  return LSTMKIT_DISPATCH(x.scalar_type(), [&] { return lstm_cell<scalar>(x, h, c, packed, b); });
-}
-
-std::vector<Tensor> rnn_forward_py(Tensor xproj, c10::optional<Tensor> bias, Tensor h0,
-                                   Tensor w_hh, std::vector<i64> batch_sizes, bool reverse,
-                                   bool relu, i64 parts) {
-  for (auto* t : {&xproj, &h0, &w_hh}) check(*t, "tensor");
-  Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
-  Steps st(batch_sizes, reverse);
-  return LSTMKIT_DISPATCH(xproj.scalar_type(), [&] {
-    return rnn_forward<scalar>(xproj, b, h0, w_hh, st, relu, parts);
-  });
-}
-
-std::vector<Tensor> rnn_backward_py(Tensor d_out, Tensor d_hT, Tensor w_hh, Tensor out,
-                                    std::vector<i64> batch_sizes, bool reverse, bool relu,
-                                    i64 parts) {
-  for (auto* t : {&d_out, &d_hT, &w_hh, &out}) check(*t, "tensor");
-  Steps st(batch_sizes, reverse);
-  return LSTMKIT_DISPATCH(out.scalar_type(), [&] {
-    return rnn_backward<scalar>(d_out, d_hT, w_hh, out, st, relu, parts);
-  });
-}
-
-std::vector<Tensor> gru_forward_py(Tensor gi, c10::optional<Tensor> b_ih, Tensor h0, Tensor w_hh,
-                                   c10::optional<Tensor> b_hh, std::vector<i64> batch_sizes,
-                                   bool reverse, bool reset_after, bool save, i64 parts) {
-  for (auto* t : {&gi, &h0, &w_hh}) check(*t, "tensor");
-  Tensor bi = b_ih.has_value() ? b_ih->contiguous() : Tensor();
-  Steps st(batch_sizes, reverse);
-  return LSTMKIT_DISPATCH(gi.scalar_type(), [&] {
-    return gru_forward<scalar>(gi, bi, h0, w_hh, b_hh, st, reset_after, save, parts);
-  });
-}
-
-std::vector<Tensor> gru_backward_py(Tensor d_out, Tensor d_hT, Tensor h0, Tensor w_hh,
-                                    Tensor out, Tensor stash, std::vector<i64> batch_sizes,
-                                    bool reverse, bool reset_after, i64 parts,
-                                    c10::optional<Tensor> d_gi_buffer,
-                                    c10::optional<Tensor> d_gh_buffer) {
-  for (auto* t : {&d_out, &d_hT, &h0, &w_hh, &out, &stash}) check(*t, "tensor");
-  Steps st(batch_sizes, reverse);
-  // Where the caller wants d_gi and d_gh (N, 3H) written: its scratch memory.
-  Tensor buffers[2];
-  const c10::optional<Tensor>* given[2] = {&d_gi_buffer, &d_gh_buffer};
-  for (int i = 0; i < 2; ++i) {
-    if (!given[i]->has_value()) continue;
-    buffers[i] = **given[i];
-    TORCH_CHECK(buffers[i].dim() == 2 && buffers[i].size(0) == out.size(0) &&
-                buffers[i].size(1) == 3 * out.size(1) && buffers[i].is_contiguous() &&
-                buffers[i].scalar_type() == out.scalar_type(),
-                "gru_backward: gradient buffers must be contiguous (N, 3H), got ",
-                buffers[i].sizes());
-  }
-  return LSTMKIT_DISPATCH(out.scalar_type(), [&] {
-    return gru_backward<scalar>(d_out, d_hT, h0, w_hh, out, stash, st, reset_after, parts,
-                                buffers[0], buffers[1]);
-  });
-}
-
-// out[i] = a[i] @ b[i] (+ biases[i], broadcast over the rows) for every i, all in one parallel
-// region: each product is cut into row slices, one per thread, and each slice is one
-// single-threaded matrix multiply. For the
-// per-sequence products of a layer (input projection, dX, weight gradients) this replaces
+// Products to run together: out = a @ b for each queued (out, a, b), in one parallel region.
+// Each product is cut into row slices, one per thread, and each slice is one single-threaded
+// matrix multiply: for the products of a layer (dX, the weight gradients) this replaces
 // several multi-threaded calls, each with its own fork and join of the thread team, by one.
-void products_py(std::vector<Tensor> outs, std::vector<Tensor> as, std::vector<Tensor> bs) {
-  TORCH_CHECK(outs.size() == as.size() && as.size() == bs.size(),
-              "products: lists of different lengths");
-  double flops = 0;
-  for (size_t i = 0; i < outs.size(); ++i)
-    flops += 2.0 * outs[i].size(0) * outs[i].size(1) * as[i].size(1);
-  // Small products (batch 1, short sequences) run on the calling thread: waking the thread
-  // team costs more than the product, and far more when another process holds the other core.
-  const i64 threads = flops < SERIAL_FLOPS ? 1 : std::max<i64>(1, at::get_num_threads());
-  // Thread `part` takes row slice `part` of every product: each thread gets an equal share of
-  // every product. (Numbering the tasks product-major instead gave one thread both halves of
-  // the largest product, dW_hh, and the other thread the small ones.)
-  at::parallel_for(0, threads, 1, [&](i64 p0, i64 p1) {
-    c10::NoGradGuard no_grad;   // grad mode is thread-local: the pool's threads do not inherit it
-    for (i64 part = p0; part < p1; ++part)
-      for (size_t i = 0; i < outs.size(); ++i) {
-        i64 M = outs[i].size(0), r0 = M * part / threads, r1 = M * (part + 1) / threads;
-        if (r1 <= r0) continue;
-        Tensor out = outs[i].narrow(0, r0, r1 - r0);
-        at::mm_out(out, as[i].narrow(0, r0, r1 - r0), bs[i]);
-      }
-  });
-}
+struct Products {
+  std::vector<Tensor> outs, as, bs;
+  void add(const Tensor& out, const Tensor& a, const Tensor& b) {
+    outs.push_back(out); as.push_back(a); bs.push_back(b);
+  }
+  void run() const {
+    double flops = 0;
+    for (size_t i = 0; i < outs.size(); ++i)
+      flops += 2.0 * outs[i].size(0) * outs[i].size(1) * as[i].size(1);
+    // Small products (batch 1, short sequences) run on the calling thread: waking the thread
+    // team costs more than the product, and far more when another process holds the other core.
+    const i64 threads = flops < SERIAL_FLOPS ? 1 : std::max<i64>(1, at::get_num_threads());
+    // Thread `part` takes row slice `part` of every product: each thread gets an equal share of
+    // every product. (Numbering the tasks product-major instead gave one thread both halves of
+    // the largest product, dW_hh, and the other thread the small ones.)
+    auto slices = [&](i64 p0, i64 p1) {
+      c10::NoGradGuard no_grad;   // grad mode is thread-local: the pool's threads lack it
+      for (i64 part = p0; part < p1; ++part)
+        for (size_t i = 0; i < outs.size(); ++i) {
+          i64 M = outs[i].size(0), r0 = M * part / threads, r1 = M * (part + 1) / threads;
+          if (r1 <= r0) continue;
+          Tensor out = outs[i].narrow(0, r0, r1 - r0);
+          at::mm_out(out, as[i].narrow(0, r0, r1 - r0), bs[i]);
+        }
+    };
+    if (threads == 1) slices(0, 1);
+    else at::parallel_for(0, threads, 1, slices);
+  }
+};
 
-// For the benchmark's products bound (bench.products_seconds): `steps` times out = a @ b, a
-// (B, K), b (K, N), as the generic driver multiplies: MKL's packed GEMM with b packed once
-// (at::mm without it), the rows in `parts` independent per-thread parts (1: each product split
-// across the threads), the same operand and result buffers at every step, as the loop's stay
-// in cache: the recurrence's products alone, with no gate math and no memory traffic besides.
-Tensor step_products_py(Tensor a, Tensor b, i64 steps, i64 parts) {
-  check(a, "a");
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0) &&
-              a.scalar_type() == b.scalar_type(), "step_products: a (B, K), b (K, N)");
-  const i64 B = a.size(0);
-  Tensor out = pooled_empty({B, b.size(1)}, a.options());
-  return dispatch1(a.scalar_type(), [&](auto tag) {
-    using S = decltype(tag);
-    StepProduct<S> product(b, B);
-    run_row_parts(steps, B, parts, [&](i64, i64 r0, i64 r1) {
-      product(mat<S>(out).rows_at(r0, r1 - r0), mat<S>(a).rows_at(r0, r1 - r0));
-    });
-    return out;
-  });
+// x (N, K) W^T (G, K): every step's input part, in pooled memory. The kernels add the biases as
+// they read it (added into this product, the bias doubled its memory traffic).
+Tensor input_projection(const Tensor& x, const Tensor& w) {
+  Tensor out = pooled_empty({x.size(0), w.size(0)}, x.options());
+  Products jobs;
+  jobs.add(out, x, w.t());
+  jobs.run();
+  return out;
 }
 
 // For every row of `sequence` (N, F), the state its step started from (see layout.py), written
 // into `into` (N, F): rows of unit column stride, possibly columns of a wider buffer (the
-// stacked operand of the weight gradients, native.py's _weight_gradients).
-void previous_rows_py(Tensor into, Tensor sequence, Tensor initial, std::vector<i64> batch_sizes,
-                      bool reverse) {
-  check(sequence, "sequence");
-  check(initial, "initial");
+// stacked operand of WeightGradients).
+void previous_rows(const Tensor& into, const Tensor& sequence, const Tensor& initial,
+                   const Steps& st) {
   const i64 F = sequence.size(1);
   TORCH_CHECK(into.dim() == 2 && into.size(0) == sequence.size(0) && into.size(1) == F &&
-              into.scalar_type() == sequence.scalar_type() && unit_stride(into, 1),
+              into.scalar_type() == sequence.scalar_type() && unit_stride(into, 1) &&
+              sequence.is_contiguous() && initial.is_contiguous(),
               "previous_rows: `into` must be ", sequence.sizes(), " with unit column stride");
-  Steps st(batch_sizes, reverse);
   const size_t bytes = F * sequence.element_size();
   const size_t into_row = leading(into, 0) * into.element_size();
   const char* seq = static_cast<const char*>(sequence.data_ptr());
@@ -1708,6 +1600,277 @@ void previous_rows_py(Tensor into, Tensor sequence, Tensor initial, std::vector<
       }
     }
   });
+}
+
+// The gradients of the weights a pre-activation d_pre (N, G) came through: dW_x = d_pre^T x
+// (G, I), dW_h = d_pre^T h_prev (G, P) and db = d_pre.sum(0) (G,), as one product
+// d_pre^T [x | h_prev | 1] queued in `jobs`: it reads d_pre, the largest operand, once instead
+// of once per gradient (LSTM backward products at batch 32 / hidden 256 / length 100
+// 8.3 -> 7.5 ms, 64 / 512 50.9 -> 46.0 ms), and the previous rows go straight into their columns.
+// `x` undefined: dW_x not wanted; `sequence` undefined: dW_h not wanted, else h_prev is the
+// previous rows of `sequence` (N, P) from `initial` (B, P). take() after jobs.run().
+struct WeightGradients {
+  Tensor result;
+  i64 x_cols = 0, h_cols = 0;
+  bool bias = false;
+  WeightGradients(Products& jobs, const Tensor& d_pre, const Tensor& x, const Tensor& sequence,
+                  const Tensor& initial, const Steps& st, bool with_bias)
+      : x_cols(x.defined() ? x.size(1) : 0), h_cols(sequence.defined() ? sequence.size(1) : 0),
+        bias(with_bias) {
+    const i64 count = x_cols + h_cols + (bias ? 1 : 0);
+    if (count == 0) return;
+    Tensor stacked = pooled_empty({d_pre.size(0), count}, d_pre.options());
+    if (x_cols) stacked.narrow(1, 0, x_cols).copy_(x);
+    if (h_cols) previous_rows(stacked.narrow(1, x_cols, h_cols), sequence, initial, st);
+    if (bias) stacked.narrow(1, count - 1, 1).fill_(1);
+    result = pooled_empty({d_pre.size(1), count}, d_pre.options());
+    jobs.add(result, d_pre.t(), stacked);
+  }
+  // {dW_x, dW_h, db}, undefined where not wanted: the whole result when only one is wanted,
+  // else contiguous copies of its columns.
+  std::vector<Tensor> take() const {
+    std::vector<Tensor> parts(3);
+    const i64 widths[3] = {x_cols, h_cols, bias ? 1 : 0};
+    const int wanted = (x_cols > 0) + (h_cols > 0) + bias;
+    for (i64 k = 0, col = 0; k < 3; col += widths[k], ++k) {
+      if (!widths[k]) continue;
+      parts[k] = wanted == 1 ? result : pooled_clone(result.narrow(1, col, widths[k]));
+    }
+    if (parts[2].defined()) parts[2] = parts[2].view({-1});
+    return parts;
+  }
+};
+
+// The gradient arriving at a Function's output: in the compute dtype and contiguous; copied
+// into pooled memory when it is not (the gradient of out.sum() is a broadcast, and a fresh copy
+// of it faults in a page per 4 KiB).
+Tensor incoming(const Tensor& d, at::ScalarType dtype) {
+  Tensor t = d.to(dtype);
+  return t.is_contiguous() ? t : pooled_clone(t);
+}
+
+inline Tensor optional_contiguous(const c10::optional<Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : Tensor();
+}
+
+// b_ih + b_hh, or whichever is given (undefined for none): the LSTM's and RNN's one bias.
+Tensor bias_sum(const Tensor& b_ih, const Tensor& b_hh) {
+  if (!b_ih.defined() || !b_hh.defined()) return b_ih.defined() ? b_ih : b_hh;
+  return at::add(b_ih, b_hh);
+}
+
+// ---- dispatch by dtype -------------------------------------------------------------------
+
+void check_cpu(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
+}
+
+// One LSTM layer, one direction: x (N, I) -> out (N, P), h_T, c_T, gates, cells (see
+// lstm_forward). With input_in_step (generic driver, no projection) the input is multiplied
+// inside each step's product; else projected for all steps first.
+std::vector<Tensor> lstm_forward_py(Tensor x, c10::optional<Tensor> b_ih,
+                                    c10::optional<Tensor> b_hh, Tensor h0, Tensor c0,
+                                    Tensor w_ih, Tensor w_hh, c10::optional<Tensor> w_hr,
+                                    std::vector<i64> batch_sizes, bool reverse, bool save,
+                                    i64 parts, bool input_in_step) {
+  check_cpu(x, "x");
+  for (auto* t : {&h0, &c0, &w_ih, &w_hh}) *t = t->contiguous();
+  Tensor bias = bias_sum(optional_contiguous(b_ih), optional_contiguous(b_hh));
+  Steps st(batch_sizes, reverse);
+  Tensor input = input_in_step ? x.contiguous() : input_projection(x, w_ih);
+  return LSTMKIT_DISPATCH(x.scalar_type(), [&] {
+    return lstm_forward<scalar>(input, bias, h0, c0, w_hh, w_hr, st, save, parts,
+                                input_in_step ? w_ih : Tensor());
+  });
+}
+
+// The whole backward of one LSTM layer, one direction: the step loop, then dX = d_gates W_ih,
+// the weight and bias gradients and dW_hr in one parallel region. needs: which of (x, h0, c0,
+// w_ih, w_hh, b_ih, b_hh, w_hr) want a gradient. Returns dx, dh0, dc0, dw_ih, dw_hh, db (the
+// gradient of b_ih + b_hh), dw_hr, undefined where not wanted.
+std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Tensor x,
+                                     Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh,
+                                     c10::optional<Tensor> w_hr, Tensor out, Tensor gates,
+                                     Tensor cells, std::vector<i64> batch_sizes, bool reverse,
+                                     i64 parts, std::vector<bool> needs) {
+  TORCH_CHECK(needs.size() == 8, "lstm_backward: needs has 8 flags, got ", needs.size());
+  const auto dtype = gates.scalar_type();
+  d_out = incoming(d_out, dtype); d_hT = incoming(d_hT, dtype); d_cT = incoming(d_cT, dtype);
+  for (auto* t : {&h0, &c0, &w_hh, &out, &gates, &cells}) *t = t->contiguous();
+  Tensor w_hr_c = optional_contiguous(w_hr);
+  Steps st(batch_sizes, reverse);
+  auto loop = LSTMKIT_DISPATCH(dtype, [&] {
+    return lstm_backward<scalar>(d_out, d_hT, d_cT, c0, w_hh, w_hr, gates, cells, st, parts);
+  });
+  const Tensor& d_gates = loop[0];
+  Products jobs;
+  Tensor dx;
+  if (needs[0]) {
+    dx = pooled_empty(x.sizes(), x.options());
+    jobs.add(dx, d_gates, w_ih);
+  }
+  WeightGradients weights(jobs, d_gates, needs[3] ? x : Tensor(), needs[4] ? out : Tensor(), h0,
+                          st, needs[5] || needs[6]);
+  Tensor dw_hr;
+  if (w_hr_c.defined() && needs[7]) {
+    const i64 H = cells.size(1);
+    Tensor m = at::mul(gates.narrow(1, 3 * H, H), at::tanh(cells));      // o tanh(c), the operand of W_hr
+    dw_hr = pooled_empty(w_hr_c.sizes(), w_hr_c.options());
+    jobs.add(dw_hr, loop[3].t(), m);
+  }
+  jobs.run();
+  auto w = weights.take();
+  return {dx, loop[1], loop[2], w[0], w[1], w[2], dw_hr};
+}
+
+std::vector<Tensor> lstm_cell_py(Tensor x, Tensor h, Tensor c, Tensor packed,
+                                 c10::optional<Tensor> bias) {
+  // Made contiguous here rather than in Python: this runs once per step of online inference.
+  for (auto* t : {&x, &h, &c, &packed}) *t = t->contiguous();
+  check_cpu(x, "x");
+  Tensor b = optional_contiguous(bias);
+  return LSTMKIT_DISPATCH(x.scalar_type(), [&] { return lstm_cell<scalar>(x, h, c, packed, b); });
+}
+
+// One Elman RNN layer, one direction: x (N, I) -> out (N, H), h_T.
+std::vector<Tensor> rnn_forward_py(Tensor x, c10::optional<Tensor> b_ih,
+                                   c10::optional<Tensor> b_hh, Tensor h0, Tensor w_ih,
+                                   Tensor w_hh, std::vector<i64> batch_sizes, bool reverse,
+                                   bool relu, i64 parts) {
+  check_cpu(x, "x");
+  for (auto* t : {&h0, &w_hh}) *t = t->contiguous();
+  Tensor bias = bias_sum(optional_contiguous(b_ih), optional_contiguous(b_hh));
+  Steps st(batch_sizes, reverse);
+  Tensor xproj = input_projection(x, w_ih);
+  return LSTMKIT_DISPATCH(x.scalar_type(), [&] {
+    return rnn_forward<scalar>(xproj, bias, h0, w_hh, st, relu, parts);
+  });
+}
+
+// The whole backward of one RNN layer, one direction. needs: (x, h0, w_ih, w_hh, b_ih, b_hh).
+// Returns dx, dh0, dw_ih, dw_hh, db (the gradient of b_ih + b_hh).
+std::vector<Tensor> rnn_backward_py(Tensor d_out, Tensor d_hT, Tensor x, Tensor h0, Tensor w_ih,
+                                    Tensor w_hh, Tensor out, std::vector<i64> batch_sizes,
+                                    bool reverse, bool relu, i64 parts, std::vector<bool> needs) {
+  TORCH_CHECK(needs.size() == 6, "rnn_backward: needs has 6 flags, got ", needs.size());
+  const auto dtype = out.scalar_type();
+  d_out = incoming(d_out, dtype); d_hT = incoming(d_hT, dtype);
+  for (auto* t : {&h0, &w_hh, &out}) *t = t->contiguous();
+  Steps st(batch_sizes, reverse);
+  auto loop = LSTMKIT_DISPATCH(dtype, [&] {
+    return rnn_backward<scalar>(d_out, d_hT, w_hh, out, st, relu, parts);
+  });
+  Products jobs;
+  Tensor dx;
+  if (needs[0]) {
+    dx = pooled_empty(x.sizes(), x.options());
+    jobs.add(dx, loop[0], w_ih);
+  }
+  WeightGradients weights(jobs, loop[0], needs[2] ? x : Tensor(), needs[3] ? out : Tensor(), h0,
+                          st, needs[4] || needs[5]);
+  jobs.run();
+  auto w = weights.take();
+  return {dx, loop[1], w[0], w[1], w[2]};
+}
+
+// One GRU layer, one direction: x (N, I) -> out (N, H), h_T, stash.
+std::vector<Tensor> gru_forward_py(Tensor x, c10::optional<Tensor> b_ih,
+                                   c10::optional<Tensor> b_hh, Tensor h0, Tensor w_ih,
+                                   Tensor w_hh, std::vector<i64> batch_sizes, bool reverse,
+                                   bool reset_after, bool save, i64 parts) {
+  check_cpu(x, "x");
+  for (auto* t : {&h0, &w_hh}) *t = t->contiguous();
+  Steps st(batch_sizes, reverse);
+  Tensor gi = input_projection(x, w_ih);
+  return LSTMKIT_DISPATCH(x.scalar_type(), [&] {
+    return gru_forward<scalar>(gi, optional_contiguous(b_ih), h0, w_hh, optional_contiguous(b_hh),
+                               st, reset_after, save, parts);
+  });
+}
+
+// The whole backward of one GRU layer, one direction. needs: (x, h0, w_ih, w_hh, b_ih, b_hh).
+// Returns dx, dh0, dw_ih, dw_hh, db_ih, db_hh; reset before, b_ih and b_hh enter as one sum and
+// db_ih is its gradient (db_hh undefined).
+std::vector<Tensor> gru_backward_py(Tensor d_out, Tensor d_hT, Tensor x, Tensor h0, Tensor w_ih,
+                                    Tensor w_hh, Tensor out, Tensor stash,
+                                    std::vector<i64> batch_sizes, bool reverse, bool reset_after,
+                                    i64 parts, std::vector<bool> needs) {
+  TORCH_CHECK(needs.size() == 6, "gru_backward: needs has 6 flags, got ", needs.size());
+  const auto dtype = out.scalar_type();
+  d_out = incoming(d_out, dtype); d_hT = incoming(d_hT, dtype);
+  for (auto* t : {&h0, &w_hh, &out, &stash}) *t = t->contiguous();
+  const i64 H = out.size(1);
+  Steps st(batch_sizes, reverse);
+  auto loop = LSTMKIT_DISPATCH(dtype, [&] {
+    return gru_backward<scalar>(d_out, d_hT, h0, w_hh, out, stash, st, reset_after, parts);
+  });
+  const Tensor &d_gi = loop[0], &d_gh = loop[1];
+  Products jobs;
+  Tensor dx, dw_hh;
+  if (needs[0]) {
+    dx = pooled_empty(x.sizes(), x.options());
+    jobs.add(dx, d_gi, w_ih);
+  }
+  // Reset after, b_hh's gradient is d_gh's column sums; reset before, b_ih and b_hh are one.
+  WeightGradients input_side(jobs, d_gi, needs[2] ? x : Tensor(), Tensor(), h0, st,
+                             needs[4] || (!reset_after && needs[5]));
+  c10::optional<WeightGradients> hidden_side;
+  if (reset_after) {
+    hidden_side.emplace(jobs, d_gh, Tensor(), needs[3] ? out : Tensor(), h0, st, needs[5]);
+  } else if (needs[3]) {
+    // W_hr and W_hz multiply h_prev, W_hn multiplies r * h_prev.
+    Tensor h_prev = pooled_empty(out.sizes(), out.options());
+    previous_rows(h_prev, out, h0, st);
+    Tensor r_h = at::mul(stash.narrow(1, 0, H), h_prev);
+    dw_hh = pooled_empty(w_hh.sizes(), w_hh.options());
+    jobs.add(dw_hh.narrow(0, 0, 2 * H), d_gi.narrow(1, 0, 2 * H).t(), h_prev);
+    jobs.add(dw_hh.narrow(0, 2 * H, H), d_gi.narrow(1, 2 * H, H).t(), r_h);
+  }
+  jobs.run();
+  auto in = input_side.take();
+  Tensor db_hh;
+  if (hidden_side) {
+    auto hidden = hidden_side->take();
+    dw_hh = hidden[1];
+    db_hh = hidden[2];
+  }
+  return {dx, loop[2], in[0], dw_hh, in[2], db_hh};
+}
+
+// out[i] = as[i] @ bs[i] for every i, in one parallel region (Products).
+void products_py(std::vector<Tensor> outs, std::vector<Tensor> as, std::vector<Tensor> bs) {
+  TORCH_CHECK(outs.size() == as.size() && as.size() == bs.size(),
+              "products: lists of different lengths");
+  Products jobs{outs, as, bs};
+  jobs.run();
+}
+
+// For the benchmark's products bound (bench.products_seconds): `steps` times out = a @ b, a
+// (B, K), b (K, N), as the generic driver multiplies: MKL's packed GEMM with b packed once
+// (at::mm without it), the rows in `parts` independent per-thread parts (1: each product split
+// across the threads), the same operand and result buffers at every step, as the loop's stay
+// in cache: the recurrence's products alone, with no gate math and no memory traffic besides.
+Tensor step_products_py(Tensor a, Tensor b, i64 steps, i64 parts) {
+  a = a.contiguous();
+  check_cpu(a, "a");
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0) &&
+              a.scalar_type() == b.scalar_type(), "step_products: a (B, K), b (K, N)");
+  const i64 B = a.size(0);
+  Tensor out = pooled_empty({B, b.size(1)}, a.options());
+  return dispatch1(a.scalar_type(), [&](auto tag) {
+    using S = decltype(tag);
+    StepProduct<S> product(b, B);
+    run_row_parts(steps, B, parts, [&](i64, i64 r0, i64 r1) {
+      product(mat<S>(out).rows_at(r0, r1 - r0), mat<S>(a).rows_at(r0, r1 - r0));
+    });
+    return out;
+  });
+}
+
+// previous_rows (above) for Python: the tests check it into the columns of a wider buffer.
+void previous_rows_py(Tensor into, Tensor sequence, Tensor initial, std::vector<i64> batch_sizes,
+                      bool reverse) {
+  previous_rows(into, sequence.contiguous(), initial.contiguous(), Steps(batch_sizes, reverse));
 }
 
 }  // namespace

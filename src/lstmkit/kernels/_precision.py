@@ -15,14 +15,21 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
+# Each helper leaves a tensor already in the wanted dtype alone without calling `.to` (about
+# 1 us per call, and a layer makes a dozen of them on the usual float32 path).
+
+def _to(t, dtype):
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def upcast(tensors, dtype):
     """Each tensor in `dtype` (None stays None)."""
-    return [None if t is None else t.to(dtype) for t in tensors]
+    return [_to(t, dtype) for t in tensors]
 
 
 def cast_like(tensors, like):
     """Each result in the dtype of the input it corresponds to (the caller's dtype)."""
-    return [None if t is None else t.to(ref.dtype) for t, ref in zip(tensors, like)]
+    return [_to(t, ref.dtype) for t, ref in zip(tensors, like)]
 
 
 def dtypes_of(tensors):
@@ -32,4 +39,4 @@ def dtypes_of(tensors):
 
 def cast_to(tensors, dtypes):
     """Cast each gradient to its input's dtype; None where there is no input or no gradient."""
-    return [None if t is None or d is None else t.to(d) for t, d in zip(tensors, dtypes)]
+    return [None if d is None else _to(t, d) for t, d in zip(tensors, dtypes)]

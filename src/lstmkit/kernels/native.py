@@ -33,7 +33,7 @@ from torch.autograd.function import once_differentiable
 from . import gru as _gru
 from . import lstm as _lstm
 from . import rnn as _rnn
-from ._common import bias_sum, split_bias_gradient
+from ._common import split_bias_gradient
 from ._precision import cast_like, cast_to, compute_dtype, upcast
 
 _SOURCE = Path(__file__).with_name("_native.cpp")
@@ -66,8 +66,9 @@ MIN_PART_ROWS = 4
 ROW_PARTS_MAX_WEIGHT_BYTES = 2 << 20        # read whole by each core at every step
 MAX_ROW_PARTS = None                        # None: one per thread (tests ask for more)
 
-# Products smaller than this (floating-point operations) run on the calling thread (the same
-# threshold as SERIAL_FLOPS in _native.cpp): waking the thread team costs more than they do.
+# Per-sequence products (the input projection, dX, the weight gradients) smaller than this
+# (floating-point operations) run on the calling thread: waking the thread team costs more than
+# they do. The value of SERIAL_FLOPS in _native.cpp, for the tests.
 SERIAL_FLOPS = 4e6
 # LSTM, generic driver: the input multiplied inside each step's product (see lstm_forward in
 # _native.cpp) instead of projected for all steps before the loop, when input size <= this
@@ -167,10 +168,6 @@ def _needs_autograd(tensors) -> bool:
         isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
-def _contiguous(tensors):
-    return [None if t is None else t.contiguous() for t in tensors]
-
-
 def pooled_empty(shape, like: torch.Tensor) -> torch.Tensor:
     """like.new_empty(shape), its memory from the native recycling pool (see _native.cpp):
     memory already mapped, where fresh memory costs a page fault per 4 KiB (0.9 us each on the
@@ -190,14 +187,6 @@ def release_memory() -> None:
     512 MiB), so that the next call of the same shape does not fault it in page by page."""
     if module() is not None:
         module().release_pool()
-
-
-def _incoming_gradients(dtype, d_out, *d_states):
-    """The gradients a Function's backward receives, in its compute dtype and contiguous; d_out
-    copied into pooled memory when it is not (the gradient of out.sum() is a broadcast, and a
-    fresh copy of it faults in a page per 4 KiB)."""
-    d_out, *d_states = upcast((d_out, *d_states), dtype)
-    return [d_out if d_out.is_contiguous() else pooled_copy(d_out), *_contiguous(d_states)]
 
 
 # Single-step weights packed for `lstm_cell`, per (w_ih, w_hh, b_ih, b_hh): an entry is used only
@@ -241,93 +230,6 @@ def lstm_step_inference(x, h, c, w_ih, w_hh, b_ih, b_hh):
     """
     packed, bias = _packed_cell(w_ih, w_hh, b_ih, b_hh)
     return module().lstm_cell(x, h, c, packed, bias)          # it makes them contiguous
-
-
-def _products(jobs):
-    """out = a @ b for each (out, a, b), in one parallel region (see products_py)."""
-    if jobs:
-        outs, lefts, rights = zip(*jobs, strict=True)
-        module().products(list(outs), list(lefts), list(rights))
-
-
-# Scratch memory kept per thread between calls, one buffer per use: the input projection of a
-# layer (N, G), read only by that layer's forward loop, and the gate gradients (LSTM d_gates
-# (N, 4H), GRU d_gi and d_gh (N, 3H)), read only within the backward; none is saved or
-# returned. Fresh memory would be faulted in page by page on every call: 52 MB at batch 64 /
-# hidden 512 / length 100, which took 22 ms, as long as the projection's product itself.
-# Buffers above SCRATCH_MAX_BYTES are not kept.
-SCRATCH_MAX_BYTES = 256 << 20
-_scratch = threading.local()
-
-
-def _scratch_buffer(use: str, rows, cols, like):
-    count = rows * cols
-    if count * like.element_size() > SCRATCH_MAX_BYTES:
-        return like.new_empty(rows, cols)
-    buffer = getattr(_scratch, use, None)
-    if buffer is None or buffer.dtype != like.dtype or buffer.numel() < count:
-        buffer = like.new_empty(count)
-        setattr(_scratch, use, buffer)
-    return buffer[:count].view(rows, cols)
-
-
-def _projection(x, w):
-    """x (N, K) W^T (G, K): every step's input part. The kernels add the biases as they read it
-    (added into this product, the bias doubled its memory traffic).
-
-    The result lives in this thread's scratch buffer: use it before the next projection."""
-    if 2.0 * x.shape[0] * x.shape[1] * w.shape[0] < SERIAL_FLOPS:
-        return torch.mm(x, w.t())          # small (batch 1, short sequences): this thread
-    out = _scratch_buffer("projection", x.shape[0], w.shape[0], x)
-    _products([(out, x, w.t())])
-    return out
-
-
-def _weight_gradients(jobs, d_pre, operands, bias: bool, use: str = "weight_operand"):
-    """Queue in `jobs` one product d_pre^T [o_1 | o_2 | ... | 1] (G, K_1 + K_2 + ... + 1) for
-    the weight gradients d_pre^T o_i (G, K_i) and, with `bias`, the bias gradient
-    d_pre.sum(0) (G,) (the ones column). It reads d_pre (N, G), the largest operand, once
-    instead of once per gradient, and the previous rows go straight into a scratch buffer:
-    LSTM backward products (dX, the weights, the bias) at batch 32 / hidden 256 / length 100
-    8.3 -> 7.5 ms, 64 / 512 50.9 -> 46.0 ms, 128 / 1024 / 20 66.0 -> 62.5 ms (2 threads).
-
-    operands: per weight, None (gradient not wanted), an (N, K) tensor, or (K, fill) where
-    fill(view) writes the (N, K) operand into its columns of the stacked one (the previous
-    rows, in place). The stacked operand lives in the scratch buffer `use` until the jobs
-    have run. Returns a function that, after `_products(jobs)`, gives the gradients in order
-    and then the bias gradient, None where not wanted."""
-    widths = [0 if o is None else o[0] if isinstance(o, tuple) else o.shape[1]
-              for o in operands]
-    count = sum(widths) + int(bias)
-    if count == 0:
-        return lambda: [None] * (len(operands) + 1)
-    stacked = _scratch_buffer(use, d_pre.shape[0], count, d_pre)
-    columns = stacked.split([*widths, int(bias)], dim=1)
-    for operand, column in zip(operands, columns, strict=False):
-        if isinstance(operand, tuple):
-            operand[1](column)
-        elif operand is not None:
-            column.copy_(operand)
-    if bias:
-        columns[-1].fill_(1)
-    result = pooled_empty((d_pre.shape[1], count), d_pre)
-    jobs.append((result, d_pre.t(), stacked))
-
-    def gradients():
-        wanted = [*(o is not None for o in operands), bias]
-        if sum(wanted) == 1:                          # the whole result, no copy
-            whole = result.flatten() if bias else result
-            return [whole if w else None for w in wanted]
-        parts = result.split([*widths, int(bias)], dim=1)
-        parts = [*parts[:-1], parts[-1].flatten()]
-        return [pooled_copy(p) if w else None for p, w in zip(parts, wanted, strict=True)]
-    return gradients
-
-
-def _previous_rows(out, h0, layout, reverse):
-    """(P, fill) for _weight_gradients: each row's previous state written into its columns."""
-    return (out.shape[1],
-            lambda into: module().previous_rows(into, out, h0, layout.batch_sizes, reverse))
 
 
 def _driver(layout, w_hh, projected: bool = False, w_ih=None) -> int:
@@ -383,16 +285,12 @@ class NativeLSTMFunction(_NativeFunction):
 
     @staticmethod
     def _run(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, save):
-        h0, c0, w_hh, w_hr = _contiguous((h0, c0, w_hh, w_hr))
         input_in_step = w_hr is None and w_ih.shape[1] <= INPUT_IN_STEP_MAX_RATIO * w_hh.shape[1]
         parts = _driver(layout, w_hh, w_hr is not None, w_ih if input_in_step else None)
-        bias = bias_sum(b_ih, b_hh)
-        if parts and input_in_step:
-            # Generic driver: [x_t | h] times [W_ih | W_hh]^T at each step, no projection.
-            return module().lstm_forward(x.contiguous(), bias, h0, c0, w_hh, None,
-                                         layout.batch_sizes, reverse, save, parts, w_ih)
-        return module().lstm_forward(_projection(x, w_ih), bias, h0, c0, w_hh, w_hr,
-                                     layout.batch_sizes, reverse, save, parts, None)
+        # Generic driver with a small input: [x_t | h] times [W_ih | W_hh]^T at each step, no
+        # projection of all steps first.
+        return module().lstm_forward(x, b_ih, b_hh, h0, c0, w_ih, w_hh, w_hr, layout.batch_sizes,
+                                     reverse, save, parts, bool(parts) and input_in_step)
 
     @staticmethod
     def _infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse):
@@ -415,28 +313,10 @@ class NativeLSTMFunction(_NativeFunction):
     @once_differentiable
     def backward(ctx, d_out, d_hT, d_cT):
         x, h0, c0, w_ih, w_hh, w_hr, out, gates, cells = ctx.saved_tensors
-        layout, reverse, needs = ctx.layout, ctx.reverse, ctx.needs_input_grad
-        d_out, d_hT, d_cT = _incoming_gradients(x.dtype, d_out, d_hT, d_cT)
-        d_gates, dh0, dc0, d_h_rows = module().lstm_backward(
-            d_out, d_hT, d_cT, c0.contiguous(), w_hh.contiguous(),
-            None if w_hr is None else w_hr.contiguous(), gates, cells, layout.batch_sizes,
-            reverse, _driver(layout, w_hh, w_hr is not None),
-            _scratch_buffer("d_gates", *gates.shape, gates))
-        jobs = []
-        dx = pooled_empty(x.shape, x) if needs[0] else None
-        if dx is not None:
-            jobs.append((dx, d_gates, w_ih))
-        h_prev = _previous_rows(out, h0.contiguous(), layout, reverse) if needs[4] else None
-        gradients = _weight_gradients(jobs, d_gates, [x if needs[3] else None, h_prev],
-                                      needs[5] or needs[6])
-        dw_hr = None
-        if w_hr is not None and needs[7]:
-            H = cells.shape[1]
-            m = gates[:, 3 * H:] * cells.tanh()                 # o tanh(c), the operand of W_hr
-            dw_hr = torch.empty_like(w_hr)
-            jobs.append((dw_hr, d_h_rows.t(), m))
-        _products(jobs)
-        dw_ih, dw_hh, db = gradients()
+        layout, needs = ctx.layout, ctx.needs_input_grad
+        dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = module().lstm_backward(
+            d_out, d_hT, d_cT, x, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, layout.batch_sizes,
+            ctx.reverse, _driver(layout, w_hh, w_hr is not None), needs[:8])
         db_ih, db_hh = split_bias_gradient(db, needs[5], needs[6])
         grads = (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr)
         return (*cast_to(grads, ctx.dtypes), None, None)
@@ -454,9 +334,7 @@ class NativeGRUFunction(_NativeFunction):
 
     @staticmethod
     def _run(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after, save):
-        gi = _projection(x, w_ih)
-        h0, w_hh, b_hh = _contiguous((h0, w_hh, b_hh))
-        return module().gru_forward(gi, b_ih, h0, w_hh, b_hh, layout.batch_sizes, reverse,
+        return module().gru_forward(x, b_ih, b_hh, h0, w_ih, w_hh, layout.batch_sizes, reverse,
                                     reset_after, save, _driver(layout, w_hh, not reset_after))
 
     @staticmethod
@@ -476,41 +354,11 @@ class NativeGRUFunction(_NativeFunction):
     @once_differentiable
     def backward(ctx, d_out, d_hT):
         x, h0, w_ih, w_hh, out, stash = ctx.saved_tensors
-        layout, reverse, needs = ctx.layout, ctx.reverse, ctx.needs_input_grad
-        H = w_hh.shape[0] // 3
-        d_out, d_hT = _incoming_gradients(x.dtype, d_out, d_hT)
-        h0 = h0.contiguous()
-        N = out.shape[0]
-        d_gi, d_gh, dh0 = module().gru_backward(
-            d_out, d_hT, h0, w_hh.contiguous(), out, stash, layout.batch_sizes, reverse,
-            ctx.reset_after, _driver(layout, w_hh, not ctx.reset_after),
-            _scratch_buffer("d_gi", N, 3 * H, out),
-            _scratch_buffer("d_gh", N, 3 * H, out) if ctx.reset_after else None)
-        jobs = []
-        dx = pooled_empty(x.shape, x) if needs[0] else None
-        if dx is not None:
-            jobs.append((dx, d_gi, w_ih))
-        # Reset after, b_hh's gradient is d_gh's column sums; reset before, d_gh is d_gi.
-        shared_bias = not ctx.reset_after
-        input_side = _weight_gradients(jobs, d_gi, [x if needs[2] else None],
-                                       needs[4] or (shared_bias and needs[5]))
-        if ctx.reset_after:
-            h_prev = _previous_rows(out, h0, layout, reverse) if needs[3] else None
-            hidden_side = _weight_gradients(jobs, d_gh, [h_prev], needs[5], "weight_operand_h")
-        dw_hh = None
-        if needs[3] and not ctx.reset_after:
-            # W_hr and W_hz multiply h_prev, W_hn multiplies r * h_prev.
-            h_prev = pooled_empty(out.shape, out)
-            module().previous_rows(h_prev, out, h0, layout.batch_sizes, reverse)
-            r_h = stash[:, :H] * h_prev
-            dw_hh = torch.empty_like(w_hh)
-            jobs.append((dw_hh[:2 * H], d_gi[:, :2 * H].t(), h_prev))
-            jobs.append((dw_hh[2 * H:], d_gi[:, 2 * H:].t(), r_h))
-        _products(jobs)
-        dw_ih, db_ih = input_side()
-        if ctx.reset_after:
-            dw_hh, db_hh = hidden_side()
-        else:
+        needs = ctx.needs_input_grad
+        dx, dh0, dw_ih, dw_hh, db_ih, db_hh = module().gru_backward(
+            d_out, d_hT, x, h0, w_ih, w_hh, out, stash, ctx.layout.batch_sizes, ctx.reverse,
+            ctx.reset_after, _driver(ctx.layout, w_hh, not ctx.reset_after), needs[:6])
+        if not ctx.reset_after:                 # b_ih and b_hh enter as one sum
             db_ih, db_hh = split_bias_gradient(db_ih, needs[4], needs[5])
         grads = (dx, dh0, dw_ih, dw_hh, db_ih, db_hh)
         return (*cast_to(grads, ctx.dtypes), None, None, None)
@@ -529,10 +377,8 @@ class NativeRNNFunction(_NativeFunction):
 
     @staticmethod
     def _run(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, nonlinearity):
-        xproj = _projection(x, w_ih)
-        h0, w_hh = _contiguous((h0, w_hh))
-        return module().rnn_forward(xproj, bias_sum(b_ih, b_hh), h0, w_hh, layout.batch_sizes,
-                                    reverse, nonlinearity == "relu", _driver(layout, w_hh))
+        return module().rnn_forward(x, b_ih, b_hh, h0, w_ih, w_hh, layout.batch_sizes, reverse,
+                                    nonlinearity == "relu", _driver(layout, w_hh))
 
     @staticmethod
     def _infer(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, nonlinearity):
@@ -551,20 +397,10 @@ class NativeRNNFunction(_NativeFunction):
     @once_differentiable
     def backward(ctx, d_out, d_hT):
         x, h0, w_ih, w_hh, out = ctx.saved_tensors
-        layout, reverse, needs = ctx.layout, ctx.reverse, ctx.needs_input_grad
-        d_out, d_hT = _incoming_gradients(x.dtype, d_out, d_hT)
-        d_pre, dh0 = module().rnn_backward(d_out, d_hT, w_hh.contiguous(), out,
-                                           layout.batch_sizes, reverse,
-                                           ctx.nonlinearity == "relu", _driver(layout, w_hh))
-        jobs = []
-        dx = pooled_empty(x.shape, x) if needs[0] else None
-        if dx is not None:
-            jobs.append((dx, d_pre, w_ih))
-        h_prev = _previous_rows(out, h0.contiguous(), layout, reverse) if needs[3] else None
-        gradients = _weight_gradients(jobs, d_pre, [x if needs[2] else None, h_prev],
-                                      needs[4] or needs[5])
-        _products(jobs)
-        dw_ih, dw_hh, db = gradients()
+        needs = ctx.needs_input_grad
+        dx, dh0, dw_ih, dw_hh, db = module().rnn_backward(
+            d_out, d_hT, x, h0, w_ih, w_hh, out, ctx.layout.batch_sizes, ctx.reverse,
+            ctx.nonlinearity == "relu", _driver(ctx.layout, w_hh), needs[:6])
         db_ih, db_hh = split_bias_gradient(db, needs[4], needs[5])
         grads = (dx, dh0, dw_ih, dw_hh, db_ih, db_hh)
         return (*cast_to(grads, ctx.dtypes), None, None, None)

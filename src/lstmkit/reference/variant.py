@@ -8,6 +8,7 @@ for each option's equations and source.
 
 import math
 from dataclasses import dataclass, fields
+from functools import cached_property
 from typing import Literal
 
 GATE_ACTIVATIONS = ("sigmoid", "hard_sigmoid")
@@ -173,11 +174,11 @@ class LSTMVariant:
 
     # -- what the equations need ----------------------------------------------------------
 
-    @property
+    @cached_property
     def changes_equations(self) -> bool:
         """True when the cell differs from torch.nn's in eval mode (needs the variant kernel)."""
-        # Compared with the fields' defaults, not with a new LSTMVariant(): this runs on every
-        # forward call, and the single-step API pays for each microsecond.
+        # Asked on every forward call (the single-step API pays for each microsecond): cached,
+        # which a frozen instance allows (cached_property writes the instance's __dict__).
         fields = self.__dataclass_fields__
         return (any(getattr(self, f) != fields[f].default for f in _EQUATION_FIELDS)
                 or self.zoneout_in_eval())
@@ -252,7 +253,7 @@ class GRUVariant:
             _check_rate(name, getattr(self, name))
         _check_optional_float("update_bias", self.update_bias)
 
-    @property
+    @cached_property
     def changes_equations(self) -> bool:
         """True when the cell differs from torch.nn's in eval mode (needs the variant kernel)."""
         fields = self.__dataclass_fields__
