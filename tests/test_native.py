@@ -3,8 +3,9 @@
 Both native drivers run every case: "fused" (own register-blocked product, workers kept for the
 whole sequence; small products) and "generic" (a library matrix product per step: MKL's packed
 GEMM, or at::mm as "generic-mm"; with the batch rows in one part, or split into independent
-parts as "generic-rows"; projection, GRU reset-before, large products), chosen here through
-the constants `_driver` reads.
+parts as "generic-rows", whose LSTM steps can also use the fused driver's product, "own-rows";
+projection, GRU reset-before, large products), chosen here through the constants `_driver`
+and `_own_step_product` read.
 """
 
 import multiprocessing
@@ -37,21 +38,26 @@ def native_built():
     assert native.available(), f"native kernels did not build: {native.unavailable_reason()}"
 
 
-@pytest.fixture(params=["fused", "fused-chunked", "generic", "generic-rows", "generic-mm"])
+@pytest.fixture(params=["fused", "fused-chunked", "generic", "generic-rows", "generic-mm",
+                        "own-rows-chunked"])
 def driver(request, monkeypatch):
-    generic = request.param.startswith("generic")
+    generic = request.param.startswith(("generic", "own"))
     monkeypatch.setattr(native, "FUSED_MAX_BATCH", 0 if generic else 10**9)
     monkeypatch.setattr(native, "FUSED_ALWAYS_BATCH", 0 if generic else 10**9)
     # "generic-rows": the batch rows split into up to 3 independent parts (uneven ones too);
-    # the other generic cases run one part.
-    rows = request.param == "generic-rows"
+    # the other generic cases run one part. "own-rows": the same parts, each step's LSTM
+    # product our register-blocked one (the generic ones always MKL's or at::mm).
+    rows = request.param in ("generic-rows", "own-rows-chunked")
     monkeypatch.setattr(native, "MIN_PART_ROWS", 1 if rows else 10**9)
     monkeypatch.setattr(native, "MAX_ROW_PARTS", 3 if rows else None)
     monkeypatch.setattr(native, "ROW_PARTS_MAX_WEIGHT_BYTES", 2**62)
+    own = request.param.startswith("own")
+    monkeypatch.setattr(native, "OWN_STEP_PRODUCT_MAX_ROWS", 10**9 if own else 0)
+    monkeypatch.setattr(native, "OWN_STEP_PRODUCT_MAX_BYTES", 2**62 if own else 0)
     # "chunked": the contraction split into chunks of 4, as large matrices are split to stay
     # in the L2 cache, so the running sums between chunks are checked on small shapes too.
     previous = native.module().set_chunk_bytes(1)
-    if request.param != "fused-chunked":
+    if not request.param.endswith("chunked"):
         native.module().set_chunk_bytes(previous)
     # "generic" multiplies by MKL's packed W_hh where this torch has it; "generic-mm" by at::mm,
     # and takes the LSTM input as a projection of all steps (the others multiply it at each step).

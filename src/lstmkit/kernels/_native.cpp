@@ -534,21 +534,26 @@ i64 chunk_size(i64 K, i64 blocks, i64 ng) {
 template <typename S>
 struct Chunking {
   Tensor sums;
-  i64 J, kc;
-  Chunking(i64 B, i64 J_, i64 ng, i64 K, const at::TensorOptions& options)
-      : J(J_), kc(chunk_size<S>(K, std::min<i64>(2, J_), ng)) {
+  i64 J, ng, kc;
+  Chunking(i64 B, i64 J_, i64 ng_, i64 K, const at::TensorOptions& options)
+      : J(J_), ng(ng_), kc(chunk_size<S>(K, std::min<i64>(2, J_), ng_)) {
     if (kc < K) sums = pooled_empty({B * J * ng * Vec<S>::L}, options);
   }
-  S* partial() const { return sums.defined() ? sums.data_ptr<S>() : nullptr; }
+  // The running sums of rows from `first_row` on.
+  S* partial(i64 first_row = 0) const {
+    return sums.defined() ? sums.data_ptr<S>() + first_row * J * ng * Vec<S>::L : nullptr;
+  }
 };
 
 // For rows [0, rows) of z (B, K) and unit blocks [jb0, jb1) of J: the products in registers,
-// each complete (row, block) handed to epilogue(b, jb, acc[NG]) at once. `partial` holds
-// (B, J, NG, L) running sums when K is split into chunks (may be null if kc >= K).
+// each complete (row, block) handed to epilogue(b, jb, acc[NG]) at once. `chunking` holds
+// (B, J, NG, L) running sums when K is split into chunks (may be null if kc >= K); z's row 0 is
+// its row `first_row`.
 template <typename S, int NG, typename Epilogue>
 inline void rows_times_blocks(const S* z, i64 zs, i64 K, const S* packed, i64 rows, i64 jb0,
-                              i64 jb1, const Chunking<S>* chunking, Epilogue&& epilogue) {
-  S* partial = chunking ? chunking->partial() : nullptr;
+                              i64 jb1, const Chunking<S>* chunking, Epilogue&& epilogue,
+                              i64 first_row = 0) {
+  S* partial = chunking ? chunking->partial(first_row) : nullptr;
   i64 J = chunking ? chunking->J : 0;
   i64 kc = partial ? chunking->kc : K;
   for (i64 k0 = 0; k0 < K; k0 += kc) {
@@ -851,7 +856,8 @@ template <typename S>
 std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const Tensor& h0,
                                  const Tensor& c0,
                                  const Tensor& w_hh, const c10::optional<Tensor>& w_hr_opt,
-                                 const Steps& st, bool save, i64 parts, const Tensor& w_ih) {
+                                 const Steps& st, bool save, i64 parts, const Tensor& w_ih,
+                                 bool own_product) {
   constexpr int L = Vec<S>::L;
   const i64 H = c0.size(1), P = h0.size(1), B = st.batch, N = st.rows;
   const i64 I = w_ih.defined() ? w_ih.size(1) : 0;
@@ -895,22 +901,57 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
     Tensor h_T = pooled_clone(hbuf[st.count() % 2]);
     return {out, h_T, c, gates, cells};
   }
-  // z = [x_t | h] (B, I + P), the step product's left operand; just h without the input.
-  Tensor z = pooled_empty({B, I + P}, xproj.options());
-  z.narrow(1, I, P).copy_(h0);
-  Tensor rec = pooled_empty({B, 4 * H}, xproj.options());
-  Tensor m = w_hr.defined() ? pooled_empty({B, H}, xproj.options()) : Tensor();
   Tensor w = w_hh;
   if (I) {                                 // [W_ih | W_hh] (4H, I + P)
     w = pooled_empty({4 * H, I + P}, w_hh.options());
     w.narrow(1, 0, I).copy_(w_ih);
     w.narrow(1, I, P).copy_(w_hh);
   }
+  const S* x = ptr<S>(xproj);
+  if (own_product && !w_hr.defined()) {
+    // Row parts, each step's product our register-blocked one with the gate math in its
+    // epilogue (see own_step_product in native.py): z = [x_t | h] (B, K) twice, read at step s
+    // from z[s % 2], the new h written into z[(s + 1) % 2].
+    const i64 K = I + P;
+    Tensor packed = pack<S>(w, 4, H, K, H * K, K, 1);
+    Tensor zbuf = pooled_empty({2, B, K}, xproj.options());
+    zbuf[0].narrow(1, I, P).copy_(h0);
+    zbuf[1].narrow(1, I, P).copy_(h0);
+    S* zb = ptr<S>(zbuf);
+    const S* wp = ptr<S>(packed);
+    Chunking<S> chunks(B, J, 4, K, xproj.options());
+    run_row_parts(st.count(), B, parts, [&](i64 s, i64 r0, i64 r1) {
+      i64 t = st.order[s], off = st.offset[t], e = std::min(r1, st.size[t]);
+      S* z_read = zb + (s % 2) * B * K;
+      S* z_write = zb + ((s + 1) % 2) * B * K;
+      for (i64 b = r0; b < e && I; ++b)
+        std::memcpy(z_read + b * K, x + (off + b) * I, I * sizeof(S));
+      if (e > r0) {
+        FlushDenormals ftz;
+        rows_times_blocks<S, 4>(z_read + r0 * K, K, K, wp, e - r0, 0, J, &chunks,
+                                [&](i64 rb, i64 jb, const V<S>* acc) {
+          i64 b = r0 + rb, j = jb * L;
+          int n = (int)std::min<i64>(L, H - j);
+          V<S> m = gate_math(b, off + b, jb, acc);
+          store(z_write + b * K + I + j, m, n);
+          store(o_ptr + (off + b) * P + j, m, n);
+        }, r0);
+      }
+      for (i64 b = std::max(r0, e); b < r1; ++b)       // inactive rows keep their state
+        std::memcpy(z_write + b * K + I, z_read + b * K + I, P * sizeof(S));
+    });
+    Tensor h_T = pooled_clone(zbuf[st.count() % 2].narrow(1, I, P));
+    return {out, h_T, c, gates, cells};
+  }
+  // z = [x_t | h] (B, I + P), the step product's left operand; just h without the input.
+  Tensor z = pooled_empty({B, I + P}, xproj.options());
+  z.narrow(1, I, P).copy_(h0);
+  Tensor rec = pooled_empty({B, 4 * H}, xproj.options());
+  Tensor m = w_hr.defined() ? pooled_empty({B, H}, xproj.options()) : Tensor();
   StepProduct<S> recurrent(w.t(), B);
   c10::optional<StepProduct<S>> projection;
   if (w_hr.defined()) projection.emplace(w_hr.t(), B);
   const S* r = ptr<S>(rec);
-  const S* x = ptr<S>(xproj);
   Mat<S> zm = mat<S>(z);
   S* target = m.defined() ? ptr<S>(m) : zm.p + I;
   const i64 ts = m.defined() ? H : I + P;
@@ -972,7 +1013,8 @@ template <typename S>
 std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const Tensor& d_cT,
                                   const Tensor& c0, const Tensor& w_hh,
                                   const c10::optional<Tensor>& w_hr_opt, const Tensor& gates,
-                                  const Tensor& cells, const Steps& st, i64 parts) {
+                                  const Tensor& cells, const Steps& st, i64 parts,
+                                  bool own_product) {
   constexpr int L = Vec<S>::L;
   const i64 H = c0.size(1), P = d_hT.size(1), B = st.batch, N = st.rows;
   Tensor w_hr = w_hr_opt.has_value() ? w_hr_opt->contiguous() : Tensor();
@@ -1012,6 +1054,31 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
             gate_math(t, b, jb, dm);
           }
       }
+    });
+    return {d_gates, dh, dc, Tensor()};
+  }
+  if (own_product && !w_hr.defined()) {
+    // Row parts, each step's dh_prev = da W_hh our register-blocked product (as the fused
+    // driver's, over all unit blocks of the part's rows).
+    Tensor packed = pack<S>(w_hh, 1, H, 4 * H, 0, 1, H);
+    const S* wp = ptr<S>(packed);
+    Chunking<S> chunks(B, J, 1, 4 * H, gates.options());
+    S* dg = ptr<S>(d_gates);
+    run_row_parts(st.count(), B, parts, [&](i64 k, i64 r0, i64 r1) {
+      i64 t = st.order[st.count() - 1 - k], off = st.offset[t], e = std::min(r1, st.size[t]);
+      if (e <= r0) return;
+      FlushDenormals ftz;
+      for (i64 b = r0; b < e; ++b)
+        for (i64 jb = 0; jb < J; ++jb) {
+          i64 j = jb * L;
+          int n = (int)std::min<i64>(L, H - j);
+          gate_math(t, b, jb, load(dy + (off + b) * P + j, n) + load(dhp + b * P + j, n));
+        }
+      rows_times_blocks<S, 1>(dg + (off + r0) * 4 * H, 4 * H, 4 * H, wp, e - r0, 0, J, &chunks,
+                              [&](i64 rb, i64 jb, const V<S>* acc) {
+        i64 j = jb * L;
+        store(dhp + (r0 + rb) * P + j, acc[0], (int)std::min<i64>(L, H - j));
+      }, r0);
     });
     return {d_gates, dh, dc, Tensor()};
   }
@@ -1672,7 +1739,7 @@ std::vector<Tensor> lstm_forward_py(Tensor x, c10::optional<Tensor> b_ih,
                                     c10::optional<Tensor> b_hh, Tensor h0, Tensor c0,
                                     Tensor w_ih, Tensor w_hh, c10::optional<Tensor> w_hr,
                                     std::vector<i64> batch_sizes, bool reverse, bool save,
-                                    i64 parts, bool input_in_step) {
+                                    i64 parts, bool input_in_step, bool own_product) {
   check_cpu(x, "x");
   for (auto* t : {&h0, &c0, &w_ih, &w_hh}) *t = t->contiguous();
   Tensor bias = bias_sum(optional_contiguous(b_ih), optional_contiguous(b_hh));
@@ -1680,7 +1747,7 @@ std::vector<Tensor> lstm_forward_py(Tensor x, c10::optional<Tensor> b_ih,
   Tensor input = input_in_step ? x.contiguous() : input_projection(x, w_ih);
   return LSTMKIT_DISPATCH(x.scalar_type(), [&] {
     return lstm_forward<scalar>(input, bias, h0, c0, w_hh, w_hr, st, save, parts,
-                                input_in_step ? w_ih : Tensor());
+                                input_in_step ? w_ih : Tensor(), own_product);
   });
 }
 
@@ -1692,7 +1759,7 @@ std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Ten
                                      Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh,
                                      c10::optional<Tensor> w_hr, Tensor out, Tensor gates,
                                      Tensor cells, std::vector<i64> batch_sizes, bool reverse,
-                                     i64 parts, std::vector<bool> needs) {
+                                     i64 parts, bool own_product, std::vector<bool> needs) {
   TORCH_CHECK(needs.size() == 8, "lstm_backward: needs has 8 flags, got ", needs.size());
   const auto dtype = gates.scalar_type();
   d_out = incoming(d_out, dtype); d_hT = incoming(d_hT, dtype); d_cT = incoming(d_cT, dtype);
@@ -1700,7 +1767,8 @@ std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Ten
   Tensor w_hr_c = optional_contiguous(w_hr);
   Steps st(batch_sizes, reverse);
   auto loop = LSTMKIT_DISPATCH(dtype, [&] {
-    return lstm_backward<scalar>(d_out, d_hT, d_cT, c0, w_hh, w_hr, gates, cells, st, parts);
+    return lstm_backward<scalar>(d_out, d_hT, d_cT, c0, w_hh, w_hr, gates, cells, st, parts,
+                                 own_product);
   });
   const Tensor& d_gates = loop[0];
   Products jobs;
