@@ -437,8 +437,15 @@ inline void block_product(const S* z, i64 zs, i64 K, const S* w, i64 vs, i64 ks,
 
 #ifdef __AVX512F__
 constexpr int ROWS = 8;   // 8 rows x 2 vectors = 16 of the 32 vector registers accumulate
+// The LSTM's groups of 4 and 6 rows take all four gates in one pass (16 or 24 accumulators),
+// reading each packed weight vector once instead of twice. Interleaved medians, forward ms:
+// batch 6 / hidden 256 1.95 -> 1.65 (one group of 6 instead of 4 + 2), batch 4 / hidden 128
+// 0.61 -> 0.55, batch 8 / hidden 128 (row parts of 4) 0.87 -> 0.77. Groups of 8 rows two gates
+// at a time measured as fast as groups of 6 or 4 in one pass at 16 and 32 rows.
+constexpr int ALL_GATES_ROWS = 6;
 #else
 constexpr int ROWS = 4;
+constexpr int ALL_GATES_ROWS = 2;   // 16 vector registers
 #endif
 
 // The product over one chunk [k0, k1) of the contraction. A sum that spans several chunks waits
@@ -495,7 +502,7 @@ inline void row_group(const S* z, i64 zs, const S* packed, i64 b, i64 jb0, i64 j
   }
   for (i64 jb = jb0; jb < jb1; ++jb) {
     const S* wp = packed + (jb * K + c.k0) * NG * L;
-    if (R <= 2) {                                      // few rows: all gates in one pass
+    if (R <= 2 || (NG == 4 && R <= ALL_GATES_ROWS)) { // few rows: all gates in one pass
       V<S> acc[R][NG];
       block_product<S, R, NG>(zc, zs, n, wp, L, NG * L, acc);
       finish<S, R, NG>(acc, partial, c, b, jb, 0, NG, false, done);
@@ -561,6 +568,10 @@ inline void rows_times_blocks(const S* z, i64 zs, i64 K, const S* packed, i64 ro
     i64 b = 0;
     for (; b + ROWS <= rows; b += ROWS)
       row_group<S, ROWS, NG>(z, zs, packed, b, jb0, jb1, c, partial, epilogue);
+    if (NG == 4 && ALL_GATES_ROWS == 6 && rows - b >= 6) {
+      row_group<S, 6, NG>(z, zs, packed, b, jb0, jb1, c, partial, epilogue);
+      b += 6;
+    }
     if (rows - b >= 4) { row_group<S, 4, NG>(z, zs, packed, b, jb0, jb1, c, partial, epilogue); b += 4; }
     if (rows - b >= 2) { row_group<S, 2, NG>(z, zs, packed, b, jb0, jb1, c, partial, epilogue); b += 2; }
     if (rows - b >= 1) row_group<S, 1, NG>(z, zs, packed, b, jb0, jb1, c, partial, epilogue);
