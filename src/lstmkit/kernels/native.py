@@ -76,15 +76,22 @@ SERIAL_FLOPS = 4e6
 # batch 32 / hidden 256 with input 64 7.25 vs 8.30, 128 9.01 vs 9.55, but 256 12.04 vs 11.18
 # and 512 16.90 vs 15.62; 32 / 128 / input 64 2.75 vs 3.06; 64 / 512 / 256 63.9 vs 67.2.
 INPUT_IN_STEP_MAX_RATIO = 0.5
-# LSTM, generic driver with row parts of at most this many rows and [W_ih | W_hh] of at most
-# this many bytes: each step's product is our register-blocked one (the fused driver's) with the
-# gate math applied to its results in registers, not MKL's call (whose fixed cost is a good part
-# of such small products) followed by a pass over its (rows, 4H) result; the input always
-# inside the step. Interleaved medians, forward / training ms, MKL vs own, input 64: batch 8 /
-# hidden 64 0.49 / 1.50 vs 0.38 / 1.38, hidden 128 0.94 / 3.02 vs 0.86 / 2.72; but hidden 256
-# (1.25 MiB) 2.41 / 7.08 vs 2.70 / 7.27, and parts of 8 rows at 16 / 256 3.87 vs 4.47 forward.
-OWN_STEP_PRODUCT_MAX_ROWS = 8
-OWN_STEP_PRODUCT_MAX_BYTES = 512 << 10
+# LSTM, generic driver with row parts (whose weights fit in L2: ROW_PARTS_MAX_WEIGHT_BYTES): each
+# step's product can be our register-blocked one (the fused driver's), the gate math applied
+# to its results in registers, instead of MKL's call (whose fixed cost is a good part of such
+# small products) and a pass over its (rows, 4H) result; the forward then multiplies the input
+# inside the step. The forward takes it for parts of at most OWN_FORWARD_MAX_ROWS rows (their
+# four gates in one pass), or OWN_FORWARD_SMALL_MAX_ROWS when [W_ih | W_hh] is at most
+# OWN_FORWARD_SMALL_MAX_BYTES; the backward (dh = da W_hh) for parts of at most
+# OWN_BACKWARD_MAX_ROWS rows. Interleaved medians, input 64, MKL vs own, forward / training ms:
+# batch 8 / hidden 64 0.49 / 1.50 vs 0.38 / 1.38; 8 / 128 0.85 / 3.00 vs 0.77 / 2.68; 8 / 256
+# 2.15 / 6.92 vs 2.21 / 6.84; 12 / 256 3.63 / 10.74 vs 3.00 / 9.74; 16 / 128 1.47 / 4.89 vs
+# 1.42 / 4.60; but 16 / 256 3.73 / 12.04 vs 3.89 / 11.91, 24 / 256 5.64 vs 6.15 forward, 32 /
+# 256 7.16 / 24.60 vs 7.53 / 24.09.
+OWN_FORWARD_MAX_ROWS = 6
+OWN_FORWARD_SMALL_MAX_ROWS = 8
+OWN_FORWARD_SMALL_MAX_BYTES = 512 << 10
+OWN_BACKWARD_MAX_ROWS = 16
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "module": None, "reason": None}
@@ -260,15 +267,18 @@ def _driver(layout, w_hh, projected: bool = False, w_ih=None) -> int:
     return parts
 
 
-def _own_step_product(layout, parts: int, w_ih, w_hh, w_hr) -> bool:
-    """Whether the LSTM's generic driver with row parts multiplies [x_t | h] by our own
-    register-blocked product, the gate math in its epilogue, instead of MKL's (see
-    OWN_STEP_PRODUCT_MAX_ROWS)."""
+def _own_step_product(layout, parts: int, w_ih, w_hh, w_hr, backward: bool = False) -> bool:
+    """Whether the LSTM's generic driver with row parts runs each step's product as our own
+    register-blocked one, the gate math in its epilogue, instead of MKL's (see
+    OWN_FORWARD_MAX_ROWS)."""
     if parts < 2 or w_hr is not None:
         return False
+    rows = -(-layout.batch // parts)
+    if backward:
+        return rows <= OWN_BACKWARD_MAX_ROWS
     weight_bytes = (w_ih.numel() + w_hh.numel()) * w_hh.element_size()
-    return (-(-layout.batch // parts) <= OWN_STEP_PRODUCT_MAX_ROWS
-            and weight_bytes <= OWN_STEP_PRODUCT_MAX_BYTES)
+    return rows <= OWN_FORWARD_MAX_ROWS or (rows <= OWN_FORWARD_SMALL_MAX_ROWS
+                                            and weight_bytes <= OWN_FORWARD_SMALL_MAX_BYTES)
 
 
 def _check_device(x):
@@ -339,7 +349,8 @@ class NativeLSTMFunction(_NativeFunction):
         parts = _driver(layout, w_hh, w_hr is not None)
         dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = module().lstm_backward(
             d_out, d_hT, d_cT, x, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, layout.batch_sizes,
-            ctx.reverse, parts, _own_step_product(layout, parts, w_ih, w_hh, w_hr), needs[:8])
+            ctx.reverse, parts, _own_step_product(layout, parts, w_ih, w_hh, w_hr, backward=True),
+            needs[:8])
         db_ih, db_hh = split_bias_gradient(db, needs[5], needs[6])
         grads = (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr)
         return (*cast_to(grads, ctx.dtypes), None, None)
