@@ -26,9 +26,10 @@ from lstmkit.kernels import StepLayout, native
 
 FAMILIES = ("lstm", "lstm_proj", "lstm_nobias", "gru", "gru_reset_before", "rnn_tanh", "rnn_relu")
 # (T, B, I, H): T=1, batch 1, odd sizes (batch 7: a group of 6 rows and one of 1), H=127 (a
-# partial SIMD block), a long sequence, and a batch above the fused driver's limit when that is
-# the default.
-SHAPES = [(1, 1, 2, 1), (5, 7, 4, 3), (4, 2, 3, 127), (300, 2, 3, 5), (6, 20, 5, 9)]
+# partial SIMD block), a long sequence, a batch above the fused driver's limit when that is
+# the default, and batch 1 with two fused workers (each projecting the input for its blocks).
+SHAPES = [(1, 1, 2, 1), (5, 7, 4, 3), (4, 2, 3, 127), (300, 2, 3, 5), (6, 20, 5, 9),
+          (7, 1, 9, 83)]
 # Relative to the largest magnitude of each result (float32 is compared with the float64
 # reference, so its tolerance is float32's rounding over a few hundred steps).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
