@@ -20,7 +20,7 @@ def test_run_reports_each_point():
               bench.Point("LSTM", "forward", batch=64, hidden=128, input_size=3, steps=2),
               bench.Point("GRU", "forward", batch=1, hidden=5, input_size=2, steps=2, layers=2,
                           bidirectional=True)]
-    results = bench.run(points, repeats=1, warmup=0, rate=100.0)
+    results = bench.run(points, repeats=1, warmup=0, rate=100.0, min_seconds=0)
     assert results["matmul_gflops"] == results["matmul_gflops_start"] == 100.0
     assert results["machine"]["cores"] >= 1
     for point, row in zip(points, results["points"], strict=True):
@@ -46,16 +46,24 @@ def test_run_reports_each_point():
 
 def test_isolated_points_run_in_a_fresh_process_with_the_same_threads():
     point = bench.Point("GRU", "train", batch=16, hidden=4, input_size=3, steps=2)
-    results = bench.run([point], repeats=1, warmup=0, rate=100.0, isolate=True)
+    results = bench.run([point], repeats=1, warmup=0, rate=100.0, isolate=True, min_seconds=0)
     row = results["points"][0]
     assert row["lstmkit_ms"] > 0 and row["torch_ms"] > 0 and row["products_ms"] > 0
     request = {"point": bench.asdict(point), "dtype": "float64", "device": "cpu", "repeats": 1,
-               "warmup": 0, "threads": 1}
+               "warmup": 0, "min_seconds": 0, "threads": 1}
     done = subprocess.run([sys.executable, "-m", "lstmkit.bench", json.dumps(request)],
                           capture_output=True, text=True, check=True)
     measured = json.loads(done.stdout.splitlines()[-1])
-    assert set(measured) == {"lstmkit_s", "torch_s", "products_s"}
+    assert set(measured) == {"lstmkit_s", "torch_s", "calls", "products_s"}
+    assert measured["calls"] == 1
     assert "RuntimeWarning" not in done.stderr
+
+
+def test_short_points_get_more_calls_than_repeats():
+    point = bench.Point("LSTM", "forward", batch=1, hidden=3, input_size=2, steps=2)
+    timing = bench.time_point(point, repeats=2, warmup=0, min_seconds=0.05)
+    assert timing["calls"] > 2 and timing["lstmkit_s"] > 0 and timing["torch_s"] > 0
+    assert bench.time_point(point, repeats=2, warmup=0, min_seconds=0)["calls"] == 2
 
 
 def _row(target_class, speedup, torch_gflops, lstmkit_gflops, rate, products=None):
@@ -171,7 +179,7 @@ def test_cli_writes_json(tmp_path, capsys):
     code = main(["bench", "--family", "LSTM", "--mode", "forward", "--batch", "1,2",
                  "--hidden", "4", "--steps", "2", "--repeats", "1", "--warmup", "0",
                  "--streaming-steps", "3", "--streaming-hidden", "4", "--json", str(path),
-                 "--same-process"])
+                 "--same-process", "--min-seconds", "0"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "matmul rate" in printed and "streaming batch 1" in printed
@@ -187,3 +195,5 @@ def test_cli_bad_input_exits_2(capsys):
     assert exit_info.value.code == 2
     assert "expected positive integers" in capsys.readouterr().err
     assert main(["bench", "--repeats", "0"]) == 2
+    assert main(["bench", "--min-seconds", "-1"]) == 2
+    assert "--min-seconds must be >= 0, got -1" in capsys.readouterr().err

@@ -1,9 +1,10 @@
 """Speed of lstmkit against torch.nn, same weights, same process, interleaved.
 
 Each point builds an lstmkit module and the torch.nn module of the same family with the same
-weights, then alternates between them: warm-up calls, then `repeats` timed calls of each, and
-reports the median (`run(..., isolate=True)`, as `lstmkit bench` does, runs each point in a
-fresh process). "forward" is inference under `torch.no_grad()`; "train" is one forward and
+weights, then alternates between them: warm-up calls, then `repeats` timed calls of each (more
+for short points, until MIN_SECONDS have passed), and reports the median
+(`run(..., isolate=True)`, as `lstmkit bench` does, runs each point in a fresh process).
+"forward" is inference under `torch.no_grad()`; "train" is one forward and
 backward pass (the gradients of the input and every parameter). Throughput is given as GFLOP/s
 of the matrix products (the gate math is not counted) and as a fraction of this machine's own
 matrix-multiply rate, measured here with torch.mm on square matrices. Each point also gets the
@@ -180,8 +181,16 @@ def _runner(module, x, mode):
     return train
 
 
-def time_point(point: Point, dtype=torch.float32, device="cpu", repeats=5, warmup=1) -> dict:
-    """Median seconds of lstmkit and torch.nn at one point, measured alternately."""
+# Each point is timed for at least this long (both sides together, after the warm-up), with
+# more than `repeats` calls where they are short: the median of 5 calls of 0.2 ms moved by
+# 15-25% between runs on the shared benchmark machine (batch 1 / hidden 64).
+MIN_SECONDS = 0.5
+
+
+def time_point(point: Point, dtype=torch.float32, device="cpu", repeats=5, warmup=1,
+               min_seconds=MIN_SECONDS) -> dict:
+    """Median seconds of lstmkit and torch.nn at one point, measured alternately: at least
+    `repeats` calls of each, and more until `min_seconds` have passed."""
     device = torch.device(device)
     torch.manual_seed(0)
     ours, theirs = _modules(point, dtype, device)
@@ -192,10 +201,12 @@ def time_point(point: Point, dtype=torch.float32, device="cpu", repeats=5, warmu
         run_ours()
         run_theirs()
     ours_times, theirs_times = [], []
-    for _ in range(repeats):                      # interleaved: drift hits both alike
+    while len(ours_times) < repeats or sum(ours_times) + sum(theirs_times) < min_seconds:
+        # Interleaved: drift and other processes hit both alike.
         ours_times.append(_median_time(run_ours, device, 1))
         theirs_times.append(_median_time(run_theirs, device, 1))
-    return {"lstmkit_s": statistics.median(ours_times), "torch_s": statistics.median(theirs_times)}
+    return {"lstmkit_s": statistics.median(ours_times), "torch_s": statistics.median(theirs_times),
+            "calls": len(ours_times)}
 
 
 def products_seconds(point: Point, dtype=torch.float32, repeats=5):
@@ -260,18 +271,19 @@ def products_seconds(point: Point, dtype=torch.float32, repeats=5):
     return total
 
 
-def _measure(point: Point, dtype, device, repeats, warmup) -> dict:
+def _measure(point: Point, dtype, device, repeats, warmup, min_seconds=MIN_SECONDS) -> dict:
     """time_point, and products_seconds on the CPU: one point's raw measurements (seconds)."""
-    timing = time_point(point, dtype, device, repeats, warmup)
+    timing = time_point(point, dtype, device, repeats, warmup, min_seconds)
     products = products_seconds(point, dtype, repeats) if device.type == "cpu" else None
     return {**timing, "products_s": products}
 
 
-def _measure_in_subprocess(point: Point, dtype, device, repeats, warmup) -> dict:
+def _measure_in_subprocess(point: Point, dtype, device, repeats, warmup,
+                          min_seconds=MIN_SECONDS) -> dict:
     """_measure in a fresh Python process with this one's thread count (see `run`)."""
     request = {"point": asdict(point), "dtype": str(dtype).replace("torch.", ""),
                "device": str(device), "repeats": repeats, "warmup": warmup,
-               "threads": torch.get_num_threads()}
+               "min_seconds": min_seconds, "threads": torch.get_num_threads()}
     done = subprocess.run([sys.executable, "-m", "lstmkit.bench", json.dumps(request)],
                           capture_output=True, text=True)
     if done.returncode != 0:
@@ -284,13 +296,17 @@ def _main(request: str) -> None:
     request = json.loads(request)
     torch.set_num_threads(request["threads"])
     result = _measure(Point(**request["point"]), getattr(torch, request["dtype"]),
-                      torch.device(request["device"]), request["repeats"], request["warmup"])
+                      torch.device(request["device"]), request["repeats"], request["warmup"],
+                      request.get("min_seconds", MIN_SECONDS))
     print(json.dumps(result))
 
 
 def run(points, dtype=torch.float32, device="cpu", repeats=5, warmup=1, rate=None,
-        progress=None, isolate=False) -> dict:
+        progress=None, isolate=False, min_seconds=MIN_SECONDS) -> dict:
     """Time every point; returns {"machine", "matmul_gflops", "points": [...]}.
+
+    Each point: `warmup` untimed calls of each side, then at least `repeats` timed calls of
+    each, more until `min_seconds` have passed (see time_point); its row says how many ("calls").
 
     isolate: each point in a fresh Python process (`lstmkit bench` does this by default). In
     one process, what earlier points allocated and freed decides how many of a later point's
@@ -310,13 +326,13 @@ def run(points, dtype=torch.float32, device="cpu", repeats=5, warmup=1, rate=Non
             # and end samples alone ranged over 381-439 GFLOP/s between runs).
             rate = max(rate, matmul_rate(dtype, device, repeats=2))
         measure = _measure_in_subprocess if isolate else _measure
-        timing = measure(point, dtype, device, repeats, warmup)
+        timing = measure(point, dtype, device, repeats, warmup, min_seconds)
         gflop = point.flops() / 1e9
         row = {**asdict(point), "target_class": point.target_class,
                "lstmkit_ms": timing["lstmkit_s"] * 1e3, "torch_ms": timing["torch_s"] * 1e3,
                "lstmkit_gflops": gflop / timing["lstmkit_s"],
                "torch_gflops": gflop / timing["torch_s"],
-               "speedup": timing["torch_s"] / timing["lstmkit_s"]}
+               "speedup": timing["torch_s"] / timing["lstmkit_s"], "calls": timing["calls"]}
         products = timing["products_s"]
         row["products_ms"] = None if products is None else products * 1e3
         row["products_gflops"] = None if products is None else gflop / products

@@ -56,6 +56,9 @@ def register(subparsers):
                         help="torch.set_num_threads for both sides (default 2)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per point (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per point first")
+    parser.add_argument("--min-seconds", type=float, default=None,
+                        help="time each point for at least this long, with more runs than "
+                             "--repeats where they are short (default 0.5)")
     parser.add_argument("--streaming-steps", type=int, default=2000,
                         help="steps of the batch-1 single-step comparison; 0 skips it")
     parser.add_argument("--streaming-hidden", type=int, default=256,
@@ -97,6 +100,9 @@ def run(args) -> int:
     for name in ("threads", "repeats", "warmup"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
+    min_seconds = bench.MIN_SECONDS if args.min_seconds is None else args.min_seconds
+    if not min_seconds >= 0:                       # also rejects nan
+        raise UsageError(f"--min-seconds must be >= 0, got {args.min_seconds}")
     if args.streaming_steps < 0 or args.streaming_hidden < 1:
         raise UsageError("--streaming-steps must be >= 0 and --streaming-hidden >= 1")
     device = torch.device(args.device)
@@ -112,7 +118,7 @@ def run(args) -> int:
     print(bench.HEADER, flush=True)
     results = bench.run(points, dtype, device, args.repeats, args.warmup,
                         progress=lambda row: print(bench.format_row(row), flush=True),
-                        isolate=not args.same_process)
+                        isolate=not args.same_process, min_seconds=min_seconds)
     if args.streaming_steps:
         stream = bench.streaming(args.streaming_hidden, args.streaming_hidden,
                                  args.streaming_steps, args.repeats, dtype, device)
