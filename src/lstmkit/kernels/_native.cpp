@@ -4,22 +4,26 @@
 // P output size (H, or proj size), NG gates (LSTM 4: i f g o; GRU 3: r z n; RNN 1),
 // L SIMD lanes (16 floats or 8 doubles), J = ceil(H / L) unit blocks.
 //
-// The Python side (native.py) does what is one big matrix product per sequence: the input
-// projection of every step (except where the LSTM's generic driver multiplies the input at each
-// step) and the weight gradients. This file runs the recurrence, and owns the memory pool.
+// Each entry point (the *_py functions at the end) is a layer's whole forward or backward in one
+// direction: the per-sequence products (input projection; dX and the weight gradients, see
+// "Per-sequence products"), the recurrence, and the memory pool everything lives in. native.py
+// chooses the driver and holds the autograd Functions.
 //
 // Two drivers per family:
 //   fused   small batches and recurrent matrices whose per-core share fits in L2, no
 //           projection. The recurrent matrix is packed once per call into unit blocks
 //           (J, K, NG, L); each worker owns a range of unit blocks for the whole sequence,
 //           computes its gates' pre-activations in registers and applies the gate math to
-//           them at once. One synchronisation per step, between the workers only.
+//           them at once. One synchronisation per step, between the workers only. At batch 1
+//           the LSTM's workers also project the input onto their own blocks first.
 //   generic any case (projection, GRU reset-before, larger matrices and batches): each
 //           step's recurrent product is one call of MKL's packed GEMM, W_hh reordered once
 //           per call (StepProduct; at::mm without MKL), the gate math a loop over rows right
 //           after it; the batch rows split into independent per-thread parts when W_hh is
-//           small, else each product and loop split across the threads. native.py's _driver
-//           chooses.
+//           small, else each product and loop split across the threads. For the LSTM with
+//           small row parts, each part's product can be the fused driver's instead ("own
+//           product", gate math in its epilogue). native.py's _driver and _own_step_product
+//           choose.
 // Both share the per-unit-block gate math ("epilogues") below.
 
 #include <ATen/EmptyTensor.h>
@@ -1353,7 +1357,7 @@ std::vector<Tensor> rnn_backward(const Tensor& d_out, const Tensor& d_hT, const 
 }
 
 // ==========================================================================================
-// GRU. gi = x W_ih^T + b_ih (the product from Python, b_ih added here); gh = h W_hh^T + b_hh
+// GRU. gi = x W_ih^T + b_ih (the projection before the loop, b_ih added here); gh = h W_hh^T + b_hh
 //   r = sigma(gi_r + gh_r), z = sigma(gi_z + gh_z)
 //   reset after:  n = tanh(gi_n + r gh_n)            stash [r | z | n | gh_n] (N, 4H)
 //   reset before: n = tanh(gi_n + (r h) W_hn^T + b_hn)  stash [r | z | n] (N, 3H)
@@ -1830,7 +1834,7 @@ std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Ten
   Tensor dw_hr;
   if (w_hr_c.defined() && needs[7]) {
     const i64 H = cells.size(1);
-    Tensor m = at::mul(gates.narrow(1, 3 * H, H), at::tanh(cells));      // o tanh(c), the operand of W_hr
+    Tensor m = at::mul(gates.narrow(1, 3 * H, H), at::tanh(cells));   // o tanh(c): W_hr's operand
     dw_hr = pooled_empty(w_hr_c.sizes(), w_hr_c.options());
     jobs.add(dw_hr, loop[3].t(), m);
   }

@@ -3,9 +3,11 @@
 # N rows (time-major, see layout.py), B batch, I input, H hidden, P output size.
 
 Same Functions, signatures and saved tensors as the portable kernels (lstm.py, gru.py, rnn.py).
-What is one large matrix product per sequence stays here in torch (the input projection of all
-steps, dX, the weight gradients); the step loops, forward and backward, run in C++ with no
-Python per step.
+A layer's forward is one call into C++ (bias sum, input projection, step loop), and so is its
+backward (step loop, then dX and the weight and bias gradients as matrix products in one
+parallel region): no Python per step, and none of the dozen small ATen calls per layer that
+cost as much as the loops at batch 1. This file chooses the driver (`_driver`) and keeps the
+Function plumbing.
 
 Build: `torch.utils.cpp_extension.load` compiles `_native.cpp` against the installed torch the
 first time a native kernel is needed (about 20 s on 2 cores) into torch's extension cache
