@@ -12,6 +12,7 @@ active keep their value: the initial state before a sequence starts, its final s
 ends. That holds for both directions and for the gradient sweep, with no masks.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,7 @@ class StepLayout:
 
     @classmethod
     def padded(cls, steps: int, batch: int) -> "StepLayout":
-        return cls((batch,) * steps, tuple(range(0, steps * batch, batch)), True)
+        return _padded(cls, steps, batch)
 
     @classmethod
     def packed(cls, batch_sizes) -> "StepLayout":
@@ -86,3 +87,10 @@ class StepLayout:
             else:
                 pieces.append(initial[:size])
         return torch.cat(pieces)
+
+
+@functools.lru_cache(maxsize=64)
+def _padded(cls, steps: int, batch: int) -> StepLayout:
+    # Built on every forward call; the layouts are immutable, so the few shapes a program uses
+    # are kept (1.4 us each to build at length 100, in a batch-1 forward of ~140 us).
+    return cls((batch,) * steps, tuple(range(0, steps * batch, batch)), True)

@@ -241,7 +241,7 @@ class _RecurrentBase(nn.Module):
             # The kernel saved this tensor for its backward pass; the caller gets a copy, so
             # in-place edits of the output (out += residual) work as they do with torch.nn.
             layer_input = kernels.output_copy(layer_input, self.backend)
-        finals = [torch.stack(f) for f in finals]
+        finals = [f[0].unsqueeze(0) if len(f) == 1 else torch.stack(f) for f in finals]
         if packed is not None:
             if packed.unsorted_indices is not None:
                 finals = [f.index_select(1, packed.unsorted_indices) for f in finals]
