@@ -9,11 +9,14 @@ and `_own_step_product` read.
 """
 
 import multiprocessing
+import os
 import platform
+import subprocess
 import sys
 import threading
 import warnings
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -521,6 +524,33 @@ def test_native_refuses_other_devices():
         kernels.rnn_layer(x, torch.empty(2, 3, device="meta"), torch.empty(3, 2, device="meta"),
                           torch.empty(3, 3, device="meta"), layout=StepLayout.padded(2, 2),
                           backend="native")
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return set(next(ln for ln in info if ln.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+@pytest.mark.skipif(not (sys.platform == "linux" and platform.machine() == "x86_64"
+                         and {"avx512f", "avx2", "fma"} <= _cpu_flags()),
+                    reason="checks the AVX2 build on an x86-64 Linux machine with AVX-512, "
+                           "whose own build takes the AVX-512 paths")
+def test_avx2_build_matches_reference():
+    """The code paths of CPUs without AVX-512 (4-row groups, no 6-row group, 8-float vectors):
+    the kernels built for Haswell pass the reference comparisons of every driver."""
+    tests = Path(__file__).parent
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-x", "-p", "no:cacheprovider",
+         "-p", "native_for_avx2", f"{tests / 'test_native.py'}::test_matches_reference"],
+        capture_output=True, text=True, cwd=tests.parent,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(tests), os.environ.get("PYTHONPATH")]))})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "native build in use: lstmkit_native_haswell" in done.stdout
+    assert " passed" in done.stdout and "failed" not in done.stdout
 
 
 def test_failed_build_falls_back_with_one_warning(monkeypatch):

@@ -113,10 +113,10 @@ def _cpu_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
-def _compiler_flags() -> list[str]:
+def _compiler_flags(march: str = "native") -> list[str]:
     flags = ["-O3", "-ffp-contract=fast"]
     if platform.machine() in ("x86_64", "AMD64"):
-        flags.append("-march=native")
+        flags.append(f"-march={march}")
     return flags
 
 
@@ -134,13 +134,18 @@ def _openmp_flags() -> tuple[list[str], list[str]]:
     return [], []
 
 
-def _compile():
-    """Compile (or load from the cache) the extension module; raises on any failure."""
+def _compile(march: str = "native"):
+    """Compile (or load from the cache) the extension module; raises on any failure.
+
+    march: the x86 target; "native" (this CPU) except in the test that checks the code paths
+    of CPUs without AVX-512 ("haswell") on a machine that has it."""
     from torch.utils.cpp_extension import load
 
     cflags, ldflags = _openmp_flags()
-    return load(name=f"lstmkit_native_{_cpu_tag()}", sources=[str(_SOURCE)],
-                extra_cflags=_compiler_flags() + cflags, extra_ldflags=ldflags, verbose=False)
+    suffix = _cpu_tag() if march == "native" else march
+    return load(name=f"lstmkit_native_{suffix}", sources=[str(_SOURCE)],
+                extra_cflags=_compiler_flags(march) + cflags, extra_ldflags=ldflags,
+                verbose=False)
 
 
 def module():
