@@ -27,7 +27,9 @@ import lstmkit
 from lstmkit import kernels, reference
 from lstmkit.kernels import StepLayout, native
 
-FAMILIES = ("lstm", "lstm_proj", "lstm_nobias", "gru", "gru_reset_before", "rnn_tanh", "rnn_relu")
+# lstm_peephole: LSTMVariant(peepholes=True), the one variant the native kernels compute.
+FAMILIES = ("lstm", "lstm_proj", "lstm_nobias", "lstm_peephole", "lstm_proj_peephole", "gru",
+            "gru_reset_before", "rnn_tanh", "rnn_relu")
 # (T, B, I, H): T=1, batch 1, odd sizes (batch 7: a group of 6 rows and one of 1), H=127 (a
 # partial SIMD block), a long sequence, a batch above the fused driver's limit when that is
 # the default, and batch 1 with two fused workers (each projecting the input for its blocks).
@@ -84,20 +86,26 @@ def test_torch_mm_driver_finds_mkl_packed_gemm():
 def make_weights(family, I, H, rng):
     """NumPy float64 weights for one layer of `family`, scaled like torch.nn's initialisation."""
     gates = {"lstm": 4, "gru": 3, "rnn": 1}[family.split("_")[0]]
-    P = max(1, H // 2) if family == "lstm_proj" else H
+    P = max(1, H // 2) if "proj" in family else H
     bound = 1 / np.sqrt(H)
     w = {"w_ih": rng.uniform(-bound, bound, (gates * H, I)) * 2,
          "w_hh": rng.uniform(-bound, bound, (gates * H, P)) * 2,
          "b_ih": rng.uniform(-1, 1, gates * H), "b_hh": rng.uniform(-1, 1, gates * H)}
     if family == "lstm_nobias":
         w["b_ih"] = w["b_hh"] = None
-    if family == "lstm_proj":
+    if "proj" in family:
         w["w_hr"] = rng.uniform(-bound, bound, (P, H)) * 2
+    if "peephole" in family:       # as the module initialises them (over 300 float32 steps,
+        w["w_peephole"] = rng.uniform(-bound, bound, 3 * H)    # twice that gave 1.3e-5)
     return w, P
 
 
 def reference_run(family, x, states, w, dy, d_states):
     """Forward and backward of the NumPy reference: (outputs, gradients by argument name)."""
+    if "peephole" in family:
+        y, h, c, cache = reference.lstm_variant_forward(
+            x, *states, w, lstmkit.LSTMVariant(peepholes=True))
+        return (y, h, c), reference.lstm_variant_backward(dy, *d_states, cache)
     if family.startswith("lstm"):
         y, h, c, cache = reference.lstm_forward(x, *states, w["w_ih"], w["w_hh"], w["b_ih"],
                                                 w["b_hh"], w.get("w_hr"))
@@ -132,7 +140,7 @@ def assert_close(name, actual, expected, dtype):
 # A projection needs proj_size < hidden_size, so H=1 has none.
 REFERENCE_CASES = [pytest.param(family, shape, id="{}-T{}-B{}-I{}-H{}".format(family, *shape))
                    for family in FAMILIES for shape in SHAPES
-                   if not (family == "lstm_proj" and shape[3] == 1)]
+                   if not ("proj" in family and shape[3] == 1)]
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
@@ -258,6 +266,10 @@ def _function_cases():
                                        None, None, packed, True]),
         "lstm-proj": (lstm, [r(9, 2), r(3, 2), r(3, 3), r(12, 2), r(12, 2), r(12), r(12),
                              r(2, 3), packed, False]),
+        "lstm-peephole": (lstm, [r(9, 2), r(3, 3), r(3, 3), r(12, 2), r(12, 3), r(12), r(12),
+                                 None, packed, True, r(9)]),
+        "lstm-proj-peephole": (lstm, [r(6, 2), r(2, 2), r(2, 3), r(12, 2), r(12, 2), r(12),
+                                      None, r(2, 3), padded, False, r(9)]),
         "gru": (gru, [r(9, 2), r(3, 3), r(9, 2), r(9, 3), r(9), r(9), packed, True, True]),
         "gru-reset-before": (gru, [r(6, 2), r(2, 3), r(9, 2), r(9, 3), r(9), r(9), padded,
                                    False, False]),
@@ -524,6 +536,53 @@ def test_native_refuses_other_devices():
         kernels.rnn_layer(x, torch.empty(2, 3, device="meta"), torch.empty(3, 2, device="meta"),
                           torch.empty(3, 3, device="meta"), layout=StepLayout.padded(2, 2),
                           backend="native")
+
+
+def _graph_nodes(tensor) -> set:
+    """Names of the autograd nodes that produced `tensor`."""
+    names, todo = set(), [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            todo += [next_node for next_node, _ in node.next_functions]
+    return names
+
+
+def test_peephole_lstm_module_runs_native_and_matches_portable():
+    """LSTMVariant(peepholes=True) with init-only options runs on the native kernels (both
+    directions, two layers), with the portable variant kernel's results and gradients."""
+    torch.manual_seed(5)
+    variant = lstmkit.LSTMVariant(peepholes=True, forget_bias=1.0)
+    options = dict(num_layers=2, bidirectional=True, variant=variant, dtype=torch.float64)
+    ours = lstmkit.LSTM(3, 6, backend="native", **options)
+    portable = lstmkit.LSTM(3, 6, backend="portable", **options)
+    portable.load_state_dict(ours.state_dict())
+    results = []
+    for model in (ours, portable):
+        x = torch.randn(5, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1),
+                        requires_grad=True)
+        out, (h, c) = model(x)
+        (out.sin().sum() + h.cos().sum() + c.sum()).backward()
+        nodes = _graph_nodes(out)
+        native_ran = any(name.startswith("NativeLSTM") for name in nodes)
+        assert native_ran == (model is ours), nodes
+        results.append([out, h, c, x.grad, *(p.grad for p in model.parameters())])
+    for mine, theirs in zip(*results, strict=True):
+        assert (mine - theirs).abs().max().item() < 1e-10
+
+
+@pytest.mark.parametrize("training, variant", [
+    (True, lstmkit.LSTMVariant(peepholes=True, zoneout_c=0.2)),
+    (False, lstmkit.LSTMVariant(peepholes=True, zoneout_h=0.2, zoneout_eval="expectation")),
+    (False, lstmkit.LSTMVariant(peepholes=True, cifg=True)),
+], ids=["zoneout-training", "zoneout-expectation", "cifg"])
+def test_peepholes_with_other_changes_take_the_variant_kernel(training, variant):
+    model = lstmkit.LSTM(3, 4, variant=variant).train(training)
+    out, _ = model(torch.randn(5, 2, 3))
+    nodes = _graph_nodes(out)
+    assert "LSTMVariantFunctionBackward" in nodes and not any(
+        name.startswith("NativeLSTM") for name in nodes)
 
 
 def _cpu_flags() -> set:

@@ -35,6 +35,7 @@
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/mul.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/tanh.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/cat.h>
@@ -842,11 +843,13 @@ Tensor dispatch1(at::ScalarType dtype, F&& f) {
 //   (xproj = x W_ih^T; the bias b_ih + b_hh is added here, where xproj is read anyway: added
 //   into the projection's product, it doubled that product's memory traffic)
 //   c = f c_prev + i g;  m = o tanh(c);  h = m (W_hr^T with projection)
+// With peepholes p = [p_i | p_f | p_o] (3H): a_i += p_i c_prev, a_f += p_f c_prev, a_o += p_o c.
 // Saved: gates (N, 4H) activated, cells (N, H).
 
 template <typename S>
 struct LSTMForwardGates {
   const S* xproj; const S* bias; S* c; S* gates; S* cells; i64 H;
+  const S* peep = nullptr;                                   // (3H) peephole weights, or none
   // Pre-activations of row b (global row `row`), block jb -> writes c and the saved tensors,
   // returns m = o tanh(c) for the block.
   inline V<S> operator()(i64 b, i64 row, i64 jb, const V<S>* acc) const {
@@ -854,12 +857,20 @@ struct LSTMForwardGates {
     i64 j = jb * L;
     int n = (int)std::min<i64>(L, H - j);
     const S* x = xproj ? xproj + row * 4 * H : nullptr;      // none: already in acc
-    V<S> i = vsigmoid(acc[0] + load_bias(x, j, n) + load_bias(bias, j, n));
-    V<S> f = vsigmoid(acc[1] + load_bias(x, H + j, n) + load_bias(bias, H + j, n));
-    V<S> g = vtanh(acc[2] + load_bias(x, 2 * H + j, n) + load_bias(bias, 2 * H + j, n));
-    V<S> o = vsigmoid(acc[3] + load_bias(x, 3 * H + j, n) + load_bias(bias, 3 * H + j, n));
     S* cb = c + b * H + j;
-    V<S> cn = f * load(cb, n) + i * g;
+    V<S> c_prev = load(cb, n);
+    V<S> a_i = acc[0] + load_bias(x, j, n) + load_bias(bias, j, n);
+    V<S> a_f = acc[1] + load_bias(x, H + j, n) + load_bias(bias, H + j, n);
+    V<S> a_o = acc[3] + load_bias(x, 3 * H + j, n) + load_bias(bias, 3 * H + j, n);
+    if (peep) {
+      a_i += load(peep + j, n) * c_prev;
+      a_f += load(peep + H + j, n) * c_prev;
+    }
+    V<S> i = vsigmoid(a_i), f = vsigmoid(a_f);
+    V<S> g = vtanh(acc[2] + load_bias(x, 2 * H + j, n) + load_bias(bias, 2 * H + j, n));
+    V<S> cn = f * c_prev + i * g;
+    if (peep) a_o += load(peep + 2 * H + j, n) * cn;
+    V<S> o = vsigmoid(a_o);
     store(cb, cn, n);
     if (gates) {
       S* gr = gates + row * 4 * H + j;
@@ -879,7 +890,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
                                  const Tensor& c0,
                                  const Tensor& w_hh, const c10::optional<Tensor>& w_hr_opt,
                                  const Steps& st, bool save, i64 parts, const Tensor& w_ih,
-                                 bool own_product) {
+                                 bool own_product, const Tensor& peephole) {
   constexpr int L = Vec<S>::L;
   const i64 H = c0.size(1), P = h0.size(1), B = st.batch, N = st.rows;
   const i64 I = w_ih.defined() ? w_ih.size(1) : 0;
@@ -891,7 +902,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
   Tensor cells = save ? pooled_empty({N, H}, xproj.options()) : Tensor();
   Tensor c = pooled_clone(c0);
   LSTMForwardGates<S> gate_math{I ? nullptr : ptr<S>(xproj), ptr<S>(bias), ptr<S>(c),
-                                ptr<S>(gates), ptr<S>(cells), H};
+                                ptr<S>(gates), ptr<S>(cells), H, ptr<S>(peephole)};
   S* o_ptr = ptr<S>(out);
   const i64 J = (H + L - 1) / L;
   if (parts == 0 && !w_hr.defined()) {
@@ -1033,7 +1044,9 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
 template <typename S>
 struct LSTMBackwardGates {
   const S* gates; const S* cells; const S* c0; S* dc; S* d_gates; const Steps* st; i64 H;
-  // dm: the gradient reaching m = o tanh(c) for row b of step t, block jb.
+  const S* peep = nullptr;                                   // (3H) peephole weights, or none
+  // dm: the gradient reaching m = o tanh(c) for row b of step t, block jb. With peepholes c also
+  // reaches a_o (dc += da_o p_o) and c_prev reaches a_i and a_f (dc_prev += da_i p_i + da_f p_f).
   inline void operator()(i64 t, i64 b, i64 jb, V<S> dm) const {
     constexpr int L = Vec<S>::L;
     i64 j = jb * L;
@@ -1046,12 +1059,17 @@ struct LSTMBackwardGates {
     V<S> c_prev = prev >= 0 ? load(cells + prev * H + j, n) : load(c0 + b * H + j, n);
     S* dcb = dc + b * H + j;
     V<S> dct = load(dcb, n) + dm * o * (S(1) - tc * tc);
+    V<S> da_o = dm * tc * o * (S(1) - o);
+    if (peep) dct += da_o * load(peep + 2 * H + j, n);
+    V<S> da_i = dct * g * i * (S(1) - i), da_f = dct * c_prev * f * (S(1) - f);
     S* da = d_gates + row * 4 * H + j;
-    store(da, dct * g * i * (S(1) - i), n);
-    store(da + H, dct * c_prev * f * (S(1) - f), n);
+    store(da, da_i, n);
+    store(da + H, da_f, n);
     store(da + 2 * H, dct * i * (S(1) - g * g), n);
-    store(da + 3 * H, dm * tc * o * (S(1) - o), n);
-    store(dcb, dct * f, n);
+    store(da + 3 * H, da_o, n);
+    V<S> dc_prev = dct * f;
+    if (peep) dc_prev += da_i * load(peep + j, n) + da_f * load(peep + H + j, n);
+    store(dcb, dc_prev, n);
   }
 };
 
@@ -1060,14 +1078,14 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
                                   const Tensor& c0, const Tensor& w_hh,
                                   const c10::optional<Tensor>& w_hr_opt, const Tensor& gates,
                                   const Tensor& cells, const Steps& st, i64 parts,
-                                  bool own_product) {
+                                  bool own_product, const Tensor& peephole) {
   constexpr int L = Vec<S>::L;
   const i64 H = c0.size(1), P = d_hT.size(1), B = st.batch, N = st.rows;
   Tensor w_hr = w_hr_opt.has_value() ? w_hr_opt->contiguous() : Tensor();
   Tensor d_gates = pooled_empty({N, 4 * H}, gates.options());
   Tensor dh = pooled_clone(d_hT), dc = pooled_clone(d_cT);
   LSTMBackwardGates<S> gate_math{ptr<S>(gates), ptr<S>(cells), ptr<S>(c0), ptr<S>(dc),
-                                 ptr<S>(d_gates), &st, H};
+                                 ptr<S>(d_gates), &st, H, ptr<S>(peephole)};
   const S* dy = ptr<S>(d_out);
   S* dhp = ptr<S>(dh);
   const i64 J = (H + L - 1) / L;
@@ -1785,7 +1803,8 @@ std::vector<Tensor> lstm_forward_py(Tensor x, c10::optional<Tensor> b_ih,
                                     c10::optional<Tensor> b_hh, Tensor h0, Tensor c0,
                                     Tensor w_ih, Tensor w_hh, c10::optional<Tensor> w_hr,
                                     std::vector<i64> batch_sizes, bool reverse, bool save,
-                                    i64 parts, bool input_in_step, bool own_product) {
+                                    i64 parts, bool input_in_step, bool own_product,
+                                    c10::optional<Tensor> w_peephole) {
   check_cpu(x, "x");
   for (auto* t : {&h0, &c0, &w_ih, &w_hh}) *t = t->contiguous();
   Tensor bias = bias_sum(optional_contiguous(b_ih), optional_contiguous(b_hh));
@@ -1799,28 +1818,31 @@ std::vector<Tensor> lstm_forward_py(Tensor x, c10::optional<Tensor> b_ih,
   Tensor input = take_x ? x.contiguous() : input_projection(x, w_ih);
   return LSTMKIT_DISPATCH(x.scalar_type(), [&] {
     return lstm_forward<scalar>(input, bias, h0, c0, w_hh, w_hr, st, save, parts,
-                                take_x ? w_ih : Tensor(), own_product);
+                                take_x ? w_ih : Tensor(), own_product,
+                                optional_contiguous(w_peephole));
   });
 }
 
 // The whole backward of one LSTM layer, one direction: the step loop, then dX = d_gates W_ih,
 // the weight and bias gradients and dW_hr in one parallel region. needs: which of (x, h0, c0,
-// w_ih, w_hh, b_ih, b_hh, w_hr) want a gradient. Returns dx, dh0, dc0, dw_ih, dw_hh, db (the
-// gradient of b_ih + b_hh), dw_hr, undefined where not wanted.
+// w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole) want a gradient. Returns dx, dh0, dc0, dw_ih,
+// dw_hh, db (the gradient of b_ih + b_hh), dw_hr, dw_peephole, undefined where not wanted.
 std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Tensor x,
                                      Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh,
                                      c10::optional<Tensor> w_hr, Tensor out, Tensor gates,
                                      Tensor cells, std::vector<i64> batch_sizes, bool reverse,
-                                     i64 parts, bool own_product, std::vector<bool> needs) {
-  TORCH_CHECK(needs.size() == 8, "lstm_backward: needs has 8 flags, got ", needs.size());
+                                     i64 parts, bool own_product, std::vector<bool> needs,
+                                     c10::optional<Tensor> w_peephole) {
+  TORCH_CHECK(needs.size() == 9, "lstm_backward: needs has 9 flags, got ", needs.size());
   const auto dtype = gates.scalar_type();
   d_out = incoming(d_out, dtype); d_hT = incoming(d_hT, dtype); d_cT = incoming(d_cT, dtype);
   for (auto* t : {&h0, &c0, &w_hh, &out, &gates, &cells}) *t = t->contiguous();
   Tensor w_hr_c = optional_contiguous(w_hr);
   Steps st(batch_sizes, reverse);
+  Tensor peephole = optional_contiguous(w_peephole);
   auto loop = LSTMKIT_DISPATCH(dtype, [&] {
     return lstm_backward<scalar>(d_out, d_hT, d_cT, c0, w_hh, w_hr, gates, cells, st, parts,
-                                 own_product);
+                                 own_product, peephole);
   });
   const Tensor& d_gates = loop[0];
   Products jobs;
@@ -1840,7 +1862,17 @@ std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Ten
   }
   jobs.run();
   auto w = weights.take();
-  return {dx, loop[1], loop[2], w[0], w[1], w[2], dw_hr};
+  Tensor dw_peephole;
+  if (peephole.defined() && needs[8]) {
+    // dp_i = sum over rows of da_i c_prev, dp_f of da_f c_prev, dp_o of da_o c.
+    const i64 H = cells.size(1);
+    Tensor c_prev = pooled_empty(cells.sizes(), cells.options());
+    previous_rows(c_prev, cells, c0, st);
+    dw_peephole = at::cat({at::sum(at::mul(d_gates.narrow(1, 0, H), c_prev), {0}),
+                           at::sum(at::mul(d_gates.narrow(1, H, H), c_prev), {0}),
+                           at::sum(at::mul(d_gates.narrow(1, 3 * H, H), cells), {0})});
+  }
+  return {dx, loop[1], loop[2], w[0], w[1], w[2], dw_hr, dw_peephole};
 }
 
 std::vector<Tensor> lstm_cell_py(Tensor x, Tensor h, Tensor c, Tensor packed,

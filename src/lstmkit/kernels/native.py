@@ -310,18 +310,23 @@ class _NativeFunction(torch.autograd.Function):
 
 
 class NativeLSTMFunction(_NativeFunction):
-    """One LSTM layer in one direction, native loops; same signature as `LSTMFunction`.
+    """One LSTM layer in one direction, native loops; same signature as `LSTMFunction`, and
+    optionally peephole connections (which `LSTMFunction` does not have: only call with
+    w_peephole when the native module is there, as `kernels.lstm_layer` does).
 
     apply(x (N, I), h0 (B, P), c0 (B, H), w_ih (4H, I), w_hh (4H, P), b_ih (4H,) | None,
-          b_hh (4H,) | None, w_hr (P, H) | None, layout: StepLayout, reverse: bool)
+          b_hh (4H,) | None, w_hr (P, H) | None, layout: StepLayout, reverse: bool,
+          [w_peephole (3H,) = [p_i | p_f | p_o]])
     -> out (N, P), h_T (B, P), c_T (B, H)
-    Saved for backward: x, h0, c0, w_ih, w_hh, w_hr, out, gates (N, 4H) activated, cells (N, H).
+    Saved for backward: x, h0, c0, w_ih, w_hh, w_hr, out, gates (N, 4H) activated, cells (N, H)
+    [, w_peephole].
     """
 
     _portable = _lstm.LSTMFunction
 
     @staticmethod
-    def _run(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, save):
+    def _run(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole=None,
+             save=False):
         input_in_step = w_hr is None and w_ih.shape[1] <= INPUT_IN_STEP_MAX_RATIO * w_hh.shape[1]
         parts = _driver(layout, w_hh, w_hr is not None, w_ih if input_in_step else None)
         own = _own_step_product(layout, parts, w_ih, w_hh, w_hr)
@@ -329,38 +334,44 @@ class NativeLSTMFunction(_NativeFunction):
         # [W_ih | W_hh]^T at each step, no projection of all steps first.
         return module().lstm_forward(x, b_ih, b_hh, h0, c0, w_ih, w_hh, w_hr, layout.batch_sizes,
                                      reverse, save, parts, bool(parts) and (input_in_step or own),
-                                     own)
+                                     own, w_peephole)
 
     @staticmethod
-    def _infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse):
-        if layout.steps == 1 and w_hr is None and x.dtype in NATIVE_DTYPES:
+    def _infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole=None):
+        if layout.steps == 1 and w_hr is None and w_peephole is None and \
+                x.dtype in NATIVE_DTYPES:
             h_1, c_1 = lstm_step_inference(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
             return h_1, h_1, c_1
         originals = (x, h0, c0)
-        args = upcast((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), compute_dtype(x.dtype))
-        out, h_T, c_T, _, _ = NativeLSTMFunction._run(*args, layout, reverse, False)
+        *args, w_peephole = upcast((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole),
+                                   compute_dtype(x.dtype))
+        out, h_T, c_T, _, _ = NativeLSTMFunction._run(*args, layout, reverse, w_peephole)
         return tuple(cast_like((out, h_T, c_T), originals))
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse):
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole=None):
+        extra = () if w_peephole is None else (w_peephole,)
         out, h_T, c_T, _, _, originals = _lstm.forward_and_save(
             ctx, functools.partial(NativeLSTMFunction._run, save=True), x, h0, c0, w_ih, w_hh,
-            b_ih, b_hh, w_hr, layout, reverse)
+            b_ih, b_hh, w_hr, layout, reverse, *extra)
         return tuple(cast_like((out, h_T, c_T), originals[:3]))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_hT, d_cT):
-        x, h0, c0, w_ih, w_hh, w_hr, out, gates, cells = ctx.saved_tensors
+        x, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, *peephole = ctx.saved_tensors
+        w_peephole = peephole[0] if peephole else None
         layout, needs = ctx.layout, ctx.needs_input_grad
         parts = _driver(layout, w_hh, w_hr is not None)
-        dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = module().lstm_backward(
+        wanted = [*needs[:8], bool(peephole) and needs[10]]
+        dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr, dw_peephole = module().lstm_backward(
             d_out, d_hT, d_cT, x, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, layout.batch_sizes,
             ctx.reverse, parts, _own_step_product(layout, parts, w_ih, w_hh, w_hr, backward=True),
-            needs[:8])
+            wanted, w_peephole)
         db_ih, db_hh = split_bias_gradient(db, needs[5], needs[6])
-        grads = (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr)
-        return (*cast_to(grads, ctx.dtypes), None, None)
+        grads = cast_to((dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dw_peephole),
+                        ctx.dtypes)
+        return (*grads[:8], None, None, *grads[8:len(ctx.dtypes)])
 
 
 class NativeGRUFunction(_NativeFunction):

@@ -112,9 +112,18 @@ def draw_masks(variant: LSTMVariant, training: bool, layout: StepLayout, like: t
     return masks
 
 
+def _masked(variant: LSTMVariant, training: bool) -> bool:
+    return bool(training and (variant.recurrent_dropout or variant.zoneout_h or variant.zoneout_c))
+
+
 def uses_variant_kernel(variant: LSTMVariant, training: bool) -> bool:
     """True when the plain LSTM kernel cannot compute this variant (DropConnect alone can:
     it only changes the weight the kernel receives)."""
-    masked = variant.recurrent_dropout or variant.zoneout_h or variant.zoneout_c
-    return variant.changes_equations or bool(training and masked)
+    return variant.changes_equations or _masked(variant, training)
+
+
+def uses_peephole_kernel(variant: LSTMVariant, training: bool) -> bool:
+    """True when peepholes are all the variant changes here (no mask in use): the LSTM kernel
+    with `w_peephole` computes it (native where it runs, see kernels.lstm_layer)."""
+    return variant.changes_only_peepholes and not _masked(variant, training)
 

@@ -183,6 +183,15 @@ class LSTMVariant:
         return (any(getattr(self, f) != fields[f].default for f in _EQUATION_FIELDS)
                 or self.zoneout_in_eval())
 
+    @cached_property
+    def changes_only_peepholes(self) -> bool:
+        """True when peepholes are the eval-mode equations' only change from torch.nn's (the
+        native kernel computes them)."""
+        fields = self.__dataclass_fields__
+        return (self.peepholes and not self.zoneout_in_eval()
+                and all(getattr(self, f) == fields[f].default
+                        for f in _EQUATION_FIELDS if f != "peepholes"))
+
     def zoneout_in_eval(self) -> bool:
         """True when zoneout changes the eval-mode equations (its expectation)."""
         return bool(self.zoneout_eval == "expectation" and (self.zoneout_h or self.zoneout_c))
