@@ -27,9 +27,10 @@ import lstmkit
 from lstmkit import kernels, reference
 from lstmkit.kernels import StepLayout, native
 
-# lstm_peephole: LSTMVariant(peepholes=True), the one variant the native kernels compute.
-FAMILIES = ("lstm", "lstm_proj", "lstm_nobias", "lstm_peephole", "lstm_proj_peephole", "gru",
-            "gru_reset_before", "rnn_tanh", "rnn_relu")
+# peephole, cifg: LSTMVariant(peepholes=True) and (cifg=True), the variants the native kernels
+# compute.
+FAMILIES = ("lstm", "lstm_proj", "lstm_nobias", "lstm_peephole", "lstm_proj_peephole",
+            "lstm_cifg", "lstm_peephole_cifg", "gru", "gru_reset_before", "rnn_tanh", "rnn_relu")
 # (T, B, I, H): T=1, batch 1, odd sizes (batch 7: a group of 6 rows and one of 1), H=127 (a
 # partial SIMD block), a long sequence, a batch above the fused driver's limit when that is
 # the default, and batch 1 with two fused workers (each projecting the input for its blocks).
@@ -102,9 +103,9 @@ def make_weights(family, I, H, rng):
 
 def reference_run(family, x, states, w, dy, d_states):
     """Forward and backward of the NumPy reference: (outputs, gradients by argument name)."""
-    if "peephole" in family:
-        y, h, c, cache = reference.lstm_variant_forward(
-            x, *states, w, lstmkit.LSTMVariant(peepholes=True))
+    if "peephole" in family or "cifg" in family:
+        variant = lstmkit.LSTMVariant(peepholes="peephole" in family, cifg="cifg" in family)
+        y, h, c, cache = reference.lstm_variant_forward(x, *states, w, variant)
         return (y, h, c), reference.lstm_variant_backward(dy, *d_states, cache)
     if family.startswith("lstm"):
         y, h, c, cache = reference.lstm_forward(x, *states, w["w_ih"], w["w_hh"], w["b_ih"],
@@ -122,7 +123,7 @@ def reference_run(family, x, states, w, dy, d_states):
 def native_layer(family, x, states, w, layout, reverse):
     if family.startswith("lstm"):
         return kernels.lstm_layer(x, *states, **w, layout=layout, reverse=reverse,
-                                  backend="native")
+                                  backend="native", cifg="cifg" in family)
     if family.startswith("gru"):
         return kernels.gru_layer(x, *states, **w, layout=layout, reverse=reverse,
                                  reset_after=family == "gru", backend="native")
@@ -267,9 +268,13 @@ def _function_cases():
         "lstm-proj": (lstm, [r(9, 2), r(3, 2), r(3, 3), r(12, 2), r(12, 2), r(12), r(12),
                              r(2, 3), packed, False]),
         "lstm-peephole": (lstm, [r(9, 2), r(3, 3), r(3, 3), r(12, 2), r(12, 3), r(12), r(12),
-                                 None, packed, True, r(9)]),
+                                 None, packed, True, r(9), False]),
         "lstm-proj-peephole": (lstm, [r(6, 2), r(2, 2), r(2, 3), r(12, 2), r(12, 2), r(12),
-                                      None, r(2, 3), padded, False, r(9)]),
+                                      None, r(2, 3), padded, False, r(9), False]),
+        "lstm-cifg": (lstm, [r(9, 2), r(3, 3), r(3, 3), r(12, 2), r(12, 3), r(12), r(12), None,
+                             packed, False, None, True]),
+        "lstm-peephole-cifg": (lstm, [r(6, 2), r(2, 3), r(2, 3), r(12, 2), r(12, 3), None, r(12),
+                                      None, padded, True, r(9), True]),
         "gru": (gru, [r(9, 2), r(3, 3), r(9, 2), r(9, 3), r(9), r(9), packed, True, True]),
         "gru-reset-before": (gru, [r(6, 2), r(2, 3), r(9, 2), r(9, 3), r(9), r(9), padded,
                                    False, False]),
@@ -549,17 +554,22 @@ def _graph_nodes(tensor) -> set:
     return names
 
 
-def test_peephole_lstm_module_runs_native_and_matches_portable():
-    """LSTMVariant(peepholes=True) with init-only options runs on the native kernels (both
-    directions, two layers), with the portable variant kernel's results and gradients."""
-    torch.manual_seed(5)
-    variant = lstmkit.LSTMVariant(peepholes=True, forget_bias=1.0)
+@pytest.mark.parametrize("variant", [
+    lstmkit.LSTMVariant(peepholes=True, forget_bias=1.0),
+    lstmkit.LSTMVariant(cifg=True, chrono_init=10),
+    lstmkit.LSTMVariant(peepholes=True, cifg=True, weight_drop=0.3),
+], ids=["peepholes", "cifg", "peepholes-cifg-dropconnect"])
+def test_native_variant_lstm_module_matches_portable(variant):
+    """Peepholes, CIFG and both, with init-only options and DropConnect, run on the native
+    kernels (both directions, two layers, training mode) with the portable variant kernel's
+    results and gradients."""
     options = dict(num_layers=2, bidirectional=True, variant=variant, dtype=torch.float64)
     ours = lstmkit.LSTM(3, 6, backend="native", **options)
     portable = lstmkit.LSTM(3, 6, backend="portable", **options)
     portable.load_state_dict(ours.state_dict())
     results = []
     for model in (ours, portable):
+        torch.manual_seed(5)                   # the same DropConnect masks for both
         x = torch.randn(5, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1),
                         requires_grad=True)
         out, (h, c) = model(x)
@@ -574,10 +584,11 @@ def test_peephole_lstm_module_runs_native_and_matches_portable():
 
 @pytest.mark.parametrize("training, variant", [
     (True, lstmkit.LSTMVariant(peepholes=True, zoneout_c=0.2)),
-    (False, lstmkit.LSTMVariant(peepholes=True, zoneout_h=0.2, zoneout_eval="expectation")),
-    (False, lstmkit.LSTMVariant(peepholes=True, cifg=True)),
-], ids=["zoneout-training", "zoneout-expectation", "cifg"])
-def test_peepholes_with_other_changes_take_the_variant_kernel(training, variant):
+    (False, lstmkit.LSTMVariant(cifg=True, zoneout_h=0.2, zoneout_eval="expectation")),
+    (False, lstmkit.LSTMVariant(peepholes=True, cifg=True, gate_activation="hard_sigmoid")),
+    (True, lstmkit.LSTMVariant(cifg=True, recurrent_dropout=0.1)),
+], ids=["zoneout-training", "zoneout-expectation", "hard-sigmoid", "recurrent-dropout"])
+def test_native_variants_with_other_changes_take_the_variant_kernel(training, variant):
     model = lstmkit.LSTM(3, 4, variant=variant).train(training)
     out, _ = model(torch.randn(5, 2, 3))
     nodes = _graph_nodes(out)

@@ -311,12 +311,13 @@ class _NativeFunction(torch.autograd.Function):
 
 class NativeLSTMFunction(_NativeFunction):
     """One LSTM layer in one direction, native loops; same signature as `LSTMFunction`, and
-    optionally peephole connections (which `LSTMFunction` does not have: only call with
-    w_peephole when the native module is there, as `kernels.lstm_layer` does).
+    optionally two of LSTMVariant's changes, which `LSTMFunction` does not have (only pass them
+    when the native module is there, as `kernels.lstm_layer` does): peephole connections and
+    CIFG (f = 1 - i).
 
     apply(x (N, I), h0 (B, P), c0 (B, H), w_ih (4H, I), w_hh (4H, P), b_ih (4H,) | None,
           b_hh (4H,) | None, w_hr (P, H) | None, layout: StepLayout, reverse: bool,
-          [w_peephole (3H,) = [p_i | p_f | p_o]])
+          [w_peephole (3H,) = [p_i | p_f | p_o] | None, cifg: bool])
     -> out (N, P), h_T (B, P), c_T (B, H)
     Saved for backward: x, h0, c0, w_ih, w_hh, w_hr, out, gates (N, 4H) activated, cells (N, H)
     [, w_peephole].
@@ -326,7 +327,7 @@ class NativeLSTMFunction(_NativeFunction):
 
     @staticmethod
     def _run(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole=None,
-             save=False):
+             cifg=False, save=False):
         input_in_step = w_hr is None and w_ih.shape[1] <= INPUT_IN_STEP_MAX_RATIO * w_hh.shape[1]
         parts = _driver(layout, w_hh, w_hr is not None, w_ih if input_in_step else None)
         own = _own_step_product(layout, parts, w_ih, w_hh, w_hr)
@@ -334,26 +335,29 @@ class NativeLSTMFunction(_NativeFunction):
         # [W_ih | W_hh]^T at each step, no projection of all steps first.
         return module().lstm_forward(x, b_ih, b_hh, h0, c0, w_ih, w_hh, w_hr, layout.batch_sizes,
                                      reverse, save, parts, bool(parts) and (input_in_step or own),
-                                     own, w_peephole)
+                                     own, w_peephole, cifg)
 
     @staticmethod
-    def _infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole=None):
-        if layout.steps == 1 and w_hr is None and w_peephole is None and \
+    def _infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole=None,
+               cifg=False):
+        if layout.steps == 1 and w_hr is None and w_peephole is None and not cifg and \
                 x.dtype in NATIVE_DTYPES:
             h_1, c_1 = lstm_step_inference(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
             return h_1, h_1, c_1
         originals = (x, h0, c0)
         *args, w_peephole = upcast((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole),
                                    compute_dtype(x.dtype))
-        out, h_T, c_T, _, _ = NativeLSTMFunction._run(*args, layout, reverse, w_peephole)
+        out, h_T, c_T, _, _ = NativeLSTMFunction._run(*args, layout, reverse, w_peephole, cifg)
         return tuple(cast_like((out, h_T, c_T), originals))
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole=None):
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole=None,
+                cifg=None):
         extra = () if w_peephole is None else (w_peephole,)
+        ctx.cifg, ctx.variant_arguments = bool(cifg), cifg is not None
         out, h_T, c_T, _, _, originals = _lstm.forward_and_save(
-            ctx, functools.partial(NativeLSTMFunction._run, save=True), x, h0, c0, w_ih, w_hh,
-            b_ih, b_hh, w_hr, layout, reverse, *extra)
+            ctx, functools.partial(NativeLSTMFunction._run, cifg=bool(cifg), save=True), x, h0,
+            c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, *extra)
         return tuple(cast_like((out, h_T, c_T), originals[:3]))
 
     @staticmethod
@@ -367,11 +371,13 @@ class NativeLSTMFunction(_NativeFunction):
         dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr, dw_peephole = module().lstm_backward(
             d_out, d_hT, d_cT, x, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, layout.batch_sizes,
             ctx.reverse, parts, _own_step_product(layout, parts, w_ih, w_hh, w_hr, backward=True),
-            wanted, w_peephole)
+            wanted, w_peephole, ctx.cifg)
         db_ih, db_hh = split_bias_gradient(db, needs[5], needs[6])
         grads = cast_to((dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dw_peephole),
-                        ctx.dtypes)
-        return (*grads[:8], None, None, *grads[8:len(ctx.dtypes)])
+                        [*ctx.dtypes, None])                   # no w_peephole: None
+        if ctx.variant_arguments:                   # gradients of w_peephole and cifg too
+            return (*grads[:8], None, None, grads[8], None)
+        return (*grads[:8], None, None)
 
 
 class NativeGRUFunction(_NativeFunction):

@@ -122,8 +122,13 @@ def uses_variant_kernel(variant: LSTMVariant, training: bool) -> bool:
     return variant.changes_equations or _masked(variant, training)
 
 
-def uses_peephole_kernel(variant: LSTMVariant, training: bool) -> bool:
-    """True when peepholes are all the variant changes here (no mask in use): the LSTM kernel
-    with `w_peephole` computes it (native where it runs, see kernels.lstm_layer)."""
-    return variant.changes_only_peepholes and not _masked(variant, training)
+def lstm_layer_options(variant: LSTMVariant, training: bool) -> dict | None:
+    """Keyword arguments of `kernels.lstm_layer` for this variant (with the layer's weights,
+    which hold w_peephole when there are peepholes), or None when only the variant kernel
+    computes it. lstm_layer runs the plain cell, peepholes and CIFG natively where it can."""
+    if not uses_variant_kernel(variant, training):
+        return {}
+    if variant.changes_only_peepholes_or_cifg and not _masked(variant, training):
+        return {"cifg": variant.cifg}
+    return None
 

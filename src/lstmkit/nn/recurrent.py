@@ -443,12 +443,12 @@ class LSTM(_RecurrentBase):
             weights = {**weights, "w_hh": _lstm_variant.drop_connect(weights["w_hh"],
                                                                      v.weight_drop)}
         q_T = None
-        plain = not _lstm_variant.uses_variant_kernel(v, self.training)
-        if not return_gates and (plain or _lstm_variant.uses_peephole_kernel(v, self.training)):
-            out, h_T, c_T = kernels.lstm_layer(x, h0, c0, **weights, layout=layout,
+        options = _lstm_variant.lstm_layer_options(v, self.training)
+        if not return_gates and options is not None:
+            out, h_T, c_T = kernels.lstm_layer(x, h0, c0, **weights, **options, layout=layout,
                                                reverse=reverse, backend=self.backend)
             return out, (h_T, c_T), None
-        if plain:
+        if options == {}:                           # the plain cell
             out, h_T, c_T, gates, cells = kernels.lstm_layer_with_gates(
                 x, h0, c0, **weights, layout=layout, reverse=reverse)
         else:

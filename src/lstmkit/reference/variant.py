@@ -184,13 +184,13 @@ class LSTMVariant:
                 or self.zoneout_in_eval())
 
     @cached_property
-    def changes_only_peepholes(self) -> bool:
-        """True when peepholes are the eval-mode equations' only change from torch.nn's (the
-        native kernel computes them)."""
+    def changes_only_peepholes_or_cifg(self) -> bool:
+        """True when peepholes and CIFG, or one of them, are the eval-mode equations' only
+        change from torch.nn's (the native kernels compute those two)."""
         fields = self.__dataclass_fields__
-        return (self.peepholes and not self.zoneout_in_eval()
+        return ((self.peepholes or self.cifg) and not self.zoneout_in_eval()
                 and all(getattr(self, f) == fields[f].default
-                        for f in _EQUATION_FIELDS if f != "peepholes"))
+                        for f in _EQUATION_FIELDS if f not in ("peepholes", "cifg")))
 
     def zoneout_in_eval(self) -> bool:
         """True when zoneout changes the eval-mode equations (its expectation)."""
