@@ -27,10 +27,19 @@ import lstmkit
 from lstmkit import kernels, reference
 from lstmkit.kernels import StepLayout, native
 
-# peephole, cifg: LSTMVariant(peepholes=True) and (cifg=True), the variants the native kernels
-# compute.
+# The LSTM variants the native kernels compute: peephole, cifg and the removed gates (noinput,
+# noforget, nooutput: LSTMVariant(input_gate=False), ...).
+VARIANT_WORDS = ("peephole", "cifg", "noinput", "noforget", "nooutput")
 FAMILIES = ("lstm", "lstm_proj", "lstm_nobias", "lstm_peephole", "lstm_proj_peephole",
-            "lstm_cifg", "lstm_peephole_cifg", "gru", "gru_reset_before", "rnn_tanh", "rnn_relu")
+            "lstm_cifg", "lstm_peephole_cifg", "lstm_peephole_noinput", "lstm_noforget",
+            "lstm_proj_peephole_nooutput", "gru", "gru_reset_before", "rnn_tanh", "rnn_relu")
+
+
+def gate_options(family) -> dict:
+    """kernels.lstm_layer's gate arguments for a family name (see VARIANT_WORDS)."""
+    words = family.split("_")
+    return {"cifg": "cifg" in words, "input_gate": "noinput" not in words,
+            "forget_gate": "noforget" not in words, "output_gate": "nooutput" not in words}
 # (T, B, I, H): T=1, batch 1, odd sizes (batch 7: a group of 6 rows and one of 1), H=127 (a
 # partial SIMD block), a long sequence, a batch above the fused driver's limit when that is
 # the default, and batch 1 with two fused workers (each projecting the input for its blocks).
@@ -103,8 +112,8 @@ def make_weights(family, I, H, rng):
 
 def reference_run(family, x, states, w, dy, d_states):
     """Forward and backward of the NumPy reference: (outputs, gradients by argument name)."""
-    if "peephole" in family or "cifg" in family:
-        variant = lstmkit.LSTMVariant(peepholes="peephole" in family, cifg="cifg" in family)
+    if any(word in family for word in VARIANT_WORDS):
+        variant = lstmkit.LSTMVariant(peepholes="peephole" in family, **gate_options(family))
         y, h, c, cache = reference.lstm_variant_forward(x, *states, w, variant)
         return (y, h, c), reference.lstm_variant_backward(dy, *d_states, cache)
     if family.startswith("lstm"):
@@ -123,7 +132,7 @@ def reference_run(family, x, states, w, dy, d_states):
 def native_layer(family, x, states, w, layout, reverse):
     if family.startswith("lstm"):
         return kernels.lstm_layer(x, *states, **w, layout=layout, reverse=reverse,
-                                  backend="native", cifg="cifg" in family)
+                                  backend="native", **gate_options(family))
     if family.startswith("gru"):
         return kernels.gru_layer(x, *states, **w, layout=layout, reverse=reverse,
                                  reset_after=family == "gru", backend="native")
@@ -268,13 +277,15 @@ def _function_cases():
         "lstm-proj": (lstm, [r(9, 2), r(3, 2), r(3, 3), r(12, 2), r(12, 2), r(12), r(12),
                              r(2, 3), packed, False]),
         "lstm-peephole": (lstm, [r(9, 2), r(3, 3), r(3, 3), r(12, 2), r(12, 3), r(12), r(12),
-                                 None, packed, True, r(9), False]),
+                                 None, packed, True, r(9), 0]),
         "lstm-proj-peephole": (lstm, [r(6, 2), r(2, 2), r(2, 3), r(12, 2), r(12, 2), r(12),
-                                      None, r(2, 3), padded, False, r(9), False]),
+                                      None, r(2, 3), padded, False, r(9), 8]),
         "lstm-cifg": (lstm, [r(9, 2), r(3, 3), r(3, 3), r(12, 2), r(12, 3), r(12), r(12), None,
-                             packed, False, None, True]),
+                             packed, False, None, 1]),
         "lstm-peephole-cifg": (lstm, [r(6, 2), r(2, 3), r(2, 3), r(12, 2), r(12, 3), None, r(12),
-                                      None, padded, True, r(9), True]),
+                                      None, padded, True, r(9), 1]),
+        "lstm-noinput-noforget": (lstm, [r(9, 2), r(3, 3), r(3, 3), r(12, 2), r(12, 3), r(12),
+                                         r(12), None, packed, True, r(9), 6]),
         "gru": (gru, [r(9, 2), r(3, 3), r(9, 2), r(9, 3), r(9), r(9), packed, True, True]),
         "gru-reset-before": (gru, [r(6, 2), r(2, 3), r(9, 2), r(9, 3), r(9), r(9), padded,
                                    False, False]),
@@ -558,11 +569,14 @@ def _graph_nodes(tensor) -> set:
     lstmkit.LSTMVariant(peepholes=True, forget_bias=1.0),
     lstmkit.LSTMVariant(cifg=True, chrono_init=10),
     lstmkit.LSTMVariant(peepholes=True, cifg=True, weight_drop=0.3),
-], ids=["peepholes", "cifg", "peepholes-cifg-dropconnect"])
+    lstmkit.LSTMVariant(peepholes=True, output_gate=False),
+    lstmkit.LSTMVariant(forget_gate=False, orthogonal_init=True),
+], ids=["peepholes", "cifg", "peepholes-cifg-dropconnect", "peepholes-no-output-gate",
+        "no-forget-gate"])
 def test_native_variant_lstm_module_matches_portable(variant):
-    """Peepholes, CIFG and both, with init-only options and DropConnect, run on the native
-    kernels (both directions, two layers, training mode) with the portable variant kernel's
-    results and gradients."""
+    """Peepholes, CIFG and removed gates, with init-only options and DropConnect, run on the
+    native kernels (both directions, two layers, training mode) with the portable variant
+    kernel's results and gradients."""
     options = dict(num_layers=2, bidirectional=True, variant=variant, dtype=torch.float64)
     ours = lstmkit.LSTM(3, 6, backend="native", **options)
     portable = lstmkit.LSTM(3, 6, backend="portable", **options)

@@ -844,14 +844,16 @@ Tensor dispatch1(at::ScalarType dtype, F&& f) {
 //   into the projection's product, it doubled that product's memory traffic)
 //   c = f c_prev + i g;  m = o tanh(c);  h = m (W_hr^T with projection)
 // With peepholes p = [p_i | p_f | p_o] (3H): a_i += p_i c_prev, a_f += p_f c_prev, a_o += p_o c.
-// With CIFG (coupled input and forget gates): f = 1 - i (a_f unused).
+// Gate forms (LSTMVariant's, a bit each in `form`): CIFG f = 1 - i (a_f unused); a removed
+// input, forget or output gate is 1 (Greff et al.'s NIG, NFG, NOG).
 // Saved: gates (N, 4H) activated, cells (N, H).
+constexpr int GATE_CIFG = 1, NO_INPUT_GATE = 2, NO_FORGET_GATE = 4, NO_OUTPUT_GATE = 8;
 
 template <typename S>
 struct LSTMForwardGates {
   const S* xproj; const S* bias; S* c; S* gates; S* cells; i64 H;
   const S* peep = nullptr;                                   // (3H) peephole weights, or none
-  bool cifg = false;
+  int form = 0;                                              // GATE_CIFG | NO_*_GATE
   // Pre-activations of row b (global row `row`), block jb -> writes c and the saved tensors,
   // returns m = o tanh(c) for the block.
   inline V<S> operator()(i64 b, i64 row, i64 jb, const V<S>* acc) const {
@@ -868,12 +870,13 @@ struct LSTMForwardGates {
       a_i += load(peep + j, n) * c_prev;
       a_f += load(peep + H + j, n) * c_prev;
     }
-    V<S> i = vsigmoid(a_i);
-    V<S> f = cifg ? S(1) - i : vsigmoid(a_f);
+    const V<S> one = splat(S(1));
+    V<S> i = (form & NO_INPUT_GATE) ? one : vsigmoid(a_i);
+    V<S> f = (form & GATE_CIFG) ? one - i : (form & NO_FORGET_GATE) ? one : vsigmoid(a_f);
     V<S> g = vtanh(acc[2] + load_bias(x, 2 * H + j, n) + load_bias(bias, 2 * H + j, n));
     V<S> cn = f * c_prev + i * g;
     if (peep) a_o += load(peep + 2 * H + j, n) * cn;
-    V<S> o = vsigmoid(a_o);
+    V<S> o = (form & NO_OUTPUT_GATE) ? one : vsigmoid(a_o);
     store(cb, cn, n);
     if (gates) {
       S* gr = gates + row * 4 * H + j;
@@ -893,7 +896,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
                                  const Tensor& c0,
                                  const Tensor& w_hh, const c10::optional<Tensor>& w_hr_opt,
                                  const Steps& st, bool save, i64 parts, const Tensor& w_ih,
-                                 bool own_product, const Tensor& peephole, bool cifg) {
+                                 bool own_product, const Tensor& peephole, int gate_form) {
   constexpr int L = Vec<S>::L;
   const i64 H = c0.size(1), P = h0.size(1), B = st.batch, N = st.rows;
   const i64 I = w_ih.defined() ? w_ih.size(1) : 0;
@@ -905,7 +908,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
   Tensor cells = save ? pooled_empty({N, H}, xproj.options()) : Tensor();
   Tensor c = pooled_clone(c0);
   LSTMForwardGates<S> gate_math{I ? nullptr : ptr<S>(xproj), ptr<S>(bias), ptr<S>(c),
-                                ptr<S>(gates), ptr<S>(cells), H, ptr<S>(peephole), cifg};
+                                ptr<S>(gates), ptr<S>(cells), H, ptr<S>(peephole), gate_form};
   S* o_ptr = ptr<S>(out);
   const i64 J = (H + L - 1) / L;
   if (parts == 0 && !w_hr.defined()) {
@@ -1051,7 +1054,8 @@ struct LSTMBackwardGates {
   bool cifg = false;
   // dm: the gradient reaching m = o tanh(c) for row b of step t, block jb. With peepholes c also
   // reaches a_o (dc += da_o p_o) and c_prev reaches a_i and a_f (dc_prev += da_i p_i + da_f p_f).
-  // With CIFG, f = 1 - i: i's gradient is dc (g - c_prev), a_f gets none.
+  // With CIFG, f = 1 - i: i's gradient is dc (g - c_prev), a_f gets none. A removed gate was
+  // saved as 1, so its slope g (1 - g) makes its pre-activation's gradient 0 with no test here.
   inline void operator()(i64 t, i64 b, i64 jb, V<S> dm) const {
     constexpr int L = Vec<S>::L;
     i64 j = jb * L;
@@ -1084,14 +1088,15 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
                                   const Tensor& c0, const Tensor& w_hh,
                                   const c10::optional<Tensor>& w_hr_opt, const Tensor& gates,
                                   const Tensor& cells, const Steps& st, i64 parts,
-                                  bool own_product, const Tensor& peephole, bool cifg) {
+                                  bool own_product, const Tensor& peephole, int gate_form) {
   constexpr int L = Vec<S>::L;
   const i64 H = c0.size(1), P = d_hT.size(1), B = st.batch, N = st.rows;
   Tensor w_hr = w_hr_opt.has_value() ? w_hr_opt->contiguous() : Tensor();
   Tensor d_gates = pooled_empty({N, 4 * H}, gates.options());
   Tensor dh = pooled_clone(d_hT), dc = pooled_clone(d_cT);
   LSTMBackwardGates<S> gate_math{ptr<S>(gates), ptr<S>(cells), ptr<S>(c0), ptr<S>(dc),
-                                 ptr<S>(d_gates), &st, H, ptr<S>(peephole), cifg};
+                                 ptr<S>(d_gates), &st, H, ptr<S>(peephole),
+                                 (gate_form & GATE_CIFG) != 0};
   const S* dy = ptr<S>(d_out);
   S* dhp = ptr<S>(dh);
   const i64 J = (H + L - 1) / L;
@@ -1810,7 +1815,7 @@ std::vector<Tensor> lstm_forward_py(Tensor x, c10::optional<Tensor> b_ih,
                                     Tensor w_ih, Tensor w_hh, c10::optional<Tensor> w_hr,
                                     std::vector<i64> batch_sizes, bool reverse, bool save,
                                     i64 parts, bool input_in_step, bool own_product,
-                                    c10::optional<Tensor> w_peephole, bool cifg) {
+                                    c10::optional<Tensor> w_peephole, i64 gate_form) {
   check_cpu(x, "x");
   for (auto* t : {&h0, &c0, &w_ih, &w_hh}) *t = t->contiguous();
   Tensor bias = bias_sum(optional_contiguous(b_ih), optional_contiguous(b_hh));
@@ -1825,7 +1830,7 @@ std::vector<Tensor> lstm_forward_py(Tensor x, c10::optional<Tensor> b_ih,
   return LSTMKIT_DISPATCH(x.scalar_type(), [&] {
     return lstm_forward<scalar>(input, bias, h0, c0, w_hh, w_hr, st, save, parts,
                                 take_x ? w_ih : Tensor(), own_product,
-                                optional_contiguous(w_peephole), cifg);
+                                optional_contiguous(w_peephole), (int)gate_form);
   });
 }
 
@@ -1838,7 +1843,7 @@ std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Ten
                                      c10::optional<Tensor> w_hr, Tensor out, Tensor gates,
                                      Tensor cells, std::vector<i64> batch_sizes, bool reverse,
                                      i64 parts, bool own_product, std::vector<bool> needs,
-                                     c10::optional<Tensor> w_peephole, bool cifg) {
+                                     c10::optional<Tensor> w_peephole, i64 gate_form) {
   TORCH_CHECK(needs.size() == 9, "lstm_backward: needs has 9 flags, got ", needs.size());
   const auto dtype = gates.scalar_type();
   d_out = incoming(d_out, dtype); d_hT = incoming(d_hT, dtype); d_cT = incoming(d_cT, dtype);
@@ -1848,7 +1853,7 @@ std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Ten
   Tensor peephole = optional_contiguous(w_peephole);
   auto loop = LSTMKIT_DISPATCH(dtype, [&] {
     return lstm_backward<scalar>(d_out, d_hT, d_cT, c0, w_hh, w_hr, gates, cells, st, parts,
-                                 own_product, peephole, cifg);
+                                 own_product, peephole, (int)gate_form);
   });
   const Tensor& d_gates = loop[0];
   Products jobs;

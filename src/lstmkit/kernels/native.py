@@ -288,6 +288,13 @@ def _own_step_product(layout, parts: int, w_ih, w_hh, w_hr, backward: bool = Fal
                                             and weight_bytes <= OWN_FORWARD_SMALL_MAX_BYTES)
 
 
+def gate_form(cifg=False, input_gate=True, forget_gate=True, output_gate=True) -> int:
+    """LSTMVariant's gate options as the native kernels' bitmask (GATE_CIFG, NO_*_GATE in
+    _native.cpp): CIFG f = 1 - i; a removed gate is 1."""
+    return (int(bool(cifg)) | 2 * (not input_gate) | 4 * (not forget_gate)
+            | 8 * (not output_gate))
+
+
 def _check_device(x):
     if x.device.type != "cpu":
         raise ValueError(f"backend='native' runs on the CPU only, got a tensor on {x.device}")
@@ -311,13 +318,13 @@ class _NativeFunction(torch.autograd.Function):
 
 class NativeLSTMFunction(_NativeFunction):
     """One LSTM layer in one direction, native loops; same signature as `LSTMFunction`, and
-    optionally two of LSTMVariant's changes, which `LSTMFunction` does not have (only pass them
-    when the native module is there, as `kernels.lstm_layer` does): peephole connections and
-    CIFG (f = 1 - i).
+    optionally LSTMVariant's changes to the gates, which `LSTMFunction` does not have (only pass
+    them when the native module is there, as `kernels.lstm_layer` does): peephole connections,
+    and `gate_form` (see `gate_form`): CIFG (f = 1 - i), removed input, forget or output gates.
 
     apply(x (N, I), h0 (B, P), c0 (B, H), w_ih (4H, I), w_hh (4H, P), b_ih (4H,) | None,
           b_hh (4H,) | None, w_hr (P, H) | None, layout: StepLayout, reverse: bool,
-          [w_peephole (3H,) = [p_i | p_f | p_o] | None, cifg: bool])
+          [w_peephole (3H,) = [p_i | p_f | p_o] | None, gate_form: int])
     -> out (N, P), h_T (B, P), c_T (B, H)
     Saved for backward: x, h0, c0, w_ih, w_hh, w_hr, out, gates (N, 4H) activated, cells (N, H)
     [, w_peephole].
@@ -327,7 +334,7 @@ class NativeLSTMFunction(_NativeFunction):
 
     @staticmethod
     def _run(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole=None,
-             cifg=False, save=False):
+             form=0, save=False):
         input_in_step = w_hr is None and w_ih.shape[1] <= INPUT_IN_STEP_MAX_RATIO * w_hh.shape[1]
         parts = _driver(layout, w_hh, w_hr is not None, w_ih if input_in_step else None)
         own = _own_step_product(layout, parts, w_ih, w_hh, w_hr)
@@ -335,28 +342,28 @@ class NativeLSTMFunction(_NativeFunction):
         # [W_ih | W_hh]^T at each step, no projection of all steps first.
         return module().lstm_forward(x, b_ih, b_hh, h0, c0, w_ih, w_hh, w_hr, layout.batch_sizes,
                                      reverse, save, parts, bool(parts) and (input_in_step or own),
-                                     own, w_peephole, cifg)
+                                     own, w_peephole, form)
 
     @staticmethod
     def _infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole=None,
-               cifg=False):
-        if layout.steps == 1 and w_hr is None and w_peephole is None and not cifg and \
+               form=0):
+        if layout.steps == 1 and w_hr is None and w_peephole is None and not form and \
                 x.dtype in NATIVE_DTYPES:
             h_1, c_1 = lstm_step_inference(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
             return h_1, h_1, c_1
         originals = (x, h0, c0)
         *args, w_peephole = upcast((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole),
                                    compute_dtype(x.dtype))
-        out, h_T, c_T, _, _ = NativeLSTMFunction._run(*args, layout, reverse, w_peephole, cifg)
+        out, h_T, c_T, _, _ = NativeLSTMFunction._run(*args, layout, reverse, w_peephole, form)
         return tuple(cast_like((out, h_T, c_T), originals))
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole=None,
-                cifg=None):
+                form=None):
         extra = () if w_peephole is None else (w_peephole,)
-        ctx.cifg, ctx.variant_arguments = bool(cifg), cifg is not None
+        ctx.form, ctx.variant_arguments = form or 0, form is not None
         out, h_T, c_T, _, _, originals = _lstm.forward_and_save(
-            ctx, functools.partial(NativeLSTMFunction._run, cifg=bool(cifg), save=True), x, h0,
+            ctx, functools.partial(NativeLSTMFunction._run, form=form or 0, save=True), x, h0,
             c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, *extra)
         return tuple(cast_like((out, h_T, c_T), originals[:3]))
 
@@ -371,11 +378,11 @@ class NativeLSTMFunction(_NativeFunction):
         dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr, dw_peephole = module().lstm_backward(
             d_out, d_hT, d_cT, x, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, layout.batch_sizes,
             ctx.reverse, parts, _own_step_product(layout, parts, w_ih, w_hh, w_hr, backward=True),
-            wanted, w_peephole, ctx.cifg)
+            wanted, w_peephole, ctx.form)
         db_ih, db_hh = split_bias_gradient(db, needs[5], needs[6])
         grads = cast_to((dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dw_peephole),
                         [*ctx.dtypes, None])                   # no w_peephole: None
-        if ctx.variant_arguments:                   # gradients of w_peephole and cifg too
+        if ctx.variant_arguments:                   # gradients of w_peephole and form too
             return (*grads[:8], None, None, grads[8], None)
         return (*grads[:8], None, None)
 

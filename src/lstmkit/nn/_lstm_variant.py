@@ -125,10 +125,12 @@ def uses_variant_kernel(variant: LSTMVariant, training: bool) -> bool:
 def lstm_layer_options(variant: LSTMVariant, training: bool) -> dict | None:
     """Keyword arguments of `kernels.lstm_layer` for this variant (with the layer's weights,
     which hold w_peephole when there are peepholes), or None when only the variant kernel
-    computes it. lstm_layer runs the plain cell, peepholes and CIFG natively where it can."""
+    computes it. lstm_layer runs the plain cell and the variants that change only the gates
+    (peepholes, CIFG, removed gates) natively where it can."""
     if not uses_variant_kernel(variant, training):
         return {}
-    if variant.changes_only_peepholes_or_cifg and not _masked(variant, training):
-        return {"cifg": variant.cifg}
+    if variant.changes_only_gates and not _masked(variant, training):
+        return {"cifg": variant.cifg, "input_gate": variant.input_gate,
+                "forget_gate": variant.forget_gate, "output_gate": variant.output_gate}
     return None
 

@@ -69,6 +69,8 @@ def _check_common(variant) -> None:
 
 # The options that change the cell's equations in eval mode (the others are training-time
 # regularisers or initialisations).
+# The equation fields the native kernels compute (LSTMVariant.changes_only_gates).
+_GATE_FIELDS = ("peepholes", "cifg", "input_gate", "forget_gate", "output_gate")
 _EQUATION_FIELDS = ("peepholes", "cifg", "input_gate", "forget_gate", "output_gate",
                     "full_gate_recurrence", "gate_activation", "cell_activation",
                     "output_activation", "layer_norm")
@@ -184,13 +186,13 @@ class LSTMVariant:
                 or self.zoneout_in_eval())
 
     @cached_property
-    def changes_only_peepholes_or_cifg(self) -> bool:
-        """True when peepholes and CIFG, or one of them, are the eval-mode equations' only
-        change from torch.nn's (the native kernels compute those two)."""
+    def changes_only_gates(self) -> bool:
+        """True when the eval-mode equations differ from torch.nn's in the gates alone:
+        peepholes, CIFG, removed gates (the native kernels compute those)."""
         fields = self.__dataclass_fields__
-        return ((self.peepholes or self.cifg) and not self.zoneout_in_eval()
+        return (self.changes_equations and not self.zoneout_in_eval()
                 and all(getattr(self, f) == fields[f].default
-                        for f in _EQUATION_FIELDS if f not in ("peepholes", "cifg")))
+                        for f in _EQUATION_FIELDS if f not in _GATE_FIELDS))
 
     def zoneout_in_eval(self) -> bool:
         """True when zoneout changes the eval-mode equations (its expectation)."""
