@@ -26,6 +26,8 @@ VARIANTS = {
     "plain+return_gates": (LSTMVariant(), True),
     "peepholes": (LSTMVariant(peepholes=True), False),
     "cifg": (LSTMVariant(cifg=True), False),
+    "activations": (LSTMVariant(gate_activation="hard_sigmoid", cell_activation="softsign"),
+                    False),
     "layer_norm": (LSTMVariant(layer_norm=True), False),
     "zoneout": (LSTMVariant(zoneout_h=0.1, zoneout_c=0.1), False),
     "recurrent_dropout": (LSTMVariant(recurrent_dropout=0.2), False),

@@ -27,19 +27,29 @@ import lstmkit
 from lstmkit import kernels, reference
 from lstmkit.kernels import StepLayout, native
 
-# The LSTM variants the native kernels compute: peephole, cifg and the removed gates (noinput,
-# noforget, nooutput: LSTMVariant(input_gate=False), ...).
-VARIANT_WORDS = ("peephole", "cifg", "noinput", "noforget", "nooutput")
+# The LSTM variants the native kernels compute: peephole, cifg, the removed gates (noinput,
+# noforget, nooutput: LSTMVariant(input_gate=False), ...) and the activations (hardsigmoid for
+# the gates; cell... and out... for g's and the output's: softsign, hardtanh, identity).
+VARIANT_WORDS = ("peephole", "cifg", "noinput", "noforget", "nooutput", "hardsigmoid", "cell",
+                 "out")
 FAMILIES = ("lstm", "lstm_proj", "lstm_nobias", "lstm_peephole", "lstm_proj_peephole",
             "lstm_cifg", "lstm_peephole_cifg", "lstm_peephole_noinput", "lstm_noforget",
-            "lstm_proj_peephole_nooutput", "gru", "gru_reset_before", "rnn_tanh", "rnn_relu")
+            "lstm_proj_peephole_nooutput", "lstm_hardsigmoid_cellsoftsign_outidentity",
+            "lstm_proj_peephole_cellhardtanh_outsoftsign", "lstm_cifg_cellidentity_outhardtanh",
+            "gru", "gru_reset_before", "rnn_tanh", "rnn_relu")
 
 
 def gate_options(family) -> dict:
-    """kernels.lstm_layer's gate arguments for a family name (see VARIANT_WORDS)."""
+    """kernels.lstm_layer's cell arguments for a family name (see VARIANT_WORDS)."""
     words = family.split("_")
+
+    def activation(prefix):
+        return next((w[len(prefix):] for w in words if w.startswith(prefix)), "tanh")
+
     return {"cifg": "cifg" in words, "input_gate": "noinput" not in words,
-            "forget_gate": "noforget" not in words, "output_gate": "nooutput" not in words}
+            "forget_gate": "noforget" not in words, "output_gate": "nooutput" not in words,
+            "gate_activation": "hard_sigmoid" if "hardsigmoid" in words else "sigmoid",
+            "cell_activation": activation("cell"), "output_activation": activation("out")}
 # (T, B, I, H): T=1, batch 1, odd sizes (batch 7: a group of 6 rows and one of 1), H=127 (a
 # partial SIMD block), a long sequence, a batch above the fused driver's limit when that is
 # the default, and batch 1 with two fused workers (each projecting the input for its blocks).
@@ -112,7 +122,7 @@ def make_weights(family, I, H, rng):
 
 def reference_run(family, x, states, w, dy, d_states):
     """Forward and backward of the NumPy reference: (outputs, gradients by argument name)."""
-    if any(word in family for word in VARIANT_WORDS):
+    if any(word.startswith(VARIANT_WORDS) for word in family.split("_")[1:]):
         variant = lstmkit.LSTMVariant(peepholes="peephole" in family, **gate_options(family))
         y, h, c, cache = reference.lstm_variant_forward(x, *states, w, variant)
         return (y, h, c), reference.lstm_variant_backward(dy, *d_states, cache)
@@ -286,6 +296,11 @@ def _function_cases():
                                       None, padded, True, r(9), 1]),
         "lstm-noinput-noforget": (lstm, [r(9, 2), r(3, 3), r(3, 3), r(12, 2), r(12, 3), r(12),
                                          r(12), None, packed, True, r(9), 6]),
+        # softsign cell input, identity output (hard sigmoid and hardtanh have kinks)
+        "lstm-activations": (lstm, [r(6, 2), r(2, 2), r(2, 3), r(12, 2), r(12, 2), r(12), r(12),
+                                    r(2, 3), padded, False, None,
+                                    native.gate_form(cell_activation="softsign",
+                                                     output_activation="identity")]),
         "gru": (gru, [r(9, 2), r(3, 3), r(9, 2), r(9, 3), r(9), r(9), packed, True, True]),
         "gru-reset-before": (gru, [r(6, 2), r(2, 3), r(9, 2), r(9, 3), r(9), r(9), padded,
                                    False, False]),
@@ -571,8 +586,10 @@ def _graph_nodes(tensor) -> set:
     lstmkit.LSTMVariant(peepholes=True, cifg=True, weight_drop=0.3),
     lstmkit.LSTMVariant(peepholes=True, output_gate=False),
     lstmkit.LSTMVariant(forget_gate=False, orthogonal_init=True),
+    lstmkit.LSTMVariant(gate_activation="hard_sigmoid", cell_activation="identity",
+                        output_activation="softsign"),
 ], ids=["peepholes", "cifg", "peepholes-cifg-dropconnect", "peepholes-no-output-gate",
-        "no-forget-gate"])
+        "no-forget-gate", "activations"])
 def test_native_variant_lstm_module_matches_portable(variant):
     """Peepholes, CIFG and removed gates, with init-only options and DropConnect, run on the
     native kernels (both directions, two layers, training mode) with the portable variant
@@ -599,9 +616,9 @@ def test_native_variant_lstm_module_matches_portable(variant):
 @pytest.mark.parametrize("training, variant", [
     (True, lstmkit.LSTMVariant(peepholes=True, zoneout_c=0.2)),
     (False, lstmkit.LSTMVariant(cifg=True, zoneout_h=0.2, zoneout_eval="expectation")),
-    (False, lstmkit.LSTMVariant(peepholes=True, cifg=True, gate_activation="hard_sigmoid")),
+    (False, lstmkit.LSTMVariant(peepholes=True, cifg=True, layer_norm=True)),
     (True, lstmkit.LSTMVariant(cifg=True, recurrent_dropout=0.1)),
-], ids=["zoneout-training", "zoneout-expectation", "hard-sigmoid", "recurrent-dropout"])
+], ids=["zoneout-training", "zoneout-expectation", "layer-norm", "recurrent-dropout"])
 def test_native_variants_with_other_changes_take_the_variant_kernel(training, variant):
     model = lstmkit.LSTM(3, 4, variant=variant).train(training)
     out, _ = model(torch.randn(5, 2, 3))

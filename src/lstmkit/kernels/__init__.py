@@ -55,15 +55,21 @@ def output_copy(x, backend: str):
 def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
                layout: StepLayout, reverse: bool = False, backend: str = "auto",
                w_peephole=None, cifg: bool = False, input_gate: bool = True,
-               forget_gate: bool = True, output_gate: bool = True):
+               forget_gate: bool = True, output_gate: bool = True,
+               gate_activation: str = "sigmoid", cell_activation: str = "tanh",
+               output_activation: str = "tanh"):
     """One LSTM layer, one direction: x (N, I), h0 (B, P), c0 (B, H) -> out (N, P), h_T, c_T.
 
-    LSTMVariant's changes to the gates (the other variants take `lstm_variant_layer`):
-    w_peephole (3H,) = [p_i | p_f | p_o], peephole connections; cifg, f = 1 - i; input_gate,
-    forget_gate, output_gate False: that gate is 1. The native kernel computes them, the
-    portable backend (or a machine without the native kernels) the variant kernel."""
+    LSTMVariant's elementwise changes to the cell, with its meanings (the other variants take
+    `lstm_variant_layer`): w_peephole (3H,) = [p_i | p_f | p_o], peephole connections; cifg,
+    f = 1 - i; input_gate, forget_gate, output_gate False: that gate is 1; the gate, cell and
+    output activations. The native kernel computes them, the portable backend (or a machine
+    without the native kernels) the variant kernel."""
     fn = _function("lstm", backend, x)
-    form = native.gate_form(cifg, input_gate, forget_gate, output_gate)
+    cell = dict(cifg=bool(cifg), input_gate=input_gate, forget_gate=forget_gate,
+                output_gate=output_gate, gate_activation=gate_activation,
+                cell_activation=cell_activation, output_activation=output_activation)
+    form = native.gate_form(**cell)
     if w_peephole is None and not form:
         return fn.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse)
     if fn is native.NativeLSTMFunction and native.available():
@@ -71,9 +77,7 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
                         form)
     params = {"w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh, "w_hr": w_hr,
               "w_peephole": w_peephole}
-    variant = LSTMVariant(peepholes=w_peephole is not None, cifg=bool(cifg),
-                          input_gate=input_gate, forget_gate=forget_gate,
-                          output_gate=output_gate)
+    variant = LSTMVariant(peepholes=w_peephole is not None, **cell)
     out, h_T, c_T, *_ = lstm_variant_layer(x, h0, c0, params, {}, variant, layout=layout,
                                            reverse=reverse, backend="portable")
     return out, h_T, c_T
@@ -97,10 +101,11 @@ def lstm_variant_layer(x, h0, c0, params: dict, masks: dict, variant, *, q0=None
     recurrence, gates (N, 4H), cells (N, H).
     """
     if backend not in ("auto", "portable"):
-        raise ValueError(f"backend={backend!r} has no kernel for these LSTM variants (gate "
-                         "activations, layer norm, zoneout, ...; peepholes, CIFG and removed "
-                         "gates alone run native through lstm_layer's w_peephole, cifg, "
-                         "input_gate, ...): use backend='auto' or 'portable' with a variant")
+        raise ValueError(f"backend={backend!r} has no kernel for these LSTM variants (layer "
+                         "norm, full gate recurrence, zoneout, recurrent dropout; the elementwise "
+                         "ones, peepholes, CIFG, removed gates and activations, run native "
+                         "through lstm_layer's arguments): use backend='auto' or 'portable' "
+                         "with a variant")
     unknown = (set(params) - set(_VARIANT_PARAMETERS)) | (set(masks) - set(_VARIANT_MASKS))
     if unknown:
         raise ValueError(f"unknown LSTM-variant arguments {sorted(unknown)}; expected some of "

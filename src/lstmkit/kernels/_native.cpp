@@ -33,7 +33,10 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/abs.h>
 #include <ATen/ops/add.h>
+#include <ATen/ops/clamp.h>
+#include <ATen/ops/div.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/tanh.h>
@@ -251,6 +254,39 @@ inline V<double> vtanh(V<double> x) {
 }
 
 template <typename S> inline V<S> vrelu(V<S> x) { return x > S(0) ? x : splat(S(0)); }
+
+// LSTMVariant's activations by code, and their slopes from their outputs (as the reference's
+// derivative_from_output). Gates: 0 sigmoid, 1 hard_sigmoid = clip(a / 6 + 1/2, 0, 1).
+// Cell input and output: 0 tanh, 1 softsign = a / (1 + |a|), 2 hardtanh = clip(a, -1, 1),
+// 3 identity.
+template <typename S> inline V<S> vclip(V<S> x, S lo, S hi) {
+  x = x < lo ? splat(lo) : x;
+  return x > hi ? splat(hi) : x;
+}
+template <typename S> inline V<S> vabs(V<S> x) { return x < S(0) ? -x : x; }
+template <typename S> inline V<S> gate_activation(int code, V<S> a) {
+  return code == 0 ? vsigmoid(a) : vclip<S>(a * S(1.0 / 6.0) + S(0.5), S(0), S(1));
+}
+template <typename S> inline V<S> gate_slope(int code, V<S> y) {
+  if (code == 0) return y * (S(1) - y);
+  return ((y > S(0)) & (y < S(1))) ? splat(S(1.0 / 6.0)) : V<S>{};
+}
+template <typename S> inline V<S> cell_activation(int code, V<S> a) {
+  switch (code) {
+    case 0: return vtanh(a);
+    case 1: return a / (S(1) + vabs<S>(a));
+    case 2: return vclip<S>(a, S(-1), S(1));
+    default: return a;
+  }
+}
+template <typename S> inline V<S> cell_slope(int code, V<S> y) {
+  switch (code) {
+    case 0: return S(1) - y * y;
+    case 1: { V<S> r = S(1) - vabs<S>(y); return r * r; }
+    case 2: return vabs<S>(y) < S(1) ? splat(S(1)) : V<S>{};
+    default: return splat(S(1));
+  }
+}
 
 // ---- denormals: flush to zero inside the kernels, restore the caller's mode after -----------
 
@@ -844,10 +880,19 @@ Tensor dispatch1(at::ScalarType dtype, F&& f) {
 //   into the projection's product, it doubled that product's memory traffic)
 //   c = f c_prev + i g;  m = o tanh(c);  h = m (W_hr^T with projection)
 // With peepholes p = [p_i | p_f | p_o] (3H): a_i += p_i c_prev, a_f += p_f c_prev, a_o += p_o c.
-// Gate forms (LSTMVariant's, a bit each in `form`): CIFG f = 1 - i (a_f unused); a removed
-// input, forget or output gate is 1 (Greff et al.'s NIG, NFG, NOG).
+// The cell's forms (LSTMVariant's, in the bits of `form`, see native.gate_form): CIFG f = 1 - i
+// (a_f unused); a removed input, forget or output gate is 1 (Greff et al.'s NIG, NFG, NOG);
+// the gates' activation (sigmoid or hard sigmoid), g's (phi) and the output's (psi, in
+// m = o psi(c)), each by its code (see gate_activation, cell_activation).
 // Saved: gates (N, 4H) activated, cells (N, H).
 constexpr int GATE_CIFG = 1, NO_INPUT_GATE = 2, NO_FORGET_GATE = 4, NO_OUTPUT_GATE = 8;
+constexpr int HARD_SIGMOID_GATES = 16, CELL_ACTIVATION_SHIFT = 5, OUTPUT_ACTIVATION_SHIFT = 7;
+struct CellForm {
+  int gate, cell, output;       // activation codes
+  explicit CellForm(int form)
+      : gate((form & HARD_SIGMOID_GATES) ? 1 : 0), cell((form >> CELL_ACTIVATION_SHIFT) & 3),
+        output((form >> OUTPUT_ACTIVATION_SHIFT) & 3) {}
+};
 
 template <typename S>
 struct LSTMForwardGates {
@@ -871,19 +916,22 @@ struct LSTMForwardGates {
       a_f += load(peep + H + j, n) * c_prev;
     }
     const V<S> one = splat(S(1));
-    V<S> i = (form & NO_INPUT_GATE) ? one : vsigmoid(a_i);
-    V<S> f = (form & GATE_CIFG) ? one - i : (form & NO_FORGET_GATE) ? one : vsigmoid(a_f);
-    V<S> g = vtanh(acc[2] + load_bias(x, 2 * H + j, n) + load_bias(bias, 2 * H + j, n));
+    const CellForm act(form);
+    V<S> i = (form & NO_INPUT_GATE) ? one : gate_activation<S>(act.gate, a_i);
+    V<S> f = (form & GATE_CIFG) ? one - i
+             : (form & NO_FORGET_GATE) ? one : gate_activation<S>(act.gate, a_f);
+    V<S> g = cell_activation<S>(act.cell,
+                             acc[2] + load_bias(x, 2 * H + j, n) + load_bias(bias, 2 * H + j, n));
     V<S> cn = f * c_prev + i * g;
     if (peep) a_o += load(peep + 2 * H + j, n) * cn;
-    V<S> o = (form & NO_OUTPUT_GATE) ? one : vsigmoid(a_o);
+    V<S> o = (form & NO_OUTPUT_GATE) ? one : gate_activation<S>(act.gate, a_o);
     store(cb, cn, n);
     if (gates) {
       S* gr = gates + row * 4 * H + j;
       store(gr, i, n); store(gr + H, f, n); store(gr + 2 * H, g, n); store(gr + 3 * H, o, n);
       store(cells + row * H + j, cn, n);
     }
-    return o * vtanh(cn);
+    return o * cell_activation<S>(act.output, cn);
   }
 };
 
@@ -1043,7 +1091,8 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
   return {out, z.narrow(1, I, P).contiguous(), c, gates, cells};
 }
 
-// Backward, per step in reverse order, dh including the output gradient:
+// Backward, per step in reverse order, dh including the output gradient (tanh and sigmoid
+// shown; other activations take their slopes, see cell_slope and gate_slope):
 //   dm = dh [W_hr];  dc = dc_next + dm o (1 - tanh(c)^2)
 //   da = [dc g, dc c_prev, dc i, dm tanh(c)] * [i(1-i), f(1-f), 1-g^2, o(1-o)]
 //   dh_prev = da W_hh;  dc_prev = dc f
@@ -1051,8 +1100,8 @@ template <typename S>
 struct LSTMBackwardGates {
   const S* gates; const S* cells; const S* c0; S* dc; S* d_gates; const Steps* st; i64 H;
   const S* peep = nullptr;                                   // (3H) peephole weights, or none
-  bool cifg = false;
-  // dm: the gradient reaching m = o tanh(c) for row b of step t, block jb. With peepholes c also
+  int form = 0;                                              // as LSTMForwardGates's
+  // dm: the gradient reaching m = o psi(c) for row b of step t, block jb. With peepholes c also
   // reaches a_o (dc += da_o p_o) and c_prev reaches a_i and a_f (dc_prev += da_i p_i + da_f p_f).
   // With CIFG, f = 1 - i: i's gradient is dc (g - c_prev), a_f gets none. A removed gate was
   // saved as 1, so its slope g (1 - g) makes its pre-activation's gradient 0 with no test here.
@@ -1064,18 +1113,20 @@ struct LSTMBackwardGates {
     i64 prev = st->row(st->before(t), b);
     const S* gr = gates + row * 4 * H + j;
     V<S> i = load(gr, n), f = load(gr + H, n), g = load(gr + 2 * H, n), o = load(gr + 3 * H, n);
-    V<S> tc = vtanh(load(cells + row * H + j, n));
+    const CellForm act(form);
+    const bool cifg = form & GATE_CIFG;
+    V<S> s = cell_activation<S>(act.output, load(cells + row * H + j, n));      // psi(c)
     V<S> c_prev = prev >= 0 ? load(cells + prev * H + j, n) : load(c0 + b * H + j, n);
     S* dcb = dc + b * H + j;
-    V<S> dct = load(dcb, n) + dm * o * (S(1) - tc * tc);
-    V<S> da_o = dm * tc * o * (S(1) - o);
+    V<S> dct = load(dcb, n) + dm * o * cell_slope<S>(act.output, s);
+    V<S> da_o = dm * s * gate_slope<S>(act.gate, o);
     if (peep) dct += da_o * load(peep + 2 * H + j, n);
-    V<S> da_i = dct * (cifg ? g - c_prev : g) * i * (S(1) - i);
-    V<S> da_f = cifg ? V<S>{} : dct * c_prev * f * (S(1) - f);
+    V<S> da_i = dct * (cifg ? g - c_prev : g) * gate_slope<S>(act.gate, i);
+    V<S> da_f = cifg ? V<S>{} : dct * c_prev * gate_slope<S>(act.gate, f);
     S* da = d_gates + row * 4 * H + j;
     store(da, da_i, n);
     store(da + H, da_f, n);
-    store(da + 2 * H, dct * i * (S(1) - g * g), n);
+    store(da + 2 * H, dct * i * cell_slope<S>(act.cell, g), n);
     store(da + 3 * H, da_o, n);
     V<S> dc_prev = dct * f;
     if (peep) dc_prev += da_i * load(peep + j, n) + da_f * load(peep + H + j, n);
@@ -1095,8 +1146,7 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
   Tensor d_gates = pooled_empty({N, 4 * H}, gates.options());
   Tensor dh = pooled_clone(d_hT), dc = pooled_clone(d_cT);
   LSTMBackwardGates<S> gate_math{ptr<S>(gates), ptr<S>(cells), ptr<S>(c0), ptr<S>(dc),
-                                 ptr<S>(d_gates), &st, H, ptr<S>(peephole),
-                                 (gate_form & GATE_CIFG) != 0};
+                                 ptr<S>(d_gates), &st, H, ptr<S>(peephole), gate_form};
   const S* dy = ptr<S>(d_out);
   S* dhp = ptr<S>(dh);
   const i64 J = (H + L - 1) / L;
@@ -1795,6 +1845,16 @@ inline Tensor optional_contiguous(const c10::optional<Tensor>& t) {
   return t.has_value() && t->defined() ? t->contiguous() : Tensor();
 }
 
+// psi(c) of the LSTM's output m = o psi(c) for a cell form (see CellForm), over a whole tensor.
+Tensor output_activation(const Tensor& c, int form) {
+  switch (CellForm(form).output) {
+    case 0: return at::tanh(c);
+    case 1: return at::div(c, at::add(at::abs(c), 1));
+    case 2: return at::clamp(c, -1, 1);
+    default: return c;
+  }
+}
+
 // b_ih + b_hh, or whichever is given (undefined for none): the LSTM's and RNN's one bias.
 Tensor bias_sum(const Tensor& b_ih, const Tensor& b_hh) {
   if (!b_ih.defined() || !b_hh.defined()) return b_ih.defined() ? b_ih : b_hh;
@@ -1867,7 +1927,8 @@ std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Ten
   Tensor dw_hr;
   if (w_hr_c.defined() && needs[7]) {
     const i64 H = cells.size(1);
-    Tensor m = at::mul(gates.narrow(1, 3 * H, H), at::tanh(cells));   // o tanh(c): W_hr's operand
+    // o psi(c): W_hr's operand.
+    Tensor m = at::mul(gates.narrow(1, 3 * H, H), output_activation(cells, (int)gate_form));
     dw_hr = pooled_empty(w_hr_c.sizes(), w_hr_c.options());
     jobs.add(dw_hr, loop[3].t(), m);
   }

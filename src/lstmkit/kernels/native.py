@@ -288,11 +288,20 @@ def _own_step_product(layout, parts: int, w_ih, w_hh, w_hr, backward: bool = Fal
                                             and weight_bytes <= OWN_FORWARD_SMALL_MAX_BYTES)
 
 
-def gate_form(cifg=False, input_gate=True, forget_gate=True, output_gate=True) -> int:
-    """LSTMVariant's gate options as the native kernels' bitmask (GATE_CIFG, NO_*_GATE in
-    _native.cpp): CIFG f = 1 - i; a removed gate is 1."""
+_GATE_ACTIVATION_CODES = {"sigmoid": 0, "hard_sigmoid": 1}
+_CELL_ACTIVATION_CODES = {"tanh": 0, "softsign": 1, "hardtanh": 2, "identity": 3}
+
+
+def gate_form(cifg=False, input_gate=True, forget_gate=True, output_gate=True,
+              gate_activation="sigmoid", cell_activation="tanh",
+              output_activation="tanh") -> int:
+    """LSTMVariant's cell options as the native kernels' `form` bits (GATE_CIFG, NO_*_GATE,
+    HARD_SIGMOID_GATES and the activation codes in _native.cpp): CIFG f = 1 - i; a removed gate
+    is 1; the gates' activation, g's and the output's. 0 is torch.nn's cell."""
     return (int(bool(cifg)) | 2 * (not input_gate) | 4 * (not forget_gate)
-            | 8 * (not output_gate))
+            | 8 * (not output_gate) | 16 * _GATE_ACTIVATION_CODES[gate_activation]
+            | _CELL_ACTIVATION_CODES[cell_activation] << 5
+            | _CELL_ACTIVATION_CODES[output_activation] << 7)
 
 
 def _check_device(x):
@@ -318,9 +327,10 @@ class _NativeFunction(torch.autograd.Function):
 
 class NativeLSTMFunction(_NativeFunction):
     """One LSTM layer in one direction, native loops; same signature as `LSTMFunction`, and
-    optionally LSTMVariant's changes to the gates, which `LSTMFunction` does not have (only pass
-    them when the native module is there, as `kernels.lstm_layer` does): peephole connections,
-    and `gate_form` (see `gate_form`): CIFG (f = 1 - i), removed input, forget or output gates.
+    optionally LSTMVariant's elementwise changes to the cell, which `LSTMFunction` does not have
+    (only pass them when the native module is there, as `kernels.lstm_layer` does): peephole
+    connections, and the cell's form (see `gate_form`): CIFG (f = 1 - i), removed input, forget
+    or output gates, the gate, cell and output activations.
 
     apply(x (N, I), h0 (B, P), c0 (B, H), w_ih (4H, I), w_hh (4H, P), b_ih (4H,) | None,
           b_hh (4H,) | None, w_hr (P, H) | None, layout: StepLayout, reverse: bool,

@@ -125,12 +125,15 @@ def uses_variant_kernel(variant: LSTMVariant, training: bool) -> bool:
 def lstm_layer_options(variant: LSTMVariant, training: bool) -> dict | None:
     """Keyword arguments of `kernels.lstm_layer` for this variant (with the layer's weights,
     which hold w_peephole when there are peepholes), or None when only the variant kernel
-    computes it. lstm_layer runs the plain cell and the variants that change only the gates
-    (peepholes, CIFG, removed gates) natively where it can."""
+    computes it. lstm_layer runs the plain cell and the variants that change it only
+    elementwise (peepholes, CIFG, removed gates, activations) natively where it can."""
     if not uses_variant_kernel(variant, training):
         return {}
-    if variant.changes_only_gates and not _masked(variant, training):
-        return {"cifg": variant.cifg, "input_gate": variant.input_gate,
-                "forget_gate": variant.forget_gate, "output_gate": variant.output_gate}
+    if variant.changes_only_elementwise and not _masked(variant, training):
+        return {name: getattr(variant, name) for name in _CELL_OPTIONS}
     return None
+
+
+_CELL_OPTIONS = ("cifg", "input_gate", "forget_gate", "output_gate", "gate_activation",
+                 "cell_activation", "output_activation")
 

@@ -69,8 +69,9 @@ def _check_common(variant) -> None:
 
 # The options that change the cell's equations in eval mode (the others are training-time
 # regularisers or initialisations).
-# The equation fields the native kernels compute (LSTMVariant.changes_only_gates).
-_GATE_FIELDS = ("peepholes", "cifg", "input_gate", "forget_gate", "output_gate")
+# The equation fields the native kernels compute (LSTMVariant.changes_only_elementwise).
+_ELEMENTWISE_FIELDS = ("peepholes", "cifg", "input_gate", "forget_gate", "output_gate",
+                       "gate_activation", "cell_activation", "output_activation")
 _EQUATION_FIELDS = ("peepholes", "cifg", "input_gate", "forget_gate", "output_gate",
                     "full_gate_recurrence", "gate_activation", "cell_activation",
                     "output_activation", "layer_norm")
@@ -186,13 +187,14 @@ class LSTMVariant:
                 or self.zoneout_in_eval())
 
     @cached_property
-    def changes_only_gates(self) -> bool:
-        """True when the eval-mode equations differ from torch.nn's in the gates alone:
-        peepholes, CIFG, removed gates (the native kernels compute those)."""
+    def changes_only_elementwise(self) -> bool:
+        """True when the eval-mode equations differ from torch.nn's only elementwise, unit by
+        unit: peepholes, CIFG, removed gates, activations (the native kernels compute those;
+        not layer norm, which mixes units, nor full gate recurrence, a matrix product)."""
         fields = self.__dataclass_fields__
         return (self.changes_equations and not self.zoneout_in_eval()
                 and all(getattr(self, f) == fields[f].default
-                        for f in _EQUATION_FIELDS if f not in _GATE_FIELDS))
+                        for f in _EQUATION_FIELDS if f not in _ELEMENTWISE_FIELDS))
 
     def zoneout_in_eval(self) -> bool:
         """True when zoneout changes the eval-mode equations (its expectation)."""
