@@ -299,7 +299,7 @@ def _function_cases():
         # softsign cell input, identity output (hard sigmoid and hardtanh have kinks)
         "lstm-activations": (lstm, [r(6, 2), r(2, 2), r(2, 3), r(12, 2), r(12, 2), r(12), r(12),
                                     r(2, 3), padded, False, None,
-                                    native.gate_form(cell_activation="softsign",
+                                    native.cell_form(cell_activation="softsign",
                                                      output_activation="identity")]),
         "gru": (gru, [r(9, 2), r(3, 3), r(9, 2), r(9, 3), r(9), r(9), packed, True, True]),
         "gru-reset-before": (gru, [r(6, 2), r(2, 3), r(9, 2), r(9, 3), r(9), r(9), padded,

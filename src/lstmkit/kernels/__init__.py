@@ -69,7 +69,7 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
     cell = dict(cifg=bool(cifg), input_gate=input_gate, forget_gate=forget_gate,
                 output_gate=output_gate, gate_activation=gate_activation,
                 cell_activation=cell_activation, output_activation=output_activation)
-    form = native.gate_form(**cell)
+    form = native.cell_form(**cell)
     if w_peephole is None and not form:
         return fn.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse)
     if fn is native.NativeLSTMFunction and native.available():

@@ -880,7 +880,7 @@ Tensor dispatch1(at::ScalarType dtype, F&& f) {
 //   into the projection's product, it doubled that product's memory traffic)
 //   c = f c_prev + i g;  m = o tanh(c);  h = m (W_hr^T with projection)
 // With peepholes p = [p_i | p_f | p_o] (3H): a_i += p_i c_prev, a_f += p_f c_prev, a_o += p_o c.
-// The cell's forms (LSTMVariant's, in the bits of `form`, see native.gate_form): CIFG f = 1 - i
+// The cell's forms (LSTMVariant's, in the bits of `form`, see native.cell_form): CIFG f = 1 - i
 // (a_f unused); a removed input, forget or output gate is 1 (Greff et al.'s NIG, NFG, NOG);
 // the gates' activation (sigmoid or hard sigmoid), g's (phi) and the output's (psi, in
 // m = o psi(c)), each by its code (see gate_activation, cell_activation).
@@ -898,7 +898,7 @@ template <typename S>
 struct LSTMForwardGates {
   const S* xproj; const S* bias; S* c; S* gates; S* cells; i64 H;
   const S* peep = nullptr;                                   // (3H) peephole weights, or none
-  int form = 0;                                              // GATE_CIFG | NO_*_GATE
+  int form = 0;                                              // the cell's form, see CellForm
   // Pre-activations of row b (global row `row`), block jb -> writes c and the saved tensors,
   // returns m = o tanh(c) for the block.
   inline V<S> operator()(i64 b, i64 row, i64 jb, const V<S>* acc) const {
@@ -944,7 +944,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
                                  const Tensor& c0,
                                  const Tensor& w_hh, const c10::optional<Tensor>& w_hr_opt,
                                  const Steps& st, bool save, i64 parts, const Tensor& w_ih,
-                                 bool own_product, const Tensor& peephole, int gate_form) {
+                                 bool own_product, const Tensor& peephole, int cell_form) {
   constexpr int L = Vec<S>::L;
   const i64 H = c0.size(1), P = h0.size(1), B = st.batch, N = st.rows;
   const i64 I = w_ih.defined() ? w_ih.size(1) : 0;
@@ -956,7 +956,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
   Tensor cells = save ? pooled_empty({N, H}, xproj.options()) : Tensor();
   Tensor c = pooled_clone(c0);
   LSTMForwardGates<S> gate_math{I ? nullptr : ptr<S>(xproj), ptr<S>(bias), ptr<S>(c),
-                                ptr<S>(gates), ptr<S>(cells), H, ptr<S>(peephole), gate_form};
+                                ptr<S>(gates), ptr<S>(cells), H, ptr<S>(peephole), cell_form};
   S* o_ptr = ptr<S>(out);
   const i64 J = (H + L - 1) / L;
   if (parts == 0 && !w_hr.defined()) {
@@ -1021,7 +1021,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
   const S* x = ptr<S>(xproj);
   if (own_product && !w_hr.defined()) {
     // Row parts, each step's product our register-blocked one with the gate math in its
-    // epilogue (see own_step_product in native.py): z = [x_t | h] (B, K) twice, read at step s
+    // epilogue (see _own_step_product in native.py): z = [x_t | h] (B, K) twice, read at step s
     // from z[s % 2], the new h written into z[(s + 1) % 2].
     const i64 K = I + P;
     Tensor packed = pack<S>(w, 4, H, K, H * K, K, 1);
@@ -1104,7 +1104,8 @@ struct LSTMBackwardGates {
   // dm: the gradient reaching m = o psi(c) for row b of step t, block jb. With peepholes c also
   // reaches a_o (dc += da_o p_o) and c_prev reaches a_i and a_f (dc_prev += da_i p_i + da_f p_f).
   // With CIFG, f = 1 - i: i's gradient is dc (g - c_prev), a_f gets none. A removed gate was
-  // saved as 1, so its slope g (1 - g) makes its pre-activation's gradient 0 with no test here.
+  // saved as 1, where both gate activations' slopes are 0: its pre-activation gets no gradient
+  // with no test here.
   inline void operator()(i64 t, i64 b, i64 jb, V<S> dm) const {
     constexpr int L = Vec<S>::L;
     i64 j = jb * L;
@@ -1139,14 +1140,14 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
                                   const Tensor& c0, const Tensor& w_hh,
                                   const c10::optional<Tensor>& w_hr_opt, const Tensor& gates,
                                   const Tensor& cells, const Steps& st, i64 parts,
-                                  bool own_product, const Tensor& peephole, int gate_form) {
+                                  bool own_product, const Tensor& peephole, int cell_form) {
   constexpr int L = Vec<S>::L;
   const i64 H = c0.size(1), P = d_hT.size(1), B = st.batch, N = st.rows;
   Tensor w_hr = w_hr_opt.has_value() ? w_hr_opt->contiguous() : Tensor();
   Tensor d_gates = pooled_empty({N, 4 * H}, gates.options());
   Tensor dh = pooled_clone(d_hT), dc = pooled_clone(d_cT);
   LSTMBackwardGates<S> gate_math{ptr<S>(gates), ptr<S>(cells), ptr<S>(c0), ptr<S>(dc),
-                                 ptr<S>(d_gates), &st, H, ptr<S>(peephole), gate_form};
+                                 ptr<S>(d_gates), &st, H, ptr<S>(peephole), cell_form};
   const S* dy = ptr<S>(d_out);
   S* dhp = ptr<S>(dh);
   const i64 J = (H + L - 1) / L;
@@ -1875,7 +1876,7 @@ std::vector<Tensor> lstm_forward_py(Tensor x, c10::optional<Tensor> b_ih,
                                     Tensor w_ih, Tensor w_hh, c10::optional<Tensor> w_hr,
                                     std::vector<i64> batch_sizes, bool reverse, bool save,
                                     i64 parts, bool input_in_step, bool own_product,
-                                    c10::optional<Tensor> w_peephole, i64 gate_form) {
+                                    c10::optional<Tensor> w_peephole, i64 cell_form) {
   check_cpu(x, "x");
   for (auto* t : {&h0, &c0, &w_ih, &w_hh}) *t = t->contiguous();
   Tensor bias = bias_sum(optional_contiguous(b_ih), optional_contiguous(b_hh));
@@ -1890,7 +1891,7 @@ std::vector<Tensor> lstm_forward_py(Tensor x, c10::optional<Tensor> b_ih,
   return LSTMKIT_DISPATCH(x.scalar_type(), [&] {
     return lstm_forward<scalar>(input, bias, h0, c0, w_hh, w_hr, st, save, parts,
                                 take_x ? w_ih : Tensor(), own_product,
-                                optional_contiguous(w_peephole), (int)gate_form);
+                                optional_contiguous(w_peephole), (int)cell_form);
   });
 }
 
@@ -1903,7 +1904,7 @@ std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Ten
                                      c10::optional<Tensor> w_hr, Tensor out, Tensor gates,
                                      Tensor cells, std::vector<i64> batch_sizes, bool reverse,
                                      i64 parts, bool own_product, std::vector<bool> needs,
-                                     c10::optional<Tensor> w_peephole, i64 gate_form) {
+                                     c10::optional<Tensor> w_peephole, i64 cell_form) {
   TORCH_CHECK(needs.size() == 9, "lstm_backward: needs has 9 flags, got ", needs.size());
   const auto dtype = gates.scalar_type();
   d_out = incoming(d_out, dtype); d_hT = incoming(d_hT, dtype); d_cT = incoming(d_cT, dtype);
@@ -1913,7 +1914,7 @@ std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Ten
   Tensor peephole = optional_contiguous(w_peephole);
   auto loop = LSTMKIT_DISPATCH(dtype, [&] {
     return lstm_backward<scalar>(d_out, d_hT, d_cT, c0, w_hh, w_hr, gates, cells, st, parts,
-                                 own_product, peephole, (int)gate_form);
+                                 own_product, peephole, (int)cell_form);
   });
   const Tensor& d_gates = loop[0];
   Products jobs;
@@ -1928,7 +1929,7 @@ std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Ten
   if (w_hr_c.defined() && needs[7]) {
     const i64 H = cells.size(1);
     // o psi(c): W_hr's operand.
-    Tensor m = at::mul(gates.narrow(1, 3 * H, H), output_activation(cells, (int)gate_form));
+    Tensor m = at::mul(gates.narrow(1, 3 * H, H), output_activation(cells, (int)cell_form));
     dw_hr = pooled_empty(w_hr_c.sizes(), w_hr_c.options());
     jobs.add(dw_hr, loop[3].t(), m);
   }

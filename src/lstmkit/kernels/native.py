@@ -292,7 +292,7 @@ _GATE_ACTIVATION_CODES = {"sigmoid": 0, "hard_sigmoid": 1}
 _CELL_ACTIVATION_CODES = {"tanh": 0, "softsign": 1, "hardtanh": 2, "identity": 3}
 
 
-def gate_form(cifg=False, input_gate=True, forget_gate=True, output_gate=True,
+def cell_form(cifg=False, input_gate=True, forget_gate=True, output_gate=True,
               gate_activation="sigmoid", cell_activation="tanh",
               output_activation="tanh") -> int:
     """LSTMVariant's cell options as the native kernels' `form` bits (GATE_CIFG, NO_*_GATE,
@@ -329,12 +329,12 @@ class NativeLSTMFunction(_NativeFunction):
     """One LSTM layer in one direction, native loops; same signature as `LSTMFunction`, and
     optionally LSTMVariant's elementwise changes to the cell, which `LSTMFunction` does not have
     (only pass them when the native module is there, as `kernels.lstm_layer` does): peephole
-    connections, and the cell's form (see `gate_form`): CIFG (f = 1 - i), removed input, forget
+    connections, and the cell's form (see `cell_form`): CIFG (f = 1 - i), removed input, forget
     or output gates, the gate, cell and output activations.
 
     apply(x (N, I), h0 (B, P), c0 (B, H), w_ih (4H, I), w_hh (4H, P), b_ih (4H,) | None,
           b_hh (4H,) | None, w_hr (P, H) | None, layout: StepLayout, reverse: bool,
-          [w_peephole (3H,) = [p_i | p_f | p_o] | None, gate_form: int])
+          [w_peephole (3H,) = [p_i | p_f | p_o] | None, cell_form: int])
     -> out (N, P), h_T (B, P), c_T (B, H)
     Saved for backward: x, h0, c0, w_ih, w_hh, w_hr, out, gates (N, 4H) activated, cells (N, H)
     [, w_peephole].

@@ -122,6 +122,11 @@ def uses_variant_kernel(variant: LSTMVariant, training: bool) -> bool:
     return variant.changes_equations or _masked(variant, training)
 
 
+# LSTMVariant's fields that kernels.lstm_layer takes as they are (besides w_peephole).
+_CELL_OPTIONS = ("cifg", "input_gate", "forget_gate", "output_gate", "gate_activation",
+                 "cell_activation", "output_activation")
+
+
 def lstm_layer_options(variant: LSTMVariant, training: bool) -> dict | None:
     """Keyword arguments of `kernels.lstm_layer` for this variant (with the layer's weights,
     which hold w_peephole when there are peepholes), or None when only the variant kernel
@@ -133,7 +138,4 @@ def lstm_layer_options(variant: LSTMVariant, training: bool) -> dict | None:
         return {name: getattr(variant, name) for name in _CELL_OPTIONS}
     return None
 
-
-_CELL_OPTIONS = ("cifg", "input_gate", "forget_gate", "output_gate", "gate_activation",
-                 "cell_activation", "output_activation")
 
