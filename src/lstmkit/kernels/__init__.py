@@ -13,7 +13,7 @@ Backends:
 """
 
 from ..reference.rnn import NONLINEARITIES
-from ..reference.variant import LSTMVariant
+from ..reference.variant import CELL_FORM_FIELDS, LSTMVariant
 from . import native
 from .gru import GRUFunction
 from .gru_variants import MASKS as _GRU_VARIANT_MASKS
@@ -66,10 +66,9 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
     output activations. The native kernel computes them, the portable backend (or a machine
     without the native kernels) the variant kernel."""
     fn = _function("lstm", backend, x)
-    cell = dict(cifg=bool(cifg), input_gate=input_gate, forget_gate=forget_gate,
-                output_gate=output_gate, gate_activation=gate_activation,
-                cell_activation=cell_activation, output_activation=output_activation)
-    form = native.cell_form(**cell)
+    cell = (bool(cifg), input_gate, forget_gate, output_gate, gate_activation, cell_activation,
+            output_activation)                               # in CELL_FORM_FIELDS's order
+    form = native.cell_form(*cell)
     if w_peephole is None and not form:
         return fn.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse)
     if fn is native.NativeLSTMFunction and native.available():
@@ -77,7 +76,8 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
                         form)
     params = {"w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh, "w_hr": w_hr,
               "w_peephole": w_peephole}
-    variant = LSTMVariant(peepholes=w_peephole is not None, **cell)
+    variant = LSTMVariant(peepholes=w_peephole is not None,
+                          **dict(zip(CELL_FORM_FIELDS, cell, strict=True)))
     out, h_T, c_T, *_ = lstm_variant_layer(x, h0, c0, params, {}, variant, layout=layout,
                                            reverse=reverse, backend="portable")
     return out, h_T, c_T

@@ -292,6 +292,7 @@ _GATE_ACTIVATION_CODES = {"sigmoid": 0, "hard_sigmoid": 1}
 _CELL_ACTIVATION_CODES = {"tanh": 0, "softsign": 1, "hardtanh": 2, "identity": 3}
 
 
+@functools.lru_cache(maxsize=64)      # asked by every LSTM layer call; a handful of forms in use
 def cell_form(cifg=False, input_gate=True, forget_gate=True, output_gate=True,
               gate_activation="sigmoid", cell_activation="tanh",
               output_activation="tanh") -> int:

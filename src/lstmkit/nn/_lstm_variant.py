@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..kernels import StepLayout
-from ..reference.variant import LSTMVariant
+from ..reference.variant import CELL_FORM_FIELDS, LSTMVariant
 
 
 def check_variant(variant, bias: bool) -> LSTMVariant:
@@ -122,11 +122,6 @@ def uses_variant_kernel(variant: LSTMVariant, training: bool) -> bool:
     return variant.changes_equations or _masked(variant, training)
 
 
-# LSTMVariant's fields that kernels.lstm_layer takes as they are (besides w_peephole).
-_CELL_OPTIONS = ("cifg", "input_gate", "forget_gate", "output_gate", "gate_activation",
-                 "cell_activation", "output_activation")
-
-
 def lstm_layer_options(variant: LSTMVariant, training: bool) -> dict | None:
     """Keyword arguments of `kernels.lstm_layer` for this variant (with the layer's weights,
     which hold w_peephole when there are peepholes), or None when only the variant kernel
@@ -135,7 +130,7 @@ def lstm_layer_options(variant: LSTMVariant, training: bool) -> dict | None:
     if not uses_variant_kernel(variant, training):
         return {}
     if variant.changes_only_elementwise and not _masked(variant, training):
-        return {name: getattr(variant, name) for name in _CELL_OPTIONS}
+        return {name: getattr(variant, name) for name in CELL_FORM_FIELDS}
     return None
 
 

@@ -67,14 +67,15 @@ def _check_common(variant) -> None:
         raise ValueError(f"layer_norm_eps must be a positive float, got {eps!r}")
 
 
+# The options that change the cell only elementwise, unit by unit (the native kernels compute
+# these, see LSTMVariant.changes_only_elementwise): peepholes, which add a parameter, and the
+# cell's form (kernels.lstm_layer's arguments of these names).
+CELL_FORM_FIELDS = ("cifg", "input_gate", "forget_gate", "output_gate", "gate_activation",
+                    "cell_activation", "output_activation")
+_ELEMENTWISE_FIELDS = ("peepholes", *CELL_FORM_FIELDS)
 # The options that change the cell's equations in eval mode (the others are training-time
 # regularisers or initialisations).
-# The equation fields the native kernels compute (LSTMVariant.changes_only_elementwise).
-_ELEMENTWISE_FIELDS = ("peepholes", "cifg", "input_gate", "forget_gate", "output_gate",
-                       "gate_activation", "cell_activation", "output_activation")
-_EQUATION_FIELDS = ("peepholes", "cifg", "input_gate", "forget_gate", "output_gate",
-                    "full_gate_recurrence", "gate_activation", "cell_activation",
-                    "output_activation", "layer_norm")
+_EQUATION_FIELDS = (*_ELEMENTWISE_FIELDS, "full_gate_recurrence", "layer_norm")
 
 
 @dataclass(frozen=True, repr=False)
