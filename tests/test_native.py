@@ -89,11 +89,16 @@ def driver(request, monkeypatch):
     # "generic" multiplies by MKL's packed W_hh where this torch has it; "generic-mm" by at::mm,
     # and takes the LSTM input as a projection of all steps (the others multiply it at each step).
     packed = native.module().set_packed_gemm(request.param != "generic-mm")
+    # "generic": the weight gradients as one stacked product (the others take the separate
+    # products that small shapes get, see WeightGradients).
+    separate = native.module().set_separate_weight_products_max_bytes(
+        0 if request.param == "generic" else 2 << 20)
     monkeypatch.setattr(native, "INPUT_IN_STEP_MAX_RATIO",
                         0 if request.param == "generic-mm" else 1e9)
     yield request.param
     native.module().set_chunk_bytes(previous)
     native.module().set_packed_gemm(packed)
+    native.module().set_separate_weight_products_max_bytes(separate)
 
 
 @pytest.mark.skipif(not (sys.platform == "linux" and platform.machine() == "x86_64"
@@ -202,14 +207,23 @@ def test_matches_reference(family, shape, reverse, dtype, driver):
             assert_close(f"d{name}", param.grad, grads[name], dtype)
 
 
-# The weight and bias gradients come out of one stacked product (native._weight_gradients);
-# each subset of wanted gradients must still get exactly its own, right, gradients.
+# The weight and bias gradients come out of one stacked product or of one product each
+# (WeightGradients in _native.cpp); each subset of wanted gradients must still get exactly its
+# own, right, gradients, either way.
 GRADIENT_SUBSETS = [("b_hh",), ("b_ih",), ("w_hh",), ("w_ih", "b_hh"), ("x", "w_hh", "b_ih")]
+
+
+@pytest.fixture(params=["separate", "stacked"])
+def weight_products(request):
+    previous = native.module().set_separate_weight_products_max_bytes(
+        2 << 20 if request.param == "separate" else 0)
+    yield request.param
+    native.module().set_separate_weight_products_max_bytes(previous)
 
 
 @pytest.mark.parametrize("wanted", GRADIENT_SUBSETS, ids="+".join)
 @pytest.mark.parametrize("family", ["lstm", "lstm_proj", "gru", "gru_reset_before", "rnn_tanh"])
-def test_only_the_wanted_gradients(family, wanted):
+def test_only_the_wanted_gradients(family, wanted, weight_products):
     T, B, I, H = 5, 3, 4, 6
     rng = np.random.default_rng(zlib.crc32(repr((family, wanted)).encode()))
     w, P = make_weights(family, I, H, rng)
@@ -574,8 +588,8 @@ def _graph_nodes(tensor) -> set:
     names, todo = set(), [tensor.grad_fn]
     while todo:
         node = todo.pop()
-        if node is not None and type(node).__name__ not in names:
-            names.add(type(node).__name__)
+        if node is not None and node.name() not in names:
+            names.add(node.name())
             todo += [next_node for next_node, _ in node.next_functions]
     return names
 
@@ -606,7 +620,7 @@ def test_native_variant_lstm_module_matches_portable(variant):
         out, (h, c) = model(x)
         (out.sin().sum() + h.cos().sum() + c.sum()).backward()
         nodes = _graph_nodes(out)
-        native_ran = any(name.startswith("NativeLSTM") for name in nodes)
+        native_ran = any("NativeLSTM" in name for name in nodes)
         assert native_ran == (model is ours), nodes
         results.append([out, h, c, x.grad, *(p.grad for p in model.parameters())])
     for mine, theirs in zip(*results, strict=True):
@@ -623,8 +637,8 @@ def test_native_variants_with_other_changes_take_the_variant_kernel(training, va
     model = lstmkit.LSTM(3, 4, variant=variant).train(training)
     out, _ = model(torch.randn(5, 2, 3))
     nodes = _graph_nodes(out)
-    assert "LSTMVariantFunctionBackward" in nodes and not any(
-        name.startswith("NativeLSTM") for name in nodes)
+    assert "LSTMVariantFunctionBackward" in nodes and not any("NativeLSTM" in name
+                                                              for name in nodes)
 
 
 def _cpu_flags() -> set:

@@ -43,10 +43,14 @@ def _function(family: str, backend: str, x):
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}") from None
 
 
-def output_copy(x, backend: str):
-    """A copy of a layer's output for the caller, whose kernel saved the original for its
-    backward pass; in the native kernels' recycled memory when they ran it (`native.pooled_copy`:
-    no page faults for a fresh block)."""
+def caller_output(x, backend: str):
+    """A layer's output as a module hands it to its caller: a copy when the kernel saved the
+    output for its backward pass, so that in-place edits of it (out += residual) work as they do
+    with torch.nn (in the native kernels' recycled memory when they ran it, `native.pooled_copy`:
+    no page faults for a fresh block); the output itself when the kernel kept no reference to
+    it (`native.saves_no_output`: the native LSTM layer)."""
+    if native.saves_no_output(x):
+        return x
     if backend != "portable" and native.supports(x):
         return native.pooled_copy(x)
     return x.clone()

@@ -45,6 +45,8 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
@@ -1796,32 +1798,68 @@ void previous_rows(const Tensor& into, const Tensor& sequence, const Tensor& ini
 }
 
 // The gradients of the weights a pre-activation d_pre (N, G) came through: dW_x = d_pre^T x
-// (G, I), dW_h = d_pre^T h_prev (G, P) and db = d_pre.sum(0) (G,), as one product
-// d_pre^T [x | h_prev | 1] queued in `jobs`: it reads d_pre, the largest operand, once instead
-// of once per gradient (LSTM backward products at batch 32 / hidden 256 / length 100
-// 8.3 -> 7.5 ms, 64 / 512 50.9 -> 46.0 ms), and the previous rows go straight into their columns.
+// (G, I), dW_h = d_pre^T h_prev (G, P) and db = d_pre.sum(0) (G,), queued in `jobs`, in one of
+// two ways:
+// - stacked, for large d_pre: one product d_pre^T [x | h_prev | 1], which reads d_pre, the
+//   largest operand, once instead of once per gradient (LSTM backward products at batch 32 /
+//   hidden 256 / length 100 8.3 -> 7.5 ms, 64 / 512 50.9 -> 46.0 ms), then copies of the
+//   result's columns;
+// - separate, for small d_pre (separate_weight_products_max_bytes): a product per gradient,
+//   each written straight into its own tensor, no copies. LSTM backward at length 100,
+//   interleaved medians, stacked vs separate: batch 1 / hidden 64 148 vs 135 us, 1 / 128 376
+//   vs 337, 8 / 128 (d_pre 1.6 MiB) 1409 vs 1308; even at 1 / 256 and 8 / 256 (3.2 MiB),
+//   stacked ahead from 16 / 256 (7566 vs 7677, 6.4 MiB).
 // `x` undefined: dW_x not wanted; `sequence` undefined: dW_h not wanted, else h_prev is the
-// previous rows of `sequence` (N, P) from `initial` (B, P). take() after jobs.run().
+// previous rows of `sequence` (N, P) from `initial` (B, P), or `sequence` itself when `initial`
+// is undefined (the LSTM saves h_prev, see NativeLSTMLayer). take() after jobs.run().
+i64 separate_weight_products_max_bytes = 2 << 20;   // tests set 0 to check the stacked form
+
 struct WeightGradients {
-  Tensor result;
+  Tensor result;                  // stacked
+  Tensor separate[3];             // separate: dW_x, dW_h, db
   i64 x_cols = 0, h_cols = 0;
   bool bias = false;
   WeightGradients(Products& jobs, const Tensor& d_pre, const Tensor& x, const Tensor& sequence,
                   const Tensor& initial, const Steps& st, bool with_bias)
       : x_cols(x.defined() ? x.size(1) : 0), h_cols(sequence.defined() ? sequence.size(1) : 0),
         bias(with_bias) {
-    const i64 count = x_cols + h_cols + (bias ? 1 : 0);
+    const i64 count = x_cols + h_cols + (bias ? 1 : 0), N = d_pre.size(0), G = d_pre.size(1);
     if (count == 0) return;
-    Tensor stacked = pooled_empty({d_pre.size(0), count}, d_pre.options());
+    if (d_pre.numel() * (i64)d_pre.element_size() <= separate_weight_products_max_bytes) {
+      if (x_cols) {
+        separate[0] = pooled_empty({G, x_cols}, d_pre.options());
+        jobs.add(separate[0], d_pre.t(), x);
+      }
+      if (h_cols) {
+        Tensor h_prev = sequence;
+        if (initial.defined()) {
+          h_prev = pooled_empty(sequence.sizes(), sequence.options());
+          previous_rows(h_prev, sequence, initial, st);
+        }
+        separate[1] = pooled_empty({G, h_cols}, d_pre.options());
+        jobs.add(separate[1], d_pre.t(), h_prev);
+      }
+      if (bias) {
+        separate[2] = pooled_empty({G}, d_pre.options());
+        jobs.add(separate[2].view({G, 1}), d_pre.t(),
+                 pooled_empty({N, 1}, d_pre.options()).fill_(1));
+      }
+      return;
+    }
+    Tensor stacked = pooled_empty({N, count}, d_pre.options());
     if (x_cols) stacked.narrow(1, 0, x_cols).copy_(x);
-    if (h_cols) previous_rows(stacked.narrow(1, x_cols, h_cols), sequence, initial, st);
+    if (h_cols && initial.defined())
+      previous_rows(stacked.narrow(1, x_cols, h_cols), sequence, initial, st);
+    else if (h_cols)
+      stacked.narrow(1, x_cols, h_cols).copy_(sequence);
     if (bias) stacked.narrow(1, count - 1, 1).fill_(1);
-    result = pooled_empty({d_pre.size(1), count}, d_pre.options());
+    result = pooled_empty({G, count}, d_pre.options());
     jobs.add(result, d_pre.t(), stacked);
   }
-  // {dW_x, dW_h, db}, undefined where not wanted: the whole result when only one is wanted,
-  // else contiguous copies of its columns.
+  // {dW_x, dW_h, db}, undefined where not wanted: stacked, the whole result when only one is
+  // wanted, else contiguous copies of its columns.
   std::vector<Tensor> take() const {
+    if (!result.defined()) return {separate[0], separate[1], separate[2]};
     std::vector<Tensor> parts(3);
     const i64 widths[3] = {x_cols, h_cols, bias ? 1 : 0};
     const int wanted = (x_cols > 0) + (h_cols > 0) + bias;
@@ -1896,19 +1934,20 @@ std::vector<Tensor> lstm_forward_py(Tensor x, c10::optional<Tensor> b_ih,
 }
 
 // The whole backward of one LSTM layer, one direction: the step loop, then dX = d_gates W_ih,
-// the weight and bias gradients and dW_hr in one parallel region. needs: which of (x, h0, c0,
+// the weight and bias gradients and dW_hr in one parallel region. h_prev (N, P): the state
+// each row's step started from (the previous rows of the output, see previous_rows). needs: which of (x, h0, c0,
 // w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole) want a gradient. Returns dx, dh0, dc0, dw_ih,
 // dw_hh, db (the gradient of b_ih + b_hh), dw_hr, dw_peephole, undefined where not wanted.
 std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Tensor x,
                                      Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh,
-                                     c10::optional<Tensor> w_hr, Tensor out, Tensor gates,
+                                     c10::optional<Tensor> w_hr, Tensor h_prev, Tensor gates,
                                      Tensor cells, std::vector<i64> batch_sizes, bool reverse,
                                      i64 parts, bool own_product, std::vector<bool> needs,
                                      c10::optional<Tensor> w_peephole, i64 cell_form) {
   TORCH_CHECK(needs.size() == 9, "lstm_backward: needs has 9 flags, got ", needs.size());
   const auto dtype = gates.scalar_type();
   d_out = incoming(d_out, dtype); d_hT = incoming(d_hT, dtype); d_cT = incoming(d_cT, dtype);
-  for (auto* t : {&h0, &c0, &w_hh, &out, &gates, &cells}) *t = t->contiguous();
+  for (auto* t : {&h0, &c0, &w_hh, &h_prev, &gates, &cells}) *t = t->contiguous();
   Tensor w_hr_c = optional_contiguous(w_hr);
   Steps st(batch_sizes, reverse);
   Tensor peephole = optional_contiguous(w_peephole);
@@ -1923,8 +1962,8 @@ std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Ten
     dx = pooled_empty(x.sizes(), x.options());
     jobs.add(dx, d_gates, w_ih);
   }
-  WeightGradients weights(jobs, d_gates, needs[3] ? x : Tensor(), needs[4] ? out : Tensor(), h0,
-                          st, needs[5] || needs[6]);
+  WeightGradients weights(jobs, d_gates, needs[3] ? x : Tensor(), needs[4] ? h_prev : Tensor(),
+                          Tensor(), st, needs[5] || needs[6]);
   Tensor dw_hr;
   if (w_hr_c.defined() && needs[7]) {
     const i64 H = cells.size(1);
@@ -1946,6 +1985,123 @@ std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Ten
                            at::sum(at::mul(d_gates.narrow(1, 3 * H, H), cells), {0})});
   }
   return {dx, loop[1], loop[2], w[0], w[1], w[2], dw_hr, dw_peephole};
+}
+
+// ---- the LSTM layer's autograd node, in C++ ----------------------------------------------
+//
+// A C++ autograd Function rather than a Python one: at batch 1 the Python Function's plumbing
+// (apply, saving, the Python backward, its casts and zero gradients) cost 40-60 us per
+// training step around 300 us of kernels. Same semantics as the Python Functions of lstm.py:
+// inputs in float16 or bfloat16 are computed in float32 and the results and gradients cast
+// back; the gradients of b_ih and b_hh are one sum, each its own copy; double backward raises,
+// as @once_differentiable does.
+
+inline at::ScalarType compute_type(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 ? at::kFloat : t;
+}
+inline Tensor to_type(const Tensor& t, at::ScalarType type) {
+  return !t.defined() || t.scalar_type() == type ? t : t.to(type);
+}
+inline c10::optional<Tensor> maybe(const Tensor& t) {
+  return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt;
+}
+inline Tensor given(const c10::optional<Tensor>& t) {
+  return t.has_value() && t->defined() ? *t : Tensor();
+}
+// The gradient arriving at an output, zeros when it has none (materialize_grads is off: most
+// callers use only `out`, and zeros that no one reads need not be made for h_T and c_T).
+inline Tensor arriving(const Tensor& g, const Tensor& like) {
+  return g.defined() ? g : pooled_empty(like.sizes(), like.options()).zero_();
+}
+
+struct NativeLSTMLayer : public torch::autograd::Function<NativeLSTMLayer> {
+  // Tensors x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole (as NativeLSTMFunction's);
+  // plan = {parts, input_in_step, own_product, backward parts, backward own_product} (native.py).
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& h0, const Tensor& c0,
+      const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
+      const c10::optional<Tensor>& b_hh, const c10::optional<Tensor>& w_hr,
+      const c10::optional<Tensor>& w_peephole, const std::vector<i64>& batch_sizes, bool reverse,
+      i64 form, const std::vector<i64>& plan) {
+    TORCH_CHECK(plan.size() == 5, "lstm_layer: plan has 5 entries, got ", plan.size());
+    const at::ScalarType type = compute_type(x.scalar_type());
+    const Tensor originals[9] = {x, h0, c0, w_ih, w_hh, given(b_ih), given(b_hh), given(w_hr),
+                                 given(w_peephole)};
+    Tensor in[9];
+    std::vector<i64> types(9);
+    for (int k = 0; k < 9; ++k) {
+      in[k] = to_type(originals[k], type);
+      types[k] = originals[k].defined() ? (i64)originals[k].scalar_type() : -1;
+    }
+    auto r = lstm_forward_py(in[0], maybe(in[5]), maybe(in[6]), in[1], in[2], in[3], in[4],
+                             maybe(in[7]), batch_sizes, reverse, true, plan[0], plan[1] != 0,
+                             plan[2] != 0, maybe(in[8]), form);
+    // r: out, h_T, c_T, gates, cells. Saved: what lstm.py's Functions save, but the previous
+    // rows of the output (dW_hh's operand) instead of the output itself: the caller may edit
+    // the output in place (out += residual), as with torch.nn, without a copy of it (the copy
+    // and its autograd node cost 25 us of a 470 us training step at batch 1 / hidden 64).
+    Tensor h_prev = pooled_empty(r[0].sizes(), r[0].options());
+    previous_rows(h_prev, r[0], in[1].contiguous(), Steps(batch_sizes, reverse));
+    ctx->save_for_backward({in[0], in[1], in[2], in[3], in[4], in[7], h_prev, r[3], r[4], in[8]});
+    ctx->saved_data["types"] = types;
+    ctx->saved_data["batch_sizes"] = batch_sizes;
+    ctx->saved_data["reverse"] = reverse;
+    ctx->saved_data["form"] = form;
+    ctx->saved_data["parts"] = plan[3];
+    ctx->saved_data["own"] = plan[4] != 0;
+    ctx->set_materialize_grads(false);
+    return {to_type(r[0], x.scalar_type()), to_type(r[1], h0.scalar_type()),
+            to_type(r[2], c0.scalar_type())};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const bool create_graph = c10::GradMode::is_enabled();
+    torch::autograd::variable_list result(13);
+    {
+      c10::NoGradGuard no_grad;
+      auto s = ctx->get_saved_variables();  // x h0 c0 w_ih w_hh w_hr h_prev gates cells w_peephole
+      const std::vector<i64> types = ctx->saved_data["types"].toIntVector();
+      // Which inputs want a gradient; the node's edges count only the tensors given.
+      std::vector<bool> needs(9, false);
+      for (int k = 0, edge = 0; k < 9; ++k)
+        if (types[k] >= 0) needs[k] = ctx->needs_input_grad(edge++);
+      auto g = lstm_backward_py(
+          arriving(grads[0], s[6]), arriving(grads[1], s[1]), arriving(grads[2], s[2]), s[0],
+          s[1], s[2], s[3], s[4], maybe(s[5]), s[6], s[7], s[8],
+          ctx->saved_data["batch_sizes"].toIntVector(), ctx->saved_data["reverse"].toBool(),
+          ctx->saved_data["parts"].toInt(), ctx->saved_data["own"].toBool(), needs,
+          maybe(s[9]), ctx->saved_data["form"].toInt());
+      // g: dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr, dw_peephole -> one per input, db for each
+      // bias (the second a copy: autograd must never be handed one tensor twice).
+      Tensor per_input[9] = {g[0], g[1], g[2], g[3], g[4], needs[5] ? g[5] : Tensor(),
+                             Tensor(), g[6], g[7]};
+      if (needs[6]) per_input[6] = needs[5] ? pooled_clone(g[5]) : g[5];
+      for (int k = 0; k < 9; ++k)
+        if (types[k] >= 0) result[k] = to_type(per_input[k], (at::ScalarType)types[k]);
+    }
+    if (create_graph) {
+      // As @once_differentiable: results whose use in a further backward pass raises.
+      torch::autograd::variable_list fakes;
+      for (const Tensor& t : result)
+        fakes.push_back(t.defined() ? t.detach().requires_grad_(true) : Tensor());
+      auto error = std::make_shared<torch::autograd::DelayedError>(
+          "trying to differentiate twice a function that was marked with @once_differentiable "
+          "(the native LSTM layer's backward)", (int64_t)fakes.size());
+      result = (*error)(std::move(fakes));
+    }
+    return result;
+  }
+};
+
+std::vector<Tensor> lstm_layer_py(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh,
+                                  c10::optional<Tensor> b_ih, c10::optional<Tensor> b_hh,
+                                  c10::optional<Tensor> w_hr, c10::optional<Tensor> w_peephole,
+                                  std::vector<i64> batch_sizes, bool reverse, i64 form,
+                                  std::vector<i64> plan) {
+  check_cpu(x, "x");
+  return NativeLSTMLayer::apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole,
+                                batch_sizes, reverse, form, plan);
 }
 
 std::vector<Tensor> lstm_cell_py(Tensor x, Tensor h, Tensor c, Tensor packed,
@@ -2104,6 +2260,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lstmkit native CPU recurrences (see _native.cpp)";
   m.def("lstm_forward", &lstm_forward_py);
   m.def("lstm_backward", &lstm_backward_py);
+  m.def("lstm_layer", &lstm_layer_py);
   m.def("lstm_pack_cell", &lstm_pack_cell_py);
   m.def("lstm_cell", &lstm_cell_py);
   m.def("gru_forward", &gru_forward_py);
@@ -2130,6 +2287,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     chunk_bytes = bytes;
     return old;
   }, "Set the L2 budget of the packed-matrix chunks (bytes); returns the previous value.");
+  m.def("set_separate_weight_products_max_bytes", [](i64 bytes) {
+    i64 old = separate_weight_products_max_bytes;
+    separate_weight_products_max_bytes = bytes;
+    return old;
+  }, "Set the largest d_pre (bytes) whose weight gradients are separate products (else one "
+     "stacked product); returns the previous value.");
   m.def("mkl_packed_gemm", [] { return mkl_packed_gemm(); },
         "Whether MKL's packed GEMM is there for the generic driver's float32 steps.");
   m.def("set_packed_gemm", [](bool on) {

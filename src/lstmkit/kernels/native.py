@@ -255,13 +255,15 @@ def lstm_step_inference(x, h, c, w_ih, w_hh, b_ih, b_hh):
     return module().lstm_cell(x, h, c, packed, bias)          # it makes them contiguous
 
 
-def _driver(layout, w_hh, projected: bool = False, w_ih=None) -> int:
+def _driver(layout, w_hh, projected: bool = False, w_ih=None, itemsize=None) -> int:
     """0: the fused driver; n >= 1: the generic driver with n row parts (see FUSED_MAX_BATCH).
     w_ih: given when the generic driver would multiply it at every step too
-    (INPUT_IN_STEP_MAX_RATIO)."""
+    (INPUT_IN_STEP_MAX_RATIO). itemsize: bytes per element of the compute dtype, when it is
+    not the weights' own (float16 and bfloat16 run in float32)."""
     threads = torch.get_num_threads()
-    weight_bytes = w_hh.numel() * w_hh.element_size()
-    step_weight_bytes = weight_bytes + (0 if w_ih is None else w_ih.numel() * w_ih.element_size())
+    itemsize = itemsize or w_hh.element_size()
+    weight_bytes = w_hh.numel() * itemsize
+    step_weight_bytes = weight_bytes + (0 if w_ih is None else w_ih.numel() * itemsize)
     parts = 1
     if step_weight_bytes <= ROW_PARTS_MAX_WEIGHT_BYTES:
         most = threads if MAX_ROW_PARTS is None else MAX_ROW_PARTS
@@ -274,7 +276,8 @@ def _driver(layout, w_hh, projected: bool = False, w_ih=None) -> int:
     return parts
 
 
-def _own_step_product(layout, parts: int, w_ih, w_hh, w_hr, backward: bool = False) -> bool:
+def _own_step_product(layout, parts: int, w_ih, w_hh, w_hr, backward: bool = False,
+                      itemsize=None) -> bool:
     """Whether the LSTM's generic driver with row parts runs each step's product as our own
     register-blocked one, the gate math in its epilogue, instead of MKL's (see
     OWN_FORWARD_MAX_ROWS)."""
@@ -283,9 +286,19 @@ def _own_step_product(layout, parts: int, w_ih, w_hh, w_hr, backward: bool = Fal
     rows = -(-layout.batch // parts)
     if backward:
         return rows <= OWN_BACKWARD_MAX_ROWS
-    weight_bytes = (w_ih.numel() + w_hh.numel()) * w_hh.element_size()
+    weight_bytes = (w_ih.numel() + w_hh.numel()) * (itemsize or w_hh.element_size())
     return rows <= OWN_FORWARD_MAX_ROWS or (rows <= OWN_FORWARD_SMALL_MAX_ROWS
                                             and weight_bytes <= OWN_FORWARD_SMALL_MAX_BYTES)
+
+
+def _lstm_plan(layout, w_ih, w_hh, w_hr, itemsize=None) -> tuple[int, bool, bool]:
+    """How an LSTM layer's forward runs: (driver parts, input in the step, own step product)."""
+    input_in_step = w_hr is None and w_ih.shape[1] <= INPUT_IN_STEP_MAX_RATIO * w_hh.shape[1]
+    parts = _driver(layout, w_hh, w_hr is not None, w_ih if input_in_step else None, itemsize)
+    own = _own_step_product(layout, parts, w_ih, w_hh, w_hr, itemsize=itemsize)
+    # Generic driver with a small input (or our own step product): [x_t | h] times
+    # [W_ih | W_hh]^T at each step, no projection of all steps first.
+    return parts, bool(parts) and (input_in_step or own), own
 
 
 _GATE_ACTIVATION_CODES = {"sigmoid": 0, "hard_sigmoid": 1}
@@ -326,7 +339,18 @@ class _NativeFunction(torch.autograd.Function):
         return cls._infer(*args)
 
 
-class NativeLSTMFunction(_NativeFunction):
+# The name of NativeLSTMLayer's autograd node (_native.cpp).
+_LSTM_NODE = "torch::autograd::CppNode<(anonymous namespace)::NativeLSTMLayer>"
+
+
+def saves_no_output(out: torch.Tensor) -> bool:
+    """Whether `out` is an output of the native LSTM layer's autograd node, which keeps no
+    reference to it (it saves the previous rows instead): the caller may change it in place."""
+    node = out.grad_fn
+    return node is not None and node.name() == _LSTM_NODE
+
+
+class NativeLSTMFunction:
     """One LSTM layer in one direction, native loops; same signature as `LSTMFunction`, and
     optionally LSTMVariant's elementwise changes to the cell, which `LSTMFunction` does not have
     (only pass them when the native module is there, as `kernels.lstm_layer` does): peephole
@@ -337,23 +361,38 @@ class NativeLSTMFunction(_NativeFunction):
           b_hh (4H,) | None, w_hr (P, H) | None, layout: StepLayout, reverse: bool,
           [w_peephole (3H,) = [p_i | p_f | p_o] | None, cell_form: int])
     -> out (N, P), h_T (B, P), c_T (B, H)
-    Saved for backward: x, h0, c0, w_ih, w_hh, w_hr, out, gates (N, 4H) activated, cells (N, H)
-    [, w_peephole].
+
+    The autograd node is C++ (NativeLSTMLayer in _native.cpp: at batch 1 a Python Function's
+    plumbing cost 40-60 us per training step around 300 us of kernels), with the semantics of
+    lstm.py's Functions: float16 and bfloat16 computed in float32, double backward refused.
+    Saved for backward: x, h0, c0, w_ih, w_hh, w_hr, the previous rows of out (N, P) (not out
+    itself: see `saves_no_output`), gates (N, 4H) activated, cells (N, H) [, w_peephole].
     """
 
-    _portable = _lstm.LSTMFunction
+    @staticmethod
+    def apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole=None,
+              form=None):
+        _check_device(x)
+        if module() is None:
+            return _lstm.LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout,
+                                            reverse)
+        if not _needs_autograd((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole)):
+            return NativeLSTMFunction._infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout,
+                                             reverse, w_peephole, form or 0)
+        itemsize = compute_dtype(x.dtype).itemsize
+        plan = _lstm_plan(layout, w_ih, w_hh, w_hr, itemsize)
+        backward_parts = _driver(layout, w_hh, w_hr is not None, itemsize=itemsize)
+        plan += (backward_parts, _own_step_product(layout, backward_parts, w_ih, w_hh, w_hr,
+                                                   backward=True, itemsize=itemsize))
+        return tuple(module().lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole,
+                                         layout.batch_sizes, reverse, form or 0, plan))
 
     @staticmethod
     def _run(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole=None,
-             form=0, save=False):
-        input_in_step = w_hr is None and w_ih.shape[1] <= INPUT_IN_STEP_MAX_RATIO * w_hh.shape[1]
-        parts = _driver(layout, w_hh, w_hr is not None, w_ih if input_in_step else None)
-        own = _own_step_product(layout, parts, w_ih, w_hh, w_hr)
-        # Generic driver with a small input (or our own step product): [x_t | h] times
-        # [W_ih | W_hh]^T at each step, no projection of all steps first.
+             form=0):
+        parts, input_in_step, own = _lstm_plan(layout, w_ih, w_hh, w_hr)
         return module().lstm_forward(x, b_ih, b_hh, h0, c0, w_ih, w_hh, w_hr, layout.batch_sizes,
-                                     reverse, save, parts, bool(parts) and (input_in_step or own),
-                                     own, w_peephole, form)
+                                     reverse, False, parts, input_in_step, own, w_peephole, form)
 
     @staticmethod
     def _infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole=None,
@@ -367,35 +406,6 @@ class NativeLSTMFunction(_NativeFunction):
                                    compute_dtype(x.dtype))
         out, h_T, c_T, _, _ = NativeLSTMFunction._run(*args, layout, reverse, w_peephole, form)
         return tuple(cast_like((out, h_T, c_T), originals))
-
-    @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole=None,
-                form=None):
-        extra = () if w_peephole is None else (w_peephole,)
-        ctx.form, ctx.variant_arguments = form or 0, form is not None
-        out, h_T, c_T, _, _, originals = _lstm.forward_and_save(
-            ctx, functools.partial(NativeLSTMFunction._run, form=form or 0, save=True), x, h0,
-            c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, *extra)
-        return tuple(cast_like((out, h_T, c_T), originals[:3]))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, d_out, d_hT, d_cT):
-        x, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, *peephole = ctx.saved_tensors
-        w_peephole = peephole[0] if peephole else None
-        layout, needs = ctx.layout, ctx.needs_input_grad
-        parts = _driver(layout, w_hh, w_hr is not None)
-        wanted = [*needs[:8], bool(peephole) and needs[10]]
-        dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr, dw_peephole = module().lstm_backward(
-            d_out, d_hT, d_cT, x, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, layout.batch_sizes,
-            ctx.reverse, parts, _own_step_product(layout, parts, w_ih, w_hh, w_hr, backward=True),
-            wanted, w_peephole, ctx.form)
-        db_ih, db_hh = split_bias_gradient(db, needs[5], needs[6])
-        grads = cast_to((dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dw_peephole),
-                        [*ctx.dtypes, None])                   # no w_peephole: None
-        if ctx.variant_arguments:                   # gradients of w_peephole and form too
-            return (*grads[:8], None, None, grads[8], None)
-        return (*grads[:8], None, None)
 
 
 class NativeGRUFunction(_NativeFunction):

@@ -238,9 +238,9 @@ class _RecurrentBase(nn.Module):
             if self.dropout and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
         if self.num_directions == 1 and layer_input.requires_grad:
-            # The kernel saved this tensor for its backward pass; the caller gets a copy, so
-            # in-place edits of the output (out += residual) work as they do with torch.nn.
-            layer_input = kernels.output_copy(layer_input, self.backend)
+            # A copy where the kernel saved this tensor for its backward pass, so that in-place
+            # edits of the output (out += residual) work as they do with torch.nn.
+            layer_input = kernels.caller_output(layer_input, self.backend)
         finals = [f[0].unsqueeze(0) if len(f) == 1 else torch.stack(f) for f in finals]
         if packed is not None:
             if packed.unsorted_indices is not None:
