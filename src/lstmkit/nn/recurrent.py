@@ -130,7 +130,11 @@ class _RecurrentBase(nn.Module):
 
     def _layer_weights(self, index: int) -> dict:
         """Keyword arguments of the kernel for one layer and direction: w_ih, w_hh, ..."""
-        return {arg: getattr(self, name) for arg, name in self._weight_names[index].items()}
+        # From _parameters where they are (nn.Module's __getattr__ costs about 1 us a name,
+        # and every forward call asks); getattr for anything else, such as a parametrization.
+        parameters = self._parameters
+        return {arg: parameters[name] if name in parameters else getattr(self, name)
+                for arg, name in self._weight_names[index].items()}
 
     def _flat_input(self, input):
         """Return (x (N, I), layout, batched, packed info or None) for any accepted input form."""
@@ -161,11 +165,15 @@ class _RecurrentBase(nn.Module):
         return x.reshape(steps * batch, self.input_size), layout, batched, None
 
     def _initial_states(self, hx, x, batch, batched, packed):
-        """Return the initial states as (L*D, B, F) tensors, in the kernels' batch order."""
+        """Return the initial states per layer and direction: [[h0 (B, P), c0 (B, H)], ...] for
+        the LSTM, in the kernels' batch order."""
         count = self.num_layers * self.num_directions
         sizes = self._state_sizes()
         if hx is None:
-            return [x.new_zeros(count, batch, size) for size in sizes]
+            if count == 1:
+                return [[x.new_zeros(batch, size) for size in sizes]]
+            return list(zip(*(x.new_zeros(count, batch, size).unbind(0) for size in sizes),
+                            strict=True))
         names = ("h_0", "c_0", "q_0")[:len(sizes)]
         if len(sizes) > 1:
             if not isinstance(hx, (tuple, list)) or len(hx) != len(sizes):
@@ -186,8 +194,8 @@ class _RecurrentBase(nn.Module):
                 state = state.unsqueeze(1)
             if packed is not None and packed.sorted_indices is not None:
                 state = state.index_select(1, packed.sorted_indices)
-            result.append(state)
-        return result
+            result.append(state.unbind(0))
+        return list(zip(*result, strict=True))
 
     @outside_autocast
     def forward(self, input, hx=None, *, lengths=None, return_gates: bool = False):
@@ -217,7 +225,7 @@ class _RecurrentBase(nn.Module):
             return self._forward_with_lengths(input, hx, lengths, return_gates)
         x, layout, batched, packed = self._flat_input(input)
         states = self._initial_states(hx, x, layout.batch, batched, packed)
-        finals = [[] for _ in states]
+        finals = [[] for _ in states[0]]
         records = {}
         layer_input = x
         for layer in range(self.num_layers):
@@ -225,7 +233,7 @@ class _RecurrentBase(nn.Module):
             for direction in range(self.num_directions):
                 index = layer * self.num_directions + direction
                 out, state_T, trace = self._run_layer(
-                    layer_input, [s[index] for s in states], self._layer_weights(index),
+                    layer_input, states[index], self._layer_weights(index),
                     layout, reverse=direction == 1, return_gates=return_gates)
                 outputs.append(out)
                 for collected, s in zip(finals, state_T, strict=True):
