@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_sequence, pad_packed_sequence
 
+import lstmkit
 from conftest import assert_close
 from lstmkit import kernels, reference
 from lstmkit.kernels import StepLayout
@@ -209,6 +210,20 @@ def test_double_backward_is_refused_with_a_clear_error():
     (grad,) = torch.autograd.grad(out, x, grad_outputs=direction, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|twice"):
         grad.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["portable", "native"])
+def test_functorch_transforms_are_refused(backend):
+    """torch.func.grad over a module refuses the kernels' Functions (they have no functorch
+    rules) with an error rather than returning wrong gradients."""
+    module = lstmkit.LSTM(3, 4, backend=backend)
+    params = {name: p.detach() for name, p in module.named_parameters()}
+
+    def loss(p, x):
+        return torch.func.functional_call(module, p, (x,))[0].sum()
+
+    with pytest.raises(RuntimeError, match="functorch|setup_context"):
+        torch.func.grad(loss)(params, torch.randn(5, 2, 3))
 
 
 def test_unknown_backend_is_refused():

@@ -2,12 +2,13 @@
 
 # N rows (time-major, see layout.py), B batch, I input, H hidden, P output size.
 
-Same Functions, signatures and saved tensors as the portable kernels (lstm.py, gru.py, rnn.py).
+Same signatures and semantics as the portable kernels' Functions (lstm.py, gru.py, rnn.py).
 A layer's forward is one call into C++ (bias sum, input projection, step loop), and so is its
 backward (step loop, then dX and the weight and bias gradients as matrix products in one
 parallel region): no Python per step, and none of the dozen small ATen calls per layer that
-cost as much as the loops at batch 1. This file chooses the driver (`_driver`) and keeps the
-Function plumbing.
+cost as much as the loops at batch 1. For the LSTM the autograd node itself is C++ too
+(NativeLSTMLayer: no Python in its backward). This file chooses the driver (`_driver`,
+`_lstm_plan`) and keeps the GRU's and RNN's Function plumbing.
 
 Build: `torch.utils.cpp_extension.load` compiles `_native.cpp` against the installed torch the
 first time a native kernel is needed (about 20 s on 2 cores) into torch's extension cache
