@@ -207,6 +207,36 @@ def test_matches_reference(family, shape, reverse, dtype, driver):
             assert_close(f"d{name}", param.grad, grads[name], dtype)
 
 
+@pytest.mark.parametrize("used", ["out", "h_T", "c_T"])
+@pytest.mark.parametrize("family", ["lstm", "lstm_proj"])
+def test_loss_through_one_output(family, used):
+    """The LSTM node gets no gradient for the outputs a loss does not use (it makes zeros for
+    them itself); every gradient still matches the reference with zeros there."""
+    T, B, I, H = 4, 3, 2, 5
+    rng = np.random.default_rng(zlib.crc32(repr((family, used)).encode()))
+    w, P = make_weights(family, I, H, rng)
+    x = rng.standard_normal((T, B, I))
+    states = [rng.standard_normal((B, s)) for s in (P, H)]
+    upstream = {"out": rng.standard_normal((T, B, P)), "h_T": rng.standard_normal((B, P)),
+                "c_T": rng.standard_normal((B, H))}
+    zeros = {name: np.zeros_like(g) for name, g in upstream.items()}
+    wanted = {**zeros, used: upstream[used]}
+    _, grads = reference_run(family, x, states, w, wanted["out"], [wanted["h_T"], wanted["c_T"]])
+    xt = torch.tensor(x.reshape(T * B, I), requires_grad=True)
+    st = [torch.tensor(s, requires_grad=True) for s in states]
+    wt = {k: torch.tensor(v, requires_grad=True) for k, v in w.items()}
+    results = dict(zip(("out", "h_T", "c_T"),
+                       native_layer(family, xt, st, wt, StepLayout.padded(T, B), False),
+                       strict=True))
+    gradient = upstream[used].reshape(results[used].shape)
+    (results[used] * torch.tensor(gradient)).sum().backward()
+    assert_close("dx", xt.grad, grads["x"].reshape(T * B, I), torch.float64)
+    for name, state in zip(("h0", "c0"), st, strict=True):
+        assert_close(f"d{name}", state.grad, grads[name], torch.float64)
+    for name, param in wt.items():
+        assert_close(f"d{name}", param.grad, grads[name], torch.float64)
+
+
 # The weight and bias gradients come out of one stacked product or of one product each
 # (WeightGradients in _native.cpp); each subset of wanted gradients must still get exactly its
 # own, right, gradients, either way.

@@ -1940,11 +1940,12 @@ std::vector<Tensor> lstm_forward_py(Tensor x, c10::optional<Tensor> b_ih,
 
 // The whole backward of one LSTM layer, one direction: the step loop, then dX = d_gates W_ih,
 // the weight and bias gradients and dW_hr in one parallel region. h_prev (N, P): the state
-// each row's step started from (the previous rows of the output, see previous_rows). needs: which of (x, h0, c0,
-// w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole) want a gradient. Returns dx, dh0, dc0, dw_ih,
-// dw_hh, db (the gradient of b_ih + b_hh), dw_hr, dw_peephole, undefined where not wanted.
+// each row's step started from (the previous rows of the output, see previous_rows); h0
+// itself is not needed. needs: which of (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole)
+// want a gradient. Returns dx, dh0, dc0, dw_ih, dw_hh, db (the gradient of b_ih + b_hh),
+// dw_hr, dw_peephole, undefined where not wanted.
 std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Tensor x,
-                                     Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh,
+                                     Tensor c0, Tensor w_ih, Tensor w_hh,
                                      c10::optional<Tensor> w_hr, Tensor h_prev, Tensor gates,
                                      Tensor cells, std::vector<i64> batch_sizes, bool reverse,
                                      i64 parts, bool own_product, std::vector<bool> needs,
@@ -1952,7 +1953,7 @@ std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Ten
   TORCH_CHECK(needs.size() == 9, "lstm_backward: needs has 9 flags, got ", needs.size());
   const auto dtype = gates.scalar_type();
   d_out = incoming(d_out, dtype); d_hT = incoming(d_hT, dtype); d_cT = incoming(d_cT, dtype);
-  for (auto* t : {&h0, &c0, &w_hh, &h_prev, &gates, &cells}) *t = t->contiguous();
+  for (auto* t : {&c0, &w_hh, &h_prev, &gates, &cells}) *t = t->contiguous();
   Tensor w_hr_c = optional_contiguous(w_hr);
   Steps st(batch_sizes, reverse);
   Tensor peephole = optional_contiguous(w_peephole);
@@ -2013,10 +2014,10 @@ inline c10::optional<Tensor> maybe(const Tensor& t) {
 inline Tensor given(const c10::optional<Tensor>& t) {
   return t.has_value() && t->defined() ? *t : Tensor();
 }
-// The gradient arriving at an output, zeros when it has none (materialize_grads is off: most
-// callers use only `out`, and zeros that no one reads need not be made for h_T and c_T).
-inline Tensor arriving(const Tensor& g, const Tensor& like) {
-  return g.defined() ? g : pooled_empty(like.sizes(), like.options()).zero_();
+// The gradient arriving at an output, zeros of `sizes` when it has none (materialize_grads is
+// off: most callers use only `out`, and zeros that no one reads need not be made for h_T, c_T).
+inline Tensor arriving(const Tensor& g, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return g.defined() ? g : pooled_empty(sizes, options).zero_();
 }
 
 struct NativeLSTMLayer : public torch::autograd::Function<NativeLSTMLayer> {
@@ -2047,7 +2048,7 @@ struct NativeLSTMLayer : public torch::autograd::Function<NativeLSTMLayer> {
     // and its autograd node cost 25 us of a 470 us training step at batch 1 / hidden 64).
     Tensor h_prev = pooled_empty(r[0].sizes(), r[0].options());
     previous_rows(h_prev, r[0], in[1].contiguous(), Steps(batch_sizes, reverse));
-    ctx->save_for_backward({in[0], in[1], in[2], in[3], in[4], in[7], h_prev, r[3], r[4], in[8]});
+    ctx->save_for_backward({in[0], in[2], in[3], in[4], in[7], h_prev, r[3], r[4], in[8]});
     ctx->saved_data["types"] = types;
     ctx->saved_data["batch_sizes"] = batch_sizes;
     ctx->saved_data["reverse"] = reverse;
@@ -2065,18 +2066,21 @@ struct NativeLSTMLayer : public torch::autograd::Function<NativeLSTMLayer> {
     torch::autograd::variable_list result(13);
     {
       c10::NoGradGuard no_grad;
-      auto s = ctx->get_saved_variables();  // x h0 c0 w_ih w_hh w_hr h_prev gates cells w_peephole
+      auto s = ctx->get_saved_variables();  // x c0 w_ih w_hh w_hr h_prev gates cells w_peephole
       const std::vector<i64> types = ctx->saved_data["types"].toIntVector();
       // Which inputs want a gradient; the node's edges count only the tensors given.
       std::vector<bool> needs(9, false);
       for (int k = 0, edge = 0; k < 9; ++k)
         if (types[k] >= 0) needs[k] = ctx->needs_input_grad(edge++);
+      const std::vector<i64> batch_sizes = ctx->saved_data["batch_sizes"].toIntVector();
+      const Tensor& h_prev = s[5];
       auto g = lstm_backward_py(
-          arriving(grads[0], s[6]), arriving(grads[1], s[1]), arriving(grads[2], s[2]), s[0],
-          s[1], s[2], s[3], s[4], maybe(s[5]), s[6], s[7], s[8],
-          ctx->saved_data["batch_sizes"].toIntVector(), ctx->saved_data["reverse"].toBool(),
+          arriving(grads[0], h_prev.sizes(), h_prev.options()),
+          arriving(grads[1], {batch_sizes[0], h_prev.size(1)}, h_prev.options()),
+          arriving(grads[2], s[1].sizes(), s[1].options()), s[0], s[1], s[2], s[3], maybe(s[4]),
+          h_prev, s[6], s[7], batch_sizes, ctx->saved_data["reverse"].toBool(),
           ctx->saved_data["parts"].toInt(), ctx->saved_data["own"].toBool(), needs,
-          maybe(s[9]), ctx->saved_data["form"].toInt());
+          maybe(s[8]), ctx->saved_data["form"].toInt());
       // g: dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr, dw_peephole -> one per input, db for each
       // bias (the second a copy: autograd must never be handed one tensor twice).
       Tensor per_input[9] = {g[0], g[1], g[2], g[3], g[4], needs[5] ? g[5] : Tensor(),

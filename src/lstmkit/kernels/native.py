@@ -366,7 +366,7 @@ class NativeLSTMFunction:
     The autograd node is C++ (NativeLSTMLayer in _native.cpp: at batch 1 a Python Function's
     plumbing cost 40-60 us per training step around 300 us of kernels), with the semantics of
     lstm.py's Functions: float16 and bfloat16 computed in float32, double backward refused.
-    Saved for backward: x, h0, c0, w_ih, w_hh, w_hr, the previous rows of out (N, P) (not out
+    Saved for backward: x, c0, w_ih, w_hh, w_hr, the previous rows of out (N, P) (not out
     itself: see `saves_no_output`), gates (N, 4H) activated, cells (N, H) [, w_peephole].
     """
 
