@@ -202,10 +202,12 @@ def test_half_precision_runs_in_float32_and_returns_the_input_dtype(family, dtyp
         torch.testing.assert_close(grad.float(), grad32.to(dtype).float(), rtol=0, atol=0)
 
 
-def test_double_backward_is_refused_with_a_clear_error():
-    weights, states = make_case("lstm", 1, 2, 2, torch.float64, seed=1)
+@pytest.mark.parametrize("backend", ["portable", "native"])
+@pytest.mark.parametrize("family", ["lstm", "gru", "rnn"])
+def test_double_backward_is_refused_with_a_clear_error(family, backend):
+    weights, states = make_case(family, 1, 2, 2, torch.float64, seed=1)
     x = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
-    out, *_ = kernels.lstm_layer(x, *states.values(), **weights, layout=StepLayout.padded(3, 1))
+    out, *_ = run_kernel(family, x, states, weights, StepLayout.padded(3, 1), False, backend, {})
     direction = torch.randn_like(out, requires_grad=True)   # grad-of-grad needs a graph here
     (grad,) = torch.autograd.grad(out, x, grad_outputs=direction, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|twice"):
@@ -213,10 +215,11 @@ def test_double_backward_is_refused_with_a_clear_error():
 
 
 @pytest.mark.parametrize("backend", ["portable", "native"])
-def test_functorch_transforms_are_refused(backend):
+@pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])
+def test_functorch_transforms_are_refused(family, backend):
     """torch.func.grad over a module refuses the kernels' Functions (they have no functorch
     rules) with an error rather than returning wrong gradients."""
-    module = lstmkit.LSTM(3, 4, backend=backend)
+    module = getattr(lstmkit, family)(3, 4, backend=backend)
     params = {name: p.detach() for name, p in module.named_parameters()}
 
     def loss(p, x):

@@ -6,9 +6,9 @@
 //
 // Each entry point (the *_py functions at the end) is a layer's whole forward or backward in one
 // direction: the per-sequence products (input projection; dX and the weight gradients, see
-// "Per-sequence products"), the recurrence, and the memory pool everything lives in. native.py
-// chooses the driver and holds the GRU's and RNN's autograd Functions; the LSTM layer's
-// autograd node is here (NativeLSTMLayer), Python-free from apply to the gradients.
+// "Per-sequence products"), the recurrence, and the memory pool everything lives in; and each
+// layer's autograd node (NativeLSTMLayer, NativeGRULayer, NativeRNNLayer), Python-free from
+// apply to the gradients. native.py chooses the driver and routes the calls.
 //
 // Two drivers per family:
 //   fused   small batches and recurrent matrices whose per-core share fits in L2, no
@@ -51,6 +51,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -1993,126 +1994,6 @@ std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Ten
   return {dx, loop[1], loop[2], w[0], w[1], w[2], dw_hr, dw_peephole};
 }
 
-// ---- the LSTM layer's autograd node, in C++ ----------------------------------------------
-//
-// A C++ autograd Function rather than a Python one: at batch 1 the Python Function's plumbing
-// (apply, saving, the Python backward, its casts and zero gradients) cost 40-60 us per
-// training step around 300 us of kernels. Same semantics as the Python Functions of lstm.py:
-// inputs in float16 or bfloat16 are computed in float32 and the results and gradients cast
-// back; the gradients of b_ih and b_hh are one sum, each its own copy; double backward raises,
-// as @once_differentiable does.
-
-inline at::ScalarType compute_type(at::ScalarType t) {
-  return t == at::kHalf || t == at::kBFloat16 ? at::kFloat : t;
-}
-inline Tensor to_type(const Tensor& t, at::ScalarType type) {
-  return !t.defined() || t.scalar_type() == type ? t : t.to(type);
-}
-inline c10::optional<Tensor> maybe(const Tensor& t) {
-  return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt;
-}
-inline Tensor given(const c10::optional<Tensor>& t) {
-  return t.has_value() && t->defined() ? *t : Tensor();
-}
-// The gradient arriving at an output, zeros of `sizes` when it has none (materialize_grads is
-// off: most callers use only `out`, and zeros that no one reads need not be made for h_T, c_T).
-inline Tensor arriving(const Tensor& g, at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return g.defined() ? g : pooled_empty(sizes, options).zero_();
-}
-
-struct NativeLSTMLayer : public torch::autograd::Function<NativeLSTMLayer> {
-  // Tensors x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole (as NativeLSTMFunction's);
-  // plan = {parts, input_in_step, own_product, backward parts, backward own_product} (native.py).
-  static torch::autograd::variable_list forward(
-      torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& h0, const Tensor& c0,
-      const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
-      const c10::optional<Tensor>& b_hh, const c10::optional<Tensor>& w_hr,
-      const c10::optional<Tensor>& w_peephole, const std::vector<i64>& batch_sizes, bool reverse,
-      i64 form, const std::vector<i64>& plan) {
-    TORCH_CHECK(plan.size() == 5, "lstm_layer: plan has 5 entries, got ", plan.size());
-    const at::ScalarType type = compute_type(x.scalar_type());
-    const Tensor originals[9] = {x, h0, c0, w_ih, w_hh, given(b_ih), given(b_hh), given(w_hr),
-                                 given(w_peephole)};
-    Tensor in[9];
-    std::vector<i64> types(9);
-    for (int k = 0; k < 9; ++k) {
-      in[k] = to_type(originals[k], type);
-      types[k] = originals[k].defined() ? (i64)originals[k].scalar_type() : -1;
-    }
-    auto r = lstm_forward_py(in[0], maybe(in[5]), maybe(in[6]), in[1], in[2], in[3], in[4],
-                             maybe(in[7]), batch_sizes, reverse, true, plan[0], plan[1] != 0,
-                             plan[2] != 0, maybe(in[8]), form);
-    // r: out, h_T, c_T, gates, cells. Saved: what lstm.py's Functions save, but the previous
-    // rows of the output (dW_hh's operand) instead of the output itself: the caller may edit
-    // the output in place (out += residual), as with torch.nn, without a copy of it (the copy
-    // and its autograd node cost 25 us of a 470 us training step at batch 1 / hidden 64).
-    Tensor h_prev = pooled_empty(r[0].sizes(), r[0].options());
-    previous_rows(h_prev, r[0], in[1].contiguous(), Steps(batch_sizes, reverse));
-    ctx->save_for_backward({in[0], in[2], in[3], in[4], in[7], h_prev, r[3], r[4], in[8]});
-    ctx->saved_data["types"] = types;
-    ctx->saved_data["batch_sizes"] = batch_sizes;
-    ctx->saved_data["reverse"] = reverse;
-    ctx->saved_data["form"] = form;
-    ctx->saved_data["parts"] = plan[3];
-    ctx->saved_data["own"] = plan[4] != 0;
-    ctx->set_materialize_grads(false);
-    return {to_type(r[0], x.scalar_type()), to_type(r[1], h0.scalar_type()),
-            to_type(r[2], c0.scalar_type())};
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const bool create_graph = c10::GradMode::is_enabled();
-    torch::autograd::variable_list result(13);
-    {
-      c10::NoGradGuard no_grad;
-      auto s = ctx->get_saved_variables();  // x c0 w_ih w_hh w_hr h_prev gates cells w_peephole
-      const std::vector<i64> types = ctx->saved_data["types"].toIntVector();
-      // Which inputs want a gradient; the node's edges count only the tensors given.
-      std::vector<bool> needs(9, false);
-      for (int k = 0, edge = 0; k < 9; ++k)
-        if (types[k] >= 0) needs[k] = ctx->needs_input_grad(edge++);
-      const std::vector<i64> batch_sizes = ctx->saved_data["batch_sizes"].toIntVector();
-      const Tensor& h_prev = s[5];
-      auto g = lstm_backward_py(
-          arriving(grads[0], h_prev.sizes(), h_prev.options()),
-          arriving(grads[1], {batch_sizes[0], h_prev.size(1)}, h_prev.options()),
-          arriving(grads[2], s[1].sizes(), s[1].options()), s[0], s[1], s[2], s[3], maybe(s[4]),
-          h_prev, s[6], s[7], batch_sizes, ctx->saved_data["reverse"].toBool(),
-          ctx->saved_data["parts"].toInt(), ctx->saved_data["own"].toBool(), needs,
-          maybe(s[8]), ctx->saved_data["form"].toInt());
-      // g: dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr, dw_peephole -> one per input, db for each
-      // bias (the second a copy: autograd must never be handed one tensor twice).
-      Tensor per_input[9] = {g[0], g[1], g[2], g[3], g[4], needs[5] ? g[5] : Tensor(),
-                             Tensor(), g[6], g[7]};
-      if (needs[6]) per_input[6] = needs[5] ? pooled_clone(g[5]) : g[5];
-      for (int k = 0; k < 9; ++k)
-        if (types[k] >= 0) result[k] = to_type(per_input[k], (at::ScalarType)types[k]);
-    }
-    if (create_graph) {
-      // As @once_differentiable: results whose use in a further backward pass raises.
-      torch::autograd::variable_list fakes;
-      for (const Tensor& t : result)
-        fakes.push_back(t.defined() ? t.detach().requires_grad_(true) : Tensor());
-      auto error = std::make_shared<torch::autograd::DelayedError>(
-          "trying to differentiate twice a function that was marked with @once_differentiable "
-          "(the native LSTM layer's backward)", (int64_t)fakes.size());
-      result = (*error)(std::move(fakes));
-    }
-    return result;
-  }
-};
-
-std::vector<Tensor> lstm_layer_py(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh,
-                                  c10::optional<Tensor> b_ih, c10::optional<Tensor> b_hh,
-                                  c10::optional<Tensor> w_hr, c10::optional<Tensor> w_peephole,
-                                  std::vector<i64> batch_sizes, bool reverse, i64 form,
-                                  std::vector<i64> plan) {
-  check_cpu(x, "x");
-  return NativeLSTMLayer::apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole,
-                                batch_sizes, reverse, form, plan);
-}
-
 std::vector<Tensor> lstm_cell_py(Tensor x, Tensor h, Tensor c, Tensor packed,
                                  c10::optional<Tensor> bias) {
   // Made contiguous here rather than in Python: this runs once per step of online inference.
@@ -2228,6 +2109,248 @@ std::vector<Tensor> gru_backward_py(Tensor d_out, Tensor d_hT, Tensor x, Tensor 
 }
 
 // out[i] = as[i] @ bs[i] for every i, in one parallel region (Products).
+// ---- the layers' autograd nodes, in C++ ------------------------------------------------
+//
+// C++ autograd Functions rather than Python ones: at batch 1 the Python Function's plumbing
+// (apply, saving, the Python backward, its casts and zero gradients) cost 40-60 us per LSTM
+// training step around 300 us of kernels. Same semantics as the Python Functions of lstm.py,
+// gru.py and rnn.py: inputs in float16 or bfloat16 are computed in float32 and the results and
+// gradients cast back; where b_ih and b_hh enter as one sum each gets its own copy of its
+// gradient; double backward raises, as @once_differentiable does.
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+inline at::ScalarType compute_type(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 ? at::kFloat : t;
+}
+inline Tensor to_type(const Tensor& t, at::ScalarType type) {
+  return !t.defined() || t.scalar_type() == type ? t : t.to(type);
+}
+inline c10::optional<Tensor> maybe(const Tensor& t) {
+  return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt;
+}
+inline Tensor given(const c10::optional<Tensor>& t) {
+  return t.has_value() && t->defined() ? *t : Tensor();
+}
+// The gradient arriving at an output, zeros of `sizes` when it has none (materialize_grads is
+// off: most callers use only `out`, and zeros that no one reads need not be made for h_T, c_T).
+inline Tensor arriving(const Tensor& g, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return g.defined() ? g : pooled_empty(sizes, options).zero_();
+}
+
+// A node's tensor inputs in the compute dtype of x (the first); their dtypes are kept in
+// ctx->saved_data["types"] (-1 for an input not given), for the gradients and for `needs`.
+template <size_t K>
+std::array<Tensor, K> compute_inputs(AutogradContext* ctx, const std::array<Tensor, K>& inputs) {
+  const at::ScalarType type = compute_type(inputs[0].scalar_type());
+  std::array<Tensor, K> in;
+  std::vector<i64> types(K);
+  for (size_t k = 0; k < K; ++k) {
+    in[k] = to_type(inputs[k], type);
+    types[k] = inputs[k].defined() ? (i64)inputs[k].scalar_type() : -1;
+  }
+  ctx->saved_data["types"] = types;
+  ctx->set_materialize_grads(false);
+  return in;
+}
+
+// Which of the node's tensor inputs want a gradient (its edges count only the tensors given).
+inline std::vector<bool> inputs_needing_grad(AutogradContext* ctx) {
+  const std::vector<i64> types = ctx->saved_data["types"].toIntVector();
+  std::vector<bool> needs(types.size(), false);
+  for (size_t k = 0, edge = 0; k < types.size(); ++k)
+    if (types[k] >= 0) needs[k] = ctx->needs_input_grad(edge++);
+  return needs;
+}
+
+// The gradients of b_ih and b_hh entering as one sum with gradient db: db for each that wants
+// one, the second a copy (autograd must never be handed one tensor twice).
+inline std::pair<Tensor, Tensor> bias_gradients(const Tensor& db, bool ih, bool hh) {
+  return {ih ? db : Tensor(), hh ? (ih ? pooled_clone(db) : db) : Tensor()};
+}
+
+// The node's result: one gradient per forward argument (`arguments` of them; the tensor inputs
+// first, as `grads`), each in its input's dtype; under create_graph, results whose use in a
+// further backward pass raises, as @once_differentiable makes them.
+inline variable_list node_gradients(AutogradContext* ctx, std::vector<Tensor> grads,
+                                    size_t arguments, bool create_graph) {
+  const std::vector<i64> types = ctx->saved_data["types"].toIntVector();
+  variable_list result(arguments);
+  for (size_t k = 0; k < grads.size(); ++k)
+    if (types[k] >= 0) result[k] = to_type(grads[k], (at::ScalarType)types[k]);
+  if (!create_graph) return result;
+  variable_list fakes;
+  for (const Tensor& t : result)
+    fakes.push_back(t.defined() ? t.detach().requires_grad_(true) : Tensor());
+  auto error = std::make_shared<torch::autograd::DelayedError>(
+      "trying to differentiate twice a function that was marked with @once_differentiable "
+      "(a native recurrent layer's backward)", (int64_t)fakes.size());
+  return (*error)(std::move(fakes));
+}
+
+struct NativeLSTMLayer : public torch::autograd::Function<NativeLSTMLayer> {
+  // Tensors x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole (as NativeLSTMFunction's);
+  // plan = {parts, input_in_step, own_product, backward parts, backward own_product} (native.py).
+  static variable_list forward(
+      AutogradContext* ctx, const Tensor& x, const Tensor& h0, const Tensor& c0,
+      const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
+      const c10::optional<Tensor>& b_hh, const c10::optional<Tensor>& w_hr,
+      const c10::optional<Tensor>& w_peephole, const std::vector<i64>& batch_sizes, bool reverse,
+      i64 form, const std::vector<i64>& plan) {
+    TORCH_CHECK(plan.size() == 5, "lstm_layer: plan has 5 entries, got ", plan.size());
+    auto in = compute_inputs<9>(ctx, {x, h0, c0, w_ih, w_hh, given(b_ih), given(b_hh),
+                                      given(w_hr), given(w_peephole)});
+    auto r = lstm_forward_py(in[0], maybe(in[5]), maybe(in[6]), in[1], in[2], in[3], in[4],
+                             maybe(in[7]), batch_sizes, reverse, true, plan[0], plan[1] != 0,
+                             plan[2] != 0, maybe(in[8]), form);
+    // r: out, h_T, c_T, gates, cells. Saved: what lstm.py's Functions save, but the previous
+    // rows of the output (dW_hh's operand) instead of the output itself: the caller may edit
+    // the output in place (out += residual), as with torch.nn, without a copy of it (the copy
+    // and its autograd node cost 25 us of a 470 us training step at batch 1 / hidden 64).
+    // h0 is not saved: the backward never reads it.
+    Tensor h_prev = pooled_empty(r[0].sizes(), r[0].options());
+    previous_rows(h_prev, r[0], in[1].contiguous(), Steps(batch_sizes, reverse));
+    ctx->save_for_backward({in[0], in[2], in[3], in[4], in[7], h_prev, r[3], r[4], in[8]});
+    ctx->saved_data["batch_sizes"] = batch_sizes;
+    ctx->saved_data["reverse"] = reverse;
+    ctx->saved_data["form"] = form;
+    ctx->saved_data["parts"] = plan[3];
+    ctx->saved_data["own"] = plan[4] != 0;
+    return {to_type(r[0], x.scalar_type()), to_type(r[1], h0.scalar_type()),
+            to_type(r[2], c0.scalar_type())};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const bool create_graph = c10::GradMode::is_enabled();
+    std::vector<Tensor> per_input;
+    {
+      c10::NoGradGuard no_grad;
+      auto s = ctx->get_saved_variables();  // x c0 w_ih w_hh w_hr h_prev gates cells w_peephole
+      const std::vector<bool> needs = inputs_needing_grad(ctx);
+      const std::vector<i64> batch_sizes = ctx->saved_data["batch_sizes"].toIntVector();
+      const Tensor& h_prev = s[5];
+      auto g = lstm_backward_py(
+          arriving(grads[0], h_prev.sizes(), h_prev.options()),
+          arriving(grads[1], {batch_sizes[0], h_prev.size(1)}, h_prev.options()),
+          arriving(grads[2], s[1].sizes(), s[1].options()), s[0], s[1], s[2], s[3], maybe(s[4]),
+          h_prev, s[6], s[7], batch_sizes, ctx->saved_data["reverse"].toBool(),
+          ctx->saved_data["parts"].toInt(), ctx->saved_data["own"].toBool(), needs,
+          maybe(s[8]), ctx->saved_data["form"].toInt());
+      // g: dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr, dw_peephole
+      auto [db_ih, db_hh] = bias_gradients(g[5], needs[5], needs[6]);
+      per_input = {g[0], g[1], g[2], g[3], g[4], db_ih, db_hh, g[6], g[7]};
+    }
+    return node_gradients(ctx, per_input, 13, create_graph);
+  }
+};
+
+struct NativeGRULayer : public torch::autograd::Function<NativeGRULayer> {
+  // Tensors x, h0, w_ih, w_hh, b_ih, b_hh (as NativeGRUFunction's); parts: the driver.
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& h0,
+                               const Tensor& w_ih, const Tensor& w_hh,
+                               const c10::optional<Tensor>& b_ih,
+                               const c10::optional<Tensor>& b_hh,
+                               const std::vector<i64>& batch_sizes, bool reverse, bool reset_after,
+                               i64 parts) {
+    auto in = compute_inputs<6>(ctx, {x, h0, w_ih, w_hh, given(b_ih), given(b_hh)});
+    auto r = gru_forward_py(in[0], maybe(in[4]), maybe(in[5]), in[1], in[2], in[3], batch_sizes,
+                            reverse, reset_after, true, parts);
+    // r: out, h_T, stash. The backward's loop reads the previous rows from out itself.
+    ctx->save_for_backward({in[0], in[1], in[2], in[3], r[0], r[2]});
+    ctx->saved_data["batch_sizes"] = batch_sizes;
+    ctx->saved_data["reverse"] = reverse;
+    ctx->saved_data["reset_after"] = reset_after;
+    ctx->saved_data["parts"] = parts;
+    return {to_type(r[0], x.scalar_type()), to_type(r[1], h0.scalar_type())};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const bool create_graph = c10::GradMode::is_enabled();
+    std::vector<Tensor> per_input;
+    {
+      c10::NoGradGuard no_grad;
+      auto s = ctx->get_saved_variables();  // x h0 w_ih w_hh out stash
+      const std::vector<bool> needs = inputs_needing_grad(ctx);
+      const bool reset_after = ctx->saved_data["reset_after"].toBool();
+      auto g = gru_backward_py(
+          arriving(grads[0], s[4].sizes(), s[4].options()),
+          arriving(grads[1], s[1].sizes(), s[1].options()), s[0], s[1], s[2], s[3], s[4], s[5],
+          ctx->saved_data["batch_sizes"].toIntVector(), ctx->saved_data["reverse"].toBool(),
+          reset_after, ctx->saved_data["parts"].toInt(), needs);
+      // g: dx, dh0, dw_ih, dw_hh, db_ih, db_hh (reset before: db_ih the sum's gradient)
+      if (!reset_after) std::tie(g[4], g[5]) = bias_gradients(g[4], needs[4], needs[5]);
+      per_input = g;
+    }
+    return node_gradients(ctx, per_input, 10, create_graph);
+  }
+};
+
+struct NativeRNNLayer : public torch::autograd::Function<NativeRNNLayer> {
+  // Tensors x, h0, w_ih, w_hh, b_ih, b_hh (as NativeRNNFunction's); parts: the driver.
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& h0,
+                               const Tensor& w_ih, const Tensor& w_hh,
+                               const c10::optional<Tensor>& b_ih,
+                               const c10::optional<Tensor>& b_hh,
+                               const std::vector<i64>& batch_sizes, bool reverse, bool relu,
+                               i64 parts) {
+    auto in = compute_inputs<6>(ctx, {x, h0, w_ih, w_hh, given(b_ih), given(b_hh)});
+    auto r = rnn_forward_py(in[0], maybe(in[4]), maybe(in[5]), in[1], in[2], in[3], batch_sizes,
+                            reverse, relu, parts);
+    ctx->save_for_backward({in[0], in[1], in[2], in[3], r[0]});   // r: out, h_T
+    ctx->saved_data["batch_sizes"] = batch_sizes;
+    ctx->saved_data["reverse"] = reverse;
+    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["parts"] = parts;
+    return {to_type(r[0], x.scalar_type()), to_type(r[1], h0.scalar_type())};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const bool create_graph = c10::GradMode::is_enabled();
+    std::vector<Tensor> per_input;
+    {
+      c10::NoGradGuard no_grad;
+      auto s = ctx->get_saved_variables();  // x h0 w_ih w_hh out
+      const std::vector<bool> needs = inputs_needing_grad(ctx);
+      auto g = rnn_backward_py(
+          arriving(grads[0], s[4].sizes(), s[4].options()),
+          arriving(grads[1], s[1].sizes(), s[1].options()), s[0], s[1], s[2], s[3], s[4],
+          ctx->saved_data["batch_sizes"].toIntVector(), ctx->saved_data["reverse"].toBool(),
+          ctx->saved_data["relu"].toBool(), ctx->saved_data["parts"].toInt(), needs);
+      auto [db_ih, db_hh] = bias_gradients(g[4], needs[4], needs[5]);   // g: dx dh0 dw_ih dw_hh db
+      per_input = {g[0], g[1], g[2], g[3], db_ih, db_hh};
+    }
+    return node_gradients(ctx, per_input, 10, create_graph);
+  }
+};
+
+std::vector<Tensor> lstm_layer_py(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh,
+                                  c10::optional<Tensor> b_ih, c10::optional<Tensor> b_hh,
+                                  c10::optional<Tensor> w_hr, c10::optional<Tensor> w_peephole,
+                                  std::vector<i64> batch_sizes, bool reverse, i64 form,
+                                  std::vector<i64> plan) {
+  check_cpu(x, "x");
+  return NativeLSTMLayer::apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole,
+                                batch_sizes, reverse, form, plan);
+}
+
+std::vector<Tensor> gru_layer_py(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh,
+                                 c10::optional<Tensor> b_ih, c10::optional<Tensor> b_hh,
+                                 std::vector<i64> batch_sizes, bool reverse, bool reset_after,
+                                 i64 parts) {
+  check_cpu(x, "x");
+  return NativeGRULayer::apply(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse,
+                               reset_after, parts);
+}
+
+std::vector<Tensor> rnn_layer_py(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh,
+                                 c10::optional<Tensor> b_ih, c10::optional<Tensor> b_hh,
+                                 std::vector<i64> batch_sizes, bool reverse, bool relu,
+                                 i64 parts) {
+  check_cpu(x, "x");
+  return NativeRNNLayer::apply(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu, parts);
+}
+
 void products_py(std::vector<Tensor> outs, std::vector<Tensor> as, std::vector<Tensor> bs) {
   TORCH_CHECK(outs.size() == as.size() && as.size() == bs.size(),
               "products: lists of different lengths");
@@ -2270,6 +2393,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_forward", &lstm_forward_py);
   m.def("lstm_backward", &lstm_backward_py);
   m.def("lstm_layer", &lstm_layer_py);
+  m.def("gru_layer", &gru_layer_py);
+  m.def("rnn_layer", &rnn_layer_py);
   m.def("lstm_pack_cell", &lstm_pack_cell_py);
   m.def("lstm_cell", &lstm_cell_py);
   m.def("gru_forward", &gru_forward_py);

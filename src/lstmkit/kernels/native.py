@@ -6,9 +6,10 @@ Same signatures and semantics as the portable kernels' Functions (lstm.py, gru.p
 A layer's forward is one call into C++ (bias sum, input projection, step loop), and so is its
 backward (step loop, then dX and the weight and bias gradients as matrix products in one
 parallel region): no Python per step, and none of the dozen small ATen calls per layer that
-cost as much as the loops at batch 1. For the LSTM the autograd node itself is C++ too
-(NativeLSTMLayer: no Python in its backward). This file chooses the driver (`_driver`,
-`_lstm_plan`) and keeps the GRU's and RNN's Function plumbing.
+cost as much as the loops at batch 1. The autograd nodes are C++ too (NativeLSTMLayer,
+NativeGRULayer, NativeRNNLayer: no Python in a backward pass). This file chooses the driver
+(`_driver`, `_lstm_plan`) and routes each call: the portable Function when the extension is
+missing, the bare forward without autograd, else the C++ node.
 
 Build: `torch.utils.cpp_extension.load` compiles `_native.cpp` against the installed torch the
 first time a native kernel is needed (about 20 s on 2 cores) into torch's extension cache
@@ -31,13 +32,11 @@ import weakref
 from pathlib import Path
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import gru as _gru
 from . import lstm as _lstm
 from . import rnn as _rnn
-from ._common import split_bias_gradient
-from ._precision import cast_like, cast_to, compute_dtype, upcast
+from ._precision import cast_like, compute_dtype, upcast
 
 _SOURCE = Path(__file__).with_name("_native.cpp")
 NATIVE_DTYPES = (torch.float32, torch.float64)
@@ -324,22 +323,6 @@ def _check_device(x):
         raise ValueError(f"backend='native' runs on the CPU only, got a tensor on {x.device}")
 
 
-class _NativeFunction(torch.autograd.Function):
-    """Shared `apply`: portable when the extension is missing, no autograd when none is needed."""
-
-    _portable: type[torch.autograd.Function]
-
-    @classmethod
-    def apply(cls, *args):
-        _check_device(args[0])
-        if module() is None:
-            return cls._portable.apply(*args)
-        if _needs_autograd(args):
-            return super().apply(*args)
-        # No tensor needs a gradient here (or grad mode is off), so nothing records a graph.
-        return cls._infer(*args)
-
-
 # The name of NativeLSTMLayer's autograd node (_native.cpp).
 _LSTM_NODE = "torch::autograd::CppNode<(anonymous namespace)::NativeLSTMLayer>"
 
@@ -409,88 +392,57 @@ class NativeLSTMFunction:
         return tuple(cast_like((out, h_T, c_T), originals))
 
 
-class NativeGRUFunction(_NativeFunction):
+class NativeGRUFunction:
     """One GRU layer in one direction, native loops; same signature as `GRUFunction`.
 
     apply(x (N, I), h0 (B, H), w_ih (3H, I), w_hh (3H, H), b_ih (3H,) | None, b_hh (3H,) | None,
           layout: StepLayout, reverse: bool, reset_after: bool) -> out (N, H), h_T (B, H)
+    The autograd node is C++ (NativeGRULayer in _native.cpp), as the LSTM's.
     Saved: x, h0, w_ih, w_hh, out, stash [r | z | n | gh_n] (N, 4H) ([r | z | n] reset-before).
     """
 
-    _portable = _gru.GRUFunction
-
     @staticmethod
-    def _run(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after, save):
-        return module().gru_forward(x, b_ih, b_hh, h0, w_ih, w_hh, layout.batch_sizes, reverse,
-                                    reset_after, save, _driver(layout, w_hh, not reset_after))
-
-    @staticmethod
-    def _infer(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after):
-        args = upcast((x, h0, w_ih, w_hh, b_ih, b_hh), compute_dtype(x.dtype))
-        out, h_T, _ = NativeGRUFunction._run(*args, layout, reverse, reset_after, False)
-        return tuple(cast_like((out, h_T), (x, h0)))
-
-    @staticmethod
-    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after):
-        out, h_T, _, originals = _gru.forward_and_save(
-            ctx, functools.partial(NativeGRUFunction._run, save=True), x, h0, w_ih, w_hh, b_ih,
-            b_hh, layout, reverse, reset_after)
-        return tuple(cast_like((out, h_T), originals[:2]))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, d_out, d_hT):
-        x, h0, w_ih, w_hh, out, stash = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        dx, dh0, dw_ih, dw_hh, db_ih, db_hh = module().gru_backward(
-            d_out, d_hT, x, h0, w_ih, w_hh, out, stash, ctx.layout.batch_sizes, ctx.reverse,
-            ctx.reset_after, _driver(ctx.layout, w_hh, not ctx.reset_after), needs[:6])
-        if not ctx.reset_after:                 # b_ih and b_hh enter as one sum
-            db_ih, db_hh = split_bias_gradient(db_ih, needs[4], needs[5])
-        grads = (dx, dh0, dw_ih, dw_hh, db_ih, db_hh)
-        return (*cast_to(grads, ctx.dtypes), None, None, None)
+    def apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after):
+        _check_device(x)
+        if module() is None:
+            return _gru.GRUFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse,
+                                          reset_after)
+        parts = _driver(layout, w_hh, not reset_after, itemsize=compute_dtype(x.dtype).itemsize)
+        if not _needs_autograd((x, h0, w_ih, w_hh, b_ih, b_hh)):
+            args = upcast((x, h0, w_ih, w_hh, b_ih, b_hh), compute_dtype(x.dtype))
+            out, h_T, _ = module().gru_forward(args[0], args[4], args[5], args[1], args[2],
+                                               args[3], layout.batch_sizes, reverse,
+                                               reset_after, False, parts)
+            return tuple(cast_like((out, h_T), (x, h0)))
+        return tuple(module().gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, layout.batch_sizes,
+                                        reverse, reset_after, parts))
 
 
-class NativeRNNFunction(_NativeFunction):
+class NativeRNNFunction:
     """One Elman RNN layer in one direction, native loops; same signature as `RNNFunction`.
 
     apply(x (N, I), h0 (B, H), w_ih (H, I), w_hh (H, H), b_ih (H,) | None, b_hh (H,) | None,
           layout: StepLayout, reverse: bool, nonlinearity: "tanh" | "relu")
     -> out (N, H), h_T (B, H)
+    The autograd node is C++ (NativeRNNLayer in _native.cpp), as the LSTM's.
     Saved: x, h0, w_ih, w_hh, out.
     """
 
-    _portable = _rnn.RNNFunction
-
     @staticmethod
-    def _run(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, nonlinearity):
-        return module().rnn_forward(x, b_ih, b_hh, h0, w_ih, w_hh, layout.batch_sizes, reverse,
-                                    nonlinearity == "relu", _driver(layout, w_hh))
-
-    @staticmethod
-    def _infer(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, nonlinearity):
-        args = upcast((x, h0, w_ih, w_hh, b_ih, b_hh), compute_dtype(x.dtype))
-        out, h_T = NativeRNNFunction._run(*args, layout, reverse, nonlinearity)
-        return tuple(cast_like((out, h_T), (x, h0)))
-
-    @staticmethod
-    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, nonlinearity):
-        out, h_T, originals = _rnn.forward_and_save(ctx, NativeRNNFunction._run, x, h0, w_ih,
-                                                    w_hh, b_ih, b_hh, layout, reverse,
-                                                    nonlinearity)
-        return tuple(cast_like((out, h_T), originals[:2]))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, d_out, d_hT):
-        x, h0, w_ih, w_hh, out = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        dx, dh0, dw_ih, dw_hh, db = module().rnn_backward(
-            d_out, d_hT, x, h0, w_ih, w_hh, out, ctx.layout.batch_sizes, ctx.reverse,
-            ctx.nonlinearity == "relu", _driver(ctx.layout, w_hh), needs[:6])
-        db_ih, db_hh = split_bias_gradient(db, needs[4], needs[5])
-        grads = (dx, dh0, dw_ih, dw_hh, db_ih, db_hh)
-        return (*cast_to(grads, ctx.dtypes), None, None, None)
+    def apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, nonlinearity):
+        _check_device(x)
+        if module() is None:
+            return _rnn.RNNFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse,
+                                          nonlinearity)
+        parts = _driver(layout, w_hh, itemsize=compute_dtype(x.dtype).itemsize)
+        relu = nonlinearity == "relu"
+        if not _needs_autograd((x, h0, w_ih, w_hh, b_ih, b_hh)):
+            args = upcast((x, h0, w_ih, w_hh, b_ih, b_hh), compute_dtype(x.dtype))
+            out, h_T = module().rnn_forward(args[0], args[4], args[5], args[1], args[2], args[3],
+                                            layout.batch_sizes, reverse, relu, parts)
+            return tuple(cast_like((out, h_T), (x, h0)))
+        return tuple(module().rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, layout.batch_sizes,
+                                        reverse, relu, parts))
 
 
 FUNCTIONS = {"lstm": NativeLSTMFunction, "gru": NativeGRUFunction, "rnn": NativeRNNFunction}
