@@ -6,9 +6,9 @@
 //
 // Each entry point (the *_py functions at the end) is a layer's whole forward or backward in one
 // direction: the per-sequence products (input projection; dX and the weight gradients, see
-// "Per-sequence products"), the recurrence, and the memory pool everything lives in; and each
-// layer's autograd node (NativeLSTMLayer, NativeGRULayer, NativeRNNLayer), Python-free from
-// apply to the gradients. native.py chooses the driver and routes the calls.
+// "Per-sequence products"), the recurrence, and the memory pool everything lives in; and the
+// layers' autograd nodes (NativeLSTMLayer; NativeOneStateLayer for the GRU and RNN),
+// Python-free from apply to the gradients. native.py chooses the driver and routes the calls.
 //
 // Two drivers per family:
 //   fused   small batches and recurrent matrices whose per-core share fits in L2, no
@@ -2245,82 +2245,55 @@ struct NativeLSTMLayer : public torch::autograd::Function<NativeLSTMLayer> {
   }
 };
 
-struct NativeGRULayer : public torch::autograd::Function<NativeGRULayer> {
-  // Tensors x, h0, w_ih, w_hh, b_ih, b_hh (as NativeGRUFunction's); parts: the driver.
+// The GRU's and RNN's node (one state each): `gru` picks the family, `option` is the GRU's
+// reset_after or the RNN's relu.
+struct NativeOneStateLayer : public torch::autograd::Function<NativeOneStateLayer> {
+  // Tensors x, h0, w_ih, w_hh, b_ih, b_hh (as NativeGRUFunction's, NativeRNNFunction's);
+  // parts: the driver.
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& h0,
                                const Tensor& w_ih, const Tensor& w_hh,
                                const c10::optional<Tensor>& b_ih,
                                const c10::optional<Tensor>& b_hh,
-                               const std::vector<i64>& batch_sizes, bool reverse, bool reset_after,
-                               i64 parts) {
+                               const std::vector<i64>& batch_sizes, bool reverse, bool gru,
+                               bool option, i64 parts) {
     auto in = compute_inputs<6>(ctx, {x, h0, w_ih, w_hh, given(b_ih), given(b_hh)});
-    auto r = gru_forward_py(in[0], maybe(in[4]), maybe(in[5]), in[1], in[2], in[3], batch_sizes,
-                            reverse, reset_after, true, parts);
-    // r: out, h_T, stash. The backward's loop reads the previous rows from out itself.
-    ctx->save_for_backward({in[0], in[1], in[2], in[3], r[0], r[2]});
+    // r: out, h_T[, stash]. Their backward loops read the previous rows from out itself.
+    auto r = gru ? gru_forward_py(in[0], maybe(in[4]), maybe(in[5]), in[1], in[2], in[3],
+                                  batch_sizes, reverse, option, true, parts)
+                 : rnn_forward_py(in[0], maybe(in[4]), maybe(in[5]), in[1], in[2], in[3],
+                                  batch_sizes, reverse, option, parts);
+    ctx->save_for_backward({in[0], in[1], in[2], in[3], r[0], gru ? r[2] : Tensor()});
     ctx->saved_data["batch_sizes"] = batch_sizes;
     ctx->saved_data["reverse"] = reverse;
-    ctx->saved_data["reset_after"] = reset_after;
+    ctx->saved_data["gru"] = gru;
+    ctx->saved_data["option"] = option;
     ctx->saved_data["parts"] = parts;
     return {to_type(r[0], x.scalar_type()), to_type(r[1], h0.scalar_type())};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const bool create_graph = c10::GradMode::is_enabled();
-    std::vector<Tensor> per_input;
+    std::vector<Tensor> g;
     {
       c10::NoGradGuard no_grad;
-      auto s = ctx->get_saved_variables();  // x h0 w_ih w_hh out stash
+      auto s = ctx->get_saved_variables();  // x h0 w_ih w_hh out stash (GRU) or undefined
       const std::vector<bool> needs = inputs_needing_grad(ctx);
-      const bool reset_after = ctx->saved_data["reset_after"].toBool();
-      auto g = gru_backward_py(
-          arriving(grads[0], s[4].sizes(), s[4].options()),
-          arriving(grads[1], s[1].sizes(), s[1].options()), s[0], s[1], s[2], s[3], s[4], s[5],
-          ctx->saved_data["batch_sizes"].toIntVector(), ctx->saved_data["reverse"].toBool(),
-          reset_after, ctx->saved_data["parts"].toInt(), needs);
-      // g: dx, dh0, dw_ih, dw_hh, db_ih, db_hh (reset before: db_ih the sum's gradient)
-      if (!reset_after) std::tie(g[4], g[5]) = bias_gradients(g[4], needs[4], needs[5]);
-      per_input = g;
+      const bool gru = ctx->saved_data["gru"].toBool(), option = ctx->saved_data["option"].toBool();
+      const std::vector<i64> batch_sizes = ctx->saved_data["batch_sizes"].toIntVector();
+      const bool reverse = ctx->saved_data["reverse"].toBool();
+      const i64 parts = ctx->saved_data["parts"].toInt();
+      Tensor d_out = arriving(grads[0], s[4].sizes(), s[4].options());
+      Tensor d_hT = arriving(grads[1], s[1].sizes(), s[1].options());
+      // GRU: dx, dh0, dw_ih, dw_hh, db_ih, db_hh, but reset before db_ih is the gradient of
+      // b_ih + b_hh; RNN: dx, dh0, dw_ih, dw_hh and that of b_ih + b_hh.
+      g = gru ? gru_backward_py(d_out, d_hT, s[0], s[1], s[2], s[3], s[4], s[5], batch_sizes,
+                                reverse, option, parts, needs)
+              : rnn_backward_py(d_out, d_hT, s[0], s[1], s[2], s[3], s[4], batch_sizes, reverse,
+                                option, parts, needs);
+      g.resize(6);
+      if (!(gru && option)) std::tie(g[4], g[5]) = bias_gradients(g[4], needs[4], needs[5]);
     }
-    return node_gradients(ctx, per_input, 10, create_graph);
-  }
-};
-
-struct NativeRNNLayer : public torch::autograd::Function<NativeRNNLayer> {
-  // Tensors x, h0, w_ih, w_hh, b_ih, b_hh (as NativeRNNFunction's); parts: the driver.
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& h0,
-                               const Tensor& w_ih, const Tensor& w_hh,
-                               const c10::optional<Tensor>& b_ih,
-                               const c10::optional<Tensor>& b_hh,
-                               const std::vector<i64>& batch_sizes, bool reverse, bool relu,
-                               i64 parts) {
-    auto in = compute_inputs<6>(ctx, {x, h0, w_ih, w_hh, given(b_ih), given(b_hh)});
-    auto r = rnn_forward_py(in[0], maybe(in[4]), maybe(in[5]), in[1], in[2], in[3], batch_sizes,
-                            reverse, relu, parts);
-    ctx->save_for_backward({in[0], in[1], in[2], in[3], r[0]});   // r: out, h_T
-    ctx->saved_data["batch_sizes"] = batch_sizes;
-    ctx->saved_data["reverse"] = reverse;
-    ctx->saved_data["relu"] = relu;
-    ctx->saved_data["parts"] = parts;
-    return {to_type(r[0], x.scalar_type()), to_type(r[1], h0.scalar_type())};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const bool create_graph = c10::GradMode::is_enabled();
-    std::vector<Tensor> per_input;
-    {
-      c10::NoGradGuard no_grad;
-      auto s = ctx->get_saved_variables();  // x h0 w_ih w_hh out
-      const std::vector<bool> needs = inputs_needing_grad(ctx);
-      auto g = rnn_backward_py(
-          arriving(grads[0], s[4].sizes(), s[4].options()),
-          arriving(grads[1], s[1].sizes(), s[1].options()), s[0], s[1], s[2], s[3], s[4],
-          ctx->saved_data["batch_sizes"].toIntVector(), ctx->saved_data["reverse"].toBool(),
-          ctx->saved_data["relu"].toBool(), ctx->saved_data["parts"].toInt(), needs);
-      auto [db_ih, db_hh] = bias_gradients(g[4], needs[4], needs[5]);   // g: dx dh0 dw_ih dw_hh db
-      per_input = {g[0], g[1], g[2], g[3], db_ih, db_hh};
-    }
-    return node_gradients(ctx, per_input, 10, create_graph);
+    return node_gradients(ctx, g, 11, create_graph);
   }
 };
 
@@ -2334,21 +2307,14 @@ std::vector<Tensor> lstm_layer_py(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, T
                                 batch_sizes, reverse, form, plan);
 }
 
-std::vector<Tensor> gru_layer_py(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh,
-                                 c10::optional<Tensor> b_ih, c10::optional<Tensor> b_hh,
-                                 std::vector<i64> batch_sizes, bool reverse, bool reset_after,
-                                 i64 parts) {
+// A GRU (gru, option = reset_after) or RNN (option = relu) layer through its autograd node.
+std::vector<Tensor> one_state_layer_py(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh,
+                                       c10::optional<Tensor> b_ih, c10::optional<Tensor> b_hh,
+                                       std::vector<i64> batch_sizes, bool reverse, bool gru,
+                                       bool option, i64 parts) {
   check_cpu(x, "x");
-  return NativeGRULayer::apply(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse,
-                               reset_after, parts);
-}
-
-std::vector<Tensor> rnn_layer_py(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh,
-                                 c10::optional<Tensor> b_ih, c10::optional<Tensor> b_hh,
-                                 std::vector<i64> batch_sizes, bool reverse, bool relu,
-                                 i64 parts) {
-  check_cpu(x, "x");
-  return NativeRNNLayer::apply(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu, parts);
+  return NativeOneStateLayer::apply(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, gru,
+                                    option, parts);
 }
 
 void products_py(std::vector<Tensor> outs, std::vector<Tensor> as, std::vector<Tensor> bs) {
@@ -2393,8 +2359,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_forward", &lstm_forward_py);
   m.def("lstm_backward", &lstm_backward_py);
   m.def("lstm_layer", &lstm_layer_py);
-  m.def("gru_layer", &gru_layer_py);
-  m.def("rnn_layer", &rnn_layer_py);
+  m.def("one_state_layer", &one_state_layer_py);
   m.def("lstm_pack_cell", &lstm_pack_cell_py);
   m.def("lstm_cell", &lstm_cell_py);
   m.def("gru_forward", &gru_forward_py);

@@ -6,10 +6,10 @@ Same signatures and semantics as the portable kernels' Functions (lstm.py, gru.p
 A layer's forward is one call into C++ (bias sum, input projection, step loop), and so is its
 backward (step loop, then dX and the weight and bias gradients as matrix products in one
 parallel region): no Python per step, and none of the dozen small ATen calls per layer that
-cost as much as the loops at batch 1. The autograd nodes are C++ too (NativeLSTMLayer,
-NativeGRULayer, NativeRNNLayer: no Python in a backward pass). This file chooses the driver
-(`_driver`, `_lstm_plan`) and routes each call: the portable Function when the extension is
-missing, the bare forward without autograd, else the C++ node.
+cost as much as the loops at batch 1. The autograd nodes are C++ too (NativeLSTMLayer, and
+NativeOneStateLayer for the GRU and RNN: no Python in a backward pass). This file chooses the
+driver (`_driver`, `_lstm_plan`) and routes each call: the portable Function when the
+extension is missing, the bare forward without autograd, else the C++ node.
 
 Build: `torch.utils.cpp_extension.load` compiles `_native.cpp` against the installed torch the
 first time a native kernel is needed (about 20 s on 2 cores) into torch's extension cache
@@ -397,7 +397,7 @@ class NativeGRUFunction:
 
     apply(x (N, I), h0 (B, H), w_ih (3H, I), w_hh (3H, H), b_ih (3H,) | None, b_hh (3H,) | None,
           layout: StepLayout, reverse: bool, reset_after: bool) -> out (N, H), h_T (B, H)
-    The autograd node is C++ (NativeGRULayer in _native.cpp), as the LSTM's.
+    The autograd node is C++ (NativeOneStateLayer in _native.cpp), as the LSTM's.
     Saved: x, h0, w_ih, w_hh, out, stash [r | z | n | gh_n] (N, 4H) ([r | z | n] reset-before).
     """
 
@@ -414,8 +414,8 @@ class NativeGRUFunction:
                                                args[3], layout.batch_sizes, reverse,
                                                reset_after, False, parts)
             return tuple(cast_like((out, h_T), (x, h0)))
-        return tuple(module().gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, layout.batch_sizes,
-                                        reverse, reset_after, parts))
+        return tuple(module().one_state_layer(x, h0, w_ih, w_hh, b_ih, b_hh, layout.batch_sizes,
+                                              reverse, True, reset_after, parts))
 
 
 class NativeRNNFunction:
@@ -424,7 +424,7 @@ class NativeRNNFunction:
     apply(x (N, I), h0 (B, H), w_ih (H, I), w_hh (H, H), b_ih (H,) | None, b_hh (H,) | None,
           layout: StepLayout, reverse: bool, nonlinearity: "tanh" | "relu")
     -> out (N, H), h_T (B, H)
-    The autograd node is C++ (NativeRNNLayer in _native.cpp), as the LSTM's.
+    The autograd node is C++ (NativeOneStateLayer in _native.cpp), as the LSTM's.
     Saved: x, h0, w_ih, w_hh, out.
     """
 
@@ -441,8 +441,8 @@ class NativeRNNFunction:
             out, h_T = module().rnn_forward(args[0], args[4], args[5], args[1], args[2], args[3],
                                             layout.batch_sizes, reverse, relu, parts)
             return tuple(cast_like((out, h_T), (x, h0)))
-        return tuple(module().rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, layout.batch_sizes,
-                                        reverse, relu, parts))
+        return tuple(module().one_state_layer(x, h0, w_ih, w_hh, b_ih, b_hh, layout.batch_sizes,
+                                              reverse, False, relu, parts))
 
 
 FUNCTIONS = {"lstm": NativeLSTMFunction, "gru": NativeGRUFunction, "rnn": NativeRNNFunction}
