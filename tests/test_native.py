@@ -311,6 +311,25 @@ def test_packed_unsorted_matches_torch(name, driver):
         assert (ours_value - torch_value).abs().max().item() < 1e-10
 
 
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+def test_extreme_inputs_match_torch(name, driver):
+    """float32 (the SIMD exp, sigmoid and tanh): pre-activations far past saturation, +-inf and
+    NaN give what torch.nn gives: saturated gates, finite states, NaN only in the NaN's row."""
+    torch.manual_seed(11)
+    ours = getattr(lstmkit, name)(1, 19, backend="native")
+    theirs = getattr(torch.nn, name)(1, 19)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 6, 1)
+    x[1, :, 0] = torch.tensor([1e4, -1e4, float("inf"), float("-inf"), float("nan"), 3e38])
+    with torch.no_grad():
+        (out, state), (expected, expected_state) = ours(x), theirs(x)
+    finals = state if isinstance(state, tuple) else (state,)
+    expected_finals = expected_state if isinstance(expected_state, tuple) else (expected_state,)
+    assert out[:, 4].isnan().any() and not out[:, [0, 1, 2, 3, 5]].isnan().any()
+    for actual, wanted in zip((out, *finals), (expected, *expected_finals), strict=True):
+        torch.testing.assert_close(actual, wanted, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
 def _function_cases():
     torch.manual_seed(3)
     d = torch.float64

@@ -207,7 +207,30 @@ template <typename S> inline V<S> splat(S s) { return V<S>{} + s; }
 template <typename S>
 inline V<S> load_bias(const S* bias, i64 at, int n) { return bias ? load(bias + at, n) : V<S>{}; }
 
-// float: Cephes-style exp (about 1 ulp), vectorised. Inputs clamped so 2^n stays normal.
+// float: Cephes-style exp (about 1 ulp), vectorised: exp(x) = 2^n e^r, n = round(x log2 e),
+// r = x - n ln 2 (in two parts), e^r by its polynomial. Inputs clamped so 2^n stays normal.
+#ifdef __AVX512F__
+// With AVX-512 the rounding is one instruction and 2^n applied by scalef instead of built from
+// its exponent bits (same results; 11 of the 17 instructions). The clamp as min(hi, max(lo, x)):
+// min and max return their second operand when one is NaN, so NaN stays NaN. Gate math per
+// unit, the LSTM cell at 16 rows x 256 units: 2.5 -> 2.3 ns.
+__attribute__((always_inline)) inline V<float> vexp(V<float> x) {
+  using VF = V<float>;
+  x = (VF)_mm512_min_ps((__m512)splat(88.3f), _mm512_max_ps((__m512)splat(-87.3f), (__m512)x));
+  VF n = (VF)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = x - n * 0.693359375f + n * 2.12194440e-4f;
+  VF z = x * x;
+  VF y = splat(1.9875691500E-4f);
+  y = y * x + 1.3981999507E-3f;
+  y = y * x + 8.3334519073E-3f;
+  y = y * x + 4.1665795894E-2f;
+  y = y * x + 1.6666665459E-1f;
+  y = y * x + 5.0000001201E-1f;
+  y = y * z + x + 1.0f;
+  return (VF)_mm512_scalef_ps((__m512)y, (__m512)n);
+}
+#else
 __attribute__((always_inline)) inline V<float> vexp(V<float> x) {
   using VF = V<float>;
   using VI = Vec<float>::I;
@@ -228,6 +251,7 @@ __attribute__((always_inline)) inline V<float> vexp(V<float> x) {
   VI e = (__builtin_convertvector(tf, VI) + 127) << 23;
   return y * (VF)e;
 }
+#endif
 
 __attribute__((always_inline)) inline V<float> vsigmoid(V<float> x) { return 1.0f / (1.0f + vexp(-x)); }
 
@@ -908,8 +932,35 @@ struct LSTMForwardGates {
   const S* peep = nullptr;                                   // (3H) peephole weights, or none
   int form = 0;                                              // the cell's form, see CellForm
   // Pre-activations of row b (global row `row`), block jb -> writes c and the saved tensors,
-  // returns m = o tanh(c) for the block.
-  inline V<S> operator()(i64 b, i64 row, i64 jb, const V<S>* acc) const {
+  // returns m = o tanh(c) for the block. torch.nn's cell takes a straight-line copy inlined
+  // into the drivers' loops: the general one, branching on the form, kept the compiler from
+  // inlining it and spilled registers (LSTM forward batch 32 / hidden 256: 16% of the time).
+  __attribute__((always_inline)) inline V<S> operator()(i64 b, i64 row, i64 jb,
+                                                         const V<S>* acc) const {
+    if (form == 0 && !peep) return standard(b, row, jb, acc);
+    return general(b, row, jb, acc);
+  }
+  __attribute__((always_inline)) inline V<S> standard(i64 b, i64 row, i64 jb,
+                                                       const V<S>* acc) const {
+    constexpr int L = Vec<S>::L;
+    i64 j = jb * L;
+    int n = (int)std::min<i64>(L, H - j);
+    const S* x = xproj ? xproj + row * 4 * H : nullptr;
+    S* cb = c + b * H + j;
+    V<S> i = vsigmoid(acc[0] + load_bias(x, j, n) + load_bias(bias, j, n));
+    V<S> f = vsigmoid(acc[1] + load_bias(x, H + j, n) + load_bias(bias, H + j, n));
+    V<S> g = vtanh(acc[2] + load_bias(x, 2 * H + j, n) + load_bias(bias, 2 * H + j, n));
+    V<S> o = vsigmoid(acc[3] + load_bias(x, 3 * H + j, n) + load_bias(bias, 3 * H + j, n));
+    V<S> cn = f * load(cb, n) + i * g;
+    store(cb, cn, n);
+    if (gates) {
+      S* gr = gates + row * 4 * H + j;
+      store(gr, i, n); store(gr + H, f, n); store(gr + 2 * H, g, n); store(gr + 3 * H, o, n);
+      store(cells + row * H + j, cn, n);
+    }
+    return o * vtanh(cn);
+  }
+  __attribute__((noinline)) V<S> general(i64 b, i64 row, i64 jb, const V<S>* acc) const {
     constexpr int L = Vec<S>::L;
     i64 j = jb * L;
     int n = (int)std::min<i64>(L, H - j);
@@ -1081,6 +1132,9 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
     recurrent(mat<S>(rec).rows_at(r0, e - r0), zm.rows_at(r0, e - r0));
     for_rows(e, H, [&](i64 b) {
       V<S> acc[4];
+      // Four blocks per iteration: their gate math, independent chains of ~150 instructions,
+      // interleaved instead of one block's latency after another's (2.3 -> 1.6 ns per unit).
+#pragma GCC unroll 4
       for (i64 jb = 0; jb < J; ++jb) {
         i64 j = jb * L;
         int n = (int)std::min<i64>(L, H - j);
@@ -1114,7 +1168,32 @@ struct LSTMBackwardGates {
   // With CIFG, f = 1 - i: i's gradient is dc (g - c_prev), a_f gets none. A removed gate was
   // saved as 1, where both gate activations' slopes are 0: its pre-activation gets no gradient
   // with no test here.
-  inline void operator()(i64 t, i64 b, i64 jb, V<S> dm) const {
+  // torch.nn's cell inlined, the others called (as LSTMForwardGates's).
+  __attribute__((always_inline)) inline void operator()(i64 t, i64 b, i64 jb, V<S> dm) const {
+    if (form == 0 && !peep) return standard(t, b, jb, dm);
+    general(t, b, jb, dm);
+  }
+  __attribute__((always_inline)) inline void standard(i64 t, i64 b, i64 jb, V<S> dm) const {
+    constexpr int L = Vec<S>::L;
+    i64 j = jb * L;
+    int n = (int)std::min<i64>(L, H - j);
+    i64 row = st->offset[t] + b;
+    i64 prev = st->row(st->before(t), b);
+    const S* gr = gates + row * 4 * H + j;
+    V<S> i = load(gr, n), f = load(gr + H, n), g = load(gr + 2 * H, n), o = load(gr + 3 * H, n);
+    V<S> s = vtanh(load(cells + row * H + j, n));
+    V<S> c_prev = prev >= 0 ? load(cells + prev * H + j, n) : load(c0 + b * H + j, n);
+    S* dcb = dc + b * H + j;
+    const V<S> one = splat(S(1));
+    V<S> dct = load(dcb, n) + dm * o * (one - s * s);
+    S* da = d_gates + row * 4 * H + j;
+    store(da, dct * g * i * (one - i), n);
+    store(da + H, dct * c_prev * f * (one - f), n);
+    store(da + 2 * H, dct * i * (one - g * g), n);
+    store(da + 3 * H, dm * s * o * (one - o), n);
+    store(dcb, dct * f, n);
+  }
+  __attribute__((noinline)) void general(i64 t, i64 b, i64 jb, V<S> dm) const {
     constexpr int L = Vec<S>::L;
     i64 j = jb * L;
     int n = (int)std::min<i64>(L, H - j);
