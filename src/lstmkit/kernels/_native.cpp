@@ -403,14 +403,14 @@ inline void gather_tile(const S* src, i64 su, i64 sc, i64 n, i64 kn, S (&tile)[K
     for (i64 k = 0; k < kn; ++k) tile[k][l] = S(0);
 }
 
+// One source's columns [k_offset, k_offset + K) of a packed matrix of KP columns in all.
 template <typename S>
-Tensor pack(const Tensor& w, i64 ng, i64 units, i64 K, i64 sq, i64 su, i64 sc) {
+void pack_into(S* out, const Tensor& w, i64 ng, i64 units, i64 K, i64 KP, i64 k_offset, i64 sq,
+               i64 su, i64 sc) {
   constexpr int L = Vec<S>::L;
   constexpr i64 KT = 16;                 // contraction tile: L x KT elements transposed at once
   i64 J = (units + L - 1) / L;
-  Tensor packed = pooled_empty({J * K * ng * L}, w.options());
   const S* W = w.data_ptr<S>();
-  S* out = packed.data_ptr<S>();
   // Read along whichever of j (su == 1) and k is contiguous in W: a strided gather, one element
   // per cache line, made the packing of a 1 MiB matrix cost as much as 50 recurrent steps.
   // Serial below 32K elements (a parallel region costs more); two cores halve a 1 MiB pack.
@@ -432,11 +432,31 @@ Tensor pack(const Tensor& w, i64 ng, i64 units, i64 K, i64 sq, i64 su, i64 sc) {
             gather_tile<S, L, KT>(Wq + k0 * sc, su, sc, n, kn, tile);
           }
           for (i64 k = 0; k < kn; ++k)
-            std::memcpy(out + ((jb * K + k0 + k) * ng + q) * L, tile[k], L * sizeof(S));
+            std::memcpy(out + ((jb * KP + k_offset + k0 + k) * ng + q) * L, tile[k], L * sizeof(S));
         }
       }
     }
   });
+}
+
+template <typename S>
+Tensor pack(const Tensor& w, i64 ng, i64 units, i64 K, i64 sq, i64 su, i64 sc) {
+  constexpr int L = Vec<S>::L;
+  Tensor packed = pooled_empty({(units + L - 1) / L * K * ng * L}, w.options());
+  pack_into<S>(packed.data_ptr<S>(), w, ng, units, K, K, 0, sq, su, sc);
+  return packed;
+}
+
+// [W_a | W_b] packed as one (ng * units, K_a + K_b) matrix, each row-major (ng * units, K_x):
+// the fused product's [x_t | h] operand without the concatenated copy (at batch 8 / hidden 128
+// the copy was 4% of a forward).
+template <typename S>
+Tensor pack_side_by_side(const Tensor& a, const Tensor& b, i64 ng, i64 units) {
+  constexpr int L = Vec<S>::L;
+  const i64 Ka = a.size(1), Kb = b.size(1), K = Ka + Kb;
+  Tensor packed = pooled_empty({(units + L - 1) / L * K * ng * L}, b.options());
+  pack_into<S>(packed.data_ptr<S>(), a, ng, units, Ka, K, 0, units * Ka, Ka, 1);
+  pack_into<S>(packed.data_ptr<S>(), b, ng, units, Kb, K, Ka, units * Kb, Kb, 1);
   return packed;
 }
 
@@ -1071,19 +1091,14 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
     Tensor h_T = pooled_clone(hbuf[st.count() % 2]);
     return {out, h_T, c, gates, cells};
   }
-  Tensor w = w_hh;
-  if (I) {                                 // [W_ih | W_hh] (4H, I + P)
-    w = pooled_empty({4 * H, I + P}, w_hh.options());
-    w.narrow(1, 0, I).copy_(w_ih);
-    w.narrow(1, I, P).copy_(w_hh);
-  }
   const S* x = ptr<S>(xproj);
   if (own_product && !w_hr.defined()) {
     // Row parts, each step's product our register-blocked one with the gate math in its
     // epilogue (see _own_step_product in native.py): z = [x_t | h] (B, K) twice, read at step s
     // from z[s % 2], the new h written into z[(s + 1) % 2].
     const i64 K = I + P;
-    Tensor packed = pack<S>(w, 4, H, K, H * K, K, 1);
+    Tensor packed = I ? pack_side_by_side<S>(w_ih.contiguous(), w_hh.contiguous(), 4, H)
+                      : pack<S>(w_hh, 4, H, K, H * K, K, 1);
     Tensor zbuf = pooled_empty({2, B, K}, xproj.options());
     zbuf[0].narrow(1, I, P).copy_(h0);
     zbuf[1].narrow(1, I, P).copy_(h0);
@@ -1112,6 +1127,12 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
     });
     Tensor h_T = pooled_clone(zbuf[st.count() % 2].narrow(1, I, P));
     return {out, h_T, c, gates, cells};
+  }
+  Tensor w = w_hh;
+  if (I) {                                 // [W_ih | W_hh] (4H, I + P)
+    w = pooled_empty({4 * H, I + P}, w_hh.options());
+    w.narrow(1, 0, I).copy_(w_ih);
+    w.narrow(1, I, P).copy_(w_hh);
   }
   // z = [x_t | h] (B, I + P), the step product's left operand; just h without the input.
   Tensor z = pooled_empty({B, I + P}, xproj.options());
