@@ -91,14 +91,13 @@ def driver(request, monkeypatch):
     packed = native.module().set_packed_gemm(request.param != "generic-mm")
     # "generic": the weight gradients as one stacked product (the others take the separate
     # products that small shapes get, see WeightGradients).
-    separate = native.module().set_separate_weight_products_max_bytes(
-        0 if request.param == "generic" else 2 << 20)
+    form = native.module().set_weight_products_form(2 if request.param == "generic" else 1)
     monkeypatch.setattr(native, "INPUT_IN_STEP_MAX_RATIO",
                         0 if request.param == "generic-mm" else 1e9)
     yield request.param
     native.module().set_chunk_bytes(previous)
     native.module().set_packed_gemm(packed)
-    native.module().set_separate_weight_products_max_bytes(separate)
+    native.module().set_weight_products_form(form)
 
 
 @pytest.mark.skipif(not (sys.platform == "linux" and platform.machine() == "x86_64"
@@ -245,10 +244,9 @@ GRADIENT_SUBSETS = [("b_hh",), ("b_ih",), ("w_hh",), ("w_ih", "b_hh"), ("x", "w_
 
 @pytest.fixture(params=["separate", "stacked"])
 def weight_products(request):
-    previous = native.module().set_separate_weight_products_max_bytes(
-        2 << 20 if request.param == "separate" else 0)
+    previous = native.module().set_weight_products_form(1 if request.param == "separate" else 2)
     yield request.param
-    native.module().set_separate_weight_products_max_bytes(previous)
+    native.module().set_weight_products_form(previous)
 
 
 @pytest.mark.parametrize("wanted", GRADIENT_SUBSETS, ids="+".join)
@@ -273,6 +271,35 @@ def test_only_the_wanted_gradients(family, wanted, weight_products):
             assert_close(f"d{name}", param.grad, expected, torch.float64)
         else:
             assert param.grad is None, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("family", ["lstm", "lstm_proj", "gru", "rnn_tanh"])
+def test_weight_gradients_split_across_threads(family, dtype, weight_products):
+    """Products above SERIAL_FLOPS: each thread multiplies its share of the rows (the stacked
+    form sums the threads' partial sums, adding and transposing them in 16 x 16 tiles, some
+    partial: 17 input columns, hidden 40)."""
+    T, B, I, H = 60, 6, 17, 40
+    assert 2 * T * B * (I + H + 1) * 4 * H > native.SERIAL_FLOPS
+    rng = np.random.default_rng(zlib.crc32(repr((family, str(dtype))).encode()))
+    w, P = make_weights(family, I, H, rng)
+    x = rng.standard_normal((T, B, I))
+    states = [rng.standard_normal((B, s)) for s in ((P, H) if family.startswith("lstm") else (H,))]
+    dy = rng.standard_normal((T, B, P))
+    _, grads = reference_run(family, x, states, w, dy, [np.zeros_like(s) for s in states])
+    tensors = {k: torch.tensor(v, dtype=dtype, requires_grad=True)
+               for k, v in {"x": x.reshape(T * B, I), **w}.items()}
+    xt = tensors.pop("x")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = native_layer(family, xt, [torch.tensor(s, dtype=dtype) for s in states], tensors,
+                           StepLayout.padded(T, B), reverse=False)[0]
+        (out * torch.tensor(dy.reshape(T * B, P), dtype=dtype)).sum().backward()
+    finally:
+        torch.set_num_threads(threads)
+    for name, param in {"x": xt, **tensors}.items():
+        assert_close(f"d{name}", param.grad, grads[name].reshape(param.shape), dtype)
 
 
 TORCH_MODULES = {

@@ -1835,33 +1835,100 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
 // several multi-threaded calls, each with its own fork and join of the thread team, by one.
 struct Products {
   std::vector<Tensor> outs, as, bs;
+  // Sums over rows, a^T b for a (N, C) and b (N, G) row-major: in `sums` after run(), one
+  // (C, G) partial sum per thread (threads, C, G), to be added up by the reader (see
+  // transposed_sum).
+  std::vector<Tensor> sum_as, sum_bs;
+  mutable std::vector<Tensor> sums;
   void add(const Tensor& out, const Tensor& a, const Tensor& b) {
     outs.push_back(out); as.push_back(a); bs.push_back(b);
+  }
+  size_t add_sum(const Tensor& a, const Tensor& b) {
+    sum_as.push_back(a); sum_bs.push_back(b);
+    return sum_as.size() - 1;
   }
   void run() const {
     double flops = 0;
     for (size_t i = 0; i < outs.size(); ++i)
       flops += 2.0 * outs[i].size(0) * outs[i].size(1) * as[i].size(1);
+    for (size_t i = 0; i < sum_as.size(); ++i)
+      flops += 2.0 * sum_as[i].numel() * sum_bs[i].size(1);
     // Small products (batch 1, short sequences) run on the calling thread: waking the thread
     // team costs more than the product, and far more when another process holds the other core.
     const i64 threads = flops < SERIAL_FLOPS ? 1 : std::max<i64>(1, at::get_num_threads());
+    sums.clear();
+    for (size_t i = 0; i < sum_as.size(); ++i)
+      sums.push_back(pooled_empty({threads, sum_as[i].size(1), sum_bs[i].size(1)},
+                                  sum_bs[i].options()));
     // Thread `part` takes row slice `part` of every product: each thread gets an equal share of
     // every product. (Numbering the tasks product-major instead gave one thread both halves of
-    // the largest product, dW_hh, and the other thread the small ones.)
+    // the largest product, dW_hh, and the other thread the small ones.) In a sum over rows the
+    // slice is of the rows summed over, into the thread's own partial sum.
     auto slices = [&](i64 p0, i64 p1) {
       c10::NoGradGuard no_grad;   // grad mode is thread-local: the pool's threads lack it
-      for (i64 part = p0; part < p1; ++part)
+      for (i64 part = p0; part < p1; ++part) {
         for (size_t i = 0; i < outs.size(); ++i) {
           i64 M = outs[i].size(0), r0 = M * part / threads, r1 = M * (part + 1) / threads;
           if (r1 <= r0) continue;
           Tensor out = outs[i].narrow(0, r0, r1 - r0);
           at::mm_out(out, as[i].narrow(0, r0, r1 - r0), bs[i]);
         }
+        for (size_t i = 0; i < sum_as.size(); ++i) {
+          i64 N = sum_as[i].size(0), n0 = N * part / threads, n1 = N * (part + 1) / threads;
+          Tensor out = sums[i][part];
+          if (n1 <= n0) out.zero_();
+          else at::mm_out(out, sum_as[i].narrow(0, n0, n1 - n0).t(), sum_bs[i].narrow(0, n0, n1 - n0));
+        }
+      }
     };
     if (threads == 1) slices(0, 1);
     else at::parallel_for(0, threads, 1, slices);
   }
 };
+
+// out (G, n)[g][c] = sum over t of parts (T, C, G)[t][row + c][g]: rows [row, row + n) of a
+// sum of partial sums, added up and transposed in one pass. ATen's transposing copy ran at
+// 8-13 GB/s (4.1 ms for W_hh's gradient at hidden 1024); here 16 x 16 tiles are added as
+// vectors and transposed in registers.
+template <typename S>
+void transposed_sum(const Tensor& parts, i64 row, i64 n, const Tensor& out) {
+  const i64 T = parts.size(0), C = parts.size(1), G = parts.size(2);
+  const S* src = parts.data_ptr<S>();
+  S* dst = out.data_ptr<S>();
+  constexpr i64 TILE = 16;
+  auto element = [&](i64 g, i64 c) {
+    S total = 0;
+    for (i64 t = 0; t < T; ++t) total += src[(t * C + row + c) * G + g];
+    dst[g * n + c] = total;
+  };
+  const i64 grain = std::max<i64>(1, 16384 / std::max<i64>(1, n * TILE));
+  at::parallel_for(0, (G + TILE - 1) / TILE, grain, [&](i64 gt0, i64 gt1) {
+    for (i64 gt = gt0; gt < gt1; ++gt) {
+      const i64 g0 = gt * TILE, gn = std::min(TILE, G - g0);
+      for (i64 c0 = 0; c0 < n; c0 += TILE) {
+        const i64 cn = std::min(TILE, n - c0);
+#ifdef __AVX512F__
+        if constexpr (std::is_same<S, float>::value) {
+          if (gn == TILE && cn == TILE) {
+            alignas(64) float rows[TILE][TILE], cols[TILE][TILE];
+            for (i64 c = 0; c < TILE; ++c) {
+              __m512 v = _mm512_loadu_ps(src + (row + c0 + c) * G + g0);
+              for (i64 t = 1; t < T; ++t)
+                v = _mm512_add_ps(v, _mm512_loadu_ps(src + (t * C + row + c0 + c) * G + g0));
+              _mm512_store_ps(rows[c], v);
+            }
+            transpose16(&rows[0][0], TILE, cols);
+            for (i64 g = 0; g < TILE; ++g) std::memcpy(dst + (g0 + g) * n + c0, cols[g], sizeof(cols[g]));
+            continue;
+          }
+        }
+#endif
+        for (i64 g = g0; g < g0 + gn; ++g)
+          for (i64 c = c0; c < c0 + cn; ++c) element(g, c);
+      }
+    }
+  });
+}
 
 // x (N, K) W^T (G, K): every step's input part, in pooled memory. The kernels add the biases as
 // they read it (added into this product, the bias doubled its memory traffic).
@@ -1906,22 +1973,28 @@ void previous_rows(const Tensor& into, const Tensor& sequence, const Tensor& ini
 // The gradients of the weights a pre-activation d_pre (N, G) came through: dW_x = d_pre^T x
 // (G, I), dW_h = d_pre^T h_prev (G, P) and db = d_pre.sum(0) (G,), queued in `jobs`, in one of
 // two ways:
-// - stacked, for large d_pre: one product d_pre^T [x | h_prev | 1], which reads d_pre, the
-//   largest operand, once instead of once per gradient (LSTM backward products at batch 32 /
-//   hidden 256 / length 100 8.3 -> 7.5 ms, 64 / 512 50.9 -> 46.0 ms), then copies of the
-//   result's columns;
-// - separate, for small d_pre (separate_weight_products_max_bytes): a product per gradient,
-//   each written straight into its own tensor, no copies. LSTM backward at length 100,
-//   interleaved medians, stacked vs separate: batch 1 / hidden 64 148 vs 135 us, 1 / 128 376
-//   vs 337, 8 / 128 (d_pre 1.6 MiB) 1409 vs 1308; even at 1 / 256 and 8 / 256 (3.2 MiB),
-//   stacked ahead from 16 / 256 (7566 vs 7677, 6.4 MiB).
+// - stacked: one product [x | h_prev | 1]^T d_pre, which reads d_pre, the largest operand, once
+//   instead of once per gradient, each thread summing over its share of the N rows (see
+//   take() for the sum of the threads' partial sums);
+// - separate: a product per gradient, d_pre^T x and so on, split by output rows, each written
+//   straight into its own tensor: no stacked copy of x and h_prev, no partial sums.
+// Stacked from STACKED_MIN_ROWS rows, where G is at most twice N (beyond that the partial sums,
+// two of (count, G), cost more than reading d_pre again). LSTM training step, length 100 (N =
+// 100 x batch), interleaved medians, stacked / separate: batch 1 hidden 64-1024 1.01-1.13,
+// batch 4 1.02-1.05; batch 8 hidden 32 0.98, 64 1.00, 128 0.97, 256 0.99, but 512 1.02 and
+// 1024 1.07 (G = 4H above 2N); batch 16 hidden 128 0.93, 256 0.95; 32 / 64 0.92.
 // `x` undefined: dW_x not wanted; `sequence` undefined: dW_h not wanted, else h_prev is the
 // previous rows of `sequence` (N, P) from `initial` (B, P), or `sequence` itself when `initial`
-// is undefined (the LSTM saves h_prev, see NativeLSTMLayer). take() after jobs.run().
-i64 separate_weight_products_max_bytes = 2 << 20;   // tests set 0 to check the stacked form
+// is undefined (the LSTM saves h_prev, see NativeLSTMLayer).
+constexpr i64 STACKED_MIN_ROWS = 800;
+int weight_products_form = 0;     // 0 by size as above; tests set 1 (separate) or 2 (stacked)
+bool stacked_weight_products(i64 N, i64 G) {
+  if (weight_products_form) return weight_products_form == 2;
+  return N >= STACKED_MIN_ROWS && 2 * N >= G;
+}
 
 struct WeightGradients {
-  Tensor result;                  // stacked
+  i64 stacked_sum = -1;           // stacked: the index of its sum in the Products
   Tensor separate[3];             // separate: dW_x, dW_h, db
   i64 x_cols = 0, h_cols = 0;
   bool bias = false;
@@ -1931,7 +2004,7 @@ struct WeightGradients {
         bias(with_bias) {
     const i64 count = x_cols + h_cols + (bias ? 1 : 0), N = d_pre.size(0), G = d_pre.size(1);
     if (count == 0) return;
-    if (d_pre.numel() * (i64)d_pre.element_size() <= separate_weight_products_max_bytes) {
+    if (!stacked_weight_products(N, G)) {
       if (x_cols) {
         separate[0] = pooled_empty({G, x_cols}, d_pre.options());
         jobs.add(separate[0], d_pre.t(), x);
@@ -1959,22 +2032,29 @@ struct WeightGradients {
     else if (h_cols)
       stacked.narrow(1, x_cols, h_cols).copy_(sequence);
     if (bias) stacked.narrow(1, count - 1, 1).fill_(1);
-    result = pooled_empty({G, count}, d_pre.options());
-    jobs.add(result, d_pre.t(), stacked);
+    // The transpose [x | h_prev | 1]^T d_pre (count, G), each thread's share of the rows summed
+    // after: MKL runs this form faster than d_pre^T [x | h_prev | 1] split by output rows
+    // (one core, batch 32 / hidden 128 / length 100: 1.91 vs 2.28 ms; 32 / 256 6.18 vs 6.74;
+    // 8 / 128 0.44 vs 0.55), and the transposing copies that make dW_x and dW_h of its rows
+    // replace the column copies the other form needed.
+    stacked_sum = (i64)jobs.add_sum(stacked, d_pre);
   }
-  // {dW_x, dW_h, db}, undefined where not wanted: stacked, the whole result when only one is
-  // wanted, else contiguous copies of its columns.
-  std::vector<Tensor> take() const {
-    if (!result.defined()) return {separate[0], separate[1], separate[2]};
-    std::vector<Tensor> parts(3);
+  // {dW_x, dW_h, db} after jobs.run(), undefined where not wanted: stacked, dW_x and dW_h the
+  // transposed rows of the sum, db (G,) its last row.
+  std::vector<Tensor> take(const Products& jobs) const {
+    if (stacked_sum < 0) return {separate[0], separate[1], separate[2]};
+    const Tensor& parts = jobs.sums[stacked_sum];
+    const i64 G = parts.size(2);
+    std::vector<Tensor> grads(3);
     const i64 widths[3] = {x_cols, h_cols, bias ? 1 : 0};
-    const int wanted = (x_cols > 0) + (h_cols > 0) + bias;
-    for (i64 k = 0, col = 0; k < 3; col += widths[k], ++k) {
+    for (i64 k = 0, row = 0; k < 3; row += widths[k], ++k) {
       if (!widths[k]) continue;
-      parts[k] = wanted == 1 ? result : pooled_clone(result.narrow(1, col, widths[k]));
+      grads[k] = pooled_empty(k == 2 ? std::vector<i64>{G} : std::vector<i64>{G, widths[k]},
+                              parts.options());
+      if (parts.scalar_type() == at::kFloat) transposed_sum<float>(parts, row, widths[k], grads[k]);
+      else transposed_sum<double>(parts, row, widths[k], grads[k]);
     }
-    if (parts[2].defined()) parts[2] = parts[2].view({-1});
-    return parts;
+    return grads;
   }
 };
 
@@ -2080,7 +2160,7 @@ std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Ten
     jobs.add(dw_hr, loop[3].t(), m);
   }
   jobs.run();
-  auto w = weights.take();
+  auto w = weights.take(jobs);
   Tensor dw_peephole;
   if (peephole.defined() && needs[8]) {
     // dp_i = sum over rows of da_i c_prev, dp_f of da_f c_prev, dp_o of da_o c.
@@ -2140,7 +2220,7 @@ std::vector<Tensor> rnn_backward_py(Tensor d_out, Tensor d_hT, Tensor x, Tensor 
   WeightGradients weights(jobs, loop[0], needs[2] ? x : Tensor(), needs[3] ? out : Tensor(), h0,
                           st, needs[4] || needs[5]);
   jobs.run();
-  auto w = weights.take();
+  auto w = weights.take(jobs);
   return {dx, loop[1], w[0], w[1], w[2]};
 }
 
@@ -2198,10 +2278,10 @@ std::vector<Tensor> gru_backward_py(Tensor d_out, Tensor d_hT, Tensor x, Tensor 
     jobs.add(dw_hh.narrow(0, 2 * H, H), d_gi.narrow(1, 2 * H, H).t(), r_h);
   }
   jobs.run();
-  auto in = input_side.take();
+  auto in = input_side.take(jobs);
   Tensor db_hh;
   if (hidden_side) {
-    auto hidden = hidden_side->take();
+    auto hidden = hidden_side->take(jobs);
     dw_hh = hidden[1];
     db_hh = hidden[2];
   }
@@ -2486,12 +2566,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     chunk_bytes = bytes;
     return old;
   }, "Set the L2 budget of the packed-matrix chunks (bytes); returns the previous value.");
-  m.def("set_separate_weight_products_max_bytes", [](i64 bytes) {
-    i64 old = separate_weight_products_max_bytes;
-    separate_weight_products_max_bytes = bytes;
+  m.def("set_weight_products_form", [](int form) {
+    TORCH_CHECK(form >= 0 && form <= 2, "form: 0 (by size), 1 (separate) or 2 (stacked), got ",
+                form);
+    int old = weight_products_form;
+    weight_products_form = form;
     return old;
-  }, "Set the largest d_pre (bytes) whose weight gradients are separate products (else one "
-     "stacked product); returns the previous value.");
+  }, "How weight gradients are computed: 0 by size, 1 separate products, 2 one stacked "
+     "product (see WeightGradients); returns the previous form.");
   m.def("mkl_packed_gemm", [] { return mkl_packed_gemm(); },
         "Whether MKL's packed GEMM is there for the generic driver's float32 steps.");
   m.def("set_packed_gemm", [](bool on) {
