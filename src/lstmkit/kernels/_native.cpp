@@ -1420,6 +1420,7 @@ Tensor generic_forward(const Tensor& w_hh, const Tensor& h0, i64 G, S* out, cons
     if (e <= r0) return;
     recurrent(mat<S>(rec).rows_at(r0, e - r0), mat<S>(h).rows_at(r0, e - r0));
     for_rows(e, H, [&](i64 b) {
+#pragma GCC unroll 4       // independent blocks interleaved, as in lstm_forward
       for (i64 jb = 0; jb < J; ++jb) {
         i64 j = jb * L;
         int n = (int)std::min<i64>(L, H - j);
@@ -1555,7 +1556,9 @@ std::vector<Tensor> rnn_backward(const Tensor& d_out, const Tensor& d_hT, const 
 template <typename S>
 struct GRUForwardGates {    // reset after
   const S* gi; const S* b_ih; const S* b_hh; S* stash; i64 H;
-  inline V<S> operator()(i64 row, i64 jb, const V<S>* acc, V<S> h_prev) const {
+  // Inlined into the drivers' loops, as LSTMForwardGates::standard.
+  __attribute__((always_inline)) inline V<S> operator()(i64 row, i64 jb, const V<S>* acc,
+                                                         V<S> h_prev) const {
     constexpr int L = Vec<S>::L;
     i64 j = jb * L;
     int n = (int)std::min<i64>(L, H - j);
