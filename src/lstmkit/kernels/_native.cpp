@@ -209,6 +209,18 @@ inline V<S> load_bias(const S* bias, i64 at, int n) { return bias ? load(bias + 
 
 // float: Cephes-style exp (about 1 ulp), vectorised: exp(x) = 2^n e^r, n = round(x log2 e),
 // r = x - n ln 2 (in two parts), e^r by its polynomial. Inputs clamped so 2^n stays normal.
+// e^r from x and n:
+__attribute__((always_inline)) inline V<float> exp_remainder(V<float> x, V<float> n) {
+  x = x - n * 0.693359375f + n * 2.12194440e-4f;
+  V<float> z = x * x;
+  V<float> y = splat(1.9875691500E-4f);
+  y = y * x + 1.3981999507E-3f;
+  y = y * x + 8.3334519073E-3f;
+  y = y * x + 4.1665795894E-2f;
+  y = y * x + 1.6666665459E-1f;
+  y = y * x + 5.0000001201E-1f;
+  return y * z + x + 1.0f;
+}
 #ifdef __AVX512F__
 // With AVX-512 the rounding is one instruction and 2^n applied by scalef instead of built from
 // its exponent bits (same results; 11 of the 17 instructions). The clamp as min(hi, max(lo, x)):
@@ -219,16 +231,7 @@ __attribute__((always_inline)) inline V<float> vexp(V<float> x) {
   x = (VF)_mm512_min_ps((__m512)splat(88.3f), _mm512_max_ps((__m512)splat(-87.3f), (__m512)x));
   VF n = (VF)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f),
                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = x - n * 0.693359375f + n * 2.12194440e-4f;
-  VF z = x * x;
-  VF y = splat(1.9875691500E-4f);
-  y = y * x + 1.3981999507E-3f;
-  y = y * x + 8.3334519073E-3f;
-  y = y * x + 4.1665795894E-2f;
-  y = y * x + 1.6666665459E-1f;
-  y = y * x + 5.0000001201E-1f;
-  y = y * z + x + 1.0f;
-  return (VF)_mm512_scalef_ps((__m512)y, (__m512)n);
+  return (VF)_mm512_scalef_ps((__m512)exp_remainder(x, n), (__m512)n);
 }
 #else
 __attribute__((always_inline)) inline V<float> vexp(V<float> x) {
@@ -237,19 +240,10 @@ __attribute__((always_inline)) inline V<float> vexp(V<float> x) {
   x = x < -87.3f ? splat(-87.3f) : x;
   x = x > 88.3f ? splat(88.3f) : x;
   VF fx = x * 1.44269504088896341f + 0.5f;
-  VF tf = __builtin_convertvector(__builtin_convertvector(fx, VI), VF);
-  tf = tf > fx ? tf - 1.0f : tf;                                  // floor
-  x = x - tf * 0.693359375f + tf * 2.12194440e-4f;
-  VF z = x * x;
-  VF y = splat(1.9875691500E-4f);
-  y = y * x + 1.3981999507E-3f;
-  y = y * x + 8.3334519073E-3f;
-  y = y * x + 4.1665795894E-2f;
-  y = y * x + 1.6666665459E-1f;
-  y = y * x + 5.0000001201E-1f;
-  y = y * z + x + 1.0f;
-  VI e = (__builtin_convertvector(tf, VI) + 127) << 23;
-  return y * (VF)e;
+  VF n = __builtin_convertvector(__builtin_convertvector(fx, VI), VF);
+  n = n > fx ? n - 1.0f : n;                                      // floor
+  VI e = (__builtin_convertvector(n, VI) + 127) << 23;
+  return exp_remainder(x, n) * (VF)e;
 }
 #endif
 
@@ -1194,45 +1188,49 @@ struct LSTMBackwardGates {
     if (form == 0 && !peep) return standard(t, b, jb, dm);
     general(t, b, jb, dm);
   }
-  __attribute__((always_inline)) inline void standard(i64 t, i64 b, i64 jb, V<S> dm) const {
+  // What the backward of row b of step t, block jb, reads: the saved gates and cells, c_prev,
+  // and where dc and the gate gradients go.
+  struct Saved {
+    i64 j; int n;
+    V<S> i, f, g, o, c, c_prev;
+    S* dc; S* da;
+  };
+  __attribute__((always_inline)) inline Saved saved(i64 t, i64 b, i64 jb) const {
     constexpr int L = Vec<S>::L;
-    i64 j = jb * L;
-    int n = (int)std::min<i64>(L, H - j);
-    i64 row = st->offset[t] + b;
-    i64 prev = st->row(st->before(t), b);
+    const i64 j = jb * L, row = st->offset[t] + b, prev = st->row(st->before(t), b);
+    const int n = (int)std::min<i64>(L, H - j);
     const S* gr = gates + row * 4 * H + j;
-    V<S> i = load(gr, n), f = load(gr + H, n), g = load(gr + 2 * H, n), o = load(gr + 3 * H, n);
-    V<S> s = vtanh(load(cells + row * H + j, n));
-    V<S> c_prev = prev >= 0 ? load(cells + prev * H + j, n) : load(c0 + b * H + j, n);
-    S* dcb = dc + b * H + j;
-    const V<S> one = splat(S(1));
-    V<S> dct = load(dcb, n) + dm * o * (one - s * s);
-    S* da = d_gates + row * 4 * H + j;
-    store(da, dct * g * i * (one - i), n);
-    store(da + H, dct * c_prev * f * (one - f), n);
-    store(da + 2 * H, dct * i * (one - g * g), n);
-    store(da + 3 * H, dm * s * o * (one - o), n);
-    store(dcb, dct * f, n);
+    return {j, n, load(gr, n), load(gr + H, n), load(gr + 2 * H, n), load(gr + 3 * H, n),
+            load(cells + row * H + j, n),
+            prev >= 0 ? load(cells + prev * H + j, n) : load(c0 + b * H + j, n),
+            dc + b * H + j, d_gates + row * 4 * H + j};
+  }
+  __attribute__((always_inline)) inline void standard(i64 t, i64 b, i64 jb, V<S> dm) const {
+    const Saved k = saved(t, b, jb);
+    const int n = k.n;
+    const V<S> one = splat(S(1)), s = vtanh(k.c);
+    V<S> dct = load(k.dc, n) + dm * k.o * (one - s * s);
+    store(k.da, dct * k.g * k.i * (one - k.i), n);
+    store(k.da + H, dct * k.c_prev * k.f * (one - k.f), n);
+    store(k.da + 2 * H, dct * k.i * (one - k.g * k.g), n);
+    store(k.da + 3 * H, dm * s * k.o * (one - k.o), n);
+    store(k.dc, dct * k.f, n);
   }
   __attribute__((noinline)) void general(i64 t, i64 b, i64 jb, V<S> dm) const {
-    constexpr int L = Vec<S>::L;
-    i64 j = jb * L;
-    int n = (int)std::min<i64>(L, H - j);
-    i64 row = st->offset[t] + b;
-    i64 prev = st->row(st->before(t), b);
-    const S* gr = gates + row * 4 * H + j;
-    V<S> i = load(gr, n), f = load(gr + H, n), g = load(gr + 2 * H, n), o = load(gr + 3 * H, n);
+    const Saved k = saved(t, b, jb);
+    const i64 j = k.j;
+    const int n = k.n;
+    const V<S> i = k.i, f = k.f, g = k.g, o = k.o, c_prev = k.c_prev;
+    S* dcb = k.dc;
+    S* da = k.da;
     const CellForm act(form);
     const bool cifg = form & GATE_CIFG;
-    V<S> s = cell_activation<S>(act.output, load(cells + row * H + j, n));      // psi(c)
-    V<S> c_prev = prev >= 0 ? load(cells + prev * H + j, n) : load(c0 + b * H + j, n);
-    S* dcb = dc + b * H + j;
+    V<S> s = cell_activation<S>(act.output, k.c);                                // psi(c)
     V<S> dct = load(dcb, n) + dm * o * cell_slope<S>(act.output, s);
     V<S> da_o = dm * s * gate_slope<S>(act.gate, o);
     if (peep) dct += da_o * load(peep + 2 * H + j, n);
     V<S> da_i = dct * (cifg ? g - c_prev : g) * gate_slope<S>(act.gate, i);
     V<S> da_f = cifg ? V<S>{} : dct * c_prev * gate_slope<S>(act.gate, f);
-    S* da = d_gates + row * 4 * H + j;
     store(da, da_i, n);
     store(da + H, da_f, n);
     store(da + 2 * H, dct * i * cell_slope<S>(act.cell, g), n);
