@@ -1840,7 +1840,7 @@ struct Products {
   // (C, G) partial sum per thread (threads, C, G), to be added up by the reader (see
   // transposed_sum).
   std::vector<Tensor> sum_as, sum_bs;
-  mutable std::vector<Tensor> sums;
+  std::vector<Tensor> sums;
   void add(const Tensor& out, const Tensor& a, const Tensor& b) {
     outs.push_back(out); as.push_back(a); bs.push_back(b);
   }
@@ -1848,7 +1848,7 @@ struct Products {
     sum_as.push_back(a); sum_bs.push_back(b);
     return sum_as.size() - 1;
   }
-  void run() const {
+  void run() {
     double flops = 0;
     for (size_t i = 0; i < outs.size(); ++i)
       flops += 2.0 * outs[i].size(0) * outs[i].size(1) * as[i].size(1);
