@@ -273,14 +273,29 @@ def test_only_the_wanted_gradients(family, wanted, weight_products):
             assert param.grad is None, name
 
 
+def test_stacked_weight_products_by_rows_and_threads():
+    """Stacked from 800 rows while threads x count <= N: the threads' partial sums take no more
+    memory than the gate gradients."""
+    stacked = native.module().stacked_weight_products
+    previous = native.module().set_weight_products_form(0)
+    try:
+        assert stacked(800, 321, 2) and not stacked(799, 10, 2)    # batch 8, hidden 256 and less
+        assert not stacked(800, 577, 2)                             # batch 8, hidden 512
+        assert stacked(6400, 577, 2) and not stacked(6400, 577, 64)
+    finally:
+        native.module().set_weight_products_form(previous)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("family", ["lstm", "lstm_proj", "gru", "rnn_tanh"])
-def test_weight_gradients_split_across_threads(family, dtype, weight_products):
+@pytest.mark.parametrize("form", ["separate", "stacked", "by-size"])
+def test_weight_gradients_split_across_threads(family, dtype, form):
     """Products above SERIAL_FLOPS: each thread multiplies its share of the rows (the stacked
     form sums the threads' partial sums, adding and transposing them in 16 x 16 tiles, some
-    partial: 17 input columns, hidden 40)."""
-    T, B, I, H = 60, 6, 17, 40
+    partial: 17 input columns, hidden 40); "by-size" takes the stacked form at this size."""
+    T, B, I, H = 60, 14, 17, 40
     assert 2 * T * B * (I + H + 1) * 4 * H > native.SERIAL_FLOPS
+    assert native.module().stacked_weight_products(T * B, I + H + 1, 2)
     rng = np.random.default_rng(zlib.crc32(repr((family, str(dtype))).encode()))
     w, P = make_weights(family, I, H, rng)
     x = rng.standard_normal((T, B, I))
@@ -292,12 +307,15 @@ def test_weight_gradients_split_across_threads(family, dtype, weight_products):
     xt = tensors.pop("x")
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
+    previous = native.module().set_weight_products_form(
+        {"by-size": 0, "separate": 1, "stacked": 2}[form])
     try:
         out = native_layer(family, xt, [torch.tensor(s, dtype=dtype) for s in states], tensors,
                            StepLayout.padded(T, B), reverse=False)[0]
         (out * torch.tensor(dy.reshape(T * B, P), dtype=dtype)).sum().backward()
     finally:
         torch.set_num_threads(threads)
+        native.module().set_weight_products_form(previous)
     for name, param in {"x": xt, **tensors}.items():
         assert_close(f"d{name}", param.grad, grads[name].reshape(param.shape), dtype)
 

@@ -1979,19 +1979,21 @@ void previous_rows(const Tensor& into, const Tensor& sequence, const Tensor& ini
 //   take() for the sum of the threads' partial sums);
 // - separate: a product per gradient, d_pre^T x and so on, split by output rows, each written
 //   straight into its own tensor: no stacked copy of x and h_prev, no partial sums.
-// Stacked from STACKED_MIN_ROWS rows, where G is at most twice N (beyond that the partial sums,
-// two of (count, G), cost more than reading d_pre again). LSTM training step, length 100 (N =
-// 100 x batch), interleaved medians, stacked / separate: batch 1 hidden 64-1024 1.01-1.13,
-// batch 4 1.02-1.05; batch 8 hidden 32 0.98, 64 1.00, 128 0.97, 256 0.99, but 512 1.02 and
-// 1024 1.07 (G = 4H above 2N); batch 16 hidden 128 0.93, 256 0.95; 32 / 64 0.92.
+// Stacked from STACKED_MIN_ROWS rows, while the threads' partial sums (threads x count x G)
+// take no more memory than d_pre (N x G), that is threads x count <= N: beyond that writing and
+// adding them costs more than reading d_pre again, and their memory grows with the thread count
+// (64 threads would hold 64 of them). LSTM training step, length 100 (N = 100 x batch), input
+// 64, two threads, interleaved medians, stacked / separate: batch 1 hidden 64-1024 1.01-1.13,
+// batch 4 1.02-1.05; batch 8 hidden 32 0.98, 64 1.00, 128 0.97, 256 0.99 (2 x 321 <= 800),
+// but 512 1.02 and 1024 1.07 (2 x 577 > 800); batch 16 hidden 128 0.93, 256 0.95; 32 / 64 0.92.
 // `x` undefined: dW_x not wanted; `sequence` undefined: dW_h not wanted, else h_prev is the
 // previous rows of `sequence` (N, P) from `initial` (B, P), or `sequence` itself when `initial`
 // is undefined (the LSTM saves h_prev, see NativeLSTMLayer).
 constexpr i64 STACKED_MIN_ROWS = 800;
 int weight_products_form = 0;     // 0 by size as above; tests set 1 (separate) or 2 (stacked)
-bool stacked_weight_products(i64 N, i64 G) {
+bool stacked_weight_products(i64 N, i64 count, i64 threads) {
   if (weight_products_form) return weight_products_form == 2;
-  return N >= STACKED_MIN_ROWS && 2 * N >= G;
+  return N >= STACKED_MIN_ROWS && threads * count <= N;
 }
 
 struct WeightGradients {
@@ -2005,7 +2007,7 @@ struct WeightGradients {
         bias(with_bias) {
     const i64 count = x_cols + h_cols + (bias ? 1 : 0), N = d_pre.size(0), G = d_pre.size(1);
     if (count == 0) return;
-    if (!stacked_weight_products(N, G)) {
+    if (!stacked_weight_products(N, count, at::get_num_threads())) {
       if (x_cols) {
         separate[0] = pooled_empty({G, x_cols}, d_pre.options());
         jobs.add(separate[0], d_pre.t(), x);
@@ -2567,6 +2569,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     chunk_bytes = bytes;
     return old;
   }, "Set the L2 budget of the packed-matrix chunks (bytes); returns the previous value.");
+  m.def("stacked_weight_products", &stacked_weight_products,
+        "Whether the weight gradients of N rows and `count` stacked columns ([x | h_prev | 1]) "
+        "are one stacked product with `threads` threads (see WeightGradients).");
   m.def("set_weight_products_form", [](int form) {
     TORCH_CHECK(form >= 0 && form <= 2, "form: 0 (by size), 1 (separate) or 2 (stacked), got ",
                 form);
