@@ -108,13 +108,13 @@ def gru_backward(d_out, d_hT, x, h0, w_ih, w_hh, out, stash, layout: StepLayout,
     return dx, dh, dw_ih, dw_hh, db_ih, db_hh
 
 
-def forward_and_save(ctx, run, x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after):
-    """The forward half of every GRU Function: upcast to the compute dtype, run `run` (with
-    gru_forward's arguments and results), save what the backward needs on ctx.
-    Returns out, h_T, stash (compute dtype) and the original inputs."""
+def forward_and_save(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after):
+    """The forward half of every GRU Function: upcast to the compute dtype, run gru_forward,
+    save what the backward needs on ctx. Returns out, h_T, stash (compute dtype) and the
+    original inputs."""
     originals = (x, h0, w_ih, w_hh, b_ih, b_hh)
     x, h0, w_ih, w_hh, b_ih, b_hh = upcast(originals, compute_dtype(x.dtype))
-    out, h_T, stash = run(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after)
+    out, h_T, stash = gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after)
     ctx.save_for_backward(x, h0, w_ih, w_hh, out, stash)
     ctx.layout, ctx.reverse, ctx.reset_after = layout, reverse, reset_after
     ctx.dtypes = dtypes_of(originals)
@@ -130,7 +130,7 @@ class GRUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after):
-        out, h_T, _, originals = forward_and_save(ctx, gru_forward, x, h0, w_ih, w_hh, b_ih, b_hh,
+        out, h_T, _, originals = forward_and_save(ctx, x, h0, w_ih, w_hh, b_ih, b_hh,
                                                   layout, reverse, reset_after)
         return tuple(cast_like((out, h_T), originals[:2]))
 

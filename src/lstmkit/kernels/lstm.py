@@ -103,17 +103,15 @@ def lstm_backward(d_out, d_hT, d_cT, x, h0, c0, w_ih, w_hh, w_hr, out, gates, ce
     return dx, dh, dc, dw_ih, dw_hh, db, dw_hr
 
 
-def forward_and_save(ctx, run, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse,
-                     *extra):
-    """The forward half of every LSTM Function: upcast to the compute dtype, run `run` (with
-    lstm_forward's arguments, then `extra`, and its results), save what the backward needs on
-    ctx (the `extra` tensors last). Returns out, h_T, c_T, gates, cells (compute dtype) and the
-    original inputs (`extra` included)."""
-    originals = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *extra)
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *extra = upcast(originals, compute_dtype(x.dtype))
-    out, h_T, c_T, gates, cells = run(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse,
-                                      *extra)
-    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, *extra)
+def forward_and_save(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse):
+    """The forward half of every LSTM Function: upcast to the compute dtype, run lstm_forward,
+    save what the backward needs on ctx. Returns out, h_T, c_T, gates, cells (compute dtype)
+    and the original inputs."""
+    originals = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = upcast(originals, compute_dtype(x.dtype))
+    out, h_T, c_T, gates, cells = lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout,
+                                               reverse)
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, out, gates, cells)
     ctx.layout, ctx.reverse = layout, reverse
     ctx.has_bias = (b_ih is not None, b_hh is not None)
     ctx.dtypes = dtypes_of(originals)
@@ -131,7 +129,7 @@ class LSTMFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse):
         out, h_T, c_T, _, _, originals = forward_and_save(
-            ctx, lstm_forward, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse)
+            ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse)
         return tuple(cast_like((out, h_T, c_T), originals[:3]))
 
     @staticmethod

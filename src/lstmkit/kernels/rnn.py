@@ -59,20 +59,6 @@ def rnn_backward(d_out, d_hT, x, h0, w_ih, w_hh, out, layout: StepLayout, revers
     return dx, dh, dw_ih, dw_hh, d_pre.sum(0)
 
 
-def forward_and_save(ctx, run, x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, nonlinearity):
-    """The forward half of every RNN Function: upcast to the compute dtype, run `run` (with
-    rnn_forward's arguments and results), save what the backward needs on ctx.
-    Returns out, h_T (compute dtype) and the original inputs."""
-    originals = (x, h0, w_ih, w_hh, b_ih, b_hh)
-    x, h0, w_ih, w_hh, b_ih, b_hh = upcast(originals, compute_dtype(x.dtype))
-    out, h_T = run(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, nonlinearity)
-    ctx.save_for_backward(x, h0, w_ih, w_hh, out)
-    ctx.layout, ctx.reverse, ctx.nonlinearity = layout, reverse, nonlinearity
-    ctx.has_bias = (b_ih is not None, b_hh is not None)
-    ctx.dtypes = dtypes_of(originals)
-    return out, h_T, originals
-
-
 class RNNFunction(torch.autograd.Function):
     """One RNN layer in one direction over a flat time-major sequence.
 
@@ -82,8 +68,13 @@ class RNNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, nonlinearity):
-        out, h_T, originals = forward_and_save(ctx, rnn_forward, x, h0, w_ih, w_hh, b_ih, b_hh,
-                                               layout, reverse, nonlinearity)
+        originals = (x, h0, w_ih, w_hh, b_ih, b_hh)
+        x, h0, w_ih, w_hh, b_ih, b_hh = upcast(originals, compute_dtype(x.dtype))
+        out, h_T = rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, nonlinearity)
+        ctx.save_for_backward(x, h0, w_ih, w_hh, out)
+        ctx.layout, ctx.reverse, ctx.nonlinearity = layout, reverse, nonlinearity
+        ctx.has_bias = (b_ih is not None, b_hh is not None)
+        ctx.dtypes = dtypes_of(originals)
         return tuple(cast_like((out, h_T), originals[:2]))
 
     @staticmethod

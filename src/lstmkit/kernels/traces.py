@@ -12,9 +12,9 @@ signatures stay untouched for the other backends.
 import torch
 
 from ._precision import cast_like
-from .gru import GRUFunction, gru_forward
+from .gru import GRUFunction
 from .gru import forward_and_save as gru_forward_and_save
-from .lstm import LSTMFunction, lstm_forward
+from .lstm import LSTMFunction
 from .lstm import forward_and_save as lstm_forward_and_save
 
 
@@ -25,7 +25,7 @@ class LSTMTraceFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse):
         out, h_T, c_T, gates, cells, originals = lstm_forward_and_save(
-            ctx, lstm_forward, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse)
+            ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse)
         like = (originals[0], originals[1], originals[2], originals[0], originals[0])
         results = cast_like((out, h_T, c_T, gates, cells), like)
         ctx.mark_non_differentiable(results[3], results[4])
@@ -42,8 +42,8 @@ class GRUTraceFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after):
-        out, h_T, stash, originals = gru_forward_and_save(ctx, gru_forward, x, h0, w_ih, w_hh, b_ih,
-                                                      b_hh, layout, reverse, reset_after)
+        out, h_T, stash, originals = gru_forward_and_save(ctx, x, h0, w_ih, w_hh, b_ih, b_hh,
+                                                          layout, reverse, reset_after)
         H = w_hh.shape[0] // 3
         like = (originals[0], originals[1], originals[0])
         results = cast_like((out, h_T, stash[:, :3 * H]), like)
