@@ -375,6 +375,61 @@ def test_extreme_inputs_match_torch(name, driver):
         torch.testing.assert_close(actual, wanted, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
+def test_float32_tanh_is_accurate(driver):
+    """The float32 tanh (a rational function, see _native.cpp) through a tanh RNN whose step is
+    h = tanh(x): within 6 ulp of float64 tanh from tiny to saturated inputs, never past +-1,
+    exact for tiny x, +-1 at +-inf (NaN: test_extreme_inputs_match_torch)."""
+    tiny = [1e-30, 1e-7, 3e-4]
+    x = np.concatenate([np.linspace(-12, 12, 2401), tiny, np.negative(tiny),
+                        [0.0, np.inf, -np.inf]])
+    x = np.resize(x, (len(x) + 7) // 8 * 8).astype(np.float32)          # (T, 8) steps x rows
+    rnn = lstmkit.RNN(1, 16, backend="native")
+    with torch.no_grad():
+        rnn.weight_ih_l0.fill_(1)
+        for name in ("weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
+            getattr(rnn, name).zero_()
+        out, _ = rnn(torch.from_numpy(x).view(-1, 8, 1))
+    got = out.double().numpy()
+    assert np.array_equal(got, got[..., :1].repeat(16, -1))            # every unit the same
+    got, x = got[..., 0].ravel(), x.ravel().astype(np.float64)
+    wanted = np.tanh(x)
+    assert (np.abs(got) <= 1).all()
+    ulp = np.spacing(np.abs(wanted).astype(np.float32)).astype(np.float64)
+    error_ulp = np.abs(got - wanted) / ulp
+    assert error_ulp.max() <= 6, f"{error_ulp.max():.1f} ulp at x = {x[error_ulp.argmax()]}"
+    small = np.abs(x) <= 1e-7
+    assert np.array_equal(got[small], x[small].astype(np.float32))
+
+
+def test_float32_lstm_cell_is_accurate_when_saturated(driver):
+    """The float32 LSTM cell (two divisions, exponents clamped at +-25, see ratio_cell) against
+    float64 numbers, with pre-activations from 0 to far past saturation (|a| up to 60): the same
+    bits with and without autograd, and within 1e-6 of float64 over 40 steps."""
+    rng = np.random.default_rng(5)
+    H, T, B = 19, 40, 6
+    lstm = lstmkit.LSTM(1, H, backend="native")
+    scales = rng.uniform(-30, 30, size=(4 * H, 1))
+    with torch.no_grad():
+        lstm.weight_ih_l0.copy_(torch.from_numpy(scales))
+        lstm.weight_hh_l0.zero_()
+        lstm.bias_ih_l0.copy_(torch.from_numpy(rng.uniform(-1, 1, 4 * H)))
+        lstm.bias_hh_l0.zero_()
+    x = torch.from_numpy(rng.uniform(-2, 2, size=(T, B, 1)).astype(np.float32))
+    with torch.no_grad():
+        inferred, _ = lstm(x)
+    trained, _ = lstm(x.clone().requires_grad_())
+    assert torch.equal(inferred, trained.detach())
+    a = x.double().numpy() @ scales.T + lstm.bias_ih_l0.detach().double().numpy()   # (T, B, 4H)
+    i, f, g, o = np.split(a, 4, axis=-1)
+    sigmoid = lambda v: 1 / (1 + np.exp(-v))                           # noqa: E731
+    c = np.zeros((B, H))
+    wanted = []
+    for t in range(T):
+        c = sigmoid(f[t]) * c + sigmoid(i[t]) * np.tanh(g[t])
+        wanted.append(sigmoid(o[t]) * np.tanh(c))
+    assert np.abs(inferred.double().numpy() - np.array(wanted)).max() <= 1e-6
+
+
 def _function_cases():
     torch.manual_seed(3)
     d = torch.float64
