@@ -1161,6 +1161,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
     S* zb = ptr<S>(zbuf);
     const S* wp = ptr<S>(packed);
     Chunking<S> chunks(B, J, 4, K, xproj.options());
+    Tensor pre_buf = pooled_empty({B * J * 4 * L}, xproj.options());
     run_row_parts(st.count(), B, parts, [&](i64 s, i64 r0, i64 r1) {
       i64 t = st.order[s], off = st.offset[t], e = std::min(r1, st.size[t]);
       S* z_read = zb + (s % 2) * B * K;
@@ -1169,14 +1170,26 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
         std::memcpy(z_read + b * K, x + (off + b) * I, I * sizeof(S));
       if (e > r0) {
         FlushDenormals ftz;
+        // The products first, kept in `pre` (B, J, 4, L), then the gate math four unit blocks
+        // an iteration, independent chains the core interleaves, as in the generic driver
+        // (instead of each (row, block)'s gate math right after its product: forward 8 / 64
+        // 0.96-0.99, 8 / 128 0.945-0.96, 16 / 64 0.96, 16 / 128 0.97; training 0.98-0.99).
+        V<S>* pre = reinterpret_cast<V<S>*>(ptr<S>(pre_buf));
         rows_times_blocks<S, 4>(z_read + r0 * K, K, K, wp, e - r0, 0, J, &chunks,
                                 [&](i64 rb, i64 jb, const V<S>* acc) {
-          i64 b = r0 + rb, j = jb * L;
-          int n = (int)std::min<i64>(L, H - j);
-          V<S> m = gate_math(b, off + b, jb, acc);
-          store(z_write + b * K + I + j, m, n);
-          store(o_ptr + (off + b) * P + j, m, n);
+          V<S>* slot = pre + ((r0 + rb) * J + jb) * 4;
+          for (int q = 0; q < 4; ++q) slot[q] = acc[q];
         }, r0);
+        for (i64 b = r0; b < e; ++b) {
+#pragma GCC unroll 4
+          for (i64 jb = 0; jb < J; ++jb) {
+            i64 j = jb * L;
+            int n = (int)std::min<i64>(L, H - j);
+            V<S> m = gate_math(b, off + b, jb, pre + (b * J + jb) * 4);
+            store(z_write + b * K + I + j, m, n);
+            store(o_ptr + (off + b) * P + j, m, n);
+          }
+        }
       }
       for (i64 b = std::max(r0, e); b < r1; ++b)       // inactive rows keep their state
         std::memcpy(z_write + b * K + I, z_read + b * K + I, P * sizeof(S));
