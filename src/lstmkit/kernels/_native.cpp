@@ -2366,7 +2366,6 @@ std::vector<Tensor> gru_backward_py(Tensor d_out, Tensor d_hT, Tensor x, Tensor 
   return {dx, loop[2], in[0], dw_hh, in[2], db_hh};
 }
 
-// out[i] = as[i] @ bs[i] for every i, in one parallel region (Products).
 // ---- the layers' autograd nodes, in C++ ------------------------------------------------
 //
 // C++ autograd Functions rather than Python ones: at batch 1 the Python Function's plumbing
@@ -2575,6 +2574,7 @@ std::vector<Tensor> one_state_layer_py(Tensor x, Tensor h0, Tensor w_ih, Tensor 
                                     option, parts);
 }
 
+// out[i] = as[i] @ bs[i] for every i, in one parallel region (Products).
 void products_py(std::vector<Tensor> outs, std::vector<Tensor> as, std::vector<Tensor> bs) {
   TORCH_CHECK(outs.size() == as.size() && as.size() == bs.size(),
               "products: lists of different lengths");

@@ -372,23 +372,18 @@ class NativeLSTMFunction:
                                          layout.batch_sizes, reverse, form or 0, plan))
 
     @staticmethod
-    def _run(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole=None,
-             form=0):
-        parts, input_in_step, own = _lstm_plan(layout, w_ih, w_hh, w_hr)
-        return module().lstm_forward(x, b_ih, b_hh, h0, c0, w_ih, w_hh, w_hr, layout.batch_sizes,
-                                     reverse, False, parts, input_in_step, own, w_peephole, form)
-
-    @staticmethod
-    def _infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole=None,
-               form=0):
+    def _infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole, form):
         if layout.steps == 1 and w_hr is None and w_peephole is None and not form and \
                 x.dtype in NATIVE_DTYPES:
             h_1, c_1 = lstm_step_inference(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
             return h_1, h_1, c_1
         originals = (x, h0, c0)
-        *args, w_peephole = upcast((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole),
-                                   compute_dtype(x.dtype))
-        out, h_T, c_T, _, _ = NativeLSTMFunction._run(*args, layout, reverse, w_peephole, form)
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole = upcast(
+            (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole), compute_dtype(x.dtype))
+        parts, input_in_step, own = _lstm_plan(layout, w_ih, w_hh, w_hr)
+        out, h_T, c_T, _, _ = module().lstm_forward(
+            x, b_ih, b_hh, h0, c0, w_ih, w_hh, w_hr, layout.batch_sizes, reverse, False, parts,
+            input_in_step, own, w_peephole, form)
         return tuple(cast_like((out, h_T, c_T), originals))
 
 
