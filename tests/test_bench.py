@@ -197,3 +197,15 @@ def test_cli_bad_input_exits_2(capsys):
     assert main(["bench", "--repeats", "0"]) == 2
     assert main(["bench", "--min-seconds", "-1"]) == 2
     assert "--min-seconds must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_cli_refuses_an_unwritable_json_path_before_running(tmp_path, capsys, monkeypatch):
+    ran = []
+    monkeypatch.setattr(bench, "run", lambda *a, **k: ran.append(a))
+    assert main(["bench", "--json", str(tmp_path)]) == 2
+    assert f"output file {str(tmp_path)!r} is a directory" in capsys.readouterr().err
+    (tmp_path / "notes").write_text("mine")
+    assert main(["bench", "--json", str(tmp_path / "notes" / "bench.json")]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a directory" in err and len(err.strip().splitlines()) == 1
+    assert ran == [] and (tmp_path / "notes").read_text() == "mine"

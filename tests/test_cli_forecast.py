@@ -51,6 +51,11 @@ def test_train_predict_evaluate(tmp_path, capsys):
                  "--out", str(tmp_path / "f.csv")]) == 0
     assert len(pd.read_csv(tmp_path / "f.csv")) == 3
 
+    assert main(["forecast", "predict", "--model", str(out), "--out", str(out)]) == 2
+    assert "is a directory; give a file name" in capsys.readouterr().err
+    assert main(["forecast", "evaluate", str(data), "--time", "month", "--target", "sales",
+                 "--folds", "2", "--out", str(data / "bt.json"), *TINY]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
     assert main(["forecast", "evaluate", str(data), "--time", "month", "--target", "sales",
                  "--folds", "2", "--out", str(tmp_path / "bt.json"), *TINY]) == 0
     assert "Mean over folds" in capsys.readouterr().out

@@ -499,15 +499,5 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(results: dict, path) -> None:
-    """Write the results to `path` atomically (a temporary file in the same folder, then rename)."""
-    path = os.fspath(path)
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "w") as f:
-        json.dump(results, f, indent=1)
-        f.write("\n")
-    os.replace(temporary, path)
-
-
 if __name__ == "__main__":
     _main(sys.argv[1])

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 from pathlib import Path
 
 from ._errors import UsageError
@@ -22,6 +23,25 @@ def check_output_dir(path) -> Path:
     if path.is_dir() and any(path.iterdir()) and not is_run_dir(path):
         raise UsageError(f"output directory {str(path)!r} holds files that lstmkit did not write; "
                          "choose another --out (nothing was written)")
+    return path
+
+
+def check_output_file(path) -> Path:
+    """Refuse an output file that could not be written, before the work that produces it (a
+    benchmark grid, a backtest): a directory, or a place under a file or an unwritable folder.
+    Missing folders are fine (the atomic write creates them)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"output file {str(path)!r} is a directory; give a file name")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"cannot write {str(path)!r}: {str(existing)!r} is a file, not a "
+                         "directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {str(path)!r}: no permission to write in "
+                         f"{str(existing)!r}")
     return path
 
 

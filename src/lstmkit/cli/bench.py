@@ -13,7 +13,9 @@ import argparse
 
 import torch
 
+from ..train import atomic_write_json
 from ._errors import UsageError
+from ._output import check_output_file
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -105,6 +107,7 @@ def run(args) -> int:
         raise UsageError(f"--min-seconds must be >= 0, got {args.min_seconds}")
     if args.streaming_steps < 0 or args.streaming_hidden < 1:
         raise UsageError("--streaming-steps must be >= 0 and --streaming-hidden >= 1")
+    check_output_file(args.json)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
@@ -129,11 +132,11 @@ def run(args) -> int:
               f"(target 2x: {'met' if stream['target_met'] else 'MISSED'})")
     print(f"matmul rate (best sample of the run): {results['matmul_gflops']:.1f} GFLOP/s")
     if results["matmul_gflops"] != results["matmul_gflops_start"]:
+        users = "the JSON file and the Markdown table use" if args.markdown else "the JSON file uses"
         print(f"(the lines above used the best rate sampled before each of them, from "
-              f"{results['matmul_gflops_start']:.1f} GFLOP/s at the start; the JSON file"
-              f"{' and the Markdown table' if args.markdown else ''} use the best one)")
+              f"{results['matmul_gflops_start']:.1f} GFLOP/s at the start; {users} the best one)")
     if args.markdown:
         print(bench.markdown(results))
-    bench.write_json(results, args.json)
+    atomic_write_json(args.json, results)
     print(f"wrote {args.json}")
     return 0

@@ -25,7 +25,7 @@ from ..train import (
 )
 from ..viz import figure_png, forecast_figure
 from ._errors import UsageError
-from ._output import check_output_dir, strict_json
+from ._output import check_output_dir, check_output_file, strict_json
 
 CHECKPOINT = "train-checkpoint"
 _DESCRIPTION = """\
@@ -316,6 +316,8 @@ def run_train(args) -> int:
 
 
 def run_predict(args) -> int:
+    if args.out:
+        check_output_file(args.out)
     model = Forecaster.load(args.model)
     data = None if args.data is None else read_table(args.data)
     forecast = model.predict(args.horizon, data)
@@ -330,6 +332,8 @@ def run_predict(args) -> int:
 
 def run_evaluate(args) -> int:
     forecast, training = configs_from_args(args)
+    if args.out:
+        check_output_file(args.out)
     frame = read_table(args.data)
     model = Forecaster(forecast, training)
     result = model.backtest(frame, folds=args.folds, step=args.step, quiet=args.quiet)
