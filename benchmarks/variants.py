@@ -10,16 +10,14 @@ Modules are in training mode, so the stochastic variants draw their masks.
 """
 
 import argparse
-import json
-import os
 import statistics
-import tempfile
 import time
 
 import torch
 
 import lstmkit
 from lstmkit import LSTMVariant
+from lstmkit.train import atomic_write_json
 
 VARIANTS = {
     "plain": (LSTMVariant(), False),
@@ -59,15 +57,6 @@ def measure(name, args):
     return {"median_ms": medians, "ratio": medians["lstmkit"] / medians["torch.nn"]}
 
 
-def write_json(path, result):
-    """Write beside the target and rename, so an interrupted run never leaves half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, path)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=list(VARIANTS), help="variants to time")
@@ -90,7 +79,7 @@ def main():
         print(f"  {name:22s} lstmkit {r['median_ms']['lstmkit']:8.2f} ms   torch.nn (plain) "
               f"{r['median_ms']['torch.nn']:8.2f} ms   {r['ratio']:.2f}x the time")
     if args.json:
-        write_json(args.json, {"config": vars(args), "results": results})
+        atomic_write_json(args.json, {"config": vars(args), "results": results})
 
 
 if __name__ == "__main__":
