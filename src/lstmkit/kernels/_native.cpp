@@ -1422,11 +1422,10 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
 // recurrent product are one product of [x | h] (B, I + H) with [W_ih | W_hh] packed once
 // (cached by the caller).
 Tensor lstm_pack_cell_py(Tensor w_ih, Tensor w_hh) {
-  const i64 H = w_hh.size(0) / 4, I = w_ih.size(1), K = I + w_hh.size(1);
-  Tensor w = at::cat({w_ih, w_hh}, 1).contiguous();           // (4H, I + H)
-  return dispatch1(w.scalar_type(), [&](auto tag) {
+  const i64 H = w_hh.size(0) / 4;
+  return dispatch1(w_hh.scalar_type(), [&](auto tag) {     // [W_ih | W_hh], no concatenated copy
     using S = decltype(tag);
-    return pack<S>(w, 4, H, K, H * K, K, 1);
+    return pack_side_by_side<S>(w_ih.contiguous(), w_hh.contiguous(), 4, H);
   });
 }
 
