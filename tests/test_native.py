@@ -171,6 +171,11 @@ REFERENCE_CASES = [pytest.param(family, shape, id="{}-T{}-B{}-I{}-H{}".format(fa
 @pytest.mark.parametrize("family, shape", REFERENCE_CASES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_matches_reference(family, shape, reverse, dtype, driver):
+    check_against_reference(family, shape, reverse, dtype)
+
+
+def check_against_reference(family, shape, reverse, dtype):
+    """Outputs, final states and every gradient of one native layer against the reference."""
     T, B, I, H = shape
     rng = np.random.default_rng(zlib.crc32(repr((family, shape, reverse)).encode()))
     w, P = make_weights(family, I, H, rng)
@@ -204,6 +209,29 @@ def test_matches_reference(family, shape, reverse, dtype, driver):
     for name, param in wt.items():
         if param is not None:
             assert_close(f"d{name}", param.grad, grads[name], dtype)
+
+
+@pytest.mark.parametrize("steal_after", [0, None], ids=["taking", "own"])
+@pytest.mark.parametrize("shape", [(40, 1, 5, 83), (30, 1, 3, 200), (20, 3, 4, 83)],
+                         ids=lambda shape: "T{}-B{}-I{}-H{}".format(*shape))
+@pytest.mark.parametrize("family", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_fused_workers_match_reference(family, shape, dtype, steal_after, monkeypatch):
+    """Two fused workers: at batch 1 the LSTM's begin each step with their own units of h (see
+    run_steps), hidden 83 (6 unit blocks, the last partial) and 200 (13, an odd count); with
+    steal_after 0 a waiting worker takes the other's unclaimed blocks at once, so steps mix
+    begun, taken and whole blocks."""
+    monkeypatch.setattr(native, "FUSED_MAX_BATCH", 10**9)
+    monkeypatch.setattr(native, "FUSED_ALWAYS_BATCH", 10**9)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    previous = native.module().set_steal_after_spins(600 if steal_after is None else steal_after)
+    try:
+        for reverse in (False, True):
+            check_against_reference(family, shape, reverse, dtype)
+    finally:
+        torch.set_num_threads(threads)
+        native.module().set_steal_after_spins(previous)
 
 
 @pytest.mark.parametrize("used", ["out", "h_T", "c_T"])

@@ -693,14 +693,15 @@ inline void rows_times_blocks(const S* z, i64 zs, i64 K, const S* packed, i64 ro
 
 
 // Waiting for the other workers: spin (a step takes microseconds), and after ~30 us, which
-// means a worker's thread lost its core, take its blocks and yield between checks.
-constexpr int STEAL_AFTER_SPINS = 600;
+// means a worker's thread lost its core, take its blocks and yield between checks. (Tests set
+// it to 0, so that workers take each other's blocks all the time.)
+int steal_after_spins = 600;
 
 inline void relax(int& spins) {
 #ifdef LSTMKIT_X86
   _mm_pause();
 #endif
-  if (++spins > STEAL_AFTER_SPINS) std::this_thread::yield();
+  if (++spins > steal_after_spins) std::this_thread::yield();
 }
 
 // Split J unit blocks among the workers: worker w's own blocks are [first(w), first(w + 1)).
@@ -711,44 +712,96 @@ struct Split {
 
 struct alignas(64) Counter { std::atomic<i64> value{0}; char pad[64 - sizeof(std::atomic<i64>)]; };
 
-// Run step(s, jb0, jb1) over all J unit blocks for s = 0..steps-1; step s + 1 starts when every
-// block of step s is done. Each worker works through its own blocks first (so its share of the
-// packed weights stays in its core's cache from step to step); a worker that has waited a few
-// microseconds for the others takes their unclaimed blocks, so a thread the OS has descheduled
-// (a busy machine) delays a step by one block at most, not by a time slice. Any mapping of
-// workers to threads works, including all of them on one thread.
-template <typename Step>
-void run_steps(i64 workers, i64 J, i64 steps, Step&& step) {
-  constexpr i64 G = 2;                  // blocks per claim (one-gate products pair blocks up)
+// Unit blocks [jb0, jb1), one worker's own, whose step products it began before the step's
+// synchronisation (see run_steps); empty: none begun.
+struct Begun {
+  i64 jb0 = 0, jb1 = 0;
+  bool contains(i64 jb) const { return jb0 <= jb && jb < jb1; }
+};
+
+// Run step(s, jb0, jb1, begun) over all J unit blocks, in pieces of G blocks, for s = 0..steps-1;
+// step s + 1 starts when every block of step s is done. Each worker works through its own
+// blocks first (so its share of the packed weights stays in its core's cache from step to
+// step); a worker that has waited a few microseconds for the others takes their unclaimed
+// pieces, so a thread the OS has descheduled (a busy machine) delays a step by one piece at
+// most, not by a time slice. Any mapping of workers to threads works, including all of them on
+// one thread.
+//
+// begin(s, jb0, jb1) -> bool starts a worker's own blocks [jb0, jb1) of step s before it waits
+// for the others to finish step s - 1 (true if it did): at batch 1, the products over the
+// worker's own units of h, which it has just written itself, while the other workers' units
+// cross between the cores (a round trip between the two cores of the benchmark machine takes
+// 270 ns, a whole step at batch 1 / hidden 128 1.8 us). It is called only when the worker did
+// all its own pieces of step s - 1 itself; step() then gets those blocks as `begun` for its
+// own pieces, and an empty range for pieces it takes from another worker (whose begun sums, if
+// any, go unused).
+template <typename Step, typename Begin>
+void run_steps(i64 workers, i64 J, i64 steps, i64 G, Step&& step, Begin&& begin) {
   const i64 pieces = (J + G - 1) / G;
   Split split{pieces, workers};
   std::vector<Counter> next(workers);   // blocks claimed so far, counted over all steps
-  Counter done;                         // blocks finished so far, over all steps
+  // Pieces finished so far (over all steps) by the thread that runs workers [w0, ...), in
+  // finished[w0]: one writer per counter, so a plain store publishes them (an atomic add on one
+  // shared counter waits for its line to come back from the core that read it last).
+  std::vector<Counter> finished(workers);
+  auto all_finished = [&] {
+    i64 sum = 0;
+    for (auto& f : finished) sum += f.value.load(std::memory_order_acquire);
+    return sum;
+  };
   auto own = [&](i64 w) { return split.first(w + 1) - split.first(w); };
-  // Claim one piece (G blocks) of worker w's share in step s; -1 when none is left.
-  auto claim = [&](i64 w, i64 s) -> i64 {
+  auto own_blocks = [&](i64 w) {
+    return Begun{split.first(w) * G, std::min(J, split.first(w + 1) * G)};
+  };
+  // Claim up to `most` pieces (G blocks each) of worker w's share in step s: [first, last), empty
+  // when none is left. The owner claims all that is left of its share at once: a claim is a
+  // locked instruction, which waits until the stores before it (the previous piece's h, on lines
+  // the other cores have read) have reached the cache. Others take one piece at a time.
+  auto claim = [&](i64 w, i64 s, i64 most) -> std::pair<i64, i64> {
     const i64 n = own(w);
     i64 current = next[w].value.load(std::memory_order_relaxed);
     while (current < (s + 1) * n) {
-      if (next[w].value.compare_exchange_weak(current, current + 1, std::memory_order_relaxed))
-        return split.first(w) + current - s * n;
+      i64 count = std::min(most, (s + 1) * n - current);
+      if (next[w].value.compare_exchange_weak(current, current + count,
+                                              std::memory_order_relaxed)) {
+        i64 first = split.first(w) + current - s * n;
+        return {first, first + count};
+      }
     }
-    return -1;
+    return {0, 0};
   };
-  auto drain = [&](i64 w, i64 s) {
-    i64 finished = 0;
-    for (i64 piece = claim(w, s); piece >= 0; piece = claim(w, s), ++finished)
-      step(s, piece * G, std::min(J, piece * G + G));
-    if (finished) done.value.fetch_add(finished, std::memory_order_release);
+  // Worker w's pieces of step s, done by the thread that owns w or (stealing) by another; the
+  // count done, published in `mine` (the doing thread's counter).
+  auto drain = [&](i64 w, i64 s, Begun begun, Counter& mine, bool owner) {
+    i64 count = 0;
+    for (;;) {
+      auto [first, last] = claim(w, s, owner ? own(w) : 1);
+      if (first == last) break;
+      for (i64 piece = first; piece < last; ++piece, ++count)
+        step(s, piece * G, std::min(J, piece * G + G), begun);
+    }
+    if (count)
+      mine.value.store(mine.value.load(std::memory_order_relaxed) + count,
+                       std::memory_order_release);
+    return count;
   };
   auto body = [&](i64 w0, i64 w1) {
     FlushDenormals ftz;
+    std::vector<Begun> begun(w1 - w0);
     for (i64 s = 0; s < steps; ++s) {
-      for (i64 w = w0; w < w1; ++w) drain(w, s);
+      for (i64 w = w0; w < w1; ++w) {
+        bool all_own = drain(w, s, begun[w - w0], finished[w0], true) == own(w);
+        begun[w - w0] = Begun{};
+        if (all_own && s + 1 < steps && own(w)) {
+          Begun mine = own_blocks(w);
+          if (begin(s + 1, mine.jb0, mine.jb1)) begun[w - w0] = mine;
+        }
+      }
       int spins = 0;
-      while (done.value.load(std::memory_order_acquire) < (s + 1) * pieces) {
-        if (spins > STEAL_AFTER_SPINS)
-          for (i64 w = 0; w < workers; ++w) drain(w, s);
+      while (all_finished() < (s + 1) * pieces) {
+        if (spins > steal_after_spins)
+          for (i64 w = 0; w < workers; ++w)
+            if (w < w0 || w >= w1) drain(w, s, Begun{}, finished[w0], false);
         relax(spins);
       }
     }
@@ -758,6 +811,14 @@ void run_steps(i64 workers, i64 J, i64 steps, Step&& step) {
   } else {
     at::parallel_for(0, workers, 1, body);
   }
+}
+
+// Without begun steps: step(s, jb0, jb1), in pieces of two blocks (one-gate products pair
+// blocks up).
+template <typename Step>
+void run_steps(i64 workers, i64 J, i64 steps, Step&& step) {
+  run_steps(workers, J, steps, 2, [&](i64 s, i64 jb0, i64 jb1, Begun) { step(s, jb0, jb1); },
+            [](i64, i64, i64) { return false; });
 }
 
 // Below this many floating-point operations per step one worker runs the whole sequence: the
@@ -1118,7 +1179,37 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
     const S* xp = ptr<S>(xproj);
     c10::optional<Chunking<S>> input_chunks;
     if (I) input_chunks.emplace(N, J, 4, I, xproj.options());
-    run_steps(workers, J, st.count() + (I ? 1 : 0), [&](i64 s, i64 jb0, i64 jb1) {
+    // At batch 1 each worker begins a step with the product over its own units of h (see
+    // run_steps), kept in `begun_sums` (J, 4) until the rest of h has come from the other
+    // cores; each worker's share is one piece, so one call of step() does all of it.
+    // Interleaved medians, forward at batch 1, new / old at lengths 1000 (1.4-5.1 us per step
+    // before) and 100: hidden 96 0.92 / 0.92-0.95, 128 0.94-0.95 / 0.97, 256 0.93 / 0.94-0.96.
+    const bool begin_steps = B == 1 && workers > 1 && !chunks.partial();
+    std::vector<V<S>> begun_sums(begin_steps ? J * 4 : 0);
+    // The product over units [k0, k1) of h for block jb, added to acc.
+    auto product_part = [&](const S* h, i64 jb, i64 k0, i64 k1, V<S>* acc) {
+      if (k1 <= k0) return;
+      V<S> part[1][4];
+      block_product<S, 1, 4>(h + k0, P, k1 - k0, wp + (jb * P + k0) * 4 * L, L, 4 * L, part);
+      for (int q = 0; q < 4; ++q) acc[q] += part[0][q];
+    };
+    auto own_units = [&](Begun begun) {
+      return std::pair<i64, i64>{begun.jb0 * L, std::min(H, begun.jb1 * L)};
+    };
+    auto begin = [&](i64 s, i64 jb0, i64 jb1) {
+      if (!begin_steps || (I && s-- == 0)) return false;
+      const S* h_read = hb + (s % 2) * P;
+      auto [k0, k1] = own_units(Begun{jb0, jb1});
+      for (i64 jb = jb0; jb < jb1; ++jb) {
+        V<S>* acc = &begun_sums[jb * 4];
+        for (int q = 0; q < 4; ++q) acc[q] = V<S>{};
+        product_part(h_read, jb, k0, k1, acc);
+      }
+      return true;
+    };
+    const i64 piece = begin_steps ? (J + workers - 1) / workers : 2;
+    run_steps(workers, J, st.count() + (I ? 1 : 0), piece,
+              [&](i64 s, i64 jb0, i64 jb1, Begun begun) {
       if (I && s-- == 0) {
         rows_times_blocks<S, 4>(xp, I, I, wip, N, jb0, jb1, &*input_chunks,
                                 [&](i64 row, i64 jb, const V<S>* acc) {
@@ -1131,19 +1222,29 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
       i64 t = st.order[s], bs = st.size[t], off = st.offset[t];
       const S* h_read = hb + (s % 2) * B * P;
       S* h_write = hb + ((s + 1) % 2) * B * P;
-      rows_times_blocks<S, 4>(h_read, P, P, wp, bs, jb0, jb1,
-                              &chunks, [&](i64 b, i64 jb, const V<S>* acc) {
+      auto epilogue = [&](i64 b, i64 jb, const V<S>* acc) {
         i64 j = jb * L;
         int n = (int)std::min<i64>(L, H - j);
         V<S> m = gate_math(b, off + b, jb, acc);
         store(h_write + b * P + j, m, n);
         store(o_ptr + (off + b) * P + j, m, n);
-      });
+      };
+      if (begun.contains(jb0)) {                      // the rest of h: its other units
+        auto [k0, k1] = own_units(begun);
+        for (i64 jb = jb0; jb < jb1; ++jb) {
+          V<S>* acc = &begun_sums[jb * 4];
+          product_part(h_read, jb, 0, k0, acc);
+          product_part(h_read, jb, k1, P, acc);
+          epilogue(0, jb, acc);
+        }
+      } else {
+        rows_times_blocks<S, 4>(h_read, P, P, wp, bs, jb0, jb1, &chunks, epilogue);
+      }
       for (i64 b = bs; b < B; ++b) {                  // inactive rows keep their state
         i64 j0 = std::min(H, jb0 * L), j1 = std::min(H, jb1 * L);
         std::memcpy(h_write + b * P + j0, h_read + b * P + j0, (j1 - j0) * sizeof(S));
       }
-    });
+    }, begin);
     Tensor h_T = pooled_clone(hbuf[st.count() % 2]);
     return {out, h_T, c, gates, cells};
   }
@@ -2638,6 +2739,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     recycling().limit = bytes;
     return old;
   }, "Set the most free memory the recycling pool keeps (bytes); returns the previous value.");
+  m.def("set_steal_after_spins", [](int spins) {
+    int old = steal_after_spins;
+    steal_after_spins = spins;
+    return old;
+  }, "Set how long a fused-driver worker waits for the others before it takes their unclaimed "
+     "blocks (spins of ~50 ns); returns the previous value.");
   m.def("set_chunk_bytes", [](i64 bytes) {
     i64 old = chunk_bytes;
     chunk_bytes = bytes;
