@@ -218,9 +218,10 @@ def check_against_reference(family, shape, reverse, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_fused_workers_match_reference(family, shape, dtype, steal_after, monkeypatch):
     """Two fused workers: at batch 1 the LSTM's begin each step with their own units of h (see
-    run_steps), hidden 83 (6 unit blocks, the last partial) and 200 (13, an odd count); with
-    steal_after 0 a waiting worker takes the other's unclaimed blocks at once, so steps mix
-    begun, taken and whole blocks."""
+    run_steps) and its backward takes its blocks by fours; hidden 83 (6 unit blocks, the last
+    partial) and 200 (13, an odd count: fours, a pair and one). With steal_after 0 a waiting
+    worker takes the other's unclaimed blocks at once, so steps mix begun, taken and whole
+    blocks."""
     monkeypatch.setattr(native, "FUSED_MAX_BATCH", 10**9)
     monkeypatch.setattr(native, "FUSED_ALWAYS_BATCH", 10**9)
     threads = torch.get_num_threads()
