@@ -217,22 +217,24 @@ def check_against_reference(family, shape, reverse, dtype):
 @pytest.mark.parametrize("family", ["lstm", "gru", "rnn_tanh"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_fused_workers_match_reference(family, shape, dtype, steal_after, monkeypatch):
-    """Two fused workers: at batch 1 the LSTM's begin each step with their own units of h (see
-    run_steps) and its backward takes its blocks by fours; hidden 83 (6 unit blocks, the last
-    partial) and 200 (13, an odd count: fours, a pair and one). With steal_after 0 a waiting
-    worker takes the other's unclaimed blocks at once, so steps mix begun, taken and whole
-    blocks."""
+    """Two fused workers: at batch 1 the LSTM's workers begin each step with their own units of
+    h (see run_steps) and its backward takes its blocks by fours; hidden 83 (6 unit blocks, the
+    last partial) and 200 (13, an odd count: fours, a pair and one). With steal_after 0 a
+    waiting worker takes the other's unclaimed blocks at once, so steps mix begun, taken and
+    whole blocks; None keeps the kernels' own patience."""
     monkeypatch.setattr(native, "FUSED_MAX_BATCH", 10**9)
     monkeypatch.setattr(native, "FUSED_ALWAYS_BATCH", 10**9)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    previous = native.module().set_steal_after_spins(600 if steal_after is None else steal_after)
+    previous = (None if steal_after is None
+                else native.module().set_steal_after_spins(steal_after))
     try:
         for reverse in (False, True):
             check_against_reference(family, shape, reverse, dtype)
     finally:
         torch.set_num_threads(threads)
-        native.module().set_steal_after_spins(previous)
+        if previous is not None:
+            native.module().set_steal_after_spins(previous)
 
 
 @pytest.mark.parametrize("used", ["out", "h_T", "c_T"])
