@@ -425,39 +425,48 @@ inline void gather_tile(const S* src, i64 su, i64 sc, i64 n, i64 kn, S (&tile)[K
     for (i64 k = 0; k < kn; ++k) tile[k][l] = S(0);
 }
 
-// One source's columns [k_offset, k_offset + K) of a packed matrix of KP columns in all.
+// Unit blocks [j0, j1) of one source's columns [k_offset, k_offset + K) of a packed matrix of KP
+// columns in all.
+template <typename S>
+void pack_blocks(S* out, const Tensor& w, i64 ng, i64 units, i64 K, i64 KP, i64 k_offset, i64 sq,
+                 i64 su, i64 sc, i64 j0, i64 j1) {
+  constexpr int L = Vec<S>::L;
+  constexpr i64 KT = 16;                 // contraction tile: L x KT elements transposed at once
+  const S* W = w.data_ptr<S>();
+  // Read along whichever of j (su == 1) and k is contiguous in W: a strided gather, one element
+  // per cache line, made the packing of a 1 MiB matrix cost as much as 50 recurrent steps.
+  S tile[KT][L];
+  for (i64 jb = j0; jb < j1; ++jb) {
+    const i64 n = std::min<i64>(L, units - jb * L);
+    for (i64 q = 0; q < ng; ++q) {
+      const S* Wq = W + q * sq + jb * L * su;
+      for (i64 k0 = 0; k0 < K; k0 += KT) {
+        const i64 kn = std::min<i64>(KT, K - k0);
+        if (su == 1) {
+          for (i64 k = 0; k < kn; ++k) {
+            for (i64 l = 0; l < n; ++l) tile[k][l] = Wq[l + (k0 + k) * sc];
+            for (i64 l = n; l < L; ++l) tile[k][l] = S(0);
+          }
+        } else {
+          gather_tile<S, L, KT>(Wq + k0 * sc, su, sc, n, kn, tile);
+        }
+        for (i64 k = 0; k < kn; ++k)
+          std::memcpy(out + ((jb * KP + k_offset + k0 + k) * ng + q) * L, tile[k], L * sizeof(S));
+      }
+    }
+  }
+}
+
+// All unit blocks (see pack_blocks); serial below 32K elements (a parallel region costs more),
+// two cores halve a 1 MiB pack.
 template <typename S>
 void pack_into(S* out, const Tensor& w, i64 ng, i64 units, i64 K, i64 KP, i64 k_offset, i64 sq,
                i64 su, i64 sc) {
   constexpr int L = Vec<S>::L;
-  constexpr i64 KT = 16;                 // contraction tile: L x KT elements transposed at once
-  i64 J = (units + L - 1) / L;
-  const S* W = w.data_ptr<S>();
-  // Read along whichever of j (su == 1) and k is contiguous in W: a strided gather, one element
-  // per cache line, made the packing of a 1 MiB matrix cost as much as 50 recurrent steps.
-  // Serial below 32K elements (a parallel region costs more); two cores halve a 1 MiB pack.
+  const i64 J = (units + L - 1) / L;
   const i64 grain = std::max<i64>(1, 32768 / std::max<i64>(1, K * ng * L));
   at::parallel_for(0, J, grain, [&](i64 j0, i64 j1) {
-    S tile[KT][L];
-    for (i64 jb = j0; jb < j1; ++jb) {
-      const i64 n = std::min<i64>(L, units - jb * L);
-      for (i64 q = 0; q < ng; ++q) {
-        const S* Wq = W + q * sq + jb * L * su;
-        for (i64 k0 = 0; k0 < K; k0 += KT) {
-          const i64 kn = std::min<i64>(KT, K - k0);
-          if (su == 1) {
-            for (i64 k = 0; k < kn; ++k) {
-              for (i64 l = 0; l < n; ++l) tile[k][l] = Wq[l + (k0 + k) * sc];
-              for (i64 l = n; l < L; ++l) tile[k][l] = S(0);
-            }
-          } else {
-            gather_tile<S, L, KT>(Wq + k0 * sc, su, sc, n, kn, tile);
-          }
-          for (i64 k = 0; k < kn; ++k)
-            std::memcpy(out + ((jb * KP + k_offset + k0 + k) * ng + q) * L, tile[k], L * sizeof(S));
-        }
-      }
-    }
+    pack_blocks<S>(out, w, ng, units, K, KP, k_offset, sq, su, sc, j0, j1);
   });
 }
 
@@ -1167,7 +1176,8 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
   S* o_ptr = ptr<S>(out);
   const i64 J = (H + L - 1) / L;
   if (parts == 0 && !w_hr.defined()) {
-    Tensor packed = pack<S>(w_hh, 4, H, P, H * P, P, 1);
+    Tensor packed = pooled_empty({J * P * 4 * L}, xproj.options());   // packed in step -1
+    Tensor w_hh_c = w_hh.contiguous();
     Tensor hbuf = pooled_empty({2, B, P}, xproj.options());
     hbuf[0].copy_(h0);
     hbuf[1].copy_(h0);
@@ -1175,14 +1185,19 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
     const S* wp = ptr<S>(packed);
     i64 workers = worker_count(J, 8 * B * H * P);
     Chunking<S> chunks(B, J, 4, P, xproj.options());
-    // With the input x (N, I) itself: each worker first projects it onto its own unit blocks'
-    // columns of every step (step -1 of run_steps below, the fused product over all N rows),
-    // so the projection a worker reads at every step is in its own core's cache. (Made by MKL
-    // across both cores, half of each worker's columns came from the other core's cache.)
-    Tensor projection, packed_ih;
+    // Step -1 of run_steps below: each worker packs its own unit blocks of W_hh (and W_ih),
+    // the ones it reads at every step, so they start out in its core's cache; with the input x
+    // (N, I) itself it then projects x onto its blocks' columns of every step (the fused
+    // product over all N rows), so the projection it reads at every step is in its cache too.
+    // (Made by MKL across both cores, half of each worker's columns came from the other core's
+    // cache.) Packing there rather than in a parallel region of its own (and W_ih on one
+    // thread): forward at batch 1, length 100, new / old 0.94 at hidden 96 and 128, 0.95-0.97
+    // at 256, training 0.97-0.98; batch 2-8 unchanged.
+    Tensor projection, packed_ih, w_ih_c;
     if (I) {
       projection = pooled_empty({N, 4 * H}, xproj.options());
-      packed_ih = pack<S>(w_ih, 4, H, I, H * I, I, 1);
+      packed_ih = pooled_empty({J * I * 4 * L}, xproj.options());
+      w_ih_c = w_ih.contiguous();
       gate_math.xproj = ptr<S>(projection);
     }
     S* pp = ptr<S>(projection);
@@ -1208,7 +1223,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
       return std::pair<i64, i64>{begun.jb0 * L, std::min(H, begun.jb1 * L)};
     };
     auto begin = [&](i64 s, i64 jb0, i64 jb1) {
-      if (!begin_steps || (I && s-- == 0)) return false;
+      if (!begin_steps || s-- == 0) return false;
       const S* h_read = hb + (s % 2) * P;
       auto [k0, k1] = own_units(Begun{jb0, jb1});
       for (i64 jb = jb0; jb < jb1; ++jb) {
@@ -1219,9 +1234,12 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
       return true;
     };
     const i64 piece = begin_steps ? (J + workers - 1) / workers : 2;
-    run_steps(workers, J, st.count() + (I ? 1 : 0), piece,
+    run_steps(workers, J, st.count() + 1, piece,
               [&](i64 s, i64 jb0, i64 jb1, Begun begun) {
-      if (I && s-- == 0) {
+      if (s-- == 0) {
+        pack_blocks<S>(ptr<S>(packed), w_hh_c, 4, H, P, P, 0, H * P, P, 1, jb0, jb1);
+        if (!I) return;
+        pack_blocks<S>(ptr<S>(packed_ih), w_ih_c, 4, H, I, I, 0, H * I, I, 1, jb0, jb1);
         rows_times_blocks<S, 4>(xp, I, I, wip, N, jb0, jb1, &*input_chunks,
                                 [&](i64 row, i64 jb, const V<S>* acc) {
           i64 j = jb * L;
