@@ -597,6 +597,73 @@ def test_streaming_cell_leaves_other_calls_to_the_general_path(monkeypatch):
     assert len(general) == 8
 
 
+def count_general_module_calls(monkeypatch) -> list:
+    """Record every LSTM forward that takes the modules' general path."""
+    from lstmkit.nn import recurrent
+
+    calls, general = [], recurrent._RecurrentBase.forward
+    monkeypatch.setattr(recurrent._RecurrentBase, "forward",
+                        lambda self, *a, **k: calls.append(1) or general(self, *a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time-major", "batch-first"])
+@pytest.mark.parametrize("steps,batch,hidden,bias,state", [
+    (1, 1, 1, True, False), (2, 1, 3, False, True), (30, 1, 127, True, True),
+    (7, 3, 83, True, False), (5, 9, 16, False, True)])
+def test_lstm_inference_fast_path_matches_general_path(dtype, batch_first, steps, batch, hidden,
+                                                        bias, state, monkeypatch):
+    """LSTM under no_grad (one layer and direction, the plain cell) calls the native inference
+    kernel straight from forward(): the same numbers, to the bit, as the general path, and as
+    torch.nn.LSTM within float tolerance."""
+    torch.manual_seed(steps * 100 + hidden)
+    ours = lstmkit.LSTM(4, hidden, bias=bias, batch_first=batch_first, dtype=dtype)
+    theirs = torch.nn.LSTM(4, hidden, bias=bias, batch_first=batch_first, dtype=dtype)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(*((batch, steps) if batch_first else (steps, batch)), 4, dtype=dtype)
+    hx = tuple(torch.randn(1, batch, hidden, dtype=dtype) for _ in range(2)) if state else None
+    general = count_general_module_calls(monkeypatch)
+    with torch.no_grad():
+        out, (h, c) = ours(x, hx)
+        assert general == []                               # the fast path ran
+        monkeypatch.setattr(type(ours), "_infers_directly", lambda self, x, hx: False)
+        out_g, (h_g, c_g) = ours(x, hx)
+        assert len(general) == 1
+        out_t, (h_t, c_t) = theirs(x, hx)
+    for got, same, torch_nn in ((out, out_g, out_t), (h, h_g, h_t), (c, c_g, c_t)):
+        assert got.shape == same.shape == torch_nn.shape and got.dtype == dtype
+        assert torch.equal(got, same)
+        assert_close("vs torch.nn", got, torch_nn.double().numpy(), dtype)
+
+
+def test_lstm_inference_fast_path_leaves_other_calls_to_the_general_path(monkeypatch):
+    general = count_general_module_calls(monkeypatch)
+    lstm = lstmkit.LSTM(3, 4)
+    x, h, c = torch.randn(5, 2, 3), torch.randn(1, 2, 4), torch.randn(1, 2, 4)
+    lstm(x, (h, c))                                        # gradients wanted
+    with torch.no_grad():
+        lstm(x, [h, c])                                    # a list, not a tuple
+        lstm(x[:, 0])                                      # unbatched
+        lstm(x, (h, c), return_gates=True)
+        lstm(x, (h, c), lengths=[5, 3])                    # twice: it packs and calls forward
+        lstm(pack_padded_sequence(x, [5, 3]))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lstm(x, (h, c))
+        for other in (lstmkit.LSTM(3, 4, num_layers=2), lstmkit.LSTM(3, 4, bidirectional=True),
+                      lstmkit.LSTM(3, 4, proj_size=2), lstmkit.LSTM(3, 4, backend="portable"),
+                      lstmkit.LSTM(3, 4, variant=lstmkit.LSTMVariant(peepholes=True))):
+            other(x)
+    assert len(general) == 13
+    with torch.no_grad():                                  # errors: the general path's
+        with pytest.raises(ValueError, match=r"h_0 must have shape \(1, 2, 4\), got \(1, 2, 5\)"):
+            lstm(x, (torch.randn(1, 2, 5), c))
+        with pytest.raises(ValueError, match="input must have 3 features"):
+            lstm(torch.randn(5, 2, 4))
+        with pytest.raises(TypeError, match="input must have dtype torch.float64"):
+            lstmkit.LSTM(3, 4, dtype=torch.float64)(x)
+
+
 def test_cell_sees_in_place_weight_updates():
     """The single-step path caches packed weights; an in-place update must invalidate them."""
     torch.manual_seed(1)

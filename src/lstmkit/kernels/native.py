@@ -361,8 +361,8 @@ class NativeLSTMFunction:
             return _lstm.LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout,
                                             reverse)
         if not _needs_autograd((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole)):
-            return NativeLSTMFunction._infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout,
-                                             reverse, w_peephole, form or 0)
+            return NativeLSTMFunction.infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout,
+                                            reverse, w_peephole, form or 0)
         itemsize = compute_dtype(x.dtype).itemsize
         plan = _lstm_plan(layout, w_ih, w_hh, w_hr, itemsize)
         backward_parts = _driver(layout, w_hh, w_hr is not None, itemsize=itemsize)
@@ -372,7 +372,8 @@ class NativeLSTMFunction:
                                          layout.batch_sizes, reverse, form or 0, plan))
 
     @staticmethod
-    def _infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole, form):
+    def infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole=None, form=0):
+        """apply() when no gradient is wanted: the forward kernel alone, nothing saved."""
         if layout.steps == 1 and w_hr is None and w_peephole is None and not form and \
                 x.dtype in NATIVE_DTYPES:
             h_1, c_1 = lstm_step_inference(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
