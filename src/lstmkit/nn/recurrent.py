@@ -424,7 +424,7 @@ class LSTM(_RecurrentBase):
         autocast, one layer and direction without projection, the plain cell, a 3-D CPU tensor
         of the parameters' dtype (float32 or float64), and no state or (h_0, c_0) of the right
         shapes and dtype. Anything else, every error included, takes the general path, whose
-        Python costs 15-25 us more (8% of a forward at batch 1 / hidden 128, length 100, 14% at
+        Python costs 15-27 us more (8% of a forward at batch 1 / hidden 128, length 100, 14% at
         hidden 64). Every test here is cheap."""
         if torch.is_grad_enabled() or self.num_layers != 1 or self.bidirectional \
                 or self.proj_size or self.backend == "portable" \
