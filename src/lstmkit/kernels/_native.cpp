@@ -470,10 +470,16 @@ void pack_into(S* out, const Tensor& w, i64 ng, i64 units, i64 K, i64 KP, i64 k_
   });
 }
 
+// Room for a packed matrix: (J, K, ng, L), J = ceil(units / L).
+template <typename S>
+Tensor packed_empty(i64 ng, i64 units, i64 K, const at::TensorOptions& options) {
+  constexpr int L = Vec<S>::L;
+  return pooled_empty({(units + L - 1) / L * K * ng * L}, options);
+}
+
 template <typename S>
 Tensor pack(const Tensor& w, i64 ng, i64 units, i64 K, i64 sq, i64 su, i64 sc) {
-  constexpr int L = Vec<S>::L;
-  Tensor packed = pooled_empty({(units + L - 1) / L * K * ng * L}, w.options());
+  Tensor packed = packed_empty<S>(ng, units, K, w.options());
   pack_into<S>(packed.data_ptr<S>(), w, ng, units, K, K, 0, sq, su, sc);
   return packed;
 }
@@ -483,9 +489,8 @@ Tensor pack(const Tensor& w, i64 ng, i64 units, i64 K, i64 sq, i64 su, i64 sc) {
 // the copy was 4% of a forward).
 template <typename S>
 Tensor pack_side_by_side(const Tensor& a, const Tensor& b, i64 ng, i64 units) {
-  constexpr int L = Vec<S>::L;
   const i64 Ka = a.size(1), Kb = b.size(1), K = Ka + Kb;
-  Tensor packed = pooled_empty({(units + L - 1) / L * K * ng * L}, b.options());
+  Tensor packed = packed_empty<S>(ng, units, K, b.options());
   pack_into<S>(packed.data_ptr<S>(), a, ng, units, Ka, K, 0, units * Ka, Ka, 1);
   pack_into<S>(packed.data_ptr<S>(), b, ng, units, Kb, K, Ka, units * Kb, Kb, 1);
   return packed;
@@ -1176,8 +1181,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
   S* o_ptr = ptr<S>(out);
   const i64 J = (H + L - 1) / L;
   if (parts == 0 && !w_hr.defined()) {
-    Tensor packed = pooled_empty({J * P * 4 * L}, xproj.options());   // packed in step -1
-    Tensor w_hh_c = w_hh.contiguous();
+    Tensor packed = packed_empty<S>(4, H, P, xproj.options());   // packed in step -1
     Tensor hbuf = pooled_empty({2, B, P}, xproj.options());
     hbuf[0].copy_(h0);
     hbuf[1].copy_(h0);
@@ -1193,11 +1197,10 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
     // cache.) Packing there rather than in a parallel region of its own (and W_ih on one
     // thread): forward at batch 1, length 100, new / old 0.94 at hidden 96 and 128, 0.95-0.97
     // at 256, training 0.97-0.98; batch 2-8 unchanged.
-    Tensor projection, packed_ih, w_ih_c;
+    Tensor projection, packed_ih;
     if (I) {
       projection = pooled_empty({N, 4 * H}, xproj.options());
-      packed_ih = pooled_empty({J * I * 4 * L}, xproj.options());
-      w_ih_c = w_ih.contiguous();
+      packed_ih = packed_empty<S>(4, H, I, xproj.options());
       gate_math.xproj = ptr<S>(projection);
     }
     S* pp = ptr<S>(projection);
@@ -1237,9 +1240,9 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
     run_steps(workers, J, st.count() + 1, piece,
               [&](i64 s, i64 jb0, i64 jb1, Begun begun) {
       if (s-- == 0) {
-        pack_blocks<S>(ptr<S>(packed), w_hh_c, 4, H, P, P, 0, H * P, P, 1, jb0, jb1);
+        pack_blocks<S>(ptr<S>(packed), w_hh, 4, H, P, P, 0, H * P, P, 1, jb0, jb1);
         if (!I) return;
-        pack_blocks<S>(ptr<S>(packed_ih), w_ih_c, 4, H, I, I, 0, H * I, I, 1, jb0, jb1);
+        pack_blocks<S>(ptr<S>(packed_ih), w_ih, 4, H, I, I, 0, H * I, I, 1, jb0, jb1);
         rows_times_blocks<S, 4>(xp, I, I, wip, N, jb0, jb1, &*input_chunks,
                                 [&](i64 row, i64 jb, const V<S>* acc) {
           i64 j = jb * L;
