@@ -652,9 +652,10 @@ def test_lstm_inference_fast_path_leaves_other_calls_to_the_general_path(monkeyp
             lstm(x, (h, c))
         for other in (lstmkit.LSTM(3, 4, num_layers=2), lstmkit.LSTM(3, 4, bidirectional=True),
                       lstmkit.LSTM(3, 4, proj_size=2), lstmkit.LSTM(3, 4, backend="portable"),
-                      lstmkit.LSTM(3, 4, variant=lstmkit.LSTMVariant(peepholes=True))):
-            other(x)
-    assert len(general) == 13
+                      lstmkit.LSTM(3, 4, variant=lstmkit.LSTMVariant(peepholes=True)),
+                      lstmkit.LSTM(3, 4, variant=lstmkit.LSTMVariant(weight_drop=0.5))):
+            other(x)                                       # the last: DropConnect in training
+    assert len(general) == 14
     with torch.no_grad():                                  # errors: the general path's
         with pytest.raises(ValueError, match=r"h_0 must have shape \(1, 2, 4\), got \(1, 2, 5\)"):
             lstm(x, (torch.randn(1, 2, 5), c))

@@ -408,8 +408,10 @@ class LSTM(_RecurrentBase):
         self.variant = _lstm_variant.check_variant(variant, bias)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device, dtype, backend=backend)
-        # Whether the plain cell runs, in eval (False) and training (True) mode.
+        # Per training mode (False, True): does the plain kernel run with the weights as they
+        # are? Not with DropConnect in training, which masks W_hh first (see _run_layer).
         self._plain_cell = {mode: not _lstm_variant.uses_variant_kernel(self.variant, mode)
+                            and not (mode and self.variant.weight_drop)
                             for mode in (False, True)}
 
     def forward(self, input, hx=None, *, lengths=None, return_gates: bool = False):
@@ -421,11 +423,12 @@ class LSTM(_RecurrentBase):
 
     def _infers_directly(self, x, hx) -> bool:
         """True for a call the native sequence kernel can take as it is: no gradient, no
-        autocast, one layer and direction without projection, the plain cell, a 3-D CPU tensor
-        of the parameters' dtype (float32 or float64), and no state or (h_0, c_0) of the right
-        shapes and dtype. Anything else, every error included, takes the general path, whose
-        Python costs 15-27 us more (8% of a forward at batch 1 / hidden 128, length 100, 14% at
-        hidden 64). Every test here is cheap."""
+        autocast, one layer and direction without projection, the plain cell on its weights as
+        they are (no DropConnect in training), a 3-D CPU tensor of the parameters' dtype
+        (float32 or float64), and no state or (h_0, c_0) of the right shapes and dtype. Anything
+        else, every error included, takes the general path, whose Python costs 15-27 us more (8%
+        of a forward at batch 1 / hidden 128, length 100, 14% at hidden 64). Every test here is
+        cheap."""
         if torch.is_grad_enabled() or self.num_layers != 1 or self.bidirectional \
                 or self.proj_size or self.backend == "portable" \
                 or not self._plain_cell[self.training]:
