@@ -568,14 +568,19 @@ def test_streaming_cell_fast_path_matches_reference(dtype, batch, hidden, bias, 
     assert general == []                                   # every step took the fast path
 
 
-def count_general_cell_calls(monkeypatch) -> list:
-    """Record every call that takes the cells' general (checked, dispatched) path."""
-    from lstmkit.nn import cells
-
-    calls, general = [], cells._CellBase.forward
-    monkeypatch.setattr(cells._CellBase, "forward",
+def count_general_calls(monkeypatch, base) -> list:
+    """Record every call that takes the general (checked, dispatched) path: `base.forward`,
+    under the cells' or the modules' fast path."""
+    calls, general = [], base.forward
+    monkeypatch.setattr(base, "forward",
                         lambda self, *a, **k: calls.append(1) or general(self, *a, **k))
     return calls
+
+
+def count_general_cell_calls(monkeypatch) -> list:
+    from lstmkit.nn import cells
+
+    return count_general_calls(monkeypatch, cells._CellBase)
 
 
 def test_streaming_cell_leaves_other_calls_to_the_general_path(monkeypatch):
@@ -598,13 +603,9 @@ def test_streaming_cell_leaves_other_calls_to_the_general_path(monkeypatch):
 
 
 def count_general_module_calls(monkeypatch) -> list:
-    """Record every LSTM forward that takes the modules' general path."""
     from lstmkit.nn import recurrent
 
-    calls, general = [], recurrent._RecurrentBase.forward
-    monkeypatch.setattr(recurrent._RecurrentBase, "forward",
-                        lambda self, *a, **k: calls.append(1) or general(self, *a, **k))
-    return calls
+    return count_general_calls(monkeypatch, recurrent._RecurrentBase)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
