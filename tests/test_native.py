@@ -608,15 +608,17 @@ def count_general_module_calls(monkeypatch) -> list:
     return count_general_calls(monkeypatch, recurrent._RecurrentBase)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "training"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("batch_first", [False, True], ids=["time-major", "batch-first"])
 @pytest.mark.parametrize("steps,batch,hidden,bias,state", [
     (1, 1, 1, True, False), (2, 1, 3, False, True), (30, 1, 127, True, True),
     (7, 3, 83, True, False), (5, 9, 16, False, True)])
-def test_lstm_inference_fast_path_matches_general_path(dtype, batch_first, steps, batch, hidden,
-                                                        bias, state, monkeypatch):
-    """LSTM under no_grad (one layer and direction, the plain cell) calls the native inference
-    kernel straight from forward(): the same numbers, to the bit, as the general path, and as
+def test_lstm_direct_path_matches_general_path(grad, dtype, batch_first, steps, batch, hidden,
+                                               bias, state, monkeypatch):
+    """LSTM with one layer and direction and the plain cell calls the native kernel straight
+    from forward(), under no_grad and in training: the same outputs and gradients (of the
+    input, the initial state and every parameter), to the bit, as the general path, and as
     torch.nn.LSTM within float tolerance."""
     torch.manual_seed(steps * 100 + hidden)
     ours = lstmkit.LSTM(4, hidden, bias=bias, batch_first=batch_first, dtype=dtype)
@@ -624,39 +626,57 @@ def test_lstm_inference_fast_path_matches_general_path(dtype, batch_first, steps
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(*((batch, steps) if batch_first else (steps, batch)), 4, dtype=dtype)
     hx = tuple(torch.randn(1, batch, hidden, dtype=dtype) for _ in range(2)) if state else None
+    leaves = [x, *(hx or ())]
+    weights = torch.randn(*x.shape[:2], hidden, dtype=dtype)    # d loss / d output
+
+    def run(module):
+        for t in (*leaves, *module.parameters()):
+            t.grad = None
+            t.requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            out, (h, c) = module(x, hx)
+        if grad:
+            ((out * weights).sum() + (h * c).sum()).backward()
+        results = [out, h, c]
+        if grad:
+            results += [t.grad for t in (*leaves, *module.parameters())]
+        return [r.detach() for r in results]
+
     general = count_general_module_calls(monkeypatch)
-    with torch.no_grad():
-        out, (h, c) = ours(x, hx)
-        assert general == []                               # the fast path ran
-        monkeypatch.setattr(type(ours), "_infers_directly", lambda self, x, hx: False)
-        out_g, (h_g, c_g) = ours(x, hx)
-        assert len(general) == 1
-        out_t, (h_t, c_t) = theirs(x, hx)
-    for got, same, torch_nn in ((out, out_g, out_t), (h, h_g, h_t), (c, c_g, c_t)):
+    direct = run(ours)
+    assert general == []                                   # the direct path ran
+    monkeypatch.setattr(type(ours), "_runs_directly", lambda self, x, hx: False)
+    via_general = run(ours)
+    assert len(general) == 1
+    expected = run(theirs)
+    assert len(direct) == len(via_general) == len(expected) == (3 + len(leaves) + 4 - 2 * (not bias)
+                                                                if grad else 3)
+    for got, same, torch_nn in zip(direct, via_general, expected, strict=True):
         assert got.shape == same.shape == torch_nn.shape and got.dtype == dtype
         assert torch.equal(got, same)
         assert_close("vs torch.nn", got, torch_nn.double().numpy(), dtype)
 
 
-def test_lstm_inference_fast_path_leaves_other_calls_to_the_general_path(monkeypatch):
+def test_lstm_direct_path_leaves_other_calls_to_the_general_path(monkeypatch):
     general = count_general_module_calls(monkeypatch)
     lstm = lstmkit.LSTM(3, 4)
     x, h, c = torch.randn(5, 2, 3), torch.randn(1, 2, 4), torch.randn(1, 2, 4)
-    lstm(x, (h, c))                                        # gradients wanted
-    with torch.no_grad():
-        lstm(x, [h, c])                                    # a list, not a tuple
-        lstm(x[:, 0])                                      # unbatched
-        lstm(x, (h, c), return_gates=True)
-        lstm(x, (h, c), lengths=[5, 3])                    # twice: it packs and calls forward
-        lstm(pack_padded_sequence(x, [5, 3]))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            lstm(x, (h, c))
-        for other in (lstmkit.LSTM(3, 4, num_layers=2), lstmkit.LSTM(3, 4, bidirectional=True),
-                      lstmkit.LSTM(3, 4, proj_size=2), lstmkit.LSTM(3, 4, backend="portable"),
-                      lstmkit.LSTM(3, 4, variant=lstmkit.LSTMVariant(peepholes=True)),
-                      lstmkit.LSTM(3, 4, variant=lstmkit.LSTMVariant(weight_drop=0.5))):
-            other(x)                                       # the last: DropConnect in training
-    assert len(general) == 14
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            lstm(x, [h, c])                                # a list, not a tuple
+            lstm(x[:, 0])                                  # unbatched
+            lstm(x, (h, c), return_gates=True)
+            lstm(x, (h, c), lengths=[5, 3])                # twice: it packs and calls forward
+            lstm(pack_padded_sequence(x, [5, 3]))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                lstm(x, (h, c))
+            for other in (lstmkit.LSTM(3, 4, num_layers=2),
+                          lstmkit.LSTM(3, 4, bidirectional=True),
+                          lstmkit.LSTM(3, 4, proj_size=2), lstmkit.LSTM(3, 4, backend="portable"),
+                          lstmkit.LSTM(3, 4, variant=lstmkit.LSTMVariant(peepholes=True)),
+                          lstmkit.LSTM(3, 4, variant=lstmkit.LSTMVariant(weight_drop=0.5))):
+                other(x)                                   # the last: DropConnect in training
+    assert len(general) == 2 * 13
     with torch.no_grad():                                  # errors: the general path's
         with pytest.raises(ValueError, match=r"h_0 must have shape \(1, 2, 4\), got \(1, 2, 5\)"):
             lstm(x, (torch.randn(1, 2, 5), c))

@@ -415,21 +415,22 @@ class LSTM(_RecurrentBase):
                             for mode in (False, True)}
 
     def forward(self, input, hx=None, *, lengths=None, return_gates: bool = False):
-        if lengths is None and not return_gates and self._infers_directly(input, hx):
-            return self._direct_inference(input, hx)
+        if lengths is None and not return_gates and self._runs_directly(input, hx):
+            return self._direct_call(input, hx)
         return super().forward(input, hx, lengths=lengths, return_gates=return_gates)
 
     forward.__doc__ = _RecurrentBase.forward.__doc__
 
-    def _infers_directly(self, x, hx) -> bool:
-        """True for a call the native sequence kernel can take as it is: no gradient, no
-        autocast, one layer and direction without projection, the plain cell on its weights as
-        they are (no DropConnect in training), a 3-D CPU tensor of the parameters' dtype
-        (float32 or float64), and no state or (h_0, c_0) of the right shapes and dtype. Anything
-        else, every error included, takes the general path, whose Python costs 15-27 us more (8%
-        of a forward at batch 1 / hidden 128, length 100, 14% at hidden 64). Every test here is
-        cheap."""
-        if torch.is_grad_enabled() or self.num_layers != 1 or self.bidirectional \
+    def _runs_directly(self, x, hx) -> bool:
+        """True for a call the native sequence kernel can take as it is: one layer and direction
+        without projection, the plain cell on its weights as they are (no DropConnect in
+        training), no autocast, a 3-D CPU tensor of the parameters' dtype (float32 or float64),
+        and no state or (h_0, c_0) of the right shapes and dtype; with or without gradients.
+        Anything else, every error included, takes the general path, whose Python costs 15-27
+        us more in inference (8% of a forward at batch 1 / hidden 128, length 100, 14% at hidden
+        64) and about 45 us more in a training step (10% at batch 1 / hidden 64). Every test
+        here is cheap."""
+        if self.num_layers != 1 or self.bidirectional \
                 or self.proj_size or self.backend == "portable" \
                 or not self._plain_cell[self.training]:
             return False
@@ -452,9 +453,9 @@ class LSTM(_RecurrentBase):
                 return False
         return kernels.native.available()
 
-    def _direct_inference(self, x, hx):
-        """forward() for a call `_infers_directly` accepts: the native inference call the general
-        path makes (the same call, so the same numbers)."""
+    def _direct_call(self, x, hx):
+        """forward() for a call `_runs_directly` accepts: the native call the general path makes
+        (the same call, so the same numbers and gradients)."""
         if self.batch_first:
             x = x.transpose(0, 1)                    # (B, T, I) -> (T, B, I)
         steps, batch = x.shape[0], x.shape[1]
@@ -463,7 +464,7 @@ class LSTM(_RecurrentBase):
         else:
             h0, c0 = hx[0][0], hx[1][0]
         p = self._parameters
-        out, h_T, c_T = kernels.native.NativeLSTMFunction.infer(
+        out, h_T, c_T = kernels.native.NativeLSTMFunction.apply(
             x.reshape(steps * batch, self.input_size), h0, c0, p["weight_ih_l0"],
             p["weight_hh_l0"], p.get("bias_ih_l0"), p.get("bias_hh_l0"), None,
             StepLayout.padded(steps, batch), False)
