@@ -87,8 +87,10 @@ def driver(request, monkeypatch):
     if not request.param.endswith("chunked"):
         native.module().set_chunk_bytes(previous)
     # "generic" multiplies by MKL's packed W_hh where this torch has it; "generic-mm" by at::mm,
-    # and takes the LSTM input as a projection of all steps (the others multiply it at each step).
-    packed = native.module().set_packed_gemm(request.param != "generic-mm")
+    # and takes the LSTM input as a projection of all steps (the others multiply it at each step);
+    # it also runs the layer's other products (dX, the weight gradients) through at::mm, not
+    # MKL's gemm called directly.
+    use_mkl = native.module().set_use_mkl(request.param != "generic-mm")
     # "generic": the weight gradients as one stacked product (the others take the separate
     # products that small shapes get, see WeightGradients).
     form = native.module().set_weight_products_form(2 if request.param == "generic" else 1)
@@ -96,14 +98,14 @@ def driver(request, monkeypatch):
                         0 if request.param == "generic-mm" else 1e9)
     yield request.param
     native.module().set_chunk_bytes(previous)
-    native.module().set_packed_gemm(packed)
+    native.module().set_use_mkl(use_mkl)
     native.module().set_weight_products_form(form)
 
 
 @pytest.mark.skipif(not (sys.platform == "linux" and platform.machine() == "x86_64"
                          and torch.backends.mkl.is_available()),
-                    reason="MKL's packed GEMM is looked for in x86-64 Linux builds of torch")
-def test_torch_mm_driver_finds_mkl_packed_gemm():
+                    reason="MKL's routines are looked for in x86-64 Linux builds of torch")
+def test_torch_mm_driver_finds_mkl_packed_gemm_and_gemm():
     assert native.module().mkl_packed_gemm()
 
 

@@ -911,14 +911,25 @@ void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k
 void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k,
                          const float* a, int lda, const float* b, int ldb, float beta, float* c,
                          int ldc) __attribute__((weak));
+// Plain gemm (Fortran interface, column-major), for the layer's products (see gemm()).
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b,
+            const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
 }
 bool mkl_packed_gemm() {
   return cblas_sgemm_pack_get_size && cblas_sgemm_pack && cblas_sgemm_compute;
 }
+bool mkl_gemm() { return sgemm_ && dgemm_; }
 #else
 bool mkl_packed_gemm() { return false; }
+bool mkl_gemm() { return false; }
 #endif
-bool use_packed_gemm = true;   // tests turn it off to check the at::mm fallback as well
+// Call MKL's exported routines directly where they are there; tests turn it off to check the
+// at::mm fallback as well.
+bool use_mkl = true;
 
 // Row-major views for BLAS: the stride of a dimension of size 1 is arbitrary (and may be
 // smaller than BLAS accepts), so a dimension of size 1 counts as unit-stride and a leading
@@ -967,7 +978,7 @@ class StepProduct {
  public:
   StepProduct(const Tensor& b, i64 rows) : b_(b) {
 #if defined(__linux__) && defined(LSTMKIT_X86)
-    if (!std::is_same<S, float>::value || !use_packed_gemm || !mkl_packed_gemm()) return;
+    if (!std::is_same<S, float>::value || !use_mkl || !mkl_packed_gemm()) return;
     constexpr int ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112, B_MATRIX = 162;
     K_ = b.size(0);
     N_ = b.size(1);
@@ -1017,20 +1028,14 @@ template <typename S> S* ptr(const Tensor& t) { return t.defined() ? t.data_ptr<
 
 // f(scalar{}) for the tensor's dtype: float32 or float64.
 template <typename F>
-std::vector<Tensor> dispatch(at::ScalarType dtype, F&& f) {
-  if (dtype == at::kFloat) return f(float{});
-  TORCH_CHECK(dtype == at::kDouble, "native kernels take float32 or float64, got ", dtype);
-  return f(double{});
-}
-template <typename F>
-Tensor dispatch1(at::ScalarType dtype, F&& f) {
+auto dispatch(at::ScalarType dtype, F&& f) -> decltype(f(float{})) {
   if (dtype == at::kFloat) return f(float{});
   TORCH_CHECK(dtype == at::kDouble, "native kernels take float32 or float64, got ", dtype);
   return f(double{});
 }
 
-#define LSTMKIT_DISPATCH(dtype, body) \
-  dispatch(dtype, [&](auto tag) { using scalar = decltype(tag); return body(); })
+#define LSTMKIT_DISPATCH(dtype, ...) \
+  dispatch(dtype, [&](auto tag) { using scalar = decltype(tag); return (__VA_ARGS__)(); })
 
 // ==========================================================================================
 // LSTM
@@ -1556,7 +1561,7 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
 // (cached by the caller).
 Tensor lstm_pack_cell_py(Tensor w_ih, Tensor w_hh) {
   const i64 H = w_hh.size(0) / 4;
-  return dispatch1(w_hh.scalar_type(), [&](auto tag) {     // [W_ih | W_hh], no concatenated copy
+  return dispatch(w_hh.scalar_type(), [&](auto tag) {     // [W_ih | W_hh], no concatenated copy
     using S = decltype(tag);
     return pack_side_by_side<S>(w_ih.contiguous(), w_hh.contiguous(), 4, H);
   });
@@ -2037,6 +2042,53 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
 // Python calls around the loops (views, copies, splits, each 1-5 us) cost as much as the loops.
 // ==========================================================================================
 
+// A matrix in memory as BLAS takes it: `rows` x `cols` elements at p, strides rs and cs (in
+// elements); a row range or the transpose of another costs no ATen call.
+template <typename S>
+struct Strided {
+  S* p;
+  i64 rows, cols, rs, cs;
+  static Strided of(const Tensor& t) {
+    return {t.data_ptr<S>(), t.size(0), t.size(1), t.stride(0), t.stride(1)};
+  }
+  Strided rows_at(i64 r0, i64 r1) const { return {p + r0 * rs, r1 - r0, cols, rs, cs}; }
+  Strided t() const { return {p, cols, rows, cs, rs}; }
+  // As BLAS (column-major) sees this matrix's transpose: 'N' with leading dimension rs when its
+  // rows are contiguous, 'T' with cs when its columns are; '\0' when neither.
+  char trans() const { return cols == 1 || cs == 1 ? 'N' : rows == 1 || rs == 1 ? 'T' : '\0'; }
+  int ld() const { return (int)(trans() == 'N' ? std::max(rs, cols) : std::max(cs, rows)); }
+  Tensor tensor() const {
+    return at::from_blob(p, {rows, cols}, {rs, cs},
+                         at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value));
+  }
+};
+
+// out = a @ b: out (M, N), a (M, K), b (K, N).
+template <typename S>
+void gemm(Strided<S> out, Strided<S> a, Strided<S> b) {
+  if (out.rows == 0 || out.cols == 0) return;
+  if (a.cols == 0) {
+    out.tensor().zero_();
+    return;
+  }
+#if defined(__linux__) && defined(LSTMKIT_X86)
+  if (use_mkl && mkl_gemm() && out.trans() == 'N' && a.trans() && b.trans()) {
+    // Column-major: out^T (N, M) = b^T a^T.
+    const char ta = b.trans(), tb = a.trans();
+    const int m = (int)out.cols, n = (int)out.rows, k = (int)a.cols;
+    const int lda = b.ld(), ldb = a.ld(), ldc = out.ld();
+    const S one = 1, zero = 0;
+    if constexpr (std::is_same<S, float>::value)
+      sgemm_(&ta, &tb, &m, &n, &k, &one, b.p, &lda, a.p, &ldb, &zero, out.p, &ldc);
+    else
+      dgemm_(&ta, &tb, &m, &n, &k, &one, b.p, &lda, a.p, &ldb, &zero, out.p, &ldc);
+    return;
+  }
+#endif
+  Tensor o = out.tensor();
+  at::mm_out(o, a.tensor(), b.tensor());
+}
+
 // Products to run together: out = a @ b for each queued (out, a, b), in one parallel region.
 // Each product is cut into row slices, one per thread, and each slice is one single-threaded
 // matrix multiply: for the products of a layer (dX, the weight gradients) this replaces
@@ -2078,14 +2130,19 @@ struct Products {
         for (size_t i = 0; i < outs.size(); ++i) {
           i64 M = outs[i].size(0), r0 = M * part / threads, r1 = M * (part + 1) / threads;
           if (r1 <= r0) continue;
-          Tensor out = outs[i].narrow(0, r0, r1 - r0);
-          at::mm_out(out, as[i].narrow(0, r0, r1 - r0), bs[i]);
+          LSTMKIT_DISPATCH(outs[i].scalar_type(), [&] {
+            gemm(Strided<scalar>::of(outs[i]).rows_at(r0, r1),
+                 Strided<scalar>::of(as[i]).rows_at(r0, r1), Strided<scalar>::of(bs[i]));
+          });
         }
         for (size_t i = 0; i < sum_as.size(); ++i) {
           i64 N = sum_as[i].size(0), n0 = N * part / threads, n1 = N * (part + 1) / threads;
-          Tensor out = sums[i][part];
-          if (n1 <= n0) out.zero_();
-          else at::mm_out(out, sum_as[i].narrow(0, n0, n1 - n0).t(), sum_bs[i].narrow(0, n0, n1 - n0));
+          LSTMKIT_DISPATCH(sum_as[i].scalar_type(), [&] {
+            const i64 C = sums[i].size(1), G = sums[i].size(2);
+            gemm(Strided<scalar>{sums[i].data_ptr<scalar>() + part * C * G, C, G, G, 1},
+                 Strided<scalar>::of(sum_as[i]).rows_at(n0, n1).t(),
+                 Strided<scalar>::of(sum_bs[i]).rows_at(n0, n1));
+          });
         }
       }
     };
@@ -2726,7 +2783,7 @@ Tensor step_products_py(Tensor a, Tensor b, i64 steps, i64 parts) {
               a.scalar_type() == b.scalar_type(), "step_products: a (B, K), b (K, N)");
   const i64 B = a.size(0);
   Tensor out = pooled_empty({B, b.size(1)}, a.options());
-  return dispatch1(a.scalar_type(), [&](auto tag) {
+  return dispatch(a.scalar_type(), [&](auto tag) {
     using S = decltype(tag);
     StepProduct<S> product(b, B);
     run_row_parts(steps, B, parts, [&](i64, i64 r0, i64 r1) {
@@ -2793,11 +2850,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return old;
   }, "How weight gradients are computed: 0 by size, 1 separate products, 2 one stacked "
      "product (see WeightGradients); returns the previous form.");
-  m.def("mkl_packed_gemm", [] { return mkl_packed_gemm(); },
-        "Whether MKL's packed GEMM is there for the generic driver's float32 steps.");
-  m.def("set_packed_gemm", [](bool on) {
-    bool old = use_packed_gemm;
-    use_packed_gemm = on;
+  m.def("mkl_packed_gemm", [] { return mkl_packed_gemm() && mkl_gemm(); },
+        "Whether MKL's packed GEMM (the generic driver's float32 steps) and gemm (the layer's "
+        "products) are there to call directly.");
+  m.def("set_use_mkl", [](bool on) {
+    bool old = use_mkl;
+    use_mkl = on;
     return old;
-  }, "Use MKL's packed GEMM when there (True, default) or at::mm; returns the previous value.");
+  }, "Call MKL's packed GEMM and gemm directly when there (True, default), or at::mm; returns "
+     "the previous value.");
 }
