@@ -939,6 +939,27 @@ inline i64 leading(const Tensor& t, int dim) {
   return std::max<i64>(t.stride(dim), t.size(1 - dim));
 }
 
+// A matrix in memory as BLAS takes it: `rows` x `cols` elements at p, strides rs and cs (in
+// elements); a row range or the transpose of another costs no ATen call.
+template <typename S>
+struct Strided {
+  S* p;
+  i64 rows, cols, rs, cs;
+  static Strided of(const Tensor& t) {
+    return {t.data_ptr<S>(), t.size(0), t.size(1), t.stride(0), t.stride(1)};
+  }
+  Strided rows_at(i64 r0, i64 r1) const { return {p + r0 * rs, r1 - r0, cols, rs, cs}; }
+  Strided t() const { return {p, cols, rows, cs, rs}; }
+  // As BLAS (column-major) sees this matrix's transpose: 'N' with leading dimension rs when its
+  // rows are contiguous, 'T' with cs when its columns are; '\0' when neither.
+  char trans() const { return cols == 1 || cs == 1 ? 'N' : rows == 1 || rs == 1 ? 'T' : '\0'; }
+  int ld() const { return (int)(trans() == 'N' ? std::max(rs, cols) : std::max(cs, rows)); }
+  Tensor tensor() const {
+    return at::from_blob(p, {rows, cols}, {rs, cs},
+                         at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value));
+  }
+};
+
 // A row-major matrix in memory: `rows` rows of `cols` elements, `ld` apart (rows of a larger
 // buffer, or some of its columns). The generic driver's per-step operands are these rather
 // than Tensor views: a view costs nothing to make, a Tensor narrow an ATen call (about 1.5 us,
@@ -950,10 +971,8 @@ struct Mat {
   Mat rows_at(i64 r0, i64 n) const { return {p + r0 * ld, n, cols, ld}; }
   Mat cols_at(i64 c0, i64 n) const { return {p + c0, rows, n, ld}; }
   S* row(i64 r) const { return p + r * ld; }
-  Tensor tensor() const {       // the same memory as a Tensor (the at::mm fallback)
-    return at::from_blob(p, {rows, cols}, {ld, 1},
-                         at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value));
-  }
+  // The same memory as a Tensor (the at::mm fallback).
+  Tensor tensor() const { return Strided<S>{p, rows, cols, ld, 1}.tensor(); }
 };
 template <typename S>
 Mat<S> mat(const Tensor& t) {      // a 2-D tensor of unit column stride
@@ -2041,27 +2060,6 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
 // so that a layer's whole forward or backward is one call: at batch 1 the two dozen ATen and
 // Python calls around the loops (views, copies, splits, each 1-5 us) cost as much as the loops.
 // ==========================================================================================
-
-// A matrix in memory as BLAS takes it: `rows` x `cols` elements at p, strides rs and cs (in
-// elements); a row range or the transpose of another costs no ATen call.
-template <typename S>
-struct Strided {
-  S* p;
-  i64 rows, cols, rs, cs;
-  static Strided of(const Tensor& t) {
-    return {t.data_ptr<S>(), t.size(0), t.size(1), t.stride(0), t.stride(1)};
-  }
-  Strided rows_at(i64 r0, i64 r1) const { return {p + r0 * rs, r1 - r0, cols, rs, cs}; }
-  Strided t() const { return {p, cols, rows, cs, rs}; }
-  // As BLAS (column-major) sees this matrix's transpose: 'N' with leading dimension rs when its
-  // rows are contiguous, 'T' with cs when its columns are; '\0' when neither.
-  char trans() const { return cols == 1 || cs == 1 ? 'N' : rows == 1 || rs == 1 ? 'T' : '\0'; }
-  int ld() const { return (int)(trans() == 'N' ? std::max(rs, cols) : std::max(cs, rows)); }
-  Tensor tensor() const {
-    return at::from_blob(p, {rows, cols}, {rs, cs},
-                         at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value));
-  }
-};
 
 // out = a @ b: out (M, N), a (M, K), b (K, N).
 template <typename S>
