@@ -62,6 +62,7 @@
 #include <thread>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -2821,40 +2822,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Bytes of free memory the recycling pool holds.");
   m.def("release_pool", [] { recycling().release(); },
         "Give the recycling pool's free memory back to the system.");
-  m.def("set_pool_limit", [](size_t bytes) {
-    size_t old = recycling().limit;
-    recycling().limit = bytes;
-    return old;
-  }, "Set the most free memory the recycling pool keeps (bytes); returns the previous value.");
-  m.def("set_steal_after_spins", [](int spins) {
-    int old = steal_after_spins;
-    steal_after_spins = spins;
-    return old;
-  }, "Set how long a fused-driver worker waits for the others before it takes their unclaimed "
-     "blocks (spins of ~50 ns); returns the previous value.");
-  m.def("set_chunk_bytes", [](i64 bytes) {
-    i64 old = chunk_bytes;
-    chunk_bytes = bytes;
-    return old;
-  }, "Set the L2 budget of the packed-matrix chunks (bytes); returns the previous value.");
+  m.def("set_pool_limit", [](size_t bytes) { return std::exchange(recycling().limit, bytes); },
+        "Set the most free memory the recycling pool keeps (bytes); returns the previous value.");
+  m.def("set_steal_after_spins", [](int spins) { return std::exchange(steal_after_spins, spins); },
+        "Set how long a fused-driver worker waits for the others before it takes their unclaimed "
+        "blocks (spins of ~50 ns); returns the previous value.");
+  m.def("set_chunk_bytes", [](i64 bytes) { return std::exchange(chunk_bytes, bytes); },
+        "Set the L2 budget of the packed-matrix chunks (bytes); returns the previous value.");
   m.def("stacked_weight_products", &stacked_weight_products,
         "Whether the weight gradients of N rows and `count` stacked columns ([x | h_prev | 1]) "
         "are one stacked product with `threads` threads (see WeightGradients).");
   m.def("set_weight_products_form", [](int form) {
     TORCH_CHECK(form >= 0 && form <= 2, "form: 0 (by size), 1 (separate) or 2 (stacked), got ",
                 form);
-    int old = weight_products_form;
-    weight_products_form = form;
-    return old;
+    return std::exchange(weight_products_form, form);
   }, "How weight gradients are computed: 0 by size, 1 separate products, 2 one stacked "
      "product (see WeightGradients); returns the previous form.");
   m.def("mkl_packed_gemm", [] { return mkl_packed_gemm() && mkl_gemm(); },
         "Whether MKL's packed GEMM (the generic driver's float32 steps) and gemm (the layer's "
         "products) are there to call directly.");
-  m.def("set_use_mkl", [](bool on) {
-    bool old = use_mkl;
-    use_mkl = on;
-    return old;
-  }, "Call MKL's packed GEMM and gemm directly when there (True, default), or at::mm; returns "
-     "the previous value.");
+  m.def("set_use_mkl", [](bool on) { return std::exchange(use_mkl, on); },
+        "Call MKL's packed GEMM and gemm directly when there (True, default), or at::mm; returns "
+        "the previous value.");
 }
