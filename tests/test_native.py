@@ -239,6 +239,29 @@ def test_fused_workers_match_reference(family, shape, dtype, steal_after, monkey
             native.module().set_steal_after_spins(previous)
 
 
+def test_batch_one_lstm_forward_does_not_depend_on_the_threads_timing():
+    """At batch 1 the LSTM's fused workers begin steps with their own units of h; a step that
+    was not begun (the first, one after a theft, one taken by the other worker) must add up
+    its sums in the same order, so that the same call gives the same bits whoever did which
+    block (the module's direct path is tested against the general path to the bit)."""
+    torch.manual_seed(11)
+    lstm = lstmkit.LSTM(4, 127, backend="native", dtype=torch.float64)
+    x = torch.randn(60, 1, 4, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            expected = lstm(x)[0]
+            previous = native.module().set_steal_after_spins(0)   # thefts at every step
+            try:
+                runs = [lstm(x)[0] for _ in range(100)]
+            finally:
+                native.module().set_steal_after_spins(previous)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(run, expected) for run in runs)
+
+
 @pytest.mark.parametrize("used", ["out", "h_T", "c_T"])
 @pytest.mark.parametrize("family", ["lstm", "lstm_proj"])
 def test_loss_through_one_output(family, used):

@@ -1286,11 +1286,17 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
         store(h_write + b * P + j, m, n);
         store(o_ptr + (off + b) * P + j, m, n);
       };
-      if (begun.contains(jb0)) {                      // the rest of h: its other units
-        auto [k0, k1] = own_units(begun);
+      if (begin_steps) {
+        // The piece is its owner's whole share. Its sums in the same order whether the step
+        // was begun (the owner's own units of h, in begun_sums) or not (step 0, after a theft,
+        // or taken by another worker): the bits do not depend on the threads' timing.
+        auto [k0, k1] = own_units(Begun{jb0, jb1});
+        const bool was_begun = begun.contains(jb0);
         for (i64 jb = jb0; jb < jb1; ++jb) {
-          V<S>* acc = &begun_sums[jb * 4];
-          product_part(h_read, jb, 0, k0, acc);
+          V<S> fresh[4] = {};
+          V<S>* acc = was_begun ? &begun_sums[jb * 4] : fresh;
+          if (!was_begun) product_part(h_read, jb, k0, k1, acc);
+          product_part(h_read, jb, 0, k0, acc);         // the rest of h: its other units
           product_part(h_read, jb, k1, P, acc);
           epilogue(0, jb, acc);
         }
