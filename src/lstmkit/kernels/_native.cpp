@@ -865,6 +865,25 @@ i64 worker_count(i64 J, i64 flops_per_step) {
 // generic part) to one thread: forward 30.7 -> 27.5 ms at 4096 (16 / 512 16.5 -> 15.1; 48 and
 // 64 / 512, 32 and 128 / 1024 unchanged; 1024 no better than 4096).
 constexpr i64 GATE_MATH_GRAIN_UNITS = 4096;
+// f(jb, n) for the unit blocks jb of H units, n = min(L, H - jb L) the block's width: first the
+// full blocks with n the constant L, so that (f inlined) their loads and stores compile to
+// plain vector moves without the partial block's branches, then the partial block, if any.
+template <typename S, typename F>
+__attribute__((always_inline)) inline void for_unit_blocks(i64 H, F&& f) {
+  constexpr int L = Vec<S>::L;
+  const i64 full = H / L;
+  for (i64 jb = 0; jb < full; ++jb) f(jb, L);
+  if (full * L < H) f(full, (int)(H - full * L));
+}
+
+// f(n) for the unit block at unit j of H units, n = min(L, H - j) its width: a compile-time L
+// for a full block, as in for_unit_blocks (f is inlined twice).
+template <typename S, typename F>
+__attribute__((always_inline)) inline auto at_width(i64 H, i64 j, F&& f) {
+  if (j + Vec<S>::L <= H) return f(Vec<S>::L);
+  return f((int)(H - j));
+}
+
 template <typename F>
 void for_rows(i64 rows, i64 units, F&& f, i64 first = 0) {
   i64 grain = std::max<i64>(1, GATE_MATH_GRAIN_UNITS / std::max<i64>(units, 1));
@@ -1115,16 +1134,20 @@ struct LSTMForwardGates {
   // returns m = o tanh(c) for the block. torch.nn's cell takes a straight-line copy inlined
   // into the drivers' loops: the general one, branching on the form, kept the compiler from
   // inlining it and spilled registers (LSTM forward batch 32 / hidden 256: 16% of the time).
-  __attribute__((always_inline)) inline V<S> operator()(i64 b, i64 row, i64 jb,
-                                                         const V<S>* acc) const {
-    if (form == 0 && !peep) return standard(b, row, jb, acc);
+  // n: the block's width, min(L, H - jb L) (see for_unit_blocks).
+  __attribute__((always_inline)) inline V<S> operator()(i64 b, i64 row, i64 jb, const V<S>* acc,
+                                                         int n) const {
+    if (form == 0 && !peep) return standard(b, row, jb, acc, n);
     return general(b, row, jb, acc);
   }
-  __attribute__((always_inline)) inline V<S> standard(i64 b, i64 row, i64 jb,
-                                                       const V<S>* acc) const {
+  __attribute__((always_inline)) inline V<S> operator()(i64 b, i64 row, i64 jb,
+                                                         const V<S>* acc) const {
+    return (*this)(b, row, jb, acc, (int)std::min<i64>(Vec<S>::L, H - jb * Vec<S>::L));
+  }
+  __attribute__((always_inline)) inline V<S> standard(i64 b, i64 row, i64 jb, const V<S>* acc,
+                                                       int n) const {
     constexpr int L = Vec<S>::L;
     i64 j = jb * L;
-    int n = (int)std::min<i64>(L, H - j);
     const S* x = xproj ? xproj + row * 4 * H : nullptr;
     S* cb = c + b * H + j;
     V<S> a_i = acc[0] + load_bias(x, j, n) + load_bias(bias, j, n);
@@ -1281,10 +1304,11 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
       S* h_write = hb + ((s + 1) % 2) * B * P;
       auto epilogue = [&](i64 b, i64 jb, const V<S>* acc) {
         i64 j = jb * L;
-        int n = (int)std::min<i64>(L, H - j);
-        V<S> m = gate_math(b, off + b, jb, acc);
-        store(h_write + b * P + j, m, n);
-        store(o_ptr + (off + b) * P + j, m, n);
+        at_width<S>(H, j, [&](int n) __attribute__((always_inline)) {
+          V<S> m = gate_math(b, off + b, jb, acc, n);
+          store(h_write + b * P + j, m, n);
+          store(o_ptr + (off + b) * P + j, m, n);
+        });
       };
       if (begin_steps) {
         // The piece is its owner's whole share. Its sums in the same order whether the step
@@ -1344,16 +1368,13 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
           V<S>* slot = pre + ((r0 + rb) * J + jb) * 4;
           for (int q = 0; q < 4; ++q) slot[q] = acc[q];
         }, r0);
-        for (i64 b = r0; b < e; ++b) {
-#pragma GCC unroll 4
-          for (i64 jb = 0; jb < J; ++jb) {
+        for (i64 b = r0; b < e; ++b)
+          for_unit_blocks<S>(H, [&](i64 jb, int n) __attribute__((always_inline)) {
             i64 j = jb * L;
-            int n = (int)std::min<i64>(L, H - j);
-            V<S> m = gate_math(b, off + b, jb, pre + (b * J + jb) * 4);
+            V<S> m = gate_math(b, off + b, jb, pre + (b * J + jb) * 4, n);
             store(z_write + b * K + I + j, m, n);
             store(o_ptr + (off + b) * P + j, m, n);
-          }
-        }
+          });
       }
       for (i64 b = std::max(r0, e); b < r1; ++b)       // inactive rows keep their state
         std::memcpy(z_write + b * K + I, z_read + b * K + I, P * sizeof(S));
@@ -1385,18 +1406,14 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
     for (i64 b = r0; b < e && I; ++b) std::memcpy(zm.row(b), x + (off + b) * I, I * sizeof(S));
     recurrent(mat<S>(rec).rows_at(r0, e - r0), zm.rows_at(r0, e - r0));
     for_rows(e, H, [&](i64 b) {
-      V<S> acc[4];
-      // Four blocks per iteration: their gate math, independent chains of ~150 instructions,
-      // interleaved instead of one block's latency after another's (2.3 -> 1.6 ns per unit).
-#pragma GCC unroll 4
-      for (i64 jb = 0; jb < J; ++jb) {
+      for_unit_blocks<S>(H, [&](i64 jb, int n) __attribute__((always_inline)) {
         i64 j = jb * L;
-        int n = (int)std::min<i64>(L, H - j);
+        V<S> acc[4];
         for (int q = 0; q < 4; ++q) acc[q] = load(r + b * 4 * H + q * H + j, n);
-        V<S> mv = gate_math(b, off + b, jb, acc);
+        V<S> mv = gate_math(b, off + b, jb, acc, n);
         store(target + b * ts + j, mv, n);
         if (!m.defined()) store(o_ptr + (off + b) * P + j, mv, n);
-      }
+      });
     }, r0);
     if (m.defined()) {
       Mat<S> rows = mat<S>(out).rows_at(off + r0, e - r0);
@@ -1423,30 +1440,30 @@ struct LSTMBackwardGates {
   // saved as 1, where both gate activations' slopes are 0: its pre-activation gets no gradient
   // with no test here.
   // torch.nn's cell inlined, the others called (as LSTMForwardGates's).
-  __attribute__((always_inline)) inline void operator()(i64 t, i64 b, i64 jb, V<S> dm) const {
-    if (form == 0 && !peep) return standard(t, b, jb, dm);
-    general(t, b, jb, dm);
+  // n: the block's width, min(L, H - jb L) (see for_unit_blocks).
+  __attribute__((always_inline)) inline void operator()(i64 t, i64 b, i64 jb, V<S> dm,
+                                                        int n) const {
+    if (form == 0 && !peep) return standard(t, b, jb, dm, n);
+    general(t, b, jb, dm, n);
   }
   // What the backward of row b of step t, block jb, reads: the saved gates and cells, c_prev,
   // and where dc and the gate gradients go.
   struct Saved {
-    i64 j; int n;
+    i64 j;
     V<S> i, f, g, o, c, c_prev;
     S* dc; S* da;
   };
-  __attribute__((always_inline)) inline Saved saved(i64 t, i64 b, i64 jb) const {
-    constexpr int L = Vec<S>::L;
-    const i64 j = jb * L, row = st->offset[t] + b, prev = st->row(st->before(t), b);
-    const int n = (int)std::min<i64>(L, H - j);
+  __attribute__((always_inline)) inline Saved saved(i64 t, i64 b, i64 jb, int n) const {
+    const i64 j = jb * Vec<S>::L, row = st->offset[t] + b, prev = st->row(st->before(t), b);
     const S* gr = gates + row * 4 * H + j;
-    return {j, n, load(gr, n), load(gr + H, n), load(gr + 2 * H, n), load(gr + 3 * H, n),
+    return {j, load(gr, n), load(gr + H, n), load(gr + 2 * H, n), load(gr + 3 * H, n),
             load(cells + row * H + j, n),
             prev >= 0 ? load(cells + prev * H + j, n) : load(c0 + b * H + j, n),
             dc + b * H + j, d_gates + row * 4 * H + j};
   }
-  __attribute__((always_inline)) inline void standard(i64 t, i64 b, i64 jb, V<S> dm) const {
-    const Saved k = saved(t, b, jb);
-    const int n = k.n;
+  __attribute__((always_inline)) inline void standard(i64 t, i64 b, i64 jb, V<S> dm,
+                                                      int n) const {
+    const Saved k = saved(t, b, jb, n);
     const V<S> one = splat(S(1)), s = vtanh(k.c);
     V<S> dct = load(k.dc, n) + dm * k.o * (one - s * s);
     store(k.da, dct * k.g * k.i * (one - k.i), n);
@@ -1455,10 +1472,9 @@ struct LSTMBackwardGates {
     store(k.da + 3 * H, dm * s * k.o * (one - k.o), n);
     store(k.dc, dct * k.f, n);
   }
-  __attribute__((noinline)) void general(i64 t, i64 b, i64 jb, V<S> dm) const {
-    const Saved k = saved(t, b, jb);
+  __attribute__((noinline)) void general(i64 t, i64 b, i64 jb, V<S> dm, int n) const {
+    const Saved k = saved(t, b, jb, n);
     const i64 j = k.j;
-    const int n = k.n;
     const V<S> i = k.i, f = k.f, g = k.g, o = k.o, c_prev = k.c_prev;
     S* dcb = k.dc;
     S* da = k.da;
@@ -1520,9 +1536,9 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
         for (i64 b = 0; b < st.size[t]; ++b)
           for (i64 jb = jb0; jb < jb1; ++jb) {
             i64 j = jb * L;
-            int n = (int)std::min<i64>(L, H - j);
-            V<S> dm = load(dy + (off + b) * P + j, n) + load(dhp + b * P + j, n);
-            gate_math(t, b, jb, dm);
+            at_width<S>(H, j, [&](int n) __attribute__((always_inline)) {
+              gate_math(t, b, jb, load(dy + (off + b) * P + j, n) + load(dhp + b * P + j, n), n);
+            });
           }
       }
     }, B == 1 ? (J + workers - 1) / workers : 2);   // batch 1: a share a piece, blocks by fours
@@ -1540,11 +1556,10 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
       if (e <= r0) return;
       FlushDenormals ftz;
       for (i64 b = r0; b < e; ++b)
-        for (i64 jb = 0; jb < J; ++jb) {
+        for_unit_blocks<S>(H, [&](i64 jb, int n) __attribute__((always_inline)) {
           i64 j = jb * L;
-          int n = (int)std::min<i64>(L, H - j);
-          gate_math(t, b, jb, load(dy + (off + b) * P + j, n) + load(dhp + b * P + j, n));
-        }
+          gate_math(t, b, jb, load(dy + (off + b) * P + j, n) + load(dhp + b * P + j, n), n);
+        });
       rows_times_blocks<S, 1>(dg + (off + r0) * 4 * H, 4 * H, 4 * H, wp, e - r0, 0, J, &chunks,
                               [&](i64 rb, i64 jb, const V<S>* acc) {
         i64 j = jb * L;
@@ -1572,10 +1587,9 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
       add_rows(mat<S>(dm).rows_at(r0, n), mat<S>(d_out).rows_at(off + r0, n), dh_t);
     }
     for_rows(e, H, [&](i64 b) {
-      for (i64 jb = 0; jb < J; ++jb) {
-        i64 j = jb * L;
-        gate_math(t, b, jb, load(dmp + b * H + j, (int)std::min<i64>(L, H - j)));
-      }
+      for_unit_blocks<S>(H, [&](i64 jb, int n) __attribute__((always_inline)) {
+        gate_math(t, b, jb, load(dmp + b * H + jb * L, n), n);
+      });
     }, r0);
     recurrent(dh_t, mat<S>(d_gates).rows_at(off + r0, n));
   });
