@@ -56,6 +56,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <pthread.h>
@@ -2117,13 +2118,17 @@ struct Products {
   // Sums over rows, a^T b for a (N, C) and b (N, G) row-major: in `sums` after run(), one
   // (C, G) partial sum per thread (threads, C, G), to be added up by the reader (see
   // transposed_sum).
+  // A sum's `fill` (may be empty): fill(n0, n1) writes rows [n0, n1) of its a, called by the
+  // thread that sums over them right before its product, so that a is made in parallel and
+  // read from that core's cache.
   std::vector<Tensor> sum_as, sum_bs;
+  std::vector<std::function<void(i64, i64)>> sum_fills;
   std::vector<Tensor> sums;
   void add(const Tensor& out, const Tensor& a, const Tensor& b) {
     outs.push_back(out); as.push_back(a); bs.push_back(b);
   }
-  size_t add_sum(const Tensor& a, const Tensor& b) {
-    sum_as.push_back(a); sum_bs.push_back(b);
+  size_t add_sum(const Tensor& a, const Tensor& b, std::function<void(i64, i64)> fill = {}) {
+    sum_as.push_back(a); sum_bs.push_back(b); sum_fills.push_back(std::move(fill));
     return sum_as.size() - 1;
   }
   void run() {
@@ -2156,6 +2161,7 @@ struct Products {
         }
         for (size_t i = 0; i < sum_as.size(); ++i) {
           i64 N = sum_as[i].size(0), n0 = N * part / threads, n1 = N * (part + 1) / threads;
+          if (sum_fills[i] && n1 > n0) sum_fills[i](n0, n1);
           LSTMKIT_DISPATCH(sum_as[i].scalar_type(), [&] {
             const i64 C = sums[i].size(1), G = sums[i].size(2);
             gemm(Strided<scalar>{sums[i].data_ptr<scalar>() + part * C * G, C, G, G, 1},
@@ -2224,33 +2230,45 @@ Tensor input_projection(const Tensor& x, const Tensor& w) {
   return out;
 }
 
-// For every row of `sequence` (N, F), the state its step started from (see layout.py), written
-// into `into` (N, F): rows of unit column stride, possibly columns of a wider buffer (the
-// stacked operand of WeightGradients).
-void previous_rows(const Tensor& into, const Tensor& sequence, const Tensor& initial,
-                   const Steps& st) {
-  const i64 F = sequence.size(1);
-  TORCH_CHECK(into.dim() == 2 && into.size(0) == sequence.size(0) && into.size(1) == F &&
-              into.scalar_type() == sequence.scalar_type() && unit_stride(into, 1) &&
-              sequence.is_contiguous() && initial.is_contiguous(),
-              "previous_rows: `into` must be ", sequence.sizes(), " with unit column stride");
-  const size_t bytes = F * sequence.element_size();
+// Rows [n0, n1) of `into`: for each row of `sequence` (N, F), the state its step started from
+// (see layout.py), from `initial` (B, F) at the first step; rows of unit column stride,
+// possibly columns of a wider buffer (the stacked operand of WeightGradients).
+void previous_rows_range(const Tensor& into, const Tensor& sequence, const Tensor& initial,
+                         const Steps& st, i64 n0, i64 n1) {
+  const size_t bytes = sequence.size(1) * sequence.element_size();
   const size_t into_row = leading(into, 0) * into.element_size();
   const char* seq = static_cast<const char*>(sequence.data_ptr());
   const char* init = static_cast<const char*>(initial.data_ptr());
   char* res = static_cast<char*>(into.data_ptr());
-  // Steps in parallel when there is much to copy (3.2 MB at batch 32 / hidden 256 / length 100,
-  // mostly not in cache: 0.47 ms on one thread inside a training step).
-  const i64 grain = std::max<i64>(1, (i64)((1 << 18) / std::max<size_t>(1, bytes * st.batch)));
-  at::parallel_for(0, st.count(), grain, [&](i64 t0, i64 t1) {
-    for (i64 t = t0; t < t1; ++t) {
-      i64 u = st.before(t);
-      for (i64 b = 0; b < st.size[t]; ++b) {
-        i64 src = st.row(u, b);
-        const char* from = src >= 0 ? seq + src * bytes : init + b * bytes;
-        std::memcpy(res + (st.offset[t] + b) * into_row, from, bytes);
-      }
+  // The step of row n0: offsets grow with the step (in time order, either direction).
+  i64 t = std::upper_bound(st.offset.begin(), st.offset.end(), n0) - st.offset.begin() - 1;
+  for (i64 r = n0; r < n1; ++t) {
+    const i64 u = st.before(t);
+    for (i64 b = r - st.offset[t]; b < st.size[t] && r < n1; ++b, ++r) {
+      i64 src = st.row(u, b);
+      std::memcpy(res + r * into_row, src >= 0 ? seq + src * bytes : init + b * bytes, bytes);
     }
+  }
+}
+
+void check_previous_rows(const Tensor& into, const Tensor& sequence, const Tensor& initial) {
+  TORCH_CHECK(into.dim() == 2 && into.size(0) == sequence.size(0) &&
+              into.size(1) == sequence.size(1) &&
+              into.scalar_type() == sequence.scalar_type() && unit_stride(into, 1) &&
+              sequence.is_contiguous() && initial.is_contiguous(),
+              "previous_rows: `into` must be ", sequence.sizes(), " with unit column stride");
+}
+
+// All rows (see previous_rows_range), in parallel when there is much to copy (3.2 MB at batch
+// 32 / hidden 256 / length 100, mostly not in cache: 0.47 ms on one thread inside a training
+// step).
+void previous_rows(const Tensor& into, const Tensor& sequence, const Tensor& initial,
+                   const Steps& st) {
+  check_previous_rows(into, sequence, initial);
+  const i64 bytes = sequence.size(1) * sequence.element_size();
+  at::parallel_for(0, sequence.size(0), std::max<i64>(1, (1 << 18) / std::max<i64>(1, bytes)),
+                   [&](i64 n0, i64 n1) {
+    previous_rows_range(into, sequence, initial, st, n0, n1);
   });
 }
 
@@ -2311,19 +2329,43 @@ struct WeightGradients {
       }
       return;
     }
+    // [x | h_prev | 1], each thread writing the rows it sums over (Products' fill). Made before
+    // the products by ATen's copies, it cost 160 us of a 7 ms training step at batch 32 /
+    // hidden 128 and was read back from L3.
     Tensor stacked = pooled_empty({N, count}, d_pre.options());
-    if (x_cols) stacked.narrow(1, 0, x_cols).copy_(x);
     if (h_cols && initial.defined())
-      previous_rows(stacked.narrow(1, x_cols, h_cols), sequence, initial, st);
-    else if (h_cols)
-      stacked.narrow(1, x_cols, h_cols).copy_(sequence);
-    if (bias) stacked.narrow(1, count - 1, 1).fill_(1);
+      check_previous_rows(stacked.narrow(1, x_cols, h_cols), sequence, initial);
+    const i64 x_cols_ = x_cols, h_cols_ = h_cols;
+    const bool bias_ = bias;
+    auto fill = [stacked, x = x_cols ? x.contiguous() : x, sequence, initial, &st, x_cols_,
+                 h_cols_, bias_, count](i64 n0, i64 n1) {
+      const i64 item = stacked.element_size(), row = count * item;
+      char* out = static_cast<char*>(stacked.data_ptr());
+      if (x_cols_) {
+        const char* from = static_cast<const char*>(x.data_ptr());
+        for (i64 r = n0; r < n1; ++r)
+          std::memcpy(out + r * row, from + r * x_cols_ * item, x_cols_ * item);
+      }
+      if (h_cols_ && initial.defined()) {
+        previous_rows_range(stacked.narrow(1, x_cols_, h_cols_), sequence, initial, st, n0, n1);
+      } else if (h_cols_) {
+        const char* from = static_cast<const char*>(sequence.data_ptr());
+        for (i64 r = n0; r < n1; ++r)
+          std::memcpy(out + r * row + x_cols_ * item, from + r * h_cols_ * item, h_cols_ * item);
+      }
+      if (bias_) {
+        const float one_f = 1;
+        const double one_d = 1;
+        const void* one = item == 4 ? (const void*)&one_f : (const void*)&one_d;
+        for (i64 r = n0; r < n1; ++r) std::memcpy(out + r * row + (count - 1) * item, one, item);
+      }
+    };
     // The transpose [x | h_prev | 1]^T d_pre (count, G), each thread's share of the rows summed
     // after: MKL runs this form faster than d_pre^T [x | h_prev | 1] split by output rows
     // (one core, batch 32 / hidden 128 / length 100: 1.91 vs 2.28 ms; 32 / 256 6.18 vs 6.74;
     // 8 / 128 0.44 vs 0.55), and the transposing copies that make dW_x and dW_h of its rows
     // replace the column copies the other form needed.
-    stacked_sum = (i64)jobs.add_sum(stacked, d_pre);
+    stacked_sum = (i64)jobs.add_sum(stacked, d_pre, fill);
   }
   // {dW_x, dW_h, db} after jobs.run(), undefined where not wanted: stacked, dW_x and dW_h the
   // transposed rows of the sum, db (G,) its last row.
