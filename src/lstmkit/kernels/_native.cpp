@@ -1732,14 +1732,12 @@ Tensor generic_forward(const Tensor& w_hh, const Tensor& h0, i64 G, S* out, cons
     if (e <= r0) return;
     recurrent(mat<S>(rec).rows_at(r0, e - r0), mat<S>(h).rows_at(r0, e - r0));
     for_rows(e, H, [&](i64 b) {
-#pragma GCC unroll 4       // independent blocks interleaved, as in lstm_forward
-      for (i64 jb = 0; jb < J; ++jb) {
+      for_unit_blocks<S>(H, [&](i64 jb, int n) __attribute__((always_inline)) {
         i64 j = jb * L;
-        int n = (int)std::min<i64>(L, H - j);
         V<S> hv = block(off + b, j, n, r + b * G, hp + b * H);
         store(hp + b * H + j, hv, n);
         store(out + (off + b) * H + j, hv, n);
-      }
+      });
     }, r0);
   });
   return h;
@@ -1869,11 +1867,10 @@ template <typename S>
 struct GRUForwardGates {    // reset after
   const S* gi; const S* b_ih; const S* b_hh; S* stash; i64 H;
   // Inlined into the drivers' loops, as LSTMForwardGates::standard.
+  // n: the block's width, min(L, H - jb L) (see for_unit_blocks).
   __attribute__((always_inline)) inline V<S> operator()(i64 row, i64 jb, const V<S>* acc,
-                                                         V<S> h_prev) const {
-    constexpr int L = Vec<S>::L;
-    i64 j = jb * L;
-    int n = (int)std::min<i64>(L, H - j);
+                                                         V<S> h_prev, int n) const {
+    i64 j = jb * Vec<S>::L;
     const S* g = gi + row * 3 * H + j;
     V<S> br = {}, bz = {}, bn = {};
     if (b_hh) { br = load(b_hh + j, n); bz = load(b_hh + H + j, n); bn = load(b_hh + 2 * H + j, n); }
@@ -1919,7 +1916,7 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
                                 &chunks, [&](i64 b, i64 jb, const V<S>* acc) {
           i64 j = jb * L;
           int n = (int)std::min<i64>(L, H - j);
-          V<S> h = gate_math(off + b, jb, acc, load(h_read + b * H + j, n));
+          V<S> h = gate_math(off + b, jb, acc, load(h_read + b * H + j, n), n);
           store(h_write + b * H + j, h, n);
           store(o_ptr + (off + b) * H + j, h, n);
         });
@@ -1934,7 +1931,7 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
                                   [&](i64 row, i64 j, int n, const S* rec, const S* h_row) {
       V<S> acc[3];
       for (int q = 0; q < 3; ++q) acc[q] = load(rec + q * H + j, n);
-      return gate_math(row, j / L, acc, load(h_row + j, n));
+      return gate_math(row, j / L, acc, load(h_row + j, n), n);
     });
     return {out, h, stash};
   }
