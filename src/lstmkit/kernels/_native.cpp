@@ -2002,10 +2002,10 @@ template <typename S>
 struct GRUBackwardGates {   // reset after
   const S* dy; const S* out; const S* h0; const S* stash; S* d_gi; S* d_gh; S* carry;
   const Steps* st; i64 H;
-  inline void operator()(i64 t, i64 b, i64 jb, V<S> dh_next) const {
-    constexpr int L = Vec<S>::L;
-    i64 j = jb * L;
-    int n = (int)std::min<i64>(L, H - j);
+  // n: the block's width, min(L, H - jb L) (see for_unit_blocks).
+  __attribute__((always_inline)) inline void operator()(i64 t, i64 b, i64 jb, V<S> dh_next,
+                                                        int n) const {
+    i64 j = jb * Vec<S>::L;
     i64 row = st->offset[t] + b;
     i64 prev = st->row(st->before(t), b);
     V<S> h_prev = prev >= 0 ? load(out + prev * H + j, n) : load(h0 + b * H + j, n);
@@ -2060,7 +2060,8 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
           for (i64 b = 0; b < st.size[t]; ++b)
             for (i64 jb = jb0; jb < jb1; ++jb) {
               i64 j = jb * L;
-              gate_math(t, b, jb, load(dhp + b * H + j, (int)std::min<i64>(L, H - j)));
+              int n = (int)std::min<i64>(L, H - j);
+              gate_math(t, b, jb, load(dhp + b * H + j, n), n);
             }
         }
       });
@@ -2071,10 +2072,9 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
       i64 t = st.order[st.count() - 1 - k], off = st.offset[t], e = std::min(r1, st.size[t]);
       if (e <= r0) return;
       for_rows(e, H, [&](i64 b) {
-        for (i64 jb = 0; jb < J; ++jb) {
-          i64 j = jb * L;
-          gate_math(t, b, jb, load(dhp + b * H + j, (int)std::min<i64>(L, H - j)));
-        }
+        for_unit_blocks<S>(H, [&](i64 jb, int n) __attribute__((always_inline)) {
+          gate_math(t, b, jb, load(dhp + b * H + jb * L, n), n);
+        });
       }, r0);
       recurrent(mat<S>(dh).rows_at(r0, e - r0), mat<S>(d_gh).rows_at(off + r0, e - r0),
                 mat<S>(carry).rows_at(r0, e - r0));
