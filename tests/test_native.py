@@ -79,8 +79,8 @@ def driver(request, monkeypatch):
     monkeypatch.setattr(native, "MAX_ROW_PARTS", 3 if rows else None)
     monkeypatch.setattr(native, "ROW_PARTS_MAX_WEIGHT_BYTES", 2**62)
     own = request.param.startswith("own")
-    for limit in ("OWN_FORWARD_MAX_ROWS", "OWN_FORWARD_SMALL_MAX_ROWS", "OWN_BACKWARD_MAX_ROWS"):
-        monkeypatch.setattr(native, limit, 10**9 if own else 0)
+    for limit in ("OWN_FORWARD_MAX_ROWS", "OWN_FORWARD_MAX_ROW_BYTES", "OWN_BACKWARD_MAX_ROWS"):
+        monkeypatch.setattr(native, limit, 2**62 if own else 0)
     # "chunked": the contraction split into chunks of 4, as large matrices are split to stay
     # in the L2 cache, so the running sums between chunks are checked on small shapes too.
     previous = native.module().set_chunk_bytes(1)

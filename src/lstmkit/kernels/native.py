@@ -83,17 +83,23 @@ INPUT_IN_STEP_MAX_RATIO = 0.5
 # to its results in registers, instead of MKL's call (whose fixed cost is a good part of such
 # small products) and a pass over its (rows, 4H) result; the forward then multiplies the input
 # inside the step. The forward takes it for parts of at most OWN_FORWARD_MAX_ROWS rows (their
-# four gates in one pass), or OWN_FORWARD_SMALL_MAX_ROWS when [W_ih | W_hh] is at most
-# OWN_FORWARD_SMALL_MAX_BYTES; the backward (dh = da W_hh) for parts of at most
-# OWN_BACKWARD_MAX_ROWS rows. Interleaved medians, input 64, MKL vs own, forward / training ms:
-# batch 8 / hidden 64 0.49 / 1.50 vs 0.38 / 1.38; 8 / 128 0.85 / 3.00 vs 0.77 / 2.68; 8 / 256
-# 2.15 / 6.92 vs 2.21 / 6.84; 12 / 256 3.63 / 10.74 vs 3.00 / 9.74; 16 / 128 1.47 / 4.89 vs
-# 1.42 / 4.60; but 16 / 256 3.73 / 12.04 vs 3.89 / 11.91, 24 / 256 5.64 vs 6.15 forward, 32 /
-# 256 7.16 / 24.60 vs 7.53 / 24.09.
+# four gates in one pass), or while rows x the bytes of [W_ih | W_hh] (what the product reads
+# from L2 per step, a group of up to 8 rows at a time) is at most OWN_FORWARD_MAX_ROW_BYTES;
+# the backward (dh = da W_hh) for parts of at most OWN_BACKWARD_MAX_ROWS rows.
+# Interleaved medians, input 64, MKL vs own, forward / training ms: batch 8 / hidden 64 0.49 /
+# 1.50 vs 0.38 / 1.38; 8 / 128 0.85 / 3.00 vs 0.77 / 2.68; 8 / 256 2.15 / 6.92 vs 2.21 / 6.84;
+# 12 / 256 3.63 / 10.74 vs 3.00 / 9.74; 16 / 128 1.47 / 4.89 vs 1.42 / 4.60; but 16 / 256 3.73
+# / 12.04 vs 3.89 / 11.91, 24 / 256 5.64 vs 6.15 forward, 32 / 256 7.16 / 24.60 vs 7.53 / 24.09.
+# With the gate math two blocks at a time, own / MKL, forward (rows per part, kilobytes of
+# [W_ih | W_hh]): 32 / 64 (16, 128) 0.819, 32 / 96 (16, 240) 0.872, 24 / 128 (12, 384) 0.944,
+# 32 / 128 (16, 384) 0.964, 48 / 64 (24, 128) 0.875, 64 / 96 (32, 240) 0.924, 128 / 64 (64, 128)
+# 0.896; even at 32 / 160 (16, 573) 0.999, 64 / 128 (32, 384) 1.002; worse at 32 / 192 (16,
+# 786) 1.008, 32 / 256 (16, 1280) 1.136. The backward, own / MKL, training: 64 / 64 (32 rows)
+# 0.939, 64 / 128 0.932, 128 / 64 (64 rows) 0.956, 128 / 128 0.961, 64 / 160 0.980, 48 / 256
+# 0.987, 64 / 256 1.000.
 OWN_FORWARD_MAX_ROWS = 6
-OWN_FORWARD_SMALL_MAX_ROWS = 8
-OWN_FORWARD_SMALL_MAX_BYTES = 512 << 10
-OWN_BACKWARD_MAX_ROWS = 16
+OWN_FORWARD_MAX_ROW_BYTES = 8 << 20
+OWN_BACKWARD_MAX_ROWS = 64
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "module": None, "reason": None}
@@ -287,8 +293,7 @@ def _own_step_product(layout, parts: int, w_ih, w_hh, w_hr, backward: bool = Fal
     if backward:
         return rows <= OWN_BACKWARD_MAX_ROWS
     weight_bytes = (w_ih.numel() + w_hh.numel()) * (itemsize or w_hh.element_size())
-    return rows <= OWN_FORWARD_MAX_ROWS or (rows <= OWN_FORWARD_SMALL_MAX_ROWS
-                                            and weight_bytes <= OWN_FORWARD_SMALL_MAX_BYTES)
+    return rows <= OWN_FORWARD_MAX_ROWS or rows * weight_bytes <= OWN_FORWARD_MAX_ROW_BYTES
 
 
 def _lstm_plan(layout, w_ih, w_hh, w_hr, itemsize=None) -> tuple[int, bool, bool]:
