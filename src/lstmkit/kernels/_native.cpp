@@ -1122,8 +1122,8 @@ struct CellForm {
 // W consecutive unit blocks at once (a[w] their pre-activations [i, f, g, o], c and saved at
 // the first one's units), each statement for all W: independent chains of ~100 instructions
 // the core overlaps, where one block at a time waited on its divisions' latency. W = 2 against
-// one block at a time, forward, interleaved medians: batch 32 / hidden 128 0.965, 64 / 128
-// 0.982, 32 / 512 0.985 (W = 4: 0.962, 0.978, 0.995, and 64 / 512 1.013).
+// one block at a time, forward, interleaved medians: batch 32 / hidden 128 0.970, 64 / 128
+// 0.969, 32 / 512 0.992 (W = 4 in a first version: 0.962, 0.978, 0.995, and 64 / 512 1.013).
 template <int W>
 __attribute__((always_inline)) inline void ratio_cells(const V<float> (&a)[W][4], float* c,
                                                        int n, float* saved, i64 H,
@@ -1721,7 +1721,7 @@ template <typename S, typename Block>
 Tensor generic_forward(const Tensor& w_hh, const Tensor& h0, i64 G, S* out, const Steps& st,
                        i64 parts, Block&& block) {
   constexpr int L = Vec<S>::L;
-  const i64 B = st.batch, H = h0.size(1), J = (H + L - 1) / L;
+  const i64 B = st.batch, H = h0.size(1);
   Tensor h = pooled_clone(h0);
   Tensor rec = pooled_empty({B, G}, h0.options());
   StepProduct<S> recurrent(w_hh.t(), B);
