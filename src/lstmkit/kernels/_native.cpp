@@ -2391,11 +2391,15 @@ struct WeightGradients {
     // the products by ATen's copies, it cost 160 us of a 7 ms training step at batch 32 /
     // hidden 128 and was read back from L3.
     Tensor stacked = pooled_empty({N, count}, d_pre.options());
+    TORCH_CHECK((!x_cols || x.scalar_type() == d_pre.scalar_type()) &&
+                (!h_cols || sequence.scalar_type() == d_pre.scalar_type()),
+                "WeightGradients: x and the states must have the gradient's dtype");
     if (h_cols && initial.defined())
       check_previous_rows(stacked.narrow(1, x_cols, h_cols), sequence, initial);
     const i64 x_cols_ = x_cols, h_cols_ = h_cols;
     const bool bias_ = bias;
-    auto fill = [stacked, x = x_cols ? x.contiguous() : x, sequence, initial, &st, x_cols_,
+    auto fill = [stacked, x = x_cols ? x.contiguous() : x,
+                 sequence = h_cols ? sequence.contiguous() : sequence, initial, &st, x_cols_,
                  h_cols_, bias_, count](i64 n0, i64 n1) {
       const i64 item = stacked.element_size(), row = count * item;
       char* out = static_cast<char*>(stacked.data_ptr());
