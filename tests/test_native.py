@@ -342,13 +342,16 @@ def test_stacked_weight_products_by_rows_and_threads():
         native.module().set_weight_products_form(previous)
 
 
+@pytest.mark.parametrize("x_layout", ["contiguous", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("family", ["lstm", "lstm_proj", "gru", "rnn_tanh"])
 @pytest.mark.parametrize("form", ["separate", "stacked", "by-size"])
-def test_weight_gradients_split_across_threads(family, dtype, form):
+def test_weight_gradients_split_across_threads(family, dtype, form, x_layout):
     """Products above SERIAL_FLOPS: each thread multiplies its share of the rows (the stacked
     form sums the threads' partial sums, adding and transposing them in 16 x 16 tiles, some
-    partial: 17 input columns, hidden 40); "by-size" takes the stacked form at this size."""
+    partial: 17 input columns, hidden 40); "by-size" takes the stacked form at this size. Each
+    thread writes its rows of the stacked operand: a strided x (every other column of a wider
+    tensor) must give the same gradients."""
     T, B, I, H = 60, 14, 17, 40
     assert 2 * T * B * (I + H + 1) * 4 * H > native.SERIAL_FLOPS
     assert native.module().stacked_weight_products(T * B, I + H + 1, 2)
@@ -361,6 +364,11 @@ def test_weight_gradients_split_across_threads(family, dtype, form):
     tensors = {k: torch.tensor(v, dtype=dtype, requires_grad=True)
                for k, v in {"x": x.reshape(T * B, I), **w}.items()}
     xt = tensors.pop("x")
+    if x_layout == "strided":
+        wide = torch.zeros(T * B, 2 * I, dtype=dtype)
+        wide[:, ::2] = xt.detach()
+        xt = wide[:, ::2].requires_grad_()
+        assert not xt.is_contiguous()
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     previous = native.module().set_weight_products_form(
