@@ -329,6 +329,27 @@ def test_only_the_wanted_gradients(family, wanted, weight_products):
             assert param.grad is None, name
 
 
+def test_own_step_product_by_rows_and_weight_size(monkeypatch):
+    """The LSTM's row parts take our own step product in the forward for up to 6 rows, or while
+    rows x the bytes of [W_ih | W_hh] stay within OWN_FORWARD_MAX_ROW_BYTES; in the backward for
+    up to OWN_BACKWARD_MAX_ROWS rows; never with one part or a projection (input 64, float32,
+    two threads)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+
+    def own(batch, hidden, backward=False, proj=False):
+        w_ih, w_hh = torch.empty(4 * hidden, 64), torch.empty(4 * hidden, hidden)
+        w_hr = torch.empty(hidden // 2, hidden) if proj else None
+        layout = StepLayout.padded(10, batch)
+        parts = native._driver(layout, w_hh, proj, None if backward else w_ih)
+        return native._own_step_product(layout, parts, w_ih, w_hh, w_hr, backward=backward)
+
+    assert own(8, 256) and own(12, 256)                # 4 and 6 rows: always
+    assert own(32, 128) and own(64, 64) and own(128, 64)   # 16 x 384 KiB, 32 and 64 x 128 KiB
+    assert not own(32, 256) and not own(64, 128)       # 16 x 1.25 MiB, 32 x 384 KiB
+    assert own(128, 128, backward=True) and not own(130, 128, backward=True)   # 64 rows, 65
+    assert not own(32, 128, proj=True) and not own(2, 64)   # projection; the fused driver
+
+
 def test_stacked_weight_products_by_rows_and_threads():
     """Stacked from 800 rows while threads x count <= N: the threads' partial sums take no more
     memory than the gate gradients."""
