@@ -1176,6 +1176,21 @@ struct LSTMForwardGates {
     if (form == 0 && !peep) return standard<W>(b, row, jb, acc, n, m);
     for (int w = 0; w < W; ++w) m[w] = general(b, row, jb + w, acc[w]);
   }
+  // The cell over every unit block of row b (global row `row`), two full blocks at a time (see
+  // for_unit_block_pairs): product(jb, q, n) is block jb's product for gate q, and done(jb, m, n)
+  // takes the block's result.
+  template <typename Product, typename Done>
+  __attribute__((always_inline)) inline void row_cells(i64 b, i64 row, Product&& product,
+                                                       Done&& done) const {
+    for_unit_block_pairs<S>(H, [&](i64 jb, auto blocks, int n) __attribute__((always_inline)) {
+      constexpr int W = decltype(blocks)::value;
+      V<S> acc[W][4], m[W];
+      for (int w = 0; w < W; ++w)
+        for (int q = 0; q < 4; ++q) acc[w][q] = product(jb + w, q, n);
+      cell_blocks<W>(b, row, jb, acc, n, m);
+      for (int w = 0; w < W; ++w) done(jb + w, m[w], n);
+    });
+  }
   __attribute__((always_inline)) inline V<S> operator()(i64 b, i64 row, i64 jb, const V<S>* acc,
                                                          int n) const {
     V<S> one[1][4] = {{acc[0], acc[1], acc[2], acc[3]}}, m[1];
@@ -1420,18 +1435,11 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
           for (int q = 0; q < 4; ++q) slot[q] = acc[q];
         }, r0);
         for (i64 b = r0; b < e; ++b)
-          for_unit_block_pairs<S>(H, [&](i64 jb, auto blocks, int n)
-                                  __attribute__((always_inline)) {
-            constexpr int W = decltype(blocks)::value;
-            V<S> acc[W][4], m[W];
-            for (int w = 0; w < W; ++w)
-              for (int q = 0; q < 4; ++q) acc[w][q] = pre[(b * J + jb + w) * 4 + q];
-            gate_math.template cell_blocks<W>(b, off + b, jb, acc, n, m);
-            for (int w = 0; w < W; ++w) {
-              i64 j = (jb + w) * L;
-              store(z_write + b * K + I + j, m[w], n);
-              store(o_ptr + (off + b) * P + j, m[w], n);
-            }
+          gate_math.row_cells(b, off + b,
+                              [&](i64 jb, int q, int) { return pre[(b * J + jb) * 4 + q]; },
+                              [&](i64 jb, V<S> m, int n) {
+            store(z_write + b * K + I + jb * L, m, n);
+            store(o_ptr + (off + b) * P + jb * L, m, n);
           });
       }
       for (i64 b = std::max(r0, e); b < r1; ++b)       // inactive rows keep their state
@@ -1464,17 +1472,11 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
     for (i64 b = r0; b < e && I; ++b) std::memcpy(zm.row(b), x + (off + b) * I, I * sizeof(S));
     recurrent(mat<S>(rec).rows_at(r0, e - r0), zm.rows_at(r0, e - r0));
     for_rows(e, H, [&](i64 b) {
-      for_unit_block_pairs<S>(H, [&](i64 jb, auto blocks, int n) __attribute__((always_inline)) {
-        constexpr int W = decltype(blocks)::value;
-        V<S> acc[W][4], mv[W];
-        for (int w = 0; w < W; ++w)
-          for (int q = 0; q < 4; ++q) acc[w][q] = load(r + b * 4 * H + q * H + (jb + w) * L, n);
-        gate_math.template cell_blocks<W>(b, off + b, jb, acc, n, mv);
-        for (int w = 0; w < W; ++w) {
-          i64 j = (jb + w) * L;
-          store(target + b * ts + j, mv[w], n);
-          if (!m.defined()) store(o_ptr + (off + b) * P + j, mv[w], n);
-        }
+      gate_math.row_cells(b, off + b, [&](i64 jb, int q, int n) {
+        return load(r + b * 4 * H + q * H + jb * L, n);
+      }, [&](i64 jb, V<S> mv, int n) {
+        store(target + b * ts + jb * L, mv, n);
+        if (!m.defined()) store(o_ptr + (off + b) * P + jb * L, mv, n);
       });
     }, r0);
     if (m.defined()) {
