@@ -982,7 +982,7 @@ struct Strided {
   static Strided of(const Tensor& t) {
     return {t.data_ptr<S>(), t.size(0), t.size(1), t.stride(0), t.stride(1)};
   }
-  Strided rows_at(i64 r0, i64 r1) const { return {p + r0 * rs, r1 - r0, cols, rs, cs}; }
+  Strided rows_at(i64 r0, i64 n) const { return {p + r0 * rs, n, cols, rs, cs}; }  // as Mat's
   Strided t() const { return {p, cols, rows, cs, rs}; }
   // As BLAS (column-major) sees this matrix's transpose: 'N' with leading dimension rs when its
   // rows are contiguous, 'T' with cs when its columns are; '\0' when neither.
@@ -2215,8 +2215,8 @@ struct Products {
           i64 M = outs[i].size(0), r0 = M * part / threads, r1 = M * (part + 1) / threads;
           if (r1 <= r0) continue;
           LSTMKIT_DISPATCH(outs[i].scalar_type(), [&] {
-            gemm(Strided<scalar>::of(outs[i]).rows_at(r0, r1),
-                 Strided<scalar>::of(as[i]).rows_at(r0, r1), Strided<scalar>::of(bs[i]));
+            gemm(Strided<scalar>::of(outs[i]).rows_at(r0, r1 - r0),
+                 Strided<scalar>::of(as[i]).rows_at(r0, r1 - r0), Strided<scalar>::of(bs[i]));
           });
         }
         for (size_t i = 0; i < sum_as.size(); ++i) {
@@ -2225,8 +2225,8 @@ struct Products {
           LSTMKIT_DISPATCH(sum_as[i].scalar_type(), [&] {
             const i64 C = sums[i].size(1), G = sums[i].size(2);
             gemm(Strided<scalar>{sums[i].data_ptr<scalar>() + part * C * G, C, G, G, 1},
-                 Strided<scalar>::of(sum_as[i]).rows_at(n0, n1).t(),
-                 Strided<scalar>::of(sum_bs[i]).rows_at(n0, n1));
+                 Strided<scalar>::of(sum_as[i]).rows_at(n0, n1 - n0).t(),
+                 Strided<scalar>::of(sum_bs[i]).rows_at(n0, n1 - n0));
           });
         }
       }
