@@ -2401,26 +2401,23 @@ struct WeightGradients {
                 "WeightGradients: x and the states must have the gradient's dtype");
     if (h_cols && initial.defined())
       check_previous_rows(stacked.narrow(1, x_cols, h_cols), sequence, initial);
-    const i64 x_cols_ = x_cols, h_cols_ = h_cols;
-    const bool bias_ = bias;
     auto fill = [stacked, x = x_cols ? x.contiguous() : x,
-                 sequence = h_cols ? sequence.contiguous() : sequence, initial, &st, x_cols_,
-                 h_cols_, bias_, count](i64 n0, i64 n1) {
+                 sequence = h_cols ? sequence.contiguous() : sequence, initial, &st,
+                 x_cols = x_cols, h_cols = h_cols, bias = bias, count](i64 n0, i64 n1) {
       const i64 item = stacked.element_size(), row = count * item;
       char* out = static_cast<char*>(stacked.data_ptr());
-      if (x_cols_) {
-        const char* from = static_cast<const char*>(x.data_ptr());
+      // Rows [n0, n1) of `from` (N, cols) into columns [col, col + cols).
+      auto copy_columns = [&](const Tensor& from, i64 col, i64 cols) {
+        const char* src = static_cast<const char*>(from.data_ptr());
         for (i64 r = n0; r < n1; ++r)
-          std::memcpy(out + r * row, from + r * x_cols_ * item, x_cols_ * item);
-      }
-      if (h_cols_ && initial.defined()) {
-        previous_rows_range(stacked.narrow(1, x_cols_, h_cols_), sequence, initial, st, n0, n1);
-      } else if (h_cols_) {
-        const char* from = static_cast<const char*>(sequence.data_ptr());
-        for (i64 r = n0; r < n1; ++r)
-          std::memcpy(out + r * row + x_cols_ * item, from + r * h_cols_ * item, h_cols_ * item);
-      }
-      if (bias_) {
+          std::memcpy(out + r * row + col * item, src + r * cols * item, cols * item);
+      };
+      if (x_cols) copy_columns(x, 0, x_cols);
+      if (h_cols && initial.defined())
+        previous_rows_range(stacked.narrow(1, x_cols, h_cols), sequence, initial, st, n0, n1);
+      else if (h_cols)
+        copy_columns(sequence, x_cols, h_cols);
+      if (bias) {
         const float one_f = 1;
         const double one_d = 1;
         const void* one = item == 4 ? (const void*)&one_f : (const void*)&one_d;
