@@ -740,19 +740,27 @@ def test_lstm_direct_path_leaves_other_calls_to_the_general_path(monkeypatch):
             lstmkit.LSTM(3, 4, dtype=torch.float64)(x)
 
 
-def test_cell_sees_in_place_weight_updates():
-    """The single-step path caches packed weights; an in-place update must invalidate them."""
+@pytest.mark.parametrize("update", ["in place", "through .data", "one element of .data"])
+def test_cell_sees_weight_updates(update):
+    """Every step reads the weights as they are now: an in-place update (an optimizer step), one
+    made through `.data` (which autograd's version counter does not see) and a single changed
+    element all reach the next step."""
     torch.manual_seed(1)
     ours = lstmkit.LSTMCell(3, 19, backend="native")
     theirs = torch.nn.LSTMCell(3, 19)
-    x = torch.randn(2, 3)
-    for _ in range(2):
+    x = torch.randn(5, 3)
+    for _ in range(3):
         theirs.load_state_dict(ours.state_dict())
         with torch.no_grad():
             (h1, c1), (h2, c2) = ours(x), theirs(x)
             assert (h1 - h2).abs().max() < 1e-5 and (c1 - c2).abs().max() < 1e-5
             for p in ours.parameters():
-                p.mul_(1.5)                            # as an optimizer step would
+                if update == "in place":
+                    p.mul_(1.5)
+                elif update == "through .data":
+                    p.data.mul_(1.5)
+                else:
+                    p.data.view(-1)[7] += 2.0
 
 
 def test_projection_scratch_is_per_thread_and_never_aliases_results():

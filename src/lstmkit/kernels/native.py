@@ -28,7 +28,6 @@ import os
 import platform
 import threading
 import warnings
-import weakref
 from pathlib import Path
 
 import torch
@@ -218,47 +217,15 @@ def release_memory() -> None:
         module().release_pool()
 
 
-# Single-step weights packed for `lstm_cell`, per (w_ih, w_hh, b_ih, b_hh): an entry is used only
-# while every tensor is alive and unchanged (autograd's version counter counts in-place updates,
-# such as an optimizer step or load_state_dict), and dropped when a tensor is freed.
-_cell_cache: dict = {}
-
-
-def _packed_cell(w_ih, w_hh, b_ih, b_hh):
-    tensors = (w_ih, w_hh, b_ih, b_hh)
-    key = (id(w_ih), id(w_hh), id(b_ih), id(b_hh))
-    versions = (w_ih._version, w_hh._version, None if b_ih is None else b_ih._version,
-                None if b_hh is None else b_hh._version)
-    entry = _cell_cache.get(key)
-    if entry is not None:
-        refs, cached_versions, packed, bias = entry
-        # Same ids and versions; the weak references make sure the ids are not of new tensors.
-        if cached_versions == versions and refs[0]() is w_ih and refs[1]() is w_hh and \
-                (b_ih is None or refs[2]() is b_ih) and (b_hh is None or refs[3]() is b_hh):
-            return packed, bias
-    with torch.no_grad():
-        packed = module().lstm_pack_cell(w_ih.contiguous(), w_hh.contiguous())
-        bias = None
-        if b_ih is not None or b_hh is not None:
-            bias = sum(b for b in (b_ih, b_hh) if b is not None).contiguous()
-
-    def forget(_, key=key):
-        _cell_cache.pop(key, None)
-
-    refs = tuple(None if t is None else weakref.ref(t, forget) for t in tensors)
-    _cell_cache[key] = (refs, versions, packed, bias)
-    return packed, bias
-
-
 def lstm_step_inference(x, h, c, w_ih, w_hh, b_ih, b_hh):
     """One LSTM step without autograd: x (B, I), h (B, H), c (B, H) -> h' (B, H), c' (B, H).
 
-    The single-step API's path (`LSTMCell` in inference): one product of [x | h] with the
-    cached packed [W_ih | W_hh]. The caller has checked what `LSTMFunction` would: CPU tensors
-    of one dtype in NATIVE_DTYPES, these shapes, no gradient wanted, the native module loaded.
+    The single-step API's path (`LSTMCell` in inference, and a one-step sequence): the weights
+    are read as they are, nothing packed or cached (see lstm_cell in _native.cpp). The caller
+    has checked what `LSTMFunction` would: CPU tensors of one dtype in NATIVE_DTYPES, these
+    shapes, no gradient wanted, the native module loaded.
     """
-    packed, bias = _packed_cell(w_ih, w_hh, b_ih, b_hh)
-    return module().lstm_cell(x, h, c, packed, bias)          # it makes them contiguous
+    return module().lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh)   # it makes them contiguous
 
 
 def _driver(layout, w_hh, projected: bool = False, w_ih=None, itemsize=None) -> int:
