@@ -161,9 +161,19 @@ def test_flops_and_classes():
     assert bench.Point(batch=128, hidden=64).target_class == "-"
 
 
-def test_streaming_reports_microseconds():
-    result = bench.streaming(hidden=8, input_size=8, steps=5, repeats=1)
+@pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])
+def test_streaming_reports_microseconds(family):
+    result = bench.streaming(hidden=8, input_size=8, steps=5, repeats=1, family=family)
     assert result["lstmkit_us_per_step"] > 0 and result["torch_us_per_step"] > 0
+    assert result["family"] == family
+    assert result["speedup"] == result["torch_us_per_step"] / result["lstmkit_us_per_step"]
+    # The 2x target is the LSTM's.
+    assert result["target_met"] == (result["speedup"] >= 2.0 if family == "LSTM" else None)
+
+
+def test_streaming_rejects_an_unknown_family():
+    with pytest.raises(ValueError, match="family must be one of .*, got 'LSTMX'"):
+        bench.streaming(hidden=8, input_size=8, steps=5, repeats=1, family="LSTMX")
 
 
 def test_point_rejects_bad_values():
@@ -182,10 +192,12 @@ def test_cli_writes_json(tmp_path, capsys):
                  "--same-process", "--min-seconds", "0"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "matmul rate" in printed and "streaming batch 1" in printed
+    assert "matmul rate" in printed and "lstmkit.LSTMCell" in printed
+    assert "GRUCell" not in printed                        # the families asked for only
     results = json.loads(path.read_text())
     assert [p["batch"] for p in results["points"]] == [1, 2]
-    assert results["streaming"]["hidden"] == 4 and results["dtype"] == "float32"
+    assert list(results["streaming"]) == ["LSTM"]
+    assert results["streaming"]["LSTM"]["hidden"] == 4 and results["dtype"] == "float32"
     torch.set_num_threads(threads)                 # the command sets the thread count
 
 

@@ -595,38 +595,71 @@ def test_cell_matches_torch():
             h, c = h1, c1
 
 
+# The single-step cells the native kernel computes: (cell, its options, the NumPy reference).
+STREAMING_CELLS = {
+    "lstm": (lstmkit.LSTMCell, {}, reference.lstm_forward),
+    "gru": (lstmkit.GRUCell, {}, reference.gru_forward),
+    "rnn_tanh": (lstmkit.RNNCell, {}, reference.rnn_forward),
+    "rnn_relu": (lstmkit.RNNCell, {"nonlinearity": "relu"},
+                 lambda *a, **k: reference.rnn_forward(*a, **k, nonlinearity="relu")),
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("batch,hidden,bias", [(1, 1, True), (1, 256, True), (3, 3, False),
-                                               (2, 127, True), (5, 17, False)])
+                                               (2, 127, True), (5, 17, False), (9, 33, True)])
 @pytest.mark.parametrize("backend", ["auto", "native"])
-def test_streaming_cell_fast_path_matches_reference(dtype, batch, hidden, bias, backend,
+@pytest.mark.parametrize("kind", list(STREAMING_CELLS))
+def test_streaming_cell_fast_path_matches_reference(kind, dtype, batch, hidden, bias, backend,
                                                      monkeypatch):
-    """LSTMCell under no_grad goes straight to the native single-step kernel (once per step
-    from Python); over several steps it must equal the NumPy float64 reference."""
+    """The cells under no_grad go straight to the native single-step kernel (once per step from
+    Python); over several steps they must equal the NumPy float64 reference. Batch 9: two
+    groups of four rows and one alone; hidden 1, 17, 33 and 127: a partial unit block."""
     general = count_general_cell_calls(monkeypatch)
+    cls, options, forward = STREAMING_CELLS[kind]
     g = torch.Generator().manual_seed(hidden + batch)
-    cell = lstmkit.LSTMCell(4, hidden, bias=bias, dtype=dtype, backend=backend)
+    cell = cls(4, hidden, bias=bias, dtype=dtype, backend=backend, **options)
     xs = torch.randn(6, batch, 4, dtype=dtype, generator=g)
-    h, c = (torch.randn(batch, hidden, dtype=dtype, generator=g) for _ in range(2))
+    states = [torch.randn(batch, hidden, dtype=dtype, generator=g)
+              for _ in range(2 if kind == "lstm" else 1)]
     weights = {"w_ih": cell.weight_ih, "w_hh": cell.weight_hh, "b_ih": cell.bias_ih,
                "b_hh": cell.bias_hh}
-    expected, h_T, c_T, _ = reference.lstm_forward(
-        xs.double().numpy(), h.double().numpy(), c.double().numpy(),
+    expected, *final = forward(
+        xs.double().numpy(), *(s.double().numpy() for s in states),
         **{k: None if w is None else w.detach().double().numpy() for k, w in weights.items()})
-    state = (h, c)
+    state = tuple(states) if kind == "lstm" else states[0]
     with torch.no_grad():
         for t in range(len(xs)):
             state = cell(xs[t], state)
-            assert_close(f"h at step {t}", state[0], expected[t], dtype)
-    assert_close("final c", state[1], c_T, dtype)
+            h = state[0] if kind == "lstm" else state
+            assert_close(f"h at step {t}", h, expected[t], dtype)
+    if kind == "lstm":
+        assert_close("final c", state[1], final[1], dtype)
     assert general == []                                   # every step took the fast path
 
 
-def count_general_calls(monkeypatch, base) -> list:
-    """Record every call that takes the general (checked, dispatched) path: `base.forward`,
+@pytest.mark.parametrize("kind", ["gru", "rnn_tanh"])
+def test_one_step_sequences_take_the_single_step_kernel(kind, monkeypatch):
+    """lstmkit.GRU and RNN in inference run a one-step sequence (their step() streams) through
+    the single-step kernel, as lstmkit.LSTM does, with the layer's results."""
+    calls, step = [], native.step_inference
+    monkeypatch.setattr(native, "step_inference", lambda *a: calls.append(a[0]) or step(*a))
+    torch.manual_seed(0)
+    ours = (lstmkit.GRU if kind == "gru" else lstmkit.RNN)(5, 19, num_layers=2)
+    theirs = (torch.nn.GRU if kind == "gru" else torch.nn.RNN)(5, 19, num_layers=2)
+    theirs.load_state_dict(ours.state_dict())
+    x, h = torch.randn(1, 3, 5), torch.randn(2, 3, 19)
+    with torch.no_grad():
+        (y1, h1), (y2, h2) = ours(x, h), theirs(x, h)
+    assert calls == [kind, kind]                           # one per layer
+    assert (y1 - y2).abs().max() < 1e-5 and (h1 - h2).abs().max() < 1e-5
+
+
+def count_general_calls(monkeypatch, base, method="forward") -> list:
+    """Record every call that takes the general (checked, dispatched) path: `base.<method>`,
     under the cells' or the modules' fast path."""
-    calls, general = [], base.forward
-    monkeypatch.setattr(base, "forward",
+    calls, general = [], getattr(base, method)
+    monkeypatch.setattr(base, method,
                         lambda self, *a, **k: calls.append(1) or general(self, *a, **k))
     return calls
 
@@ -634,7 +667,7 @@ def count_general_calls(monkeypatch, base) -> list:
 def count_general_cell_calls(monkeypatch) -> list:
     from lstmkit.nn import cells
 
-    return count_general_calls(monkeypatch, cells._CellBase)
+    return count_general_calls(monkeypatch, cells._CellBase, "_checked_forward")
 
 
 def test_streaming_cell_leaves_other_calls_to_the_general_path(monkeypatch):
@@ -653,7 +686,13 @@ def test_streaming_cell_leaves_other_calls_to_the_general_path(monkeypatch):
             cell(x, (torch.randn(2, 5), c))
         with pytest.raises(TypeError, match="h must have dtype torch.float32"):
             cell(x, (h.double(), c))
-    assert len(general) == 8
+        # The GRU and RNN cells: the kernel computes only torch.nn's GRU (reset after).
+        lstmkit.GRUCell(3, 4, reset_after=False)(x, h)
+        lstmkit.GRUCell(3, 4, variant=lstmkit.GRUVariant(layer_norm=True))(x, h)
+        lstmkit.RNNCell(3, 4)(x)                           # no state given
+        with pytest.raises(ValueError, match="h must have shape \\(2, 4\\), got \\(1, 4\\)"):
+            lstmkit.RNNCell(3, 4)(x, h[:1])
+    assert len(general) == 8 + 4
 
 
 def count_general_module_calls(monkeypatch) -> list:
@@ -986,11 +1025,13 @@ def _cpu_flags() -> set:
                            "whose own build takes the AVX-512 paths")
 def test_avx2_build_matches_reference():
     """The code paths of CPUs without AVX-512 (4-row groups, no 6-row group, 8-float vectors):
-    the kernels built for Haswell pass the reference comparisons of every driver."""
+    the kernels built for Haswell pass the reference comparisons of every driver and of the
+    single-step cells (whose lane sums shuffle 16-float vectors held as two halves)."""
     tests = Path(__file__).parent
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-x", "-p", "no:cacheprovider",
-         "-p", "native_for_avx2", f"{tests / 'test_native.py'}::test_matches_reference"],
+         "-p", "native_for_avx2", f"{tests / 'test_native.py'}::test_matches_reference",
+         f"{tests / 'test_native.py'}::test_streaming_cell_fast_path_matches_reference"],
         capture_output=True, text=True, cwd=tests.parent,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(
             filter(None, [str(tests), os.environ.get("PYTHONPATH")]))})

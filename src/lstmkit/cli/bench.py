@@ -6,7 +6,8 @@ the bound on any speedup there (torch.nn's time over the products' time at 100% 
 matrix-multiply rate), the bound with the same products at MKL's speed ("MKL") and the fraction
 of the rate those reach ("MKL mm"), and the issue's target for the point's size class: met,
 missed, out of reach when the target is above the first bound, beyond MKL when above the
-second), then the batch-1 streaming comparison of the single-step API, and writes everything to
+second), then the batch-1 streaming comparison of the single-step API (each family's cell
+against torch.nn's), and writes everything to
 a JSON file. Each point runs in a fresh process unless --same-process is given."""
 
 import argparse
@@ -123,13 +124,17 @@ def run(args) -> int:
                         progress=lambda row: print(bench.format_row(row), flush=True),
                         isolate=not args.same_process, min_seconds=min_seconds)
     if args.streaming_steps:
-        stream = bench.streaming(args.streaming_hidden, args.streaming_hidden,
-                                 args.streaming_steps, args.repeats, dtype, device)
-        results["streaming"] = stream
-        print(f"streaming batch 1, hidden {stream['hidden']}: lstmkit.LSTMCell "
-              f"{stream['lstmkit_us_per_step']:.1f} us/step, torch.nn.LSTMCell "
-              f"{stream['torch_us_per_step']:.1f} us/step, speedup {stream['speedup']:.2f}x "
-              f"(target 2x: {'met' if stream['target_met'] else 'MISSED'})")
+        results["streaming"] = {}
+        for family in args.family or bench.FAMILIES:
+            stream = bench.streaming(args.streaming_hidden, args.streaming_hidden,
+                                     args.streaming_steps, args.repeats, dtype, device, family)
+            results["streaming"][family] = stream
+            verdict = ("" if stream["target_met"] is None else
+                       f" (target 2x: {'met' if stream['target_met'] else 'MISSED'})")
+            print(f"streaming batch 1, hidden {stream['hidden']}: lstmkit.{family}Cell "
+                  f"{stream['lstmkit_us_per_step']:.1f} us/step, torch.nn.{family}Cell "
+                  f"{stream['torch_us_per_step']:.1f} us/step, speedup "
+                  f"{stream['speedup']:.2f}x{verdict}")
     print(f"matmul rate (best sample of the run): {results['matmul_gflops']:.1f} GFLOP/s")
     if results["matmul_gflops"] != results["matmul_gflops_start"]:
         users = "the JSON file and the Markdown table use" if args.markdown else "the JSON file uses"

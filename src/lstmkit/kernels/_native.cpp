@@ -1660,127 +1660,6 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
   return {d_gates, dh, dc, d_h_rows};
 }
 
-// ---- one LSTM step on the weights as given (the single-step API) ---------------------------
-// A step of online inference reads every weight once: at batch 1 a matrix-vector product per
-// gate, bound by the cache's bandwidth. It reads W_ih and W_hh in their own row-major layout,
-// L rows at a time, so nothing is packed per call, and nothing is cached between calls either:
-// a cache can only be checked through autograd's version counter, which misses an in-place
-// change made through `.data` (then every later step ran with the old weights).
-
-// The vector whose lane l is the sum of acc[l]'s lanes, for N = L vectors. At each level the n
-// vectors left are folded in pairs (i, i + n / 2) into n / 2 vectors, each holding both at half
-// the width: with n vectors left, vector i holds acc[i + s n] in its segment s of n lanes, so
-// after the last level lane l holds acc[l]. log2(L) levels of two shuffles and an add per pair.
-constexpr int fold_lane(int L, int width, int p, bool upper) {
-  const int half = width / 2, segment = p / half;
-  return (segment % 2) * L + (segment / 2) * width + p % half + (upper ? half : 0);
-}
-template <typename S, int Width, size_t... P>
-__attribute__((always_inline)) inline V<S> fold_pair(V<S> a, V<S> b, std::index_sequence<P...>) {
-  constexpr int L = Vec<S>::L;
-  return __builtin_shufflevector(a, b, fold_lane(L, Width, P, false)...) +
-         __builtin_shufflevector(a, b, fold_lane(L, Width, P, true)...);
-}
-template <typename S, int N = Vec<S>::L>
-__attribute__((always_inline)) inline V<S> lane_sums(V<S>* acc) {
-  if constexpr (N == 1) {
-    return acc[0];
-  } else {
-    for (int i = 0; i < N / 2; ++i)
-      acc[i] = fold_pair<S, N>(acc[i], acc[i + N / 2], std::make_index_sequence<Vec<S>::L>{});
-    return lane_sums<S, N / 2>(acc);
-  }
-}
-
-// acc[b][l] += w[l ld + k] z[b zs + k] lane by lane over k < K, for NB rows of z and the
-// first `rows` (<= R) of the R rows at w (the lanes are summed by lane_sums): each weight vector
-// loaded once for the NB rows. One running pointer down the rows: with one per row (16) the
-// compiler kept some of them on the stack and reloaded them at every step of k (batch 1 /
-// hidden 256, 17.9 -> 16.9 us per step).
-template <typename S, int NB, int R>
-__attribute__((always_inline)) inline void accumulate_rows(V<S> (&acc)[NB][R], int rows,
-                                                           const S* w, i64 ld, const S* z,
-                                                           i64 zs, i64 K) {
-  constexpr int L = Vec<S>::L;
-  auto chunk = [&](i64 k, int n) __attribute__((always_inline)) {
-    V<S> zv[NB];
-    for (int b = 0; b < NB; ++b) zv[b] = load(z + b * zs + k, n);
-    const S* p = w + k;
-    for (int l = 0; l < rows; ++l, p += ld) {
-      V<S> wv = load(p, n);
-      for (int b = 0; b < NB; ++b) acc[b][l] += wv * zv[b];
-    }
-  };
-  i64 k = 0;
-  for (; k + L <= K; k += L) chunk(k, L);
-  if (k < K) chunk(k, (int)(K - k));
-}
-
-// The pre-activations of gate q, unit block j (n units), for the NB rows of x and h from row b0:
-// (NB, L) partial sums made R = L / NB weight rows at a time (NB x R accumulators), each row's
-// L summed into pre[(b0 + b) 4 + q].
-template <typename S, int NB>
-__attribute__((always_inline)) inline void gate_rows(V<S>* pre, int q, i64 j, int n, i64 b0,
-                                                     const S* x, const S* w_ih, i64 I,
-                                                     const S* h, const S* w_hh, i64 H) {
-  constexpr int L = Vec<S>::L, R = L / NB;
-  V<S> sums[NB][L] = {};
-  for (int r0 = 0; r0 < n; r0 += R) {
-    V<S> acc[NB][R] = {};
-    // R for a full block (n the constant L): the accumulators stay in registers.
-    const int rows = n == L ? R : std::min(R, n - r0);
-    const i64 row = q * H + j + r0;
-    accumulate_rows<S, NB, R>(acc, rows, w_ih + row * I, I, x + b0 * I, I, I);
-    accumulate_rows<S, NB, R>(acc, rows, w_hh + row * H, H, h + b0 * H, H, H);
-    for (int b = 0; b < NB; ++b)
-      for (int l = 0; l < R; ++l) sums[b][r0 + l] = acc[b][l];
-  }
-  for (int b = 0; b < NB; ++b) pre[(b0 + b) * 4 + q] = lane_sums<S>(sums[b]);
-}
-
-// x (B, I), h and c (B, H), w_ih (4H, I), w_hh (4H, H), b_ih and b_hh (4H) or undefined, all
-// contiguous -> h', c'. The unit blocks are split over the cores, the same blocks on the same
-// thread every call, so that each core's rows of the weights (1 MiB of the 2 at hidden and
-// input 256) stay in its L2 cache from call to call. For each block and gate, the block's rows
-// are read once for all batch rows (from L1 after the first).
-template <typename S>
-std::vector<Tensor> lstm_cell(const Tensor& x, const Tensor& h, const Tensor& c,
-                              const Tensor& w_ih, const Tensor& w_hh, const Tensor& b_ih,
-                              const Tensor& b_hh) {
-  constexpr int L = Vec<S>::L;
-  const i64 B = x.size(0), I = x.size(1), H = c.size(1);
-  Tensor h_new = pooled_empty({B, H}, x.options()), c_new = pooled_clone(c);
-  // a = (x W_ih^T + b_ih) + (h W_hh^T + b_hh): b_ih where the layer's projected input row goes
-  // (row 0 for every batch row), b_hh as the bias.
-  LSTMForwardGates<S> gate_math{ptr<S>(b_ih), ptr<S>(b_hh), ptr<S>(c_new), nullptr, nullptr, H};
-  const S* xs = ptr<S>(x);
-  const S* hs = ptr<S>(h);
-  const S* wi = ptr<S>(w_ih);
-  const S* wh = ptr<S>(w_hh);
-  S* hp = ptr<S>(h_new);
-  const i64 J = (H + L - 1) / L;
-  run_steps(worker_count(J, 8 * B * H * (I + H)), J, 1, [&](i64, i64 jb0, i64 jb1) {
-    // The four gates' pre-activations of one block for every batch row, (B, 4).
-    thread_local std::vector<V<S>> pre;
-    pre.resize(B * 4);
-    for (i64 jb = jb0; jb < jb1; ++jb) {
-      const i64 j = jb * L;
-      at_width<S>(H, j, [&](int n) __attribute__((always_inline)) {
-        // Four batch rows at a time (each weight vector loaded serves the four), then one at a
-        // time. Two at a time was slower than one: per step, batch 2 / hidden 256, 26.0 against
-        // 23.4 us; four at a time, batch 4, 28.4 against 34.0, batch 8, 50.4 against 55.8.
-        for (int q = 0; q < 4; ++q) {
-          i64 b = 0;
-          for (; b + 4 <= B; b += 4) gate_rows<S, 4>(pre.data(), q, j, n, b, xs, wi, I, hs, wh, H);
-          for (; b < B; ++b) gate_rows<S, 1>(pre.data(), q, j, n, b, xs, wi, I, hs, wh, H);
-        }
-        for (i64 b = 0; b < B; ++b) store(hp + b * H + j, gate_math(b, 0, jb, &pre[b * 4], n), n);
-      });
-    }
-  });
-  return {h_new, c_new};
-}
-
 // ==========================================================================================
 // Elman RNN:  h = act(xproj[row] + bias + h_prev W_hh^T);  backward da = (dy + dh) act'(h),
 // dh_prev = da W_hh, act' from the output: 1 - h^2 (tanh), [h > 0] (relu).
@@ -1942,14 +1821,21 @@ struct GRUForwardGates {    // reset after
   // n: the block's width, min(L, H - jb L) (see for_unit_blocks).
   __attribute__((always_inline)) inline V<S> operator()(i64 row, i64 jb, const V<S>* acc,
                                                          V<S> h_prev, int n) const {
+    const S* g = gi + row * 3 * H + jb * Vec<S>::L;
+    const V<S> x[3] = {load(g, n), load(g + H, n), load(g + 2 * H, n)};
+    return from_products(row, jb, x, acc, h_prev, n);
+  }
+  // The same with the input's products of the block, x[3] (r, z, n), given (the single step).
+  __attribute__((always_inline)) inline V<S> from_products(i64 row, i64 jb, const V<S>* x,
+                                                            const V<S>* acc, V<S> h_prev,
+                                                            int n) const {
     i64 j = jb * Vec<S>::L;
-    const S* g = gi + row * 3 * H + j;
     V<S> br = {}, bz = {}, bn = {};
     if (b_hh) { br = load(b_hh + j, n); bz = load(b_hh + H + j, n); bn = load(b_hh + 2 * H + j, n); }
-    V<S> r = vsigmoid(load(g, n) + load_bias(b_ih, j, n) + acc[0] + br);
-    V<S> z = vsigmoid(load(g + H, n) + load_bias(b_ih, H + j, n) + acc[1] + bz);
+    V<S> r = vsigmoid(x[0] + load_bias(b_ih, j, n) + acc[0] + br);
+    V<S> z = vsigmoid(x[1] + load_bias(b_ih, H + j, n) + acc[1] + bz);
     V<S> gh_n = acc[2] + bn;
-    V<S> nn = vtanh(load(g + 2 * H, n) + load_bias(b_ih, 2 * H + j, n) + r * gh_n);
+    V<S> nn = vtanh(x[2] + load_bias(b_ih, 2 * H + j, n) + r * gh_n);
     if (stash) {
       S* sr = stash + row * 4 * H + j;
       store(sr, r, n); store(sr + H, z, n); store(sr + 2 * H, nn, n); store(sr + 3 * H, gh_n, n);
@@ -2204,6 +2090,160 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
                  mat<S>(carry).rows_at(r0, n_rows));
   });
   return {d_gi, d_gi, dh};
+}
+
+// ---- one step of a cell on the weights as given (the single-step API) ----------------------
+// A step of online inference reads every weight once: at batch 1 a matrix-vector product per
+// gate, bound by the cache's bandwidth. It reads W_ih and W_hh in their own row-major layout,
+// L rows at a time, so nothing is packed per call, and nothing is cached between calls either:
+// a cache can only be checked through autograd's version counter, which misses an in-place
+// change made through `.data` (then every later step ran with the old weights).
+
+// The vector whose lane l is the sum of acc[l]'s lanes, for N = L vectors. At each level the n
+// vectors left are folded in pairs (i, i + n / 2) into n / 2 vectors, each holding both at half
+// the width: with n vectors left, vector i holds acc[i + s n] in its segment s of n lanes, so
+// after the last level lane l holds acc[l]. log2(L) levels of two shuffles and an add per pair.
+constexpr int fold_lane(int L, int width, int p, bool upper) {
+  const int half = width / 2, segment = p / half;
+  return (segment % 2) * L + (segment / 2) * width + p % half + (upper ? half : 0);
+}
+template <typename S, int Width, size_t... P>
+__attribute__((always_inline)) inline V<S> fold_pair(V<S> a, V<S> b, std::index_sequence<P...>) {
+  constexpr int L = Vec<S>::L;
+  return __builtin_shufflevector(a, b, fold_lane(L, Width, P, false)...) +
+         __builtin_shufflevector(a, b, fold_lane(L, Width, P, true)...);
+}
+template <typename S, int N = Vec<S>::L>
+__attribute__((always_inline)) inline V<S> lane_sums(V<S>* acc) {
+  if constexpr (N == 1) {
+    return acc[0];
+  } else {
+    for (int i = 0; i < N / 2; ++i)
+      acc[i] = fold_pair<S, N>(acc[i], acc[i + N / 2], std::make_index_sequence<Vec<S>::L>{});
+    return lane_sums<S, N / 2>(acc);
+  }
+}
+
+// acc[b][l] += w[l ld + k] z[b zs + k] lane by lane over k < K, for NB rows of z and the
+// first `rows` (<= R) of the R rows at w (the lanes are summed by lane_sums): each weight vector
+// loaded once for the NB rows. One running pointer down the rows: with one per row (16) the
+// compiler kept some of them on the stack and reloaded them at every step of k (batch 1 /
+// hidden 256, 17.9 -> 16.9 us per step).
+template <typename S, int NB, int R>
+__attribute__((always_inline)) inline void accumulate_rows(V<S> (&acc)[NB][R], int rows,
+                                                           const S* w, i64 ld, const S* z,
+                                                           i64 zs, i64 K) {
+  constexpr int L = Vec<S>::L;
+  auto chunk = [&](i64 k, int n) __attribute__((always_inline)) {
+    V<S> zv[NB];
+    for (int b = 0; b < NB; ++b) zv[b] = load(z + b * zs + k, n);
+    const S* p = w + k;
+    for (int l = 0; l < rows; ++l, p += ld) {
+      V<S> wv = load(p, n);
+      for (int b = 0; b < NB; ++b) acc[b][l] += wv * zv[b];
+    }
+  };
+  i64 k = 0;
+  for (; k + L <= K; k += L) chunk(k, L);
+  if (k < K) chunk(k, (int)(K - k));
+}
+
+// Products for the NB batch rows of x and h from row b0 with the n weight rows from `row` (a
+// gate's unit block) of W_ih (if with_x) and W_hh (if with_h), summed: (NB, L) partial sums made
+// R = L / NB weight rows at a time (NB x R accumulators), each row's L summed by lane_sums into
+// out[(b0 + b) stride].
+template <typename S, int NB>
+__attribute__((always_inline)) inline void gate_rows(V<S>* out, i64 stride, i64 row, int n,
+                                                     i64 b0, bool with_x, bool with_h,
+                                                     const S* x, const S* w_ih, i64 I,
+                                                     const S* h, const S* w_hh, i64 H) {
+  constexpr int L = Vec<S>::L, R = L / NB;
+  V<S> sums[NB][L] = {};
+  for (int r0 = 0; r0 < n; r0 += R) {
+    V<S> acc[NB][R] = {};
+    // R for a full block (n the constant L): the accumulators stay in registers.
+    const int rows = n == L ? R : std::min(R, n - r0);
+    if (with_x) accumulate_rows<S, NB, R>(acc, rows, w_ih + (row + r0) * I, I, x + b0 * I, I, I);
+    if (with_h) accumulate_rows<S, NB, R>(acc, rows, w_hh + (row + r0) * H, H, h + b0 * H, H, H);
+    for (int b = 0; b < NB; ++b)
+      for (int l = 0; l < R; ++l) sums[b][r0 + l] = acc[b][l];
+  }
+  for (int b = 0; b < NB; ++b) out[(b0 + b) * stride] = lane_sums<S>(sums[b]);
+}
+
+// The single-step cells.
+enum class CellKind { LSTM, GRU, RNN_TANH, RNN_RELU };
+
+// One step of a cell for the single-step API, inference only: x (B, I), h (B, H), c (B, H) for
+// the LSTM, w_ih (G H, I), w_hh (G H, H), b_ih and b_hh (G H) or undefined, all contiguous ->
+// h' (and c'). torch.nn's cells: the LSTM (gates i, f, g, o), the GRU with the reset gate applied
+// after the product (r, z, n), the Elman RNN (tanh or relu). The unit blocks are split over
+// the cores, the same blocks on the same thread every call, so that each core's rows of the
+// weights (1 MiB of the LSTM's 2 at hidden and input 256) stay in its L2 cache from call to
+// call. Each block's rows of a gate are read once for all batch rows, four at a time where
+// there are four (each weight vector loaded serves the four), then one at a time. Two at a time
+// was slower than one: LSTM per step, batch 2 / hidden 256, 26.0 against 23.4 us; four at a
+// time, batch 4, 28.4 against 34.0, batch 8, 50.4 against 55.8.
+template <typename S>
+std::vector<Tensor> cell_step(CellKind kind, const Tensor& x, const Tensor& h, const Tensor& c,
+                              const Tensor& w_ih, const Tensor& w_hh, const Tensor& b_ih,
+                              const Tensor& b_hh) {
+  constexpr int L = Vec<S>::L;
+  const i64 B = x.size(0), I = x.size(1), H = h.size(1);
+  // Products per block and batch row: the LSTM's four gates (input and state summed), the GRU's
+  // input products of r, z, n and then its state products (n needs them apart), the RNN's one.
+  const int G = kind == CellKind::LSTM ? 4 : kind == CellKind::GRU ? 3 : 1;
+  const int slots = kind == CellKind::GRU ? 6 : G;
+  Tensor h_new = pooled_empty({B, H}, x.options());
+  Tensor c_new = kind == CellKind::LSTM ? pooled_clone(c) : Tensor();
+  // The LSTM's a = (x W_ih^T + b_ih) + (h W_hh^T + b_hh): b_ih where the layer's projected
+  // input row goes (row 0 for every batch row), b_hh as the bias.
+  LSTMForwardGates<S> lstm{ptr<S>(b_ih), ptr<S>(b_hh), ptr<S>(c_new), nullptr, nullptr, H};
+  GRUForwardGates<S> gru{nullptr, ptr<S>(b_ih), ptr<S>(b_hh), nullptr, H};
+  const S* xs = ptr<S>(x);
+  const S* hs = ptr<S>(h);
+  const S* wi = ptr<S>(w_ih);
+  const S* wh = ptr<S>(w_hh);
+  const S* bi = ptr<S>(b_ih);
+  const S* bh = ptr<S>(b_hh);
+  S* hp = ptr<S>(h_new);
+  const i64 J = (H + L - 1) / L;
+  run_steps(worker_count(J, 2 * G * B * H * (I + H)), J, 1, [&](i64, i64 jb0, i64 jb1) {
+    thread_local std::vector<V<S>> pre;                 // (B, slots), one block's products
+    pre.resize(B * slots);
+    for (i64 jb = jb0; jb < jb1; ++jb) {
+      const i64 j = jb * L;
+      at_width<S>(H, j, [&](int n) __attribute__((always_inline)) {
+        for (int slot = 0; slot < slots; ++slot) {
+          const int q = slot % G;
+          const bool with_x = kind != CellKind::GRU || slot < G;
+          const bool with_h = kind != CellKind::GRU || slot >= G;
+          i64 b = 0;
+          for (; b + 4 <= B; b += 4)
+            gate_rows<S, 4>(&pre[slot], slots, q * H + j, n, b, with_x, with_h, xs, wi, I, hs,
+                            wh, H);
+          for (; b < B; ++b)
+            gate_rows<S, 1>(&pre[slot], slots, q * H + j, n, b, with_x, with_h, xs, wi, I, hs,
+                            wh, H);
+        }
+        for (i64 b = 0; b < B; ++b) {
+          const V<S>* p = &pre[b * slots];
+          V<S> out;
+          if (kind == CellKind::LSTM) {
+            out = lstm(b, 0, jb, p, n);
+          } else if (kind == CellKind::GRU) {
+            out = gru.from_products(b, jb, p, p + 3, load(hs + b * H + j, n), n);
+          } else {
+            out = rnn_act<S>(p[0] + load_bias(bi, j, n) + load_bias(bh, j, n),
+                             kind == CellKind::RNN_RELU);
+          }
+          store(hp + b * H + j, out, n);
+        }
+      });
+    }
+  });
+  if (kind == CellKind::LSTM) return {h_new, c_new};
+  return {h_new};
 }
 
 // ==========================================================================================
@@ -2636,14 +2676,26 @@ std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Ten
   return {dx, loop[1], loop[2], w[0], w[1], w[2], dw_hr, dw_peephole};
 }
 
-std::vector<Tensor> lstm_cell_py(Tensor x, Tensor h, Tensor c, Tensor w_ih, Tensor w_hh,
-                                 c10::optional<Tensor> b_ih, c10::optional<Tensor> b_hh) {
+// One step of the single-step API (see cell_step); kind: "lstm" (c given), "gru" (reset after),
+// "rnn_tanh", "rnn_relu". Returns [h', c'] for the LSTM, [h'] otherwise.
+std::vector<Tensor> cell_step_py(std::string kind, Tensor x, Tensor h, c10::optional<Tensor> c,
+                                 Tensor w_ih, Tensor w_hh, c10::optional<Tensor> b_ih,
+                                 c10::optional<Tensor> b_hh) {
+  static const std::map<std::string, CellKind> kinds = {
+      {"lstm", CellKind::LSTM}, {"gru", CellKind::GRU}, {"rnn_tanh", CellKind::RNN_TANH},
+      {"rnn_relu", CellKind::RNN_RELU}};
+  auto found = kinds.find(kind);
+  TORCH_CHECK(found != kinds.end(), "cell_step: kind must be lstm, gru, rnn_tanh or rnn_relu, got ",
+              kind);
+  TORCH_CHECK(c.has_value() == (found->second == CellKind::LSTM),
+              "cell_step: the LSTM takes c, the others do not");
   // Made contiguous here rather than in Python: this runs once per step of online inference.
-  for (auto* t : {&x, &h, &c, &w_ih, &w_hh}) *t = t->contiguous();
+  for (auto* t : {&x, &h, &w_ih, &w_hh}) *t = t->contiguous();
   check_cpu(x, "x");
-  Tensor bi = optional_contiguous(b_ih), bh = optional_contiguous(b_hh);
-  return LSTMKIT_DISPATCH(x.scalar_type(),
-                          [&] { return lstm_cell<scalar>(x, h, c, w_ih, w_hh, bi, bh); });
+  Tensor cc = optional_contiguous(c), bi = optional_contiguous(b_ih), bh = optional_contiguous(b_hh);
+  return LSTMKIT_DISPATCH(x.scalar_type(), [&] {
+    return cell_step<scalar>(found->second, x, h, cc, w_ih, w_hh, bi, bh);
+  });
 }
 
 // One Elman RNN layer, one direction: x (N, I) -> out (N, H), h_T.
@@ -3003,7 +3055,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_backward", &lstm_backward_py);
   m.def("lstm_layer", &lstm_layer_py);
   m.def("one_state_layer", &one_state_layer_py);
-  m.def("lstm_cell", &lstm_cell_py);
+  m.def("cell_step", &cell_step_py);
   m.def("gru_forward", &gru_forward_py);
   m.def("gru_backward", &gru_backward_py);
   m.def("rnn_forward", &rnn_forward_py);

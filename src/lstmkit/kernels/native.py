@@ -217,15 +217,17 @@ def release_memory() -> None:
         module().release_pool()
 
 
-def lstm_step_inference(x, h, c, w_ih, w_hh, b_ih, b_hh):
-    """One LSTM step without autograd: x (B, I), h (B, H), c (B, H) -> h' (B, H), c' (B, H).
+def step_inference(kind: str, x, h, c, w_ih, w_hh, b_ih, b_hh):
+    """One step of a cell without autograd: x (B, I), h (B, H), c (B, H) for the LSTM (None
+    otherwise) -> [h' (B, H), c' (B, H)] for the LSTM, [h'] for the others.
 
-    The single-step API's path (`LSTMCell` in inference, and a one-step sequence): the weights
-    are read as they are, nothing packed or cached (see lstm_cell in _native.cpp). The caller
-    has checked what `LSTMFunction` would: CPU tensors of one dtype in NATIVE_DTYPES, these
+    kind: "lstm", "gru" (reset gate after the product, torch.nn's), "rnn_tanh" or "rnn_relu".
+    The single-step API's path (the cells in inference, and one-step sequences): the weights are
+    read as they are, nothing packed or cached (see cell_step in _native.cpp). The caller has
+    checked what the layer's Function would: CPU tensors of one dtype in NATIVE_DTYPES, these
     shapes, no gradient wanted, the native module loaded.
     """
-    return module().lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh)   # it makes them contiguous
+    return module().cell_step(kind, x, h, c, w_ih, w_hh, b_ih, b_hh)   # it makes them contiguous
 
 
 def _driver(layout, w_hh, projected: bool = False, w_ih=None, itemsize=None) -> int:
@@ -348,7 +350,7 @@ class NativeLSTMFunction:
         """apply() when no gradient is wanted: the forward kernel alone, nothing saved."""
         if layout.steps == 1 and w_hr is None and w_peephole is None and not form and \
                 x.dtype in NATIVE_DTYPES:
-            h_1, c_1 = lstm_step_inference(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+            h_1, c_1 = step_inference("lstm", x, h0, c0, w_ih, w_hh, b_ih, b_hh)
             return h_1, h_1, c_1
         originals = (x, h0, c0)
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole = upcast(
@@ -375,6 +377,10 @@ class NativeGRUFunction:
         if module() is None:
             return _gru.GRUFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse,
                                           reset_after)
+        if not _needs_autograd((x, h0, w_ih, w_hh, b_ih, b_hh)):
+            if layout.steps == 1 and reset_after and x.dtype in NATIVE_DTYPES:
+                (h_1,) = step_inference("gru", x, h0, None, w_ih, w_hh, b_ih, b_hh)
+                return h_1, h_1
         parts = _driver(layout, w_hh, not reset_after, itemsize=compute_dtype(x.dtype).itemsize)
         if not _needs_autograd((x, h0, w_ih, w_hh, b_ih, b_hh)):
             args = upcast((x, h0, w_ih, w_hh, b_ih, b_hh), compute_dtype(x.dtype))
@@ -402,8 +408,12 @@ class NativeRNNFunction:
         if module() is None:
             return _rnn.RNNFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse,
                                           nonlinearity)
-        parts = _driver(layout, w_hh, itemsize=compute_dtype(x.dtype).itemsize)
         relu = nonlinearity == "relu"
+        if not _needs_autograd((x, h0, w_ih, w_hh, b_ih, b_hh)):
+            if layout.steps == 1 and x.dtype in NATIVE_DTYPES:
+                (h_1,) = step_inference(f"rnn_{nonlinearity}", x, h0, None, w_ih, w_hh, b_ih, b_hh)
+                return h_1, h_1
+        parts = _driver(layout, w_hh, itemsize=compute_dtype(x.dtype).itemsize)
         if not _needs_autograd((x, h0, w_ih, w_hh, b_ih, b_hh)):
             args = upcast((x, h0, w_ih, w_hh, b_ih, b_hh), compute_dtype(x.dtype))
             out, h_T = module().rnn_forward(args[0], args[4], args[5], args[1], args[2], args[3],

@@ -64,9 +64,58 @@ class _CellBase(nn.Module):
             weights[KERNEL_ARGUMENT[stem]] = parameters[stem]
         return weights
 
-    @outside_autocast
+    def _native_kind(self):
+        """The native single-step kernel's name for this cell ("lstm", "gru", "rnn_tanh",
+        "rnn_relu"), or None when it cannot compute it (a variant, reset before)."""
+        return None
+
     def forward(self, input, hx=None):
         """input (B, I) or (I,); hx state(s) (B, H) or (H,), zeros when None -> new state(s)."""
+        kind = self._streams(input, hx)
+        if kind:
+            # Online inference, one call per step: straight to the native single-step kernel.
+            p = self._parameters
+            if self._state_count == 2:
+                h, c = native.step_inference(kind, input, hx[0], hx[1], p["weight_ih"],
+                                             p["weight_hh"], p["bias_ih"], p["bias_hh"])
+                return h, c
+            return native.step_inference(kind, input, hx, None, p["weight_ih"], p["weight_hh"],
+                                         p["bias_ih"], p["bias_hh"])[0]
+        return self._checked_forward(input, hx)
+
+    def _streams(self, x, hx):
+        """The native kind (see _native_kind) for a call the single-step kernel can take as it
+        is: no gradient, no autocast, batched CPU float32/float64 tensors of the parameters'
+        dtype and the right shapes, a cell the kernel computes; None for anything else
+        (including every error), which takes the general path. Every test here is cheap: at
+        hidden 256 the LSTM's whole step takes ~15 us."""
+        if torch.is_grad_enabled() or self.backend == "portable":
+            return None
+        kind = self._native_kind()
+        if kind is None:
+            return None
+        if self._state_count == 2:
+            if not isinstance(hx, tuple) or len(hx) != 2:
+                return None
+            h, c = hx
+        else:
+            h = c = hx                     # one state: checked twice, no generator per call
+        w = self._parameters["weight_ih"]
+        dtype = w.dtype
+        if not (type(x) is torch.Tensor and type(h) is torch.Tensor and type(c) is torch.Tensor
+                and x.dtype == dtype and h.dtype == dtype and c.dtype == dtype
+                and dtype in native.NATIVE_DTYPES
+                and w.is_cpu and x.is_cpu and h.is_cpu and c.is_cpu):
+            return None
+        batch, hidden = x.shape[0], self.hidden_size
+        if (x.dim() == 2 and batch > 0 and x.shape[1] == self.input_size
+                and h.shape == (batch, hidden) and c.shape == (batch, hidden)
+                and not torch.is_autocast_enabled("cpu") and native.available()):
+            return kind
+        return None
+
+    @outside_autocast
+    def _checked_forward(self, input, hx=None):
         x = _checks.floating_tensor("input", input, self.weight_ih, "the parameters")
         if x.dim() not in (1, 2) or x.shape[-1] != self.input_size:
             raise ValueError(f"input must have shape (B, {self.input_size}) or "
@@ -135,35 +184,8 @@ class LSTMCell(_CellBase):
         self._plain_kernel = {mode: not _lstm_variant.uses_variant_kernel(self.variant, mode)
                               for mode in (False, True)}
 
-    def forward(self, input, hx=None):
-        """input (B, I) or (I,); hx (h, c) each (B, H) or (H,), zeros when None -> (h', c')."""
-        if self._streams(input, hx):
-            # Online inference, one call per step: straight to the native single-step kernel.
-            p = self._parameters
-            return tuple(native.lstm_step_inference(input, hx[0], hx[1], p["weight_ih"],
-                                                    p["weight_hh"], p["bias_ih"], p["bias_hh"]))
-        return super().forward(input, hx)
-
-    def _streams(self, x, hx) -> bool:
-        """True for a call the native single-step kernel can take as it is: no gradient, no
-        autocast, batched CPU float32/float64 tensors of the parameters' dtype and the right
-        shapes, the plain LSTM. Anything else (including every error) takes the general path.
-        Every test here is cheap: at hidden 256 the whole step takes ~15 us."""
-        if torch.is_grad_enabled() or not isinstance(hx, tuple) or len(hx) != 2 \
-                or self.backend == "portable" or not self._plain_kernel[self.training]:
-            return False
-        h, c = hx
-        w = self._parameters["weight_ih"]
-        dtype = w.dtype
-        if not (type(x) is torch.Tensor and type(h) is torch.Tensor and type(c) is torch.Tensor
-                and x.dtype == dtype and h.dtype == dtype and c.dtype == dtype
-                and dtype in native.NATIVE_DTYPES
-                and w.is_cpu and x.is_cpu and h.is_cpu and c.is_cpu):
-            return False
-        batch, hidden = x.shape[0], self.hidden_size
-        return (x.dim() == 2 and batch > 0 and x.shape[1] == self.input_size
-                and h.shape == (batch, hidden) and c.shape == (batch, hidden)
-                and not torch.is_autocast_enabled("cpu") and native.available())
+    def _native_kind(self):
+        return "lstm" if self._plain_kernel[self.training] else None
 
     def _extra_shapes(self):
         return _lstm_variant.extra_shapes(self.variant, self.hidden_size)
@@ -216,9 +238,17 @@ class GRUCell(_CellBase):
                              "cell sees one step; use lstmkit.GRU (whose step() also streams)")
         super().__init__(input_size, hidden_size, bias, device, dtype, backend=backend)
         self.reset_after = _checks.flag("reset_after", reset_after)
+        # Per training mode: does the native single-step kernel compute this cell? (As
+        # LSTMCell's _plain_kernel: asked at every step.)
+        self._native_step = {mode: self.reset_after
+                             and not _gru_variant.uses_variant_kernel(self.variant, mode)
+                             for mode in (False, True)}
 
     def _extra_shapes(self):
         return _gru_variant.extra_shapes(self.variant, self.hidden_size)
+
+    def _native_kind(self):
+        return "gru" if self._native_step[self.training] else None
 
     def reset_parameters(self) -> None:
         """torch.nn's initialisation, then the variant's (layer norm, update-gate bias, ...)."""
@@ -250,6 +280,9 @@ class RNNCell(_CellBase):
                  dtype=None, *, backend: str = "auto"):
         super().__init__(input_size, hidden_size, bias, device, dtype, backend=backend)
         self.nonlinearity = _checks.choice("nonlinearity", nonlinearity, kernels.NONLINEARITIES)
+
+    def _native_kind(self):
+        return f"rnn_{self.nonlinearity}"
 
     def extra_repr(self) -> str:
         tail = "" if self.nonlinearity == "tanh" else f", nonlinearity={self.nonlinearity!r}"
