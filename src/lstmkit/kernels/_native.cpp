@@ -2184,16 +2184,16 @@ enum class CellKind { LSTM, GRU, RNN_TANH, RNN_RELU };
 // there are four (each weight vector loaded serves the four), then one at a time. Two at a time
 // was slower than one: LSTM per step, batch 2 / hidden 256, 26.0 against 23.4 us; four at a
 // time, batch 4, 28.4 against 34.0, batch 8, 50.4 against 55.8.
-template <typename S>
-std::vector<Tensor> cell_step(CellKind kind, const Tensor& x, const Tensor& h, const Tensor& c,
+template <typename S, CellKind kind>
+std::vector<Tensor> cell_step(const Tensor& x, const Tensor& h, const Tensor& c,
                               const Tensor& w_ih, const Tensor& w_hh, const Tensor& b_ih,
                               const Tensor& b_hh) {
   constexpr int L = Vec<S>::L;
   const i64 B = x.size(0), I = x.size(1), H = h.size(1);
   // Products per block and batch row: the LSTM's four gates (input and state summed), the GRU's
   // input products of r, z, n and then its state products (n needs them apart), the RNN's one.
-  const int G = kind == CellKind::LSTM ? 4 : kind == CellKind::GRU ? 3 : 1;
-  const int slots = kind == CellKind::GRU ? 6 : G;
+  constexpr int G = kind == CellKind::LSTM ? 4 : kind == CellKind::GRU ? 3 : 1;
+  constexpr int slots = kind == CellKind::GRU ? 6 : G;
   Tensor h_new = pooled_empty({B, H}, x.options());
   Tensor c_new = kind == CellKind::LSTM ? pooled_clone(c) : Tensor();
   // The LSTM's a = (x W_ih^T + b_ih) + (h W_hh^T + b_hh): b_ih where the layer's projected
@@ -2229,9 +2229,9 @@ std::vector<Tensor> cell_step(CellKind kind, const Tensor& x, const Tensor& h, c
         for (i64 b = 0; b < B; ++b) {
           const V<S>* p = &pre[b * slots];
           V<S> out;
-          if (kind == CellKind::LSTM) {
+          if constexpr (kind == CellKind::LSTM) {
             out = lstm(b, 0, jb, p, n);
-          } else if (kind == CellKind::GRU) {
+          } else if constexpr (kind == CellKind::GRU) {
             out = gru.from_products(b, jb, p, p + 3, load(hs + b * H + j, n), n);
           } else {
             out = rnn_act<S>(p[0] + load_bias(bi, j, n) + load_bias(bh, j, n),
@@ -2694,7 +2694,13 @@ std::vector<Tensor> cell_step_py(std::string kind, Tensor x, Tensor h, c10::opti
   check_cpu(x, "x");
   Tensor cc = optional_contiguous(c), bi = optional_contiguous(b_ih), bh = optional_contiguous(b_hh);
   return LSTMKIT_DISPATCH(x.scalar_type(), [&] {
-    return cell_step<scalar>(found->second, x, h, cc, w_ih, w_hh, bi, bh);
+    switch (found->second) {
+      case CellKind::LSTM: return cell_step<scalar, CellKind::LSTM>(x, h, cc, w_ih, w_hh, bi, bh);
+      case CellKind::GRU: return cell_step<scalar, CellKind::GRU>(x, h, cc, w_ih, w_hh, bi, bh);
+      case CellKind::RNN_TANH:
+        return cell_step<scalar, CellKind::RNN_TANH>(x, h, cc, w_ih, w_hh, bi, bh);
+      default: return cell_step<scalar, CellKind::RNN_RELU>(x, h, cc, w_ih, w_hh, bi, bh);
+    }
   });
 }
 
