@@ -638,6 +638,20 @@ def test_streaming_cell_fast_path_matches_reference(kind, dtype, batch, hidden, 
     assert general == []                                   # every step took the fast path
 
 
+def test_single_step_kernel_refuses_weights_of_the_wrong_shape():
+    """A weight replaced by one of another shape must not be read past its end: the fast path
+    leaves the call to the general path, and the kernel itself refuses it with a ValueError."""
+    cell = lstmkit.LSTMCell(3, 4)
+    cell.weight_hh = torch.nn.Parameter(torch.randn(16, 5))
+    x, h, c = torch.randn(2, 3), torch.randn(2, 4), torch.randn(2, 4)
+    with torch.no_grad():
+        assert native.module().cell_step_if(0, x, (h, c), cell.weight_ih, cell.weight_hh,
+                                            cell.bias_ih, cell.bias_hh) is None
+        with pytest.raises(ValueError, match=r"w_hh \(16, 4\).*got w_ih \[16, 3\] Float, "
+                                             r"w_hh \[16, 5\]"):
+            cell(x, (h, c))
+
+
 @pytest.mark.parametrize("kind", ["gru", "rnn_tanh"])
 def test_one_step_sequences_take_the_single_step_kernel(kind, monkeypatch):
     """lstmkit.GRU and RNN in inference run a one-step sequence (their step() streams) through

@@ -217,17 +217,30 @@ def release_memory() -> None:
         module().release_pool()
 
 
+# The single-step kernel's cells (CellKind in _native.cpp).
+CELL_KINDS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
+
+
 def step_inference(kind: str, x, h, c, w_ih, w_hh, b_ih, b_hh):
     """One step of a cell without autograd: x (B, I), h (B, H), c (B, H) for the LSTM (None
     otherwise) -> [h' (B, H), c' (B, H)] for the LSTM, [h'] for the others.
 
     kind: "lstm", "gru" (reset gate after the product, torch.nn's), "rnn_tanh" or "rnn_relu".
-    The single-step API's path (the cells in inference, and one-step sequences): the weights are
-    read as they are, nothing packed or cached (see cell_step in _native.cpp). The caller has
-    checked what the layer's Function would: CPU tensors of one dtype in NATIVE_DTYPES, these
-    shapes, no gradient wanted, the native module loaded.
+    The path of one-step sequences (the modules' `step()`): the weights are read as they are,
+    nothing packed or cached (see cell_step in _native.cpp). The caller has checked what the
+    layer's Function would: CPU tensors of one dtype in NATIVE_DTYPES, these shapes, no
+    gradient wanted, the native module loaded.
     """
-    return module().cell_step(kind, x, h, c, w_ih, w_hh, b_ih, b_hh)   # it makes them contiguous
+    return module().cell_step(CELL_KINDS[kind], x, h, c, w_ih, w_hh, b_ih, b_hh)
+
+
+def step_if_fits(kind: int, x, hx, w_ih, w_hh, b_ih, b_hh):
+    """The cells' fast path in inference: the step (h' or (h', c')) if the call fits the native
+    single-step kernel as it is, checked in C++ (no grad mode, no autocast, x (B, I) and the
+    state(s) (B, H) plain CPU tensors of the weights' dtype, float32 or float64); None if not,
+    or if the native module is unavailable. kind: a CELL_KINDS value."""
+    m = _state["module"] if _state["tried"] else module()
+    return None if m is None else m.cell_step_if(kind, x, hx, w_ih, w_hh, b_ih, b_hh)
 
 
 def _driver(layout, w_hh, projected: bool = False, w_ih=None, itemsize=None) -> int:

@@ -65,54 +65,23 @@ class _CellBase(nn.Module):
         return weights
 
     def _native_kind(self):
-        """The native single-step kernel's name for this cell ("lstm", "gru", "rnn_tanh",
-        "rnn_relu"), or None when it cannot compute it (a variant, reset before)."""
+        """The native single-step kernel's cell for this one now (a CELL_KINDS value), or None
+        where it cannot compute it (a variant, the GRU's reset before). Asked at every call:
+        cheap, from what the constructor worked out and the attributes it reads."""
         return None
 
     def forward(self, input, hx=None):
         """input (B, I) or (I,); hx state(s) (B, H) or (H,), zeros when None -> new state(s)."""
-        kind = self._streams(input, hx)
-        if kind:
-            # Online inference, one call per step: straight to the native single-step kernel.
-            p = self._parameters
-            if self._state_count == 2:
-                h, c = native.step_inference(kind, input, hx[0], hx[1], p["weight_ih"],
-                                             p["weight_hh"], p["bias_ih"], p["bias_hh"])
-                return h, c
-            return native.step_inference(kind, input, hx, None, p["weight_ih"], p["weight_hh"],
-                                         p["bias_ih"], p["bias_hh"])[0]
-        return self._checked_forward(input, hx)
-
-    def _streams(self, x, hx):
-        """The native kind (see _native_kind) for a call the single-step kernel can take as it
-        is: no gradient, no autocast, batched CPU float32/float64 tensors of the parameters'
-        dtype and the right shapes, a cell the kernel computes; None for anything else
-        (including every error), which takes the general path. Every test here is cheap: at
-        hidden 256 the LSTM's whole step takes ~15 us."""
-        if torch.is_grad_enabled() or self.backend == "portable":
-            return None
         kind = self._native_kind()
-        if kind is None:
-            return None
-        if self._state_count == 2:
-            if not isinstance(hx, tuple) or len(hx) != 2:
-                return None
-            h, c = hx
-        else:
-            h = c = hx                     # one state: checked twice, no generator per call
-        w = self._parameters["weight_ih"]
-        dtype = w.dtype
-        if not (type(x) is torch.Tensor and type(h) is torch.Tensor and type(c) is torch.Tensor
-                and x.dtype == dtype and h.dtype == dtype and c.dtype == dtype
-                and dtype in native.NATIVE_DTYPES
-                and w.is_cpu and x.is_cpu and h.is_cpu and c.is_cpu):
-            return None
-        batch, hidden = x.shape[0], self.hidden_size
-        if (x.dim() == 2 and batch > 0 and x.shape[1] == self.input_size
-                and h.shape == (batch, hidden) and c.shape == (batch, hidden)
-                and not torch.is_autocast_enabled("cpu") and native.available()):
-            return kind
-        return None
+        if kind is not None and hx is not None and self.backend != "portable":
+            # Online inference, one call per step: the native single-step kernel, if the call
+            # fits it as it is (checked in C++); anything else takes the general path.
+            p = self._parameters
+            new = native.step_if_fits(kind, input, hx, p["weight_ih"], p["weight_hh"],
+                                      p["bias_ih"], p["bias_hh"])
+            if new is not None:
+                return new
+        return self._checked_forward(input, hx)
 
     @outside_autocast
     def _checked_forward(self, input, hx=None):
@@ -185,7 +154,7 @@ class LSTMCell(_CellBase):
                               for mode in (False, True)}
 
     def _native_kind(self):
-        return "lstm" if self._plain_kernel[self.training] else None
+        return native.CELL_KINDS["lstm"] if self._plain_kernel[self.training] else None
 
     def _extra_shapes(self):
         return _lstm_variant.extra_shapes(self.variant, self.hidden_size)
@@ -238,17 +207,16 @@ class GRUCell(_CellBase):
                              "cell sees one step; use lstmkit.GRU (whose step() also streams)")
         super().__init__(input_size, hidden_size, bias, device, dtype, backend=backend)
         self.reset_after = _checks.flag("reset_after", reset_after)
-        # Per training mode: does the native single-step kernel compute this cell? (As
-        # LSTMCell's _plain_kernel: asked at every step.)
-        self._native_step = {mode: self.reset_after
-                             and not _gru_variant.uses_variant_kernel(self.variant, mode)
-                             for mode in (False, True)}
+        # Per training mode: does the plain GRU kernel compute this cell? (As LSTMCell's.)
+        self._plain_kernel = {mode: not _gru_variant.uses_variant_kernel(self.variant, mode)
+                              for mode in (False, True)}
 
     def _extra_shapes(self):
         return _gru_variant.extra_shapes(self.variant, self.hidden_size)
 
     def _native_kind(self):
-        return "gru" if self._native_step[self.training] else None
+        plain = self.reset_after and self._plain_kernel[self.training]
+        return native.CELL_KINDS["gru"] if plain else None
 
     def reset_parameters(self) -> None:
         """torch.nn's initialisation, then the variant's (layer norm, update-gate bias, ...)."""
@@ -282,7 +250,7 @@ class RNNCell(_CellBase):
         self.nonlinearity = _checks.choice("nonlinearity", nonlinearity, kernels.NONLINEARITIES)
 
     def _native_kind(self):
-        return f"rnn_{self.nonlinearity}"
+        return native.CELL_KINDS.get("rnn_" + self.nonlinearity)
 
     def extra_repr(self) -> str:
         tail = "" if self.nonlinearity == "tanh" else f", nonlinearity={self.nonlinearity!r}"
