@@ -647,9 +647,27 @@ def test_single_step_kernel_refuses_weights_of_the_wrong_shape():
     with torch.no_grad():
         assert native.module().cell_step_if(0, x, (h, c), cell.weight_ih, cell.weight_hh,
                                             cell.bias_ih, cell.bias_hh) is None
-        with pytest.raises(ValueError, match=r"w_hh \(16, 4\).*got w_ih \[16, 3\] Float, "
-                                             r"w_hh \[16, 5\]"):
+        with pytest.raises(ValueError, match=r"w_hh must have shape \[16, 4\], got \[16, 5\]"):
             cell(x, (h, c))
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "training"])
+@pytest.mark.parametrize("steps", [1, 7])
+@pytest.mark.parametrize("cls,name,shape,message", [
+    (lstmkit.LSTM, "weight_hh_l0", (16, 5), r"w_hh must have shape \[16, 4\], got \[16, 5\]"),
+    (lstmkit.LSTM, "bias_ih_l0", (15,), r"b_ih must have shape \[16\], got \[15\]"),
+    (lstmkit.GRU, "weight_ih_l0", (12, 2), r"w_ih must have shape \[12, 3\], got \[12, 2\]"),
+    (lstmkit.RNN, "bias_hh_l0", (5,), r"b_hh must have shape \[4\], got \[5\]"),
+])
+def test_layers_refuse_weights_of_the_wrong_shape(cls, name, shape, message, steps, grad):
+    """A parameter replaced by one of another shape: a ValueError naming it and both shapes,
+    where the native kernels read it with the strides the states imply (out of step or past its
+    end) and returned numbers."""
+    module = cls(3, 4, backend="native")
+    setattr(module, name, torch.nn.Parameter(torch.randn(*shape)))
+    x = torch.randn(steps, 2, 3)
+    with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=message):
+        module(x)
 
 
 @pytest.mark.parametrize("kind", ["gru", "rnn_tanh"])

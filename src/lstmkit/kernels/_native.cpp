@@ -2595,6 +2595,27 @@ void check_cpu(const Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
 }
 
+// A layer's weights against its input x (N, I) and states, before a kernel reads them with the
+// strides those imply: w_ih (G H, I), w_hh (G H, P), the biases (G H), w_hr (P, H), the
+// peepholes (3H). A parameter replaced by one of another shape was read out of step, or past
+// its end, with no error.
+void check_layer_weights(i64 gates, const Tensor& x, i64 H, i64 P, const Tensor& w_ih,
+                         const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
+                         const c10::optional<Tensor>& b_hh,
+                         const c10::optional<Tensor>& w_hr = c10::nullopt,
+                         const c10::optional<Tensor>& w_peephole = c10::nullopt) {
+  auto shape = [](const char* name, const Tensor& t, std::vector<i64> expected) {
+    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(expected), name, " must have shape ",
+                      at::IntArrayRef(expected), ", got ", t.sizes());
+  };
+  shape("w_ih", w_ih, {gates * H, x.size(1)});
+  shape("w_hh", w_hh, {gates * H, P});
+  if (b_ih) shape("b_ih", *b_ih, {gates * H});
+  if (b_hh) shape("b_hh", *b_hh, {gates * H});
+  if (w_hr) shape("w_hr", *w_hr, {P, H});
+  if (w_peephole) shape("w_peephole", *w_peephole, {3 * H});
+}
+
 // One LSTM layer, one direction: x (N, I) -> out (N, P), h_T, c_T, gates, cells (see
 // lstm_forward). With input_in_step (generic driver, no projection) the input is multiplied
 // inside each step's product; else projected for all steps first.
@@ -2605,6 +2626,7 @@ std::vector<Tensor> lstm_forward_py(Tensor x, c10::optional<Tensor> b_ih,
                                     i64 parts, bool input_in_step, bool own_product,
                                     c10::optional<Tensor> w_peephole, i64 cell_form) {
   check_cpu(x, "x");
+  check_layer_weights(4, x, c0.size(1), h0.size(1), w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole);
   for (auto* t : {&h0, &c0, &w_ih, &w_hh}) *t = t->contiguous();
   Tensor bias = bias_sum(optional_contiguous(b_ih), optional_contiguous(b_hh));
   Steps st(batch_sizes, reverse);
@@ -2696,12 +2718,15 @@ bool cell_weights_fit(int kind, const Tensor& x, i64 H, const Tensor& w_ih, cons
 // otherwise.
 std::vector<Tensor> run_cell(int kind, Tensor x, Tensor h, const Tensor& c, Tensor w_ih,
                              Tensor w_hh, const Tensor& b_ih, const Tensor& b_hh) {
-  const i64 G = CELL_GATES[kind] * h.size(1);
-  TORCH_CHECK_VALUE(cell_weights_fit(kind, x, h.size(1), w_ih, w_hh, b_ih, b_hh),
-                    "for x ", x.sizes(), " and h ", h.sizes(), " the weights must be w_ih (", G,
-                    ", ", x.size(1), "), w_hh (", G, ", ", h.size(1), ") and biases (", G,
-                    ",) of ", x.scalar_type(), " on the CPU, got w_ih ", w_ih.sizes(), " ",
-                    w_ih.scalar_type(), ", w_hh ", w_hh.sizes(), " ", w_hh.scalar_type());
+  const i64 H = h.size(1);
+  auto given = [](const Tensor& t) {
+    return t.defined() ? c10::optional<Tensor>(t) : c10::optional<Tensor>();
+  };
+  check_layer_weights(CELL_GATES[kind], x, H, H, w_ih, w_hh, given(b_ih), given(b_hh));
+  TORCH_CHECK_VALUE(cell_weights_fit(kind, x, H, w_ih, w_hh, b_ih, b_hh),
+                    "the weights must be ", x.scalar_type(), " on the CPU as x is, got w_ih ",
+                    w_ih.scalar_type(), " on ", w_ih.device(), ", w_hh ", w_hh.scalar_type(),
+                    " on ", w_hh.device());
   for (auto* t : {&x, &h, &w_ih, &w_hh}) *t = t->contiguous();
   return LSTMKIT_DISPATCH(x.scalar_type(), [&] {
     switch (static_cast<CellKind>(kind)) {
@@ -2775,6 +2800,7 @@ std::vector<Tensor> rnn_forward_py(Tensor x, c10::optional<Tensor> b_ih,
                                    Tensor w_hh, std::vector<i64> batch_sizes, bool reverse,
                                    bool relu, i64 parts) {
   check_cpu(x, "x");
+  check_layer_weights(1, x, h0.size(1), h0.size(1), w_ih, w_hh, b_ih, b_hh);
   for (auto* t : {&h0, &w_hh}) *t = t->contiguous();
   Tensor bias = bias_sum(optional_contiguous(b_ih), optional_contiguous(b_hh));
   Steps st(batch_sizes, reverse);
@@ -2816,6 +2842,7 @@ std::vector<Tensor> gru_forward_py(Tensor x, c10::optional<Tensor> b_ih,
                                    Tensor w_hh, std::vector<i64> batch_sizes, bool reverse,
                                    bool reset_after, bool save, i64 parts) {
   check_cpu(x, "x");
+  check_layer_weights(3, x, h0.size(1), h0.size(1), w_ih, w_hh, b_ih, b_hh);
   for (auto* t : {&h0, &w_hh}) *t = t->contiguous();
   Steps st(batch_sizes, reverse);
   Tensor gi = input_projection(x, w_ih);
@@ -3068,6 +3095,7 @@ std::vector<Tensor> lstm_layer_py(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, T
                                   std::vector<i64> batch_sizes, bool reverse, i64 form,
                                   std::vector<i64> plan) {
   check_cpu(x, "x");
+  check_layer_weights(4, x, c0.size(1), h0.size(1), w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole);
   return NativeLSTMLayer::apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole,
                                 batch_sizes, reverse, form, plan);
 }
@@ -3078,6 +3106,7 @@ std::vector<Tensor> one_state_layer_py(Tensor x, Tensor h0, Tensor w_ih, Tensor 
                                        std::vector<i64> batch_sizes, bool reverse, bool gru,
                                        bool option, i64 parts) {
   check_cpu(x, "x");
+  check_layer_weights(gru ? 3 : 1, x, h0.size(1), h0.size(1), w_ih, w_hh, b_ih, b_hh);
   return NativeOneStateLayer::apply(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, gru,
                                     option, parts);
 }
