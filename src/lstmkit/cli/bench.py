@@ -7,8 +7,8 @@ matrix-multiply rate), the bound with the same products at MKL's speed ("MKL") a
 of the rate those reach ("MKL mm"), and the issue's target for the point's size class: met,
 missed, out of reach when the target is above the first bound, beyond MKL when above the
 second), then the batch-1 streaming comparison of the single-step API (each family's cell
-against torch.nn's), and writes everything to
-a JSON file. Each point runs in a fresh process unless --same-process is given."""
+against torch.nn's), and writes everything to a JSON file. Each point runs in a fresh process
+unless --same-process is given."""
 
 import argparse
 

@@ -2243,7 +2243,7 @@ std::vector<Tensor> cell_step(const Tensor& x, const Tensor& h, const Tensor& c,
       });
     }
   });
-  if (kind == CellKind::LSTM) return {h_new, c_new};
+  if constexpr (kind == CellKind::LSTM) return {h_new, c_new};
   return {h_new};
 }
 
