@@ -727,6 +727,81 @@ def test_streaming_cell_leaves_other_calls_to_the_general_path(monkeypatch):
     assert len(general) == 8 + 4
 
 
+def count_native_steps(monkeypatch) -> list:
+    """Record the cell kind of every call of the single-step kernel's fast path."""
+    calls, fits = [], native.step_if_fits
+    monkeypatch.setattr(native, "step_if_fits", lambda kind, *a: calls.append(kind) or fits(kind, *a))
+    return calls
+
+
+MODULE_STEPS = {"lstm": (lstmkit.LSTM, torch.nn.LSTM, {}), "gru": (lstmkit.GRU, torch.nn.GRU, {}),
+                "rnn_relu": (lstmkit.RNN, torch.nn.RNN, {"nonlinearity": "relu"})}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("layers,batch,hidden,bias,state", [
+    (1, 1, 1, True, False), (2, 1, 17, False, True), (3, 5, 33, True, True),
+    (2, 9, 4, True, False)])
+@pytest.mark.parametrize("family", list(MODULE_STEPS))
+def test_module_step_takes_the_single_step_kernel(family, dtype, layers, batch, hidden, bias,
+                                                   state, monkeypatch):
+    """step() in inference runs each layer through the native single-step kernel: over several
+    steps the outputs and states of torch.nn run one step at a time, and every step's outputs
+    and states are new tensors (none shares memory with another or with the input state)."""
+    ours_cls, theirs_cls, options = MODULE_STEPS[family]
+    torch.manual_seed(layers * 100 + hidden)
+    ours = ours_cls(5, hidden, num_layers=layers, bias=bias, dtype=dtype, **options).eval()
+    theirs = theirs_cls(5, hidden, num_layers=layers, bias=bias, dtype=dtype, **options)
+    theirs.load_state_dict(ours.state_dict())
+    xs = torch.randn(4, batch, 5, dtype=dtype)
+    shape = (layers, batch, hidden)
+    hx = None
+    if state:
+        hx = torch.randn(shape, dtype=dtype)
+        hx = (hx, torch.randn(shape, dtype=dtype)) if family == "lstm" else hx
+    calls = count_native_steps(monkeypatch)
+    with torch.no_grad():
+        ours_state, theirs_state = hx, hx
+        for t in range(len(xs)):
+            y, ours_state = ours.step(xs[t], ours_state)
+            expected, theirs_state = theirs(xs[t:t + 1], theirs_state)
+            assert_close(f"output at step {t}", y, expected[0].double().numpy(), dtype)
+            for got, want in zip(ours_state if family == "lstm" else [ours_state],
+                                 theirs_state if family == "lstm" else [theirs_state],
+                                 strict=True):
+                assert got.shape == shape
+                assert_close(f"state at step {t}", got, want.double().numpy(), dtype)
+                assert got.data_ptr() != y.data_ptr()
+    assert calls == [native.CELL_KINDS[family]] * layers * len(xs)
+
+
+def test_module_step_leaves_other_calls_to_forward(monkeypatch):
+    """What the single-step kernel does not compute as it is takes forward's path, with the
+    same results: gates wanted, a projection, the GRU's reset before, a variant, gradients,
+    dropout in training, unbatched input, and every error."""
+    calls = count_native_steps(monkeypatch)
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        lstm = lstmkit.LSTM(3, 4, num_layers=2, dropout=0.5)
+        lstm.step(x)                                       # training, dropout between layers
+        lstm.eval().step(x, return_gates=True)
+        lstmkit.LSTM(3, 4, proj_size=2).step(x)
+        lstmkit.GRU(3, 4, reset_after=False).step(x)
+        lstmkit.GRU(3, 4, variant=lstmkit.GRUVariant(layer_norm=True)).step(x)
+        lstmkit.LSTM(3, 4, variant=lstmkit.LSTMVariant(peepholes=True)).step(x)
+        lstmkit.RNN(3, 4, backend="portable").step(x)
+        lstmkit.RNN(3, 4).step(x[0])                        # unbatched
+        with pytest.raises(ValueError, match=r"h_0 must have shape \(1, 2, 4\)"):
+            lstmkit.RNN(3, 4).step(x, torch.randn(1, 3, 4))
+        with pytest.raises(TypeError, match="hx must be a tuple"):
+            lstmkit.LSTM(3, 4).step(x, torch.randn(1, 2, 4))
+    lstmkit.GRU(3, 4).step(x)                              # gradients wanted
+    assert calls == []
+    with torch.no_grad():
+        y, h = lstmkit.GRU(3, 4, num_layers=2).step(x)     # and the fast path itself
+    assert calls == [native.CELL_KINDS["gru"]] * 2 and h.shape == (2, 2, 4)
+
+
 def count_general_module_calls(monkeypatch) -> list:
     from lstmkit.nn import recurrent
 
