@@ -599,6 +599,8 @@ def test_cell_matches_torch():
 STREAMING_CELLS = {
     "lstm": (lstmkit.LSTMCell, {}, reference.lstm_forward),
     "gru": (lstmkit.GRUCell, {}, reference.gru_forward),
+    "gru_reset_before": (lstmkit.GRUCell, {"reset_after": False},
+                         lambda *a, **k: reference.gru_forward(*a, **k, reset_after=False)),
     "rnn_tanh": (lstmkit.RNNCell, {}, reference.rnn_forward),
     "rnn_relu": (lstmkit.RNNCell, {"nonlinearity": "relu"},
                  lambda *a, **k: reference.rnn_forward(*a, **k, nonlinearity="relu")),
@@ -614,7 +616,8 @@ def test_streaming_cell_fast_path_matches_reference(kind, dtype, batch, hidden, 
                                                      monkeypatch):
     """The cells under no_grad go straight to the native single-step kernel (once per step from
     Python); over several steps they must equal the NumPy float64 reference. Batch 9: two
-    groups of four rows and one alone; hidden 1, 17, 33 and 127: a partial unit block."""
+    groups of four rows and one alone; hidden 1, 17, 33 and 127: a partial unit block; hidden
+    256: two workers (the reset-before GRU's two phases then cross between them)."""
     general = count_general_cell_calls(monkeypatch)
     cls, options, forward = STREAMING_CELLS[kind]
     g = torch.Generator().manual_seed(hidden + batch)
@@ -718,13 +721,12 @@ def test_streaming_cell_leaves_other_calls_to_the_general_path(monkeypatch):
             cell(x, (torch.randn(2, 5), c))
         with pytest.raises(TypeError, match="h must have dtype torch.float32"):
             cell(x, (h.double(), c))
-        # The GRU and RNN cells: the kernel computes only torch.nn's GRU (reset after).
-        lstmkit.GRUCell(3, 4, reset_after=False)(x, h)
+        # The GRU and RNN cells.
         lstmkit.GRUCell(3, 4, variant=lstmkit.GRUVariant(layer_norm=True))(x, h)
         lstmkit.RNNCell(3, 4)(x)                           # no state given
         with pytest.raises(ValueError, match="h must have shape \\(2, 4\\), got \\(1, 4\\)"):
             lstmkit.RNNCell(3, 4)(x, h[:1])
-    assert len(general) == 8 + 4
+    assert len(general) == 8 + 3
 
 
 def count_native_steps(monkeypatch) -> list:
@@ -736,6 +738,29 @@ def count_native_steps(monkeypatch) -> list:
 
 MODULE_STEPS = {"lstm": (lstmkit.LSTM, torch.nn.LSTM, {}), "gru": (lstmkit.GRU, torch.nn.GRU, {}),
                 "rnn_relu": (lstmkit.RNN, torch.nn.RNN, {"nonlinearity": "relu"})}
+
+
+def test_module_step_of_the_reset_before_gru_takes_the_single_step_kernel(monkeypatch):
+    """GRU(reset_after=False) has no torch.nn twin: its steps must equal its own forward over
+    the whole sequence, layer after layer through the kernel."""
+    calls = count_native_steps(monkeypatch)
+    torch.manual_seed(3)
+    gru = lstmkit.GRU(5, 33, num_layers=2, reset_after=False, dtype=torch.float64).eval()
+    xs, h0 = torch.randn(6, 3, 5, dtype=torch.float64), torch.randn(2, 3, 33, dtype=torch.float64)
+    with torch.no_grad():
+        whole, h_T = gru(xs, h0)
+        state = h0
+        for t in range(len(xs)):
+            y, state = gru.step(xs[t], state)
+            assert (y - whole[t]).abs().max() < 1e-12
+    assert (state - h_T).abs().max() < 1e-12
+    assert calls == [native.CELL_KINDS["gru_reset_before"]] * 2 * len(xs)
+    kinds, step = [], native.step_inference            # a one-step sequence through forward
+    monkeypatch.setattr(native, "step_inference", lambda *a: kinds.append(a[0]) or step(*a))
+    with torch.no_grad():
+        y_1, h_1 = gru(xs[:1], h0)
+    assert kinds == ["gru_reset_before"] * 2
+    assert (y_1[0] - whole[0]).abs().max() < 1e-12
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -777,8 +802,8 @@ def test_module_step_takes_the_single_step_kernel(family, dtype, layers, batch, 
 
 def test_module_step_leaves_other_calls_to_forward(monkeypatch):
     """What the single-step kernel does not compute as it is takes forward's path, with the
-    same results: gates wanted, a projection, the GRU's reset before, a variant, gradients,
-    dropout in training, unbatched input, and every error."""
+    same results: gates wanted, a projection, a variant, gradients, dropout in training,
+    unbatched input, and every error."""
     calls = count_native_steps(monkeypatch)
     x = torch.randn(2, 3)
     with torch.no_grad():
@@ -786,7 +811,6 @@ def test_module_step_leaves_other_calls_to_forward(monkeypatch):
         lstm.step(x)                                       # training, dropout between layers
         lstm.eval().step(x, return_gates=True)
         lstmkit.LSTM(3, 4, proj_size=2).step(x)
-        lstmkit.GRU(3, 4, reset_after=False).step(x)
         lstmkit.GRU(3, 4, variant=lstmkit.GRUVariant(layer_norm=True)).step(x)
         lstmkit.LSTM(3, 4, variant=lstmkit.LSTMVariant(peepholes=True)).step(x)
         lstmkit.RNN(3, 4, backend="portable").step(x)

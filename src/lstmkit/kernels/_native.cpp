@@ -1845,6 +1845,24 @@ struct GRUForwardGates {    // reset after
   }
 };
 
+// The reset-before GRU's gate math for a unit block j (n units) (Cho et al.): r and z from the
+// input's and the state's products of their rows, then n from the input's product of its rows
+// and (r h) W_hn^T; the biases added here. The generic driver's and the single step's.
+template <typename S>
+struct GRUResetBeforeGates {
+  const S* b_ih; const S* b_hh; i64 H;
+  // Gate q (0: r, 1: z) from the input's product x and the state's product h of its rows.
+  __attribute__((always_inline)) inline V<S> gate(int q, V<S> x, V<S> h, i64 j, int n) const {
+    V<S> b = b_hh ? load(b_hh + q * H + j, n) : V<S>{};
+    return vsigmoid(x + load_bias(b_ih, q * H + j, n) + h + b);
+  }
+  // The candidate n from the input's product x of its rows and rh = (r h) W_hn^T.
+  __attribute__((always_inline)) inline V<S> candidate(V<S> x, V<S> rh, i64 j, int n) const {
+    V<S> b = b_hh ? load(b_hh + 2 * H + j, n) : V<S>{};
+    return vtanh(x + load_bias(b_ih, 2 * H + j, n) + rh + b);
+  }
+};
+
 template <typename S>
 std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tensor& h0,
                                 const Tensor& w_hh,
@@ -1904,8 +1922,7 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
   StepProduct<S> recurrent_rz(w_hh.narrow(0, 0, 2 * H).t(), B);
   StepProduct<S> recurrent_n(w_hh.narrow(0, 2 * H, H).t(), B);
   const S* gp = ptr<S>(gi);
-  const S* bip = ptr<S>(b_ih);
-  const S* bp = ptr<S>(b_hh);
+  GRUResetBeforeGates<S> gates{ptr<S>(b_ih), ptr<S>(b_hh), H};
   S* sp = ptr<S>(stash);
   const S* r_ = ptr<S>(rec);
   const S* rn = ptr<S>(rec_n);
@@ -1921,11 +1938,8 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
         i64 j = jb * L;
         int n = (int)std::min<i64>(L, H - j);
         const S* g = gp + (off + b) * 3 * H + j;
-        V<S> br = {}, bz = {};
-        if (bp) { br = load(bp + j, n); bz = load(bp + H + j, n); }
-        V<S> r = vsigmoid(load(g, n) + load_bias(bip, j, n) + load(r_ + b * 2 * H + j, n) + br);
-        V<S> z = vsigmoid(load(g + H, n) + load_bias(bip, H + j, n) +
-                          load(r_ + b * 2 * H + H + j, n) + bz);
+        V<S> r = gates.gate(0, load(g, n), load(r_ + b * 2 * H + j, n), j, n);
+        V<S> z = gates.gate(1, load(g + H, n), load(r_ + b * 2 * H + H + j, n), j, n);
         store(rhp + b * H + j, r * load(hp + b * H + j, n), n);
         store(zp + b * H + j, z, n);
         if (sp) { store(sp + (off + b) * 3 * H + j, r, n); store(sp + (off + b) * 3 * H + H + j, z, n); }
@@ -1936,9 +1950,8 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
       for (i64 jb = 0; jb < J; ++jb) {
         i64 j = jb * L;
         int n = (int)std::min<i64>(L, H - j);
-        V<S> bn = bp ? load(bp + 2 * H + j, n) : V<S>{};
-        V<S> nn = vtanh(load(gp + (off + b) * 3 * H + 2 * H + j, n) + load_bias(bip, 2 * H + j, n) +
-                        load(rn + b * H + j, n) + bn);
+        V<S> nn = gates.candidate(load(gp + (off + b) * 3 * H + 2 * H + j, n),
+                                  load(rn + b * H + j, n), j, n);
         V<S> z = load(zp + b * H + j, n), hv = load(hp + b * H + j, n);
         hv = nn + z * (hv - nn);
         if (sp) store(sp + (off + b) * 3 * H + 2 * H + j, nn, n);
@@ -2173,7 +2186,8 @@ __attribute__((always_inline)) inline void gate_rows(V<S>* out, i64 stride, i64 
 }
 
 // The single-step cells.
-enum class CellKind { LSTM = 0, GRU = 1, RNN_TANH = 2, RNN_RELU = 3 };   // native.py's CELL_KINDS
+enum class CellKind { LSTM = 0, GRU = 1, RNN_TANH = 2, RNN_RELU = 3, GRU_RESET_BEFORE = 4 };
+// (native.py's CELL_KINDS)
 
 // One step of a cell for the single-step API, inference only: x (B, I), h (B, H), c (B, H) for
 // the LSTM, w_ih (G H, I), w_hh (G H, H), b_ih and b_hh (G H) or undefined, all contiguous ->
@@ -2244,6 +2258,72 @@ std::vector<Tensor> cell_step(const Tensor& x, const Tensor& h, const Tensor& c,
     }
   });
   if constexpr (kind == CellKind::LSTM) return {h_new, c_new};
+  return {h_new};
+}
+
+// The reset-before GRU's single step (see GRUResetBeforeGates), in two phases as its generic
+// driver's, since the candidate's product needs r h whole: run_steps' step 0 makes each
+// block's r and z (the input's and the state's products apart, as the driver sums them), r h,
+// z and the input's product of n into buffers of the call; step 1 the candidate's product over
+// r h, the candidate and h'. Arguments as cell_step's.
+template <typename S>
+std::vector<Tensor> gru_reset_before_step(const Tensor& x, const Tensor& h, const Tensor& w_ih,
+                                          const Tensor& w_hh, const Tensor& b_ih,
+                                          const Tensor& b_hh) {
+  constexpr int L = Vec<S>::L;
+  const i64 B = x.size(0), I = x.size(1), H = h.size(1);
+  Tensor h_new = pooled_empty({B, H}, x.options());
+  Tensor rh = pooled_empty({B, H}, x.options()), z = pooled_empty({B, H}, x.options());
+  Tensor x_n = pooled_empty({B, H}, x.options());
+  GRUResetBeforeGates<S> gates{ptr<S>(b_ih), ptr<S>(b_hh), H};
+  const S* xs = ptr<S>(x);
+  const S* hs = ptr<S>(h);
+  const S* wi = ptr<S>(w_ih);
+  const S* wh = ptr<S>(w_hh);
+  S* hp = ptr<S>(h_new);
+  S* rhp = ptr<S>(rh);
+  S* zp = ptr<S>(z);
+  S* xnp = ptr<S>(x_n);
+  const i64 J = (H + L - 1) / L;
+  // Products per block and batch row: step 0 the input's of r, z, n, then the state's of r, z;
+  // step 1 the candidate's, (r h) W_hn^T.
+  constexpr int slots = 5;
+  run_steps(worker_count(J, 6 * B * H * (I + H)), J, 2, [&](i64 s, i64 jb0, i64 jb1) {
+    thread_local std::vector<V<S>> pre;                 // (B, slots), one block's products
+    pre.resize(B * slots);
+    for (i64 jb = jb0; jb < jb1; ++jb) {
+      const i64 j = jb * L;
+      at_width<S>(H, j, [&](int n) __attribute__((always_inline)) {
+        auto products = [&](int slot, i64 row, bool with_x, const S* state) {
+          i64 b = 0;
+          for (; b + 4 <= B; b += 4)
+            gate_rows<S, 4>(&pre[slot], slots, row, n, b, with_x, !with_x, xs, wi, I, state,
+                            wh, H);
+          for (; b < B; ++b)
+            gate_rows<S, 1>(&pre[slot], slots, row, n, b, with_x, !with_x, xs, wi, I, state,
+                            wh, H);
+        };
+        if (s == 0) {
+          for (int q = 0; q < 3; ++q) products(q, q * H + j, true, hs);
+          for (int q = 0; q < 2; ++q) products(3 + q, q * H + j, false, hs);
+          for (i64 b = 0; b < B; ++b) {
+            const V<S>* p = &pre[b * slots];
+            V<S> r = gates.gate(0, p[0], p[3], j, n);
+            store(zp + b * H + j, gates.gate(1, p[1], p[4], j, n), n);
+            store(rhp + b * H + j, r * load(hs + b * H + j, n), n);
+            store(xnp + b * H + j, p[2], n);
+          }
+        } else {
+          products(0, 2 * H + j, false, rhp);
+          for (i64 b = 0; b < B; ++b) {
+            V<S> nn = gates.candidate(load(xnp + b * H + j, n), pre[b * slots], j, n);
+            V<S> hv = load(hs + b * H + j, n);
+            store(hp + b * H + j, nn + load(zp + b * H + j, n) * (hv - nn), n);
+          }
+        }
+      });
+    }
+  });
   return {h_new};
 }
 
@@ -2699,7 +2779,7 @@ std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Ten
   return {dx, loop[1], loop[2], w[0], w[1], w[2], dw_hr, dw_peephole};
 }
 
-constexpr int CELL_GATES[] = {4, 3, 1, 1};           // by CellKind
+constexpr int CELL_GATES[] = {4, 3, 1, 1, 3};        // by CellKind
 
 // Whether the weights are those of a cell of this kind with B x H states and input size I:
 // w_ih (G H, I), w_hh (G H, H), each bias (G H) or absent, all of x's dtype on the CPU.
@@ -2734,7 +2814,9 @@ std::vector<Tensor> run_cell(int kind, Tensor x, Tensor h, const Tensor& c, Tens
       case CellKind::GRU: return cell_step<scalar, CellKind::GRU>(x, h, c, w_ih, w_hh, b_ih, b_hh);
       case CellKind::RNN_TANH:
         return cell_step<scalar, CellKind::RNN_TANH>(x, h, c, w_ih, w_hh, b_ih, b_hh);
-      default: return cell_step<scalar, CellKind::RNN_RELU>(x, h, c, w_ih, w_hh, b_ih, b_hh);
+      case CellKind::RNN_RELU:
+        return cell_step<scalar, CellKind::RNN_RELU>(x, h, c, w_ih, w_hh, b_ih, b_hh);
+      default: return gru_reset_before_step<scalar>(x, h, w_ih, w_hh, b_ih, b_hh);
     }
   });
 }
@@ -2742,8 +2824,8 @@ std::vector<Tensor> run_cell(int kind, Tensor x, Tensor h, const Tensor& c, Tens
 std::vector<Tensor> cell_step_py(int kind, Tensor x, Tensor h, c10::optional<Tensor> c,
                                  Tensor w_ih, Tensor w_hh, c10::optional<Tensor> b_ih,
                                  c10::optional<Tensor> b_hh) {
-  TORCH_CHECK(0 <= kind && kind <= static_cast<int>(CellKind::RNN_RELU),
-              "cell_step: kind must be 0-3, got ", kind);
+  TORCH_CHECK(0 <= kind && kind <= static_cast<int>(CellKind::GRU_RESET_BEFORE),
+              "cell_step: kind must be 0-4, got ", kind);
   TORCH_CHECK(c.has_value() == (kind == static_cast<int>(CellKind::LSTM)),
               "cell_step: the LSTM takes c, the others do not");
   check_cpu(x, "x");
@@ -2760,8 +2842,8 @@ std::vector<Tensor> cell_step_py(int kind, Tensor x, Tensor h, c10::optional<Ten
 py::object cell_step_if_py(int kind, py::handle x_obj, py::handle hx, const Tensor& w_ih,
                            const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
                            const c10::optional<Tensor>& b_hh) {
-  TORCH_CHECK(0 <= kind && kind <= static_cast<int>(CellKind::RNN_RELU),
-              "cell_step_if: kind must be 0-3, got ", kind);
+  TORCH_CHECK(0 <= kind && kind <= static_cast<int>(CellKind::GRU_RESET_BEFORE),
+              "cell_step_if: kind must be 0-4, got ", kind);
   if (at::GradMode::is_enabled() || at::autocast::is_autocast_enabled(at::kCPU)) return py::none();
   const bool lstm = kind == static_cast<int>(CellKind::LSTM);
   PyObject* states[2] = {hx.ptr(), nullptr};

@@ -218,14 +218,15 @@ def release_memory() -> None:
 
 
 # The single-step kernel's cells (CellKind in _native.cpp).
-CELL_KINDS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
+CELL_KINDS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3, "gru_reset_before": 4}
 
 
 def step_inference(kind: str, x, h, c, w_ih, w_hh, b_ih, b_hh):
     """One step of a cell without autograd: x (B, I), h (B, H), c (B, H) for the LSTM (None
     otherwise) -> [h' (B, H), c' (B, H)] for the LSTM, [h'] for the others.
 
-    kind: "lstm", "gru" (reset gate after the product, torch.nn's), "rnn_tanh" or "rnn_relu".
+    kind: "lstm", "gru" (reset gate after the product, torch.nn's), "gru_reset_before",
+    "rnn_tanh" or "rnn_relu".
     The path of one-step sequences (the modules' `step()`): the weights are read as they are,
     nothing packed or cached (see cell_step in _native.cpp). The caller has checked what the
     layer's Function would: CPU tensors of one dtype in NATIVE_DTYPES, these shapes, no
@@ -391,8 +392,9 @@ class NativeGRUFunction:
             return _gru.GRUFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse,
                                           reset_after)
         if not _needs_autograd((x, h0, w_ih, w_hh, b_ih, b_hh)):
-            if layout.steps == 1 and reset_after and x.dtype in NATIVE_DTYPES:
-                (h_1,) = step_inference("gru", x, h0, None, w_ih, w_hh, b_ih, b_hh)
+            if layout.steps == 1 and x.dtype in NATIVE_DTYPES:
+                kind = "gru" if reset_after else "gru_reset_before"
+                (h_1,) = step_inference(kind, x, h0, None, w_ih, w_hh, b_ih, b_hh)
                 return h_1, h_1
         parts = _driver(layout, w_hh, not reset_after, itemsize=compute_dtype(x.dtype).itemsize)
         if not _needs_autograd((x, h0, w_ih, w_hh, b_ih, b_hh)):

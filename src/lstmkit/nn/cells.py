@@ -66,7 +66,7 @@ class _CellBase(nn.Module):
 
     def _native_kind(self):
         """The native single-step kernel's cell for this one now (a CELL_KINDS value), or None
-        where it cannot compute it (a variant, the GRU's reset before). Asked at every call:
+        where it cannot compute it (a variant). Asked at every call:
         cheap, from what the constructor worked out and the attributes it reads."""
         return None
 
@@ -215,8 +215,9 @@ class GRUCell(_CellBase):
         return _gru_variant.extra_shapes(self.variant, self.hidden_size)
 
     def _native_kind(self):
-        plain = self.reset_after and self._plain_kernel[self.training]
-        return native.CELL_KINDS["gru"] if plain else None
+        if not self._plain_kernel[self.training]:
+            return None
+        return native.CELL_KINDS["gru" if self.reset_after else "gru_reset_before"]
 
     def reset_parameters(self) -> None:
         """torch.nn's initialisation, then the variant's (layer norm, update-gate bias, ...)."""

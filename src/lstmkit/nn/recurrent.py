@@ -320,7 +320,7 @@ class _RecurrentBase(nn.Module):
     def _step_kind(self):
         """The native single-step kernel's cell (a CELL_KINDS value) for every layer of this
         stack as it is now, or None where a step must take forward's path (a variant, a
-        projection, the GRU's reset before)."""
+        projection)."""
         return None
 
     def _native_step(self, x, hx):
@@ -655,9 +655,9 @@ class GRU(_RecurrentBase):
                             for mode in (False, True)}
 
     def _step_kind(self):
-        if not (self.reset_after and self._plain_cell[self.training]):
+        if not self._plain_cell[self.training]:
             return None
-        return kernels.native.CELL_KINDS["gru"]
+        return kernels.native.CELL_KINDS["gru" if self.reset_after else "gru_reset_before"]
 
     def _extra_shapes(self):
         return _gru_variant.extra_shapes(self.variant, self.hidden_size)
