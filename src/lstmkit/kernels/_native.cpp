@@ -61,6 +61,7 @@
 #include <functional>
 #include <mutex>
 #include <pthread.h>
+#include <string>
 #include <thread>
 #include <tuple>
 #include <type_traits>
@@ -1198,10 +1199,6 @@ struct LSTMForwardGates {
     cell_blocks<1>(b, row, jb, one, n, m);
     return m[0];
   }
-  __attribute__((always_inline)) inline V<S> operator()(i64 b, i64 row, i64 jb,
-                                                         const V<S>* acc) const {
-    return (*this)(b, row, jb, acc, (int)std::min<i64>(Vec<S>::L, H - jb * Vec<S>::L));
-  }
   template <int W>
   __attribute__((always_inline)) inline void standard(i64 b, i64 row, i64 jb,
                                                       const V<S> (&acc)[W][4], int n,
@@ -2185,6 +2182,21 @@ __attribute__((always_inline)) inline void gate_rows(V<S>* out, i64 stride, i64 
   for (int b = 0; b < NB; ++b) out[(b0 + b) * stride] = lane_sums<S>(sums[b]);
 }
 
+// gate_rows for all B batch rows: four at a time (each weight vector loaded serves the four),
+// then one at a time. Two at a time was slower than one: LSTM per step, batch 2 / hidden 256,
+// 26.0 against 23.4 us; four at a time, batch 4, 28.4 against 34.0, batch 8, 50.4 against 55.8.
+template <typename S>
+__attribute__((always_inline)) inline void batch_rows(V<S>* out, i64 stride, i64 row, int n,
+                                                      i64 B, bool with_x, bool with_h,
+                                                      const S* x, const S* w_ih, i64 I,
+                                                      const S* h, const S* w_hh, i64 H) {
+  i64 b = 0;
+  for (; b + 4 <= B; b += 4)
+    gate_rows<S, 4>(out, stride, row, n, b, with_x, with_h, x, w_ih, I, h, w_hh, H);
+  for (; b < B; ++b)
+    gate_rows<S, 1>(out, stride, row, n, b, with_x, with_h, x, w_ih, I, h, w_hh, H);
+}
+
 // The single-step cells.
 enum class CellKind { LSTM = 0, GRU = 1, RNN_TANH = 2, RNN_RELU = 3, GRU_RESET_BEFORE = 4 };
 // (native.py's CELL_KINDS)
@@ -2195,10 +2207,7 @@ enum class CellKind { LSTM = 0, GRU = 1, RNN_TANH = 2, RNN_RELU = 3, GRU_RESET_B
 // after the product (r, z, n), the Elman RNN (tanh or relu). The unit blocks are split over
 // the cores, the same blocks on the same thread every call, so that each core's rows of the
 // weights (1 MiB of the LSTM's 2 at hidden and input 256) stay in its L2 cache from call to
-// call. Each block's rows of a gate are read once for all batch rows, four at a time where
-// there are four (each weight vector loaded serves the four), then one at a time. Two at a time
-// was slower than one: LSTM per step, batch 2 / hidden 256, 26.0 against 23.4 us; four at a
-// time, batch 4, 28.4 against 34.0, batch 8, 50.4 against 55.8.
+// call. Each block's rows of a gate are read once for all batch rows (see batch_rows).
 template <typename S, CellKind kind>
 std::vector<Tensor> cell_step(const Tensor& x, const Tensor& h, const Tensor& c,
                               const Tensor& w_ih, const Tensor& w_hh, const Tensor& b_ih,
@@ -2233,13 +2242,7 @@ std::vector<Tensor> cell_step(const Tensor& x, const Tensor& h, const Tensor& c,
           const int q = slot % G;
           const bool with_x = kind != CellKind::GRU || slot < G;
           const bool with_h = kind != CellKind::GRU || slot >= G;
-          i64 b = 0;
-          for (; b + 4 <= B; b += 4)
-            gate_rows<S, 4>(&pre[slot], slots, q * H + j, n, b, with_x, with_h, xs, wi, I, hs,
-                            wh, H);
-          for (; b < B; ++b)
-            gate_rows<S, 1>(&pre[slot], slots, q * H + j, n, b, with_x, with_h, xs, wi, I, hs,
-                            wh, H);
+          batch_rows<S>(&pre[slot], slots, q * H + j, n, B, with_x, with_h, xs, wi, I, hs, wh, H);
         }
         for (i64 b = 0; b < B; ++b) {
           const V<S>* p = &pre[b * slots];
@@ -2295,13 +2298,7 @@ std::vector<Tensor> gru_reset_before_step(const Tensor& x, const Tensor& h, cons
       const i64 j = jb * L;
       at_width<S>(H, j, [&](int n) __attribute__((always_inline)) {
         auto products = [&](int slot, i64 row, bool with_x, const S* state) {
-          i64 b = 0;
-          for (; b + 4 <= B; b += 4)
-            gate_rows<S, 4>(&pre[slot], slots, row, n, b, with_x, !with_x, xs, wi, I, state,
-                            wh, H);
-          for (; b < B; ++b)
-            gate_rows<S, 1>(&pre[slot], slots, row, n, b, with_x, !with_x, xs, wi, I, state,
-                            wh, H);
+          batch_rows<S>(&pre[slot], slots, row, n, B, with_x, !with_x, xs, wi, I, state, wh, H);
         };
         if (s == 0) {
           for (int q = 0; q < 3; ++q) products(q, q * H + j, true, hs);
@@ -2678,22 +2675,34 @@ void check_cpu(const Tensor& t, const char* name) {
 // A layer's weights against its input x (N, I) and states, before a kernel reads them with the
 // strides those imply: w_ih (G H, I), w_hh (G H, P), the biases (G H), w_hr (P, H), the
 // peepholes (3H). A parameter replaced by one of another shape was read out of step, or past
-// its end, with no error.
+// its end, with no error. What is wrong, in words, or empty when they fit.
+std::string layer_weights_mismatch(i64 gates, const Tensor& x, i64 H, i64 P, const Tensor& w_ih,
+                                   const Tensor& w_hh, const Tensor& b_ih, const Tensor& b_hh,
+                                   const Tensor& w_hr = {}, const Tensor& w_peephole = {}) {
+  std::string wrong;
+  auto shape = [&](const char* name, const Tensor& t, std::initializer_list<i64> expected) {
+    if (!wrong.empty() || !t.defined() || t.sizes() == at::IntArrayRef(expected)) return;
+    wrong = c10::str(name, " must have shape ", at::IntArrayRef(expected), ", got ", t.sizes());
+  };
+  shape("w_ih", w_ih, {gates * H, x.size(1)});
+  shape("w_hh", w_hh, {gates * H, P});
+  shape("b_ih", b_ih, {gates * H});
+  shape("b_hh", b_hh, {gates * H});
+  shape("w_hr", w_hr, {P, H});
+  shape("w_peephole", w_peephole, {3 * H});
+  return wrong;
+}
+
+// The same as a ValueError (see layer_weights_mismatch).
 void check_layer_weights(i64 gates, const Tensor& x, i64 H, i64 P, const Tensor& w_ih,
                          const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
                          const c10::optional<Tensor>& b_hh,
                          const c10::optional<Tensor>& w_hr = c10::nullopt,
                          const c10::optional<Tensor>& w_peephole = c10::nullopt) {
-  auto shape = [](const char* name, const Tensor& t, std::vector<i64> expected) {
-    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(expected), name, " must have shape ",
-                      at::IntArrayRef(expected), ", got ", t.sizes());
-  };
-  shape("w_ih", w_ih, {gates * H, x.size(1)});
-  shape("w_hh", w_hh, {gates * H, P});
-  if (b_ih) shape("b_ih", *b_ih, {gates * H});
-  if (b_hh) shape("b_hh", *b_hh, {gates * H});
-  if (w_hr) shape("w_hr", *w_hr, {P, H});
-  if (w_peephole) shape("w_peephole", *w_peephole, {3 * H});
+  auto given = [](const c10::optional<Tensor>& t) { return t ? *t : Tensor(); };
+  const std::string wrong = layer_weights_mismatch(gates, x, H, P, w_ih, w_hh, given(b_ih),
+                                                   given(b_hh), given(w_hr), given(w_peephole));
+  TORCH_CHECK_VALUE(wrong.empty(), wrong);
 }
 
 // One LSTM layer, one direction: x (N, I) -> out (N, P), h_T, c_T, gates, cells (see
@@ -2781,32 +2790,20 @@ std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Ten
 
 constexpr int CELL_GATES[] = {4, 3, 1, 1, 3};        // by CellKind
 
-// Whether the weights are those of a cell of this kind with B x H states and input size I:
-// w_ih (G H, I), w_hh (G H, H), each bias (G H) or absent, all of x's dtype on the CPU.
-bool cell_weights_fit(int kind, const Tensor& x, i64 H, const Tensor& w_ih, const Tensor& w_hh,
-                      const Tensor& b_ih, const Tensor& b_hh) {
-  const i64 G = CELL_GATES[kind] * H;
-  auto same = [&](const Tensor& t) { return t.scalar_type() == x.scalar_type() && t.is_cpu(); };
-  auto bias = [&](const Tensor& b) { return !b.defined() || (b.numel() == G && same(b)); };
-  return w_ih.dim() == 2 && w_ih.size(0) == G && w_ih.size(1) == x.size(1) && same(w_ih) &&
-         w_hh.dim() == 2 && w_hh.size(0) == G && w_hh.size(1) == H && same(w_hh) && bias(b_ih) &&
-         bias(b_hh);
+// Whether a cell's weights are of x's dtype, on the CPU.
+bool cell_weights_on_cpu(const Tensor& x, const Tensor& w_ih, const Tensor& w_hh,
+                         const Tensor& b_ih, const Tensor& b_hh) {
+  auto fits = [&](const Tensor& t) {
+    return !t.defined() || (t.scalar_type() == x.scalar_type() && t.is_cpu());
+  };
+  return fits(w_ih) && fits(w_hh) && fits(b_ih) && fits(b_hh);
 }
 
-// One step of the single-step API (see cell_step); kind: CellKind's value (native.py's
-// CELL_KINDS); c, b_ih, b_hh contiguous or undefined. Returns [h', c'] for the LSTM, [h']
-// otherwise.
+// One step of the single-step API (see cell_step), its arguments checked by the caller; kind:
+// CellKind's value (native.py's CELL_KINDS); c, b_ih, b_hh contiguous or undefined. Returns
+// [h', c'] for the LSTM, [h'] otherwise.
 std::vector<Tensor> run_cell(int kind, Tensor x, Tensor h, const Tensor& c, Tensor w_ih,
                              Tensor w_hh, const Tensor& b_ih, const Tensor& b_hh) {
-  const i64 H = h.size(1);
-  auto given = [](const Tensor& t) {
-    return t.defined() ? c10::optional<Tensor>(t) : c10::optional<Tensor>();
-  };
-  check_layer_weights(CELL_GATES[kind], x, H, H, w_ih, w_hh, given(b_ih), given(b_hh));
-  TORCH_CHECK_VALUE(cell_weights_fit(kind, x, H, w_ih, w_hh, b_ih, b_hh),
-                    "the weights must be ", x.scalar_type(), " on the CPU as x is, got w_ih ",
-                    w_ih.scalar_type(), " on ", w_ih.device(), ", w_hh ", w_hh.scalar_type(),
-                    " on ", w_hh.device());
   for (auto* t : {&x, &h, &w_ih, &w_hh}) *t = t->contiguous();
   return LSTMKIT_DISPATCH(x.scalar_type(), [&] {
     switch (static_cast<CellKind>(kind)) {
@@ -2829,8 +2826,15 @@ std::vector<Tensor> cell_step_py(int kind, Tensor x, Tensor h, c10::optional<Ten
   TORCH_CHECK(c.has_value() == (kind == static_cast<int>(CellKind::LSTM)),
               "cell_step: the LSTM takes c, the others do not");
   check_cpu(x, "x");
-  return run_cell(kind, x, h, optional_contiguous(c), w_ih, w_hh, optional_contiguous(b_ih),
-                  optional_contiguous(b_hh));
+  const i64 H = h.size(1);
+  Tensor bi = optional_contiguous(b_ih), bh = optional_contiguous(b_hh);
+  const std::string wrong = layer_weights_mismatch(CELL_GATES[kind], x, H, H, w_ih, w_hh, bi, bh);
+  TORCH_CHECK_VALUE(wrong.empty(), wrong);
+  TORCH_CHECK_VALUE(cell_weights_on_cpu(x, w_ih, w_hh, bi, bh),
+                    "the weights must be ", x.scalar_type(), " on the CPU as x is, got w_ih ",
+                    w_ih.scalar_type(), " on ", w_ih.device(), ", w_hh ", w_hh.scalar_type(),
+                    " on ", w_hh.device());
+  return run_cell(kind, x, h, optional_contiguous(c), w_ih, w_hh, bi, bh);
 }
 
 // The cells' fast path (see _CellBase.forward): the step, as cell_step, when the call fits the
@@ -2868,7 +2872,9 @@ py::object cell_step_if_py(int kind, py::handle x_obj, py::handle hx, const Tens
       (lstm && !fits(states[1], B, H)))
     return py::none();
   Tensor bi = optional_contiguous(b_ih), bh = optional_contiguous(b_hh);
-  if (!cell_weights_fit(kind, x, H, w_ih, w_hh, bi, bh)) return py::none();
+  if (!layer_weights_mismatch(CELL_GATES[kind], x, H, H, w_ih, w_hh, bi, bh).empty() ||
+      !cell_weights_on_cpu(x, w_ih, w_hh, bi, bh))
+    return py::none();
   std::vector<Tensor> out = run_cell(
       kind, x, THPVariable_Unpack(states[0]),
       lstm ? THPVariable_Unpack(states[1]).contiguous() : Tensor(), w_ih, w_hh, bi, bh);
