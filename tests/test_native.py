@@ -673,12 +673,20 @@ def test_layers_refuse_weights_of_the_wrong_shape(cls, name, shape, message, ste
         module(x)
 
 
+def count_native_steps(monkeypatch, entry="step_if_fits") -> list:
+    """Record the cell kind of every call of a single-step kernel entry of native.py: the
+    cells' fast path (step_if_fits, kinds as CELL_KINDS values) or one-step sequences
+    (step_inference, kinds as names)."""
+    calls, called = [], getattr(native, entry)
+    monkeypatch.setattr(native, entry, lambda kind, *a: calls.append(kind) or called(kind, *a))
+    return calls
+
+
 @pytest.mark.parametrize("kind", ["gru", "rnn_tanh"])
 def test_one_step_sequences_take_the_single_step_kernel(kind, monkeypatch):
     """lstmkit.GRU and RNN in inference run a one-step sequence (their step() streams) through
     the single-step kernel, as lstmkit.LSTM does, with the layer's results."""
-    calls, step = [], native.step_inference
-    monkeypatch.setattr(native, "step_inference", lambda *a: calls.append(a[0]) or step(*a))
+    calls = count_native_steps(monkeypatch, "step_inference")
     torch.manual_seed(0)
     ours = (lstmkit.GRU if kind == "gru" else lstmkit.RNN)(5, 19, num_layers=2)
     theirs = (torch.nn.GRU if kind == "gru" else torch.nn.RNN)(5, 19, num_layers=2)
@@ -729,13 +737,6 @@ def test_streaming_cell_leaves_other_calls_to_the_general_path(monkeypatch):
     assert len(general) == 8 + 3
 
 
-def count_native_steps(monkeypatch) -> list:
-    """Record the cell kind of every call of the single-step kernel's fast path."""
-    calls, fits = [], native.step_if_fits
-    monkeypatch.setattr(native, "step_if_fits", lambda kind, *a: calls.append(kind) or fits(kind, *a))
-    return calls
-
-
 MODULE_STEPS = {"lstm": (lstmkit.LSTM, torch.nn.LSTM, {}), "gru": (lstmkit.GRU, torch.nn.GRU, {}),
                 "rnn_relu": (lstmkit.RNN, torch.nn.RNN, {"nonlinearity": "relu"})}
 
@@ -755,8 +756,7 @@ def test_module_step_of_the_reset_before_gru_takes_the_single_step_kernel(monkey
             assert (y - whole[t]).abs().max() < 1e-12
     assert (state - h_T).abs().max() < 1e-12
     assert calls == [native.CELL_KINDS["gru_reset_before"]] * 2 * len(xs)
-    kinds, step = [], native.step_inference            # a one-step sequence through forward
-    monkeypatch.setattr(native, "step_inference", lambda *a: kinds.append(a[0]) or step(*a))
+    kinds = count_native_steps(monkeypatch, "step_inference")   # a one-step sequence: forward
     with torch.no_grad():
         y_1, h_1 = gru(xs[:1], h0)
     assert kinds == ["gru_reset_before"] * 2

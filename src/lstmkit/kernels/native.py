@@ -221,6 +221,17 @@ def release_memory() -> None:
 CELL_KINDS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3, "gru_reset_before": 4}
 
 
+def gru_cell(reset_after: bool) -> str:
+    """The single-step kernel's GRU (a CELL_KINDS key) for `reset_after`."""
+    return "gru" if reset_after else "gru_reset_before"
+
+
+def rnn_cell(nonlinearity: str) -> str:
+    """The single-step kernel's Elman RNN (a CELL_KINDS key where the nonlinearity is one the
+    kernel has, "tanh" or "relu")."""
+    return f"rnn_{nonlinearity}"
+
+
 def step_inference(kind: str, x, h, c, w_ih, w_hh, b_ih, b_hh):
     """One step of a cell without autograd: x (B, I), h (B, H), c (B, H) for the LSTM (None
     otherwise) -> [h' (B, H), c' (B, H)] for the LSTM, [h'] for the others.
@@ -391,13 +402,12 @@ class NativeGRUFunction:
         if module() is None:
             return _gru.GRUFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse,
                                           reset_after)
-        if not _needs_autograd((x, h0, w_ih, w_hh, b_ih, b_hh)):
-            if layout.steps == 1 and x.dtype in NATIVE_DTYPES:
-                kind = "gru" if reset_after else "gru_reset_before"
-                (h_1,) = step_inference(kind, x, h0, None, w_ih, w_hh, b_ih, b_hh)
-                return h_1, h_1
+        inference = not _needs_autograd((x, h0, w_ih, w_hh, b_ih, b_hh))
+        if inference and layout.steps == 1 and x.dtype in NATIVE_DTYPES:
+            (h_1,) = step_inference(gru_cell(reset_after), x, h0, None, w_ih, w_hh, b_ih, b_hh)
+            return h_1, h_1
         parts = _driver(layout, w_hh, not reset_after, itemsize=compute_dtype(x.dtype).itemsize)
-        if not _needs_autograd((x, h0, w_ih, w_hh, b_ih, b_hh)):
+        if inference:
             args = upcast((x, h0, w_ih, w_hh, b_ih, b_hh), compute_dtype(x.dtype))
             out, h_T, _ = module().gru_forward(args[0], args[4], args[5], args[1], args[2],
                                                args[3], layout.batch_sizes, reverse,
@@ -424,12 +434,12 @@ class NativeRNNFunction:
             return _rnn.RNNFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse,
                                           nonlinearity)
         relu = nonlinearity == "relu"
-        if not _needs_autograd((x, h0, w_ih, w_hh, b_ih, b_hh)):
-            if layout.steps == 1 and x.dtype in NATIVE_DTYPES:
-                (h_1,) = step_inference(f"rnn_{nonlinearity}", x, h0, None, w_ih, w_hh, b_ih, b_hh)
-                return h_1, h_1
+        inference = not _needs_autograd((x, h0, w_ih, w_hh, b_ih, b_hh))
+        if inference and layout.steps == 1 and x.dtype in NATIVE_DTYPES:
+            (h_1,) = step_inference(rnn_cell(nonlinearity), x, h0, None, w_ih, w_hh, b_ih, b_hh)
+            return h_1, h_1
         parts = _driver(layout, w_hh, itemsize=compute_dtype(x.dtype).itemsize)
-        if not _needs_autograd((x, h0, w_ih, w_hh, b_ih, b_hh)):
+        if inference:
             args = upcast((x, h0, w_ih, w_hh, b_ih, b_hh), compute_dtype(x.dtype))
             out, h_T = module().rnn_forward(args[0], args[4], args[5], args[1], args[2], args[3],
                                             layout.batch_sizes, reverse, relu, parts)

@@ -217,7 +217,7 @@ class GRUCell(_CellBase):
     def _native_kind(self):
         if not self._plain_kernel[self.training]:
             return None
-        return native.CELL_KINDS["gru" if self.reset_after else "gru_reset_before"]
+        return native.CELL_KINDS[native.gru_cell(self.reset_after)]
 
     def reset_parameters(self) -> None:
         """torch.nn's initialisation, then the variant's (layer norm, update-gate bias, ...)."""
@@ -251,7 +251,7 @@ class RNNCell(_CellBase):
         self.nonlinearity = _checks.choice("nonlinearity", nonlinearity, kernels.NONLINEARITIES)
 
     def _native_kind(self):
-        return native.CELL_KINDS.get("rnn_" + self.nonlinearity)
+        return native.CELL_KINDS.get(native.rnn_cell(self.nonlinearity))
 
     def extra_repr(self) -> str:
         tail = "" if self.nonlinearity == "tanh" else f", nonlinearity={self.nonlinearity!r}"

@@ -317,7 +317,7 @@ class _RecurrentBase(nn.Module):
         """One layer and direction -> (out (N, P), [final states], {name: (N, F)} or None)."""
         raise NotImplementedError
 
-    def _step_kind(self):
+    def _native_kind(self):
         """The native single-step kernel's cell (a CELL_KINDS value) for every layer of this
         stack as it is now, or None where a step must take forward's path (a variant, a
         projection)."""
@@ -328,9 +328,9 @@ class _RecurrentBase(nn.Module):
         path), or None where the call does not fit it as it is, and step takes forward's path,
         whose checks word the errors: no gradient, a batched (B, I) input, no state or states
         (L, B, H) the kernel takes (checked in C++, see native.step_if_fits), every layer a
-        cell the kernel computes (see _step_kind), no dropout between layers in training. At
+        cell the kernel computes (see _native_kind), no dropout between layers in training. At
         batch 1 / hidden 64 forward's path cost about 20 us a step around a 6 us kernel."""
-        kind = self._step_kind()
+        kind = self._native_kind()
         if kind is None or self.backend == "portable" or torch.is_grad_enabled() \
                 or (self.training and self.dropout) or type(x) is not torch.Tensor \
                 or x.dim() != 2:
@@ -473,7 +473,7 @@ class LSTM(_RecurrentBase):
                             and not (mode and self.variant.weight_drop)
                             for mode in (False, True)}
 
-    def _step_kind(self):
+    def _native_kind(self):
         if self.proj_size or not self._plain_cell[self.training]:
             return None
         return kernels.native.CELL_KINDS["lstm"]
@@ -654,10 +654,10 @@ class GRU(_RecurrentBase):
                             and not (mode and self.variant.weight_drop)
                             for mode in (False, True)}
 
-    def _step_kind(self):
+    def _native_kind(self):
         if not self._plain_cell[self.training]:
             return None
-        return kernels.native.CELL_KINDS["gru" if self.reset_after else "gru_reset_before"]
+        return kernels.native.CELL_KINDS[kernels.native.gru_cell(self.reset_after)]
 
     def _extra_shapes(self):
         return _gru_variant.extra_shapes(self.variant, self.hidden_size)
@@ -728,8 +728,8 @@ class RNN(_RecurrentBase):
         tail = "" if self.nonlinearity == "tanh" else f", nonlinearity={self.nonlinearity!r}"
         return super().extra_repr() + tail
 
-    def _step_kind(self):
-        return kernels.native.CELL_KINDS.get("rnn_" + self.nonlinearity)
+    def _native_kind(self):
+        return kernels.native.CELL_KINDS.get(kernels.native.rnn_cell(self.nonlinearity))
 
     def _run_layer(self, x, states, weights, layout, reverse, return_gates):
         if return_gates:
