@@ -145,6 +145,9 @@ def test_products_seconds_times_the_products_alone(monkeypatch):
     for point in (forward, train, one_layer):
         assert bench.products_seconds(point, repeats=1) > 0
     assert bench.products_seconds(train, dtype=torch.float64, repeats=1) > 0
+    # float16 and bfloat16 run in float32, and so do their products (the native kernels, which
+    # time them, take float32 and float64 only).
+    assert bench.products_seconds(train, dtype=torch.float16, repeats=1) > 0
     # Where lstmkit's own step kernel runs (batch 1), MKL's speed bounds nothing.
     assert bench.products_seconds(bench.Point(batch=1, hidden=5, steps=3), repeats=1) is None
     monkeypatch.setattr(native, "available", lambda: False)
@@ -201,6 +204,29 @@ def test_cli_writes_json(tmp_path, capsys):
     torch.set_num_threads(threads)                 # the command sets the thread count
 
 
+def test_the_matmul_rate_is_measured_in_the_dtype_the_products_run_in():
+    assert bench.matmul_dtype(torch.float16, "cpu") == torch.float32
+    assert bench.matmul_dtype(torch.bfloat16, torch.device("cpu")) == torch.float32
+    assert bench.matmul_dtype(torch.float64, "cpu") == torch.float64
+    assert bench.matmul_dtype(torch.float16, "cuda") == torch.float16     # tensor cores
+
+
+def test_cli_low_precision_reports_the_rate_it_measured(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    path = tmp_path / "bench.json"
+    code = main(["bench", "--dtype", "bfloat16", "--family", "GRU", "--mode", "forward",
+                 "--batch", "80", "--hidden", "4", "--steps", "2", "--repeats", "1",
+                 "--warmup", "0", "--streaming-steps", "0", "--json", str(path),
+                 "--same-process", "--min-seconds", "0"])
+    torch.set_num_threads(threads)
+    assert code == 0
+    assert "in float32, the dtype lstmkit computes bfloat16 in on the cpu" in \
+        capsys.readouterr().out
+    results = json.loads(path.read_text())
+    assert results["dtype"] == "bfloat16" and results["matmul_dtype"] == "float32"
+    assert results["points"][0]["products_ms"] > 0
+
+
 def test_cli_bad_input_exits_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--batch", "0"])
@@ -209,6 +235,11 @@ def test_cli_bad_input_exits_2(capsys):
     assert main(["bench", "--repeats", "0"]) == 2
     assert main(["bench", "--min-seconds", "-1"]) == 2
     assert "--min-seconds must be >= 0, got -1" in capsys.readouterr().err
+    for device in ("tpu", "meta"):
+        assert main(["bench", "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert f"--device '{device}': expected cpu or cuda[:N]" in err
+        assert len(err.strip().splitlines()) == 1
 
 
 def test_cli_refuses_an_unwritable_json_path_before_running(tmp_path, capsys, monkeypatch):

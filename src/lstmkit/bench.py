@@ -141,6 +141,18 @@ def _median_time(fn, device, repeats):
     return statistics.median(times)
 
 
+def matmul_dtype(dtype: torch.dtype, device) -> torch.dtype:
+    """The dtype whose matrix-multiply rate bounds a point run in `dtype` on `device`.
+
+    On the CPU, the dtype the kernels compute in (`compute_dtype`: float16 and bfloat16 run in
+    float32, see kernels/_precision.py): there torch.mm in float16 is no fast path to measure
+    against (2048 x 2048 took 37 s on the 2-core benchmark machine, against 0.05 s in float32),
+    and lstmkit's products run in float32 anyway. On a GPU, the dtype itself (tensor cores)."""
+    from .kernels._precision import compute_dtype
+
+    return compute_dtype(dtype) if torch.device(device).type == "cpu" else dtype
+
+
 def matmul_rate(dtype=torch.float32, device="cpu", size=2048, repeats=5) -> float:
     """This machine's matrix-multiply rate in GFLOP/s: the fastest of `repeats` torch.mm calls
     on size x size matrices.
@@ -224,11 +236,13 @@ def products_seconds(point: Point, dtype=torch.float32, repeats=5):
     (G, N) x (N, I + H + 1). No gate math, no state, no allocation: torch.nn's time over this
     (`products_bound`) is the largest speedup for any implementation whose products run at
     MKL's speed. None where lstmkit's own fused step kernel runs instead (small batches: it is
-    faster than MKL at those shapes, so MKL's speed bounds nothing there)."""
+    faster than MKL at those shapes, so MKL's speed bounds nothing there). In the dtype the
+    kernels compute in (float32 for float16 and bfloat16, see `matmul_dtype`)."""
     from .kernels import StepLayout, native
 
     if not native.available():
         return None
+    dtype = matmul_dtype(dtype, "cpu")
     module = native.module()
     G, H, B, T = GATES[point.family] * point.hidden, point.hidden, point.batch, point.steps
     D, N = (2 if point.bidirectional else 1), point.batch * point.steps
@@ -305,7 +319,8 @@ def _main(request: str) -> None:
 
 def run(points, dtype=torch.float32, device="cpu", repeats=5, warmup=1, rate=None,
         progress=None, isolate=False, min_seconds=MIN_SECONDS) -> dict:
-    """Time every point; returns {"machine", "matmul_gflops", "points": [...]}.
+    """Time every point; returns {"machine", "matmul_gflops", "matmul_dtype", "points": [...]}
+    (the rate measured in `matmul_dtype(dtype, device)`).
 
     Each point: `warmup` untimed calls of each side, then at least `repeats` timed calls of
     each, more until `min_seconds` have passed (see time_point); its row says how many ("calls").
@@ -318,7 +333,8 @@ def run(points, dtype=torch.float32, device="cpu", repeats=5, warmup=1, rate=Non
     device = torch.device(device)
     machine_before = machine()
     measured_rate = rate is None
-    rate = rate or matmul_rate(dtype, device)
+    rate_dtype = matmul_dtype(dtype, device)
+    rate = rate or matmul_rate(rate_dtype, device)
     start_rate = rate
     rows = []
     for point in points:
@@ -326,7 +342,7 @@ def run(points, dtype=torch.float32, device="cpu", repeats=5, warmup=1, rate=Non
             # Sampled again before every point, the best kept: the machine's speed drifts and
             # other processes slow some samples down (on the shared 2-core machine the start
             # and end samples alone ranged over 381-439 GFLOP/s between runs).
-            rate = max(rate, matmul_rate(dtype, device, repeats=2))
+            rate = max(rate, matmul_rate(rate_dtype, device, repeats=2))
         measure = _measure_in_subprocess if isolate else _measure
         timing = measure(point, dtype, device, repeats, warmup, min_seconds)
         gflop = point.flops() / 1e9
@@ -345,7 +361,7 @@ def run(points, dtype=torch.float32, device="cpu", repeats=5, warmup=1, rate=Non
     if measured_rate:
         # Measured again at the end and the best of all samples kept, for every row: another
         # process running at some of the moments would otherwise make fractions look larger.
-        rate = max(rate, matmul_rate(dtype, device))
+        rate = max(rate, matmul_rate(rate_dtype, device))
         for row in rows:
             _judge(row, rate)
     # The load average before and after: other processes on the machine slow both sides, and
@@ -353,6 +369,7 @@ def run(points, dtype=torch.float32, device="cpu", repeats=5, warmup=1, rate=Non
     return {"machine": machine_before, "load_average_1min_after": machine()["load_average_1min"],
             "dtype": str(dtype).replace("torch.", ""),
             "device": str(device), "matmul_gflops": rate, "matmul_gflops_start": start_rate,
+            "matmul_dtype": str(rate_dtype).replace("torch.", ""),
             "points": rows}
 
 

@@ -109,7 +109,12 @@ def run(args) -> int:
     if args.streaming_steps < 0 or args.streaming_hidden < 1:
         raise UsageError("--streaming-steps must be >= 0 and --streaming-hidden >= 1")
     check_output_file(args.json)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {args.device!r}: expected cpu or cuda[:N]")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
     torch.set_num_threads(args.threads)
@@ -135,7 +140,11 @@ def run(args) -> int:
                   f"{stream['lstmkit_us_per_step']:.1f} us/step, torch.nn.{family}Cell "
                   f"{stream['torch_us_per_step']:.1f} us/step, speedup "
                   f"{stream['speedup']:.2f}x{verdict}")
-    print(f"matmul rate (best sample of the run): {results['matmul_gflops']:.1f} GFLOP/s")
+    rate_dtype = ("" if results["matmul_dtype"] == args.dtype else
+                  f" in {results['matmul_dtype']}, the dtype lstmkit computes {args.dtype} in "
+                  f"on the {device.type}")
+    print(f"matmul rate (best sample of the run){rate_dtype}: "
+          f"{results['matmul_gflops']:.1f} GFLOP/s")
     if results["matmul_gflops"] != results["matmul_gflops_start"]:
         users = "the JSON file and the Markdown table use" if args.markdown else "the JSON file uses"
         print(f"(the lines above used the best rate sampled before each of them, from "
