@@ -2,9 +2,11 @@
 
     python benchmarks/auto_vs_portable.py                  # the quick grid of `lstmkit bench`
     python benchmarks/auto_vs_portable.py --family LSTM --mode train --repeats 7
+    python benchmarks/auto_vs_portable.py --dtype bfloat16
 
-"auto" runs the native kernels on CPU float32/float64 (the fused or the torch.mm driver, as
-`lstmkit.kernels.native` chooses); "portable" runs the torch-operations kernels. For each point
+"auto" runs the native kernels on the CPU (the fused or the generic driver, as
+`lstmkit.kernels.native` chooses; float16 and bfloat16 computed in float32, as every kernel
+does); "portable" runs the torch-operations kernels. For each point
 of `lstmkit.bench.grid("quick")` both modules get the same weights and input and run
 alternately (A, B, A, B, ...) after a warm-up, so drift in the machine's speed hits both alike;
 medians are reported, and the ratio portable / auto (above 1: auto is faster).
@@ -30,13 +32,13 @@ def step(module, x, mode):
     module(x)[0].sum().backward()
 
 
-def measure(point, repeats, warmup):
+def measure(point, repeats, warmup, dtype):
     torch.manual_seed(0)
     make = getattr(lstmkit, point.family)
-    auto = make(point.input_size, point.hidden, backend="auto")
-    portable = make(point.input_size, point.hidden, backend="portable")
+    auto = make(point.input_size, point.hidden, backend="auto", dtype=dtype)
+    portable = make(point.input_size, point.hidden, backend="portable", dtype=dtype)
     portable.load_state_dict(auto.state_dict())
-    x = torch.randn(point.steps, point.batch, point.input_size,
+    x = torch.randn(point.steps, point.batch, point.input_size, dtype=dtype,
                     requires_grad=point.mode == "train")
     times = {"auto": [], "portable": []}
     for repeat in range(warmup + repeats):
@@ -55,15 +57,18 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"),
+                        default="float32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     points = bench.grid("quick", tuple(args.family or bench.FAMILIES),
                         tuple(args.mode or bench.MODES))
+    print(f"{args.dtype}, {args.threads} threads")
     print(f"{'family':6} {'mode':7} {'B':>4} {'H':>5} {'T':>4} {'auto ms':>9} "
           f"{'portable ms':>12} {'portable/auto':>14}")
     slower = []
     for point in points:
-        ms = measure(point, args.repeats, args.warmup)
+        ms = measure(point, args.repeats, args.warmup, getattr(torch, args.dtype))
         ratio = ms["portable"] / ms["auto"]
         if ratio < 1:
             slower.append(point)

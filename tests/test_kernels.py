@@ -176,26 +176,28 @@ def test_gradcheck(backend, form, packed, reverse):
     assert torch.autograd.gradcheck(function, tensors, eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["portable", "native"])
 @pytest.mark.parametrize("family", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_runs_in_float32_and_returns_the_input_dtype(family, dtype):
-    """Low-precision inputs are computed in float32: the result equals the float32 kernel's
-    on the same (rounded) values, up to the rounding of the output to the input dtype."""
+def test_half_precision_runs_in_float32_and_returns_the_input_dtype(family, dtype, backend):
+    """Low-precision inputs are computed in float32: the result equals the same backend's
+    float32 kernel on the same (rounded) values, up to the rounding of the output to the input
+    dtype."""
     weights, states = make_case(family, 2, 3, 4, dtype, seed=9)
     layout = StepLayout.padded(5, 2)
     x = torch.randn(10, 3).to(dtype)
     leaves = [x.requires_grad_(), *[w.requires_grad_() for w in weights.values() if w is not None]]
-    out, *finals = run_kernel(family, x, states, weights, layout, False, "portable", {})
+    out, *finals = run_kernel(family, x, states, weights, layout, False, backend, {})
     assert out.dtype == dtype and all(f.dtype == dtype for f in finals)
     up = {k: None if v is None else v.detach().float() for k, v in weights.items()}
     out32, *_ = run_kernel(family, x.detach().float(), {k: v.float() for k, v in states.items()},
-                           up, layout, False, "portable", {})
+                           up, layout, False, backend, {})
     torch.testing.assert_close(out.detach().float(), out32.to(dtype).float(), rtol=0, atol=0)
     grads = torch.autograd.grad(out.float().sum(), leaves)
     leaves32 = [t.detach().float().requires_grad_() for t in leaves]
     w32 = dict(zip([k for k, v in weights.items() if v is not None], leaves32[1:]))
     out32, *_ = run_kernel(family, leaves32[0], {k: v.float() for k, v in states.items()},
-                           {k: w32.get(k) for k in weights}, layout, False, "portable", {})
+                           {k: w32.get(k) for k in weights}, layout, False, backend, {})
     grads32 = torch.autograd.grad(out32.sum(), leaves32)
     for grad, grad32 in zip(grads, grads32, strict=True):    # float32 backward, rounded once
         assert grad.dtype == dtype

@@ -641,6 +641,35 @@ def test_streaming_cell_fast_path_matches_reference(kind, dtype, batch, hidden, 
     assert general == []                                   # every step took the fast path
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch,hidden", [(1, 1), (1, 256), (5, 17), (9, 33)])
+@pytest.mark.parametrize("kind", list(STREAMING_CELLS))
+def test_low_precision_cells_compute_in_float32(kind, dtype, batch, hidden, monkeypatch):
+    """float16 and bfloat16 cells take the fast path too, their weights widened to float32 as
+    the kernel reads them: each step equals the float32 cell's on the same (widened) weights,
+    input and state, rounded to the dtype, bit for bit. Input size 20 and hidden 17 and 33: a
+    full 16-element load of a weight row and a partial one; hidden 256: two workers."""
+    general = count_general_cell_calls(monkeypatch)
+    cls, options, _ = STREAMING_CELLS[kind]
+    g = torch.Generator().manual_seed(hidden + batch)
+    cell = cls(20, hidden, dtype=dtype, **options)
+    wide = cls(20, hidden, **options)
+    wide.load_state_dict({k: v.float() for k, v in cell.state_dict().items()})
+    xs = torch.randn(4, batch, 20, generator=g).to(dtype)
+    state = tuple(torch.randn(batch, hidden, generator=g).to(dtype)
+                  for _ in range(2 if kind == "lstm" else 1))
+    with torch.no_grad():
+        for t in range(len(xs)):
+            expected = wide(xs[t].float(), tuple(s.float() for s in state) if kind == "lstm"
+                            else state[0].float())
+            new = cell(xs[t], state if kind == "lstm" else state[0])
+            state = new if kind == "lstm" else (new,)
+            expected = expected if kind == "lstm" else (expected,)
+            for got, want in zip(state, expected, strict=True):
+                assert got.dtype == dtype and torch.equal(got, want.to(dtype)), f"step {t}"
+    assert general == []
+
+
 def test_single_step_kernel_refuses_weights_of_the_wrong_shape():
     """A weight replaced by one of another shape must not be read past its end: the fast path
     leaves the call to the general path, and the kernel itself refuses it with a ValueError."""
@@ -1068,11 +1097,12 @@ def test_pooled_tensors_behave_like_any_tensor(empty_pool):
     assert not errors
 
 
-def test_auto_picks_native_for_cpu_float32_and_float64():
-    for dtype in (torch.float32, torch.float64):
+def test_auto_picks_native_on_the_cpu_for_every_floating_dtype():
+    # float16 and bfloat16 are computed in float32, as the portable kernels do.
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         assert kernels._function("lstm", "auto", torch.zeros(1, dtype=dtype)) is \
             native.NativeLSTMFunction
-    assert kernels._function("gru", "auto", torch.zeros(1, dtype=torch.bfloat16)) is \
+    assert kernels._function("gru", "auto", torch.zeros(1, dtype=torch.int64)) is \
         kernels.GRUFunction
 
 
@@ -1157,12 +1187,14 @@ def _cpu_flags() -> set:
 def test_avx2_build_matches_reference():
     """The code paths of CPUs without AVX-512 (4-row groups, no 6-row group, 8-float vectors):
     the kernels built for Haswell pass the reference comparisons of every driver and of the
-    single-step cells (whose lane sums shuffle 16-float vectors held as two halves)."""
+    single-step cells (whose lane sums shuffle 16-float vectors held as two halves, and whose
+    float16 and bfloat16 weights are widened element by element)."""
     tests = Path(__file__).parent
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-x", "-p", "no:cacheprovider",
          "-p", "native_for_avx2", f"{tests / 'test_native.py'}::test_matches_reference",
-         f"{tests / 'test_native.py'}::test_streaming_cell_fast_path_matches_reference"],
+         f"{tests / 'test_native.py'}::test_streaming_cell_fast_path_matches_reference",
+         f"{tests / 'test_native.py'}::test_low_precision_cells_compute_in_float32"],
         capture_output=True, text=True, cwd=tests.parent,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(
             filter(None, [str(tests), os.environ.get("PYTHONPATH")]))})

@@ -172,6 +172,12 @@ Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
                                    c10::typeMetaToScalarType(options.dtype()), c10::nullopt);
 }
 Tensor pooled_clone(const Tensor& t) { return pooled_empty(t.sizes(), t.options()).copy_(t); }
+// t in dtype `type`: t itself if it is already, else a copy in pooled memory (float16 weights
+// converted afresh at every call faulted in a page per 4 KiB of the copy); undefined stays so.
+Tensor to_type(const Tensor& t, at::ScalarType type) {
+  return !t.defined() || t.scalar_type() == type
+             ? t : pooled_empty(t.sizes(), t.options().dtype(type)).copy_(t);
+}
 
 // ---- SIMD vectors (GCC/Clang vector extensions: AVX-512, AVX2 or SSE, as the machine has) ----
 
@@ -2135,22 +2141,48 @@ __attribute__((always_inline)) inline V<S> lane_sums(V<S>* acc) {
   }
 }
 
+// n weights from p in the compute type S: as stored (W = S), or float16 / bfloat16 widened to
+// float32, which holds each of their values exactly. The single-step kernels read the weights
+// of low-precision cells this way: converting them to float32 first, a copy of 2 MiB per step at
+// hidden 256 (fresh memory: page faults), cost more than the step.
+template <typename S, typename W>
+__attribute__((always_inline)) inline V<S> load_weights(const W* p, int n) {
+  if constexpr (std::is_same<W, S>::value) {
+    return load(p, n);
+  } else {
+    static_assert(std::is_same<S, float>::value &&
+                  (std::is_same<W, c10::Half>::value || std::is_same<W, c10::BFloat16>::value),
+                  "load_weights widens float16 and bfloat16 to float32 only");
+#ifdef __AVX512F__
+    if (n == Vec<S>::L) {
+      __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      if constexpr (std::is_same<W, c10::Half>::value) return (V<S>)_mm512_cvtph_ps(raw);
+      // bfloat16 is the top half of a float32's bits.
+      return (V<S>)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    }
+#endif
+    V<S> v = {};
+    for (int i = 0; i < n; ++i) v[i] = static_cast<float>(p[i]);
+    return v;
+  }
+}
+
 // acc[b][l] += w[l ld + k] z[b zs + k] lane by lane over k < K, for NB rows of z and the
 // first `rows` (<= R) of the R rows at w (the lanes are summed by lane_sums): each weight vector
 // loaded once for the NB rows. One running pointer down the rows: with one per row (16) the
 // compiler kept some of them on the stack and reloaded them at every step of k (batch 1 /
 // hidden 256, 17.9 -> 16.9 us per step).
-template <typename S, int NB, int R>
+template <typename S, int NB, int R, typename W>
 __attribute__((always_inline)) inline void accumulate_rows(V<S> (&acc)[NB][R], int rows,
-                                                           const S* w, i64 ld, const S* z,
+                                                           const W* w, i64 ld, const S* z,
                                                            i64 zs, i64 K) {
   constexpr int L = Vec<S>::L;
   auto chunk = [&](i64 k, int n) __attribute__((always_inline)) {
     V<S> zv[NB];
     for (int b = 0; b < NB; ++b) zv[b] = load(z + b * zs + k, n);
-    const S* p = w + k;
+    const W* p = w + k;
     for (int l = 0; l < rows; ++l, p += ld) {
-      V<S> wv = load(p, n);
+      V<S> wv = load_weights<S>(p, n);
       for (int b = 0; b < NB; ++b) acc[b][l] += wv * zv[b];
     }
   };
@@ -2163,11 +2195,11 @@ __attribute__((always_inline)) inline void accumulate_rows(V<S> (&acc)[NB][R], i
 // gate's unit block) of W_ih (if with_x) and W_hh (if with_h), summed: (NB, L) partial sums made
 // R = L / NB weight rows at a time (NB x R accumulators), each row's L summed by lane_sums into
 // out[(b0 + b) stride].
-template <typename S, int NB>
+template <typename S, int NB, typename W>
 __attribute__((always_inline)) inline void gate_rows(V<S>* out, i64 stride, i64 row, int n,
                                                      i64 b0, bool with_x, bool with_h,
-                                                     const S* x, const S* w_ih, i64 I,
-                                                     const S* h, const S* w_hh, i64 H) {
+                                                     const S* x, const W* w_ih, i64 I,
+                                                     const S* h, const W* w_hh, i64 H) {
   constexpr int L = Vec<S>::L, R = L / NB;
   V<S> sums[NB][L] = {};
   for (int r0 = 0; r0 < n; r0 += R) {
@@ -2185,11 +2217,11 @@ __attribute__((always_inline)) inline void gate_rows(V<S>* out, i64 stride, i64 
 // gate_rows for all B batch rows: four at a time (each weight vector loaded serves the four),
 // then one at a time. Two at a time was slower than one: LSTM per step, batch 2 / hidden 256,
 // 26.0 against 23.4 us; four at a time, batch 4, 28.4 against 34.0, batch 8, 50.4 against 55.8.
-template <typename S>
+template <typename S, typename W>
 __attribute__((always_inline)) inline void batch_rows(V<S>* out, i64 stride, i64 row, int n,
                                                       i64 B, bool with_x, bool with_h,
-                                                      const S* x, const S* w_ih, i64 I,
-                                                      const S* h, const S* w_hh, i64 H) {
+                                                      const S* x, const W* w_ih, i64 I,
+                                                      const S* h, const W* w_hh, i64 H) {
   i64 b = 0;
   for (; b + 4 <= B; b += 4)
     gate_rows<S, 4>(out, stride, row, n, b, with_x, with_h, x, w_ih, I, h, w_hh, H);
@@ -2207,8 +2239,9 @@ enum class CellKind { LSTM = 0, GRU = 1, RNN_TANH = 2, RNN_RELU = 3, GRU_RESET_B
 // after the product (r, z, n), the Elman RNN (tanh or relu). The unit blocks are split over
 // the cores, the same blocks on the same thread every call, so that each core's rows of the
 // weights (1 MiB of the LSTM's 2 at hidden and input 256) stay in its L2 cache from call to
-// call. Each block's rows of a gate are read once for all batch rows (see batch_rows).
-template <typename S, CellKind kind>
+// call. Each block's rows of a gate are read once for all batch rows (see batch_rows). W: the
+// weights' element type, S or (S float32) float16 / bfloat16 (see load_weights).
+template <typename S, CellKind kind, typename W = S>
 std::vector<Tensor> cell_step(const Tensor& x, const Tensor& h, const Tensor& c,
                               const Tensor& w_ih, const Tensor& w_hh, const Tensor& b_ih,
                               const Tensor& b_hh) {
@@ -2226,8 +2259,8 @@ std::vector<Tensor> cell_step(const Tensor& x, const Tensor& h, const Tensor& c,
   GRUForwardGates<S> gru{nullptr, ptr<S>(b_ih), ptr<S>(b_hh), nullptr, H};
   const S* xs = ptr<S>(x);
   const S* hs = ptr<S>(h);
-  const S* wi = ptr<S>(w_ih);
-  const S* wh = ptr<S>(w_hh);
+  const W* wi = ptr<W>(w_ih);
+  const W* wh = ptr<W>(w_hh);
   const S* bi = ptr<S>(b_ih);
   const S* bh = ptr<S>(b_hh);
   S* hp = ptr<S>(h_new);
@@ -2268,8 +2301,8 @@ std::vector<Tensor> cell_step(const Tensor& x, const Tensor& h, const Tensor& c,
 // driver's, since the candidate's product needs r h whole: run_steps' step 0 makes each
 // block's r and z (the input's and the state's products apart, as the driver sums them), r h,
 // z and the input's product of n into buffers of the call; step 1 the candidate's product over
-// r h, the candidate and h'. Arguments as cell_step's.
-template <typename S>
+// r h, the candidate and h'. Arguments (and W) as cell_step's.
+template <typename S, typename W = S>
 std::vector<Tensor> gru_reset_before_step(const Tensor& x, const Tensor& h, const Tensor& w_ih,
                                           const Tensor& w_hh, const Tensor& b_ih,
                                           const Tensor& b_hh) {
@@ -2281,8 +2314,8 @@ std::vector<Tensor> gru_reset_before_step(const Tensor& x, const Tensor& h, cons
   GRUResetBeforeGates<S> gates{ptr<S>(b_ih), ptr<S>(b_hh), H};
   const S* xs = ptr<S>(x);
   const S* hs = ptr<S>(h);
-  const S* wi = ptr<S>(w_ih);
-  const S* wh = ptr<S>(w_hh);
+  const W* wi = ptr<W>(w_ih);
+  const W* wh = ptr<W>(w_hh);
   S* hp = ptr<S>(h_new);
   S* rhp = ptr<S>(rh);
   S* zp = ptr<S>(z);
@@ -2799,22 +2832,46 @@ bool cell_weights_on_cpu(const Tensor& x, const Tensor& w_ih, const Tensor& w_hh
   return fits(w_ih) && fits(w_hh) && fits(b_ih) && fits(b_hh);
 }
 
+// The single-step kernel of a CellKind, in compute type S on weights of element type W.
+template <typename S, typename W>
+std::vector<Tensor> cell_of_kind(int kind, const Tensor& x, const Tensor& h, const Tensor& c,
+                                 const Tensor& w_ih, const Tensor& w_hh, const Tensor& b_ih,
+                                 const Tensor& b_hh) {
+  switch (static_cast<CellKind>(kind)) {
+    case CellKind::LSTM: return cell_step<S, CellKind::LSTM, W>(x, h, c, w_ih, w_hh, b_ih, b_hh);
+    case CellKind::GRU: return cell_step<S, CellKind::GRU, W>(x, h, c, w_ih, w_hh, b_ih, b_hh);
+    case CellKind::RNN_TANH:
+      return cell_step<S, CellKind::RNN_TANH, W>(x, h, c, w_ih, w_hh, b_ih, b_hh);
+    case CellKind::RNN_RELU:
+      return cell_step<S, CellKind::RNN_RELU, W>(x, h, c, w_ih, w_hh, b_ih, b_hh);
+    default: return gru_reset_before_step<S, W>(x, h, w_ih, w_hh, b_ih, b_hh);
+  }
+}
+
 // One step of the single-step API (see cell_step), its arguments checked by the caller; kind:
-// CellKind's value (native.py's CELL_KINDS); c, b_ih, b_hh contiguous or undefined. Returns
-// [h', c'] for the LSTM, [h'] otherwise.
+// CellKind's value (native.py's CELL_KINDS); c, b_ih, b_hh contiguous or undefined; float32,
+// float64, or float16 / bfloat16, computed in float32 (the weights widened as the kernel reads
+// them, the rest here) and returned in their dtype. Returns [h', c'] for the LSTM, [h']
+// otherwise.
 std::vector<Tensor> run_cell(int kind, Tensor x, Tensor h, const Tensor& c, Tensor w_ih,
                              Tensor w_hh, const Tensor& b_ih, const Tensor& b_hh) {
   for (auto* t : {&x, &h, &w_ih, &w_hh}) *t = t->contiguous();
-  return LSTMKIT_DISPATCH(x.scalar_type(), [&] {
-    switch (static_cast<CellKind>(kind)) {
-      case CellKind::LSTM: return cell_step<scalar, CellKind::LSTM>(x, h, c, w_ih, w_hh, b_ih, b_hh);
-      case CellKind::GRU: return cell_step<scalar, CellKind::GRU>(x, h, c, w_ih, w_hh, b_ih, b_hh);
-      case CellKind::RNN_TANH:
-        return cell_step<scalar, CellKind::RNN_TANH>(x, h, c, w_ih, w_hh, b_ih, b_hh);
-      case CellKind::RNN_RELU:
-        return cell_step<scalar, CellKind::RNN_RELU>(x, h, c, w_ih, w_hh, b_ih, b_hh);
-      default: return gru_reset_before_step<scalar>(x, h, w_ih, w_hh, b_ih, b_hh);
-    }
+  const at::ScalarType dtype = x.scalar_type();
+  if (dtype == at::kHalf || dtype == at::kBFloat16) {
+    std::vector<Tensor> out =
+        dtype == at::kHalf
+            ? cell_of_kind<float, c10::Half>(kind, to_type(x, at::kFloat), to_type(h, at::kFloat),
+                                             to_type(c, at::kFloat), w_ih, w_hh,
+                                             to_type(b_ih, at::kFloat), to_type(b_hh, at::kFloat))
+            : cell_of_kind<float, c10::BFloat16>(kind, to_type(x, at::kFloat),
+                                                 to_type(h, at::kFloat), to_type(c, at::kFloat),
+                                                 w_ih, w_hh, to_type(b_ih, at::kFloat),
+                                                 to_type(b_hh, at::kFloat));
+    for (Tensor& t : out) t = t.to(dtype);
+    return out;
+  }
+  return LSTMKIT_DISPATCH(dtype, [&] {
+    return cell_of_kind<scalar, scalar>(kind, x, h, c, w_ih, w_hh, b_ih, b_hh);
   });
 }
 
@@ -2840,7 +2897,8 @@ std::vector<Tensor> cell_step_py(int kind, Tensor x, Tensor h, c10::optional<Ten
 // The cells' fast path (see _CellBase.forward): the step, as cell_step, when the call fits the
 // kernel as it is, None otherwise, for the general path (which checks everything and words the
 // errors). It fits with grad mode and CPU autocast off, and x (B, I) with B > 0 and each state
-// (B, H) tensors (not subclasses) on the CPU of the weights' dtype, float32 or float64; hx the
+// (B, H) tensors (not subclasses) on the CPU of the weights' dtype (float32, float64, float16
+// or bfloat16); hx the
 // tuple (h, c) for the LSTM, h for the others. These checks in Python took 2.4 us of a 10.6 us
 // step (LSTMCell, batch 1 / hidden 64).
 py::object cell_step_if_py(int kind, py::handle x_obj, py::handle hx, const Tensor& w_ih,
@@ -2857,7 +2915,8 @@ py::object cell_step_if_py(int kind, py::handle x_obj, py::handle hx, const Tens
     states[1] = PyTuple_GET_ITEM(hx.ptr(), 1);
   }
   const auto dtype = w_ih.scalar_type();
-  if (!(dtype == at::kFloat || dtype == at::kDouble) || w_ih.dim() != 2 || w_hh.dim() != 2)
+  if (!(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+        dtype == at::kBFloat16) || w_ih.dim() != 2 || w_hh.dim() != 2)
     return py::none();
   auto fits = [&](PyObject* obj, i64 rows, i64 cols) {
     if (!THPVariable_CheckExact(obj)) return false;
@@ -3003,9 +3062,6 @@ using torch::autograd::variable_list;
 
 inline at::ScalarType compute_type(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16 ? at::kFloat : t;
-}
-inline Tensor to_type(const Tensor& t, at::ScalarType type) {
-  return !t.defined() || t.scalar_type() == type ? t : t.to(type);
 }
 inline c10::optional<Tensor> maybe(const Tensor& t) {
   return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt;

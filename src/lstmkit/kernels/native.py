@@ -35,10 +35,13 @@ import torch
 from . import gru as _gru
 from . import lstm as _lstm
 from . import rnn as _rnn
-from ._precision import cast_like, compute_dtype, upcast
+from ._precision import cast_like, compute_dtype
 
 _SOURCE = Path(__file__).with_name("_native.cpp")
 NATIVE_DTYPES = (torch.float32, torch.float64)
+# What the single-step kernel takes as it is: float16 and bfloat16 too, their weights widened to
+# float32 as it reads them (see load_weights in _native.cpp).
+STEP_DTYPES = NATIVE_DTYPES + (torch.float16, torch.bfloat16)
 
 # Which driver runs a layer (`_driver`). "fused": our register-blocked product, W_hh packed
 # and split across the cores for the whole sequence, one synchronisation per step; it wins at
@@ -187,8 +190,9 @@ def unavailable_reason():
 
 
 def supports(x: torch.Tensor) -> bool:
-    """Whether `backend="auto"` should run native for this input: CPU, float32/float64, built."""
-    return x.device.type == "cpu" and x.dtype in NATIVE_DTYPES and available()
+    """Whether `backend="auto"` should run native for this input: CPU, built, float32/float64
+    or float16/bfloat16 (computed in float32, as every kernel here does)."""
+    return x.device.type == "cpu" and compute_dtype(x.dtype) in NATIVE_DTYPES and available()
 
 
 def _needs_autograd(tensors) -> bool:
@@ -201,6 +205,19 @@ def pooled_empty(shape, like: torch.Tensor) -> torch.Tensor:
     memory already mapped, where fresh memory costs a page fault per 4 KiB (0.9 us each on the
     benchmark machine: about 5000 per training step at batch 32 / hidden 256 before the pool)."""
     return module().pooled_empty(list(shape), like)
+
+
+def _in_compute_dtype(tensors):
+    """The tensors in the compute dtype of the first (`compute_dtype`), those converted in pooled
+    memory: a float16 layer's weights converted afresh at every call faulted in a page per
+    4 KiB of the copy (as long as the whole forward at batch 1 / hidden 256)."""
+    dtype = compute_dtype(tensors[0].dtype)
+    like = _EMPTY.setdefault(dtype, torch.empty(0, dtype=dtype))    # pooled_empty's dtype
+    return [t if t is None or t.dtype == dtype else
+            module().pooled_empty(list(t.shape), like).copy_(t) for t in tensors]
+
+
+_EMPTY = {}         # an empty CPU tensor per dtype, made once
 
 
 def pooled_copy(t: torch.Tensor) -> torch.Tensor:
@@ -374,12 +391,12 @@ class NativeLSTMFunction:
     def infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole=None, form=0):
         """apply() when no gradient is wanted: the forward kernel alone, nothing saved."""
         if layout.steps == 1 and w_hr is None and w_peephole is None and not form and \
-                x.dtype in NATIVE_DTYPES:
+                x.dtype in STEP_DTYPES:
             h_1, c_1 = step_inference("lstm", x, h0, c0, w_ih, w_hh, b_ih, b_hh)
             return h_1, h_1, c_1
         originals = (x, h0, c0)
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole = upcast(
-            (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole), compute_dtype(x.dtype))
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole = _in_compute_dtype(
+            (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole))
         parts, input_in_step, own = _lstm_plan(layout, w_ih, w_hh, w_hr)
         out, h_T, c_T, _, _ = module().lstm_forward(
             x, b_ih, b_hh, h0, c0, w_ih, w_hh, w_hr, layout.batch_sizes, reverse, False, parts,
@@ -403,12 +420,12 @@ class NativeGRUFunction:
             return _gru.GRUFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse,
                                           reset_after)
         inference = not _needs_autograd((x, h0, w_ih, w_hh, b_ih, b_hh))
-        if inference and layout.steps == 1 and x.dtype in NATIVE_DTYPES:
+        if inference and layout.steps == 1 and x.dtype in STEP_DTYPES:
             (h_1,) = step_inference(gru_cell(reset_after), x, h0, None, w_ih, w_hh, b_ih, b_hh)
             return h_1, h_1
         parts = _driver(layout, w_hh, not reset_after, itemsize=compute_dtype(x.dtype).itemsize)
         if inference:
-            args = upcast((x, h0, w_ih, w_hh, b_ih, b_hh), compute_dtype(x.dtype))
+            args = _in_compute_dtype((x, h0, w_ih, w_hh, b_ih, b_hh))
             out, h_T, _ = module().gru_forward(args[0], args[4], args[5], args[1], args[2],
                                                args[3], layout.batch_sizes, reverse,
                                                reset_after, False, parts)
@@ -435,12 +452,12 @@ class NativeRNNFunction:
                                           nonlinearity)
         relu = nonlinearity == "relu"
         inference = not _needs_autograd((x, h0, w_ih, w_hh, b_ih, b_hh))
-        if inference and layout.steps == 1 and x.dtype in NATIVE_DTYPES:
+        if inference and layout.steps == 1 and x.dtype in STEP_DTYPES:
             (h_1,) = step_inference(rnn_cell(nonlinearity), x, h0, None, w_ih, w_hh, b_ih, b_hh)
             return h_1, h_1
         parts = _driver(layout, w_hh, itemsize=compute_dtype(x.dtype).itemsize)
         if inference:
-            args = upcast((x, h0, w_ih, w_hh, b_ih, b_hh), compute_dtype(x.dtype))
+            args = _in_compute_dtype((x, h0, w_ih, w_hh, b_ih, b_hh))
             out, h_T = module().rnn_forward(args[0], args[4], args[5], args[1], args[2], args[3],
                                             layout.batch_sizes, reverse, relu, parts)
             return tuple(cast_like((out, h_T), (x, h0)))
