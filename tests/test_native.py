@@ -829,6 +829,29 @@ def test_module_step_takes_the_single_step_kernel(family, dtype, layers, batch, 
     assert calls == [native.CELL_KINDS[family]] * layers * len(xs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("family", list(MODULE_STEPS))
+def test_low_precision_module_step_takes_the_single_step_kernel(family, dtype, monkeypatch):
+    """step() of a float16 or bfloat16 module runs each layer through the single-step kernel
+    (whose results are checked against float32 above) and gives forward's results on the
+    one-step sequence, bit for bit."""
+    ours_cls, _, options = MODULE_STEPS[family]
+    torch.manual_seed(3)
+    ours = ours_cls(5, 17, num_layers=2, dtype=dtype, **options).eval()
+    x = torch.randn(3, 5).to(dtype)
+    hx = torch.randn(2, 3, 17).to(dtype)
+    hx = (hx, torch.randn(2, 3, 17).to(dtype)) if family == "lstm" else hx
+    with torch.no_grad():
+        expected, expected_state = ours(x[None], hx)
+        calls = count_native_steps(monkeypatch)
+        y, state = ours.step(x, hx)
+    assert calls == [native.CELL_KINDS[family]] * 2
+    assert y.dtype == dtype and torch.equal(y, expected[0])
+    for got, want in zip(state if family == "lstm" else [state],
+                         expected_state if family == "lstm" else [expected_state], strict=True):
+        assert torch.equal(got, want)
+
+
 def test_module_step_leaves_other_calls_to_forward(monkeypatch):
     """What the single-step kernel does not compute as it is takes forward's path, with the
     same results: gates wanted, a projection, a variant, gradients, dropout in training,

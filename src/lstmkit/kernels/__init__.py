@@ -8,8 +8,9 @@ Backends:
     "portable": torch operations only; any device, any floating dtype. The reference for the
     faster backends and the fallback when they are unavailable.
     "native": whole-sequence loops compiled from C++ on first use (see `native.py`); CPU,
-    float32 and float64. If it cannot be built, the portable kernels run (one warning says why).
-    "auto": native for CPU float32/float64 inputs when it is available, portable otherwise.
+    computing in float32 or float64 (float16 and bfloat16 in float32, as the portable kernels
+    do). If it cannot be built, the portable kernels run (one warning says why).
+    "auto": native for CPU inputs when it is available, portable otherwise.
 """
 
 from ..reference.rnn import NONLINEARITIES

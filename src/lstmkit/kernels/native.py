@@ -257,7 +257,7 @@ def step_inference(kind: str, x, h, c, w_ih, w_hh, b_ih, b_hh):
     "rnn_tanh" or "rnn_relu".
     The path of one-step sequences (the modules' `step()`): the weights are read as they are,
     nothing packed or cached (see cell_step in _native.cpp). The caller has checked what the
-    layer's Function would: CPU tensors of one dtype in NATIVE_DTYPES, these shapes, no
+    layer's Function would: CPU tensors of one dtype in STEP_DTYPES, these shapes, no
     gradient wanted, the native module loaded.
     """
     return module().cell_step(CELL_KINDS[kind], x, h, c, w_ih, w_hh, b_ih, b_hh)
@@ -266,7 +266,7 @@ def step_inference(kind: str, x, h, c, w_ih, w_hh, b_ih, b_hh):
 def step_if_fits(kind: int, x, hx, w_ih, w_hh, b_ih, b_hh):
     """The cells' fast path in inference: the step (h' or (h', c')) if the call fits the native
     single-step kernel as it is, checked in C++ (no grad mode, no autocast, x (B, I) and the
-    state(s) (B, H) plain CPU tensors of the weights' dtype, float32 or float64); None if not,
+    state(s) (B, H) plain CPU tensors of the weights' dtype, one of STEP_DTYPES); None if not,
     or if the native module is unavailable. kind: a CELL_KINDS value."""
     m = _state["module"] if _state["tried"] else module()
     return None if m is None else m.cell_step_if(kind, x, hx, w_ih, w_hh, b_ih, b_hh)
