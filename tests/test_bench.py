@@ -59,11 +59,22 @@ def test_isolated_points_run_in_a_fresh_process_with_the_same_threads():
     assert "RuntimeWarning" not in done.stderr
 
 
-def test_short_points_get_more_calls_than_repeats():
+def test_short_points_get_more_calls_than_repeats(monkeypatch):
     point = bench.Point("LSTM", "forward", batch=1, hidden=3, input_size=2, steps=2)
-    timing = bench.time_point(point, repeats=2, warmup=0, min_seconds=0.05)
-    assert timing["calls"] > 2 and timing["lstmkit_s"] > 0 and timing["torch_s"] > 0
-    assert bench.time_point(point, repeats=2, warmup=0, min_seconds=0)["calls"] == 2
+    timing = bench.time_point(point, repeats=2, warmup=0, min_seconds=0)
+    assert timing["calls"] == 2 and timing["lstmkit_s"] > 0 and timing["torch_s"] > 0
+    # Every call timed as 1 ms (the machine's speed must not decide the count): 0.05 s of
+    # calls of both sides take 25 of each.
+    timed = []
+
+    def one_millisecond(fn, device, repeats):
+        fn()
+        timed.append(fn)
+        return 1e-3
+
+    monkeypatch.setattr(bench, "_median_time", one_millisecond)
+    assert bench.time_point(point, repeats=2, warmup=0, min_seconds=0.05)["calls"] == 25
+    assert len(timed) == 50
 
 
 def _row(target_class, speedup, torch_gflops, lstmkit_gflops, rate, products=None):
@@ -145,8 +156,8 @@ def test_products_seconds_times_the_products_alone(monkeypatch):
     for point in (forward, train, one_layer):
         assert bench.products_seconds(point, repeats=1) > 0
     assert bench.products_seconds(train, dtype=torch.float64, repeats=1) > 0
-    # float16 and bfloat16 run in float32, and so do their products (the native kernels, which
-    # time them, take float32 and float64 only).
+    # float16 and bfloat16 run in float32, and so do their products (the native timing
+    # primitives, step_products and products, take float32 and float64 only).
     assert bench.products_seconds(train, dtype=torch.float16, repeats=1) > 0
     # Where lstmkit's own step kernel runs (batch 1), MKL's speed bounds nothing.
     assert bench.products_seconds(bench.Point(batch=1, hidden=5, steps=3), repeats=1) is None

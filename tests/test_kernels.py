@@ -182,7 +182,7 @@ def test_gradcheck(backend, form, packed, reverse):
 def test_half_precision_runs_in_float32_and_returns_the_input_dtype(family, dtype, backend):
     """Low-precision inputs are computed in float32: the result equals the same backend's
     float32 kernel on the same (rounded) values, up to the rounding of the output to the input
-    dtype."""
+    dtype, in training and in inference (the native kernels' separate forward path)."""
     weights, states = make_case(family, 2, 3, 4, dtype, seed=9)
     layout = StepLayout.padded(5, 2)
     x = torch.randn(10, 3).to(dtype)
@@ -193,6 +193,9 @@ def test_half_precision_runs_in_float32_and_returns_the_input_dtype(family, dtyp
     out32, *_ = run_kernel(family, x.detach().float(), {k: v.float() for k, v in states.items()},
                            up, layout, False, backend, {})
     torch.testing.assert_close(out.detach().float(), out32.to(dtype).float(), rtol=0, atol=0)
+    with torch.no_grad():                 # inference: converted once per call, then the same
+        out_inference, *_ = run_kernel(family, x, states, weights, layout, False, backend, {})
+    assert torch.equal(out_inference, out.detach())
     grads = torch.autograd.grad(out.float().sum(), leaves)
     leaves32 = [t.detach().float().requires_grad_() for t in leaves]
     w32 = dict(zip([k for k, v in weights.items() if v is not None], leaves32[1:]))

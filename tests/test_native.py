@@ -670,6 +670,68 @@ def test_low_precision_cells_compute_in_float32(kind, dtype, batch, hidden, monk
     assert general == []
 
 
+ELEMENTWISE_VARIANTS = {
+    "peepholes": lstmkit.LSTMVariant(peepholes=True),
+    "cifg-peepholes": lstmkit.LSTMVariant.greff("CIFG"),
+    "no-input-no-output-gate": lstmkit.LSTMVariant(input_gate=False, output_gate=False),
+    "nfg-hard-sigmoid": lstmkit.LSTMVariant(forget_gate=False, gate_activation="hard_sigmoid"),
+    "softsign-identity": lstmkit.LSTMVariant(cell_activation="softsign",
+                                             output_activation="identity"),
+    "peepholes-hardtanh": lstmkit.LSTMVariant(peepholes=True, cell_activation="hardtanh"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
+                         ids=["f64", "f32", "bf16"])
+@pytest.mark.parametrize("batch,hidden", [(1, 1), (5, 17), (1, 256)])
+@pytest.mark.parametrize("variant", list(ELEMENTWISE_VARIANTS))
+def test_elementwise_variant_cells_take_the_single_step_kernel(variant, batch, hidden, dtype,
+                                                               monkeypatch):
+    """LSTMCell with peepholes, CIFG, removed gates or other activations runs native: in
+    inference one step of the single-step kernel per call, equal to the portable variant
+    kernel in float64 (to float32's tolerance in float32, and in bfloat16 bit for bit to
+    the float32 kernel on the widened values); in training the native layer, whose
+    gradients equal the portable kernel's."""
+    g = torch.Generator().manual_seed(hidden * 10 + batch)
+    cell = lstmkit.LSTMCell(4, hidden, variant=ELEMENTWISE_VARIANTS[variant], dtype=dtype)
+    if "peephole" in variant:
+        with torch.no_grad():
+            cell.weight_peephole.copy_(torch.rand(3 * hidden, generator=g) - 0.5)
+    exact = lstmkit.LSTMCell(4, hidden, variant=cell.variant, dtype=torch.float64,
+                             backend="portable")
+    exact.load_state_dict({k: v.double() for k, v in cell.state_dict().items()})
+    widened = lstmkit.LSTMCell(4, hidden, variant=cell.variant)
+    widened.load_state_dict({k: v.float() for k, v in cell.state_dict().items()})
+    xs = torch.randn(3, batch, 4, generator=g).to(dtype)
+    state = tuple(torch.randn(batch, hidden, generator=g).to(dtype) for _ in range(2))
+    calls = count_native_steps(monkeypatch, "step_inference")
+    with torch.no_grad():
+        for t in range(len(xs)):
+            expected = exact(xs[t].double(), tuple(s.double() for s in state))
+            if dtype == torch.bfloat16:
+                widened_step = widened(xs[t].float(), tuple(s.float() for s in state))
+            state = cell(xs[t], state)
+            for name, got, want in zip(("h", "c"), state, expected, strict=True):
+                if dtype == torch.bfloat16:
+                    want32 = widened_step[0 if name == "h" else 1]
+                    assert torch.equal(got, want32.to(dtype)), f"{name} at step {t}"
+                else:
+                    assert_close(f"{name} at step {t}", got, want.numpy(), dtype)
+    assert calls == ["lstm"] * len(xs) * (2 if dtype == torch.bfloat16 else 1)
+    if dtype != torch.float64:
+        return
+    # Training: the native layer (a one-step sequence), gradients as the portable kernel's.
+    x = xs[0].clone().requires_grad_()
+    for module in (cell, exact):
+        module.zero_grad()
+    cell(x, state)[0].sum().backward()
+    x_exact = xs[0].clone().requires_grad_()
+    exact(x_exact, state)[0].sum().backward()
+    assert_close("dx", x.grad, x_exact.grad.numpy(), dtype)
+    for (name, p), q in zip(cell.named_parameters(), exact.parameters(), strict=True):
+        assert_close(f"d{name}", p.grad, q.grad.numpy(), dtype)
+
+
 def test_single_step_kernel_refuses_weights_of_the_wrong_shape():
     """A weight replaced by one of another shape must not be read past its end: the fast path
     leaves the call to the general path, and the kernel itself refuses it with a ValueError."""
@@ -832,24 +894,35 @@ def test_module_step_takes_the_single_step_kernel(family, dtype, layers, batch, 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("family", list(MODULE_STEPS))
 def test_low_precision_module_step_takes_the_single_step_kernel(family, dtype, monkeypatch):
-    """step() of a float16 or bfloat16 module runs each layer through the single-step kernel
-    (whose results are checked against float32 above) and gives forward's results on the
-    one-step sequence, bit for bit."""
+    """step() of a float16 or bfloat16 module runs each layer through the single-step kernel:
+    each layer's results are the float32 layer's on the widened weights, input and state,
+    rounded to the dtype, bit for bit (the second layer's input is the first's rounded
+    output)."""
     ours_cls, _, options = MODULE_STEPS[family]
     torch.manual_seed(3)
     ours = ours_cls(5, 17, num_layers=2, dtype=dtype, **options).eval()
+    wide = [ours_cls(5 if layer == 0 else 17, 17, **options).eval() for layer in range(2)]
+    for layer, module in enumerate(wide):
+        module.load_state_dict({name.replace(f"_l{layer}", "_l0"): p.float()
+                                for name, p in ours.state_dict().items()
+                                if name.endswith(f"_l{layer}")})
     x = torch.randn(3, 5).to(dtype)
     hx = torch.randn(2, 3, 17).to(dtype)
     hx = (hx, torch.randn(2, 3, 17).to(dtype)) if family == "lstm" else hx
+    calls = count_native_steps(monkeypatch)
     with torch.no_grad():
-        expected, expected_state = ours(x[None], hx)
-        calls = count_native_steps(monkeypatch)
         y, state = ours.step(x, hx)
-    assert calls == [native.CELL_KINDS[family]] * 2
-    assert y.dtype == dtype and torch.equal(y, expected[0])
-    for got, want in zip(state if family == "lstm" else [state],
-                         expected_state if family == "lstm" else [expected_state], strict=True):
-        assert torch.equal(got, want)
+        layer_input = x
+        for layer, module in enumerate(wide):
+            layer_state = tuple(s[layer:layer + 1].float() for s in hx) if family == "lstm" \
+                else hx[layer:layer + 1].float()
+            out, new = module(layer_input[None].float(), layer_state)
+            for got, want in zip(state if family == "lstm" else [state],
+                                 new if family == "lstm" else [new], strict=True):
+                assert torch.equal(got[layer], want[0].to(dtype)), f"layer {layer}"
+            layer_input = out[0].to(dtype)
+    assert y.dtype == dtype and torch.equal(y, layer_input)
+    assert calls[:2] == [native.CELL_KINDS[family]] * 2
 
 
 def test_module_step_leaves_other_calls_to_forward(monkeypatch):

@@ -2153,12 +2153,24 @@ __attribute__((always_inline)) inline V<S> load_weights(const W* p, int n) {
     static_assert(std::is_same<S, float>::value &&
                   (std::is_same<W, c10::Half>::value || std::is_same<W, c10::BFloat16>::value),
                   "load_weights widens float16 and bfloat16 to float32 only");
-#ifdef __AVX512F__
+    // bfloat16 is the top half of a float32's bits: widened by a 16-bit shift.
+#if defined(__AVX512F__)
     if (n == Vec<S>::L) {
       __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
       if constexpr (std::is_same<W, c10::Half>::value) return (V<S>)_mm512_cvtph_ps(raw);
-      // bfloat16 is the top half of a float32's bits.
       return (V<S>)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    }
+#elif defined(__AVX2__) && defined(__F16C__)
+    if (n == Vec<S>::L) {                       // the 16 floats as two halves of 8
+      alignas(64) float wide[16];
+      for (int half = 0; half < 2; ++half) {
+        __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8 * half));
+        __m256 v;
+        if constexpr (std::is_same<W, c10::Half>::value) v = _mm256_cvtph_ps(raw);
+        else v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+        _mm256_store_ps(wide + 8 * half, v);
+      }
+      return load(wide, 16);
     }
 #endif
     V<S> v = {};
@@ -2240,11 +2252,13 @@ enum class CellKind { LSTM = 0, GRU = 1, RNN_TANH = 2, RNN_RELU = 3, GRU_RESET_B
 // the cores, the same blocks on the same thread every call, so that each core's rows of the
 // weights (1 MiB of the LSTM's 2 at hidden and input 256) stay in its L2 cache from call to
 // call. Each block's rows of a gate are read once for all batch rows (see batch_rows). W: the
-// weights' element type, S or (S float32) float16 / bfloat16 (see load_weights).
+// weights' element type, S or (S float32) float16 / bfloat16 (see load_weights). The LSTM
+// also takes LSTMVariant's elementwise changes: peepholes (3H) or undefined, and the cell's
+// form (see CellForm).
 template <typename S, CellKind kind, typename W = S>
 std::vector<Tensor> cell_step(const Tensor& x, const Tensor& h, const Tensor& c,
                               const Tensor& w_ih, const Tensor& w_hh, const Tensor& b_ih,
-                              const Tensor& b_hh) {
+                              const Tensor& b_hh, const Tensor& peephole = {}, int form = 0) {
   constexpr int L = Vec<S>::L;
   const i64 B = x.size(0), I = x.size(1), H = h.size(1);
   // Products per block and batch row: the LSTM's four gates (input and state summed), the GRU's
@@ -2255,7 +2269,8 @@ std::vector<Tensor> cell_step(const Tensor& x, const Tensor& h, const Tensor& c,
   Tensor c_new = kind == CellKind::LSTM ? pooled_clone(c) : Tensor();
   // The LSTM's a = (x W_ih^T + b_ih) + (h W_hh^T + b_hh): b_ih where the layer's projected
   // input row goes (row 0 for every batch row), b_hh as the bias.
-  LSTMForwardGates<S> lstm{ptr<S>(b_ih), ptr<S>(b_hh), ptr<S>(c_new), nullptr, nullptr, H};
+  LSTMForwardGates<S> lstm{ptr<S>(b_ih), ptr<S>(b_hh), ptr<S>(c_new), nullptr, nullptr, H,
+                           ptr<S>(peephole), form};
   GRUForwardGates<S> gru{nullptr, ptr<S>(b_ih), ptr<S>(b_hh), nullptr, H};
   const S* xs = ptr<S>(x);
   const S* hs = ptr<S>(h);
@@ -2823,22 +2838,23 @@ std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Ten
 
 constexpr int CELL_GATES[] = {4, 3, 1, 1, 3};        // by CellKind
 
-// Whether a cell's weights are of x's dtype, on the CPU.
+// Whether a cell's weights (those given) are of x's dtype, on the CPU.
 bool cell_weights_on_cpu(const Tensor& x, const Tensor& w_ih, const Tensor& w_hh,
-                         const Tensor& b_ih, const Tensor& b_hh) {
+                         const Tensor& b_ih, const Tensor& b_hh, const Tensor& peephole = {}) {
   auto fits = [&](const Tensor& t) {
     return !t.defined() || (t.scalar_type() == x.scalar_type() && t.is_cpu());
   };
-  return fits(w_ih) && fits(w_hh) && fits(b_ih) && fits(b_hh);
+  return fits(w_ih) && fits(w_hh) && fits(b_ih) && fits(b_hh) && fits(peephole);
 }
 
 // The single-step kernel of a CellKind, in compute type S on weights of element type W.
 template <typename S, typename W>
 std::vector<Tensor> cell_of_kind(int kind, const Tensor& x, const Tensor& h, const Tensor& c,
                                  const Tensor& w_ih, const Tensor& w_hh, const Tensor& b_ih,
-                                 const Tensor& b_hh) {
+                                 const Tensor& b_hh, const Tensor& peephole, int form) {
   switch (static_cast<CellKind>(kind)) {
-    case CellKind::LSTM: return cell_step<S, CellKind::LSTM, W>(x, h, c, w_ih, w_hh, b_ih, b_hh);
+    case CellKind::LSTM:
+      return cell_step<S, CellKind::LSTM, W>(x, h, c, w_ih, w_hh, b_ih, b_hh, peephole, form);
     case CellKind::GRU: return cell_step<S, CellKind::GRU, W>(x, h, c, w_ih, w_hh, b_ih, b_hh);
     case CellKind::RNN_TANH:
       return cell_step<S, CellKind::RNN_TANH, W>(x, h, c, w_ih, w_hh, b_ih, b_hh);
@@ -2849,49 +2865,56 @@ std::vector<Tensor> cell_of_kind(int kind, const Tensor& x, const Tensor& h, con
 }
 
 // One step of the single-step API (see cell_step), its arguments checked by the caller; kind:
-// CellKind's value (native.py's CELL_KINDS); c, b_ih, b_hh contiguous or undefined; float32,
-// float64, or float16 / bfloat16, computed in float32 (the weights widened as the kernel reads
-// them, the rest here) and returned in their dtype. Returns [h', c'] for the LSTM, [h']
-// otherwise.
+// CellKind's value (native.py's CELL_KINDS); c, b_ih, b_hh and the LSTM's peephole contiguous
+// or undefined, form the LSTM's CellForm (0 for the others); float32, float64, or float16 /
+// bfloat16, computed in float32 (the weights widened as the kernel reads them, the rest here)
+// and returned in their dtype. Returns [h', c'] for the LSTM, [h'] otherwise.
 std::vector<Tensor> run_cell(int kind, Tensor x, Tensor h, const Tensor& c, Tensor w_ih,
-                             Tensor w_hh, const Tensor& b_ih, const Tensor& b_hh) {
+                             Tensor w_hh, const Tensor& b_ih, const Tensor& b_hh,
+                             const Tensor& peephole = {}, int form = 0) {
   for (auto* t : {&x, &h, &w_ih, &w_hh}) *t = t->contiguous();
   const at::ScalarType dtype = x.scalar_type();
   if (dtype == at::kHalf || dtype == at::kBFloat16) {
+    auto wide = [](const Tensor& t) { return to_type(t, at::kFloat); };
     std::vector<Tensor> out =
         dtype == at::kHalf
-            ? cell_of_kind<float, c10::Half>(kind, to_type(x, at::kFloat), to_type(h, at::kFloat),
-                                             to_type(c, at::kFloat), w_ih, w_hh,
-                                             to_type(b_ih, at::kFloat), to_type(b_hh, at::kFloat))
-            : cell_of_kind<float, c10::BFloat16>(kind, to_type(x, at::kFloat),
-                                                 to_type(h, at::kFloat), to_type(c, at::kFloat),
-                                                 w_ih, w_hh, to_type(b_ih, at::kFloat),
-                                                 to_type(b_hh, at::kFloat));
+            ? cell_of_kind<float, c10::Half>(kind, wide(x), wide(h), wide(c), w_ih, w_hh,
+                                             wide(b_ih), wide(b_hh), wide(peephole), form)
+            : cell_of_kind<float, c10::BFloat16>(kind, wide(x), wide(h), wide(c), w_ih, w_hh,
+                                                 wide(b_ih), wide(b_hh), wide(peephole), form);
     for (Tensor& t : out) t = t.to(dtype);
     return out;
   }
   return LSTMKIT_DISPATCH(dtype, [&] {
-    return cell_of_kind<scalar, scalar>(kind, x, h, c, w_ih, w_hh, b_ih, b_hh);
+    return cell_of_kind<scalar, scalar>(kind, x, h, c, w_ih, w_hh, b_ih, b_hh, peephole, form);
   });
 }
 
+// w_peephole and cell_form: the LSTM's elementwise variants (see cell_step), none for the
+// others.
 std::vector<Tensor> cell_step_py(int kind, Tensor x, Tensor h, c10::optional<Tensor> c,
                                  Tensor w_ih, Tensor w_hh, c10::optional<Tensor> b_ih,
-                                 c10::optional<Tensor> b_hh) {
+                                 c10::optional<Tensor> b_hh, c10::optional<Tensor> w_peephole,
+                                 i64 cell_form) {
   TORCH_CHECK(0 <= kind && kind <= static_cast<int>(CellKind::GRU_RESET_BEFORE),
               "cell_step: kind must be 0-4, got ", kind);
-  TORCH_CHECK(c.has_value() == (kind == static_cast<int>(CellKind::LSTM)),
-              "cell_step: the LSTM takes c, the others do not");
+  const bool lstm = kind == static_cast<int>(CellKind::LSTM);
+  TORCH_CHECK(c.has_value() == lstm, "cell_step: the LSTM takes c, the others do not");
+  TORCH_CHECK(lstm || (!w_peephole.has_value() && cell_form == 0),
+              "cell_step: only the LSTM takes peepholes and a cell form");
   check_cpu(x, "x");
   const i64 H = h.size(1);
   Tensor bi = optional_contiguous(b_ih), bh = optional_contiguous(b_hh);
-  const std::string wrong = layer_weights_mismatch(CELL_GATES[kind], x, H, H, w_ih, w_hh, bi, bh);
+  Tensor peephole = optional_contiguous(w_peephole);
+  const std::string wrong =
+      layer_weights_mismatch(CELL_GATES[kind], x, H, H, w_ih, w_hh, bi, bh, {}, peephole);
   TORCH_CHECK_VALUE(wrong.empty(), wrong);
-  TORCH_CHECK_VALUE(cell_weights_on_cpu(x, w_ih, w_hh, bi, bh),
+  TORCH_CHECK_VALUE(cell_weights_on_cpu(x, w_ih, w_hh, bi, bh, peephole),
                     "the weights must be ", x.scalar_type(), " on the CPU as x is, got w_ih ",
                     w_ih.scalar_type(), " on ", w_ih.device(), ", w_hh ", w_hh.scalar_type(),
                     " on ", w_hh.device());
-  return run_cell(kind, x, h, optional_contiguous(c), w_ih, w_hh, bi, bh);
+  return run_cell(kind, x, h, optional_contiguous(c), w_ih, w_hh, bi, bh, peephole,
+                  (int)cell_form);
 }
 
 // The cells' fast path (see _CellBase.forward): the step, as cell_step, when the call fits the
@@ -3299,7 +3322,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_backward", &lstm_backward_py);
   m.def("lstm_layer", &lstm_layer_py);
   m.def("one_state_layer", &one_state_layer_py);
-  m.def("cell_step", &cell_step_py);
+  m.def("cell_step", &cell_step_py, py::arg("kind"), py::arg("x"), py::arg("h"), py::arg("c"),
+        py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"),
+        py::arg("w_peephole") = py::none(), py::arg("cell_form") = 0);
   m.def("cell_step_if", &cell_step_if_py);
   m.def("gru_forward", &gru_forward_py);
   m.def("gru_backward", &gru_backward_py);

@@ -38,10 +38,11 @@ from . import rnn as _rnn
 from ._precision import cast_like, compute_dtype
 
 _SOURCE = Path(__file__).with_name("_native.cpp")
-NATIVE_DTYPES = (torch.float32, torch.float64)
-# What the single-step kernel takes as it is: float16 and bfloat16 too, their weights widened to
-# float32 as it reads them (see load_weights in _native.cpp).
-STEP_DTYPES = NATIVE_DTYPES + (torch.float16, torch.bfloat16)
+NATIVE_DTYPES = (torch.float32, torch.float64)        # what the kernels compute in
+# What they take: float16 and bfloat16 too, computed in float32 (the sequence kernels get their
+# inputs converted, the single-step kernel widens the weights as it reads them, see
+# load_weights in _native.cpp).
+INPUT_DTYPES = NATIVE_DTYPES + (torch.float16, torch.bfloat16)
 
 # Which driver runs a layer (`_driver`). "fused": our register-blocked product, W_hh packed
 # and split across the cores for the whole sequence, one synchronisation per step; it wins at
@@ -192,7 +193,7 @@ def unavailable_reason():
 def supports(x: torch.Tensor) -> bool:
     """Whether `backend="auto"` should run native for this input: CPU, built, float32/float64
     or float16/bfloat16 (computed in float32, as every kernel here does)."""
-    return x.device.type == "cpu" and compute_dtype(x.dtype) in NATIVE_DTYPES and available()
+    return x.device.type == "cpu" and x.dtype in INPUT_DTYPES and available()
 
 
 def _needs_autograd(tensors) -> bool:
@@ -212,12 +213,21 @@ def _in_compute_dtype(tensors):
     memory: a float16 layer's weights converted afresh at every call faulted in a page per
     4 KiB of the copy (as long as the whole forward at batch 1 / hidden 256)."""
     dtype = compute_dtype(tensors[0].dtype)
-    like = _EMPTY.setdefault(dtype, torch.empty(0, dtype=dtype))    # pooled_empty's dtype
-    return [t if t is None or t.dtype == dtype else
-            module().pooled_empty(list(t.shape), like).copy_(t) for t in tensors]
+    if all(t is None or t.dtype == dtype for t in tensors):
+        return tensors
+    if dtype not in _EMPTY:
+        _EMPTY[dtype] = torch.empty(0, dtype=dtype)
+    return [t if t is None or t.dtype == dtype else pooled_empty(t.shape, _EMPTY[dtype]).copy_(t)
+            for t in tensors]
 
 
-_EMPTY = {}         # an empty CPU tensor per dtype, made once
+_EMPTY = {}         # an empty CPU tensor per dtype, made once: pooled_empty's `like`
+
+
+def _one_dtype(x, *tensors) -> bool:
+    """Whether every tensor given (None: not given) has x's dtype, one of INPUT_DTYPES, as the
+    single-step kernel takes them (the sequence kernels convert mixed dtypes)."""
+    return x.dtype in INPUT_DTYPES and all(t is None or t.dtype == x.dtype for t in tensors)
 
 
 def pooled_copy(t: torch.Tensor) -> torch.Tensor:
@@ -249,24 +259,26 @@ def rnn_cell(nonlinearity: str) -> str:
     return f"rnn_{nonlinearity}"
 
 
-def step_inference(kind: str, x, h, c, w_ih, w_hh, b_ih, b_hh):
+def step_inference(kind: str, x, h, c, w_ih, w_hh, b_ih, b_hh, w_peephole=None, form=0):
     """One step of a cell without autograd: x (B, I), h (B, H), c (B, H) for the LSTM (None
     otherwise) -> [h' (B, H), c' (B, H)] for the LSTM, [h'] for the others.
 
     kind: "lstm", "gru" (reset gate after the product, torch.nn's), "gru_reset_before",
-    "rnn_tanh" or "rnn_relu".
+    "rnn_tanh" or "rnn_relu". The LSTM's elementwise variants: w_peephole (3H,) or None and
+    the cell's form (see `cell_form`).
     The path of one-step sequences (the modules' `step()`): the weights are read as they are,
     nothing packed or cached (see cell_step in _native.cpp). The caller has checked what the
-    layer's Function would: CPU tensors of one dtype in STEP_DTYPES, these shapes, no
+    layer's Function would: CPU tensors of one dtype in INPUT_DTYPES (`_one_dtype`), these
+    shapes, no
     gradient wanted, the native module loaded.
     """
-    return module().cell_step(CELL_KINDS[kind], x, h, c, w_ih, w_hh, b_ih, b_hh)
+    return module().cell_step(CELL_KINDS[kind], x, h, c, w_ih, w_hh, b_ih, b_hh, w_peephole, form)
 
 
 def step_if_fits(kind: int, x, hx, w_ih, w_hh, b_ih, b_hh):
     """The cells' fast path in inference: the step (h' or (h', c')) if the call fits the native
     single-step kernel as it is, checked in C++ (no grad mode, no autocast, x (B, I) and the
-    state(s) (B, H) plain CPU tensors of the weights' dtype, one of STEP_DTYPES); None if not,
+    state(s) (B, H) plain CPU tensors of the weights' dtype, one of INPUT_DTYPES); None if not,
     or if the native module is unavailable. kind: a CELL_KINDS value."""
     m = _state["module"] if _state["tried"] else module()
     return None if m is None else m.cell_step_if(kind, x, hx, w_ih, w_hh, b_ih, b_hh)
@@ -390,9 +402,9 @@ class NativeLSTMFunction:
     @staticmethod
     def infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole=None, form=0):
         """apply() when no gradient is wanted: the forward kernel alone, nothing saved."""
-        if layout.steps == 1 and w_hr is None and w_peephole is None and not form and \
-                x.dtype in STEP_DTYPES:
-            h_1, c_1 = step_inference("lstm", x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+        if layout.steps == 1 and w_hr is None and \
+                _one_dtype(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_peephole):
+            h_1, c_1 = step_inference("lstm", x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_peephole, form)
             return h_1, h_1, c_1
         originals = (x, h0, c0)
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole = _in_compute_dtype(
@@ -420,7 +432,7 @@ class NativeGRUFunction:
             return _gru.GRUFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse,
                                           reset_after)
         inference = not _needs_autograd((x, h0, w_ih, w_hh, b_ih, b_hh))
-        if inference and layout.steps == 1 and x.dtype in STEP_DTYPES:
+        if inference and layout.steps == 1 and _one_dtype(x, h0, w_ih, w_hh, b_ih, b_hh):
             (h_1,) = step_inference(gru_cell(reset_after), x, h0, None, w_ih, w_hh, b_ih, b_hh)
             return h_1, h_1
         parts = _driver(layout, w_hh, not reset_after, itemsize=compute_dtype(x.dtype).itemsize)
@@ -452,7 +464,7 @@ class NativeRNNFunction:
                                           nonlinearity)
         relu = nonlinearity == "relu"
         inference = not _needs_autograd((x, h0, w_ih, w_hh, b_ih, b_hh))
-        if inference and layout.steps == 1 and x.dtype in STEP_DTYPES:
+        if inference and layout.steps == 1 and _one_dtype(x, h0, w_ih, w_hh, b_ih, b_hh):
             (h_1,) = step_inference(rnn_cell(nonlinearity), x, h0, None, w_ih, w_hh, b_ih, b_hh)
             return h_1, h_1
         parts = _driver(layout, w_hh, itemsize=compute_dtype(x.dtype).itemsize)

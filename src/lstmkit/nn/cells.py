@@ -170,8 +170,11 @@ class LSTMCell(_CellBase):
         return super().extra_repr() + (f", variant=LSTMVariant({described})" if described else "")
 
     def _step(self, x, states, layout):
-        if not _lstm_variant.uses_variant_kernel(self.variant, self.training):
-            return kernels.lstm_layer(x, *states, **self._weights(), layout=layout,
+        # The plain cell and the elementwise variants (peepholes, CIFG, removed gates,
+        # activations): lstm_layer, native where it can; the others the variant kernel.
+        options = _lstm_variant.lstm_layer_options(self.variant, self.training)
+        if options is not None:
+            return kernels.lstm_layer(x, *states, **self._weights(), **options, layout=layout,
                                       backend=self.backend)
         h0, c0 = states
         masks = _lstm_variant.draw_masks(self.variant, self.training, layout, x, h0.shape[1],
