@@ -197,22 +197,30 @@ def test_point_rejects_bad_values():
         bench.Point(batch=0)
 
 
-def test_cli_writes_json(tmp_path, capsys):
+def run_cli(tmp_path, capsys, *options):
+    """`lstmkit bench` on tiny shapes (hidden 4, length 2, one call each) in this process:
+    (exit code, what it printed, the JSON file). The command sets the thread count: put back."""
     threads = torch.get_num_threads()
     path = tmp_path / "bench.json"
-    code = main(["bench", "--family", "LSTM", "--mode", "forward", "--batch", "1,2",
-                 "--hidden", "4", "--steps", "2", "--repeats", "1", "--warmup", "0",
-                 "--streaming-steps", "3", "--streaming-hidden", "4", "--json", str(path),
-                 "--same-process", "--min-seconds", "0"])
+    try:
+        code = main(["bench", *options, "--hidden", "4", "--steps", "2", "--repeats", "1",
+                     "--warmup", "0", "--json", str(path), "--same-process",
+                     "--min-seconds", "0"])
+    finally:
+        torch.set_num_threads(threads)
+    return code, capsys.readouterr().out, json.loads(path.read_text())
+
+
+def test_cli_writes_json(tmp_path, capsys):
+    code, printed, results = run_cli(tmp_path, capsys, "--family", "LSTM", "--mode", "forward",
+                                     "--batch", "1,2", "--streaming-steps", "3",
+                                     "--streaming-hidden", "4")
     assert code == 0
-    printed = capsys.readouterr().out
     assert "matmul rate" in printed and "lstmkit.LSTMCell" in printed
     assert "GRUCell" not in printed                        # the families asked for only
-    results = json.loads(path.read_text())
     assert [p["batch"] for p in results["points"]] == [1, 2]
     assert list(results["streaming"]) == ["LSTM"]
     assert results["streaming"]["LSTM"]["hidden"] == 4 and results["dtype"] == "float32"
-    torch.set_num_threads(threads)                 # the command sets the thread count
 
 
 def test_the_matmul_rate_is_measured_in_the_dtype_the_products_run_in():
@@ -223,17 +231,11 @@ def test_the_matmul_rate_is_measured_in_the_dtype_the_products_run_in():
 
 
 def test_cli_low_precision_reports_the_rate_it_measured(tmp_path, capsys):
-    threads = torch.get_num_threads()
-    path = tmp_path / "bench.json"
-    code = main(["bench", "--dtype", "bfloat16", "--family", "GRU", "--mode", "forward",
-                 "--batch", "80", "--hidden", "4", "--steps", "2", "--repeats", "1",
-                 "--warmup", "0", "--streaming-steps", "0", "--json", str(path),
-                 "--same-process", "--min-seconds", "0"])
-    torch.set_num_threads(threads)
+    code, printed, results = run_cli(tmp_path, capsys, "--dtype", "bfloat16", "--family", "GRU",
+                                     "--mode", "forward", "--batch", "80",
+                                     "--streaming-steps", "0")
     assert code == 0
-    assert "in float32, the dtype lstmkit computes bfloat16 in on the cpu" in \
-        capsys.readouterr().out
-    results = json.loads(path.read_text())
+    assert "in float32, the dtype lstmkit computes bfloat16 in on the cpu" in printed
     assert results["dtype"] == "bfloat16" and results["matmul_dtype"] == "float32"
     assert results["points"][0]["products_ms"] > 0
 
