@@ -172,6 +172,10 @@ Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
                                    c10::typeMetaToScalarType(options.dtype()), c10::nullopt);
 }
 Tensor pooled_clone(const Tensor& t) { return pooled_empty(t.sizes(), t.options()).copy_(t); }
+// The dtype the kernels compute in for inputs of dtype t: float16 and bfloat16 in float32.
+inline at::ScalarType compute_type(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 ? at::kFloat : t;
+}
 // t in dtype `type`: t itself if it is already, else a copy in pooled memory (float16 weights
 // converted afresh at every call faulted in a page per 4 KiB of the copy); undefined stays so.
 Tensor to_type(const Tensor& t, at::ScalarType type) {
@@ -2874,7 +2878,7 @@ std::vector<Tensor> run_cell(int kind, Tensor x, Tensor h, const Tensor& c, Tens
                              const Tensor& peephole = {}, int form = 0) {
   for (auto* t : {&x, &h, &w_ih, &w_hh}) *t = t->contiguous();
   const at::ScalarType dtype = x.scalar_type();
-  if (dtype == at::kHalf || dtype == at::kBFloat16) {
+  if (compute_type(dtype) != dtype) {                   // float16 or bfloat16
     auto wide = [](const Tensor& t) { return to_type(t, at::kFloat); };
     std::vector<Tensor> out =
         dtype == at::kHalf
@@ -2920,10 +2924,9 @@ std::vector<Tensor> cell_step_py(int kind, Tensor x, Tensor h, c10::optional<Ten
 // The cells' fast path (see _CellBase.forward): the step, as cell_step, when the call fits the
 // kernel as it is, None otherwise, for the general path (which checks everything and words the
 // errors). It fits with grad mode and CPU autocast off, and x (B, I) with B > 0 and each state
-// (B, H) tensors (not subclasses) on the CPU of the weights' dtype (float32, float64, float16
-// or bfloat16); hx the
-// tuple (h, c) for the LSTM, h for the others. These checks in Python took 2.4 us of a 10.6 us
-// step (LSTMCell, batch 1 / hidden 64).
+// (B, H) tensors (not subclasses) on the CPU of the weights' dtype (one computed in float32 or
+// float64: float16 and bfloat16 too); hx the tuple (h, c) for the LSTM, h for the others. These
+// checks in Python took 2.4 us of a 10.6 us step (LSTMCell, batch 1 / hidden 64).
 py::object cell_step_if_py(int kind, py::handle x_obj, py::handle hx, const Tensor& w_ih,
                            const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
                            const c10::optional<Tensor>& b_hh) {
@@ -2938,8 +2941,8 @@ py::object cell_step_if_py(int kind, py::handle x_obj, py::handle hx, const Tens
     states[1] = PyTuple_GET_ITEM(hx.ptr(), 1);
   }
   const auto dtype = w_ih.scalar_type();
-  if (!(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-        dtype == at::kBFloat16) || w_ih.dim() != 2 || w_hh.dim() != 2)
+  const auto computed = compute_type(dtype);
+  if (!(computed == at::kFloat || computed == at::kDouble) || w_ih.dim() != 2 || w_hh.dim() != 2)
     return py::none();
   auto fits = [&](PyObject* obj, i64 rows, i64 cols) {
     if (!THPVariable_CheckExact(obj)) return false;
@@ -3083,9 +3086,6 @@ std::vector<Tensor> gru_backward_py(Tensor d_out, Tensor d_hT, Tensor x, Tensor 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-inline at::ScalarType compute_type(at::ScalarType t) {
-  return t == at::kHalf || t == at::kBFloat16 ? at::kFloat : t;
-}
 inline c10::optional<Tensor> maybe(const Tensor& t) {
   return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt;
 }
@@ -3326,6 +3326,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"),
         py::arg("w_peephole") = py::none(), py::arg("cell_form") = 0);
   m.def("cell_step_if", &cell_step_if_py);
+  m.def("to_type", &to_type);
   m.def("gru_forward", &gru_forward_py);
   m.def("gru_backward", &gru_backward_py);
   m.def("rnn_forward", &rnn_forward_py);

@@ -215,13 +215,8 @@ def _in_compute_dtype(tensors):
     dtype = compute_dtype(tensors[0].dtype)
     if all(t is None or t.dtype == dtype for t in tensors):
         return tensors
-    if dtype not in _EMPTY:
-        _EMPTY[dtype] = torch.empty(0, dtype=dtype)
-    return [t if t is None or t.dtype == dtype else pooled_empty(t.shape, _EMPTY[dtype]).copy_(t)
-            for t in tensors]
-
-
-_EMPTY = {}         # an empty CPU tensor per dtype, made once: pooled_empty's `like`
+    convert = module().to_type          # the C++ nodes' conversion (to_type in _native.cpp)
+    return [t if t is None else convert(t, dtype) for t in tensors]
 
 
 def _one_dtype(x, *tensors) -> bool:
@@ -269,8 +264,7 @@ def step_inference(kind: str, x, h, c, w_ih, w_hh, b_ih, b_hh, w_peephole=None, 
     The path of one-step sequences (the modules' `step()`): the weights are read as they are,
     nothing packed or cached (see cell_step in _native.cpp). The caller has checked what the
     layer's Function would: CPU tensors of one dtype in INPUT_DTYPES (`_one_dtype`), these
-    shapes, no
-    gradient wanted, the native module loaded.
+    shapes, no gradient wanted, the native module loaded.
     """
     return module().cell_step(CELL_KINDS[kind], x, h, c, w_ih, w_hh, b_ih, b_hh, w_peephole, form)
 

@@ -489,8 +489,8 @@ class LSTM(_RecurrentBase):
         """True for a call the native sequence kernel can take as it is: one layer and direction
         without projection, the plain cell on its weights as they are (no DropConnect in
         training), no autocast, a 3-D CPU tensor of the parameters' dtype (one the native kernels
-        take: float32, float64, float16, bfloat16),
-        and no state or (h_0, c_0) of the right shapes and dtype; with or without gradients.
+        take: float32, float64, float16, bfloat16), and no state or (h_0, c_0) of the right
+        shapes and dtype; with or without gradients.
         Anything else, every error included, takes the general path, whose Python costs 15-27
         us more in inference (8% of a forward at batch 1 / hidden 128, length 100, 14% at hidden
         64) and about 45 us more in a training step (10% at batch 1 / hidden 64). Every test
