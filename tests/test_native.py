@@ -1221,6 +1221,19 @@ def _graph_nodes(tensor) -> set:
     return names
 
 
+@pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_modules_copy_their_output_only_where_the_layer_saved_it(family, dtype):
+    """A training module's output is copied for its caller (who may edit it in place) only
+    where the layer's node saved that tensor: the GRU's and RNN's in float32; their float16 and
+    bfloat16 nodes save their float32 result and return a converted copy, the LSTM's saves the
+    previous rows."""
+    module = getattr(lstmkit, family)(3, 4, num_layers=2, backend="native", dtype=dtype)
+    out, _ = module(torch.randn(5, 2, 3, dtype=dtype, requires_grad=True))
+    copied = any(name.endswith("CopyBackwards") for name in _graph_nodes(out))
+    assert copied == (family != "LSTM" and dtype == torch.float32)
+
+
 @pytest.mark.parametrize("variant", [
     lstmkit.LSTMVariant(peepholes=True, forget_bias=1.0),
     lstmkit.LSTMVariant(cifg=True, chrono_init=10),

@@ -49,7 +49,8 @@ def caller_output(x, backend: str):
     output for its backward pass, so that in-place edits of it (out += residual) work as they do
     with torch.nn (in the native kernels' recycled memory when they ran it, `native.pooled_copy`:
     no page faults for a fresh block); the output itself when the kernel kept no reference to
-    it (`native.saves_no_output`: the native LSTM layer)."""
+    it (`native.saves_no_output`: the native LSTM layer, and the native GRU and RNN layers in
+    float16/bfloat16)."""
     if native.saves_no_output(x):
         return x
     if backend != "portable" and native.supports(x):

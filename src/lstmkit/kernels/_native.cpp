@@ -2760,12 +2760,12 @@ void check_layer_weights(i64 gates, const Tensor& x, i64 H, i64 P, const Tensor&
 // One LSTM layer, one direction: x (N, I) -> out (N, P), h_T, c_T, gates, cells (see
 // lstm_forward). With input_in_step (generic driver, no projection) the input is multiplied
 // inside each step's product; else projected for all steps first.
-std::vector<Tensor> lstm_forward_py(Tensor x, c10::optional<Tensor> b_ih,
-                                    c10::optional<Tensor> b_hh, Tensor h0, Tensor c0,
-                                    Tensor w_ih, Tensor w_hh, c10::optional<Tensor> w_hr,
-                                    std::vector<i64> batch_sizes, bool reverse, bool save,
-                                    i64 parts, bool input_in_step, bool own_product,
-                                    c10::optional<Tensor> w_peephole, i64 cell_form) {
+std::vector<Tensor> lstm_layer_forward(Tensor x, c10::optional<Tensor> b_ih,
+                                       c10::optional<Tensor> b_hh, Tensor h0, Tensor c0,
+                                       Tensor w_ih, Tensor w_hh, c10::optional<Tensor> w_hr,
+                                       std::vector<i64> batch_sizes, bool reverse, bool save,
+                                       i64 parts, bool input_in_step, bool own_product,
+                                       c10::optional<Tensor> w_peephole, i64 cell_form) {
   check_cpu(x, "x");
   check_layer_weights(4, x, c0.size(1), h0.size(1), w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole);
   for (auto* t : {&h0, &c0, &w_ih, &w_hh}) *t = t->contiguous();
@@ -2791,13 +2791,13 @@ std::vector<Tensor> lstm_forward_py(Tensor x, c10::optional<Tensor> b_ih,
 // itself is not needed. needs: which of (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole)
 // want a gradient. Returns dx, dh0, dc0, dw_ih, dw_hh, db (the gradient of b_ih + b_hh),
 // dw_hr, dw_peephole, undefined where not wanted.
-std::vector<Tensor> lstm_backward_py(Tensor d_out, Tensor d_hT, Tensor d_cT, Tensor x,
-                                     Tensor c0, Tensor w_ih, Tensor w_hh,
-                                     c10::optional<Tensor> w_hr, Tensor h_prev, Tensor gates,
-                                     Tensor cells, std::vector<i64> batch_sizes, bool reverse,
-                                     i64 parts, bool own_product, std::vector<bool> needs,
-                                     c10::optional<Tensor> w_peephole, i64 cell_form) {
-  TORCH_CHECK(needs.size() == 9, "lstm_backward: needs has 9 flags, got ", needs.size());
+std::vector<Tensor> lstm_layer_backward(Tensor d_out, Tensor d_hT, Tensor d_cT, Tensor x,
+                                        Tensor c0, Tensor w_ih, Tensor w_hh,
+                                        c10::optional<Tensor> w_hr, Tensor h_prev, Tensor gates,
+                                        Tensor cells, std::vector<i64> batch_sizes, bool reverse,
+                                        i64 parts, bool own_product, std::vector<bool> needs,
+                                        c10::optional<Tensor> w_peephole, i64 cell_form) {
+  TORCH_CHECK(needs.size() == 9, "lstm_layer_backward: needs has 9 flags, got ", needs.size());
   const auto dtype = gates.scalar_type();
   d_out = incoming(d_out, dtype); d_hT = incoming(d_hT, dtype); d_cT = incoming(d_cT, dtype);
   for (auto* t : {&c0, &w_hh, &h_prev, &gates, &cells}) *t = t->contiguous();
@@ -2968,10 +2968,10 @@ py::object cell_step_if_py(int kind, py::handle x_obj, py::handle hx, const Tens
 }
 
 // One Elman RNN layer, one direction: x (N, I) -> out (N, H), h_T.
-std::vector<Tensor> rnn_forward_py(Tensor x, c10::optional<Tensor> b_ih,
-                                   c10::optional<Tensor> b_hh, Tensor h0, Tensor w_ih,
-                                   Tensor w_hh, std::vector<i64> batch_sizes, bool reverse,
-                                   bool relu, i64 parts) {
+std::vector<Tensor> rnn_layer_forward(Tensor x, c10::optional<Tensor> b_ih,
+                                      c10::optional<Tensor> b_hh, Tensor h0, Tensor w_ih,
+                                      Tensor w_hh, std::vector<i64> batch_sizes, bool reverse,
+                                      bool relu, i64 parts) {
   check_cpu(x, "x");
   check_layer_weights(1, x, h0.size(1), h0.size(1), w_ih, w_hh, b_ih, b_hh);
   for (auto* t : {&h0, &w_hh}) *t = t->contiguous();
@@ -2985,10 +2985,11 @@ std::vector<Tensor> rnn_forward_py(Tensor x, c10::optional<Tensor> b_ih,
 
 // The whole backward of one RNN layer, one direction. needs: (x, h0, w_ih, w_hh, b_ih, b_hh).
 // Returns dx, dh0, dw_ih, dw_hh, db (the gradient of b_ih + b_hh).
-std::vector<Tensor> rnn_backward_py(Tensor d_out, Tensor d_hT, Tensor x, Tensor h0, Tensor w_ih,
-                                    Tensor w_hh, Tensor out, std::vector<i64> batch_sizes,
-                                    bool reverse, bool relu, i64 parts, std::vector<bool> needs) {
-  TORCH_CHECK(needs.size() == 6, "rnn_backward: needs has 6 flags, got ", needs.size());
+std::vector<Tensor> rnn_layer_backward(Tensor d_out, Tensor d_hT, Tensor x, Tensor h0,
+                                       Tensor w_ih, Tensor w_hh, Tensor out,
+                                       std::vector<i64> batch_sizes, bool reverse, bool relu,
+                                       i64 parts, std::vector<bool> needs) {
+  TORCH_CHECK(needs.size() == 6, "rnn_layer_backward: needs has 6 flags, got ", needs.size());
   const auto dtype = out.scalar_type();
   d_out = incoming(d_out, dtype); d_hT = incoming(d_hT, dtype);
   for (auto* t : {&h0, &w_hh, &out}) *t = t->contiguous();
@@ -3010,10 +3011,10 @@ std::vector<Tensor> rnn_backward_py(Tensor d_out, Tensor d_hT, Tensor x, Tensor 
 }
 
 // One GRU layer, one direction: x (N, I) -> out (N, H), h_T, stash.
-std::vector<Tensor> gru_forward_py(Tensor x, c10::optional<Tensor> b_ih,
-                                   c10::optional<Tensor> b_hh, Tensor h0, Tensor w_ih,
-                                   Tensor w_hh, std::vector<i64> batch_sizes, bool reverse,
-                                   bool reset_after, bool save, i64 parts) {
+std::vector<Tensor> gru_layer_forward(Tensor x, c10::optional<Tensor> b_ih,
+                                      c10::optional<Tensor> b_hh, Tensor h0, Tensor w_ih,
+                                      Tensor w_hh, std::vector<i64> batch_sizes, bool reverse,
+                                      bool reset_after, bool save, i64 parts) {
   check_cpu(x, "x");
   check_layer_weights(3, x, h0.size(1), h0.size(1), w_ih, w_hh, b_ih, b_hh);
   for (auto* t : {&h0, &w_hh}) *t = t->contiguous();
@@ -3028,11 +3029,11 @@ std::vector<Tensor> gru_forward_py(Tensor x, c10::optional<Tensor> b_ih,
 // The whole backward of one GRU layer, one direction. needs: (x, h0, w_ih, w_hh, b_ih, b_hh).
 // Returns dx, dh0, dw_ih, dw_hh, db_ih, db_hh; reset before, b_ih and b_hh enter as one sum and
 // db_ih is its gradient (db_hh undefined).
-std::vector<Tensor> gru_backward_py(Tensor d_out, Tensor d_hT, Tensor x, Tensor h0, Tensor w_ih,
-                                    Tensor w_hh, Tensor out, Tensor stash,
-                                    std::vector<i64> batch_sizes, bool reverse, bool reset_after,
-                                    i64 parts, std::vector<bool> needs) {
-  TORCH_CHECK(needs.size() == 6, "gru_backward: needs has 6 flags, got ", needs.size());
+std::vector<Tensor> gru_layer_backward(Tensor d_out, Tensor d_hT, Tensor x, Tensor h0,
+                                       Tensor w_ih, Tensor w_hh, Tensor out, Tensor stash,
+                                       std::vector<i64> batch_sizes, bool reverse, bool reset_after,
+                                       i64 parts, std::vector<bool> needs) {
+  TORCH_CHECK(needs.size() == 6, "gru_layer_backward: needs has 6 flags, got ", needs.size());
   const auto dtype = out.scalar_type();
   d_out = incoming(d_out, dtype); d_hT = incoming(d_hT, dtype);
   for (auto* t : {&h0, &w_hh, &out, &stash}) *t = t->contiguous();
@@ -3098,20 +3099,26 @@ inline Tensor arriving(const Tensor& g, at::IntArrayRef sizes, const at::TensorO
   return g.defined() ? g : pooled_empty(sizes, options).zero_();
 }
 
+// Tensors in the compute dtype of the first (see compute_type), converted in pooled memory;
+// undefined ones stay undefined.
+template <size_t K>
+std::array<Tensor, K> in_compute_type(const std::array<Tensor, K>& inputs) {
+  const at::ScalarType type = compute_type(inputs[0].scalar_type());
+  std::array<Tensor, K> in;
+  for (size_t k = 0; k < K; ++k) in[k] = to_type(inputs[k], type);
+  return in;
+}
+
 // A node's tensor inputs in the compute dtype of x (the first); their dtypes are kept in
 // ctx->saved_data["types"] (-1 for an input not given), for the gradients and for `needs`.
 template <size_t K>
 std::array<Tensor, K> compute_inputs(AutogradContext* ctx, const std::array<Tensor, K>& inputs) {
-  const at::ScalarType type = compute_type(inputs[0].scalar_type());
-  std::array<Tensor, K> in;
   std::vector<i64> types(K);
-  for (size_t k = 0; k < K; ++k) {
-    in[k] = to_type(inputs[k], type);
+  for (size_t k = 0; k < K; ++k)
     types[k] = inputs[k].defined() ? (i64)inputs[k].scalar_type() : -1;
-  }
   ctx->saved_data["types"] = types;
   ctx->set_materialize_grads(false);
-  return in;
+  return in_compute_type(inputs);
 }
 
 // Which of the node's tensor inputs want a gradient (its edges count only the tensors given).
@@ -3160,9 +3167,9 @@ struct NativeLSTMLayer : public torch::autograd::Function<NativeLSTMLayer> {
     TORCH_CHECK(plan.size() == 5, "lstm_layer: plan has 5 entries, got ", plan.size());
     auto in = compute_inputs<9>(ctx, {x, h0, c0, w_ih, w_hh, given(b_ih), given(b_hh),
                                       given(w_hr), given(w_peephole)});
-    auto r = lstm_forward_py(in[0], maybe(in[5]), maybe(in[6]), in[1], in[2], in[3], in[4],
-                             maybe(in[7]), batch_sizes, reverse, true, plan[0], plan[1] != 0,
-                             plan[2] != 0, maybe(in[8]), form);
+    auto r = lstm_layer_forward(in[0], maybe(in[5]), maybe(in[6]), in[1], in[2], in[3], in[4],
+                                maybe(in[7]), batch_sizes, reverse, true, plan[0], plan[1] != 0,
+                                plan[2] != 0, maybe(in[8]), form);
     // r: out, h_T, c_T, gates, cells. Saved: what lstm.py's Functions save, but the previous
     // rows of the output (dW_hh's operand) instead of the output itself: the caller may edit
     // the output in place (out += residual), as with torch.nn, without a copy of it (the copy
@@ -3189,7 +3196,7 @@ struct NativeLSTMLayer : public torch::autograd::Function<NativeLSTMLayer> {
       const std::vector<bool> needs = inputs_needing_grad(ctx);
       const std::vector<i64> batch_sizes = ctx->saved_data["batch_sizes"].toIntVector();
       const Tensor& h_prev = s[5];
-      auto g = lstm_backward_py(
+      auto g = lstm_layer_backward(
           arriving(grads[0], h_prev.sizes(), h_prev.options()),
           arriving(grads[1], {batch_sizes[0], h_prev.size(1)}, h_prev.options()),
           arriving(grads[2], s[1].sizes(), s[1].options()), s[0], s[1], s[2], s[3], maybe(s[4]),
@@ -3217,10 +3224,10 @@ struct NativeOneStateLayer : public torch::autograd::Function<NativeOneStateLaye
                                bool option, i64 parts) {
     auto in = compute_inputs<6>(ctx, {x, h0, w_ih, w_hh, given(b_ih), given(b_hh)});
     // r: out, h_T[, stash]. Their backward loops read the previous rows from out itself.
-    auto r = gru ? gru_forward_py(in[0], maybe(in[4]), maybe(in[5]), in[1], in[2], in[3],
-                                  batch_sizes, reverse, option, true, parts)
-                 : rnn_forward_py(in[0], maybe(in[4]), maybe(in[5]), in[1], in[2], in[3],
-                                  batch_sizes, reverse, option, parts);
+    auto r = gru ? gru_layer_forward(in[0], maybe(in[4]), maybe(in[5]), in[1], in[2], in[3],
+                                     batch_sizes, reverse, option, true, parts)
+                 : rnn_layer_forward(in[0], maybe(in[4]), maybe(in[5]), in[1], in[2], in[3],
+                                     batch_sizes, reverse, option, parts);
     ctx->save_for_backward({in[0], in[1], in[2], in[3], r[0], gru ? r[2] : Tensor()});
     ctx->saved_data["batch_sizes"] = batch_sizes;
     ctx->saved_data["reverse"] = reverse;
@@ -3245,10 +3252,10 @@ struct NativeOneStateLayer : public torch::autograd::Function<NativeOneStateLaye
       Tensor d_hT = arriving(grads[1], s[1].sizes(), s[1].options());
       // GRU: dx, dh0, dw_ih, dw_hh, db_ih, db_hh, but reset before db_ih is the gradient of
       // b_ih + b_hh; RNN: dx, dh0, dw_ih, dw_hh and that of b_ih + b_hh.
-      g = gru ? gru_backward_py(d_out, d_hT, s[0], s[1], s[2], s[3], s[4], s[5], batch_sizes,
-                                reverse, option, parts, needs)
-              : rnn_backward_py(d_out, d_hT, s[0], s[1], s[2], s[3], s[4], batch_sizes, reverse,
-                                option, parts, needs);
+      g = gru ? gru_layer_backward(d_out, d_hT, s[0], s[1], s[2], s[3], s[4], s[5], batch_sizes,
+                                   reverse, option, parts, needs)
+              : rnn_layer_backward(d_out, d_hT, s[0], s[1], s[2], s[3], s[4], batch_sizes, reverse,
+                                   option, parts, needs);
       g.resize(6);
       if (!(gru && option)) std::tie(g[4], g[5]) = bias_gradients(g[4], needs[4], needs[5]);
     }
@@ -3276,6 +3283,38 @@ std::vector<Tensor> one_state_layer_py(Tensor x, Tensor h0, Tensor w_ih, Tensor 
   check_layer_weights(gru ? 3 : 1, x, h0.size(1), h0.size(1), w_ih, w_hh, b_ih, b_hh);
   return NativeOneStateLayer::apply(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, gru,
                                     option, parts);
+}
+
+// Inference: lstm_layer's arguments and conversions without its autograd node, nothing saved.
+// plan = {parts, input_in_step, own_product} (native.py's _lstm_plan). Tensors of any dtype
+// the kernels take, float16/bfloat16 computed in float32; returns out, h_T, c_T in the dtypes
+// of x, h0, c0.
+std::vector<Tensor> lstm_infer_py(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh,
+                                  c10::optional<Tensor> b_ih, c10::optional<Tensor> b_hh,
+                                  c10::optional<Tensor> w_hr, c10::optional<Tensor> w_peephole,
+                                  std::vector<i64> batch_sizes, bool reverse, i64 form,
+                                  std::vector<i64> plan) {
+  TORCH_CHECK(plan.size() == 3, "lstm_infer: plan has 3 entries, got ", plan.size());
+  auto in = in_compute_type<9>({x, h0, c0, w_ih, w_hh, given(b_ih), given(b_hh), given(w_hr),
+                                given(w_peephole)});
+  auto r = lstm_layer_forward(in[0], maybe(in[5]), maybe(in[6]), in[1], in[2], in[3], in[4],
+                              maybe(in[7]), batch_sizes, reverse, false, plan[0], plan[1] != 0,
+                              plan[2] != 0, maybe(in[8]), form);
+  return {to_type(r[0], x.scalar_type()), to_type(r[1], h0.scalar_type()),
+          to_type(r[2], c0.scalar_type())};
+}
+
+// Inference: one_state_layer's, the same way. Returns out, h_T in the dtypes of x, h0.
+std::vector<Tensor> one_state_infer_py(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh,
+                                       c10::optional<Tensor> b_ih, c10::optional<Tensor> b_hh,
+                                       std::vector<i64> batch_sizes, bool reverse, bool gru,
+                                       bool option, i64 parts) {
+  auto in = in_compute_type<6>({x, h0, w_ih, w_hh, given(b_ih), given(b_hh)});
+  auto r = gru ? gru_layer_forward(in[0], maybe(in[4]), maybe(in[5]), in[1], in[2], in[3],
+                                   batch_sizes, reverse, option, false, parts)
+               : rnn_layer_forward(in[0], maybe(in[4]), maybe(in[5]), in[1], in[2], in[3],
+                                   batch_sizes, reverse, option, parts);
+  return {to_type(r[0], x.scalar_type()), to_type(r[1], h0.scalar_type())};
 }
 
 // out[i] = as[i] @ bs[i] for every i, in one parallel region (Products).
@@ -3318,19 +3357,14 @@ void previous_rows_py(Tensor into, Tensor sequence, Tensor initial, std::vector<
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lstmkit native CPU recurrences (see _native.cpp)";
-  m.def("lstm_forward", &lstm_forward_py);
-  m.def("lstm_backward", &lstm_backward_py);
   m.def("lstm_layer", &lstm_layer_py);
   m.def("one_state_layer", &one_state_layer_py);
+  m.def("lstm_infer", &lstm_infer_py);
+  m.def("one_state_infer", &one_state_infer_py);
   m.def("cell_step", &cell_step_py, py::arg("kind"), py::arg("x"), py::arg("h"), py::arg("c"),
         py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"),
         py::arg("w_peephole") = py::none(), py::arg("cell_form") = 0);
   m.def("cell_step_if", &cell_step_if_py);
-  m.def("to_type", &to_type);
-  m.def("gru_forward", &gru_forward_py);
-  m.def("gru_backward", &gru_backward_py);
-  m.def("rnn_forward", &rnn_forward_py);
-  m.def("rnn_backward", &rnn_backward_py);
   m.def("previous_rows", &previous_rows_py);
   m.def("products", &products_py);
   m.def("step_products", &step_products_py);

@@ -35,7 +35,7 @@ import torch
 from . import gru as _gru
 from . import lstm as _lstm
 from . import rnn as _rnn
-from ._precision import cast_like, compute_dtype
+from ._precision import compute_dtype
 
 _SOURCE = Path(__file__).with_name("_native.cpp")
 NATIVE_DTYPES = (torch.float32, torch.float64)        # what the kernels compute in
@@ -208,17 +208,6 @@ def pooled_empty(shape, like: torch.Tensor) -> torch.Tensor:
     return module().pooled_empty(list(shape), like)
 
 
-def _in_compute_dtype(tensors):
-    """The tensors in the compute dtype of the first (`compute_dtype`), those converted in pooled
-    memory: a float16 layer's weights converted afresh at every call faulted in a page per
-    4 KiB of the copy (as long as the whole forward at batch 1 / hidden 256)."""
-    dtype = compute_dtype(tensors[0].dtype)
-    if all(t is None or t.dtype == dtype for t in tensors):
-        return tensors
-    convert = module().to_type          # the C++ nodes' conversion (to_type in _native.cpp)
-    return [t if t is None else convert(t, dtype) for t in tensors]
-
-
 def _one_dtype(x, *tensors) -> bool:
     """Whether every tensor given (None: not given) has x's dtype, one of INPUT_DTYPES, as the
     single-step kernel takes them (the sequence kernels convert mixed dtypes)."""
@@ -345,15 +334,23 @@ def _check_device(x):
         raise ValueError(f"backend='native' runs on the CPU only, got a tensor on {x.device}")
 
 
-# The name of NativeLSTMLayer's autograd node (_native.cpp).
+# The names of the native layers' autograd nodes (_native.cpp).
 _LSTM_NODE = "torch::autograd::CppNode<(anonymous namespace)::NativeLSTMLayer>"
+_ONE_STATE_NODE = "torch::autograd::CppNode<(anonymous namespace)::NativeOneStateLayer>"
 
 
 def saves_no_output(out: torch.Tensor) -> bool:
-    """Whether `out` is an output of the native LSTM layer's autograd node, which keeps no
-    reference to it (it saves the previous rows instead): the caller may change it in place."""
+    """Whether `out` is an output of a native layer's autograd node that keeps no reference to
+    it, so that the caller may change it in place: the LSTM layer's (it saves the previous rows
+    instead), and the GRU's or RNN's in float16/bfloat16 (it saves its float32 result and
+    returns a converted copy)."""
     node = out.grad_fn
-    return node is not None and node.name() == _LSTM_NODE
+    if node is None:
+        return False
+    name = node.name()
+    if name == _LSTM_NODE:
+        return True
+    return name == _ONE_STATE_NODE and compute_dtype(out.dtype) != out.dtype
 
 
 class NativeLSTMFunction:
@@ -400,14 +397,9 @@ class NativeLSTMFunction:
                 _one_dtype(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_peephole):
             h_1, c_1 = step_inference("lstm", x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_peephole, form)
             return h_1, h_1, c_1
-        originals = (x, h0, c0)
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole = _in_compute_dtype(
-            (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole))
-        parts, input_in_step, own = _lstm_plan(layout, w_ih, w_hh, w_hr)
-        out, h_T, c_T, _, _ = module().lstm_forward(
-            x, b_ih, b_hh, h0, c0, w_ih, w_hh, w_hr, layout.batch_sizes, reverse, False, parts,
-            input_in_step, own, w_peephole, form)
-        return tuple(cast_like((out, h_T, c_T), originals))
+        plan = _lstm_plan(layout, w_ih, w_hh, w_hr, compute_dtype(x.dtype).itemsize)
+        return tuple(module().lstm_infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole,
+                                         layout.batch_sizes, reverse, form, plan))
 
 
 class NativeGRUFunction:
@@ -430,14 +422,9 @@ class NativeGRUFunction:
             (h_1,) = step_inference(gru_cell(reset_after), x, h0, None, w_ih, w_hh, b_ih, b_hh)
             return h_1, h_1
         parts = _driver(layout, w_hh, not reset_after, itemsize=compute_dtype(x.dtype).itemsize)
-        if inference:
-            args = _in_compute_dtype((x, h0, w_ih, w_hh, b_ih, b_hh))
-            out, h_T, _ = module().gru_forward(args[0], args[4], args[5], args[1], args[2],
-                                               args[3], layout.batch_sizes, reverse,
-                                               reset_after, False, parts)
-            return tuple(cast_like((out, h_T), (x, h0)))
-        return tuple(module().one_state_layer(x, h0, w_ih, w_hh, b_ih, b_hh, layout.batch_sizes,
-                                              reverse, True, reset_after, parts))
+        run = module().one_state_infer if inference else module().one_state_layer
+        return tuple(run(x, h0, w_ih, w_hh, b_ih, b_hh, layout.batch_sizes, reverse, True,
+                         reset_after, parts))
 
 
 class NativeRNNFunction:
@@ -462,13 +449,9 @@ class NativeRNNFunction:
             (h_1,) = step_inference(rnn_cell(nonlinearity), x, h0, None, w_ih, w_hh, b_ih, b_hh)
             return h_1, h_1
         parts = _driver(layout, w_hh, itemsize=compute_dtype(x.dtype).itemsize)
-        if inference:
-            args = _in_compute_dtype((x, h0, w_ih, w_hh, b_ih, b_hh))
-            out, h_T = module().rnn_forward(args[0], args[4], args[5], args[1], args[2], args[3],
-                                            layout.batch_sizes, reverse, relu, parts)
-            return tuple(cast_like((out, h_T), (x, h0)))
-        return tuple(module().one_state_layer(x, h0, w_ih, w_hh, b_ih, b_hh, layout.batch_sizes,
-                                              reverse, False, relu, parts))
+        run = module().one_state_infer if inference else module().one_state_layer
+        return tuple(run(x, h0, w_ih, w_hh, b_ih, b_hh, layout.batch_sizes, reverse, False, relu,
+                         parts))
 
 
 FUNCTIONS = {"lstm": NativeLSTMFunction, "gru": NativeGRUFunction, "rnn": NativeRNNFunction}
