@@ -209,6 +209,32 @@ def test_half_precision_runs_in_float32_and_returns_the_input_dtype(family, dtyp
 
 @pytest.mark.parametrize("backend", ["portable", "native"])
 @pytest.mark.parametrize("family", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("steps", [1, 5])
+def test_mixed_dtypes_compute_in_the_inputs_dtype_and_return_each_states_own(family, steps,
+                                                                             backend):
+    """A float16 input with float32 weights and states, in inference (the native kernels
+    convert in C++; one step takes the sequence path, not the single-step kernel): the float32
+    kernel on the widened input, the output in float16, the final states in float32."""
+    weights, states = make_case(family, 2, 3, 4, torch.float32, seed=4)
+    layout = StepLayout.padded(steps, 2)
+    x = torch.randn(2 * steps, 3).to(torch.float16)
+    with torch.no_grad():
+        out, *finals = run_kernel(family, x, states, weights, layout, False, backend, {})
+        out32, *finals32 = run_kernel(family, x.float(), states, weights, layout, False, backend,
+                                      {})
+    assert out.dtype == torch.float16 and all(f.dtype == torch.float32 for f in finals)
+    # At one step the all-float32 call takes the native single-step kernel, which sums the
+    # products in another order: there float32's rounding (one float16 step for the output),
+    # elsewhere bit for bit.
+    exact = steps > 1 or backend == "portable"
+    torch.testing.assert_close(out, out32.to(torch.float16), rtol=0 if exact else 1e-3, atol=0)
+    for final, final32 in zip(finals, finals32, strict=True):
+        torch.testing.assert_close(final, final32, rtol=0 if exact else 1e-6,
+                                   atol=0 if exact else 1e-7)
+
+
+@pytest.mark.parametrize("backend", ["portable", "native"])
+@pytest.mark.parametrize("family", ["lstm", "gru", "rnn"])
 def test_double_backward_is_refused_with_a_clear_error(family, backend):
     weights, states = make_case(family, 1, 2, 2, torch.float64, seed=1)
     x = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
