@@ -4,11 +4,13 @@
 // P output size (H, or proj size), NG gates (LSTM 4: i f g o; GRU 3: r z n; RNN 1),
 // L SIMD lanes (16 floats or 8 doubles), J = ceil(H / L) unit blocks.
 //
-// Each entry point (the *_py functions at the end) is a layer's whole forward or backward in one
-// direction: the per-sequence products (input projection; dX and the weight gradients, see
-// "Per-sequence products"), the recurrence, and the memory pool everything lives in; and the
-// layers' autograd nodes (NativeLSTMLayer; NativeOneStateLayer for the GRU and RNN),
-// Python-free from apply to the gradients. native.py chooses the driver and routes the calls.
+// A layer's whole forward or backward in one direction (lstm_layer_forward, ...; the
+// per-sequence products: input projection; dX and the weight gradients, see "Per-sequence
+// products"), the recurrence, and the memory pool everything lives in. Python calls the
+// layers' autograd nodes (NativeLSTMLayer; NativeOneStateLayer for the GRU and RNN: lstm_layer,
+// one_state_layer), Python-free from apply to the gradients, or their forward alone for
+// inference (lstm_infer, one_state_infer), and the single-step kernel (cell_step); the *_py
+// functions at the end. native.py chooses the driver and routes the calls.
 //
 // Two drivers per family:
 //   fused   small batches and recurrent matrices whose per-core share fits in L2, no
@@ -3228,6 +3230,8 @@ struct NativeOneStateLayer : public torch::autograd::Function<NativeOneStateLaye
                                      batch_sizes, reverse, option, true, parts)
                  : rnn_layer_forward(in[0], maybe(in[4]), maybe(in[5]), in[1], in[2], in[3],
                                      batch_sizes, reverse, option, parts);
+    // In float16/bfloat16 the output saved (r[0], float32) is not the one returned, which the
+    // caller may then edit in place without a copy (saves_no_output in native.py).
     ctx->save_for_backward({in[0], in[1], in[2], in[3], r[0], gru ? r[2] : Tensor()});
     ctx->saved_data["batch_sizes"] = batch_sizes;
     ctx->saved_data["reverse"] = reverse;

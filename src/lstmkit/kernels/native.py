@@ -408,7 +408,8 @@ class NativeGRUFunction:
     apply(x (N, I), h0 (B, H), w_ih (3H, I), w_hh (3H, H), b_ih (3H,) | None, b_hh (3H,) | None,
           layout: StepLayout, reverse: bool, reset_after: bool) -> out (N, H), h_T (B, H)
     The autograd node is C++ (NativeOneStateLayer in _native.cpp), as the LSTM's.
-    Saved: x, h0, w_ih, w_hh, out, stash [r | z | n | gh_n] (N, 4H) ([r | z | n] reset-before).
+    Saved: x, h0, w_ih, w_hh, out, stash [r | z | n | gh_n] (N, 4H) ([r | z | n] reset-before),
+    in the compute dtype (float32 for float16/bfloat16, whose out returned is a converted copy).
     """
 
     @staticmethod
@@ -434,7 +435,7 @@ class NativeRNNFunction:
           layout: StepLayout, reverse: bool, nonlinearity: "tanh" | "relu")
     -> out (N, H), h_T (B, H)
     The autograd node is C++ (NativeOneStateLayer in _native.cpp), as the LSTM's.
-    Saved: x, h0, w_ih, w_hh, out.
+    Saved: x, h0, w_ih, w_hh, out, in the compute dtype (as the GRU's).
     """
 
     @staticmethod
