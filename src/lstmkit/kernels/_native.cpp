@@ -2703,6 +2703,13 @@ Tensor incoming(const Tensor& d, at::ScalarType dtype) {
 inline Tensor optional_contiguous(const c10::optional<Tensor>& t) {
   return t.has_value() && t->defined() ? t->contiguous() : Tensor();
 }
+// An optional tensor as an undefined Tensor when absent, and back.
+inline Tensor given(const c10::optional<Tensor>& t) {
+  return t.has_value() && t->defined() ? *t : Tensor();
+}
+inline c10::optional<Tensor> maybe(const Tensor& t) {
+  return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt;
+}
 
 // psi(c) of the LSTM's output m = o psi(c) for a cell form (see CellForm), over a whole tensor.
 Tensor output_activation(const Tensor& c, int form) {
@@ -2753,7 +2760,6 @@ void check_layer_weights(i64 gates, const Tensor& x, i64 H, i64 P, const Tensor&
                          const c10::optional<Tensor>& b_hh,
                          const c10::optional<Tensor>& w_hr = c10::nullopt,
                          const c10::optional<Tensor>& w_peephole = c10::nullopt) {
-  auto given = [](const c10::optional<Tensor>& t) { return t ? *t : Tensor(); };
   const std::string wrong = layer_weights_mismatch(gates, x, H, P, w_ih, w_hh, given(b_ih),
                                                    given(b_hh), given(w_hr), given(w_peephole));
   TORCH_CHECK_VALUE(wrong.empty(), wrong);
@@ -2910,11 +2916,10 @@ std::vector<Tensor> cell_step_py(int kind, Tensor x, Tensor h, c10::optional<Ten
               "cell_step: only the LSTM takes peepholes and a cell form");
   check_cpu(x, "x");
   const i64 H = h.size(1);
+  check_layer_weights(CELL_GATES[kind], x, H, H, w_ih, w_hh, b_ih, b_hh, c10::nullopt,
+                      w_peephole);
   Tensor bi = optional_contiguous(b_ih), bh = optional_contiguous(b_hh);
   Tensor peephole = optional_contiguous(w_peephole);
-  const std::string wrong =
-      layer_weights_mismatch(CELL_GATES[kind], x, H, H, w_ih, w_hh, bi, bh, {}, peephole);
-  TORCH_CHECK_VALUE(wrong.empty(), wrong);
   TORCH_CHECK_VALUE(cell_weights_on_cpu(x, w_ih, w_hh, bi, bh, peephole),
                     "the weights must be ", x.scalar_type(), " on the CPU as x is, got w_ih ",
                     w_ih.scalar_type(), " on ", w_ih.device(), ", w_hh ", w_hh.scalar_type(),
@@ -3089,12 +3094,6 @@ std::vector<Tensor> gru_layer_backward(Tensor d_out, Tensor d_hT, Tensor x, Tens
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-inline c10::optional<Tensor> maybe(const Tensor& t) {
-  return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt;
-}
-inline Tensor given(const c10::optional<Tensor>& t) {
-  return t.has_value() && t->defined() ? *t : Tensor();
-}
 // The gradient arriving at an output, zeros of `sizes` when it has none (materialize_grads is
 // off: most callers use only `out`, and zeros that no one reads need not be made for h_T, c_T).
 inline Tensor arriving(const Tensor& g, at::IntArrayRef sizes, const at::TensorOptions& options) {
