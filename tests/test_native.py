@@ -16,6 +16,7 @@ import sys
 import threading
 import warnings
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,15 +29,20 @@ from lstmkit import kernels, reference
 from lstmkit.kernels import StepLayout, native
 
 # The LSTM variants the native kernels compute: peephole, cifg, the removed gates (noinput,
-# noforget, nooutput: LSTMVariant(input_gate=False), ...) and the activations (hardsigmoid for
-# the gates; cell... and out... for g's and the output's: softsign, hardtanh, identity).
+# noforget, nooutput: LSTMVariant(input_gate=False), ...), the activations (hardsigmoid for
+# the gates; cell... and out... for g's and the output's: softsign, hardtanh, identity) and
+# zoneout (zoneouth, zoneoutc: masks drawn per row; with "expectation" one row of rates for all).
 VARIANT_WORDS = ("peephole", "cifg", "noinput", "noforget", "nooutput", "hardsigmoid", "cell",
-                 "out")
+                 "out", "zoneout", "expectation")
 FAMILIES = ("lstm", "lstm_proj", "lstm_nobias", "lstm_peephole", "lstm_proj_peephole",
             "lstm_cifg", "lstm_peephole_cifg", "lstm_peephole_noinput", "lstm_noforget",
             "lstm_proj_peephole_nooutput", "lstm_hardsigmoid_cellsoftsign_outidentity",
             "lstm_proj_peephole_cellhardtanh_outsoftsign", "lstm_cifg_cellidentity_outhardtanh",
             "gru", "gru_reset_before", "rnn_tanh", "rnn_relu")
+# Zoneout with the other elementwise variants; its h only without projection.
+ZONEOUT_FAMILIES = ("lstm_zoneouth_zoneoutc", "lstm_proj_peephole_cifg_zoneoutc",
+                    "lstm_peephole_noforget_outsoftsign_zoneouth_zoneoutc_expectation",
+                    "lstm_nooutput_zoneouth")
 
 
 def gate_options(family) -> dict:
@@ -126,11 +132,31 @@ def make_weights(family, I, H, rng):
     return w, P
 
 
-def reference_run(family, x, states, w, dy, d_states):
+def zoneout_masks(family, T, B, P, H, rng) -> dict:
+    """A zoneout family's masks (see VARIANT_WORDS) as the reference takes them, (T, B, F): 0/1
+    with probability 0.3 of keeping, or 0.3 everywhere for the expectation; {} without."""
+    words = family.split("_")
+    masks = {}
+    for name, word, width in (("zoneout_h", "zoneouth", P), ("zoneout_c", "zoneoutc", H)):
+        if word in words:
+            masks[name] = (np.full((T, B, width), 0.3) if "expectation" in words
+                           else (rng.random((T, B, width)) < 0.3).astype(float))
+    return masks
+
+
+def layer_masks(family, masks, dtype) -> dict:
+    """zoneout_masks's masks as kernels.lstm_layer takes them: (T B, F), a row per step and
+    batch row, or (1, F) for the expectation."""
+    expectation = "expectation" in family.split("_")
+    return {name: torch.tensor(mask[0, :1] if expectation else mask.reshape(-1, mask.shape[2]),
+                               dtype=dtype) for name, mask in masks.items()}
+
+
+def reference_run(family, x, states, w, dy, d_states, masks=None):
     """Forward and backward of the NumPy reference: (outputs, gradients by argument name)."""
     if any(word.startswith(VARIANT_WORDS) for word in family.split("_")[1:]):
         variant = lstmkit.LSTMVariant(peepholes="peephole" in family, **gate_options(family))
-        y, h, c, cache = reference.lstm_variant_forward(x, *states, w, variant)
+        y, h, c, cache = reference.lstm_variant_forward(x, *states, w, variant, masks=masks)
         return (y, h, c), reference.lstm_variant_backward(dy, *d_states, cache)
     if family.startswith("lstm"):
         y, h, c, cache = reference.lstm_forward(x, *states, w["w_ih"], w["w_hh"], w["b_ih"],
@@ -145,10 +171,10 @@ def reference_run(family, x, states, w, dy, d_states):
     return (y, h), reference.rnn_backward(dy, *d_states, cache)
 
 
-def native_layer(family, x, states, w, layout, reverse):
+def native_layer(family, x, states, w, layout, reverse, masks=None):
     if family.startswith("lstm"):
         return kernels.lstm_layer(x, *states, **w, layout=layout, reverse=reverse,
-                                  backend="native", **gate_options(family))
+                                  backend="native", **gate_options(family), **(masks or {}))
     if family.startswith("gru"):
         return kernels.gru_layer(x, *states, **w, layout=layout, reverse=reverse,
                                  reset_after=family == "gru", backend="native")
@@ -165,7 +191,7 @@ def assert_close(name, actual, expected, dtype):
 
 # A projection needs proj_size < hidden_size, so H=1 has none.
 REFERENCE_CASES = [pytest.param(family, shape, id="{}-T{}-B{}-I{}-H{}".format(family, *shape))
-                   for family in FAMILIES for shape in SHAPES
+                   for family in FAMILIES + ZONEOUT_FAMILIES for shape in SHAPES
                    if not ("proj" in family and shape[3] == 1)]
 
 
@@ -188,7 +214,9 @@ def check_against_reference(family, shape, reverse, dtype):
     d_states = [rng.standard_normal((B, s)) for s in sizes]
     # The reverse direction is the forward direction over the time-flipped sequence.
     flip = (lambda a: a[::-1].copy()) if reverse else (lambda a: a)
-    (y, *finals), grads = reference_run(family, flip(x), states, w, flip(dy), d_states)
+    masks = zoneout_masks(family, T, B, P, H, rng)
+    (y, *finals), grads = reference_run(family, flip(x), states, w, flip(dy), d_states,
+                                        {name: flip(mask) for name, mask in masks.items()})
 
     def tensor(a):
         return torch.tensor(a, dtype=dtype, requires_grad=True)
@@ -196,7 +224,8 @@ def check_against_reference(family, shape, reverse, dtype):
     xt = tensor(x.reshape(T * B, I))
     st = [tensor(s) for s in states]
     wt = {k: None if v is None else tensor(v) for k, v in w.items()}
-    out, *finals_t = native_layer(family, xt, st, wt, StepLayout.padded(T, B), reverse)
+    out, *finals_t = native_layer(family, xt, st, wt, StepLayout.padded(T, B), reverse,
+                                  layer_masks(family, masks, dtype))
     loss = (out * torch.tensor(dy.reshape(T * B, P), dtype=dtype)).sum()
     for final, d_final in zip(finals_t, d_states, strict=True):
         loss = loss + (final * torch.tensor(d_final, dtype=dtype)).sum()
@@ -522,6 +551,9 @@ def _function_cases():
     def r(*shape):
         return torch.randn(*shape, dtype=d) * 0.5
 
+    def keep(*shape):                                # a zoneout mask, keeping with p = 0.4
+        return Mask(torch.bernoulli(torch.full(shape, 0.4, dtype=d)))
+
     lstm = native.NativeLSTMFunction
     gru = native.NativeGRUFunction
     rnn = native.NativeRNNFunction
@@ -549,6 +581,15 @@ def _function_cases():
                                     r(2, 3), padded, False, None,
                                     native.cell_form(cell_activation="softsign",
                                                      output_activation="identity")]),
+        # zoneout's masks get no gradient (Mask: not marked as wanting one)
+        "lstm-zoneout": (lstm, [r(9, 2), r(3, 3), r(3, 3), r(12, 2), r(12, 3), r(12), r(12),
+                                None, packed, True, None, 0, keep(9, 3), keep(9, 3)]),
+        "lstm-proj-peephole-cifg-zoneout-c": (lstm, [
+            r(6, 2), r(2, 2), r(2, 3), r(12, 2), r(12, 2), r(12), r(12), r(2, 3), padded, False,
+            r(9), 1, None, keep(6, 3)]),
+        "lstm-zoneout-expectation": (lstm, [
+            r(6, 2), r(2, 3), r(2, 3), r(12, 2), r(12, 3), None, r(12), None, padded, True, r(9),
+            0, Mask(torch.full((1, 3), 0.3, dtype=d)), Mask(torch.full((1, 3), 0.6, dtype=d))]),
         "gru": (gru, [r(9, 2), r(3, 3), r(9, 2), r(9, 3), r(9), r(9), packed, True, True]),
         "gru-reset-before": (gru, [r(6, 2), r(2, 3), r(9, 2), r(9, 3), r(9), r(9), padded,
                                    False, False]),
@@ -557,10 +598,17 @@ def _function_cases():
     }
 
 
+@dataclass
+class Mask:
+    """A Function argument that is not differentiated (zoneout's masks)."""
+    tensor: torch.Tensor
+
+
 @pytest.mark.parametrize("case", list(_function_cases()))
 def test_gradcheck(case, driver):
     function, args = _function_cases()[case]
-    args = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    args = [a.tensor if isinstance(a, Mask) else a.requires_grad_()
+            if isinstance(a, torch.Tensor) else a for a in args]
     assert torch.autograd.gradcheck(lambda *a: function.apply(*a), args)
 
 
@@ -762,6 +810,27 @@ def test_layers_refuse_weights_of_the_wrong_shape(cls, name, shape, message, ste
     x = torch.randn(steps, 2, 3)
     with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=message):
         module(x)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "training"])
+@pytest.mark.parametrize("masks, proj, message", [
+    ({"zoneout_c": (7, 4)}, False, r"zoneout_c must have shape \(6, 4\) or \(1, 4\), got \[7, 4\]"),
+    ({"zoneout_h": (6,)}, False, r"zoneout_h must have shape \(6, 4\) or \(1, 4\), got \[6\]"),
+    ({"zoneout_h": (1, 3)}, False, r"zoneout_h must have shape \(6, 4\) or \(1, 4\), got \[1, 3\]"),
+    ({"zoneout_h": (6, 2)}, True, "no zoneout_h with a projection"),
+])
+def test_native_lstm_refuses_zoneout_masks_that_do_not_fit(masks, proj, message, grad):
+    """Zoneout masks of the wrong shape (the kernels would read them out of step or past their
+    end), and zoneout_h with a projection, which only the portable kernel computes: a
+    ValueError naming the mask and the shapes it may have."""
+    x, h0, c0 = torch.randn(6, 3), torch.randn(2, 2 if proj else 4), torch.randn(2, 4)
+    w_hh = torch.randn(16, h0.shape[1])
+    w_hr = torch.randn(2, 4) if proj else None
+    params = [t.requires_grad_(grad) for t in (torch.randn(16, 3), w_hh)]
+    zoneout = {name: torch.rand(*shape) for name, shape in masks.items()}
+    with pytest.raises(ValueError, match=message):
+        native.NativeLSTMFunction.apply(x, h0, c0, *params, None, None, w_hr,
+                                        StepLayout.padded(3, 2), False, None, 0, **zoneout)
 
 
 def count_native_steps(monkeypatch, entry="step_if_fits") -> list:
@@ -1267,12 +1336,62 @@ def test_native_variant_lstm_module_matches_portable(variant):
         assert (mine - theirs).abs().max().item() < 1e-10
 
 
+_ZONEOUT_CASES = {
+    "zoneout-c-training": (True, lstmkit.LSTMVariant(peepholes=True, zoneout_c=0.2), 0),
+    "zoneout-h-expectation": (False, lstmkit.LSTMVariant(cifg=True, zoneout_h=0.2,
+                                                         zoneout_eval="expectation"), 0),
+    "zoneout-h-projection-training": (True, lstmkit.LSTMVariant(zoneout_h=0.2, zoneout_c=0.1), 2),
+    "zoneout-c-projection-training": (True, lstmkit.LSTMVariant(zoneout_c=0.1), 2),
+    "zoneout-h-expectation-plain": (False, lstmkit.LSTMVariant(zoneout_h=0.2,
+                                                               zoneout_eval="expectation"), 0),
+    "zoneout-h-softsign": (True, lstmkit.LSTMVariant(zoneout_h=0.2, cell_activation="softsign"),
+                           0),
+}
+
+
+@pytest.mark.parametrize("module, training, variant, proj_size", [
+    pytest.param(module, *case, id=f"{module}-{name}") for name, case in _ZONEOUT_CASES.items()
+    for module in ("LSTM", "LSTMCell") if not (module == "LSTMCell" and case[2])])
+def test_native_zoneout_matches_portable(module, training, variant, proj_size):
+    """Zoneout, in training (masks drawn per call) and its expectation in eval, with other
+    elementwise variants: the native kernels (but for zoneout_h with a projection, which only
+    the variant kernel has) give the portable variant kernel's results and gradients, with the
+    same masks from the same seed."""
+    cell = module == "LSTMCell"                # (which has no projection)
+    options = dict(variant=variant, dtype=torch.float64)
+    if not cell:
+        options.update(num_layers=2, bidirectional=True, proj_size=proj_size)
+    ours = getattr(lstmkit, module)(3, 6, backend="native", **options).train(training)
+    portable = getattr(lstmkit, module)(3, 6, backend="portable", **options).train(training)
+    portable.load_state_dict(ours.state_dict())
+    results = []
+    for model in (ours, portable):
+        x = torch.randn(5, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1),
+                        requires_grad=True)
+        torch.manual_seed(5)                   # the same masks for both
+        if cell:
+            out, c = model(x[0])
+            h = out
+        else:
+            packed = pack_padded_sequence(x, [5, 4, 4, 2], enforce_sorted=False)
+            out, (h, c) = model(packed)
+            out = pad_packed_sequence(out)[0]
+        (out.sin().sum() + h.cos().sum() + c.sum()).backward()
+        nodes = _graph_nodes(out)
+        native_ran = any("NativeLSTM" in name for name in nodes)
+        variant_ran = "LSTMVariantFunctionBackward" in nodes
+        expect_native = model is ours and not (variant.zoneout_h and proj_size)
+        assert (native_ran, variant_ran) == (expect_native, not expect_native), nodes
+        results.append([out, h, c, x.grad, *(p.grad for p in model.parameters())])
+    for mine, theirs in zip(*results, strict=True):
+        assert (mine - theirs).abs().max().item() < 1e-10
+
+
 @pytest.mark.parametrize("training, variant", [
-    (True, lstmkit.LSTMVariant(peepholes=True, zoneout_c=0.2)),
-    (False, lstmkit.LSTMVariant(cifg=True, zoneout_h=0.2, zoneout_eval="expectation")),
     (False, lstmkit.LSTMVariant(peepholes=True, cifg=True, layer_norm=True)),
     (True, lstmkit.LSTMVariant(cifg=True, recurrent_dropout=0.1)),
-], ids=["zoneout-training", "zoneout-expectation", "layer-norm", "recurrent-dropout"])
+    (True, lstmkit.LSTMVariant(zoneout_h=0.1, full_gate_recurrence=True)),
+], ids=["layer-norm", "recurrent-dropout", "zoneout-full-gate-recurrence"])
 def test_native_variants_with_other_changes_take_the_variant_kernel(training, variant):
     model = lstmkit.LSTM(3, 4, variant=variant).train(training)
     out, _ = model(torch.randn(5, 2, 3))

@@ -63,28 +63,34 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
                w_peephole=None, cifg: bool = False, input_gate: bool = True,
                forget_gate: bool = True, output_gate: bool = True,
                gate_activation: str = "sigmoid", cell_activation: str = "tanh",
-               output_activation: str = "tanh"):
+               output_activation: str = "tanh", zoneout_h=None, zoneout_c=None):
     """One LSTM layer, one direction: x (N, I), h0 (B, P), c0 (B, H) -> out (N, P), h_T, c_T.
 
     LSTMVariant's elementwise changes to the cell, with its meanings (the other variants take
     `lstm_variant_layer`): w_peephole (3H,) = [p_i | p_f | p_o], peephole connections; cifg,
     f = 1 - i; input_gate, forget_gate, output_gate False: that gate is 1; the gate, cell and
-    output activations. The native kernel computes them, the portable backend (or a machine
+    output activations; zoneout_h (N or 1, P), zoneout_c (N or 1, H): zoneout's masks, by row
+    or one row for all (`lstm_variant_layer`'s, drawn by the caller). The native kernel
+    computes them (zoneout_h only without projection), the portable backend (or a machine
     without the native kernels) the variant kernel."""
     fn = _function("lstm", backend, x)
     cell = (bool(cifg), input_gate, forget_gate, output_gate, gate_activation, cell_activation,
             output_activation)                               # in CELL_FORM_FIELDS's order
     form = native.cell_form(*cell)
-    if w_peephole is None and not form:
+    zoneout = zoneout_h is not None or zoneout_c is not None
+    if w_peephole is None and not form and not zoneout:
         return fn.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse)
-    if fn is native.NativeLSTMFunction and native.available():
+    if fn is native.NativeLSTMFunction and native.available() and \
+            (zoneout_h is None or w_hr is None):
         return fn.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole,
-                        form)
+                        form, zoneout_h, zoneout_c)
     params = {"w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh, "w_hr": w_hr,
               "w_peephole": w_peephole}
+    masks = {name: mask for name, mask in (("zoneout_h", zoneout_h), ("zoneout_c", zoneout_c))
+             if mask is not None}
     variant = LSTMVariant(peepholes=w_peephole is not None,
                           **dict(zip(CELL_FORM_FIELDS, cell, strict=True)))
-    out, h_T, c_T, *_ = lstm_variant_layer(x, h0, c0, params, {}, variant, layout=layout,
+    out, h_T, c_T, *_ = lstm_variant_layer(x, h0, c0, params, masks, variant, layout=layout,
                                            reverse=reverse, backend="portable")
     return out, h_T, c_T
 
@@ -108,10 +114,10 @@ def lstm_variant_layer(x, h0, c0, params: dict, masks: dict, variant, *, q0=None
     """
     if backend not in ("auto", "portable"):
         raise ValueError(f"backend={backend!r} has no kernel for these LSTM variants (layer "
-                         "norm, full gate recurrence, zoneout, recurrent dropout; the elementwise "
-                         "ones, peepholes, CIFG, removed gates and activations, run native "
-                         "through lstm_layer's arguments): use backend='auto' or 'portable' "
-                         "with a variant")
+                         "norm, full gate recurrence, recurrent dropout, zoneout_h with a "
+                         "projection; the elementwise ones, peepholes, CIFG, removed gates, "
+                         "activations and zoneout, run native through lstm_layer's arguments): "
+                         "use backend='auto' or 'portable' with a variant")
     unknown = (set(params) - set(_VARIANT_PARAMETERS)) | (set(masks) - set(_VARIANT_MASKS))
     if unknown:
         raise ValueError(f"unknown LSTM-variant arguments {sorted(unknown)}; expected some of "

@@ -1116,7 +1116,12 @@ auto dispatch(at::ScalarType dtype, F&& f) -> decltype(f(float{})) {
 // (a_f unused); a removed input, forget or output gate is 1 (Greff et al.'s NIG, NFG, NOG);
 // the gates' activation (sigmoid or hard sigmoid), g's (phi) and the output's (psi, in
 // m = o psi(c)), each by its code (see gate_activation, cell_activation).
-// Saved: gates (N, 4H) activated, cells (N, H).
+// Zoneout (Krueger et al. 2016, LSTMVariant's zoneout_c and zoneout_h): each unit keeps its
+// previous value with its mask's weight z, c = c~ + z_c (c_prev - c~), h = m + z_h (h_prev - m),
+// where c~ = f c_prev + i g is the cell above and m = o psi(c~) (peepholes see c~ too). Masks
+// (N, H) by row (drawn per call in training) or (1, H) for every row (the expectation in eval);
+// zoneout_h only without projection.
+// Saved: gates (N, 4H) activated, cells (N, H) (c, after zoneout).
 constexpr int GATE_CIFG = 1, NO_INPUT_GATE = 2, NO_FORGET_GATE = 4, NO_OUTPUT_GATE = 8;
 constexpr int HARD_SIGMOID_GATES = 16, CELL_ACTIVATION_SHIFT = 5, OUTPUT_ACTIVATION_SHIFT = 7;
 struct CellForm {
@@ -1124,6 +1129,25 @@ struct CellForm {
   explicit CellForm(int form)
       : gate((form & HARD_SIGMOID_GATES) ? 1 : 0), cell((form >> CELL_ACTIVATION_SHIFT) & 3),
         output((form >> OUTPUT_ACTIVATION_SHIFT) & 3) {}
+};
+
+// A zoneout mask (see above): rows of `stride` units, stride 0 for one row for every row.
+template <typename S>
+struct ZoneoutMask {
+  const S* p = nullptr;
+  i64 stride = 0;
+  ZoneoutMask() = default;
+  explicit ZoneoutMask(const Tensor& mask)
+      : p(ptr<S>(mask)), stride(mask.defined() && mask.size(0) > 1 ? mask.size(1) : 0) {}
+  explicit operator bool() const { return p != nullptr; }
+  __attribute__((always_inline)) inline V<S> at(i64 row, i64 j, int n) const {
+    return load(p + row * stride + j, n);
+  }
+  // fresh + z (previous - fresh): zoneout's state, as the portable kernel computes it.
+  __attribute__((always_inline)) inline V<S> mix(i64 row, i64 j, V<S> fresh, V<S> previous,
+                                                 int n) const {
+    return fresh + at(row, j, n) * (previous - fresh);
+  }
 };
 
 // torch.nn's cell in float, every gate a ratio: i = 1 / D_i, f = 1 / D_f, o = 1 / D_o
@@ -1177,6 +1201,14 @@ struct LSTMForwardGates {
   const S* xproj; const S* bias; S* c; S* gates; S* cells; i64 H;
   const S* peep = nullptr;                                   // (3H) peephole weights, or none
   int form = 0;                                              // the cell's form, see CellForm
+  ZoneoutMask<S> zone_c, zone_h;                             // zoneout, or none
+  // Zoneout's h for the block at unit j of global row `row`: m itself without zoneout_h, else
+  // mixed with the row's previous h (h_prev, the block's units). The drivers call it on
+  // every block's result.
+  __attribute__((always_inline)) inline V<S> zoned_h(i64 row, i64 j, V<S> m, const S* h_prev,
+                                                     int n) const {
+    return zone_h ? zone_h.mix(row, j, m, load(h_prev, n), n) : m;
+  }
   // Pre-activations of row b (global row `row`), block jb -> writes c and the saved tensors,
   // returns m = o tanh(c) for the block. torch.nn's cell takes a straight-line copy inlined
   // into the drivers' loops: the general one, branching on the form, kept the compiler from
@@ -1187,7 +1219,7 @@ struct LSTMForwardGates {
   __attribute__((always_inline)) inline void cell_blocks(i64 b, i64 row, i64 jb,
                                                          const V<S> (&acc)[W][4], int n,
                                                          V<S> (&m)[W]) const {
-    if (form == 0 && !peep) return standard<W>(b, row, jb, acc, n, m);
+    if (form == 0 && !peep && !zone_c) return standard<W>(b, row, jb, acc, n, m);
     for (int w = 0; w < W; ++w) m[w] = general(b, row, jb + w, acc[w]);
   }
   // The cell over every unit block of row b (global row `row`), two full blocks at a time (see
@@ -1270,11 +1302,12 @@ struct LSTMForwardGates {
     V<S> cn = f * c_prev + i * g;
     if (peep) a_o += load(peep + 2 * H + j, n) * cn;
     V<S> o = (form & NO_OUTPUT_GATE) ? one : gate_activation<S>(act.gate, a_o);
-    store(cb, cn, n);
+    const V<S> c_state = zone_c ? zone_c.mix(row, j, cn, c_prev, n) : cn;
+    store(cb, c_state, n);
     if (gates) {
       S* gr = gates + row * 4 * H + j;
       store(gr, i, n); store(gr + H, f, n); store(gr + 2 * H, g, n); store(gr + 3 * H, o, n);
-      store(cells + row * H + j, cn, n);
+      store(cells + row * H + j, c_state, n);
     }
     return o * cell_activation<S>(act.output, cn);
   }
@@ -1289,7 +1322,8 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
                                  const Tensor& c0,
                                  const Tensor& w_hh, const c10::optional<Tensor>& w_hr_opt,
                                  const Steps& st, bool save, i64 parts, const Tensor& w_ih,
-                                 bool own_product, const Tensor& peephole, int cell_form) {
+                                 bool own_product, const Tensor& peephole, int cell_form,
+                                 const Tensor& zoneout_h, const Tensor& zoneout_c) {
   constexpr int L = Vec<S>::L;
   const i64 H = c0.size(1), P = h0.size(1), B = st.batch, N = st.rows;
   const i64 I = w_ih.defined() ? w_ih.size(1) : 0;
@@ -1301,7 +1335,8 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
   Tensor cells = save ? pooled_empty({N, H}, xproj.options()) : Tensor();
   Tensor c = pooled_clone(c0);
   LSTMForwardGates<S> gate_math{I ? nullptr : ptr<S>(xproj), ptr<S>(bias), ptr<S>(c),
-                                ptr<S>(gates), ptr<S>(cells), H, ptr<S>(peephole), cell_form};
+                                ptr<S>(gates), ptr<S>(cells), H, ptr<S>(peephole), cell_form,
+                                ZoneoutMask<S>(zoneout_c), ZoneoutMask<S>(zoneout_h)};
   S* o_ptr = ptr<S>(out);
   const i64 J = (H + L - 1) / L;
   if (parts == 0 && !w_hr.defined()) {
@@ -1381,7 +1416,8 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
       auto epilogue = [&](i64 b, i64 jb, const V<S>* acc) {
         i64 j = jb * L;
         at_width<S>(H, j, [&](int n) __attribute__((always_inline)) {
-          V<S> m = gate_math(b, off + b, jb, acc, n);
+          V<S> m = gate_math.zoned_h(off + b, j, gate_math(b, off + b, jb, acc, n),
+                                     h_read + b * P + j, n);
           store(h_write + b * P + j, m, n);
           store(o_ptr + (off + b) * P + j, m, n);
         });
@@ -1448,6 +1484,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
           gate_math.row_cells(b, off + b,
                               [&](i64 jb, int q, int) { return pre[(b * J + jb) * 4 + q]; },
                               [&](i64 jb, V<S> m, int n) {
+            m = gate_math.zoned_h(off + b, jb * L, m, z_read + b * K + I + jb * L, n);
             store(z_write + b * K + I + jb * L, m, n);
             store(o_ptr + (off + b) * P + jb * L, m, n);
           });
@@ -1485,6 +1522,8 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
       gate_math.row_cells(b, off + b, [&](i64 jb, int q, int n) {
         return load(r + b * 4 * H + q * H + jb * L, n);
       }, [&](i64 jb, V<S> mv, int n) {
+        // Without projection target is z's h, still h_prev here (the product has read it).
+        mv = gate_math.zoned_h(off + b, jb * L, mv, target + b * ts + jb * L, n);
         store(target + b * ts + jb * L, mv, n);
         if (!m.defined()) store(o_ptr + (off + b) * P + jb * L, mv, n);
       });
@@ -1503,12 +1542,19 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
 //   dm = dh [W_hr];  dc = dc_next + dm o (1 - tanh(c)^2)
 //   da = [dc g, dc c_prev, dc i, dm tanh(c)] * [i(1-i), f(1-f), 1-g^2, o(1-o)]
 //   dh_prev = da W_hh;  dc_prev = dc f
+// With zoneout (c = c~ + z_c (c_prev - c~), h = m + z_h (h_prev - m)) dh and dc are the
+// gradients reaching the zoned h and c: m gets (1 - z_h) dh and h_prev z_h dh (kept in dh_carry
+// (B, H) for the step before, then dh0), c~ gets (1 - z_c) dc and c_prev z_c dc; c~ (which
+// psi and the output peephole saw) is recomputed as f c_prev + i g.
 template <typename S>
 struct LSTMBackwardGates {
   const S* gates; const S* cells; const S* c0; S* dc; S* d_gates; const Steps* st; i64 H;
   const S* peep = nullptr;                                   // (3H) peephole weights, or none
   int form = 0;                                              // as LSTMForwardGates's
-  // dm: the gradient reaching m = o psi(c) for row b of step t, block jb. With peepholes c also
+  ZoneoutMask<S> zone_c, zone_h;                             // zoneout, or none
+  S* dh_carry = nullptr;                                     // (B, H) with zone_h
+  // dm: the gradient reaching h, m = o psi(c) (the zoned h with zoneout_h), for row b of step t,
+  // block jb. With peepholes c also
   // reaches a_o (dc += da_o p_o) and c_prev reaches a_i and a_f (dc_prev += da_i p_i + da_f p_f).
   // With CIFG, f = 1 - i: i's gradient is dc (g - c_prev), a_f gets none. A removed gate was
   // saved as 1, where both gate activations' slopes are 0: its pre-activation gets no gradient
@@ -1517,7 +1563,7 @@ struct LSTMBackwardGates {
   // n: the block's width, min(L, H - jb L) (see for_unit_blocks).
   __attribute__((always_inline)) inline void operator()(i64 t, i64 b, i64 jb, V<S> dm,
                                                         int n) const {
-    if (form == 0 && !peep) return standard(t, b, jb, dm, n);
+    if (form == 0 && !peep && !zone_c && !zone_h) return standard(t, b, jb, dm, n);
     general(t, b, jb, dm, n);
   }
   // What the backward of row b of step t, block jb, reads: the saved gates and cells, c_prev,
@@ -1548,14 +1594,26 @@ struct LSTMBackwardGates {
   }
   __attribute__((noinline)) void general(i64 t, i64 b, i64 jb, V<S> dm, int n) const {
     const Saved k = saved(t, b, jb, n);
-    const i64 j = k.j;
+    const i64 j = k.j, row = st->offset[t] + b;
     const V<S> i = k.i, f = k.f, g = k.g, o = k.o, c_prev = k.c_prev;
     S* dcb = k.dc;
     S* da = k.da;
     const CellForm act(form);
     const bool cifg = form & GATE_CIFG;
-    V<S> s = cell_activation<S>(act.output, k.c);                                // psi(c)
-    V<S> dct = load(dcb, n) + dm * o * cell_slope<S>(act.output, s);
+    if (zone_h) {                              // dh = dm as it arrived, plus h_next's share
+      S* carry = dh_carry + b * H + j;
+      const V<S> dh = dm + load(carry, n), kept = dh * zone_h.at(row, j, n);
+      store(carry, kept, n);
+      dm = dh - kept;
+    }
+    V<S> dc_in = load(dcb, n), dc_kept{};
+    if (zone_c) {
+      dc_kept = dc_in * zone_c.at(row, j, n);
+      dc_in = dc_in - dc_kept;
+    }
+    const V<S> c_cell = zone_c ? f * c_prev + i * g : k.c;                       // c~
+    V<S> s = cell_activation<S>(act.output, c_cell);                             // psi(c~)
+    V<S> dct = dc_in + dm * o * cell_slope<S>(act.output, s);
     V<S> da_o = dm * s * gate_slope<S>(act.gate, o);
     if (peep) dct += da_o * load(peep + 2 * H + j, n);
     V<S> da_i = dct * (cifg ? g - c_prev : g) * gate_slope<S>(act.gate, i);
@@ -1566,6 +1624,7 @@ struct LSTMBackwardGates {
     store(da + 3 * H, da_o, n);
     V<S> dc_prev = dct * f;
     if (peep) dc_prev += da_i * load(peep + j, n) + da_f * load(peep + H + j, n);
+    if (zone_c) dc_prev += dc_kept;
     store(dcb, dc_prev, n);
   }
 };
@@ -1575,14 +1634,18 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
                                   const Tensor& c0, const Tensor& w_hh,
                                   const c10::optional<Tensor>& w_hr_opt, const Tensor& gates,
                                   const Tensor& cells, const Steps& st, i64 parts,
-                                  bool own_product, const Tensor& peephole, int cell_form) {
+                                  bool own_product, const Tensor& peephole, int cell_form,
+                                  const Tensor& zoneout_h, const Tensor& zoneout_c,
+                                  const Tensor& dh_carry) {
   constexpr int L = Vec<S>::L;
   const i64 H = c0.size(1), P = d_hT.size(1), B = st.batch, N = st.rows;
   Tensor w_hr = w_hr_opt.has_value() ? w_hr_opt->contiguous() : Tensor();
   Tensor d_gates = pooled_empty({N, 4 * H}, gates.options());
   Tensor dh = pooled_clone(d_hT), dc = pooled_clone(d_cT);
   LSTMBackwardGates<S> gate_math{ptr<S>(gates), ptr<S>(cells), ptr<S>(c0), ptr<S>(dc),
-                                 ptr<S>(d_gates), &st, H, ptr<S>(peephole), cell_form};
+                                 ptr<S>(d_gates), &st, H, ptr<S>(peephole), cell_form,
+                                 ZoneoutMask<S>(zoneout_c), ZoneoutMask<S>(zoneout_h),
+                                 ptr<S>(dh_carry)};
   const S* dy = ptr<S>(d_out);
   S* dhp = ptr<S>(dh);
   const i64 J = (H + L - 1) / L;
@@ -2765,17 +2828,38 @@ void check_layer_weights(i64 gates, const Tensor& x, i64 H, i64 P, const Tensor&
   TORCH_CHECK_VALUE(wrong.empty(), wrong);
 }
 
+// A zoneout mask against its layer: (N, width) or (1, width), else a ValueError; the mask
+// contiguous, undefined when not given. (Its dtype is x's: the callers convert it with x.)
+Tensor checked_zoneout_mask(const char* name, const c10::optional<Tensor>& mask, const Tensor& x,
+                            i64 width) {
+  if (!mask.has_value()) return Tensor();
+  const Tensor& z = *mask;
+  TORCH_CHECK_VALUE(z.dim() == 2 && (z.size(0) == x.size(0) || z.size(0) == 1) &&
+                        z.size(1) == width,
+                    name, " must have shape (", x.size(0), ", ", width, ") or (1, ", width,
+                    "), got ", z.sizes());
+  return z.contiguous();
+}
+
 // One LSTM layer, one direction: x (N, I) -> out (N, P), h_T, c_T, gates, cells (see
 // lstm_forward). With input_in_step (generic driver, no projection) the input is multiplied
-// inside each step's product; else projected for all steps first.
+// inside each step's product; else projected for all steps first. zoneout_h (N or 1, P),
+// zoneout_c (N or 1, H): zoneout's masks, zoneout_h only without projection.
 std::vector<Tensor> lstm_layer_forward(Tensor x, c10::optional<Tensor> b_ih,
                                        c10::optional<Tensor> b_hh, Tensor h0, Tensor c0,
                                        Tensor w_ih, Tensor w_hh, c10::optional<Tensor> w_hr,
                                        std::vector<i64> batch_sizes, bool reverse, bool save,
                                        i64 parts, bool input_in_step, bool own_product,
-                                       c10::optional<Tensor> w_peephole, i64 cell_form) {
+                                       c10::optional<Tensor> w_peephole, i64 cell_form,
+                                       c10::optional<Tensor> zoneout_h,
+                                       c10::optional<Tensor> zoneout_c) {
   check_cpu(x, "x");
   check_layer_weights(4, x, c0.size(1), h0.size(1), w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole);
+  TORCH_CHECK_VALUE(!(zoneout_h.has_value() && w_hr.has_value()),
+                    "the native LSTM has no zoneout_h with a projection (proj_size): the "
+                    "portable kernel computes it");
+  Tensor zone_h = checked_zoneout_mask("zoneout_h", zoneout_h, x, h0.size(1));
+  Tensor zone_c = checked_zoneout_mask("zoneout_c", zoneout_c, x, c0.size(1));
   for (auto* t : {&h0, &c0, &w_ih, &w_hh}) *t = t->contiguous();
   Tensor bias = bias_sum(optional_contiguous(b_ih), optional_contiguous(b_hh));
   Steps st(batch_sizes, reverse);
@@ -2789,7 +2873,8 @@ std::vector<Tensor> lstm_layer_forward(Tensor x, c10::optional<Tensor> b_ih,
   return LSTMKIT_DISPATCH(x.scalar_type(), [&] {
     return lstm_forward<scalar>(input, bias, h0, c0, w_hh, w_hr, st, save, parts,
                                 take_x ? w_ih : Tensor(), own_product,
-                                optional_contiguous(w_peephole), (int)cell_form);
+                                optional_contiguous(w_peephole), (int)cell_form, zone_h,
+                                zone_c);
   });
 }
 
@@ -2797,14 +2882,17 @@ std::vector<Tensor> lstm_layer_forward(Tensor x, c10::optional<Tensor> b_ih,
 // the weight and bias gradients and dW_hr in one parallel region. h_prev (N, P): the state
 // each row's step started from (the previous rows of the output, see previous_rows); h0
 // itself is not needed. needs: which of (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole)
-// want a gradient. Returns dx, dh0, dc0, dw_ih, dw_hh, db (the gradient of b_ih + b_hh),
-// dw_hr, dw_peephole, undefined where not wanted.
+// want a gradient. zoneout_h, zoneout_c: the forward's masks (the forward checked them).
+// Returns dx, dh0, dc0, dw_ih, dw_hh, db (the gradient of b_ih + b_hh), dw_hr, dw_peephole,
+// undefined where not wanted.
 std::vector<Tensor> lstm_layer_backward(Tensor d_out, Tensor d_hT, Tensor d_cT, Tensor x,
                                         Tensor c0, Tensor w_ih, Tensor w_hh,
                                         c10::optional<Tensor> w_hr, Tensor h_prev, Tensor gates,
                                         Tensor cells, std::vector<i64> batch_sizes, bool reverse,
                                         i64 parts, bool own_product, std::vector<bool> needs,
-                                        c10::optional<Tensor> w_peephole, i64 cell_form) {
+                                        c10::optional<Tensor> w_peephole, i64 cell_form,
+                                        c10::optional<Tensor> zoneout_h,
+                                        c10::optional<Tensor> zoneout_c) {
   TORCH_CHECK(needs.size() == 9, "lstm_layer_backward: needs has 9 flags, got ", needs.size());
   const auto dtype = gates.scalar_type();
   d_out = incoming(d_out, dtype); d_hT = incoming(d_hT, dtype); d_cT = incoming(d_cT, dtype);
@@ -2812,11 +2900,34 @@ std::vector<Tensor> lstm_layer_backward(Tensor d_out, Tensor d_hT, Tensor d_cT, 
   Tensor w_hr_c = optional_contiguous(w_hr);
   Steps st(batch_sizes, reverse);
   Tensor peephole = optional_contiguous(w_peephole);
+  Tensor zone_h = optional_contiguous(zoneout_h), zone_c = optional_contiguous(zoneout_c);
+  const i64 H = cells.size(1);
+  // With zoneout_h, the share of each step's dh that goes to the step before (see
+  // LSTMBackwardGates), added to dh0 at the end.
+  Tensor dh_carry = zone_h.defined() ? pooled_empty({st.batch, H}, gates.options()).zero_()
+                                     : Tensor();
   auto loop = LSTMKIT_DISPATCH(dtype, [&] {
     return lstm_backward<scalar>(d_out, d_hT, d_cT, c0, w_hh, w_hr, gates, cells, st, parts,
-                                 own_product, peephole, (int)cell_form);
+                                 own_product, peephole, (int)cell_form, zone_h, zone_c,
+                                 dh_carry);
   });
+  if (dh_carry.defined()) loop[1].add_(dh_carry);
   const Tensor& d_gates = loop[0];
+  // Each row's c_prev (N, H), made once if wanted.
+  Tensor c_prev;
+  auto previous_cells = [&]() {
+    if (!c_prev.defined()) {
+      c_prev = pooled_empty(cells.sizes(), cells.options());
+      previous_rows(c_prev, cells, c0, st);
+    }
+    return c_prev;
+  };
+  // c~, the cell psi and the output peephole saw: cells itself without zoneout_c, else
+  // f c_prev + i g (see LSTMBackwardGates).
+  Tensor c_cell = cells;
+  if (zone_c.defined() && ((w_hr_c.defined() && needs[7]) || (peephole.defined() && needs[8])))
+    c_cell = at::addcmul(at::mul(gates.narrow(1, H, H), previous_cells()), gates.narrow(1, 0, H),
+                         gates.narrow(1, 2 * H, H));
   Products jobs;
   Tensor dx;
   if (needs[0]) {
@@ -2827,9 +2938,8 @@ std::vector<Tensor> lstm_layer_backward(Tensor d_out, Tensor d_hT, Tensor d_cT, 
                           Tensor(), st, needs[5] || needs[6]);
   Tensor dw_hr;
   if (w_hr_c.defined() && needs[7]) {
-    const i64 H = cells.size(1);
-    // o psi(c): W_hr's operand.
-    Tensor m = at::mul(gates.narrow(1, 3 * H, H), output_activation(cells, (int)cell_form));
+    // o psi(c~): W_hr's operand.
+    Tensor m = at::mul(gates.narrow(1, 3 * H, H), output_activation(c_cell, (int)cell_form));
     dw_hr = pooled_empty(w_hr_c.sizes(), w_hr_c.options());
     jobs.add(dw_hr, loop[3].t(), m);
   }
@@ -2837,13 +2947,11 @@ std::vector<Tensor> lstm_layer_backward(Tensor d_out, Tensor d_hT, Tensor d_cT, 
   auto w = weights.take(jobs);
   Tensor dw_peephole;
   if (peephole.defined() && needs[8]) {
-    // dp_i = sum over rows of da_i c_prev, dp_f of da_f c_prev, dp_o of da_o c.
-    const i64 H = cells.size(1);
-    Tensor c_prev = pooled_empty(cells.sizes(), cells.options());
-    previous_rows(c_prev, cells, c0, st);
+    // dp_i = sum over rows of da_i c_prev, dp_f of da_f c_prev, dp_o of da_o c~.
+    previous_cells();
     dw_peephole = at::cat({at::sum(at::mul(d_gates.narrow(1, 0, H), c_prev), {0}),
                            at::sum(at::mul(d_gates.narrow(1, H, H), c_prev), {0}),
-                           at::sum(at::mul(d_gates.narrow(1, 3 * H, H), cells), {0})});
+                           at::sum(at::mul(d_gates.narrow(1, 3 * H, H), c_cell), {0})});
   }
   return {dx, loop[1], loop[2], w[0], w[1], w[2], dw_hr, dw_peephole};
 }
@@ -3157,20 +3265,23 @@ inline variable_list node_gradients(AutogradContext* ctx, std::vector<Tensor> gr
 }
 
 struct NativeLSTMLayer : public torch::autograd::Function<NativeLSTMLayer> {
-  // Tensors x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole (as NativeLSTMFunction's);
+  // Tensors x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, zoneout_h, zoneout_c (as
+  // NativeLSTMFunction's; the masks get no gradient);
   // plan = {parts, input_in_step, own_product, backward parts, backward own_product} (native.py).
   static variable_list forward(
       AutogradContext* ctx, const Tensor& x, const Tensor& h0, const Tensor& c0,
       const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
       const c10::optional<Tensor>& b_hh, const c10::optional<Tensor>& w_hr,
-      const c10::optional<Tensor>& w_peephole, const std::vector<i64>& batch_sizes, bool reverse,
+      const c10::optional<Tensor>& w_peephole, const c10::optional<Tensor>& zoneout_h,
+      const c10::optional<Tensor>& zoneout_c, const std::vector<i64>& batch_sizes, bool reverse,
       i64 form, const std::vector<i64>& plan) {
     TORCH_CHECK(plan.size() == 5, "lstm_layer: plan has 5 entries, got ", plan.size());
-    auto in = compute_inputs<9>(ctx, {x, h0, c0, w_ih, w_hh, given(b_ih), given(b_hh),
-                                      given(w_hr), given(w_peephole)});
+    auto in = compute_inputs<11>(ctx, {x, h0, c0, w_ih, w_hh, given(b_ih), given(b_hh),
+                                       given(w_hr), given(w_peephole), given(zoneout_h),
+                                       given(zoneout_c)});
     auto r = lstm_layer_forward(in[0], maybe(in[5]), maybe(in[6]), in[1], in[2], in[3], in[4],
                                 maybe(in[7]), batch_sizes, reverse, true, plan[0], plan[1] != 0,
-                                plan[2] != 0, maybe(in[8]), form);
+                                plan[2] != 0, maybe(in[8]), form, maybe(in[9]), maybe(in[10]));
     // r: out, h_T, c_T, gates, cells. Saved: what lstm.py's Functions save, but the previous
     // rows of the output (dW_hh's operand) instead of the output itself: the caller may edit
     // the output in place (out += residual), as with torch.nn, without a copy of it (the copy
@@ -3178,7 +3289,8 @@ struct NativeLSTMLayer : public torch::autograd::Function<NativeLSTMLayer> {
     // h0 is not saved: the backward never reads it.
     Tensor h_prev = pooled_empty(r[0].sizes(), r[0].options());
     previous_rows(h_prev, r[0], in[1].contiguous(), Steps(batch_sizes, reverse));
-    ctx->save_for_backward({in[0], in[2], in[3], in[4], in[7], h_prev, r[3], r[4], in[8]});
+    ctx->save_for_backward({in[0], in[2], in[3], in[4], in[7], h_prev, r[3], r[4], in[8],
+                            in[9], in[10]});
     ctx->saved_data["batch_sizes"] = batch_sizes;
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["form"] = form;
@@ -3193,8 +3305,10 @@ struct NativeLSTMLayer : public torch::autograd::Function<NativeLSTMLayer> {
     std::vector<Tensor> per_input;
     {
       c10::NoGradGuard no_grad;
-      auto s = ctx->get_saved_variables();  // x c0 w_ih w_hh w_hr h_prev gates cells w_peephole
-      const std::vector<bool> needs = inputs_needing_grad(ctx);
+      // x c0 w_ih w_hh w_hr h_prev gates cells w_peephole zoneout_h zoneout_c
+      auto s = ctx->get_saved_variables();
+      std::vector<bool> needs = inputs_needing_grad(ctx);
+      needs.resize(9);                                         // the masks get none
       const std::vector<i64> batch_sizes = ctx->saved_data["batch_sizes"].toIntVector();
       const Tensor& h_prev = s[5];
       auto g = lstm_layer_backward(
@@ -3203,12 +3317,12 @@ struct NativeLSTMLayer : public torch::autograd::Function<NativeLSTMLayer> {
           arriving(grads[2], s[1].sizes(), s[1].options()), s[0], s[1], s[2], s[3], maybe(s[4]),
           h_prev, s[6], s[7], batch_sizes, ctx->saved_data["reverse"].toBool(),
           ctx->saved_data["parts"].toInt(), ctx->saved_data["own"].toBool(), needs,
-          maybe(s[8]), ctx->saved_data["form"].toInt());
+          maybe(s[8]), ctx->saved_data["form"].toInt(), maybe(s[9]), maybe(s[10]));
       // g: dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr, dw_peephole
       auto [db_ih, db_hh] = bias_gradients(g[5], needs[5], needs[6]);
       per_input = {g[0], g[1], g[2], g[3], g[4], db_ih, db_hh, g[6], g[7]};
     }
-    return node_gradients(ctx, per_input, 13, create_graph);
+    return node_gradients(ctx, per_input, 15, create_graph);
   }
 };
 
@@ -3269,12 +3383,14 @@ struct NativeOneStateLayer : public torch::autograd::Function<NativeOneStateLaye
 std::vector<Tensor> lstm_layer_py(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh,
                                   c10::optional<Tensor> b_ih, c10::optional<Tensor> b_hh,
                                   c10::optional<Tensor> w_hr, c10::optional<Tensor> w_peephole,
+                                  c10::optional<Tensor> zoneout_h,
+                                  c10::optional<Tensor> zoneout_c,
                                   std::vector<i64> batch_sizes, bool reverse, i64 form,
                                   std::vector<i64> plan) {
   check_cpu(x, "x");
   check_layer_weights(4, x, c0.size(1), h0.size(1), w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole);
-  return NativeLSTMLayer::apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole,
-                                batch_sizes, reverse, form, plan);
+  return NativeLSTMLayer::apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, zoneout_h,
+                                zoneout_c, batch_sizes, reverse, form, plan);
 }
 
 // A GRU (gru, option = reset_after) or RNN (option = relu) layer through its autograd node.
@@ -3295,14 +3411,16 @@ std::vector<Tensor> one_state_layer_py(Tensor x, Tensor h0, Tensor w_ih, Tensor 
 std::vector<Tensor> lstm_infer_py(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh,
                                   c10::optional<Tensor> b_ih, c10::optional<Tensor> b_hh,
                                   c10::optional<Tensor> w_hr, c10::optional<Tensor> w_peephole,
+                                  c10::optional<Tensor> zoneout_h,
+                                  c10::optional<Tensor> zoneout_c,
                                   std::vector<i64> batch_sizes, bool reverse, i64 form,
                                   std::vector<i64> plan) {
   TORCH_CHECK(plan.size() == 3, "lstm_infer: plan has 3 entries, got ", plan.size());
-  auto in = in_compute_type<9>({x, h0, c0, w_ih, w_hh, given(b_ih), given(b_hh), given(w_hr),
-                                given(w_peephole)});
+  auto in = in_compute_type<11>({x, h0, c0, w_ih, w_hh, given(b_ih), given(b_hh), given(w_hr),
+                                 given(w_peephole), given(zoneout_h), given(zoneout_c)});
   auto r = lstm_layer_forward(in[0], maybe(in[5]), maybe(in[6]), in[1], in[2], in[3], in[4],
                               maybe(in[7]), batch_sizes, reverse, false, plan[0], plan[1] != 0,
-                              plan[2] != 0, maybe(in[8]), form);
+                              plan[2] != 0, maybe(in[8]), form, maybe(in[9]), maybe(in[10]));
   return {to_type(r[0], x.scalar_type()), to_type(r[1], h0.scalar_type()),
           to_type(r[2], c0.scalar_type())};
 }

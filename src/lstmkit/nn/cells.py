@@ -171,14 +171,14 @@ class LSTMCell(_CellBase):
 
     def _step(self, x, states, layout):
         # The plain cell and the elementwise variants (peepholes, CIFG, removed gates,
-        # activations): lstm_layer, native where it can; the others the variant kernel.
-        options = _lstm_variant.lstm_layer_options(self.variant, self.training)
-        if options is not None:
-            return kernels.lstm_layer(x, *states, **self._weights(), **options, layout=layout,
-                                      backend=self.backend)
+        # activations, zoneout): lstm_layer, native where it can; the others the variant kernel.
         h0, c0 = states
-        masks = _lstm_variant.draw_masks(self.variant, self.training, layout, x, h0.shape[1],
-                                         c0.shape[1])
+        options = _lstm_variant.lstm_layer_options(self.variant, self.training)
+        masks = {} if options == {} else _lstm_variant.draw_masks(
+            self.variant, self.training, layout, x, h0.shape[1], c0.shape[1])
+        if options is not None:
+            return kernels.lstm_layer(x, h0, c0, **self._weights(), **options, **masks,
+                                      layout=layout, backend=self.backend)
         out, h, c, _, _, _ = kernels.lstm_variant_layer(x, h0, c0, self._weights(), masks,
                                                      self.variant, layout=layout,
                                                      backend=self.backend)

@@ -581,16 +581,17 @@ class LSTM(_RecurrentBase):
                                                                      v.weight_drop)}
         q_T = None
         options = _lstm_variant.lstm_layer_options(v, self.training)
+        masks = {} if options == {} else _lstm_variant.draw_masks(
+            v, self.training, layout, x, h0.shape[1], c0.shape[1])
         if not return_gates and options is not None:
-            out, h_T, c_T = kernels.lstm_layer(x, h0, c0, **weights, **options, layout=layout,
-                                               reverse=reverse, backend=self.backend)
+            out, h_T, c_T = kernels.lstm_layer(x, h0, c0, **weights, **options, **masks,
+                                               layout=layout, reverse=reverse,
+                                               backend=self.backend)
             return out, (h_T, c_T), None
         if options == {}:                           # the plain cell
             out, h_T, c_T, gates, cells = kernels.lstm_layer_with_gates(
                 x, h0, c0, **weights, layout=layout, reverse=reverse)
         else:
-            masks = _lstm_variant.draw_masks(v, self.training, layout, x, h0.shape[1],
-                                             c0.shape[1])
             out, h_T, c_T, q_T, gates, cells = kernels.lstm_variant_layer(
                 x, h0, c0, weights, masks, v, q0=q0[0] if q0 else None, layout=layout,
                 reverse=reverse, backend=self.backend)

@@ -190,10 +190,11 @@ class LSTMVariant:
     @cached_property
     def changes_only_elementwise(self) -> bool:
         """True when the eval-mode equations differ from torch.nn's only elementwise, unit by
-        unit: peepholes, CIFG, removed gates, activations (the native kernels compute those;
-        not layer norm, which mixes units, nor full gate recurrence, a matrix product)."""
+        unit: peepholes, CIFG, removed gates, activations, zoneout's expectation (the native
+        kernels compute those; not layer norm, which mixes units, nor full gate recurrence, a
+        matrix product)."""
         fields = self.__dataclass_fields__
-        return (self.changes_equations and not self.zoneout_in_eval()
+        return (self.changes_equations
                 and all(getattr(self, f) == fields[f].default
                         for f in _EQUATION_FIELDS if f not in _ELEMENTWISE_FIELDS))
 
