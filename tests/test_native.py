@@ -39,10 +39,12 @@ FAMILIES = ("lstm", "lstm_proj", "lstm_nobias", "lstm_peephole", "lstm_proj_peep
             "lstm_proj_peephole_nooutput", "lstm_hardsigmoid_cellsoftsign_outidentity",
             "lstm_proj_peephole_cellhardtanh_outsoftsign", "lstm_cifg_cellidentity_outhardtanh",
             "gru", "gru_reset_before", "rnn_tanh", "rnn_relu")
-# Zoneout with the other elementwise variants; its h only without projection.
+# Zoneout, the LSTM's with the other elementwise variants (its h only without projection),
+# the GRU's in both forms.
 ZONEOUT_FAMILIES = ("lstm_zoneouth_zoneoutc", "lstm_proj_peephole_cifg_zoneoutc",
                     "lstm_peephole_noforget_outsoftsign_zoneouth_zoneoutc_expectation",
-                    "lstm_nooutput_zoneouth")
+                    "lstm_nooutput_zoneouth", "gru_zoneouth", "gru_reset_before_zoneouth",
+                    "gru_zoneouth_expectation")
 
 
 def gate_options(family) -> dict:
@@ -154,7 +156,8 @@ def layer_masks(family, masks, dtype) -> dict:
 
 def reference_run(family, x, states, w, dy, d_states, masks=None):
     """Forward and backward of the NumPy reference: (outputs, gradients by argument name)."""
-    if any(word.startswith(VARIANT_WORDS) for word in family.split("_")[1:]):
+    if family.startswith("lstm") and any(word.startswith(VARIANT_WORDS)
+                                         for word in family.split("_")[1:]):
         variant = lstmkit.LSTMVariant(peepholes="peephole" in family, **gate_options(family))
         y, h, c, cache = reference.lstm_variant_forward(x, *states, w, variant, masks=masks)
         return (y, h, c), reference.lstm_variant_backward(dy, *d_states, cache)
@@ -162,6 +165,10 @@ def reference_run(family, x, states, w, dy, d_states, masks=None):
         y, h, c, cache = reference.lstm_forward(x, *states, w["w_ih"], w["w_hh"], w["b_ih"],
                                                 w["b_hh"], w.get("w_hr"))
         return (y, h, c), reference.lstm_backward(dy, *d_states, cache)
+    if family.startswith("gru") and masks:
+        y, h, cache = reference.gru_variant_forward(x, *states, w, lstmkit.GRUVariant(), masks,
+                                                    reset_after="reset_before" not in family)
+        return (y, h), reference.gru_variant_backward(dy, *d_states, cache)
     if family.startswith("gru"):
         y, h, cache = reference.gru_forward(x, *states, w["w_ih"], w["w_hh"], w["b_ih"],
                                             w["b_hh"], reset_after=family == "gru")
@@ -177,7 +184,8 @@ def native_layer(family, x, states, w, layout, reverse, masks=None):
                                   backend="native", **gate_options(family), **(masks or {}))
     if family.startswith("gru"):
         return kernels.gru_layer(x, *states, **w, layout=layout, reverse=reverse,
-                                 reset_after=family == "gru", backend="native")
+                                 reset_after="reset_before" not in family, backend="native",
+                                 **(masks or {}))
     return kernels.rnn_layer(x, *states, **w, layout=layout, reverse=reverse,
                              nonlinearity=family.split("_")[1], backend="native")
 
@@ -593,6 +601,12 @@ def _function_cases():
         "gru": (gru, [r(9, 2), r(3, 3), r(9, 2), r(9, 3), r(9), r(9), packed, True, True]),
         "gru-reset-before": (gru, [r(6, 2), r(2, 3), r(9, 2), r(9, 3), r(9), r(9), padded,
                                    False, False]),
+        "gru-zoneout": (gru, [r(9, 2), r(3, 3), r(9, 2), r(9, 3), r(9), r(9), packed, True, True,
+                              keep(9, 3)]),
+        "gru-reset-before-zoneout": (gru, [r(9, 2), r(3, 3), r(9, 2), r(9, 3), None, r(9), packed,
+                                           False, False, keep(9, 3)]),
+        "gru-zoneout-expectation": (gru, [r(6, 2), r(2, 3), r(9, 2), r(9, 3), r(9), r(9), padded,
+                                          True, True, Mask(torch.full((1, 3), 0.3, dtype=d))]),
         "rnn-tanh": (rnn, [r(9, 2), r(3, 3), r(3, 2), r(3, 3), r(3), r(3), packed, True, "tanh"]),
         "rnn-relu": (rnn, [r(6, 2), r(2, 3), r(3, 2), r(3, 3), r(3), r(3), padded, False, "relu"]),
     }
@@ -831,6 +845,24 @@ def test_native_lstm_refuses_zoneout_masks_that_do_not_fit(masks, proj, message,
     with pytest.raises(ValueError, match=message):
         native.NativeLSTMFunction.apply(x, h0, c0, *params, None, None, w_hr,
                                         StepLayout.padded(3, 2), False, None, 0, **zoneout)
+
+
+@pytest.mark.parametrize("run", ["one_state_layer", "one_state_infer"])
+def test_native_rnn_refuses_a_zoneout_mask(run):
+    """The GRU's and RNN's shared entry points take a zoneout mask for the GRU only."""
+    x, h0, w_ih, w_hh = torch.randn(6, 3), torch.randn(2, 4), torch.randn(4, 3), torch.randn(4, 4)
+    with pytest.raises(ValueError, match="the native RNN has no zoneout"):
+        getattr(native.module(), run)(x, h0, w_ih, w_hh, None, None, torch.rand(6, 4), [2, 2, 2],
+                                      False, False, False, 1)
+
+
+def test_native_gru_refuses_a_zoneout_mask_that_does_not_fit():
+    x, h0 = torch.randn(6, 3), torch.randn(2, 4)
+    with pytest.raises(ValueError, match=r"zoneout_h must have shape \(6, 4\) or \(1, 4\), "
+                                         r"got \[2, 4\]"):
+        kernels.gru_layer(x, h0, torch.randn(12, 3), torch.randn(12, 4),
+                          layout=StepLayout.padded(3, 2), backend="native",
+                          zoneout_h=torch.rand(2, 4))
 
 
 def count_native_steps(monkeypatch, entry="step_if_fits") -> list:
@@ -1336,32 +1368,48 @@ def test_native_variant_lstm_module_matches_portable(variant):
         assert (mine - theirs).abs().max().item() < 1e-10
 
 
+# name: (family, training, variant, the module's options)
 _ZONEOUT_CASES = {
-    "zoneout-c-training": (True, lstmkit.LSTMVariant(peepholes=True, zoneout_c=0.2), 0),
-    "zoneout-h-expectation": (False, lstmkit.LSTMVariant(cifg=True, zoneout_h=0.2,
-                                                         zoneout_eval="expectation"), 0),
-    "zoneout-h-projection-training": (True, lstmkit.LSTMVariant(zoneout_h=0.2, zoneout_c=0.1), 2),
-    "zoneout-c-projection-training": (True, lstmkit.LSTMVariant(zoneout_c=0.1), 2),
-    "zoneout-h-expectation-plain": (False, lstmkit.LSTMVariant(zoneout_h=0.2,
-                                                               zoneout_eval="expectation"), 0),
-    "zoneout-h-softsign": (True, lstmkit.LSTMVariant(zoneout_h=0.2, cell_activation="softsign"),
-                           0),
+    "zoneout-c-training": ("LSTM", True, lstmkit.LSTMVariant(peepholes=True, zoneout_c=0.2), {}),
+    "zoneout-h-expectation": ("LSTM", False, lstmkit.LSTMVariant(cifg=True, zoneout_h=0.2,
+                                                                 zoneout_eval="expectation"), {}),
+    "zoneout-h-projection-training": ("LSTM", True, lstmkit.LSTMVariant(zoneout_h=0.2,
+                                                                        zoneout_c=0.1),
+                                      {"proj_size": 2}),
+    "zoneout-c-projection-training": ("LSTM", True, lstmkit.LSTMVariant(zoneout_c=0.1),
+                                      {"proj_size": 2}),
+    "zoneout-h-expectation-plain": ("LSTM", False, lstmkit.LSTMVariant(
+        zoneout_h=0.2, zoneout_eval="expectation"), {}),
+    "zoneout-h-softsign": ("LSTM", True, lstmkit.LSTMVariant(zoneout_h=0.2,
+                                                             cell_activation="softsign"), {}),
+    "gru-zoneout-training": ("GRU", True, lstmkit.GRUVariant(zoneout_h=0.3, update_bias=1.0),
+                             {}),
+    "gru-zoneout-dropconnect": ("GRU", True, lstmkit.GRUVariant(zoneout_h=0.3, weight_drop=0.2),
+                                {}),
+    "gru-reset-before-zoneout-training": ("GRU", True, lstmkit.GRUVariant(zoneout_h=0.3),
+                                          {"reset_after": False}),
+    "gru-zoneout-expectation": ("GRU", False, lstmkit.GRUVariant(zoneout_h=0.3,
+                                                                 zoneout_eval="expectation"), {}),
 }
 
 
-@pytest.mark.parametrize("module, training, variant, proj_size", [
-    pytest.param(module, *case, id=f"{module}-{name}") for name, case in _ZONEOUT_CASES.items()
-    for module in ("LSTM", "LSTMCell") if not (module == "LSTMCell" and case[2])])
-def test_native_zoneout_matches_portable(module, training, variant, proj_size):
+@pytest.mark.parametrize("module, training, variant, options", [
+    pytest.param(family + cell, *case, id=f"{family + cell}-{name}")
+    for name, (family, *case) in _ZONEOUT_CASES.items()
+    # the cells have no projection and refuse DropConnect (a mask per sequence)
+    for cell in ("", "Cell") if not (cell and ("proj_size" in case[2] or case[1].weight_drop))])
+def test_native_zoneout_matches_portable(module, training, variant, options):
     """Zoneout, in training (masks drawn per call) and its expectation in eval, with other
-    elementwise variants: the native kernels (but for zoneout_h with a projection, which only
-    the variant kernel has) give the portable variant kernel's results and gradients, with the
-    same masks from the same seed."""
-    cell = module == "LSTMCell"                # (which has no projection)
-    options = dict(variant=variant, dtype=torch.float64)
+    elementwise variants (and GRUVariant's initialisation and DropConnect): the native kernels
+    (but for zoneout_h with a projection, which only the variant kernel has) give the portable
+    variant kernel's results and gradients, with the same masks from the same seed. Two layers,
+    both directions and packed sequences for the modules, one step for the cells."""
+    cell, lstm = module.endswith("Cell"), module.startswith("LSTM")
+    options = dict(options, variant=variant, dtype=torch.float64)
     if not cell:
-        options.update(num_layers=2, bidirectional=True, proj_size=proj_size)
-    ours = getattr(lstmkit, module)(3, 6, backend="native", **options).train(training)
+        options.update(num_layers=2, bidirectional=True)
+    # "auto": native where it can (backend="native" refuses zoneout_h with a projection)
+    ours = getattr(lstmkit, module)(3, 6, backend="auto", **options).train(training)
     portable = getattr(lstmkit, module)(3, 6, backend="portable", **options).train(training)
     portable.load_state_dict(ours.state_dict())
     results = []
@@ -1370,34 +1418,78 @@ def test_native_zoneout_matches_portable(module, training, variant, proj_size):
                         requires_grad=True)
         torch.manual_seed(5)                   # the same masks for both
         if cell:
-            out, c = model(x[0])
-            h = out
+            states = model(x[0])
+            out = states[0] if lstm else states
         else:
             packed = pack_padded_sequence(x, [5, 4, 4, 2], enforce_sorted=False)
-            out, (h, c) = model(packed)
+            out, states = model(packed)
             out = pad_packed_sequence(out)[0]
-        (out.sin().sum() + h.cos().sum() + c.sum()).backward()
+        states = states if isinstance(states, tuple) else (states,)
+        loss = out.sin().sum() + states[0].cos().sum() + sum(s.sum() for s in states[1:])
+        loss.backward()
         nodes = _graph_nodes(out)
-        native_ran = any("NativeLSTM" in name for name in nodes)
-        variant_ran = "LSTMVariantFunctionBackward" in nodes
-        expect_native = model is ours and not (variant.zoneout_h and proj_size)
+        native_ran = any(name in node for node in nodes
+                         for name in ("NativeLSTM", "NativeOneState"))
+        variant_ran = any(name in nodes for name in ("LSTMVariantFunctionBackward",
+                                                     "GRUVariantFunctionBackward"))
+        expect_native = model is ours and not (lstm and variant.zoneout_h
+                                               and options.get("proj_size"))
         assert (native_ran, variant_ran) == (expect_native, not expect_native), nodes
-        results.append([out, h, c, x.grad, *(p.grad for p in model.parameters())])
+        results.append([out, *states, x.grad, *(p.grad for p in model.parameters())])
     for mine, theirs in zip(*results, strict=True):
         assert (mine - theirs).abs().max().item() < 1e-10
+
+
+@pytest.mark.parametrize("backend", ["native", "portable"])
+@pytest.mark.parametrize("family", ["lstm", "gru"])
+def test_zoneout_keeps_the_masked_units_exactly(family, backend):
+    """Where zoneout's mask is 1 a unit keeps its previous h (and c) bit for bit: the mix is
+    computed as torch.lerp does, from the nearer end, on both kernels."""
+    g = torch.Generator().manual_seed(4)
+    B, H = 8, 16
+    x, h, c = (torch.randn(B, size, generator=g) for size in (3, H, H))
+    gates = 4 if family == "lstm" else 3
+    w_ih, w_hh = torch.randn(gates * H, 3, generator=g), torch.randn(gates * H, H, generator=g)
+    masks = {name: torch.bernoulli(torch.full((B, H), 0.5), generator=g)
+             for name in ("zoneout_h", "zoneout_c")[:2 if family == "lstm" else 1]}
+    layout = StepLayout.padded(1, B)
+    if family == "lstm":
+        _, h_1, c_1 = kernels.lstm_layer(x, h, c, w_ih, w_hh, layout=layout, backend=backend,
+                                         **masks)
+        pairs = ((h_1, h, masks["zoneout_h"]), (c_1, c, masks["zoneout_c"]))
+    else:
+        _, h_1 = kernels.gru_layer(x, h, w_ih, w_hh, layout=layout, backend=backend, **masks)
+        pairs = ((h_1, h, masks["zoneout_h"]),)
+    for new, old, mask in pairs:
+        kept = mask == 1
+        assert torch.equal(new[kept], old[kept]) and not torch.equal(new[~kept], old[~kept])
 
 
 @pytest.mark.parametrize("training, variant", [
     (False, lstmkit.LSTMVariant(peepholes=True, cifg=True, layer_norm=True)),
     (True, lstmkit.LSTMVariant(cifg=True, recurrent_dropout=0.1)),
     (True, lstmkit.LSTMVariant(zoneout_h=0.1, full_gate_recurrence=True)),
-], ids=["layer-norm", "recurrent-dropout", "zoneout-full-gate-recurrence"])
+    (True, lstmkit.GRUVariant(zoneout_h=0.1, recurrent_dropout=0.1)),
+    (False, lstmkit.GRUVariant(zoneout_h=0.1, zoneout_eval="expectation", layer_norm=True)),
+    (True, lstmkit.GRUVariant(zoneout_h=0.1, candidate_activation="softsign")),
+], ids=["layer-norm", "recurrent-dropout", "zoneout-full-gate-recurrence",
+        "gru-zoneout-recurrent-dropout", "gru-zoneout-layer-norm", "gru-zoneout-activation"])
 def test_native_variants_with_other_changes_take_the_variant_kernel(training, variant):
-    model = lstmkit.LSTM(3, 4, variant=variant).train(training)
+    lstm = isinstance(variant, lstmkit.LSTMVariant)
+    model = (lstmkit.LSTM if lstm else lstmkit.GRU)(3, 4, variant=variant).train(training)
     out, _ = model(torch.randn(5, 2, 3))
     nodes = _graph_nodes(out)
-    assert "LSTMVariantFunctionBackward" in nodes and not any("NativeLSTM" in name
-                                                              for name in nodes)
+    assert f"{'LSTM' if lstm else 'GRU'}VariantFunctionBackward" in nodes
+    assert not any("Native" in name for name in nodes)
+
+
+@pytest.mark.parametrize("variant, proj_size", [
+    (lstmkit.LSTMVariant(layer_norm=True), 0), (lstmkit.LSTMVariant(zoneout_h=0.1), 2)])
+def test_native_backend_refuses_the_variants_it_has_no_kernel_for(variant, proj_size):
+    model = lstmkit.LSTM(2, 3, proj_size=proj_size, variant=variant, backend="native")
+    with pytest.raises(ValueError, match="backend='native' has no kernel for these LSTM "
+                                         r"variants \(layer norm, .*zoneout_h with a projection"):
+        model(torch.randn(4, 1, 2))
 
 
 def _cpu_flags() -> set:

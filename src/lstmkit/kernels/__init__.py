@@ -14,7 +14,7 @@ Backends:
 """
 
 from ..reference.rnn import NONLINEARITIES
-from ..reference.variant import CELL_FORM_FIELDS, LSTMVariant
+from ..reference.variant import CELL_FORM_FIELDS, GRUVariant, LSTMVariant
 from . import native
 from .gru import GRUFunction
 from .gru_variants import MASKS as _GRU_VARIANT_MASKS
@@ -80,10 +80,14 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
     zoneout = zoneout_h is not None or zoneout_c is not None
     if w_peephole is None and not form and not zoneout:
         return fn.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse)
-    if fn is native.NativeLSTMFunction and native.available() and \
-            (zoneout_h is None or w_hr is None):
-        return fn.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole,
-                        form, zoneout_h, zoneout_c)
+    # The variant kernel: on the portable backend, without the native module, and for zoneout_h
+    # with a projection (which backend="native" refuses).
+    variant_backend = "portable"
+    if fn is native.NativeLSTMFunction and native.available():
+        if zoneout_h is None or w_hr is None:
+            return fn.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole,
+                            form, zoneout_h, zoneout_c)
+        variant_backend = backend
     params = {"w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh, "w_hr": w_hr,
               "w_peephole": w_peephole}
     masks = {name: mask for name, mask in (("zoneout_h", zoneout_h), ("zoneout_c", zoneout_c))
@@ -91,7 +95,7 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
     variant = LSTMVariant(peepholes=w_peephole is not None,
                           **dict(zip(CELL_FORM_FIELDS, cell, strict=True)))
     out, h_T, c_T, *_ = lstm_variant_layer(x, h0, c0, params, masks, variant, layout=layout,
-                                           reverse=reverse, backend="portable")
+                                           reverse=reverse, backend=variant_backend)
     return out, h_T, c_T
 
 
@@ -115,9 +119,8 @@ def lstm_variant_layer(x, h0, c0, params: dict, masks: dict, variant, *, q0=None
     if backend not in ("auto", "portable"):
         raise ValueError(f"backend={backend!r} has no kernel for these LSTM variants (layer "
                          "norm, full gate recurrence, recurrent dropout, zoneout_h with a "
-                         "projection; the elementwise ones, peepholes, CIFG, removed gates, "
-                         "activations and zoneout, run native through lstm_layer's arguments): "
-                         "use backend='auto' or 'portable' with a variant")
+                         "projection; peepholes, CIFG, removed gates, activations and zoneout "
+                         "run native): use backend='auto' or 'portable' with a variant")
     unknown = (set(params) - set(_VARIANT_PARAMETERS)) | (set(masks) - set(_VARIANT_MASKS))
     if unknown:
         raise ValueError(f"unknown LSTM-variant arguments {sorted(unknown)}; expected some of "
@@ -133,10 +136,23 @@ def lstm_variant_layer(x, h0, c0, params: dict, masks: dict, variant, *, q0=None
 
 
 def gru_layer(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: StepLayout,
-              reverse: bool = False, reset_after: bool = True, backend: str = "auto"):
-    """One GRU layer, one direction: x (N, I), h0 (B, H) -> out (N, H), h_T (B, H)."""
+              reverse: bool = False, reset_after: bool = True, backend: str = "auto",
+              zoneout_h=None):
+    """One GRU layer, one direction: x (N, I), h0 (B, H) -> out (N, H), h_T (B, H).
+
+    zoneout_h (N or 1, H): zoneout's mask, by row or one row for all (`gru_variant_layer`'s,
+    drawn by the caller). The native kernel computes it, the portable backend (or a machine
+    without the native kernels) the variant kernel."""
     fn = _function("gru", backend, x)
-    return fn.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after)
+    if zoneout_h is None:
+        return fn.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after)
+    if fn is native.NativeGRUFunction and native.available():
+        return fn.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after, zoneout_h)
+    params = {"w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh}
+    out, h_T, _ = gru_variant_layer(x, h0, params, {"zoneout_h": zoneout_h}, GRUVariant(),
+                                    layout=layout, reverse=reverse, reset_after=reset_after,
+                                    backend="portable")
+    return out, h_T
 
 
 def gru_layer_with_gates(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: StepLayout,
@@ -154,9 +170,9 @@ def gru_variant_layer(x, h0, params: dict, masks: dict, variant, *, layout: Step
     Returns out (N, H), h_T (B, H), gates (N, 3H) = [r | z | n].
     """
     if backend not in ("auto", "portable"):
-        raise ValueError(f"backend={backend!r} has no kernel for GRU variants (activations, "
-                         "layer norm, zoneout, recurrent dropout): use backend='auto' or "
-                         "'portable' with a variant")
+        raise ValueError(f"backend={backend!r} has no kernel for these GRU variants "
+                         "(activations, layer norm, recurrent dropout; zoneout runs native): use "
+                         "backend='auto' or 'portable' with a variant")
     unknown = (set(params) - set(_GRU_VARIANT_PARAMETERS)) | (set(masks) - set(_GRU_VARIANT_MASKS))
     if unknown:
         raise ValueError(f"unknown GRU-variant arguments {sorted(unknown)}; expected some of "

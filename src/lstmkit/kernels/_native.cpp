@@ -1143,10 +1143,12 @@ struct ZoneoutMask {
   __attribute__((always_inline)) inline V<S> at(i64 row, i64 j, int n) const {
     return load(p + row * stride + j, n);
   }
-  // fresh + z (previous - fresh): zoneout's state, as the portable kernel computes it.
+  // fresh + z (previous - fresh): zoneout's state, computed as torch.lerp does (from the
+  // nearer end), so that a unit whose mask is 1 keeps exactly its previous value.
   __attribute__((always_inline)) inline V<S> mix(i64 row, i64 j, V<S> fresh, V<S> previous,
                                                  int n) const {
-    return fresh + at(row, j, n) * (previous - fresh);
+    const V<S> z = at(row, j, n), d = previous - fresh;
+    return z < S(0.5) ? fresh + z * d : previous - d * (S(1) - z);
   }
 };
 
@@ -1885,11 +1887,13 @@ std::vector<Tensor> rnn_backward(const Tensor& d_out, const Tensor& d_hT, const 
 //   reset after:  n = tanh(gi_n + r gh_n)            stash [r | z | n | gh_n] (N, 4H)
 //   reset before: n = tanh(gi_n + (r h) W_hn^T + b_hn)  stash [r | z | n] (N, 3H)
 //   h' = n + z (h - n)
+// With zoneout (GRUVariant's zoneout_h, masks as the LSTM's): h' + k (h - h'), mask k.
 // ==========================================================================================
 
 template <typename S>
 struct GRUForwardGates {    // reset after
   const S* gi; const S* b_ih; const S* b_hh; S* stash; i64 H;
+  ZoneoutMask<S> zone = {};                                  // zoneout, or none
   // Inlined into the drivers' loops, as LSTMForwardGates::standard.
   // n: the block's width, min(L, H - jb L) (see for_unit_blocks).
   __attribute__((always_inline)) inline V<S> operator()(i64 row, i64 jb, const V<S>* acc,
@@ -1913,7 +1917,8 @@ struct GRUForwardGates {    // reset after
       S* sr = stash + row * 4 * H + j;
       store(sr, r, n); store(sr + H, z, n); store(sr + 2 * H, nn, n); store(sr + 3 * H, gh_n, n);
     }
-    return nn + z * (h_prev - nn);
+    const V<S> h = nn + z * (h_prev - nn);
+    return zone ? zone.mix(row, j, h, h_prev, n) : h;
   }
 };
 
@@ -1939,7 +1944,7 @@ template <typename S>
 std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tensor& h0,
                                 const Tensor& w_hh,
                                 const Tensor& b_hh, const Steps& st, bool reset_after,
-                                bool save, i64 parts) {
+                                bool save, i64 parts, const Tensor& zoneout) {
   constexpr int L = Vec<S>::L;
   const i64 H = h0.size(1), B = st.batch, N = st.rows;
   const i64 J = (H + L - 1) / L;
@@ -1947,7 +1952,8 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
   Tensor stash = save ? pooled_empty({N, reset_after ? 4 * H : 3 * H}, gi.options()) : Tensor();
   S* o_ptr = ptr<S>(out);
   if (reset_after) {
-    GRUForwardGates<S> gate_math{ptr<S>(gi), ptr<S>(b_ih), ptr<S>(b_hh), ptr<S>(stash), H};
+    GRUForwardGates<S> gate_math{ptr<S>(gi), ptr<S>(b_ih), ptr<S>(b_hh), ptr<S>(stash), H,
+                                 ZoneoutMask<S>(zoneout)};
     if (parts == 0) {
       Tensor packed = pack<S>(w_hh, 3, H, H, H * H, H, 1);
       Tensor hbuf = pooled_empty({2, B, H}, gi.options());
@@ -1995,6 +2001,7 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
   StepProduct<S> recurrent_n(w_hh.narrow(0, 2 * H, H).t(), B);
   const S* gp = ptr<S>(gi);
   GRUResetBeforeGates<S> gates{ptr<S>(b_ih), ptr<S>(b_hh), H};
+  const ZoneoutMask<S> zone(zoneout);
   S* sp = ptr<S>(stash);
   const S* r_ = ptr<S>(rec);
   const S* rn = ptr<S>(rec_n);
@@ -2024,8 +2031,9 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
         int n = (int)std::min<i64>(L, H - j);
         V<S> nn = gates.candidate(load(gp + (off + b) * 3 * H + 2 * H + j, n),
                                   load(rn + b * H + j, n), j, n);
-        V<S> z = load(zp + b * H + j, n), hv = load(hp + b * H + j, n);
-        hv = nn + z * (hv - nn);
+        V<S> z = load(zp + b * H + j, n), h_prev = load(hp + b * H + j, n);
+        V<S> hv = nn + z * (h_prev - nn);
+        if (zone) hv = zone.mix(off + b, j, hv, h_prev, n);
         if (sp) store(sp + (off + b) * 3 * H + 2 * H + j, nn, n);
         store(hp + b * H + j, hv, n);
         store(o_ptr + (off + b) * H + j, hv, n);
@@ -2041,11 +2049,13 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
 //                 dh_prev = dh z + d_gh W_hh
 //   reset before: d(rh) = da_n W_hn;  da_r = d(rh) h r (1 - r)
 //                 dh_prev = dh z + d(rh) r + [da_r, da_z] W_h{r,z}
+// With zoneout's mask k the gate math gets (1 - k) dh and h_prev k dh besides.
 // Returns d_gi (N, 3H) = [da_r | da_z | da_n], d_gh (N, 3H) (reset after; = d_gi before), dh0.
 template <typename S>
 struct GRUBackwardGates {   // reset after
   const S* dy; const S* out; const S* h0; const S* stash; S* d_gi; S* d_gh; S* carry;
   const Steps* st; i64 H;
+  ZoneoutMask<S> zone = {};                                  // zoneout, or none
   // n: the block's width, min(L, H - jb L) (see for_unit_blocks).
   __attribute__((always_inline)) inline void operator()(i64 t, i64 b, i64 jb, V<S> dh_next,
                                                         int n) const {
@@ -2055,7 +2065,11 @@ struct GRUBackwardGates {   // reset after
     V<S> h_prev = prev >= 0 ? load(out + prev * H + j, n) : load(h0 + b * H + j, n);
     const S* s = stash + row * 4 * H + j;
     V<S> r = load(s, n), z = load(s + H, n), nn = load(s + 2 * H, n), gh_n = load(s + 3 * H, n);
-    V<S> dh = load(dy + row * H + j, n) + dh_next;
+    V<S> dh = load(dy + row * H + j, n) + dh_next, kept{};
+    if (zone) {
+      kept = dh * zone.at(row, j, n);
+      dh = dh - kept;
+    }
     V<S> da_n = dh * (S(1) - z) * (S(1) - nn * nn);
     V<S> da_z = dh * (h_prev - nn) * z * (S(1) - z);
     V<S> da_r = da_n * gh_n * r * (S(1) - r);
@@ -2063,14 +2077,15 @@ struct GRUBackwardGates {   // reset after
     S* gh = d_gh + row * 3 * H + j;
     store(gi, da_r, n); store(gi + H, da_z, n); store(gi + 2 * H, da_n, n);
     store(gh, da_r, n); store(gh + H, da_z, n); store(gh + 2 * H, da_n * r, n);
-    store(carry + b * H + j, dh * z, n);
+    store(carry + b * H + j, zone ? dh * z + kept : dh * z, n);
   }
 };
 
 template <typename S>
 std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const Tensor& h0,
                                  const Tensor& w_hh, const Tensor& out, const Tensor& stash,
-                                 const Steps& st, bool reset_after, i64 parts) {
+                                 const Steps& st, bool reset_after, i64 parts,
+                                 const Tensor& zoneout) {
   constexpr int L = Vec<S>::L;
   const i64 H = d_hT.size(1), B = st.batch, N = st.rows;
   const i64 J = (H + L - 1) / L;
@@ -2082,7 +2097,8 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
   if (reset_after) {
     Tensor d_gh = pooled_empty({N, 3 * H}, out.options());
     GRUBackwardGates<S> gate_math{ptr<S>(d_out), ptr<S>(out), ptr<S>(h0), ptr<S>(stash),
-                                  ptr<S>(d_gi), ptr<S>(d_gh), cp, &st, H};
+                                  ptr<S>(d_gi), ptr<S>(d_gh), cp, &st, H,
+                                  ZoneoutMask<S>(zoneout)};
     if (parts == 0) {
       Tensor packed = pack<S>(w_hh, 1, H, 3 * H, 0, 1, H);
       const S* wp = ptr<S>(packed);
@@ -2136,6 +2152,7 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
   Tensor dh_t = pooled_empty({B, H}, out.options());
   S* drh = ptr<S>(d_rh);
   S* dht = ptr<S>(dh_t);
+  const ZoneoutMask<S> zone(zoneout);
   run_row_parts(st.count(), B, parts, [&](i64 k, i64 r0, i64 r1) {
     i64 t = st.order[st.count() - 1 - k], off = st.offset[t], e = std::min(r1, st.size[t]);
     if (e <= r0) return;
@@ -2153,6 +2170,11 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
         const S* sr = sp + row * 3 * H + j;
         V<S> z = load(sr + H, n), nn = load(sr + 2 * H, n);
         V<S> dh = load(dy + row * H + j, n) + load(dhp + b * H + j, n);
+        if (zone) {                      // h_prev's share k dh in the carry until the step's end
+          const V<S> kept = dh * zone.at(row, j, n);
+          store(cp + b * H + j, kept, n);
+          dh = dh - kept;
+        }
         store(dht + b * H + j, dh, n);
         store(gp + row * 3 * H + 2 * H + j, dh * (S(1) - z) * (S(1) - nn * nn), n);
         store(gp + row * 3 * H + H + j, dh * (h_prev_at(b, j, n) - nn) * z * (S(1) - z), n);
@@ -2168,7 +2190,8 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
         V<S> r = load(sp + row * 3 * H + j, n), z = load(sp + row * 3 * H + H + j, n);
         V<S> d = load(drh + b * H + j, n);
         store(gp + row * 3 * H + j, d * h_prev_at(b, j, n) * r * (S(1) - r), n);
-        store(cp + b * H + j, load(dht + b * H + j, n) * z + d * r, n);
+        V<S> to_prev = load(dht + b * H + j, n) * z + d * r;
+        store(cp + b * H + j, zone ? to_prev + load(cp + b * H + j, n) : to_prev, n);
       }
     }, r0);
     recurrent_rz(mat<S>(dh).rows_at(r0, n_rows),
@@ -3125,29 +3148,34 @@ std::vector<Tensor> rnn_layer_backward(Tensor d_out, Tensor d_hT, Tensor x, Tens
   return {dx, loop[1], w[0], w[1], w[2]};
 }
 
-// One GRU layer, one direction: x (N, I) -> out (N, H), h_T, stash.
+// One GRU layer, one direction: x (N, I) -> out (N, H), h_T, stash. zoneout_h (N or 1, H):
+// zoneout's mask.
 std::vector<Tensor> gru_layer_forward(Tensor x, c10::optional<Tensor> b_ih,
                                       c10::optional<Tensor> b_hh, Tensor h0, Tensor w_ih,
                                       Tensor w_hh, std::vector<i64> batch_sizes, bool reverse,
-                                      bool reset_after, bool save, i64 parts) {
+                                      bool reset_after, bool save, i64 parts,
+                                      const c10::optional<Tensor>& zoneout_h = c10::nullopt) {
   check_cpu(x, "x");
   check_layer_weights(3, x, h0.size(1), h0.size(1), w_ih, w_hh, b_ih, b_hh);
+  Tensor zone = checked_zoneout_mask("zoneout_h", zoneout_h, x, h0.size(1));
   for (auto* t : {&h0, &w_hh}) *t = t->contiguous();
   Steps st(batch_sizes, reverse);
   Tensor gi = input_projection(x, w_ih);
   return LSTMKIT_DISPATCH(x.scalar_type(), [&] {
     return gru_forward<scalar>(gi, optional_contiguous(b_ih), h0, w_hh, optional_contiguous(b_hh),
-                               st, reset_after, save, parts);
+                               st, reset_after, save, parts, zone);
   });
 }
 
-// The whole backward of one GRU layer, one direction. needs: (x, h0, w_ih, w_hh, b_ih, b_hh).
+// The whole backward of one GRU layer, one direction. needs: (x, h0, w_ih, w_hh, b_ih, b_hh);
+// zoneout_h: the forward's mask or undefined.
 // Returns dx, dh0, dw_ih, dw_hh, db_ih, db_hh; reset before, b_ih and b_hh enter as one sum and
 // db_ih is its gradient (db_hh undefined).
 std::vector<Tensor> gru_layer_backward(Tensor d_out, Tensor d_hT, Tensor x, Tensor h0,
                                        Tensor w_ih, Tensor w_hh, Tensor out, Tensor stash,
                                        std::vector<i64> batch_sizes, bool reverse, bool reset_after,
-                                       i64 parts, std::vector<bool> needs) {
+                                       i64 parts, std::vector<bool> needs,
+                                       const Tensor& zoneout_h) {
   TORCH_CHECK(needs.size() == 6, "gru_layer_backward: needs has 6 flags, got ", needs.size());
   const auto dtype = out.scalar_type();
   d_out = incoming(d_out, dtype); d_hT = incoming(d_hT, dtype);
@@ -3155,7 +3183,8 @@ std::vector<Tensor> gru_layer_backward(Tensor d_out, Tensor d_hT, Tensor x, Tens
   const i64 H = out.size(1);
   Steps st(batch_sizes, reverse);
   auto loop = LSTMKIT_DISPATCH(dtype, [&] {
-    return gru_backward<scalar>(d_out, d_hT, h0, w_hh, out, stash, st, reset_after, parts);
+    return gru_backward<scalar>(d_out, d_hT, h0, w_hh, out, stash, st, reset_after, parts,
+                                zoneout_h.defined() ? zoneout_h.contiguous() : Tensor());
   });
   const Tensor &d_gi = loop[0], &d_gh = loop[1];
   Products jobs;
@@ -3329,23 +3358,25 @@ struct NativeLSTMLayer : public torch::autograd::Function<NativeLSTMLayer> {
 // The GRU's and RNN's node (one state each): `gru` picks the family, `option` is the GRU's
 // reset_after or the RNN's relu.
 struct NativeOneStateLayer : public torch::autograd::Function<NativeOneStateLayer> {
-  // Tensors x, h0, w_ih, w_hh, b_ih, b_hh (as NativeGRUFunction's, NativeRNNFunction's);
-  // parts: the driver.
+  // Tensors x, h0, w_ih, w_hh, b_ih, b_hh, zoneout_h (as NativeGRUFunction's,
+  // NativeRNNFunction's; the GRU's zoneout mask gets no gradient); parts: the driver.
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& h0,
                                const Tensor& w_ih, const Tensor& w_hh,
                                const c10::optional<Tensor>& b_ih,
                                const c10::optional<Tensor>& b_hh,
+                               const c10::optional<Tensor>& zoneout_h,
                                const std::vector<i64>& batch_sizes, bool reverse, bool gru,
                                bool option, i64 parts) {
-    auto in = compute_inputs<6>(ctx, {x, h0, w_ih, w_hh, given(b_ih), given(b_hh)});
+    auto in = compute_inputs<7>(ctx, {x, h0, w_ih, w_hh, given(b_ih), given(b_hh),
+                                      given(zoneout_h)});
     // r: out, h_T[, stash]. Their backward loops read the previous rows from out itself.
     auto r = gru ? gru_layer_forward(in[0], maybe(in[4]), maybe(in[5]), in[1], in[2], in[3],
-                                     batch_sizes, reverse, option, true, parts)
+                                     batch_sizes, reverse, option, true, parts, maybe(in[6]))
                  : rnn_layer_forward(in[0], maybe(in[4]), maybe(in[5]), in[1], in[2], in[3],
                                      batch_sizes, reverse, option, parts);
     // In float16/bfloat16 the output saved (r[0], float32) is not the one returned, which the
     // caller may then edit in place without a copy (saves_no_output in native.py).
-    ctx->save_for_backward({in[0], in[1], in[2], in[3], r[0], gru ? r[2] : Tensor()});
+    ctx->save_for_backward({in[0], in[1], in[2], in[3], r[0], gru ? r[2] : Tensor(), in[6]});
     ctx->saved_data["batch_sizes"] = batch_sizes;
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["gru"] = gru;
@@ -3359,8 +3390,10 @@ struct NativeOneStateLayer : public torch::autograd::Function<NativeOneStateLaye
     std::vector<Tensor> g;
     {
       c10::NoGradGuard no_grad;
-      auto s = ctx->get_saved_variables();  // x h0 w_ih w_hh out stash (GRU) or undefined
-      const std::vector<bool> needs = inputs_needing_grad(ctx);
+      // x h0 w_ih w_hh out, the GRU's stash and zoneout mask (or undefined)
+      auto s = ctx->get_saved_variables();
+      std::vector<bool> needs = inputs_needing_grad(ctx);
+      needs.resize(6);                                         // the mask gets none
       const bool gru = ctx->saved_data["gru"].toBool(), option = ctx->saved_data["option"].toBool();
       const std::vector<i64> batch_sizes = ctx->saved_data["batch_sizes"].toIntVector();
       const bool reverse = ctx->saved_data["reverse"].toBool();
@@ -3370,13 +3403,13 @@ struct NativeOneStateLayer : public torch::autograd::Function<NativeOneStateLaye
       // GRU: dx, dh0, dw_ih, dw_hh, db_ih, db_hh, but reset before db_ih is the gradient of
       // b_ih + b_hh; RNN: dx, dh0, dw_ih, dw_hh and that of b_ih + b_hh.
       g = gru ? gru_layer_backward(d_out, d_hT, s[0], s[1], s[2], s[3], s[4], s[5], batch_sizes,
-                                   reverse, option, parts, needs)
+                                   reverse, option, parts, needs, s[6])
               : rnn_layer_backward(d_out, d_hT, s[0], s[1], s[2], s[3], s[4], batch_sizes, reverse,
                                    option, parts, needs);
       g.resize(6);
       if (!(gru && option)) std::tie(g[4], g[5]) = bias_gradients(g[4], needs[4], needs[5]);
     }
-    return node_gradients(ctx, g, 11, create_graph);
+    return node_gradients(ctx, g, 12, create_graph);
   }
 };
 
@@ -3393,15 +3426,18 @@ std::vector<Tensor> lstm_layer_py(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, T
                                 zoneout_c, batch_sizes, reverse, form, plan);
 }
 
-// A GRU (gru, option = reset_after) or RNN (option = relu) layer through its autograd node.
+// A GRU (gru, option = reset_after) or RNN (option = relu) layer through its autograd node;
+// zoneout_h: the GRU's zoneout mask, or none.
 std::vector<Tensor> one_state_layer_py(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh,
                                        c10::optional<Tensor> b_ih, c10::optional<Tensor> b_hh,
+                                       c10::optional<Tensor> zoneout_h,
                                        std::vector<i64> batch_sizes, bool reverse, bool gru,
                                        bool option, i64 parts) {
   check_cpu(x, "x");
   check_layer_weights(gru ? 3 : 1, x, h0.size(1), h0.size(1), w_ih, w_hh, b_ih, b_hh);
-  return NativeOneStateLayer::apply(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, gru,
-                                    option, parts);
+  TORCH_CHECK_VALUE(gru || !zoneout_h.has_value(), "the native RNN has no zoneout");
+  return NativeOneStateLayer::apply(x, h0, w_ih, w_hh, b_ih, b_hh, zoneout_h, batch_sizes,
+                                    reverse, gru, option, parts);
 }
 
 // Inference: lstm_layer's arguments and conversions without its autograd node, nothing saved.
@@ -3428,11 +3464,13 @@ std::vector<Tensor> lstm_infer_py(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, T
 // Inference: one_state_layer's, the same way. Returns out, h_T in the dtypes of x, h0.
 std::vector<Tensor> one_state_infer_py(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh,
                                        c10::optional<Tensor> b_ih, c10::optional<Tensor> b_hh,
+                                       c10::optional<Tensor> zoneout_h,
                                        std::vector<i64> batch_sizes, bool reverse, bool gru,
                                        bool option, i64 parts) {
-  auto in = in_compute_type<6>({x, h0, w_ih, w_hh, given(b_ih), given(b_hh)});
+  TORCH_CHECK_VALUE(gru || !zoneout_h.has_value(), "the native RNN has no zoneout");
+  auto in = in_compute_type<7>({x, h0, w_ih, w_hh, given(b_ih), given(b_hh), given(zoneout_h)});
   auto r = gru ? gru_layer_forward(in[0], maybe(in[4]), maybe(in[5]), in[1], in[2], in[3],
-                                   batch_sizes, reverse, option, false, parts)
+                                   batch_sizes, reverse, option, false, parts, maybe(in[6]))
                : rnn_layer_forward(in[0], maybe(in[4]), maybe(in[5]), in[1], in[2], in[3],
                                    batch_sizes, reverse, option, parts);
   return {to_type(r[0], x.scalar_type()), to_type(r[1], h0.scalar_type())};

@@ -181,11 +181,11 @@ def lstm_variant_forward(x, h0, c0, q0, p: dict, masks: dict, v: LSTMVariant,
         _activate_(v.output_activation, s)
         m = a_o * s
         h_new = m if w_hr_t is None else m @ w_hr_t                           # h~
-        if z_h is not None:                                     # h~ + z (h_prev - h~)
-            h_new = torch.addcmul(h_new, _rows(z_h, rows), h_prev - h_new)
+        if z_h is not None:       # h~ + z (h_prev - h~); lerp is exact at z = 0 and z = 1
+            h_new = torch.lerp(h_new, h_prev, _rows(z_h, rows))
         out[rows] = h_new
         if z_c is not None:
-            cells[rows] = torch.addcmul(c_new, _rows(z_c, rows), c_prev - c_new)
+            cells[rows] = torch.lerp(c_new, c_prev, _rows(z_c, rows))
         h[:size] = h_new
         c[:size] = cells[rows]
         if fgr:

@@ -83,3 +83,12 @@ def uses_variant_kernel(variant: GRUVariant, training: bool) -> bool:
     it only changes the weight the kernel receives)."""
     masked = variant.recurrent_dropout or variant.zoneout_h
     return variant.changes_equations or bool(training and masked)
+
+
+def runs_on_gru_layer(variant: GRUVariant, training: bool) -> bool:
+    """True when `kernels.gru_layer` computes this variant, with `draw_masks`'s masks: the
+    plain cell, and zoneout in training or its expectation in eval (natively where it can);
+    not the activations, layer norm or recurrent dropout in training."""
+    if training and variant.recurrent_dropout:
+        return False
+    return not variant.changes_equations or variant.changes_only_by_zoneout

@@ -234,11 +234,14 @@ class GRUCell(_CellBase):
         return s + (f", variant=GRUVariant({described})" if described else "")
 
     def _step(self, x, states, layout):
-        if not _gru_variant.uses_variant_kernel(self.variant, self.training):
-            return kernels.gru_layer(x, *states, **self._weights(), layout=layout,
-                                     reset_after=self.reset_after, backend=self.backend)
+        # The plain cell and zoneout: gru_layer, native where it can; the others the variant
+        # kernel.
         masks = _gru_variant.draw_masks(self.variant, self.training, layout, x,
-                                        self.hidden_size)
+                                        self.hidden_size) \
+            if _gru_variant.uses_variant_kernel(self.variant, self.training) else {}
+        if _gru_variant.runs_on_gru_layer(self.variant, self.training):
+            return kernels.gru_layer(x, *states, **self._weights(), **masks, layout=layout,
+                                     reset_after=self.reset_after, backend=self.backend)
         out, h, _ = kernels.gru_variant_layer(x, *states, self._weights(), masks, self.variant,
                                               layout=layout, reset_after=self.reset_after,
                                               backend=self.backend)

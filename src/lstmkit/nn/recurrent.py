@@ -691,15 +691,18 @@ class GRU(_RecurrentBase):
         if v.weight_drop and self.training:         # DropConnect: one mask per call
             weights = {**weights, "w_hh": _lstm_variant.drop_connect(weights["w_hh"],
                                                                      v.weight_drop)}
-        if _gru_variant.uses_variant_kernel(v, self.training):
-            masks = _gru_variant.draw_masks(v, self.training, layout, x, self.hidden_size)
+        varied = _gru_variant.uses_variant_kernel(v, self.training)
+        masks = _gru_variant.draw_masks(v, self.training, layout, x, self.hidden_size) \
+            if varied else {}
+        if not return_gates and _gru_variant.runs_on_gru_layer(v, self.training):
+            out, h_T = kernels.gru_layer(x, states[0], **weights, **masks, layout=layout,
+                                         reverse=reverse, reset_after=self.reset_after,
+                                         backend=self.backend)
+            return out, (h_T,), None
+        if varied:
             out, h_T, gates = kernels.gru_variant_layer(
                 x, states[0], weights, masks, v, layout=layout, reverse=reverse,
                 reset_after=self.reset_after, backend=self.backend)
-        elif not return_gates:
-            out, h_T = kernels.gru_layer(x, states[0], **weights, layout=layout, reverse=reverse,
-                                         reset_after=self.reset_after, backend=self.backend)
-            return out, (h_T,), None
         else:
             out, h_T, gates = kernels.gru_layer_with_gates(
                 x, states[0], **weights, layout=layout, reverse=reverse,
