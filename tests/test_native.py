@@ -30,21 +30,23 @@ from lstmkit.kernels import StepLayout, native
 
 # The LSTM variants the native kernels compute: peephole, cifg, the removed gates (noinput,
 # noforget, nooutput: LSTMVariant(input_gate=False), ...), the activations (hardsigmoid for
-# the gates; cell... and out... for g's and the output's: softsign, hardtanh, identity) and
-# zoneout (zoneouth, zoneoutc: masks drawn per row; with "expectation" one row of rates for all).
+# the gates; cell... and out... for g's and the output's: softsign, hardtanh, identity),
+# zoneout (zoneouth, zoneoutc: masks drawn per row; with "expectation" one row of rates for all)
+# and recurrent dropout (recurrent: a mask per batch row).
 VARIANT_WORDS = ("peephole", "cifg", "noinput", "noforget", "nooutput", "hardsigmoid", "cell",
-                 "out", "zoneout", "expectation")
+                 "out", "zoneout", "expectation", "recurrent")
 FAMILIES = ("lstm", "lstm_proj", "lstm_nobias", "lstm_peephole", "lstm_proj_peephole",
             "lstm_cifg", "lstm_peephole_cifg", "lstm_peephole_noinput", "lstm_noforget",
             "lstm_proj_peephole_nooutput", "lstm_hardsigmoid_cellsoftsign_outidentity",
             "lstm_proj_peephole_cellhardtanh_outsoftsign", "lstm_cifg_cellidentity_outhardtanh",
             "gru", "gru_reset_before", "rnn_tanh", "rnn_relu")
 # Zoneout, the LSTM's with the other elementwise variants (its h only without projection),
-# the GRU's in both forms.
-ZONEOUT_FAMILIES = ("lstm_zoneouth_zoneoutc", "lstm_proj_peephole_cifg_zoneoutc",
-                    "lstm_peephole_noforget_outsoftsign_zoneouth_zoneoutc_expectation",
-                    "lstm_nooutput_zoneouth", "gru_zoneouth", "gru_reset_before_zoneouth",
-                    "gru_zoneouth_expectation")
+# the GRU's in both forms; the LSTM's recurrent dropout, alone and with zoneout.
+MASKED_FAMILIES = ("lstm_zoneouth_zoneoutc", "lstm_proj_peephole_cifg_zoneoutc",
+                   "lstm_peephole_noforget_outsoftsign_zoneouth_zoneoutc_expectation",
+                   "lstm_nooutput_zoneouth", "gru_zoneouth", "gru_reset_before_zoneouth",
+                   "gru_zoneouth_expectation", "lstm_recurrent", "lstm_proj_recurrent_zoneoutc",
+                   "lstm_peephole_recurrent_zoneouth_zoneoutc")
 
 
 def gate_options(family) -> dict:
@@ -134,24 +136,32 @@ def make_weights(family, I, H, rng):
     return w, P
 
 
-def zoneout_masks(family, T, B, P, H, rng) -> dict:
-    """A zoneout family's masks (see VARIANT_WORDS) as the reference takes them, (T, B, F): 0/1
-    with probability 0.3 of keeping, or 0.3 everywhere for the expectation; {} without."""
+def family_masks(family, T, B, P, H, rng) -> dict:
+    """A family's masks (see VARIANT_WORDS) as the reference takes them: zoneout's (T, B, F),
+    0/1 with probability 0.3 of keeping, or 0.3 everywhere for the expectation; recurrent
+    dropout's (B, P), 0 or 1 / 0.8 with probability 0.8 of keeping; {} without."""
     words = family.split("_")
     masks = {}
     for name, word, width in (("zoneout_h", "zoneouth", P), ("zoneout_c", "zoneoutc", H)):
         if word in words:
             masks[name] = (np.full((T, B, width), 0.3) if "expectation" in words
                            else (rng.random((T, B, width)) < 0.3).astype(float))
+    if "recurrent" in words:
+        masks["recurrent"] = (rng.random((B, P)) < 0.8) / 0.8
     return masks
 
 
 def layer_masks(family, masks, dtype) -> dict:
-    """zoneout_masks's masks as kernels.lstm_layer takes them: (T B, F), a row per step and
-    batch row, or (1, F) for the expectation."""
+    """family_masks's masks as kernels.lstm_layer takes them: zoneout's (T B, F), a row per
+    step and batch row, or (1, F) for the expectation; recurrent dropout's as they are."""
     expectation = "expectation" in family.split("_")
-    return {name: torch.tensor(mask[0, :1] if expectation else mask.reshape(-1, mask.shape[2]),
-                               dtype=dtype) for name, mask in masks.items()}
+
+    def layer_mask(name, mask):
+        if name == "recurrent":
+            return mask
+        return mask[0, :1] if expectation else mask.reshape(-1, mask.shape[2])
+    return {name: torch.tensor(layer_mask(name, mask), dtype=dtype)
+            for name, mask in masks.items()}
 
 
 def reference_run(family, x, states, w, dy, d_states, masks=None):
@@ -199,7 +209,7 @@ def assert_close(name, actual, expected, dtype):
 
 # A projection needs proj_size < hidden_size, so H=1 has none.
 REFERENCE_CASES = [pytest.param(family, shape, id="{}-T{}-B{}-I{}-H{}".format(family, *shape))
-                   for family in FAMILIES + ZONEOUT_FAMILIES for shape in SHAPES
+                   for family in FAMILIES + MASKED_FAMILIES for shape in SHAPES
                    if not ("proj" in family and shape[3] == 1)]
 
 
@@ -222,9 +232,10 @@ def check_against_reference(family, shape, reverse, dtype):
     d_states = [rng.standard_normal((B, s)) for s in sizes]
     # The reverse direction is the forward direction over the time-flipped sequence.
     flip = (lambda a: a[::-1].copy()) if reverse else (lambda a: a)
-    masks = zoneout_masks(family, T, B, P, H, rng)
+    masks = family_masks(family, T, B, P, H, rng)
     (y, *finals), grads = reference_run(family, flip(x), states, w, flip(dy), d_states,
-                                        {name: flip(mask) for name, mask in masks.items()})
+                                        {name: mask if name == "recurrent" else flip(mask)
+                                         for name, mask in masks.items()})
 
     def tensor(a):
         return torch.tensor(a, dtype=dtype, requires_grad=True)
@@ -595,6 +606,13 @@ def _function_cases():
         "lstm-proj-peephole-cifg-zoneout-c": (lstm, [
             r(6, 2), r(2, 2), r(2, 3), r(12, 2), r(12, 2), r(12), r(12), r(2, 3), padded, False,
             r(9), 1, None, keep(6, 3)]),
+        "lstm-recurrent-dropout": (lstm, [r(9, 2), r(3, 3), r(3, 3), r(12, 2), r(12, 3), r(12),
+                                          r(12), None, packed, True, None, 0, None, None,
+                                          Mask(torch.bernoulli(torch.full((3, 3), 0.7,
+                                                                          dtype=d)) / 0.7)]),
+        "lstm-proj-recurrent-dropout-zoneout-c": (lstm, [
+            r(6, 2), r(2, 2), r(2, 3), r(12, 2), r(12, 2), None, r(12), r(2, 3), padded, False,
+            None, 0, None, keep(6, 3), Mask(torch.tensor([[1.25, 0.0], [1.25, 1.25]], dtype=d))]),
         "lstm-zoneout-expectation": (lstm, [
             r(6, 2), r(2, 3), r(2, 3), r(12, 2), r(12, 3), None, r(12), None, padded, True, r(9),
             0, Mask(torch.full((1, 3), 0.3, dtype=d)), Mask(torch.full((1, 3), 0.6, dtype=d))]),
@@ -1369,7 +1387,7 @@ def test_native_variant_lstm_module_matches_portable(variant):
 
 
 # name: (family, training, variant, the module's options)
-_ZONEOUT_CASES = {
+_MASKED_CASES = {
     "zoneout-c-training": ("LSTM", True, lstmkit.LSTMVariant(peepholes=True, zoneout_c=0.2), {}),
     "zoneout-h-expectation": ("LSTM", False, lstmkit.LSTMVariant(cifg=True, zoneout_h=0.2,
                                                                  zoneout_eval="expectation"), {}),
@@ -1382,6 +1400,12 @@ _ZONEOUT_CASES = {
         zoneout_h=0.2, zoneout_eval="expectation"), {}),
     "zoneout-h-softsign": ("LSTM", True, lstmkit.LSTMVariant(zoneout_h=0.2,
                                                              cell_activation="softsign"), {}),
+    "recurrent-dropout": ("LSTM", True, lstmkit.LSTMVariant(recurrent_dropout=0.3), {}),
+    "recurrent-dropout-zoneout-projection": ("LSTM", True, lstmkit.LSTMVariant(
+        recurrent_dropout=0.3, zoneout_c=0.2, peepholes=True, weight_drop=0.2),
+        {"proj_size": 2}),
+    "recurrent-dropout-zoneout-cifg": ("LSTM", True, lstmkit.LSTMVariant(
+        recurrent_dropout=0.3, zoneout_h=0.2, zoneout_c=0.2, cifg=True), {}),
     "gru-zoneout-training": ("GRU", True, lstmkit.GRUVariant(zoneout_h=0.3, update_bias=1.0),
                              {}),
     "gru-zoneout-dropconnect": ("GRU", True, lstmkit.GRUVariant(zoneout_h=0.3, weight_drop=0.2),
@@ -1395,15 +1419,18 @@ _ZONEOUT_CASES = {
 
 @pytest.mark.parametrize("module, training, variant, options", [
     pytest.param(family + cell, *case, id=f"{family + cell}-{name}")
-    for name, (family, *case) in _ZONEOUT_CASES.items()
-    # the cells have no projection and refuse DropConnect (a mask per sequence)
-    for cell in ("", "Cell") if not (cell and ("proj_size" in case[2] or case[1].weight_drop))])
-def test_native_zoneout_matches_portable(module, training, variant, options):
-    """Zoneout, in training (masks drawn per call) and its expectation in eval, with other
-    elementwise variants (and GRUVariant's initialisation and DropConnect): the native kernels
-    (but for zoneout_h with a projection, which only the variant kernel has) give the portable
-    variant kernel's results and gradients, with the same masks from the same seed. Two layers,
-    both directions and packed sequences for the modules, one step for the cells."""
+    for name, (family, *case) in _MASKED_CASES.items()
+    # the cells have no projection and refuse DropConnect and recurrent dropout (a mask per
+    # sequence)
+    for cell in ("", "Cell") if not (cell and ("proj_size" in case[2] or case[1].weight_drop
+                                               or getattr(case[1], "recurrent_dropout", 0)))])
+def test_native_masked_variants_match_portable(module, training, variant, options):
+    """Zoneout, in training (masks drawn per call) and its expectation in eval, and recurrent
+    dropout, with other elementwise variants (and initialisation and DropConnect): the native
+    kernels (but for zoneout_h with a projection, which only the variant kernel has) give the
+    portable variant kernel's results and gradients, with the same masks from the same seed.
+    Two layers, both directions and packed sequences for the modules, one step for the
+    cells."""
     cell, lstm = module.endswith("Cell"), module.startswith("LSTM")
     options = dict(options, variant=variant, dtype=torch.float64)
     if not cell:
@@ -1467,12 +1494,12 @@ def test_zoneout_keeps_the_masked_units_exactly(family, backend):
 
 @pytest.mark.parametrize("training, variant", [
     (False, lstmkit.LSTMVariant(peepholes=True, cifg=True, layer_norm=True)),
-    (True, lstmkit.LSTMVariant(cifg=True, recurrent_dropout=0.1)),
+    (True, lstmkit.LSTMVariant(recurrent_dropout=0.1, layer_norm=True)),
     (True, lstmkit.LSTMVariant(zoneout_h=0.1, full_gate_recurrence=True)),
     (True, lstmkit.GRUVariant(zoneout_h=0.1, recurrent_dropout=0.1)),
     (False, lstmkit.GRUVariant(zoneout_h=0.1, zoneout_eval="expectation", layer_norm=True)),
     (True, lstmkit.GRUVariant(zoneout_h=0.1, candidate_activation="softsign")),
-], ids=["layer-norm", "recurrent-dropout", "zoneout-full-gate-recurrence",
+], ids=["layer-norm", "recurrent-dropout-layer-norm", "zoneout-full-gate-recurrence",
         "gru-zoneout-recurrent-dropout", "gru-zoneout-layer-norm", "gru-zoneout-activation"])
 def test_native_variants_with_other_changes_take_the_variant_kernel(training, variant):
     lstm = isinstance(variant, lstmkit.LSTMVariant)

@@ -63,22 +63,24 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
                w_peephole=None, cifg: bool = False, input_gate: bool = True,
                forget_gate: bool = True, output_gate: bool = True,
                gate_activation: str = "sigmoid", cell_activation: str = "tanh",
-               output_activation: str = "tanh", zoneout_h=None, zoneout_c=None):
+               output_activation: str = "tanh", zoneout_h=None, zoneout_c=None, recurrent=None):
     """One LSTM layer, one direction: x (N, I), h0 (B, P), c0 (B, H) -> out (N, P), h_T, c_T.
 
     LSTMVariant's elementwise changes to the cell, with its meanings (the other variants take
     `lstm_variant_layer`): w_peephole (3H,) = [p_i | p_f | p_o], peephole connections; cifg,
     f = 1 - i; input_gate, forget_gate, output_gate False: that gate is 1; the gate, cell and
     output activations; zoneout_h (N or 1, P), zoneout_c (N or 1, H): zoneout's masks, by row
-    or one row for all (`lstm_variant_layer`'s, drawn by the caller). The native kernel
-    computes them (zoneout_h only without projection), the portable backend (or a machine
-    without the native kernels) the variant kernel."""
+    or one row for all; recurrent (B, P): recurrent dropout's mask, scaled by 1 / keep
+    (`lstm_variant_layer`'s masks, drawn by the caller). The native kernel computes them
+    (zoneout_h only without projection), the portable backend (or a machine without the native
+    kernels) the variant kernel."""
     fn = _function("lstm", backend, x)
     cell = (bool(cifg), input_gate, forget_gate, output_gate, gate_activation, cell_activation,
             output_activation)                               # in CELL_FORM_FIELDS's order
     form = native.cell_form(*cell)
-    zoneout = zoneout_h is not None or zoneout_c is not None
-    if w_peephole is None and not form and not zoneout:
+    masks = {name: mask for name, mask in (("zoneout_h", zoneout_h), ("zoneout_c", zoneout_c),
+                                           ("recurrent", recurrent)) if mask is not None}
+    if w_peephole is None and not form and not masks:
         return fn.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse)
     # The variant kernel: on the portable backend, without the native module, and for zoneout_h
     # with a projection (which backend="native" refuses).
@@ -86,12 +88,10 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
     if fn is native.NativeLSTMFunction and native.available():
         if zoneout_h is None or w_hr is None:
             return fn.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole,
-                            form, zoneout_h, zoneout_c)
+                            form, zoneout_h, zoneout_c, recurrent)
         variant_backend = backend
     params = {"w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh, "w_hr": w_hr,
               "w_peephole": w_peephole}
-    masks = {name: mask for name, mask in (("zoneout_h", zoneout_h), ("zoneout_c", zoneout_c))
-             if mask is not None}
     variant = LSTMVariant(peepholes=w_peephole is not None,
                           **dict(zip(CELL_FORM_FIELDS, cell, strict=True)))
     out, h_T, c_T, *_ = lstm_variant_layer(x, h0, c0, params, masks, variant, layout=layout,
@@ -118,9 +118,9 @@ def lstm_variant_layer(x, h0, c0, params: dict, masks: dict, variant, *, q0=None
     """
     if backend not in ("auto", "portable"):
         raise ValueError(f"backend={backend!r} has no kernel for these LSTM variants (layer "
-                         "norm, full gate recurrence, recurrent dropout, zoneout_h with a "
-                         "projection; peepholes, CIFG, removed gates, activations and zoneout "
-                         "run native): use backend='auto' or 'portable' with a variant")
+                         "norm, full gate recurrence, zoneout_h with a projection; peepholes, "
+                         "CIFG, removed gates, activations, zoneout and recurrent dropout run "
+                         "native): use backend='auto' or 'portable' with a variant")
     unknown = (set(params) - set(_VARIANT_PARAMETERS)) | (set(masks) - set(_VARIANT_MASKS))
     if unknown:
         raise ValueError(f"unknown LSTM-variant arguments {sorted(unknown)}; expected some of "

@@ -1152,6 +1152,33 @@ struct ZoneoutMask {
   }
 };
 
+// Recurrent dropout (Gal and Ghahramani 2016, LSTMVariant's recurrent_dropout): each step's
+// product reads h d instead of h, with one mask d (B, P) (already scaled by 1 / keep) for the
+// whole sequence. The drivers' operand buffers then hold h d, and the state h itself (the
+// output, h_T, zoneout's h_prev) is kept in `h` (B, P).
+template <typename S>
+struct RecurrentDropout {
+  const S* d = nullptr;
+  S* h = nullptr;
+  i64 P = 0;
+  explicit operator bool() const { return d != nullptr; }
+  // Where row b's previous h is at unit j: the state, or the operand itself (`operand`, at
+  // row b, unit j) without dropout.
+  __attribute__((always_inline)) inline const S* previous(i64 b, i64 j, const S* operand) const {
+    return d ? h + b * P + j : operand;
+  }
+  // The new h m of row b at unit j, kept as the state; returns the operand, m d (m without).
+  __attribute__((always_inline)) inline V<S> operand(i64 b, i64 j, V<S> m, int n) const {
+    if (!d) return m;
+    store(h + b * P + j, m, n);
+    return m * load(d + b * P + j, n);
+  }
+  // h0's operand: h0 d, or h0 itself.
+  Tensor initial(const Tensor& h0, const Tensor& mask) const {
+    return d ? at::mul(h0, mask) : h0;
+  }
+};
+
 // torch.nn's cell in float, every gate a ratio: i = 1 / D_i, f = 1 / D_f, o = 1 / D_o
 // (D = 1 + e^-a), g = N_g / D_g, tanh(c) = N_c / D_c, and
 //   c = f c_prev + i g = (c_prev D_i D_g + N_g D_f) / (D_f D_i D_g),   h = N_c / (D_o D_c):
@@ -1325,10 +1352,14 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
                                  const Tensor& w_hh, const c10::optional<Tensor>& w_hr_opt,
                                  const Steps& st, bool save, i64 parts, const Tensor& w_ih,
                                  bool own_product, const Tensor& peephole, int cell_form,
-                                 const Tensor& zoneout_h, const Tensor& zoneout_c) {
+                                 const Tensor& zoneout_h, const Tensor& zoneout_c,
+                                 const Tensor& recurrent_mask) {
   constexpr int L = Vec<S>::L;
   const i64 H = c0.size(1), P = h0.size(1), B = st.batch, N = st.rows;
   const i64 I = w_ih.defined() ? w_ih.size(1) : 0;
+  Tensor h_state = recurrent_mask.defined() ? pooled_clone(h0) : Tensor();
+  const RecurrentDropout<S> drop{ptr<S>(recurrent_mask), ptr<S>(h_state), P};
+  const Tensor h0_operand = drop.initial(h0, recurrent_mask);
   Tensor w_hr = w_hr_opt.has_value() ? w_hr_opt->contiguous() : Tensor();
   TORCH_CHECK(!I || (!w_hr.defined() && xproj.size(1) == I),
               "lstm_forward: the input x itself needs a layer without projection");
@@ -1344,8 +1375,8 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
   if (parts == 0 && !w_hr.defined()) {
     Tensor packed = packed_empty<S>(4, H, P, xproj.options());   // packed in step -1
     Tensor hbuf = pooled_empty({2, B, P}, xproj.options());
-    hbuf[0].copy_(h0);
-    hbuf[1].copy_(h0);
+    hbuf[0].copy_(h0_operand);
+    hbuf[1].copy_(h0_operand);
     S* hb = ptr<S>(hbuf);
     const S* wp = ptr<S>(packed);
     i64 workers = worker_count(J, 8 * B * H * P);
@@ -1419,8 +1450,8 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
         i64 j = jb * L;
         at_width<S>(H, j, [&](int n) __attribute__((always_inline)) {
           V<S> m = gate_math.zoned_h(off + b, j, gate_math(b, off + b, jb, acc, n),
-                                     h_read + b * P + j, n);
-          store(h_write + b * P + j, m, n);
+                                     drop.previous(b, j, h_read + b * P + j), n);
+          store(h_write + b * P + j, drop.operand(b, j, m, n), n);
           store(o_ptr + (off + b) * P + j, m, n);
         });
       };
@@ -1446,7 +1477,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
         std::memcpy(h_write + b * P + j0, h_read + b * P + j0, (j1 - j0) * sizeof(S));
       }
     }, begin);
-    Tensor h_T = pooled_clone(hbuf[st.count() % 2]);
+    Tensor h_T = pooled_clone(drop ? h_state : hbuf[st.count() % 2]);
     return {out, h_T, c, gates, cells};
   }
   const S* x = ptr<S>(xproj);
@@ -1458,8 +1489,8 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
     Tensor packed = I ? pack_side_by_side<S>(w_ih.contiguous(), w_hh.contiguous(), 4, H)
                       : pack<S>(w_hh, 4, H, K, H * K, K, 1);
     Tensor zbuf = pooled_empty({2, B, K}, xproj.options());
-    zbuf[0].narrow(1, I, P).copy_(h0);
-    zbuf[1].narrow(1, I, P).copy_(h0);
+    zbuf[0].narrow(1, I, P).copy_(h0_operand);
+    zbuf[1].narrow(1, I, P).copy_(h0_operand);
     S* zb = ptr<S>(zbuf);
     const S* wp = ptr<S>(packed);
     Chunking<S> chunks(B, J, 4, K, xproj.options());
@@ -1486,15 +1517,16 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
           gate_math.row_cells(b, off + b,
                               [&](i64 jb, int q, int) { return pre[(b * J + jb) * 4 + q]; },
                               [&](i64 jb, V<S> m, int n) {
-            m = gate_math.zoned_h(off + b, jb * L, m, z_read + b * K + I + jb * L, n);
-            store(z_write + b * K + I + jb * L, m, n);
+            m = gate_math.zoned_h(off + b, jb * L, m,
+                                  drop.previous(b, jb * L, z_read + b * K + I + jb * L), n);
+            store(z_write + b * K + I + jb * L, drop.operand(b, jb * L, m, n), n);
             store(o_ptr + (off + b) * P + jb * L, m, n);
           });
       }
       for (i64 b = std::max(r0, e); b < r1; ++b)       // inactive rows keep their state
         std::memcpy(z_write + b * K + I, z_read + b * K + I, P * sizeof(S));
     });
-    Tensor h_T = pooled_clone(zbuf[st.count() % 2].narrow(1, I, P));
+    Tensor h_T = pooled_clone(drop ? h_state : zbuf[st.count() % 2].narrow(1, I, P));
     return {out, h_T, c, gates, cells};
   }
   Tensor w = w_hh;
@@ -1505,7 +1537,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
   }
   // z = [x_t | h] (B, I + P), the step product's left operand; just h without the input.
   Tensor z = pooled_empty({B, I + P}, xproj.options());
-  z.narrow(1, I, P).copy_(h0);
+  z.narrow(1, I, P).copy_(h0_operand);
   Tensor rec = pooled_empty({B, 4 * H}, xproj.options());
   Tensor m = w_hr.defined() ? pooled_empty({B, H}, xproj.options()) : Tensor();
   StepProduct<S> recurrent(w.t(), B);
@@ -1524,19 +1556,26 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
       gate_math.row_cells(b, off + b, [&](i64 jb, int q, int n) {
         return load(r + b * 4 * H + q * H + jb * L, n);
       }, [&](i64 jb, V<S> mv, int n) {
+        if (m.defined()) return store(target + b * ts + jb * L, mv, n);
         // Without projection target is z's h, still h_prev here (the product has read it).
-        mv = gate_math.zoned_h(off + b, jb * L, mv, target + b * ts + jb * L, n);
-        store(target + b * ts + jb * L, mv, n);
-        if (!m.defined()) store(o_ptr + (off + b) * P + jb * L, mv, n);
+        mv = gate_math.zoned_h(off + b, jb * L, mv,
+                               drop.previous(b, jb * L, target + b * ts + jb * L), n);
+        store(target + b * ts + jb * L, drop.operand(b, jb * L, mv, n), n);
+        store(o_ptr + (off + b) * P + jb * L, mv, n);
       });
     }, r0);
     if (m.defined()) {
       Mat<S> rows = mat<S>(out).rows_at(off + r0, e - r0);
       (*projection)(rows, mat<S>(m).rows_at(r0, e - r0));
-      copy_rows(zm.rows_at(r0, e - r0), rows);
+      if (!drop) return copy_rows(zm.rows_at(r0, e - r0), rows);    // (no input: I = 0)
+      for (i64 b = r0; b < e; ++b)
+        for_unit_blocks<S>(P, [&](i64 jb, int n) __attribute__((always_inline)) {
+          store(zm.row(b) + jb * L, drop.operand(b, jb * L, load(rows.row(b - r0) + jb * L, n),
+                                                 n), n);
+        });
     }
   });
-  return {out, z.narrow(1, I, P).contiguous(), c, gates, cells};
+  return {out, drop ? pooled_clone(h_state) : z.narrow(1, I, P).contiguous(), c, gates, cells};
 }
 
 // Backward, per step in reverse order, dh including the output gradient (tanh and sigmoid
@@ -1638,7 +1677,7 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
                                   const Tensor& cells, const Steps& st, i64 parts,
                                   bool own_product, const Tensor& peephole, int cell_form,
                                   const Tensor& zoneout_h, const Tensor& zoneout_c,
-                                  const Tensor& dh_carry) {
+                                  const Tensor& dh_carry, const Tensor& recurrent_mask) {
   constexpr int L = Vec<S>::L;
   const i64 H = c0.size(1), P = d_hT.size(1), B = st.batch, N = st.rows;
   Tensor w_hr = w_hr_opt.has_value() ? w_hr_opt->contiguous() : Tensor();
@@ -1651,6 +1690,11 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
   const S* dy = ptr<S>(d_out);
   S* dhp = ptr<S>(dh);
   const i64 J = (H + L - 1) / L;
+  // With recurrent dropout the product's operand was h_prev d: dh_prev = (da W_hh) d.
+  const S* drop = ptr<S>(recurrent_mask);
+  auto dropped = [drop, P](i64 b, i64 j, V<S> v, int n) __attribute__((always_inline)) {
+    return drop ? v * load(drop + b * P + j, n) : v;
+  };
   if (parts == 0 && !w_hr.defined()) {
     // dh_prev[b, k] = sum_g da[b, g] W_hh[g, k]: output unit k, contraction over g in 4H.
     Tensor packed = pack<S>(w_hh, 1, H, 4 * H, 0, 1, H);
@@ -1667,7 +1711,8 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
         rows_times_blocks<S, 1>(da, 4 * H, 4 * H, wp, st.size[tp], jb0, jb1,
                                 &chunks, [&](i64 b, i64 jb, const V<S>* acc) {
           i64 j = jb * L;
-          store(dhp + b * P + j, acc[0], (int)std::min<i64>(L, H - j));
+          int n = (int)std::min<i64>(L, H - j);
+          store(dhp + b * P + j, dropped(b, j, acc[0], n), n);
         });
       }
       if (s < S_) {
@@ -1702,7 +1747,8 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
       rows_times_blocks<S, 1>(dg + (off + r0) * 4 * H, 4 * H, 4 * H, wp, e - r0, 0, J, &chunks,
                               [&](i64 rb, i64 jb, const V<S>* acc) {
         i64 j = jb * L;
-        store(dhp + (r0 + rb) * P + j, acc[0], (int)std::min<i64>(L, H - j));
+        int n = (int)std::min<i64>(L, H - j);
+        store(dhp + (r0 + rb) * P + j, dropped(r0 + rb, j, acc[0], n), n);
       }, r0);
     });
     return {d_gates, dh, dc, Tensor()};
@@ -1731,6 +1777,10 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
       });
     }, r0);
     recurrent(dh_t, mat<S>(d_gates).rows_at(off + r0, n));
+    for (i64 b = r0; b < e && drop; ++b)
+      for_unit_blocks<S>(P, [&](i64 jb, int w) __attribute__((always_inline)) {
+        store(dhp + b * P + jb * L, dropped(b, jb * L, load(dhp + b * P + jb * L, w), w), w);
+      });
   });
   return {d_gates, dh, dc, d_h_rows};
 }
@@ -2851,6 +2901,15 @@ void check_layer_weights(i64 gates, const Tensor& x, i64 H, i64 P, const Tensor&
   TORCH_CHECK_VALUE(wrong.empty(), wrong);
 }
 
+// The batch row of each of the N rows (their step's rows are batch rows 0, 1, ...), (N,) int64.
+Tensor batch_rows(const Steps& st) {
+  Tensor rows = at::empty({st.rows}, at::kLong);
+  int64_t* r = rows.data_ptr<int64_t>();
+  for (size_t t = 0; t < st.offset.size(); ++t)
+    for (i64 b = 0; b < st.size[t]; ++b) r[st.offset[t] + b] = b;
+  return rows;
+}
+
 // A zoneout mask against its layer: (N, width) or (1, width), else a ValueError; the mask
 // contiguous, undefined when not given. (Its dtype is x's: the callers convert it with x.)
 Tensor checked_zoneout_mask(const char* name, const c10::optional<Tensor>& mask, const Tensor& x,
@@ -2867,7 +2926,8 @@ Tensor checked_zoneout_mask(const char* name, const c10::optional<Tensor>& mask,
 // One LSTM layer, one direction: x (N, I) -> out (N, P), h_T, c_T, gates, cells (see
 // lstm_forward). With input_in_step (generic driver, no projection) the input is multiplied
 // inside each step's product; else projected for all steps first. zoneout_h (N or 1, P),
-// zoneout_c (N or 1, H): zoneout's masks, zoneout_h only without projection.
+// zoneout_c (N or 1, H): zoneout's masks, zoneout_h only without projection; recurrent (B, P):
+// recurrent dropout's mask.
 std::vector<Tensor> lstm_layer_forward(Tensor x, c10::optional<Tensor> b_ih,
                                        c10::optional<Tensor> b_hh, Tensor h0, Tensor c0,
                                        Tensor w_ih, Tensor w_hh, c10::optional<Tensor> w_hr,
@@ -2875,7 +2935,8 @@ std::vector<Tensor> lstm_layer_forward(Tensor x, c10::optional<Tensor> b_ih,
                                        i64 parts, bool input_in_step, bool own_product,
                                        c10::optional<Tensor> w_peephole, i64 cell_form,
                                        c10::optional<Tensor> zoneout_h,
-                                       c10::optional<Tensor> zoneout_c) {
+                                       c10::optional<Tensor> zoneout_c,
+                                       c10::optional<Tensor> recurrent) {
   check_cpu(x, "x");
   check_layer_weights(4, x, c0.size(1), h0.size(1), w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole);
   TORCH_CHECK_VALUE(!(zoneout_h.has_value() && w_hr.has_value()),
@@ -2883,6 +2944,9 @@ std::vector<Tensor> lstm_layer_forward(Tensor x, c10::optional<Tensor> b_ih,
                     "portable kernel computes it");
   Tensor zone_h = checked_zoneout_mask("zoneout_h", zoneout_h, x, h0.size(1));
   Tensor zone_c = checked_zoneout_mask("zoneout_c", zoneout_c, x, c0.size(1));
+  Tensor dropout = optional_contiguous(recurrent);
+  TORCH_CHECK_VALUE(!dropout.defined() || dropout.sizes() == h0.sizes(),
+                    "recurrent must have h0's shape ", h0.sizes(), ", got ", dropout.sizes());
   for (auto* t : {&h0, &c0, &w_ih, &w_hh}) *t = t->contiguous();
   Tensor bias = bias_sum(optional_contiguous(b_ih), optional_contiguous(b_hh));
   Steps st(batch_sizes, reverse);
@@ -2897,7 +2961,7 @@ std::vector<Tensor> lstm_layer_forward(Tensor x, c10::optional<Tensor> b_ih,
     return lstm_forward<scalar>(input, bias, h0, c0, w_hh, w_hr, st, save, parts,
                                 take_x ? w_ih : Tensor(), own_product,
                                 optional_contiguous(w_peephole), (int)cell_form, zone_h,
-                                zone_c);
+                                zone_c, dropout);
   });
 }
 
@@ -2905,7 +2969,7 @@ std::vector<Tensor> lstm_layer_forward(Tensor x, c10::optional<Tensor> b_ih,
 // the weight and bias gradients and dW_hr in one parallel region. h_prev (N, P): the state
 // each row's step started from (the previous rows of the output, see previous_rows); h0
 // itself is not needed. needs: which of (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole)
-// want a gradient. zoneout_h, zoneout_c: the forward's masks (the forward checked them).
+// want a gradient. zoneout_h, zoneout_c, recurrent: the forward's masks (it checked them).
 // Returns dx, dh0, dc0, dw_ih, dw_hh, db (the gradient of b_ih + b_hh), dw_hr, dw_peephole,
 // undefined where not wanted.
 std::vector<Tensor> lstm_layer_backward(Tensor d_out, Tensor d_hT, Tensor d_cT, Tensor x,
@@ -2915,7 +2979,8 @@ std::vector<Tensor> lstm_layer_backward(Tensor d_out, Tensor d_hT, Tensor d_cT, 
                                         i64 parts, bool own_product, std::vector<bool> needs,
                                         c10::optional<Tensor> w_peephole, i64 cell_form,
                                         c10::optional<Tensor> zoneout_h,
-                                        c10::optional<Tensor> zoneout_c) {
+                                        c10::optional<Tensor> zoneout_c,
+                                        c10::optional<Tensor> recurrent) {
   TORCH_CHECK(needs.size() == 9, "lstm_layer_backward: needs has 9 flags, got ", needs.size());
   const auto dtype = gates.scalar_type();
   d_out = incoming(d_out, dtype); d_hT = incoming(d_hT, dtype); d_cT = incoming(d_cT, dtype);
@@ -2924,6 +2989,7 @@ std::vector<Tensor> lstm_layer_backward(Tensor d_out, Tensor d_hT, Tensor d_cT, 
   Steps st(batch_sizes, reverse);
   Tensor peephole = optional_contiguous(w_peephole);
   Tensor zone_h = optional_contiguous(zoneout_h), zone_c = optional_contiguous(zoneout_c);
+  Tensor dropout = optional_contiguous(recurrent);
   const i64 H = cells.size(1);
   // With zoneout_h, the share of each step's dh that goes to the step before (see
   // LSTMBackwardGates), added to dh0 at the end.
@@ -2932,7 +2998,7 @@ std::vector<Tensor> lstm_layer_backward(Tensor d_out, Tensor d_hT, Tensor d_cT, 
   auto loop = LSTMKIT_DISPATCH(dtype, [&] {
     return lstm_backward<scalar>(d_out, d_hT, d_cT, c0, w_hh, w_hr, gates, cells, st, parts,
                                  own_product, peephole, (int)cell_form, zone_h, zone_c,
-                                 dh_carry);
+                                 dh_carry, dropout);
   });
   if (dh_carry.defined()) loop[1].add_(dh_carry);
   const Tensor& d_gates = loop[0];
@@ -2957,6 +3023,9 @@ std::vector<Tensor> lstm_layer_backward(Tensor d_out, Tensor d_hT, Tensor d_cT, 
     dx = pooled_empty(x.sizes(), x.options());
     jobs.add(dx, d_gates, w_ih);
   }
+  // W_hh's operand: the previous rows of h, times the dropout mask of their batch row.
+  if (dropout.defined() && needs[4])
+    h_prev = at::mul(h_prev, dropout.index_select(0, batch_rows(st)));
   WeightGradients weights(jobs, d_gates, needs[3] ? x : Tensor(), needs[4] ? h_prev : Tensor(),
                           Tensor(), st, needs[5] || needs[6]);
   Tensor dw_hr;
@@ -3294,23 +3363,24 @@ inline variable_list node_gradients(AutogradContext* ctx, std::vector<Tensor> gr
 }
 
 struct NativeLSTMLayer : public torch::autograd::Function<NativeLSTMLayer> {
-  // Tensors x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, zoneout_h, zoneout_c (as
-  // NativeLSTMFunction's; the masks get no gradient);
+  // Tensors x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, zoneout_h, zoneout_c,
+  // recurrent (as NativeLSTMFunction's; the masks get no gradient);
   // plan = {parts, input_in_step, own_product, backward parts, backward own_product} (native.py).
   static variable_list forward(
       AutogradContext* ctx, const Tensor& x, const Tensor& h0, const Tensor& c0,
       const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
       const c10::optional<Tensor>& b_hh, const c10::optional<Tensor>& w_hr,
       const c10::optional<Tensor>& w_peephole, const c10::optional<Tensor>& zoneout_h,
-      const c10::optional<Tensor>& zoneout_c, const std::vector<i64>& batch_sizes, bool reverse,
-      i64 form, const std::vector<i64>& plan) {
+      const c10::optional<Tensor>& zoneout_c, const c10::optional<Tensor>& recurrent,
+      const std::vector<i64>& batch_sizes, bool reverse, i64 form, const std::vector<i64>& plan) {
     TORCH_CHECK(plan.size() == 5, "lstm_layer: plan has 5 entries, got ", plan.size());
-    auto in = compute_inputs<11>(ctx, {x, h0, c0, w_ih, w_hh, given(b_ih), given(b_hh),
+    auto in = compute_inputs<12>(ctx, {x, h0, c0, w_ih, w_hh, given(b_ih), given(b_hh),
                                        given(w_hr), given(w_peephole), given(zoneout_h),
-                                       given(zoneout_c)});
+                                       given(zoneout_c), given(recurrent)});
     auto r = lstm_layer_forward(in[0], maybe(in[5]), maybe(in[6]), in[1], in[2], in[3], in[4],
                                 maybe(in[7]), batch_sizes, reverse, true, plan[0], plan[1] != 0,
-                                plan[2] != 0, maybe(in[8]), form, maybe(in[9]), maybe(in[10]));
+                                plan[2] != 0, maybe(in[8]), form, maybe(in[9]), maybe(in[10]),
+                                maybe(in[11]));
     // r: out, h_T, c_T, gates, cells. Saved: what lstm.py's Functions save, but the previous
     // rows of the output (dW_hh's operand) instead of the output itself: the caller may edit
     // the output in place (out += residual), as with torch.nn, without a copy of it (the copy
@@ -3319,7 +3389,7 @@ struct NativeLSTMLayer : public torch::autograd::Function<NativeLSTMLayer> {
     Tensor h_prev = pooled_empty(r[0].sizes(), r[0].options());
     previous_rows(h_prev, r[0], in[1].contiguous(), Steps(batch_sizes, reverse));
     ctx->save_for_backward({in[0], in[2], in[3], in[4], in[7], h_prev, r[3], r[4], in[8],
-                            in[9], in[10]});
+                            in[9], in[10], in[11]});
     ctx->saved_data["batch_sizes"] = batch_sizes;
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["form"] = form;
@@ -3334,7 +3404,7 @@ struct NativeLSTMLayer : public torch::autograd::Function<NativeLSTMLayer> {
     std::vector<Tensor> per_input;
     {
       c10::NoGradGuard no_grad;
-      // x c0 w_ih w_hh w_hr h_prev gates cells w_peephole zoneout_h zoneout_c
+      // x c0 w_ih w_hh w_hr h_prev gates cells w_peephole zoneout_h zoneout_c recurrent
       auto s = ctx->get_saved_variables();
       std::vector<bool> needs = inputs_needing_grad(ctx);
       needs.resize(9);                                         // the masks get none
@@ -3346,12 +3416,12 @@ struct NativeLSTMLayer : public torch::autograd::Function<NativeLSTMLayer> {
           arriving(grads[2], s[1].sizes(), s[1].options()), s[0], s[1], s[2], s[3], maybe(s[4]),
           h_prev, s[6], s[7], batch_sizes, ctx->saved_data["reverse"].toBool(),
           ctx->saved_data["parts"].toInt(), ctx->saved_data["own"].toBool(), needs,
-          maybe(s[8]), ctx->saved_data["form"].toInt(), maybe(s[9]), maybe(s[10]));
+          maybe(s[8]), ctx->saved_data["form"].toInt(), maybe(s[9]), maybe(s[10]), maybe(s[11]));
       // g: dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr, dw_peephole
       auto [db_ih, db_hh] = bias_gradients(g[5], needs[5], needs[6]);
       per_input = {g[0], g[1], g[2], g[3], g[4], db_ih, db_hh, g[6], g[7]};
     }
-    return node_gradients(ctx, per_input, 15, create_graph);
+    return node_gradients(ctx, per_input, 16, create_graph);
   }
 };
 
@@ -3418,12 +3488,13 @@ std::vector<Tensor> lstm_layer_py(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, T
                                   c10::optional<Tensor> w_hr, c10::optional<Tensor> w_peephole,
                                   c10::optional<Tensor> zoneout_h,
                                   c10::optional<Tensor> zoneout_c,
+                                  c10::optional<Tensor> recurrent,
                                   std::vector<i64> batch_sizes, bool reverse, i64 form,
                                   std::vector<i64> plan) {
   check_cpu(x, "x");
   check_layer_weights(4, x, c0.size(1), h0.size(1), w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole);
   return NativeLSTMLayer::apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, zoneout_h,
-                                zoneout_c, batch_sizes, reverse, form, plan);
+                                zoneout_c, recurrent, batch_sizes, reverse, form, plan);
 }
 
 // A GRU (gru, option = reset_after) or RNN (option = relu) layer through its autograd node;
@@ -3449,14 +3520,17 @@ std::vector<Tensor> lstm_infer_py(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, T
                                   c10::optional<Tensor> w_hr, c10::optional<Tensor> w_peephole,
                                   c10::optional<Tensor> zoneout_h,
                                   c10::optional<Tensor> zoneout_c,
+                                  c10::optional<Tensor> recurrent,
                                   std::vector<i64> batch_sizes, bool reverse, i64 form,
                                   std::vector<i64> plan) {
   TORCH_CHECK(plan.size() == 3, "lstm_infer: plan has 3 entries, got ", plan.size());
-  auto in = in_compute_type<11>({x, h0, c0, w_ih, w_hh, given(b_ih), given(b_hh), given(w_hr),
-                                 given(w_peephole), given(zoneout_h), given(zoneout_c)});
+  auto in = in_compute_type<12>({x, h0, c0, w_ih, w_hh, given(b_ih), given(b_hh), given(w_hr),
+                                 given(w_peephole), given(zoneout_h), given(zoneout_c),
+                                 given(recurrent)});
   auto r = lstm_layer_forward(in[0], maybe(in[5]), maybe(in[6]), in[1], in[2], in[3], in[4],
                               maybe(in[7]), batch_sizes, reverse, false, plan[0], plan[1] != 0,
-                              plan[2] != 0, maybe(in[8]), form, maybe(in[9]), maybe(in[10]));
+                              plan[2] != 0, maybe(in[8]), form, maybe(in[9]), maybe(in[10]),
+                              maybe(in[11]));
   return {to_type(r[0], x.scalar_type()), to_type(r[1], h0.scalar_type()),
           to_type(r[2], c0.scalar_type())};
 }

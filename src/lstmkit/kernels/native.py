@@ -358,13 +358,13 @@ class NativeLSTMFunction:
     optionally LSTMVariant's elementwise changes to the cell, which `LSTMFunction` does not have
     (only pass them when the native module is there, as `kernels.lstm_layer` does): peephole
     connections, the cell's form (see `cell_form`): CIFG (f = 1 - i), removed input, forget
-    or output gates, the gate, cell and output activations; and zoneout's masks (see
-    lstm_variants.py), zoneout_h only without projection.
+    or output gates, the gate, cell and output activations; zoneout's masks (see
+    lstm_variants.py), zoneout_h only without projection; and recurrent dropout's mask.
 
     apply(x (N, I), h0 (B, P), c0 (B, H), w_ih (4H, I), w_hh (4H, P), b_ih (4H,) | None,
           b_hh (4H,) | None, w_hr (P, H) | None, layout: StepLayout, reverse: bool,
           [w_peephole (3H,) = [p_i | p_f | p_o] | None, cell_form: int,
-           zoneout_h (N or 1, P) | None, zoneout_c (N or 1, H) | None])
+           zoneout_h (N or 1, P) | None, zoneout_c (N or 1, H) | None, recurrent (B, P) | None])
     -> out (N, P), h_T (B, P), c_T (B, H)
 
     The autograd node is C++ (NativeLSTMLayer in _native.cpp: at batch 1 a Python Function's
@@ -372,40 +372,42 @@ class NativeLSTMFunction:
     lstm.py's Functions: float16 and bfloat16 computed in float32, double backward refused.
     Saved for backward: x, c0, w_ih, w_hh, w_hr, the previous rows of out (N, P) (not out
     itself: see `saves_no_output`), gates (N, 4H) activated, cells (N, H) (after zoneout)
-    [, w_peephole, the zoneout masks].
+    [, w_peephole, the masks].
     """
 
     @staticmethod
     def apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole=None,
-              form=None, zoneout_h=None, zoneout_c=None):
+              form=None, zoneout_h=None, zoneout_c=None, recurrent=None):
         _check_device(x)
         if module() is None:
             return _lstm.LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout,
                                             reverse)
         if not _needs_autograd((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole)):
             return NativeLSTMFunction.infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout,
-                                            reverse, w_peephole, form or 0, zoneout_h, zoneout_c)
+                                            reverse, w_peephole, form or 0, zoneout_h, zoneout_c,
+                                            recurrent)
         itemsize = compute_dtype(x.dtype).itemsize
         plan = _lstm_plan(layout, w_ih, w_hh, w_hr, itemsize)
         backward_parts = _driver(layout, w_hh, w_hr is not None, itemsize=itemsize)
         plan += (backward_parts, _own_step_product(layout, backward_parts, w_ih, w_hh, w_hr,
                                                    backward=True, itemsize=itemsize))
         return tuple(module().lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole,
-                                         zoneout_h, zoneout_c, layout.batch_sizes, reverse,
-                                         form or 0, plan))
+                                         zoneout_h, zoneout_c, recurrent, layout.batch_sizes,
+                                         reverse, form or 0, plan))
 
     @staticmethod
     def infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole=None, form=0,
-              zoneout_h=None, zoneout_c=None):
+              zoneout_h=None, zoneout_c=None, recurrent=None):
         """apply() when no gradient is wanted: the forward kernel alone, nothing saved."""
-        if layout.steps == 1 and w_hr is None and zoneout_h is None and zoneout_c is None and \
+        masked = zoneout_h is not None or zoneout_c is not None or recurrent is not None
+        if layout.steps == 1 and w_hr is None and not masked and \
                 _one_dtype(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_peephole):
             h_1, c_1 = step_inference("lstm", x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_peephole, form)
             return h_1, h_1, c_1
         plan = _lstm_plan(layout, w_ih, w_hh, w_hr, compute_dtype(x.dtype).itemsize)
         return tuple(module().lstm_infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole,
-                                         zoneout_h, zoneout_c, layout.batch_sizes, reverse, form,
-                                         plan))
+                                         zoneout_h, zoneout_c, recurrent, layout.batch_sizes,
+                                         reverse, form, plan))
 
 
 class NativeGRUFunction:

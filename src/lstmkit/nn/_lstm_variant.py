@@ -125,13 +125,12 @@ def uses_variant_kernel(variant: LSTMVariant, training: bool) -> bool:
 def lstm_layer_options(variant: LSTMVariant, training: bool) -> dict | None:
     """Keyword arguments of `kernels.lstm_layer` for this variant (with the layer's weights,
     which hold w_peephole when there are peepholes, and `draw_masks`'s masks), or None when
-    only the variant kernel computes it. lstm_layer runs the plain cell and the variants that
-    change it only elementwise (peepholes, CIFG, removed gates, activations, zoneout) natively
-    where it can; not recurrent dropout, which masks the operand of the step's product."""
+    only the variant kernel computes it. lstm_layer runs the plain cell, the variants that
+    change it only elementwise (peepholes, CIFG, removed gates, activations, zoneout) and
+    recurrent dropout natively where it can."""
     if not uses_variant_kernel(variant, training):
         return {}
-    if (training and variant.recurrent_dropout) or \
-            (variant.changes_equations and not variant.changes_only_elementwise):
+    if variant.changes_equations and not variant.changes_only_elementwise:
         return None
     return {name: getattr(variant, name) for name in CELL_FORM_FIELDS}
 
