@@ -42,7 +42,7 @@ FAMILIES = ("lstm", "lstm_proj", "lstm_nobias", "lstm_peephole", "lstm_proj_peep
             "gru", "gru_reset_before", "rnn_tanh", "rnn_relu")
 # Zoneout, the LSTM's with the other elementwise variants (its h only without projection),
 # the GRU's in both forms; the LSTM's recurrent dropout, alone and with zoneout.
-MASKED_FAMILIES = ("lstm_zoneouth_zoneoutc", "lstm_proj_peephole_cifg_zoneoutc",
+MASKED_FAMILIES = ("lstm_zoneouth", "lstm_zoneouth_zoneoutc", "lstm_proj_peephole_cifg_zoneoutc",
                    "lstm_peephole_noforget_outsoftsign_zoneouth_zoneoutc_expectation",
                    "lstm_nooutput_zoneouth", "gru_zoneouth", "gru_reset_before_zoneouth",
                    "gru_zoneouth_expectation", "lstm_recurrent", "lstm_proj_recurrent_zoneoutc",
@@ -264,7 +264,8 @@ def check_against_reference(family, shape, reverse, dtype):
 @pytest.mark.parametrize("steal_after", [0, None], ids=["taking", "own"])
 @pytest.mark.parametrize("shape", [(40, 1, 5, 83), (30, 1, 3, 200), (20, 3, 4, 83)],
                          ids=lambda shape: "T{}-B{}-I{}-H{}".format(*shape))
-@pytest.mark.parametrize("family", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("family", ["lstm", "gru", "rnn_tanh",
+                                    "lstm_peephole_recurrent_zoneouth_zoneoutc", "gru_zoneouth"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_fused_workers_match_reference(family, shape, dtype, steal_after, monkeypatch):
     """Two fused workers: at batch 1 the LSTM's workers begin each step with their own units of
@@ -850,6 +851,7 @@ def test_layers_refuse_weights_of_the_wrong_shape(cls, name, shape, message, ste
     ({"zoneout_h": (6,)}, False, r"zoneout_h must have shape \(6, 4\) or \(1, 4\), got \[6\]"),
     ({"zoneout_h": (1, 3)}, False, r"zoneout_h must have shape \(6, 4\) or \(1, 4\), got \[1, 3\]"),
     ({"zoneout_h": (6, 2)}, True, "no zoneout_h with a projection"),
+    ({"recurrent": (6, 4)}, False, r"recurrent must have h0's shape \[2, 4\], got \[6, 4\]"),
 ])
 def test_native_lstm_refuses_zoneout_masks_that_do_not_fit(masks, proj, message, grad):
     """Zoneout masks of the wrong shape (the kernels would read them out of step or past their
@@ -863,6 +865,42 @@ def test_native_lstm_refuses_zoneout_masks_that_do_not_fit(masks, proj, message,
     with pytest.raises(ValueError, match=message):
         native.NativeLSTMFunction.apply(x, h0, c0, *params, None, None, w_hr,
                                         StepLayout.padded(3, 2), False, None, 0, **zoneout)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "training"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("family", ["lstm", "gru"])
+def test_low_precision_masks_compute_in_float32(family, dtype, grad):
+    """float16/bfloat16 with zoneout and recurrent dropout masks (exact in those dtypes): the
+    float32 kernel's results on the widened values, rounded once, and its gradients."""
+    g = torch.Generator().manual_seed(7)
+    B, H, T = 3, 20, 4
+    gates = 4 if family == "lstm" else 3
+
+    def low(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+    x, h, c = low(T * B, 5), low(B, H), low(B, H)
+    weights = [low(gates * H, 5, scale=0.3), low(gates * H, H, scale=0.3)]
+    masks = {"zoneout_h": torch.bernoulli(torch.full((T * B, H), 0.3), generator=g).to(dtype)}
+    if family == "lstm":
+        masks["zoneout_c"] = torch.full((1, H), 0.25).to(dtype)
+        masks["recurrent"] = (torch.bernoulli(torch.full((B, H), 0.8), generator=g) * 1.25).to(dtype)
+    layout = StepLayout.padded(T, B)
+
+    def run(cast):
+        inputs = [t.to(cast, copy=True).requires_grad_(grad) for t in [x, h, c, *weights]]
+        wide = {name: mask.to(cast) for name, mask in masks.items()}
+        if family == "lstm":
+            out = kernels.lstm_layer(*inputs, layout=layout, backend="native", **wide)
+        else:
+            inputs.pop(2)
+            out = kernels.gru_layer(*inputs, layout=layout, backend="native", **wide)
+        if not grad:
+            return list(out)
+        sum(o.float().sum() * (k + 1) for k, o in enumerate(out)).backward()
+        return list(out) + [t.grad for t in inputs]
+    for got, wide in zip(run(dtype), run(torch.float32), strict=True):
+        assert got.dtype == dtype and torch.equal(got, wide.to(dtype))
 
 
 @pytest.mark.parametrize("run", ["one_state_layer", "one_state_infer"])
@@ -1515,7 +1553,7 @@ def test_native_variants_with_other_changes_take_the_variant_kernel(training, va
 def test_native_backend_refuses_the_variants_it_has_no_kernel_for(variant, proj_size):
     model = lstmkit.LSTM(2, 3, proj_size=proj_size, variant=variant, backend="native")
     with pytest.raises(ValueError, match="backend='native' has no kernel for these LSTM "
-                                         r"variants \(layer norm, .*zoneout_h with a projection"):
+                                         "variants: layer norm, .*zoneout_h with a projection"):
         model(torch.randn(4, 1, 2))
 
 
@@ -1568,6 +1606,42 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch):
         out_portable, _ = kernels.rnn_layer(x, h0, **weights, layout=StepLayout.padded(3, 2),
                                             backend="portable")
     assert torch.equal(out_auto, out_portable) and torch.equal(out_native, out_portable)
+
+
+def test_without_the_native_module_variants_run_portable_or_are_refused(monkeypatch):
+    """With the native module unavailable, kernels.lstm_layer and gru_layer run zoneout and
+    recurrent dropout on the portable variant kernel (backend="native" too, as for the plain
+    cell); the Native*Functions, whose fallback is the plain kernel, refuse the masks rather
+    than drop them."""
+    monkeypatch.setenv("LSTMKIT_NATIVE", "0")
+    monkeypatch.setattr(native, "_state", {"tried": False, "module": None, "reason": None})
+    g = torch.Generator().manual_seed(3)
+    x, h, c = (torch.randn(6, size, generator=g, dtype=torch.float64) for size in (2, 3, 3))
+    layout = StepLayout.padded(3, 2)
+    masks = {"zoneout_h": torch.bernoulli(torch.full((6, 3), 0.5, dtype=torch.float64),
+                                          generator=g),
+             "recurrent": torch.full((2, 3), 1.25, dtype=torch.float64)}
+    lstm = dict(w_ih=torch.randn(12, 2, dtype=torch.float64, generator=g),
+                w_hh=torch.randn(12, 3, dtype=torch.float64, generator=g))
+    gru = dict(w_ih=torch.randn(9, 2, dtype=torch.float64, generator=g),
+               w_hh=torch.randn(9, 3, dtype=torch.float64, generator=g))
+    with pytest.warns(RuntimeWarning, match="LSTMKIT_NATIVE=0"):
+        out, _, _ = kernels.lstm_layer(x, h, c, **lstm, layout=layout, backend="native", **masks)
+    expected = kernels.lstm_variant_layer(x, h, c, lstm, masks, lstmkit.LSTMVariant(),
+                                          layout=layout)[0]
+    assert torch.equal(out, expected)
+    out, _ = kernels.gru_layer(x, h, **gru, layout=layout, backend="native",
+                               zoneout_h=masks["zoneout_h"])
+    expected = kernels.gru_variant_layer(x, h, gru, {"zoneout_h": masks["zoneout_h"]},
+                                         lstmkit.GRUVariant(), layout=layout)[0]
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="native LSTM variants need the native module.*"
+                                         "LSTMKIT_NATIVE=0.*kernels.lstm_layer"):
+        native.NativeLSTMFunction.apply(x, h, c, *lstm.values(), None, None, None, layout,
+                                        False, None, 0, None, None, masks["recurrent"])
+    with pytest.raises(ValueError, match="native GRU variants need the native module"):
+        native.NativeGRUFunction.apply(x, h, *gru.values(), None, None, layout, False, True,
+                                       masks["zoneout_h"])
 
 
 def test_disabled_by_environment(monkeypatch):

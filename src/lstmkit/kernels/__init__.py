@@ -117,10 +117,10 @@ def lstm_variant_layer(x, h0, c0, params: dict, masks: dict, variant, *, q0=None
     recurrence, gates (N, 4H), cells (N, H).
     """
     if backend not in ("auto", "portable"):
-        raise ValueError(f"backend={backend!r} has no kernel for these LSTM variants (layer "
-                         "norm, full gate recurrence, zoneout_h with a projection; peepholes, "
-                         "CIFG, removed gates, activations, zoneout and recurrent dropout run "
-                         "native): use backend='auto' or 'portable' with a variant")
+        raise ValueError(f"backend={backend!r} has no kernel for these LSTM variants: layer "
+                         "norm, full gate recurrence, zoneout_h with a projection, or the gate "
+                         "traces of any variant (return_gates=True); use backend='auto' or "
+                         "'portable'")
     unknown = (set(params) - set(_VARIANT_PARAMETERS)) | (set(masks) - set(_VARIANT_MASKS))
     if unknown:
         raise ValueError(f"unknown LSTM-variant arguments {sorted(unknown)}; expected some of "
@@ -170,9 +170,9 @@ def gru_variant_layer(x, h0, params: dict, masks: dict, variant, *, layout: Step
     Returns out (N, H), h_T (B, H), gates (N, 3H) = [r | z | n].
     """
     if backend not in ("auto", "portable"):
-        raise ValueError(f"backend={backend!r} has no kernel for these GRU variants "
-                         "(activations, layer norm, recurrent dropout; zoneout runs native): use "
-                         "backend='auto' or 'portable' with a variant")
+        raise ValueError(f"backend={backend!r} has no kernel for these GRU variants: "
+                         "activations, layer norm, recurrent dropout, or the gate traces of any "
+                         "variant (return_gates=True); use backend='auto' or 'portable'")
     unknown = (set(params) - set(_GRU_VARIANT_PARAMETERS)) | (set(masks) - set(_GRU_VARIANT_MASKS))
     if unknown:
         raise ValueError(f"unknown GRU-variant arguments {sorted(unknown)}; expected some of "

@@ -1595,8 +1595,8 @@ struct LSTMBackwardGates {
   ZoneoutMask<S> zone_c, zone_h;                             // zoneout, or none
   S* dh_carry = nullptr;                                     // (B, H) with zone_h
   // dm: the gradient reaching h, m = o psi(c) (the zoned h with zoneout_h), for row b of step t,
-  // block jb. With peepholes c also
-  // reaches a_o (dc += da_o p_o) and c_prev reaches a_i and a_f (dc_prev += da_i p_i + da_f p_f).
+  // block jb. With peepholes c also reaches a_o (dc += da_o p_o) and c_prev reaches a_i and a_f
+  // (dc_prev += da_i p_i + da_f p_f).
   // With CIFG, f = 1 - i: i's gradient is dc (g - c_prev), a_f gets none. A removed gate was
   // saved as 1, where both gate activations' slopes are 0: its pre-activation gets no gradient
   // with no test here.
@@ -3223,7 +3223,7 @@ std::vector<Tensor> gru_layer_forward(Tensor x, c10::optional<Tensor> b_ih,
                                       c10::optional<Tensor> b_hh, Tensor h0, Tensor w_ih,
                                       Tensor w_hh, std::vector<i64> batch_sizes, bool reverse,
                                       bool reset_after, bool save, i64 parts,
-                                      const c10::optional<Tensor>& zoneout_h = c10::nullopt) {
+                                      const c10::optional<Tensor>& zoneout_h) {
   check_cpu(x, "x");
   check_layer_weights(3, x, h0.size(1), h0.size(1), w_ih, w_hh, b_ih, b_hh);
   Tensor zone = checked_zoneout_mask("zoneout_h", zoneout_h, x, h0.size(1));

@@ -334,6 +334,19 @@ def _check_device(x):
         raise ValueError(f"backend='native' runs on the CPU only, got a tensor on {x.device}")
 
 
+def _refuse_variant(family: str, *options) -> None:
+    """Without the native module a Native*Function falls back to the plain portable kernel,
+    which has none of the variants' options: a ValueError if any is given (kernels.lstm_layer
+    and gru_layer give them to the portable variant kernel instead)."""
+    def given(option):                       # a tensor, or a nonzero form
+        return option is not None and (not isinstance(option, int) or bool(option))
+    if any(given(option) for option in options):
+        raise ValueError(f"the native {family} variants need the native module, which is "
+                         f"unavailable ({unavailable_reason()}): use "
+                         f"kernels.{family.lower()}_layer, which runs them on the portable "
+                         "variant kernel")
+
+
 # The names of the native layers' autograd nodes (_native.cpp).
 _LSTM_NODE = "torch::autograd::CppNode<(anonymous namespace)::NativeLSTMLayer>"
 _ONE_STATE_NODE = "torch::autograd::CppNode<(anonymous namespace)::NativeOneStateLayer>"
@@ -380,6 +393,7 @@ class NativeLSTMFunction:
               form=None, zoneout_h=None, zoneout_c=None, recurrent=None):
         _check_device(x)
         if module() is None:
+            _refuse_variant("LSTM", w_peephole, form, zoneout_h, zoneout_c, recurrent)
             return _lstm.LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout,
                                             reverse)
         if not _needs_autograd((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole)):
@@ -428,6 +442,7 @@ class NativeGRUFunction:
     def apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after, zoneout_h=None):
         _check_device(x)
         if module() is None:
+            _refuse_variant("GRU", zoneout_h)
             return _gru.GRUFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse,
                                           reset_after)
         inference = not _needs_autograd((x, h0, w_ih, w_hh, b_ih, b_hh))
