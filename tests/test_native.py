@@ -41,12 +41,13 @@ FAMILIES = ("lstm", "lstm_proj", "lstm_nobias", "lstm_peephole", "lstm_proj_peep
             "lstm_proj_peephole_cellhardtanh_outsoftsign", "lstm_cifg_cellidentity_outhardtanh",
             "gru", "gru_reset_before", "rnn_tanh", "rnn_relu")
 # Zoneout, the LSTM's with the other elementwise variants (its h only without projection),
-# the GRU's in both forms; the LSTM's recurrent dropout, alone and with zoneout.
+# the GRU's in both forms; recurrent dropout, alone and with zoneout.
 MASKED_FAMILIES = ("lstm_zoneouth", "lstm_zoneouth_zoneoutc", "lstm_proj_peephole_cifg_zoneoutc",
                    "lstm_peephole_noforget_outsoftsign_zoneouth_zoneoutc_expectation",
                    "lstm_nooutput_zoneouth", "gru_zoneouth", "gru_reset_before_zoneouth",
                    "gru_zoneouth_expectation", "lstm_recurrent", "lstm_proj_recurrent_zoneoutc",
-                   "lstm_peephole_recurrent_zoneouth_zoneoutc")
+                   "lstm_peephole_recurrent_zoneouth_zoneoutc", "gru_recurrent",
+                   "gru_reset_before_recurrent_zoneouth")
 
 
 def gate_options(family) -> dict:
@@ -139,7 +140,8 @@ def make_weights(family, I, H, rng):
 def family_masks(family, T, B, P, H, rng) -> dict:
     """A family's masks (see VARIANT_WORDS) as the reference takes them: zoneout's (T, B, F),
     0/1 with probability 0.3 of keeping, or 0.3 everywhere for the expectation; recurrent
-    dropout's (B, P), 0 or 1 / 0.8 with probability 0.8 of keeping; {} without."""
+    dropout's (B, P), 0 or 1 / 0.8 with probability 0.8 of keeping; {} without (the GRU's P
+    is H)."""
     words = family.split("_")
     masks = {}
     for name, word, width in (("zoneout_h", "zoneouth", P), ("zoneout_c", "zoneoutc", H)):
@@ -265,7 +267,8 @@ def check_against_reference(family, shape, reverse, dtype):
 @pytest.mark.parametrize("shape", [(40, 1, 5, 83), (30, 1, 3, 200), (20, 3, 4, 83)],
                          ids=lambda shape: "T{}-B{}-I{}-H{}".format(*shape))
 @pytest.mark.parametrize("family", ["lstm", "gru", "rnn_tanh",
-                                    "lstm_peephole_recurrent_zoneouth_zoneoutc", "gru_zoneouth"])
+                                    "lstm_peephole_recurrent_zoneouth_zoneoutc",
+                                    "gru_recurrent_zoneouth"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_fused_workers_match_reference(family, shape, dtype, steal_after, monkeypatch):
     """Two fused workers: at batch 1 the LSTM's workers begin each step with their own units of
@@ -624,6 +627,13 @@ def _function_cases():
                               keep(9, 3)]),
         "gru-reset-before-zoneout": (gru, [r(9, 2), r(3, 3), r(9, 2), r(9, 3), None, r(9), packed,
                                            False, False, keep(9, 3)]),
+        "gru-recurrent-dropout": (gru, [r(9, 2), r(3, 3), r(9, 2), r(9, 3), r(9), r(9), packed,
+                                        True, True, keep(9, 3),
+                                        Mask(torch.tensor([[1.25, 0, 1.25], [0, 1.25, 1.25],
+                                                           [1.25, 1.25, 1.25]], dtype=d))]),
+        "gru-reset-before-recurrent-dropout": (gru, [
+            r(9, 2), r(3, 3), r(9, 2), r(9, 3), r(9), None, packed, False, False, None,
+            Mask(torch.tensor([[1.25, 0, 1.25], [0, 1.25, 1.25], [1.25, 1.25, 0]], dtype=d))]),
         "gru-zoneout-expectation": (gru, [r(6, 2), r(2, 3), r(9, 2), r(9, 3), r(9), r(9), padded,
                                           True, True, Mask(torch.full((1, 3), 0.3, dtype=d))]),
         "rnn-tanh": (rnn, [r(9, 2), r(3, 3), r(3, 2), r(3, 3), r(3), r(3), packed, True, "tanh"]),
@@ -882,9 +892,9 @@ def test_low_precision_masks_compute_in_float32(family, dtype, grad):
     x, h, c = low(T * B, 5), low(B, H), low(B, H)
     weights = [low(gates * H, 5, scale=0.3), low(gates * H, H, scale=0.3)]
     masks = {"zoneout_h": torch.bernoulli(torch.full((T * B, H), 0.3), generator=g).to(dtype)}
+    masks["recurrent"] = (torch.bernoulli(torch.full((B, H), 0.8), generator=g) * 1.25).to(dtype)
     if family == "lstm":
         masks["zoneout_c"] = torch.full((1, H), 0.25).to(dtype)
-        masks["recurrent"] = (torch.bernoulli(torch.full((B, H), 0.8), generator=g) * 1.25).to(dtype)
     layout = StepLayout.padded(T, B)
 
     def run(cast):
@@ -903,13 +913,17 @@ def test_low_precision_masks_compute_in_float32(family, dtype, grad):
         assert got.dtype == dtype and torch.equal(got, wide.to(dtype))
 
 
+@pytest.mark.parametrize("mask", ["zoneout_h", "recurrent"])
 @pytest.mark.parametrize("run", ["one_state_layer", "one_state_infer"])
-def test_native_rnn_refuses_a_zoneout_mask(run):
-    """The GRU's and RNN's shared entry points take a zoneout mask for the GRU only."""
+def test_native_rnn_refuses_the_gru_masks(run, mask):
+    """The GRU's and RNN's shared entry points take zoneout and recurrent dropout masks for the
+    GRU only."""
     x, h0, w_ih, w_hh = torch.randn(6, 3), torch.randn(2, 4), torch.randn(4, 3), torch.randn(4, 4)
-    with pytest.raises(ValueError, match="the native RNN has no zoneout"):
-        getattr(native.module(), run)(x, h0, w_ih, w_hh, None, None, torch.rand(6, 4), [2, 2, 2],
-                                      False, False, False, 1)
+    masks = [torch.rand(6, 4) if mask == "zoneout_h" else None,
+             torch.rand(2, 4) if mask == "recurrent" else None]
+    with pytest.raises(ValueError, match="the native RNN has no zoneout or recurrent dropout"):
+        getattr(native.module(), run)(x, h0, w_ih, w_hh, None, None, *masks, [2, 2, 2], False,
+                                      False, False, 1)
 
 
 def test_native_gru_refuses_a_zoneout_mask_that_does_not_fit():
@@ -1452,6 +1466,10 @@ _MASKED_CASES = {
                                           {"reset_after": False}),
     "gru-zoneout-expectation": ("GRU", False, lstmkit.GRUVariant(zoneout_h=0.3,
                                                                  zoneout_eval="expectation"), {}),
+    "gru-recurrent-dropout-zoneout": ("GRU", True, lstmkit.GRUVariant(
+        recurrent_dropout=0.3, zoneout_h=0.2, weight_drop=0.2), {}),
+    "gru-reset-before-recurrent-dropout": ("GRU", True, lstmkit.GRUVariant(recurrent_dropout=0.3),
+                                           {"reset_after": False}),
 }
 
 
@@ -1534,11 +1552,11 @@ def test_zoneout_keeps_the_masked_units_exactly(family, backend):
     (False, lstmkit.LSTMVariant(peepholes=True, cifg=True, layer_norm=True)),
     (True, lstmkit.LSTMVariant(recurrent_dropout=0.1, layer_norm=True)),
     (True, lstmkit.LSTMVariant(zoneout_h=0.1, full_gate_recurrence=True)),
-    (True, lstmkit.GRUVariant(zoneout_h=0.1, recurrent_dropout=0.1)),
+    (True, lstmkit.GRUVariant(recurrent_dropout=0.1, gate_activation="hard_sigmoid")),
     (False, lstmkit.GRUVariant(zoneout_h=0.1, zoneout_eval="expectation", layer_norm=True)),
     (True, lstmkit.GRUVariant(zoneout_h=0.1, candidate_activation="softsign")),
 ], ids=["layer-norm", "recurrent-dropout-layer-norm", "zoneout-full-gate-recurrence",
-        "gru-zoneout-recurrent-dropout", "gru-zoneout-layer-norm", "gru-zoneout-activation"])
+        "gru-recurrent-dropout-activation", "gru-zoneout-layer-norm", "gru-zoneout-activation"])
 def test_native_variants_with_other_changes_take_the_variant_kernel(training, variant):
     lstm = isinstance(variant, lstmkit.LSTMVariant)
     model = (lstmkit.LSTM if lstm else lstmkit.GRU)(3, 4, variant=variant).train(training)

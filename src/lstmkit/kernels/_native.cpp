@@ -1790,12 +1790,13 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
 // dh_prev = da W_hh, act' from the output: 1 - h^2 (tanh), [h > 0] (relu).
 // ==========================================================================================
 
-// The generic driver's forward for the RNN and the reset-after GRU: at each step, rec = h W_hh^T
+// The generic driver's forward for the RNN and the reset-after GRU: at each step, rec = u W_hh^T
 // (G columns) for a part's active rows, then for each row and unit block the new h vector,
-// hv = block(row, j, n, rec row, h row), stored as the state and as the output row. Returns h_T.
+// hv = block(row, j, n, rec row, h row), stored as the state and as the output row. u is h, or
+// h d with recurrent dropout's mask d (the GRU's). Returns h_T.
 template <typename S, typename Block>
 Tensor generic_forward(const Tensor& w_hh, const Tensor& h0, i64 G, S* out, const Steps& st,
-                       i64 parts, Block&& block) {
+                       i64 parts, Block&& block, const Tensor& recurrent_mask = {}) {
   constexpr int L = Vec<S>::L;
   const i64 B = st.batch, H = h0.size(1);
   Tensor h = pooled_clone(h0);
@@ -1803,15 +1804,18 @@ Tensor generic_forward(const Tensor& w_hh, const Tensor& h0, i64 G, S* out, cons
   StepProduct<S> recurrent(w_hh.t(), B);
   const S* r = ptr<S>(rec);
   S* hp = ptr<S>(h);
+  const RecurrentDropout<S> drop{ptr<S>(recurrent_mask), hp, H};
+  Tensor u = drop ? drop.initial(h0, recurrent_mask) : h;          // the product's operand
+  S* up = ptr<S>(u);
   run_row_parts(st.count(), B, parts, [&](i64 s, i64 r0, i64 r1) {
     i64 t = st.order[s], off = st.offset[t], e = std::min(r1, st.size[t]);
     if (e <= r0) return;
-    recurrent(mat<S>(rec).rows_at(r0, e - r0), mat<S>(h).rows_at(r0, e - r0));
+    recurrent(mat<S>(rec).rows_at(r0, e - r0), mat<S>(u).rows_at(r0, e - r0));
     for_rows(e, H, [&](i64 b) {
       for_unit_blocks<S>(H, [&](i64 jb, int n) __attribute__((always_inline)) {
         i64 j = jb * L;
         V<S> hv = block(off + b, j, n, r + b * G, hp + b * H);
-        store(hp + b * H + j, hv, n);
+        store(up + b * H + j, drop.operand(b, j, hv, n), n);       // and the state, with d
         store(out + (off + b) * H + j, hv, n);
       });
     }, r0);
@@ -1994,7 +1998,8 @@ template <typename S>
 std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tensor& h0,
                                 const Tensor& w_hh,
                                 const Tensor& b_hh, const Steps& st, bool reset_after,
-                                bool save, i64 parts, const Tensor& zoneout) {
+                                bool save, i64 parts, const Tensor& zoneout,
+                                const Tensor& recurrent_mask) {
   constexpr int L = Vec<S>::L;
   const i64 H = h0.size(1), B = st.batch, N = st.rows;
   const i64 J = (H + L - 1) / L;
@@ -2007,8 +2012,10 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
     if (parts == 0) {
       Tensor packed = pack<S>(w_hh, 3, H, H, H * H, H, 1);
       Tensor hbuf = pooled_empty({2, B, H}, gi.options());
-      hbuf[0].copy_(h0);
-      hbuf[1].copy_(h0);
+      Tensor h_state = recurrent_mask.defined() ? pooled_clone(h0) : Tensor();
+      const RecurrentDropout<S> drop{ptr<S>(recurrent_mask), ptr<S>(h_state), H};
+      hbuf[0].copy_(drop.initial(h0, recurrent_mask));
+      hbuf[1].copy_(drop.initial(h0, recurrent_mask));
       S* hb = ptr<S>(hbuf);
       const S* wp = ptr<S>(packed);
       i64 workers = worker_count(J, 6 * B * H * H);
@@ -2021,8 +2028,9 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
                                 &chunks, [&](i64 b, i64 jb, const V<S>* acc) {
           i64 j = jb * L;
           int n = (int)std::min<i64>(L, H - j);
-          V<S> h = gate_math(off + b, jb, acc, load(h_read + b * H + j, n), n);
-          store(h_write + b * H + j, h, n);
+          V<S> h = gate_math(off + b, jb, acc, load(drop.previous(b, j, h_read + b * H + j), n),
+                             n);
+          store(h_write + b * H + j, drop.operand(b, j, h, n), n);
           store(o_ptr + (off + b) * H + j, h, n);
         });
         for (i64 b = bs; b < B; ++b) {
@@ -2030,19 +2038,23 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
           std::memcpy(h_write + b * H + j0, h_read + b * H + j0, (j1 - j0) * sizeof(S));
         }
       });
-      return {out, pooled_clone(hbuf[st.count() % 2]), stash};
+      return {out, pooled_clone(drop ? h_state : hbuf[st.count() % 2]), stash};
     }
     Tensor h = generic_forward<S>(w_hh, h0, 3 * H, o_ptr, st, parts,
                                   [&](i64 row, i64 j, int n, const S* rec, const S* h_row) {
       V<S> acc[3];
       for (int q = 0; q < 3; ++q) acc[q] = load(rec + q * H + j, n);
       return gate_math(row, j / L, acc, load(h_row + j, n), n);
-    });
+    }, recurrent_mask);
     return {out, h, stash};
   }
   // Reset before: the reset gate scales h before the second product, so each step is
-  // [r z] product -> gate math -> (r h) W_hn^T product -> gate math.
+  // [r z] product -> gate math -> (r h) W_hn^T product -> gate math (h d for h in both products
+  // with recurrent dropout's mask d).
   Tensor h = pooled_clone(h0);
+  const RecurrentDropout<S> drop{ptr<S>(recurrent_mask), ptr<S>(h), H};
+  Tensor u = drop ? drop.initial(h0, recurrent_mask) : h;          // the products' operand
+  S* up = ptr<S>(u);
   Tensor rec = pooled_empty({B, 2 * H}, gi.options());
   Tensor rh = pooled_empty({B, H}, gi.options());
   Tensor rec_n = pooled_empty({B, H}, gi.options());
@@ -2061,7 +2073,7 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
   run_row_parts(st.count(), B, parts, [&](i64 s, i64 r0, i64 r1) {
     i64 t = st.order[s], off = st.offset[t], e = std::min(r1, st.size[t]);
     if (e <= r0) return;
-    recurrent_rz(mat<S>(rec).rows_at(r0, e - r0), mat<S>(h).rows_at(r0, e - r0));
+    recurrent_rz(mat<S>(rec).rows_at(r0, e - r0), mat<S>(u).rows_at(r0, e - r0));
     for_rows(e, H, [&](i64 b) {
       for (i64 jb = 0; jb < J; ++jb) {
         i64 j = jb * L;
@@ -2069,7 +2081,7 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
         const S* g = gp + (off + b) * 3 * H + j;
         V<S> r = gates.gate(0, load(g, n), load(r_ + b * 2 * H + j, n), j, n);
         V<S> z = gates.gate(1, load(g + H, n), load(r_ + b * 2 * H + H + j, n), j, n);
-        store(rhp + b * H + j, r * load(hp + b * H + j, n), n);
+        store(rhp + b * H + j, r * load(up + b * H + j, n), n);
         store(zp + b * H + j, z, n);
         if (sp) { store(sp + (off + b) * 3 * H + j, r, n); store(sp + (off + b) * 3 * H + H + j, z, n); }
       }
@@ -2085,7 +2097,7 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
         V<S> hv = nn + z * (h_prev - nn);
         if (zone) hv = zone.mix(off + b, j, hv, h_prev, n);
         if (sp) store(sp + (off + b) * 3 * H + 2 * H + j, nn, n);
-        store(hp + b * H + j, hv, n);
+        store(up + b * H + j, drop.operand(b, j, hv, n), n);       // and the state, with d
         store(o_ptr + (off + b) * H + j, hv, n);
       }
     }, r0);
@@ -2099,7 +2111,9 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
 //                 dh_prev = dh z + d_gh W_hh
 //   reset before: d(rh) = da_n W_hn;  da_r = d(rh) h r (1 - r)
 //                 dh_prev = dh z + d(rh) r + [da_r, da_z] W_h{r,z}
-// With zoneout's mask k the gate math gets (1 - k) dh and h_prev k dh besides.
+// With zoneout's mask k the gate math gets (1 - k) dh and h_prev k dh besides. With recurrent
+// dropout's mask d the products read u = h d: their share of dh_prev is multiplied by d, and
+// (reset before) da_r = d(rh) u r (1 - r), dh_prev gets d(rh) r d.
 // Returns d_gi (N, 3H) = [da_r | da_z | da_n], d_gh (N, 3H) (reset after; = d_gi before), dh0.
 template <typename S>
 struct GRUBackwardGates {   // reset after
@@ -2135,7 +2149,7 @@ template <typename S>
 std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const Tensor& h0,
                                  const Tensor& w_hh, const Tensor& out, const Tensor& stash,
                                  const Steps& st, bool reset_after, i64 parts,
-                                 const Tensor& zoneout) {
+                                 const Tensor& zoneout, const Tensor& recurrent_mask) {
   constexpr int L = Vec<S>::L;
   const i64 H = d_hT.size(1), B = st.batch, N = st.rows;
   const i64 J = (H + L - 1) / L;
@@ -2144,6 +2158,15 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
   Tensor carry = pooled_empty({B, H}, out.options());
   S* dhp = ptr<S>(dh);
   S* cp = ptr<S>(carry);
+  const S* drop = ptr<S>(recurrent_mask);
+  // dh = carry + product d (the product's share times recurrent dropout's mask), rows [r0, e).
+  auto dropped_rows = [&](i64 r0, i64 e) {
+    for (i64 b = r0; b < e; ++b)
+      for_unit_blocks<S>(H, [&](i64 jb, int n) __attribute__((always_inline)) {
+        const i64 at = b * H + jb * L;
+        store(dhp + at, load(dhp + at, n) * load(drop + at, n) + load(cp + at, n), n);
+      });
+  };
   if (reset_after) {
     Tensor d_gh = pooled_empty({N, 3 * H}, out.options());
     GRUBackwardGates<S> gate_math{ptr<S>(d_out), ptr<S>(out), ptr<S>(h0), ptr<S>(stash),
@@ -2162,7 +2185,8 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
                                   st.size[tp], jb0, jb1, &chunks, [&](i64 b, i64 jb, const V<S>* acc) {
             i64 j = jb * L;
             int n = (int)std::min<i64>(L, H - j);
-            store(dhp + b * H + j, acc[0] + load(cp + b * H + j, n), n);
+            const V<S> product = drop ? acc[0] * load(drop + b * H + j, n) : acc[0];
+            store(dhp + b * H + j, product + load(cp + b * H + j, n), n);
           });
         }
         if (s < S_) {
@@ -2186,8 +2210,13 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
           gate_math(t, b, jb, load(dhp + b * H + jb * L, n), n);
         });
       }, r0);
-      recurrent(mat<S>(dh).rows_at(r0, e - r0), mat<S>(d_gh).rows_at(off + r0, e - r0),
-                mat<S>(carry).rows_at(r0, e - r0));
+      if (!drop) {
+        recurrent(mat<S>(dh).rows_at(r0, e - r0), mat<S>(d_gh).rows_at(off + r0, e - r0),
+                  mat<S>(carry).rows_at(r0, e - r0));
+        return;
+      }
+      recurrent(mat<S>(dh).rows_at(r0, e - r0), mat<S>(d_gh).rows_at(off + r0, e - r0));
+      dropped_rows(r0, e);
     });
     return {d_gi, d_gh, dh};
   }
@@ -2238,15 +2267,26 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
         int n = (int)std::min<i64>(L, H - j);
         i64 row = off + b;
         V<S> r = load(sp + row * 3 * H + j, n), z = load(sp + row * 3 * H + H + j, n);
-        V<S> d = load(drh + b * H + j, n);
-        store(gp + row * 3 * H + j, d * h_prev_at(b, j, n) * r * (S(1) - r), n);
+        V<S> d = load(drh + b * H + j, n), u = h_prev_at(b, j, n);
+        if (drop) {                                      // the product's operand was h_prev d
+          const V<S> mask = load(drop + b * H + j, n);
+          u = u * mask;
+          d = d * mask;                                  // d(rh) r d is h_prev's share
+        }
+        store(gp + row * 3 * H + j, load(drh + b * H + j, n) * u * r * (S(1) - r), n);
         V<S> to_prev = load(dht + b * H + j, n) * z + d * r;
         store(cp + b * H + j, zone ? to_prev + load(cp + b * H + j, n) : to_prev, n);
       }
     }, r0);
+    if (!drop) {
+      recurrent_rz(mat<S>(dh).rows_at(r0, n_rows),
+                   mat<S>(d_gi).rows_at(off + r0, n_rows).cols_at(0, 2 * H),
+                   mat<S>(carry).rows_at(r0, n_rows));
+      return;
+    }
     recurrent_rz(mat<S>(dh).rows_at(r0, n_rows),
-                 mat<S>(d_gi).rows_at(off + r0, n_rows).cols_at(0, 2 * H),
-                 mat<S>(carry).rows_at(r0, n_rows));
+                 mat<S>(d_gi).rows_at(off + r0, n_rows).cols_at(0, 2 * H));
+    dropped_rows(r0, e);
   });
   return {d_gi, d_gi, dh};
 }
@@ -2902,7 +2942,7 @@ void check_layer_weights(i64 gates, const Tensor& x, i64 H, i64 P, const Tensor&
 }
 
 // The batch row of each of the N rows (their step's rows are batch rows 0, 1, ...), (N,) int64.
-Tensor batch_rows(const Steps& st) {
+Tensor batch_index_of_rows(const Steps& st) {
   Tensor rows = at::empty({st.rows}, at::kLong);
   int64_t* r = rows.data_ptr<int64_t>();
   for (size_t t = 0; t < st.offset.size(); ++t)
@@ -2921,6 +2961,15 @@ Tensor checked_zoneout_mask(const char* name, const c10::optional<Tensor>& mask,
                     name, " must have shape (", x.size(0), ", ", width, ") or (1, ", width,
                     "), got ", z.sizes());
   return z.contiguous();
+}
+
+// Recurrent dropout's mask against h0: the same shape, else a ValueError; contiguous, undefined
+// when not given.
+Tensor checked_recurrent_mask(const c10::optional<Tensor>& mask, const Tensor& h0) {
+  Tensor d = optional_contiguous(mask);
+  TORCH_CHECK_VALUE(!d.defined() || d.sizes() == h0.sizes(), "recurrent must have h0's shape ",
+                    h0.sizes(), ", got ", d.sizes());
+  return d;
 }
 
 // One LSTM layer, one direction: x (N, I) -> out (N, P), h_T, c_T, gates, cells (see
@@ -2944,9 +2993,7 @@ std::vector<Tensor> lstm_layer_forward(Tensor x, c10::optional<Tensor> b_ih,
                     "portable kernel computes it");
   Tensor zone_h = checked_zoneout_mask("zoneout_h", zoneout_h, x, h0.size(1));
   Tensor zone_c = checked_zoneout_mask("zoneout_c", zoneout_c, x, c0.size(1));
-  Tensor dropout = optional_contiguous(recurrent);
-  TORCH_CHECK_VALUE(!dropout.defined() || dropout.sizes() == h0.sizes(),
-                    "recurrent must have h0's shape ", h0.sizes(), ", got ", dropout.sizes());
+  Tensor dropout = checked_recurrent_mask(recurrent, h0);
   for (auto* t : {&h0, &c0, &w_ih, &w_hh}) *t = t->contiguous();
   Tensor bias = bias_sum(optional_contiguous(b_ih), optional_contiguous(b_hh));
   Steps st(batch_sizes, reverse);
@@ -3025,7 +3072,7 @@ std::vector<Tensor> lstm_layer_backward(Tensor d_out, Tensor d_hT, Tensor d_cT, 
   }
   // W_hh's operand: the previous rows of h, times the dropout mask of their batch row.
   if (dropout.defined() && needs[4])
-    h_prev = at::mul(h_prev, dropout.index_select(0, batch_rows(st)));
+    h_prev = at::mul(h_prev, dropout.index_select(0, batch_index_of_rows(st)));
   WeightGradients weights(jobs, d_gates, needs[3] ? x : Tensor(), needs[4] ? h_prev : Tensor(),
                           Tensor(), st, needs[5] || needs[6]);
   Tensor dw_hr;
@@ -3218,42 +3265,46 @@ std::vector<Tensor> rnn_layer_backward(Tensor d_out, Tensor d_hT, Tensor x, Tens
 }
 
 // One GRU layer, one direction: x (N, I) -> out (N, H), h_T, stash. zoneout_h (N or 1, H):
-// zoneout's mask.
+// zoneout's mask; recurrent (B, H): recurrent dropout's.
 std::vector<Tensor> gru_layer_forward(Tensor x, c10::optional<Tensor> b_ih,
                                       c10::optional<Tensor> b_hh, Tensor h0, Tensor w_ih,
                                       Tensor w_hh, std::vector<i64> batch_sizes, bool reverse,
                                       bool reset_after, bool save, i64 parts,
-                                      const c10::optional<Tensor>& zoneout_h) {
+                                      const c10::optional<Tensor>& zoneout_h,
+                                      const c10::optional<Tensor>& recurrent) {
   check_cpu(x, "x");
   check_layer_weights(3, x, h0.size(1), h0.size(1), w_ih, w_hh, b_ih, b_hh);
   Tensor zone = checked_zoneout_mask("zoneout_h", zoneout_h, x, h0.size(1));
+  Tensor dropout = checked_recurrent_mask(recurrent, h0);
   for (auto* t : {&h0, &w_hh}) *t = t->contiguous();
   Steps st(batch_sizes, reverse);
   Tensor gi = input_projection(x, w_ih);
   return LSTMKIT_DISPATCH(x.scalar_type(), [&] {
     return gru_forward<scalar>(gi, optional_contiguous(b_ih), h0, w_hh, optional_contiguous(b_hh),
-                               st, reset_after, save, parts, zone);
+                               st, reset_after, save, parts, zone, dropout);
   });
 }
 
 // The whole backward of one GRU layer, one direction. needs: (x, h0, w_ih, w_hh, b_ih, b_hh);
-// zoneout_h: the forward's mask or undefined.
+// zoneout_h, recurrent: the forward's masks or undefined.
 // Returns dx, dh0, dw_ih, dw_hh, db_ih, db_hh; reset before, b_ih and b_hh enter as one sum and
 // db_ih is its gradient (db_hh undefined).
 std::vector<Tensor> gru_layer_backward(Tensor d_out, Tensor d_hT, Tensor x, Tensor h0,
                                        Tensor w_ih, Tensor w_hh, Tensor out, Tensor stash,
                                        std::vector<i64> batch_sizes, bool reverse, bool reset_after,
                                        i64 parts, std::vector<bool> needs,
-                                       const Tensor& zoneout_h) {
+                                       const Tensor& zoneout_h, const Tensor& recurrent) {
   TORCH_CHECK(needs.size() == 6, "gru_layer_backward: needs has 6 flags, got ", needs.size());
   const auto dtype = out.scalar_type();
   d_out = incoming(d_out, dtype); d_hT = incoming(d_hT, dtype);
   for (auto* t : {&h0, &w_hh, &out, &stash}) *t = t->contiguous();
   const i64 H = out.size(1);
   Steps st(batch_sizes, reverse);
+  const Tensor dropout = recurrent.defined() ? recurrent.contiguous() : Tensor();
   auto loop = LSTMKIT_DISPATCH(dtype, [&] {
     return gru_backward<scalar>(d_out, d_hT, h0, w_hh, out, stash, st, reset_after, parts,
-                                zoneout_h.defined() ? zoneout_h.contiguous() : Tensor());
+                                zoneout_h.defined() ? zoneout_h.contiguous() : Tensor(),
+                                dropout);
   });
   const Tensor &d_gi = loop[0], &d_gh = loop[1];
   Products jobs;
@@ -3265,13 +3316,25 @@ std::vector<Tensor> gru_layer_backward(Tensor d_out, Tensor d_hT, Tensor x, Tens
   // Reset after, b_hh's gradient is d_gh's column sums; reset before, b_ih and b_hh are one.
   WeightGradients input_side(jobs, d_gi, needs[2] ? x : Tensor(), Tensor(), h0, st,
                              needs[4] || (!reset_after && needs[5]));
+  // With recurrent dropout the products' operand is each row's h_prev times its batch row's mask.
+  Tensor u_prev;
+  if (dropout.defined() && needs[3]) {
+    u_prev = pooled_empty(out.sizes(), out.options());
+    previous_rows(u_prev, out, h0, st);
+    u_prev.mul_(dropout.index_select(0, batch_index_of_rows(st)));
+  }
   c10::optional<WeightGradients> hidden_side;
-  if (reset_after) {
+  if (reset_after && u_prev.defined()) {
+    hidden_side.emplace(jobs, d_gh, Tensor(), u_prev, Tensor(), st, needs[5]);
+  } else if (reset_after) {
     hidden_side.emplace(jobs, d_gh, Tensor(), needs[3] ? out : Tensor(), h0, st, needs[5]);
   } else if (needs[3]) {
-    // W_hr and W_hz multiply h_prev, W_hn multiplies r * h_prev.
-    Tensor h_prev = pooled_empty(out.sizes(), out.options());
-    previous_rows(h_prev, out, h0, st);
+    // W_hr and W_hz multiply h_prev (u_prev with dropout), W_hn multiplies r * h_prev.
+    Tensor h_prev = u_prev;
+    if (!h_prev.defined()) {
+      h_prev = pooled_empty(out.sizes(), out.options());
+      previous_rows(h_prev, out, h0, st);
+    }
     Tensor r_h = at::mul(stash.narrow(1, 0, H), h_prev);
     dw_hh = pooled_empty(w_hh.sizes(), w_hh.options());
     jobs.add(dw_hh.narrow(0, 0, 2 * H), d_gi.narrow(1, 0, 2 * H).t(), h_prev);
@@ -3428,25 +3491,28 @@ struct NativeLSTMLayer : public torch::autograd::Function<NativeLSTMLayer> {
 // The GRU's and RNN's node (one state each): `gru` picks the family, `option` is the GRU's
 // reset_after or the RNN's relu.
 struct NativeOneStateLayer : public torch::autograd::Function<NativeOneStateLayer> {
-  // Tensors x, h0, w_ih, w_hh, b_ih, b_hh, zoneout_h (as NativeGRUFunction's,
-  // NativeRNNFunction's; the GRU's zoneout mask gets no gradient); parts: the driver.
+  // Tensors x, h0, w_ih, w_hh, b_ih, b_hh, zoneout_h, recurrent (as NativeGRUFunction's,
+  // NativeRNNFunction's; the GRU's masks get no gradient); parts: the driver.
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& h0,
                                const Tensor& w_ih, const Tensor& w_hh,
                                const c10::optional<Tensor>& b_ih,
                                const c10::optional<Tensor>& b_hh,
                                const c10::optional<Tensor>& zoneout_h,
+                               const c10::optional<Tensor>& recurrent,
                                const std::vector<i64>& batch_sizes, bool reverse, bool gru,
                                bool option, i64 parts) {
-    auto in = compute_inputs<7>(ctx, {x, h0, w_ih, w_hh, given(b_ih), given(b_hh),
-                                      given(zoneout_h)});
+    auto in = compute_inputs<8>(ctx, {x, h0, w_ih, w_hh, given(b_ih), given(b_hh),
+                                      given(zoneout_h), given(recurrent)});
     // r: out, h_T[, stash]. Their backward loops read the previous rows from out itself.
     auto r = gru ? gru_layer_forward(in[0], maybe(in[4]), maybe(in[5]), in[1], in[2], in[3],
-                                     batch_sizes, reverse, option, true, parts, maybe(in[6]))
+                                     batch_sizes, reverse, option, true, parts, maybe(in[6]),
+                                     maybe(in[7]))
                  : rnn_layer_forward(in[0], maybe(in[4]), maybe(in[5]), in[1], in[2], in[3],
                                      batch_sizes, reverse, option, parts);
     // In float16/bfloat16 the output saved (r[0], float32) is not the one returned, which the
     // caller may then edit in place without a copy (saves_no_output in native.py).
-    ctx->save_for_backward({in[0], in[1], in[2], in[3], r[0], gru ? r[2] : Tensor(), in[6]});
+    ctx->save_for_backward({in[0], in[1], in[2], in[3], r[0], gru ? r[2] : Tensor(), in[6],
+                            in[7]});
     ctx->saved_data["batch_sizes"] = batch_sizes;
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["gru"] = gru;
@@ -3460,10 +3526,10 @@ struct NativeOneStateLayer : public torch::autograd::Function<NativeOneStateLaye
     std::vector<Tensor> g;
     {
       c10::NoGradGuard no_grad;
-      // x h0 w_ih w_hh out, the GRU's stash and zoneout mask (or undefined)
+      // x h0 w_ih w_hh out, the GRU's stash and masks (or undefined)
       auto s = ctx->get_saved_variables();
       std::vector<bool> needs = inputs_needing_grad(ctx);
-      needs.resize(6);                                         // the mask gets none
+      needs.resize(6);                                         // the masks get none
       const bool gru = ctx->saved_data["gru"].toBool(), option = ctx->saved_data["option"].toBool();
       const std::vector<i64> batch_sizes = ctx->saved_data["batch_sizes"].toIntVector();
       const bool reverse = ctx->saved_data["reverse"].toBool();
@@ -3473,13 +3539,13 @@ struct NativeOneStateLayer : public torch::autograd::Function<NativeOneStateLaye
       // GRU: dx, dh0, dw_ih, dw_hh, db_ih, db_hh, but reset before db_ih is the gradient of
       // b_ih + b_hh; RNN: dx, dh0, dw_ih, dw_hh and that of b_ih + b_hh.
       g = gru ? gru_layer_backward(d_out, d_hT, s[0], s[1], s[2], s[3], s[4], s[5], batch_sizes,
-                                   reverse, option, parts, needs, s[6])
+                                   reverse, option, parts, needs, s[6], s[7])
               : rnn_layer_backward(d_out, d_hT, s[0], s[1], s[2], s[3], s[4], batch_sizes, reverse,
                                    option, parts, needs);
       g.resize(6);
       if (!(gru && option)) std::tie(g[4], g[5]) = bias_gradients(g[4], needs[4], needs[5]);
     }
-    return node_gradients(ctx, g, 12, create_graph);
+    return node_gradients(ctx, g, 13, create_graph);
   }
 };
 
@@ -3498,17 +3564,19 @@ std::vector<Tensor> lstm_layer_py(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, T
 }
 
 // A GRU (gru, option = reset_after) or RNN (option = relu) layer through its autograd node;
-// zoneout_h: the GRU's zoneout mask, or none.
+// zoneout_h, recurrent: the GRU's masks, or none.
 std::vector<Tensor> one_state_layer_py(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh,
                                        c10::optional<Tensor> b_ih, c10::optional<Tensor> b_hh,
                                        c10::optional<Tensor> zoneout_h,
+                                       c10::optional<Tensor> recurrent,
                                        std::vector<i64> batch_sizes, bool reverse, bool gru,
                                        bool option, i64 parts) {
   check_cpu(x, "x");
   check_layer_weights(gru ? 3 : 1, x, h0.size(1), h0.size(1), w_ih, w_hh, b_ih, b_hh);
-  TORCH_CHECK_VALUE(gru || !zoneout_h.has_value(), "the native RNN has no zoneout");
-  return NativeOneStateLayer::apply(x, h0, w_ih, w_hh, b_ih, b_hh, zoneout_h, batch_sizes,
-                                    reverse, gru, option, parts);
+  TORCH_CHECK_VALUE(gru || !(zoneout_h.has_value() || recurrent.has_value()),
+                    "the native RNN has no zoneout or recurrent dropout");
+  return NativeOneStateLayer::apply(x, h0, w_ih, w_hh, b_ih, b_hh, zoneout_h, recurrent,
+                                    batch_sizes, reverse, gru, option, parts);
 }
 
 // Inference: lstm_layer's arguments and conversions without its autograd node, nothing saved.
@@ -3539,12 +3607,16 @@ std::vector<Tensor> lstm_infer_py(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, T
 std::vector<Tensor> one_state_infer_py(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh,
                                        c10::optional<Tensor> b_ih, c10::optional<Tensor> b_hh,
                                        c10::optional<Tensor> zoneout_h,
+                                       c10::optional<Tensor> recurrent,
                                        std::vector<i64> batch_sizes, bool reverse, bool gru,
                                        bool option, i64 parts) {
-  TORCH_CHECK_VALUE(gru || !zoneout_h.has_value(), "the native RNN has no zoneout");
-  auto in = in_compute_type<7>({x, h0, w_ih, w_hh, given(b_ih), given(b_hh), given(zoneout_h)});
+  TORCH_CHECK_VALUE(gru || !(zoneout_h.has_value() || recurrent.has_value()),
+                    "the native RNN has no zoneout or recurrent dropout");
+  auto in = in_compute_type<8>({x, h0, w_ih, w_hh, given(b_ih), given(b_hh), given(zoneout_h),
+                                given(recurrent)});
   auto r = gru ? gru_layer_forward(in[0], maybe(in[4]), maybe(in[5]), in[1], in[2], in[3],
-                                   batch_sizes, reverse, option, false, parts, maybe(in[6]))
+                                   batch_sizes, reverse, option, false, parts, maybe(in[6]),
+                                   maybe(in[7]))
                : rnn_layer_forward(in[0], maybe(in[4]), maybe(in[5]), in[1], in[2], in[3],
                                    batch_sizes, reverse, option, parts);
   return {to_type(r[0], x.scalar_type()), to_type(r[1], h0.scalar_type())};

@@ -426,34 +426,37 @@ class NativeLSTMFunction:
 
 class NativeGRUFunction:
     """One GRU layer in one direction, native loops; same signature as `GRUFunction`, and
-    optionally zoneout's mask (see gru_variants.py), which `GRUFunction` does not have (only
-    pass it when the native module is there, as `kernels.gru_layer` does).
+    optionally zoneout's and recurrent dropout's masks (see gru_variants.py), which
+    `GRUFunction` does not have (only pass them when the native module is there, as
+    `kernels.gru_layer` does).
 
     apply(x (N, I), h0 (B, H), w_ih (3H, I), w_hh (3H, H), b_ih (3H,) | None, b_hh (3H,) | None,
-          layout: StepLayout, reverse: bool, reset_after: bool, [zoneout_h (N or 1, H) | None])
+          layout: StepLayout, reverse: bool, reset_after: bool,
+          [zoneout_h (N or 1, H) | None, recurrent (B, H) | None])
     -> out (N, H), h_T (B, H)
     The autograd node is C++ (NativeOneStateLayer in _native.cpp), as the LSTM's.
     Saved: x, h0, w_ih, w_hh, out, stash [r | z | n | gh_n] (N, 4H) ([r | z | n] reset-before),
     in the compute dtype (float32 for float16/bfloat16, whose out returned is a converted copy)
-    [, the zoneout mask].
+    [, the masks].
     """
 
     @staticmethod
-    def apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after, zoneout_h=None):
+    def apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after, zoneout_h=None,
+              recurrent=None):
         _check_device(x)
         if module() is None:
-            _refuse_variant("GRU", zoneout_h)
+            _refuse_variant("GRU", zoneout_h, recurrent)
             return _gru.GRUFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse,
                                           reset_after)
         inference = not _needs_autograd((x, h0, w_ih, w_hh, b_ih, b_hh))
-        if inference and layout.steps == 1 and zoneout_h is None and \
+        if inference and layout.steps == 1 and zoneout_h is None and recurrent is None and \
                 _one_dtype(x, h0, w_ih, w_hh, b_ih, b_hh):
             (h_1,) = step_inference(gru_cell(reset_after), x, h0, None, w_ih, w_hh, b_ih, b_hh)
             return h_1, h_1
         parts = _driver(layout, w_hh, not reset_after, itemsize=compute_dtype(x.dtype).itemsize)
         run = module().one_state_infer if inference else module().one_state_layer
-        return tuple(run(x, h0, w_ih, w_hh, b_ih, b_hh, zoneout_h, layout.batch_sizes, reverse,
-                         True, reset_after, parts))
+        return tuple(run(x, h0, w_ih, w_hh, b_ih, b_hh, zoneout_h, recurrent, layout.batch_sizes,
+                         reverse, True, reset_after, parts))
 
 
 class NativeRNNFunction:
@@ -479,8 +482,8 @@ class NativeRNNFunction:
             return h_1, h_1
         parts = _driver(layout, w_hh, itemsize=compute_dtype(x.dtype).itemsize)
         run = module().one_state_infer if inference else module().one_state_layer
-        return tuple(run(x, h0, w_ih, w_hh, b_ih, b_hh, None, layout.batch_sizes, reverse, False,
-                         relu, parts))
+        return tuple(run(x, h0, w_ih, w_hh, b_ih, b_hh, None, None, layout.batch_sizes, reverse,
+                         False, relu, parts))
 
 
 FUNCTIONS = {"lstm": NativeLSTMFunction, "gru": NativeGRUFunction, "rnn": NativeRNNFunction}

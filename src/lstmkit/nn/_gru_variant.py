@@ -85,10 +85,8 @@ def uses_variant_kernel(variant: GRUVariant, training: bool) -> bool:
     return variant.changes_equations or bool(training and masked)
 
 
-def runs_on_gru_layer(variant: GRUVariant, training: bool) -> bool:
+def runs_on_gru_layer(variant: GRUVariant) -> bool:
     """True when `kernels.gru_layer` computes this variant, with `draw_masks`'s masks: the
-    plain cell, and zoneout in training or its expectation in eval (natively where it can);
-    not the activations, layer norm or recurrent dropout in training."""
-    if training and variant.recurrent_dropout:
-        return False
+    plain cell, zoneout (in training or its expectation in eval) and recurrent dropout
+    (natively where it can); not the activations or layer norm."""
     return not variant.changes_equations or variant.changes_only_by_zoneout

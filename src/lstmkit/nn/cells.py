@@ -239,7 +239,7 @@ class GRUCell(_CellBase):
         masks = _gru_variant.draw_masks(self.variant, self.training, layout, x,
                                         self.hidden_size) \
             if _gru_variant.uses_variant_kernel(self.variant, self.training) else {}
-        if _gru_variant.runs_on_gru_layer(self.variant, self.training):
+        if _gru_variant.runs_on_gru_layer(self.variant):
             return kernels.gru_layer(x, *states, **self._weights(), **masks, layout=layout,
                                      reset_after=self.reset_after, backend=self.backend)
         out, h, _ = kernels.gru_variant_layer(x, *states, self._weights(), masks, self.variant,
