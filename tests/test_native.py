@@ -358,20 +358,26 @@ def weight_products(request):
 
 
 @pytest.mark.parametrize("wanted", GRADIENT_SUBSETS, ids="+".join)
-@pytest.mark.parametrize("family", ["lstm", "lstm_proj", "gru", "gru_reset_before", "rnn_tanh"])
+@pytest.mark.parametrize("family", ["lstm", "lstm_proj", "gru", "gru_reset_before", "rnn_tanh",
+                                    "lstm_recurrent_zoneoutc", "gru_recurrent",
+                                    "gru_reset_before_recurrent"])
 def test_only_the_wanted_gradients(family, wanted, weight_products):
+    """Each subset of gradients, the others not computed (recurrent dropout's masked operand of
+    dW_hh only when it is wanted)."""
     T, B, I, H = 5, 3, 4, 6
     rng = np.random.default_rng(zlib.crc32(repr((family, wanted)).encode()))
     w, P = make_weights(family, I, H, rng)
     x = rng.standard_normal((T, B, I))
     states = [rng.standard_normal((B, s)) for s in ((P, H) if family.startswith("lstm") else (H,))]
     dy = rng.standard_normal((T, B, P))
-    _, grads = reference_run(family, x, states, w, dy, [np.zeros_like(s) for s in states])
+    masks = family_masks(family, T, B, P, H, rng)
+    _, grads = reference_run(family, x, states, w, dy, [np.zeros_like(s) for s in states], masks)
     tensors = {"x": x.reshape(T * B, I), **w}
     tensors = {k: torch.tensor(v, requires_grad=k in wanted) for k, v in tensors.items()}
     xt = tensors.pop("x")
     out = native_layer(family, xt, [torch.tensor(s) for s in states], tensors,
-                       StepLayout.padded(T, B), reverse=False)[0]
+                       StepLayout.padded(T, B), reverse=False,
+                       masks=layer_masks(family, masks, torch.float64))[0]
     (out * torch.tensor(dy.reshape(T * B, P))).sum().backward()
     for name, param in {"x": xt, **tensors}.items():
         if name in wanted:
@@ -632,7 +638,7 @@ def _function_cases():
                                         Mask(torch.tensor([[1.25, 0, 1.25], [0, 1.25, 1.25],
                                                            [1.25, 1.25, 1.25]], dtype=d))]),
         "gru-reset-before-recurrent-dropout": (gru, [
-            r(9, 2), r(3, 3), r(9, 2), r(9, 3), r(9), None, packed, False, False, None,
+            r(9, 2), r(3, 3), r(9, 2), r(9, 3), r(9), None, packed, True, False, None,
             Mask(torch.tensor([[1.25, 0, 1.25], [0, 1.25, 1.25], [1.25, 1.25, 0]], dtype=d))]),
         "gru-zoneout-expectation": (gru, [r(6, 2), r(2, 3), r(9, 2), r(9, 3), r(9), r(9), padded,
                                           True, True, Mask(torch.full((1, 3), 0.3, dtype=d))]),
@@ -926,13 +932,15 @@ def test_native_rnn_refuses_the_gru_masks(run, mask):
                                       False, False, 1)
 
 
-def test_native_gru_refuses_a_zoneout_mask_that_does_not_fit():
+@pytest.mark.parametrize("mask, shape, message", [
+    ("zoneout_h", (2, 4), r"zoneout_h must have shape \(6, 4\) or \(1, 4\), got \[2, 4\]"),
+    ("recurrent", (6, 4), r"recurrent must have h0's shape \[2, 4\], got \[6, 4\]")])
+def test_native_gru_refuses_masks_that_do_not_fit(mask, shape, message):
     x, h0 = torch.randn(6, 3), torch.randn(2, 4)
-    with pytest.raises(ValueError, match=r"zoneout_h must have shape \(6, 4\) or \(1, 4\), "
-                                         r"got \[2, 4\]"):
+    with pytest.raises(ValueError, match=message):
         kernels.gru_layer(x, h0, torch.randn(12, 3), torch.randn(12, 4),
                           layout=StepLayout.padded(3, 2), backend="native",
-                          zoneout_h=torch.rand(2, 4))
+                          **{mask: torch.rand(*shape)})
 
 
 def count_native_steps(monkeypatch, entry="step_if_fits") -> list:
@@ -1648,10 +1656,8 @@ def test_without_the_native_module_variants_run_portable_or_are_refused(monkeypa
     expected = kernels.lstm_variant_layer(x, h, c, lstm, masks, lstmkit.LSTMVariant(),
                                           layout=layout)[0]
     assert torch.equal(out, expected)
-    out, _ = kernels.gru_layer(x, h, **gru, layout=layout, backend="native",
-                               zoneout_h=masks["zoneout_h"])
-    expected = kernels.gru_variant_layer(x, h, gru, {"zoneout_h": masks["zoneout_h"]},
-                                         lstmkit.GRUVariant(), layout=layout)[0]
+    out, _ = kernels.gru_layer(x, h, **gru, layout=layout, backend="native", **masks)
+    expected = kernels.gru_variant_layer(x, h, gru, masks, lstmkit.GRUVariant(), layout=layout)[0]
     assert torch.equal(out, expected)
     with pytest.raises(ValueError, match="native LSTM variants need the native module.*"
                                          "LSTMKIT_NATIVE=0.*kernels.lstm_layer"):
@@ -1660,6 +1666,9 @@ def test_without_the_native_module_variants_run_portable_or_are_refused(monkeypa
     with pytest.raises(ValueError, match="native GRU variants need the native module"):
         native.NativeGRUFunction.apply(x, h, *gru.values(), None, None, layout, False, True,
                                        masks["zoneout_h"])
+    with pytest.raises(ValueError, match="native GRU variants need the native module"):
+        native.NativeGRUFunction.apply(x, h, *gru.values(), None, None, layout, False, True,
+                                       None, masks["recurrent"])
 
 
 def test_disabled_by_environment(monkeypatch):

@@ -1941,7 +1941,8 @@ std::vector<Tensor> rnn_backward(const Tensor& d_out, const Tensor& d_hT, const 
 //   reset after:  n = tanh(gi_n + r gh_n)            stash [r | z | n | gh_n] (N, 4H)
 //   reset before: n = tanh(gi_n + (r h) W_hn^T + b_hn)  stash [r | z | n] (N, 3H)
 //   h' = n + z (h - n)
-// With zoneout (GRUVariant's zoneout_h, masks as the LSTM's): h' + k (h - h'), mask k.
+// With zoneout (GRUVariant's zoneout_h, masks as the LSTM's): h' + k (h - h'), mask k. With
+// recurrent dropout's mask d (B, H) the products read u = h d instead of h (h itself above).
 // ==========================================================================================
 
 template <typename S>
@@ -2014,8 +2015,9 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
       Tensor hbuf = pooled_empty({2, B, H}, gi.options());
       Tensor h_state = recurrent_mask.defined() ? pooled_clone(h0) : Tensor();
       const RecurrentDropout<S> drop{ptr<S>(recurrent_mask), ptr<S>(h_state), H};
-      hbuf[0].copy_(drop.initial(h0, recurrent_mask));
-      hbuf[1].copy_(drop.initial(h0, recurrent_mask));
+      const Tensor h0_operand = drop.initial(h0, recurrent_mask);
+      hbuf[0].copy_(h0_operand);
+      hbuf[1].copy_(h0_operand);
       S* hb = ptr<S>(hbuf);
       const S* wp = ptr<S>(packed);
       i64 workers = worker_count(J, 6 * B * H * H);
