@@ -597,7 +597,7 @@ def test_module_level_errors():
     for option in ("recurrent_dropout", "weight_drop"):
         with pytest.raises(ValueError, match=f"GRUCell.*{option}.*lstmkit.GRU"):
             lstmkit.GRUCell(2, 3, variant=GRUVariant(**{option: 0.1}))
-    native = lstmkit.GRU(2, 3, backend="native", variant=GRUVariant(candidate_activation="softsign"))
+    native = lstmkit.GRU(2, 3, backend="native", variant=GRUVariant(layer_norm=True))
     with pytest.raises(ValueError, match="backend='native'.*GRU variants.*'portable'"):
         native(torch.randn(4, 1, 2))
     with pytest.raises(ValueError, match="unknown GRU-variant arguments.*'w_hr'"):

@@ -32,9 +32,10 @@ from lstmkit.kernels import StepLayout, native
 # noforget, nooutput: LSTMVariant(input_gate=False), ...), the activations (hardsigmoid for
 # the gates; cell... and out... for g's and the output's: softsign, hardtanh, identity),
 # zoneout (zoneouth, zoneoutc: masks drawn per row; with "expectation" one row of rates for all)
-# and recurrent dropout (recurrent: a mask per batch row).
+# and recurrent dropout (recurrent: a mask per batch row); the GRU's activations: hardsigmoid
+# for the gates, cand... for the candidate's (softsign, hardtanh).
 VARIANT_WORDS = ("peephole", "cifg", "noinput", "noforget", "nooutput", "hardsigmoid", "cell",
-                 "out", "zoneout", "expectation", "recurrent")
+                 "out", "zoneout", "expectation", "recurrent", "cand")
 FAMILIES = ("lstm", "lstm_proj", "lstm_nobias", "lstm_peephole", "lstm_proj_peephole",
             "lstm_cifg", "lstm_peephole_cifg", "lstm_peephole_noinput", "lstm_noforget",
             "lstm_proj_peephole_nooutput", "lstm_hardsigmoid_cellsoftsign_outidentity",
@@ -48,6 +49,9 @@ MASKED_FAMILIES = ("lstm_zoneouth", "lstm_zoneouth_zoneoutc", "lstm_proj_peephol
                    "gru_zoneouth_expectation", "lstm_recurrent", "lstm_proj_recurrent_zoneoutc",
                    "lstm_peephole_recurrent_zoneouth_zoneoutc", "gru_recurrent",
                    "gru_reset_before_recurrent_zoneouth")
+# The GRU's activations, alone and with the masks.
+GRU_VARIANT_FAMILIES = ("gru_hardsigmoid_candsoftsign", "gru_reset_before_candhardtanh_zoneouth",
+                        "gru_candsoftsign_recurrent")
 
 
 def gate_options(family) -> dict:
@@ -61,6 +65,14 @@ def gate_options(family) -> dict:
             "forget_gate": "noforget" not in words, "output_gate": "nooutput" not in words,
             "gate_activation": "hard_sigmoid" if "hardsigmoid" in words else "sigmoid",
             "cell_activation": activation("cell"), "output_activation": activation("out")}
+
+
+def gru_options(family) -> dict:
+    """kernels.gru_layer's activation arguments for a GRU family name (see VARIANT_WORDS)."""
+    words = family.split("_")
+    candidate = next((w[len("cand"):] for w in words if w.startswith("cand")), "tanh")
+    return {"gate_activation": "hard_sigmoid" if "hardsigmoid" in words else "sigmoid",
+            "candidate_activation": candidate}
 # (T, B, I, H): T=1, batch 1, odd sizes (batch 7: a group of 6 rows and one of 1), H=127 (a
 # partial SIMD block), a long sequence, a batch above the fused driver's limit when that is
 # the default, and batch 1 with two fused workers (each projecting the input for its blocks).
@@ -177,9 +189,10 @@ def reference_run(family, x, states, w, dy, d_states, masks=None):
         y, h, c, cache = reference.lstm_forward(x, *states, w["w_ih"], w["w_hh"], w["b_ih"],
                                                 w["b_hh"], w.get("w_hr"))
         return (y, h, c), reference.lstm_backward(dy, *d_states, cache)
-    if family.startswith("gru") and masks:
-        y, h, cache = reference.gru_variant_forward(x, *states, w, lstmkit.GRUVariant(), masks,
-                                                    reset_after="reset_before" not in family)
+    if family.startswith("gru") and (masks or gru_options(family) != gru_options("gru")):
+        y, h, cache = reference.gru_variant_forward(x, *states, w,
+                                                    lstmkit.GRUVariant(**gru_options(family)),
+                                                    masks, reset_after="reset_before" not in family)
         return (y, h), reference.gru_variant_backward(dy, *d_states, cache)
     if family.startswith("gru"):
         y, h, cache = reference.gru_forward(x, *states, w["w_ih"], w["w_hh"], w["b_ih"],
@@ -197,7 +210,7 @@ def native_layer(family, x, states, w, layout, reverse, masks=None):
     if family.startswith("gru"):
         return kernels.gru_layer(x, *states, **w, layout=layout, reverse=reverse,
                                  reset_after="reset_before" not in family, backend="native",
-                                 **(masks or {}))
+                                 **gru_options(family), **(masks or {}))
     return kernels.rnn_layer(x, *states, **w, layout=layout, reverse=reverse,
                              nonlinearity=family.split("_")[1], backend="native")
 
@@ -211,7 +224,8 @@ def assert_close(name, actual, expected, dtype):
 
 # A projection needs proj_size < hidden_size, so H=1 has none.
 REFERENCE_CASES = [pytest.param(family, shape, id="{}-T{}-B{}-I{}-H{}".format(family, *shape))
-                   for family in FAMILIES + MASKED_FAMILIES for shape in SHAPES
+                   for family in FAMILIES + MASKED_FAMILIES + GRU_VARIANT_FAMILIES
+                   for shape in SHAPES
                    if not ("proj" in family and shape[3] == 1)]
 
 
@@ -640,6 +654,12 @@ def _function_cases():
         "gru-reset-before-recurrent-dropout": (gru, [
             r(9, 2), r(3, 3), r(9, 2), r(9, 3), r(9), None, packed, True, False, None,
             Mask(torch.tensor([[1.25, 0, 1.25], [0, 1.25, 1.25], [1.25, 1.25, 0]], dtype=d))]),
+        # softsign candidate (hard sigmoid and hardtanh have kinks)
+        "gru-softsign": (gru, [r(9, 2), r(3, 3), r(9, 2), r(9, 3), r(9), r(9), packed, True, True,
+                               None, None, native.gru_form(candidate_activation="softsign")]),
+        "gru-reset-before-softsign-zoneout": (gru, [
+            r(6, 2), r(2, 3), r(9, 2), r(9, 3), r(9), r(9), padded, False, False, keep(6, 3),
+            None, native.gru_form(candidate_activation="softsign")]),
         "gru-zoneout-expectation": (gru, [r(6, 2), r(2, 3), r(9, 2), r(9, 3), r(9), r(9), padded,
                                           True, True, Mask(torch.full((1, 3), 0.3, dtype=d))]),
         "rnn-tanh": (rnn, [r(9, 2), r(3, 3), r(3, 2), r(3, 3), r(3), r(3), packed, True, "tanh"]),
@@ -919,17 +939,18 @@ def test_low_precision_masks_compute_in_float32(family, dtype, grad):
         assert got.dtype == dtype and torch.equal(got, wide.to(dtype))
 
 
-@pytest.mark.parametrize("mask", ["zoneout_h", "recurrent"])
+@pytest.mark.parametrize("option", ["zoneout_h", "recurrent", "form"])
 @pytest.mark.parametrize("run", ["one_state_layer", "one_state_infer"])
-def test_native_rnn_refuses_the_gru_masks(run, mask):
-    """The GRU's and RNN's shared entry points take zoneout and recurrent dropout masks for the
-    GRU only."""
+def test_native_rnn_refuses_the_gru_variants(run, option):
+    """The GRU's and RNN's shared entry points take zoneout and recurrent dropout masks and
+    other activations for the GRU only."""
     x, h0, w_ih, w_hh = torch.randn(6, 3), torch.randn(2, 4), torch.randn(4, 3), torch.randn(4, 4)
-    masks = [torch.rand(6, 4) if mask == "zoneout_h" else None,
-             torch.rand(2, 4) if mask == "recurrent" else None]
-    with pytest.raises(ValueError, match="the native RNN has no zoneout or recurrent dropout"):
+    masks = [torch.rand(6, 4) if option == "zoneout_h" else None,
+             torch.rand(2, 4) if option == "recurrent" else None]
+    with pytest.raises(ValueError, match="the native RNN has no zoneout, recurrent dropout or "
+                                         "other activations"):
         getattr(native.module(), run)(x, h0, w_ih, w_hh, None, None, *masks, [2, 2, 2], False,
-                                      False, False, 1)
+                                      False, False, 1, 3 if option == "form" else 0)
 
 
 @pytest.mark.parametrize("mask, shape, message", [
@@ -1478,6 +1499,10 @@ _MASKED_CASES = {
         recurrent_dropout=0.3, zoneout_h=0.2, weight_drop=0.2), {}),
     "gru-reset-before-recurrent-dropout": ("GRU", True, lstmkit.GRUVariant(recurrent_dropout=0.3),
                                            {"reset_after": False}),
+    "gru-activations-zoneout": ("GRU", True, lstmkit.GRUVariant(
+        gate_activation="hard_sigmoid", candidate_activation="softsign", zoneout_h=0.2), {}),
+    "gru-reset-before-hardtanh": ("GRU", False, lstmkit.GRUVariant(candidate_activation="hardtanh"),
+                                  {"reset_after": False}),
 }
 
 
@@ -1560,11 +1585,11 @@ def test_zoneout_keeps_the_masked_units_exactly(family, backend):
     (False, lstmkit.LSTMVariant(peepholes=True, cifg=True, layer_norm=True)),
     (True, lstmkit.LSTMVariant(recurrent_dropout=0.1, layer_norm=True)),
     (True, lstmkit.LSTMVariant(zoneout_h=0.1, full_gate_recurrence=True)),
-    (True, lstmkit.GRUVariant(recurrent_dropout=0.1, gate_activation="hard_sigmoid")),
+    (True, lstmkit.GRUVariant(recurrent_dropout=0.1, layer_norm=True)),
     (False, lstmkit.GRUVariant(zoneout_h=0.1, zoneout_eval="expectation", layer_norm=True)),
-    (True, lstmkit.GRUVariant(zoneout_h=0.1, candidate_activation="softsign")),
+    (False, lstmkit.GRUVariant(candidate_activation="softsign", layer_norm=True)),
 ], ids=["layer-norm", "recurrent-dropout-layer-norm", "zoneout-full-gate-recurrence",
-        "gru-recurrent-dropout-activation", "gru-zoneout-layer-norm", "gru-zoneout-activation"])
+        "gru-recurrent-dropout-layer-norm", "gru-zoneout-layer-norm", "gru-activation-layer-norm"])
 def test_native_variants_with_other_changes_take_the_variant_kernel(training, variant):
     lstm = isinstance(variant, lstmkit.LSTMVariant)
     model = (lstmkit.LSTM if lstm else lstmkit.GRU)(3, 4, variant=variant).train(training)

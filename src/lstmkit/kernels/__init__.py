@@ -137,23 +137,27 @@ def lstm_variant_layer(x, h0, c0, params: dict, masks: dict, variant, *, q0=None
 
 def gru_layer(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: StepLayout,
               reverse: bool = False, reset_after: bool = True, backend: str = "auto",
-              zoneout_h=None, recurrent=None):
+              zoneout_h=None, recurrent=None, gate_activation: str = "sigmoid",
+              candidate_activation: str = "tanh"):
     """One GRU layer, one direction: x (N, I), h0 (B, H) -> out (N, H), h_T (B, H).
 
     zoneout_h (N or 1, H): zoneout's mask, by row or one row for all; recurrent (B, H):
-    recurrent dropout's, scaled by 1 / keep (`gru_variant_layer`'s masks, drawn by the caller).
-    The native kernel computes them, the portable backend (or a machine without the native
-    kernels) the variant kernel."""
+    recurrent dropout's, scaled by 1 / keep (`gru_variant_layer`'s masks, drawn by the caller);
+    GRUVariant's gate and candidate activations. The native kernel computes them, the portable
+    backend (or a machine without the native kernels) the variant kernel."""
     fn = _function("gru", backend, x)
-    if zoneout_h is None and recurrent is None:
+    form = native.gru_form(gate_activation, candidate_activation)
+    if zoneout_h is None and recurrent is None and not form:
         return fn.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after)
     if fn is native.NativeGRUFunction and native.available():
         return fn.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after, zoneout_h,
-                        recurrent)
+                        recurrent, form)
     params = {"w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh}
     masks = {name: mask for name, mask in (("zoneout_h", zoneout_h), ("recurrent", recurrent))
              if mask is not None}
-    out, h_T, _ = gru_variant_layer(x, h0, params, masks, GRUVariant(),
+    variant = GRUVariant(gate_activation=gate_activation,
+                         candidate_activation=candidate_activation)
+    out, h_T, _ = gru_variant_layer(x, h0, params, masks, variant,
                                     layout=layout, reverse=reverse, reset_after=reset_after,
                                     backend="portable")
     return out, h_T
@@ -174,9 +178,9 @@ def gru_variant_layer(x, h0, params: dict, masks: dict, variant, *, layout: Step
     Returns out (N, H), h_T (B, H), gates (N, 3H) = [r | z | n].
     """
     if backend not in ("auto", "portable"):
-        raise ValueError(f"backend={backend!r} has no kernel for these GRU variants: "
-                         "activations, layer norm, or the gate traces of any variant "
-                         "(return_gates=True); use backend='auto' or 'portable'")
+        raise ValueError(f"backend={backend!r} has no kernel for these GRU variants: layer "
+                         "norm, or the gate traces of any variant (return_gates=True); use "
+                         "backend='auto' or 'portable'")
     unknown = (set(params) - set(_GRU_VARIANT_PARAMETERS)) | (set(masks) - set(_GRU_VARIANT_MASKS))
     if unknown:
         raise ValueError(f"unknown GRU-variant arguments {sorted(unknown)}; expected some of "

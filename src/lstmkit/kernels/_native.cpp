@@ -1943,12 +1943,35 @@ std::vector<Tensor> rnn_backward(const Tensor& d_out, const Tensor& d_hT, const 
 //   h' = n + z (h - n)
 // With zoneout (GRUVariant's zoneout_h, masks as the LSTM's): h' + k (h - h'), mask k. With
 // recurrent dropout's mask d (B, H) the products read u = h d instead of h (h itself above).
+// GRUVariant's activations, in the bits of `form` (native.gru_form): the gates' (bit 0, as
+// gate_activation's code) and the candidate's (bits 1-2, cell_activation's); 0 is torch.nn's,
+// whose sigmoid and tanh are inlined.
+template <typename S>
+struct GRUActivations {
+  int form = 0;
+  int gate_code() const { return form & 1; }
+  int candidate_code() const { return (form >> 1) & 3; }
+  __attribute__((always_inline)) inline V<S> gate(V<S> a) const {
+    return form ? gate_activation<S>(gate_code(), a) : vsigmoid(a);
+  }
+  __attribute__((always_inline)) inline V<S> candidate(V<S> a) const {
+    return form ? cell_activation<S>(candidate_code(), a) : vtanh(a);
+  }
+  // The slopes from the outputs.
+  __attribute__((always_inline)) inline V<S> gate_slope(V<S> y) const {
+    return form ? ::gate_slope<S>(gate_code(), y) : y * (S(1) - y);
+  }
+  __attribute__((always_inline)) inline V<S> candidate_slope(V<S> y) const {
+    return form ? cell_slope<S>(candidate_code(), y) : S(1) - y * y;
+  }
+};
 // ==========================================================================================
 
 template <typename S>
 struct GRUForwardGates {    // reset after
   const S* gi; const S* b_ih; const S* b_hh; S* stash; i64 H;
   ZoneoutMask<S> zone = {};                                  // zoneout, or none
+  GRUActivations<S> act = {};
   // Inlined into the drivers' loops, as LSTMForwardGates::standard.
   // n: the block's width, min(L, H - jb L) (see for_unit_blocks).
   __attribute__((always_inline)) inline V<S> operator()(i64 row, i64 jb, const V<S>* acc,
@@ -1964,10 +1987,11 @@ struct GRUForwardGates {    // reset after
     i64 j = jb * Vec<S>::L;
     V<S> br = {}, bz = {}, bn = {};
     if (b_hh) { br = load(b_hh + j, n); bz = load(b_hh + H + j, n); bn = load(b_hh + 2 * H + j, n); }
-    V<S> r = vsigmoid(x[0] + load_bias(b_ih, j, n) + acc[0] + br);
-    V<S> z = vsigmoid(x[1] + load_bias(b_ih, H + j, n) + acc[1] + bz);
+    const V<S> a_r = x[0] + load_bias(b_ih, j, n) + acc[0] + br;
+    const V<S> a_z = x[1] + load_bias(b_ih, H + j, n) + acc[1] + bz;
+    V<S> r = act.gate(a_r), z = act.gate(a_z);
     V<S> gh_n = acc[2] + bn;
-    V<S> nn = vtanh(x[2] + load_bias(b_ih, 2 * H + j, n) + r * gh_n);
+    V<S> nn = act.candidate(x[2] + load_bias(b_ih, 2 * H + j, n) + r * gh_n);
     if (stash) {
       S* sr = stash + row * 4 * H + j;
       store(sr, r, n); store(sr + H, z, n); store(sr + 2 * H, nn, n); store(sr + 3 * H, gh_n, n);
@@ -1983,15 +2007,16 @@ struct GRUForwardGates {    // reset after
 template <typename S>
 struct GRUResetBeforeGates {
   const S* b_ih; const S* b_hh; i64 H;
+  GRUActivations<S> act = {};
   // Gate q (0: r, 1: z) from the input's product x and the state's product h of its rows.
   __attribute__((always_inline)) inline V<S> gate(int q, V<S> x, V<S> h, i64 j, int n) const {
     V<S> b = b_hh ? load(b_hh + q * H + j, n) : V<S>{};
-    return vsigmoid(x + load_bias(b_ih, q * H + j, n) + h + b);
+    return act.gate(x + load_bias(b_ih, q * H + j, n) + h + b);
   }
   // The candidate n from the input's product x of its rows and rh = (r h) W_hn^T.
   __attribute__((always_inline)) inline V<S> candidate(V<S> x, V<S> rh, i64 j, int n) const {
     V<S> b = b_hh ? load(b_hh + 2 * H + j, n) : V<S>{};
-    return vtanh(x + load_bias(b_ih, 2 * H + j, n) + rh + b);
+    return act.candidate(x + load_bias(b_ih, 2 * H + j, n) + rh + b);
   }
 };
 
@@ -2000,7 +2025,7 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
                                 const Tensor& w_hh,
                                 const Tensor& b_hh, const Steps& st, bool reset_after,
                                 bool save, i64 parts, const Tensor& zoneout,
-                                const Tensor& recurrent_mask) {
+                                const Tensor& recurrent_mask, int form) {
   constexpr int L = Vec<S>::L;
   const i64 H = h0.size(1), B = st.batch, N = st.rows;
   const i64 J = (H + L - 1) / L;
@@ -2009,7 +2034,7 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
   S* o_ptr = ptr<S>(out);
   if (reset_after) {
     GRUForwardGates<S> gate_math{ptr<S>(gi), ptr<S>(b_ih), ptr<S>(b_hh), ptr<S>(stash), H,
-                                 ZoneoutMask<S>(zoneout)};
+                                 ZoneoutMask<S>(zoneout), GRUActivations<S>{form}};
     if (parts == 0) {
       Tensor packed = pack<S>(w_hh, 3, H, H, H * H, H, 1);
       Tensor hbuf = pooled_empty({2, B, H}, gi.options());
@@ -2064,7 +2089,7 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
   StepProduct<S> recurrent_rz(w_hh.narrow(0, 0, 2 * H).t(), B);
   StepProduct<S> recurrent_n(w_hh.narrow(0, 2 * H, H).t(), B);
   const S* gp = ptr<S>(gi);
-  GRUResetBeforeGates<S> gates{ptr<S>(b_ih), ptr<S>(b_hh), H};
+  GRUResetBeforeGates<S> gates{ptr<S>(b_ih), ptr<S>(b_hh), H, GRUActivations<S>{form}};
   const ZoneoutMask<S> zone(zoneout);
   S* sp = ptr<S>(stash);
   const S* r_ = ptr<S>(rec);
@@ -2122,6 +2147,7 @@ struct GRUBackwardGates {   // reset after
   const S* dy; const S* out; const S* h0; const S* stash; S* d_gi; S* d_gh; S* carry;
   const Steps* st; i64 H;
   ZoneoutMask<S> zone = {};                                  // zoneout, or none
+  GRUActivations<S> act = {};
   // n: the block's width, min(L, H - jb L) (see for_unit_blocks).
   __attribute__((always_inline)) inline void operator()(i64 t, i64 b, i64 jb, V<S> dh_next,
                                                         int n) const {
@@ -2136,9 +2162,9 @@ struct GRUBackwardGates {   // reset after
       kept = dh * zone.at(row, j, n);
       dh = dh - kept;
     }
-    V<S> da_n = dh * (S(1) - z) * (S(1) - nn * nn);
-    V<S> da_z = dh * (h_prev - nn) * z * (S(1) - z);
-    V<S> da_r = da_n * gh_n * r * (S(1) - r);
+    V<S> da_n = dh * (S(1) - z) * act.candidate_slope(nn);
+    V<S> da_z = dh * (h_prev - nn) * act.gate_slope(z);
+    V<S> da_r = da_n * gh_n * act.gate_slope(r);
     S* gi = d_gi + row * 3 * H + j;
     S* gh = d_gh + row * 3 * H + j;
     store(gi, da_r, n); store(gi + H, da_z, n); store(gi + 2 * H, da_n, n);
@@ -2151,7 +2177,7 @@ template <typename S>
 std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const Tensor& h0,
                                  const Tensor& w_hh, const Tensor& out, const Tensor& stash,
                                  const Steps& st, bool reset_after, i64 parts,
-                                 const Tensor& zoneout, const Tensor& recurrent_mask) {
+                                 const Tensor& zoneout, const Tensor& recurrent_mask, int form) {
   constexpr int L = Vec<S>::L;
   const i64 H = d_hT.size(1), B = st.batch, N = st.rows;
   const i64 J = (H + L - 1) / L;
@@ -2161,6 +2187,7 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
   S* dhp = ptr<S>(dh);
   S* cp = ptr<S>(carry);
   const S* drop = ptr<S>(recurrent_mask);
+  const GRUActivations<S> act{form};
   // dh = carry + product d (the product's share times recurrent dropout's mask), rows [r0, e).
   auto dropped_rows = [&](i64 r0, i64 e) {
     for (i64 b = r0; b < e; ++b)
@@ -2173,7 +2200,7 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
     Tensor d_gh = pooled_empty({N, 3 * H}, out.options());
     GRUBackwardGates<S> gate_math{ptr<S>(d_out), ptr<S>(out), ptr<S>(h0), ptr<S>(stash),
                                   ptr<S>(d_gi), ptr<S>(d_gh), cp, &st, H,
-                                  ZoneoutMask<S>(zoneout)};
+                                  ZoneoutMask<S>(zoneout), GRUActivations<S>{form}};
     if (parts == 0) {
       Tensor packed = pack<S>(w_hh, 1, H, 3 * H, 0, 1, H);
       const S* wp = ptr<S>(packed);
@@ -2257,8 +2284,8 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
           dh = dh - kept;
         }
         store(dht + b * H + j, dh, n);
-        store(gp + row * 3 * H + 2 * H + j, dh * (S(1) - z) * (S(1) - nn * nn), n);
-        store(gp + row * 3 * H + H + j, dh * (h_prev_at(b, j, n) - nn) * z * (S(1) - z), n);
+        store(gp + row * 3 * H + 2 * H + j, dh * (S(1) - z) * act.candidate_slope(nn), n);
+        store(gp + row * 3 * H + H + j, dh * (h_prev_at(b, j, n) - nn) * act.gate_slope(z), n);
       }
     }, r0);
     recurrent_n(mat<S>(d_rh).rows_at(r0, n_rows),
@@ -2275,7 +2302,7 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
           u = u * mask;
           d = d * mask;                                  // d(rh) r d is h_prev's share
         }
-        store(gp + row * 3 * H + j, load(drh + b * H + j, n) * u * r * (S(1) - r), n);
+        store(gp + row * 3 * H + j, load(drh + b * H + j, n) * u * act.gate_slope(r), n);
         V<S> to_prev = load(dht + b * H + j, n) * z + d * r;
         store(cp + b * H + j, zone ? to_prev + load(cp + b * H + j, n) : to_prev, n);
       }
@@ -3267,13 +3294,13 @@ std::vector<Tensor> rnn_layer_backward(Tensor d_out, Tensor d_hT, Tensor x, Tens
 }
 
 // One GRU layer, one direction: x (N, I) -> out (N, H), h_T, stash. zoneout_h (N or 1, H):
-// zoneout's mask; recurrent (B, H): recurrent dropout's.
+// zoneout's mask; recurrent (B, H): recurrent dropout's; form: the activations (GRUActivations).
 std::vector<Tensor> gru_layer_forward(Tensor x, c10::optional<Tensor> b_ih,
                                       c10::optional<Tensor> b_hh, Tensor h0, Tensor w_ih,
                                       Tensor w_hh, std::vector<i64> batch_sizes, bool reverse,
                                       bool reset_after, bool save, i64 parts,
                                       const c10::optional<Tensor>& zoneout_h,
-                                      const c10::optional<Tensor>& recurrent) {
+                                      const c10::optional<Tensor>& recurrent, i64 form) {
   check_cpu(x, "x");
   check_layer_weights(3, x, h0.size(1), h0.size(1), w_ih, w_hh, b_ih, b_hh);
   Tensor zone = checked_zoneout_mask("zoneout_h", zoneout_h, x, h0.size(1));
@@ -3283,19 +3310,20 @@ std::vector<Tensor> gru_layer_forward(Tensor x, c10::optional<Tensor> b_ih,
   Tensor gi = input_projection(x, w_ih);
   return LSTMKIT_DISPATCH(x.scalar_type(), [&] {
     return gru_forward<scalar>(gi, optional_contiguous(b_ih), h0, w_hh, optional_contiguous(b_hh),
-                               st, reset_after, save, parts, zone, dropout);
+                               st, reset_after, save, parts, zone, dropout, (int)form);
   });
 }
 
 // The whole backward of one GRU layer, one direction. needs: (x, h0, w_ih, w_hh, b_ih, b_hh);
-// zoneout_h, recurrent: the forward's masks or undefined.
+// zoneout_h, recurrent: the forward's masks or undefined; form: its activations.
 // Returns dx, dh0, dw_ih, dw_hh, db_ih, db_hh; reset before, b_ih and b_hh enter as one sum and
 // db_ih is its gradient (db_hh undefined).
 std::vector<Tensor> gru_layer_backward(Tensor d_out, Tensor d_hT, Tensor x, Tensor h0,
                                        Tensor w_ih, Tensor w_hh, Tensor out, Tensor stash,
                                        std::vector<i64> batch_sizes, bool reverse, bool reset_after,
                                        i64 parts, std::vector<bool> needs,
-                                       const Tensor& zoneout_h, const Tensor& recurrent) {
+                                       const Tensor& zoneout_h, const Tensor& recurrent,
+                                       i64 form) {
   TORCH_CHECK(needs.size() == 6, "gru_layer_backward: needs has 6 flags, got ", needs.size());
   const auto dtype = out.scalar_type();
   d_out = incoming(d_out, dtype); d_hT = incoming(d_hT, dtype);
@@ -3306,7 +3334,7 @@ std::vector<Tensor> gru_layer_backward(Tensor d_out, Tensor d_hT, Tensor x, Tens
   auto loop = LSTMKIT_DISPATCH(dtype, [&] {
     return gru_backward<scalar>(d_out, d_hT, h0, w_hh, out, stash, st, reset_after, parts,
                                 zoneout_h.defined() ? zoneout_h.contiguous() : Tensor(),
-                                dropout);
+                                dropout, (int)form);
   });
   const Tensor &d_gi = loop[0], &d_gh = loop[1];
   Products jobs;
@@ -3494,7 +3522,8 @@ struct NativeLSTMLayer : public torch::autograd::Function<NativeLSTMLayer> {
 // reset_after or the RNN's relu.
 struct NativeOneStateLayer : public torch::autograd::Function<NativeOneStateLayer> {
   // Tensors x, h0, w_ih, w_hh, b_ih, b_hh, zoneout_h, recurrent (as NativeGRUFunction's,
-  // NativeRNNFunction's; the GRU's masks get no gradient); parts: the driver.
+  // NativeRNNFunction's; the GRU's masks get no gradient); parts: the driver; form: the GRU's
+  // activations.
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& h0,
                                const Tensor& w_ih, const Tensor& w_hh,
                                const c10::optional<Tensor>& b_ih,
@@ -3502,13 +3531,13 @@ struct NativeOneStateLayer : public torch::autograd::Function<NativeOneStateLaye
                                const c10::optional<Tensor>& zoneout_h,
                                const c10::optional<Tensor>& recurrent,
                                const std::vector<i64>& batch_sizes, bool reverse, bool gru,
-                               bool option, i64 parts) {
+                               bool option, i64 parts, i64 form) {
     auto in = compute_inputs<8>(ctx, {x, h0, w_ih, w_hh, given(b_ih), given(b_hh),
                                       given(zoneout_h), given(recurrent)});
     // r: out, h_T[, stash]. Their backward loops read the previous rows from out itself.
     auto r = gru ? gru_layer_forward(in[0], maybe(in[4]), maybe(in[5]), in[1], in[2], in[3],
                                      batch_sizes, reverse, option, true, parts, maybe(in[6]),
-                                     maybe(in[7]))
+                                     maybe(in[7]), form)
                  : rnn_layer_forward(in[0], maybe(in[4]), maybe(in[5]), in[1], in[2], in[3],
                                      batch_sizes, reverse, option, parts);
     // In float16/bfloat16 the output saved (r[0], float32) is not the one returned, which the
@@ -3520,6 +3549,7 @@ struct NativeOneStateLayer : public torch::autograd::Function<NativeOneStateLaye
     ctx->saved_data["gru"] = gru;
     ctx->saved_data["option"] = option;
     ctx->saved_data["parts"] = parts;
+    ctx->saved_data["form"] = form;
     return {to_type(r[0], x.scalar_type()), to_type(r[1], h0.scalar_type())};
   }
 
@@ -3541,13 +3571,14 @@ struct NativeOneStateLayer : public torch::autograd::Function<NativeOneStateLaye
       // GRU: dx, dh0, dw_ih, dw_hh, db_ih, db_hh, but reset before db_ih is the gradient of
       // b_ih + b_hh; RNN: dx, dh0, dw_ih, dw_hh and that of b_ih + b_hh.
       g = gru ? gru_layer_backward(d_out, d_hT, s[0], s[1], s[2], s[3], s[4], s[5], batch_sizes,
-                                   reverse, option, parts, needs, s[6], s[7])
+                                   reverse, option, parts, needs, s[6], s[7],
+                                   ctx->saved_data["form"].toInt())
               : rnn_layer_backward(d_out, d_hT, s[0], s[1], s[2], s[3], s[4], batch_sizes, reverse,
                                    option, parts, needs);
       g.resize(6);
       if (!(gru && option)) std::tie(g[4], g[5]) = bias_gradients(g[4], needs[4], needs[5]);
     }
-    return node_gradients(ctx, g, 13, create_graph);
+    return node_gradients(ctx, g, 14, create_graph);
   }
 };
 
@@ -3566,19 +3597,19 @@ std::vector<Tensor> lstm_layer_py(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, T
 }
 
 // A GRU (gru, option = reset_after) or RNN (option = relu) layer through its autograd node;
-// zoneout_h, recurrent: the GRU's masks, or none.
+// zoneout_h, recurrent: the GRU's masks, or none; form: the GRU's activations, or 0.
 std::vector<Tensor> one_state_layer_py(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh,
                                        c10::optional<Tensor> b_ih, c10::optional<Tensor> b_hh,
                                        c10::optional<Tensor> zoneout_h,
                                        c10::optional<Tensor> recurrent,
                                        std::vector<i64> batch_sizes, bool reverse, bool gru,
-                                       bool option, i64 parts) {
+                                       bool option, i64 parts, i64 form) {
   check_cpu(x, "x");
   check_layer_weights(gru ? 3 : 1, x, h0.size(1), h0.size(1), w_ih, w_hh, b_ih, b_hh);
-  TORCH_CHECK_VALUE(gru || !(zoneout_h.has_value() || recurrent.has_value()),
-                    "the native RNN has no zoneout or recurrent dropout");
+  TORCH_CHECK_VALUE(gru || !(zoneout_h.has_value() || recurrent.has_value() || form),
+                    "the native RNN has no zoneout, recurrent dropout or other activations");
   return NativeOneStateLayer::apply(x, h0, w_ih, w_hh, b_ih, b_hh, zoneout_h, recurrent,
-                                    batch_sizes, reverse, gru, option, parts);
+                                    batch_sizes, reverse, gru, option, parts, form);
 }
 
 // Inference: lstm_layer's arguments and conversions without its autograd node, nothing saved.
@@ -3611,14 +3642,14 @@ std::vector<Tensor> one_state_infer_py(Tensor x, Tensor h0, Tensor w_ih, Tensor 
                                        c10::optional<Tensor> zoneout_h,
                                        c10::optional<Tensor> recurrent,
                                        std::vector<i64> batch_sizes, bool reverse, bool gru,
-                                       bool option, i64 parts) {
-  TORCH_CHECK_VALUE(gru || !(zoneout_h.has_value() || recurrent.has_value()),
-                    "the native RNN has no zoneout or recurrent dropout");
+                                       bool option, i64 parts, i64 form) {
+  TORCH_CHECK_VALUE(gru || !(zoneout_h.has_value() || recurrent.has_value() || form),
+                    "the native RNN has no zoneout, recurrent dropout or other activations");
   auto in = in_compute_type<8>({x, h0, w_ih, w_hh, given(b_ih), given(b_hh), given(zoneout_h),
                                 given(recurrent)});
   auto r = gru ? gru_layer_forward(in[0], maybe(in[4]), maybe(in[5]), in[1], in[2], in[3],
                                    batch_sizes, reverse, option, false, parts, maybe(in[6]),
-                                   maybe(in[7]))
+                                   maybe(in[7]), form)
                : rnn_layer_forward(in[0], maybe(in[4]), maybe(in[5]), in[1], in[2], in[3],
                                    batch_sizes, reverse, option, parts);
   return {to_type(r[0], x.scalar_type()), to_type(r[1], h0.scalar_type())};

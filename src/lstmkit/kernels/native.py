@@ -316,6 +316,14 @@ _GATE_ACTIVATION_CODES = {"sigmoid": 0, "hard_sigmoid": 1}
 _CELL_ACTIVATION_CODES = {"tanh": 0, "softsign": 1, "hardtanh": 2, "identity": 3}
 
 
+@functools.lru_cache(maxsize=16)      # asked by every GRU layer call
+def gru_form(gate_activation="sigmoid", candidate_activation="tanh") -> int:
+    """GRUVariant's activations as the native GRU kernels' `form` bits (GRUActivations in
+    _native.cpp): the gates' code, then the candidate's shifted by 1. 0 is torch.nn's cell."""
+    return (_GATE_ACTIVATION_CODES[gate_activation]
+            | _CELL_ACTIVATION_CODES[candidate_activation] << 1)
+
+
 @functools.lru_cache(maxsize=64)      # asked by every LSTM layer call; a handful of forms in use
 def cell_form(cifg=False, input_gate=True, forget_gate=True, output_gate=True,
               gate_activation="sigmoid", cell_activation="tanh",
@@ -426,13 +434,13 @@ class NativeLSTMFunction:
 
 class NativeGRUFunction:
     """One GRU layer in one direction, native loops; same signature as `GRUFunction`, and
-    optionally zoneout's and recurrent dropout's masks (see gru_variants.py), which
-    `GRUFunction` does not have (only pass them when the native module is there, as
-    `kernels.gru_layer` does).
+    optionally zoneout's and recurrent dropout's masks (see gru_variants.py) and GRUVariant's
+    activations as `gru_form` bits, which `GRUFunction` does not have (only pass them when the
+    native module is there, as `kernels.gru_layer` does).
 
     apply(x (N, I), h0 (B, H), w_ih (3H, I), w_hh (3H, H), b_ih (3H,) | None, b_hh (3H,) | None,
           layout: StepLayout, reverse: bool, reset_after: bool,
-          [zoneout_h (N or 1, H) | None, recurrent (B, H) | None])
+          [zoneout_h (N or 1, H) | None, recurrent (B, H) | None, form: int])
     -> out (N, H), h_T (B, H)
     The autograd node is C++ (NativeOneStateLayer in _native.cpp), as the LSTM's.
     Saved: x, h0, w_ih, w_hh, out, stash [r | z | n | gh_n] (N, 4H) ([r | z | n] reset-before),
@@ -442,21 +450,22 @@ class NativeGRUFunction:
 
     @staticmethod
     def apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after, zoneout_h=None,
-              recurrent=None):
+              recurrent=None, form=0):
         _check_device(x)
         if module() is None:
-            _refuse_variant("GRU", zoneout_h, recurrent)
+            _refuse_variant("GRU", zoneout_h, recurrent, form)
             return _gru.GRUFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse,
                                           reset_after)
         inference = not _needs_autograd((x, h0, w_ih, w_hh, b_ih, b_hh))
         if inference and layout.steps == 1 and zoneout_h is None and recurrent is None and \
+                not form and \
                 _one_dtype(x, h0, w_ih, w_hh, b_ih, b_hh):
             (h_1,) = step_inference(gru_cell(reset_after), x, h0, None, w_ih, w_hh, b_ih, b_hh)
             return h_1, h_1
         parts = _driver(layout, w_hh, not reset_after, itemsize=compute_dtype(x.dtype).itemsize)
         run = module().one_state_infer if inference else module().one_state_layer
         return tuple(run(x, h0, w_ih, w_hh, b_ih, b_hh, zoneout_h, recurrent, layout.batch_sizes,
-                         reverse, True, reset_after, parts))
+                         reverse, True, reset_after, parts, form))
 
 
 class NativeRNNFunction:
@@ -483,7 +492,7 @@ class NativeRNNFunction:
         parts = _driver(layout, w_hh, itemsize=compute_dtype(x.dtype).itemsize)
         run = module().one_state_infer if inference else module().one_state_layer
         return tuple(run(x, h0, w_ih, w_hh, b_ih, b_hh, None, None, layout.batch_sizes, reverse,
-                         False, relu, parts))
+                         False, relu, parts, 0))
 
 
 FUNCTIONS = {"lstm": NativeLSTMFunction, "gru": NativeGRUFunction, "rnn": NativeRNNFunction}

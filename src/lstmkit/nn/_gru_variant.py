@@ -85,8 +85,12 @@ def uses_variant_kernel(variant: GRUVariant, training: bool) -> bool:
     return variant.changes_equations or bool(training and masked)
 
 
-def runs_on_gru_layer(variant: GRUVariant) -> bool:
-    """True when `kernels.gru_layer` computes this variant, with `draw_masks`'s masks: the
-    plain cell, zoneout (in training or its expectation in eval) and recurrent dropout
-    (natively where it can); not the activations or layer norm."""
-    return not variant.changes_equations or variant.changes_only_by_zoneout
+def gru_layer_options(variant: GRUVariant) -> dict | None:
+    """Keyword arguments of `kernels.gru_layer` for this variant (besides `draw_masks`'s
+    masks), or None when only the variant kernel computes it: gru_layer runs the plain cell,
+    the activations, zoneout (in training or its expectation in eval) and recurrent dropout,
+    natively where it can; not layer norm, which mixes units."""
+    if variant.layer_norm:
+        return None
+    return {"gate_activation": variant.gate_activation,
+            "candidate_activation": variant.candidate_activation}

@@ -234,14 +234,16 @@ class GRUCell(_CellBase):
         return s + (f", variant=GRUVariant({described})" if described else "")
 
     def _step(self, x, states, layout):
-        # The plain cell and zoneout: gru_layer, native where it can; the others the variant
-        # kernel.
+        # The plain cell, the activations, zoneout: gru_layer, native where it can; layer norm
+        # the variant kernel.
         masks = _gru_variant.draw_masks(self.variant, self.training, layout, x,
                                         self.hidden_size) \
             if _gru_variant.uses_variant_kernel(self.variant, self.training) else {}
-        if _gru_variant.runs_on_gru_layer(self.variant):
-            return kernels.gru_layer(x, *states, **self._weights(), **masks, layout=layout,
-                                     reset_after=self.reset_after, backend=self.backend)
+        options = _gru_variant.gru_layer_options(self.variant)
+        if options is not None:
+            return kernels.gru_layer(x, *states, **self._weights(), **masks, **options,
+                                     layout=layout, reset_after=self.reset_after,
+                                     backend=self.backend)
         out, h, _ = kernels.gru_variant_layer(x, *states, self._weights(), masks, self.variant,
                                               layout=layout, reset_after=self.reset_after,
                                               backend=self.backend)

@@ -694,10 +694,11 @@ class GRU(_RecurrentBase):
         varied = _gru_variant.uses_variant_kernel(v, self.training)
         masks = _gru_variant.draw_masks(v, self.training, layout, x, self.hidden_size) \
             if varied else {}
-        if not return_gates and _gru_variant.runs_on_gru_layer(v):
-            out, h_T = kernels.gru_layer(x, states[0], **weights, **masks, layout=layout,
-                                         reverse=reverse, reset_after=self.reset_after,
-                                         backend=self.backend)
+        options = _gru_variant.gru_layer_options(v)
+        if not return_gates and options is not None:
+            out, h_T = kernels.gru_layer(x, states[0], **weights, **masks, **options,
+                                         layout=layout, reverse=reverse,
+                                         reset_after=self.reset_after, backend=self.backend)
             return out, (h_T,), None
         if varied:
             out, h_T, gates = kernels.gru_variant_layer(

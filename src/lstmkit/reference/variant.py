@@ -279,14 +279,6 @@ class GRUVariant:
         """True when zoneout changes the eval-mode equations (its expectation)."""
         return bool(self.zoneout_eval == "expectation" and self.zoneout_h)
 
-    @cached_property
-    def changes_only_by_zoneout(self) -> bool:
-        """True when zoneout's expectation is the only change to torch.nn's eval-mode equations
-        (the native kernels compute it; not the activations or layer norm)."""
-        fields = self.__dataclass_fields__
-        return (self.zoneout_in_eval()
-                and all(getattr(self, f) == fields[f].default for f in _GRU_EQUATION_FIELDS))
-
     @property
     def stochastic(self) -> bool:
         """True when training draws random masks (zoneout, recurrent dropout, DropConnect)."""
