@@ -78,9 +78,8 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
     cell = (bool(cifg), input_gate, forget_gate, output_gate, gate_activation, cell_activation,
             output_activation)                               # in CELL_FORM_FIELDS's order
     form = native.cell_form(*cell)
-    masks = {name: mask for name, mask in (("zoneout_h", zoneout_h), ("zoneout_c", zoneout_c),
-                                           ("recurrent", recurrent)) if mask is not None}
-    if w_peephole is None and not form and not masks:
+    if w_peephole is None and not form and zoneout_h is None and zoneout_c is None and \
+            recurrent is None:
         return fn.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse)
     # The variant kernel: on the portable backend, without the native module, and for zoneout_h
     # with a projection (which backend="native" refuses).
@@ -92,6 +91,8 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
         variant_backend = backend
     params = {"w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh, "w_hr": w_hr,
               "w_peephole": w_peephole}
+    masks = {name: mask for name, mask in (("zoneout_h", zoneout_h), ("zoneout_c", zoneout_c),
+                                           ("recurrent", recurrent)) if mask is not None}
     variant = LSTMVariant(peepholes=w_peephole is not None,
                           **dict(zip(CELL_FORM_FIELDS, cell, strict=True)))
     out, h_T, c_T, *_ = lstm_variant_layer(x, h0, c0, params, masks, variant, layout=layout,

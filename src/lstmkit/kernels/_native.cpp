@@ -2296,14 +2296,17 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
         int n = (int)std::min<i64>(L, H - j);
         i64 row = off + b;
         V<S> r = load(sp + row * 3 * H + j, n), z = load(sp + row * 3 * H + H + j, n);
-        V<S> d = load(drh + b * H + j, n), u = h_prev_at(b, j, n);
-        if (drop) {                                      // the product's operand was h_prev d
+        // rh = r u, u = h_prev (h_prev d with the products' operand masked): da_r from u,
+        // h_prev's share of d(rh) r through u.
+        const V<S> d_rh = load(drh + b * H + j, n);
+        V<S> u = h_prev_at(b, j, n), d_u = d_rh * r;
+        if (drop) {
           const V<S> mask = load(drop + b * H + j, n);
           u = u * mask;
-          d = d * mask;                                  // d(rh) r d is h_prev's share
+          d_u = d_u * mask;
         }
-        store(gp + row * 3 * H + j, load(drh + b * H + j, n) * u * act.gate_slope(r), n);
-        V<S> to_prev = load(dht + b * H + j, n) * z + d * r;
+        store(gp + row * 3 * H + j, d_rh * u * act.gate_slope(r), n);
+        V<S> to_prev = load(dht + b * H + j, n) * z + d_u;
         store(cp + b * H + j, zone ? to_prev + load(cp + b * H + j, n) : to_prev, n);
       }
     }, r0);
@@ -2970,13 +2973,14 @@ void check_layer_weights(i64 gates, const Tensor& x, i64 H, i64 P, const Tensor&
   TORCH_CHECK_VALUE(wrong.empty(), wrong);
 }
 
-// The batch row of each of the N rows (their step's rows are batch rows 0, 1, ...), (N,) int64.
-Tensor batch_index_of_rows(const Steps& st) {
-  Tensor rows = at::empty({st.rows}, at::kLong);
-  int64_t* r = rows.data_ptr<int64_t>();
+// A per-sequence mask (B, F) as one row for each of the N rows, (N, F): row b of each step's
+// rows gets the mask's row b (recurrent dropout's operand of dW_hh).
+Tensor mask_of_each_row(const Tensor& mask, const Steps& st) {
+  Tensor batch_row = at::empty({st.rows}, at::kLong);
+  int64_t* r = batch_row.data_ptr<int64_t>();
   for (size_t t = 0; t < st.offset.size(); ++t)
     for (i64 b = 0; b < st.size[t]; ++b) r[st.offset[t] + b] = b;
-  return rows;
+  return mask.index_select(0, batch_row);
 }
 
 // A zoneout mask against its layer: (N, width) or (1, width), else a ValueError; the mask
@@ -3101,7 +3105,7 @@ std::vector<Tensor> lstm_layer_backward(Tensor d_out, Tensor d_hT, Tensor d_cT, 
   }
   // W_hh's operand: the previous rows of h, times the dropout mask of their batch row.
   if (dropout.defined() && needs[4])
-    h_prev = at::mul(h_prev, dropout.index_select(0, batch_index_of_rows(st)));
+    h_prev = at::mul(h_prev, mask_of_each_row(dropout, st));
   WeightGradients weights(jobs, d_gates, needs[3] ? x : Tensor(), needs[4] ? h_prev : Tensor(),
                           Tensor(), st, needs[5] || needs[6]);
   Tensor dw_hr;
@@ -3351,7 +3355,7 @@ std::vector<Tensor> gru_layer_backward(Tensor d_out, Tensor d_hT, Tensor x, Tens
   if (dropout.defined() && needs[3]) {
     u_prev = pooled_empty(out.sizes(), out.options());
     previous_rows(u_prev, out, h0, st);
-    u_prev.mul_(dropout.index_select(0, batch_index_of_rows(st)));
+    u_prev.mul_(mask_of_each_row(dropout, st));
   }
   c10::optional<WeightGradients> hidden_side;
   if (reset_after && u_prev.defined()) {

@@ -92,5 +92,7 @@ def gru_layer_options(variant: GRUVariant) -> dict | None:
     natively where it can; not layer norm, which mixes units."""
     if variant.layer_norm:
         return None
+    if not variant.changes_equations:          # the plain cell's activations
+        return {}
     return {"gate_activation": variant.gate_activation,
             "candidate_activation": variant.candidate_activation}
