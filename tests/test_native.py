@@ -1410,15 +1410,20 @@ def test_native_refuses_other_devices():
                           backend="native")
 
 
-def _graph_nodes(tensor) -> set:
-    """Names of the autograd nodes that produced `tensor`."""
-    names, todo = set(), [tensor.grad_fn]
+def _graph_node_objects(tensor) -> dict:
+    """The autograd nodes that produced `tensor`, by name (one of each)."""
+    nodes, todo = {}, [tensor.grad_fn]
     while todo:
         node = todo.pop()
-        if node is not None and node.name() not in names:
-            names.add(node.name())
+        if node is not None and node.name() not in nodes:
+            nodes[node.name()] = node
             todo += [next_node for next_node, _ in node.next_functions]
-    return names
+    return nodes
+
+
+def _graph_nodes(tensor) -> set:
+    """Names of the autograd nodes that produced `tensor`."""
+    return set(_graph_node_objects(tensor))
 
 
 @pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])
@@ -1591,20 +1596,29 @@ def test_zoneout_keeps_the_masked_units_exactly(family, backend):
 ], ids=["layer-norm", "recurrent-dropout-layer-norm", "zoneout-full-gate-recurrence",
         "gru-recurrent-dropout-layer-norm", "gru-zoneout-layer-norm", "gru-activation-layer-norm"])
 def test_native_variants_with_other_changes_take_the_variant_kernel(training, variant):
+    """The variant Function, whose step loops are native for the LSTM's layer norm without
+    full gate recurrence (its native_parts), and Python loops otherwise."""
     lstm = isinstance(variant, lstmkit.LSTMVariant)
     model = (lstmkit.LSTM if lstm else lstmkit.GRU)(3, 4, variant=variant).train(training)
     out, _ = model(torch.randn(5, 2, 3))
-    nodes = _graph_nodes(out)
-    assert f"{'LSTM' if lstm else 'GRU'}VariantFunctionBackward" in nodes
-    assert not any("Native" in name for name in nodes)
+    name = f"{'LSTM' if lstm else 'GRU'}VariantFunctionBackward"
+    nodes = _graph_node_objects(out)
+    assert name in nodes
+    assert not any("Native" in node for node in nodes)
+    native_loops = lstm and variant.layer_norm and not variant.full_gate_recurrence
+    assert getattr(nodes[name], "native_parts", 0) == (1 if native_loops else 0)
 
 
 @pytest.mark.parametrize("variant, proj_size", [
-    (lstmkit.LSTMVariant(layer_norm=True), 0), (lstmkit.LSTMVariant(zoneout_h=0.1), 2)])
+    (lstmkit.LSTMVariant(full_gate_recurrence=True), 0),
+    (lstmkit.LSTMVariant(layer_norm=True, full_gate_recurrence=True), 0),
+    (lstmkit.LSTMVariant(zoneout_h=0.1), 2),
+    (lstmkit.LSTMVariant(layer_norm=True, zoneout_h=0.1), 2)])
 def test_native_backend_refuses_the_variants_it_has_no_kernel_for(variant, proj_size):
     model = lstmkit.LSTM(2, 3, proj_size=proj_size, variant=variant, backend="native")
     with pytest.raises(ValueError, match="backend='native' has no kernel for these LSTM "
-                                         "variants: layer norm, .*zoneout_h with a projection"):
+                                         "variants: full gate recurrence, zoneout_h with a "
+                                         "projection"):
         model(torch.randn(4, 1, 2))
 
 

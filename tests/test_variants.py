@@ -14,12 +14,13 @@ from lstm_variant_cases import (
     VARIANTS,
     central_difference_errors,
     kernel_result,
+    native_loops_ran,
     random_problem,
     reference_result,
     relative_error,
 )
 from lstmkit import kernels
-from lstmkit.kernels import StepLayout
+from lstmkit.kernels import StepLayout, native
 from lstmkit.nn._lstm_variant import KERNEL_ARGUMENT
 from lstmkit.reference import gru_backward, gru_forward, lstm_backward, lstm_forward
 from lstmkit.reference.lstm_variants import activate, lstm_variant_backward, lstm_variant_forward
@@ -100,13 +101,15 @@ def test_cifg_couples_the_gates_and_removed_gates_are_one():
 # -- the kernel against the reference ----------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", ["portable", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_kernel_matches_reference(name, dtype):
+def test_kernel_matches_reference(name, dtype, backend):
+    """"auto" runs the layer-norm variants' step loops natively (kernel_result checks it)."""
     variant = VARIANTS[name]
     problem = random_problem(variant, T=5, B=3, I=4, H=5, masks=ALL_MASKS, seed=5)
     (ref_out, ref_grads) = reference_result(variant, *problem)
-    outs, grads = kernel_result(variant, *problem, dtype=dtype)
+    outs, grads = kernel_result(variant, *problem, dtype=dtype, backend=backend)
     tol = TOLERANCE[dtype]
     for got, expected in zip(outs, ref_out, strict=True):
         assert relative_error(got, expected) < tol
@@ -131,10 +134,66 @@ def test_kernel_matches_reference_at_odd_sizes(shape):
         assert relative_error(grads[key], expected) < 1e-10, key
 
 
-def test_kernel_packed_and_reverse_match_reference_per_sequence():
+# The layer-norm variants whose step loops run natively (see runs_native_loops), with the
+# elementwise variants and masks beside layer norm.
+NATIVE_LAYER_NORM = {
+    "layer_norm": LSTMVariant(layer_norm=True),
+    "peepholes_cifg": LSTMVariant(layer_norm=True, peepholes=True, cifg=True),
+    "activations": LSTMVariant(layer_norm=True, gate_activation="hard_sigmoid",
+                               cell_activation="softsign", output_activation="hardtanh"),
+    "removed_gates": LSTMVariant(layer_norm=True, peepholes=True, input_gate=False,
+                                 output_gate=False),
+}
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+@pytest.mark.parametrize("masks", [(), ("zoneout_c", "recurrent", "weight"), ALL_MASKS],
+                         ids=["no-masks", "masks", "all-masks"])
+@pytest.mark.parametrize("shape", [
+    dict(T=1, B=1, I=1, H=1),                 # one step, one sequence, one unit
+    dict(T=6, B=13, I=3, H=3, P=2),           # projection, 13 rows (three row parts of 4-5)
+    dict(T=3, B=13, I=5, H=127),              # wide: partial vector blocks in every row
+    dict(T=200, B=2, I=2, H=3),               # long
+], ids=["tiny", "projection", "wide", "long"])
+@pytest.mark.parametrize("name", sorted(NATIVE_LAYER_NORM))
+def test_native_layer_norm_loops_match_reference(name, shape, masks, parts, monkeypatch):
+    """The native layer-norm loops (float64) at odd sizes, with one or three row parts
+    (native.MAX_ROW_PARTS), every mask, and projection (zoneout_h then takes the portable
+    loops, which kernel_result checks)."""
+    monkeypatch.setattr(native, "MAX_ROW_PARTS", parts)
+    variant = NATIVE_LAYER_NORM[name]
+    problem = random_problem(variant, **shape, masks=masks, seed=11)
+    ref_out, ref_grads = reference_result(variant, *problem)
+    outs, grads = kernel_result(variant, *problem, dtype=torch.float64)
+    for got, expected in zip(outs, ref_out, strict=True):
+        assert relative_error(got, expected) < 1e-10
+    for key, expected in ref_grads.items():
+        assert relative_error(grads[key], expected) < 1e-10, key
+
+
+@pytest.mark.parametrize("H", [16, 17, 127])
+def test_native_layer_norm_loops_in_float32(H):
+    """(At H = 1-3 layer norm over the cell's few values is ill-conditioned: the portable and
+    native loops in float32 both miss the float64 reference by up to 1e-4 there; float64
+    covers those sizes above.)"""
+    variant = LSTMVariant(layer_norm=True, peepholes=True)
+    problem = random_problem(variant, T=7, B=9, I=4, H=H, masks=("zoneout_c", "recurrent"),
+                             seed=12)
+    ref_out, ref_grads = reference_result(variant, *problem)
+    outs, grads = kernel_result(variant, *problem, dtype=torch.float32)
+    for got, expected in zip(outs, ref_out, strict=True):
+        assert relative_error(got, expected) < TOLERANCE[torch.float32]
+    for key, expected in ref_grads.items():
+        assert relative_error(grads[key], expected) < TOLERANCE[torch.float32], key
+
+
+@pytest.mark.parametrize("variant", [
+    LSTMVariant(peepholes=True, layer_norm=True, cifg=True, full_gate_recurrence=True),
+    LSTMVariant(peepholes=True, layer_norm=True, cifg=True),
+], ids=["portable-loops", "native-loops"])
+def test_kernel_packed_and_reverse_match_reference_per_sequence(variant):
     """Packed sequences of different lengths, both directions: each sequence as the
     reference runs it alone (reverse = the reference on the time-flipped sequence)."""
-    variant = LSTMVariant(peepholes=True, layer_norm=True, cifg=True, full_gate_recurrence=True)
     lengths = (5, 3, 2)
     params, _, _, _ = random_problem(variant, I=3, H=4, seed=7)
     rng = np.random.default_rng(7)
@@ -150,6 +209,7 @@ def test_kernel_packed_and_reverse_match_reference_per_sequence():
             xt, torch.tensor(h0), torch.tensor(c0), p, {}, variant, layout=layout,
             reverse=reverse)
         out.sum().backward()
+        assert native_loops_ran(out) == (not variant.full_gate_recurrence)
         for b, seq in enumerate(seqs):
             rows = [layout.offsets[t] + b for t in range(len(seq))]
             order = seq[::-1] if reverse else seq
@@ -202,6 +262,120 @@ def test_variant_function_gradcheck(variant):
 
     assert torch.autograd.gradcheck(run, (leaf(T * B, I), leaf(B, P), leaf(B, H),
                                           leaf(B, 3 * H), *params.values()))
+
+
+@pytest.mark.parametrize("variant, project, masked", [
+    (LSTMVariant(layer_norm=True, peepholes=True), False, ("zoneout_h", "zoneout_c", "recurrent")),
+    (LSTMVariant(layer_norm=True, cifg=True, output_activation="softsign"), True,
+     ("zoneout_c", "recurrent")),
+    (LSTMVariant(layer_norm=True, gate_activation="hard_sigmoid"), False, ()),
+], ids=["peepholes-masks", "cifg-projection", "hard-sigmoid"])
+def test_native_layer_norm_gradcheck(variant, project, masked):
+    """gradcheck through the native layer-norm loops (LSTMVariantFunction with native_parts)."""
+    torch.manual_seed(1)
+    T, B, I, H = 3, 2, 2, 3
+    P = 2 if project else H
+    layout = StepLayout.padded(T, B)
+
+    def leaf(*shape, scale=0.5, offset=0.0):
+        return (offset + scale * torch.randn(*shape, dtype=torch.float64)).requires_grad_()
+
+    params = {"w_ih": leaf(4 * H, I), "w_hh": leaf(4 * H, P), "b_ih": leaf(4 * H),
+              "b_hh": leaf(4 * H)}
+    if project:
+        params["w_hr"] = leaf(P, H)
+    if variant.peepholes:
+        params["w_peephole"] = leaf(3 * H)
+    for stem, size in (("ih", 4 * H), ("hh", 4 * H), ("cell", H)):
+        params[f"ln_{stem}_weight"] = leaf(size, offset=1.0)
+        params[f"ln_{stem}_bias"] = leaf(size)
+    shapes = {"zoneout_h": (T * B, P), "zoneout_c": (T * B, H), "recurrent": (B, P)}
+    masks = {name: torch.bernoulli(torch.full(shapes[name], 0.6, dtype=torch.float64))
+             for name in masked}
+    names = list(params)
+
+    def run(x, h0, c0, *values):
+        out, h, c, _, _, _ = kernels.lstm_variant_layer(
+            x, h0, c0, dict(zip(names, values, strict=True)), masks, variant, layout=layout)
+        assert native_loops_ran(out)
+        return out, h, c
+
+    assert torch.autograd.gradcheck(run, (leaf(T * B, I), leaf(B, P), leaf(B, H),
+                                          *params.values()))
+
+
+def test_native_layer_norm_module_matches_portable():
+    """lstmkit.LSTM with layer norm, two bidirectional layers, packed sequences, training
+    masks: the native loops against the portable ones, the same masks from the same seed."""
+    variant = LSTMVariant(layer_norm=True, peepholes=True, zoneout_h=0.2, zoneout_c=0.1,
+                          recurrent_dropout=0.2, weight_drop=0.1)
+    torch.manual_seed(3)
+    native_module = lstmkit.LSTM(3, 5, num_layers=2, bidirectional=True, variant=variant,
+                                 dtype=torch.float64)
+    portable = lstmkit.LSTM(3, 5, num_layers=2, bidirectional=True, variant=variant,
+                            dtype=torch.float64, backend="portable")
+    portable.load_state_dict(native_module.state_dict())
+    with torch.no_grad():                         # move layer-norm parameters off 1 and 0
+        for module in (native_module, portable):
+            torch.manual_seed(4)
+            for name, p in module.named_parameters():
+                if name.startswith("ln_"):
+                    p.add_(0.2 * torch.randn_like(p))
+    x = torch.randn(6, 3, 3, dtype=torch.float64)
+    lengths = torch.tensor([6, 4, 1])
+    results = []
+    for module in (native_module, portable):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(5)
+        out, (h, c) = module(xi, lengths=lengths)
+        (out.sum() + h.sum() + c.sum()).backward()
+        results.append([out.detach(), h.detach(), c.detach(), xi.grad]
+                       + [p.grad for p in module.parameters()])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_native_layer_norm_backend_choices():
+    """backend "native" and "auto" run the layer-norm loops natively, "portable" the Python
+    loops; "native" refuses what has no native loop (full gate recurrence)."""
+    variant = LSTMVariant(layer_norm=True)
+    problem = random_problem(variant, T=5, B=2, I=3, H=4, seed=13)
+    for backend, native_expected in (("native", True), ("auto", True), ("portable", False)):
+        kernel_result(variant, *problem, dtype=torch.float64, backend=backend)   # checks it
+        params = {k: torch.tensor(v) for k, v in problem[0].items()}
+        x = torch.randn(10, 3, dtype=torch.float64, requires_grad=True)
+        out, *_ = kernels.lstm_variant_layer(x, torch.zeros(2, 4, dtype=torch.float64),
+                                             torch.zeros(2, 4, dtype=torch.float64), params, {},
+                                             variant, layout=StepLayout.padded(5, 2),
+                                             backend=backend)
+        assert native_loops_ran(out) == native_expected
+    fgr = LSTMVariant(layer_norm=True, full_gate_recurrence=True)
+    with pytest.raises(ValueError, match="backend='native' has no kernel for these LSTM "
+                                         "variants: full gate recurrence"):
+        lstmkit.LSTM(3, 4, variant=fgr, backend="native")(torch.randn(5, 2, 3))
+
+
+def test_native_layer_norm_loops_check_their_arguments():
+    """The native loops' entry points name a bad argument in a ValueError."""
+    m = native.module()
+    T, B, H = 2, 2, 3
+    z = torch.zeros
+    good = dict(xproj=z(T * B, 4 * H), h0=z(B, H), c0=z(B, H), w_hh=z(4 * H, H),
+                gain_h=z(4 * H), gain_c=z(H), batch_sizes=[B] * T)
+
+    def forward(xproj, h0, c0, w_hh, gain_h, gain_c, batch_sizes):
+        return m.lstm_layer_norm_forward(xproj, None, None, h0, c0, w_hh, None, None, 0, None,
+                                         None, None, gain_h, None, gain_c, None, 1e-5,
+                                         batch_sizes, False, True, 1)
+
+    assert forward(**good)[0].shape == (T * B, H)
+    for change, words in ((dict(xproj=z(T * B, 4 * H + 1)), "xproj must be"),
+                          (dict(w_hh=z(4 * H, H + 1)), "w_hh must have shape"),
+                          (dict(gain_h=z(4 * H - 1)), r"ln_hh_weight must be a \(12,\) tensor"),
+                          (dict(gain_c=z(H, dtype=torch.float64)), "ln_cell_weight must be"),
+                          (dict(batch_sizes=[B] * (T + 1)), "batch_sizes")):
+        with pytest.raises(ValueError, match=words):
+            forward(**{**good, **change})
 
 
 # -- modules -------------------------------------------------------------------------------------
@@ -536,7 +710,7 @@ def test_module_level_errors():
         LSTMVariant(peepholes=1)
     with pytest.raises(ValueError, match="recurrent_dropout.*lstmkit.LSTM"):
         lstmkit.LSTMCell(2, 3, variant=LSTMVariant(recurrent_dropout=0.1))
-    with pytest.raises(ValueError, match="backend='other'"):
+    with pytest.raises(ValueError, match="backend must be one of .*, got 'other'"):
         x = torch.randn(2, 3)
         kernels.lstm_variant_layer(x, torch.zeros(1, 4), torch.zeros(1, 4),
                                    {"w_ih": torch.randn(16, 3), "w_hh": torch.randn(16, 4)}, {},

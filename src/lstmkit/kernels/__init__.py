@@ -16,6 +16,7 @@ Backends:
 from ..reference.rnn import NONLINEARITIES
 from ..reference.variant import CELL_FORM_FIELDS, GRUVariant, LSTMVariant
 from . import native
+from ._precision import compute_dtype
 from .gru import GRUFunction
 from .gru_variants import MASKS as _GRU_VARIANT_MASKS
 from .gru_variants import PARAMETERS as _GRU_VARIANT_PARAMETERS
@@ -109,30 +110,49 @@ def lstm_layer_with_gates(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None
 
 def lstm_variant_layer(x, h0, c0, params: dict, masks: dict, variant, *, q0=None,
                        layout: StepLayout, reverse: bool = False, backend: str = "auto"):
-    """One LSTM-variant layer, one direction (see lstm_variants.py); portable backend only.
+    """One LSTM-variant layer, one direction (see lstm_variants.py).
 
     params: w_ih, w_hh, ... as `LSTMVariantFunction`'s (missing keys are absent); masks:
     zoneout_h, zoneout_c, recurrent (missing keys are off); q0 (B, 3H): the previous gates,
     for full gate recurrence (zeros when None).
     Returns out (N, P), h_T (B, P), c_T (B, H), q_T (B, 3H) or None without full gate
     recurrence, gates (N, 4H), cells (N, H).
+
+    With layer norm (and the elementwise variants, zoneout and recurrent dropout beside it) the
+    step loops are native on the CPU (`backend` "auto" where the native module is there, or
+    "native"); full gate recurrence, zoneout_h with a projection and the other variants' gate
+    traces run the portable loops ("auto" or "portable").
     """
-    if backend not in ("auto", "portable"):
-        raise ValueError(f"backend={backend!r} has no kernel for these LSTM variants: layer "
-                         "norm, full gate recurrence, zoneout_h with a projection, or the gate "
-                         "traces of any variant (return_gates=True); use backend='auto' or "
-                         "'portable'")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     unknown = (set(params) - set(_VARIANT_PARAMETERS)) | (set(masks) - set(_VARIANT_MASKS))
     if unknown:
         raise ValueError(f"unknown LSTM-variant arguments {sorted(unknown)}; expected some of "
                          f"{_VARIANT_PARAMETERS + _VARIANT_MASKS}")
+    native_parts = 0
+    native_loops = variant.layer_norm and not variant.full_gate_recurrence and not (
+        masks.get("zoneout_h") is not None and params.get("w_hr") is not None)
+    if backend == "native":
+        if not native_loops:
+            raise ValueError("backend='native' has no kernel for these LSTM variants: full gate "
+                             "recurrence, zoneout_h with a projection, or the gate traces of a "
+                             "variant without layer norm (return_gates=True); use "
+                             "backend='auto' or 'portable'")
+        native.check_device(x)
+        if not native.available():
+            raise ValueError(f"the native LSTM variants need the native module, which is "
+                             f"unavailable ({native.unavailable_reason()}): use "
+                             "backend='auto' or 'portable'")
+    if native_loops and backend != "portable" and native.supports(x):
+        native_parts = native.generic_parts(layout, params["w_hh"],
+                                            itemsize=compute_dtype(x.dtype).itemsize)
     if not variant.full_gate_recurrence:
         q0 = None
     elif q0 is None:
         q0 = h0.new_zeros(h0.shape[0], 3 * c0.shape[1])
     out, h_T, c_T, q_T, gates, cells = LSTMVariantFunction.apply(
         x, h0, c0, q0, *(params.get(k) for k in _VARIANT_PARAMETERS),
-        *(masks.get(k) for k in _VARIANT_MASKS), variant, layout, reverse)
+        *(masks.get(k) for k in _VARIANT_MASKS), variant, layout, reverse, native_parts)
     return out, h_T, c_T, (q_T if q0 is not None else None), gates, cells
 
 

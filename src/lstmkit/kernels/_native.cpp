@@ -1225,12 +1225,110 @@ __attribute__((always_inline)) inline void ratio_cells(const V<float> (&a)[W][4]
   }
 }
 
+// Layer norm (Ba et al. 2016, LSTMVariant's layer_norm) inside the step, over one row at a
+// time: the recurrent product v = r W_hh^T over its 4H values, LN_hh(v) = gain (v - mean) rstd
+// + beta with rstd = 1 / sqrt(var + eps), before the input part and the biases are added; and
+// the cell c~ over its H values before psi, m = o psi(LN_c(c~)) (the state and the output
+// peephole keep c~). The input's LN_ih(x W_ih^T) is one sequence-wide torch call before the
+// loop (lstm_variants.py), as the parameters' gradients are after it. A row's whole product
+// is needed first, so only the generic driver (MKL's step products, the gate math by rows)
+// runs it. Saved for the backward when training (N rows): the product before LN (h_pre,
+// 4H), c~ (cand), s = psi(LN_c(c~)), and each LN's mean and rstd.
+template <typename S>
+struct LayerNorms {
+  const S* gain_h = nullptr; const S* beta_h = nullptr;      // (4H), either may be absent
+  const S* gain_c = nullptr; const S* beta_c = nullptr;      // (H)
+  S eps = S(1e-5);
+  S* h_pre = nullptr; S* mean_h = nullptr; S* rstd_h = nullptr;   // saved, or none
+  S* cand = nullptr; S* s = nullptr; S* mean_c = nullptr; S* rstd_c = nullptr;
+  S* scratch = nullptr;      // (B, 2H): c~ and o of a row when nothing is saved
+  i64 H = 0;
+  explicit operator bool() const { return H != 0; }
+
+  static __attribute__((always_inline)) inline V<S> gain(const S* g, i64 j, int n) {
+    return g ? load(g + j, n) : splat(S(1));
+  }
+  // Sum of the lanes below n.
+  static __attribute__((always_inline)) inline S lanes_sum(V<S> v, int n) {
+    S total = 0;
+    for (int i = 0; i < n; ++i) total += v[i];
+    return total;
+  }
+  // mean and rstd of v[0, count), two passes (the deviations summed, not the squares).
+  void moments(const S* v, i64 count, S& mean, S& rstd) const {
+    constexpr int L = Vec<S>::L;
+    V<S> acc{};
+    S total = 0;
+    for_unit_blocks<S>(count, [&](i64 jb, int n) __attribute__((always_inline)) {
+      if (n == L) acc += load(v + jb * L, n);
+      else total += lanes_sum(load(v + jb * L, n), n);
+    });
+    mean = (total + lanes_sum(acc, L)) / S(count);
+    const V<S> mv = splat(mean);
+    V<S> sq{};
+    total = 0;
+    for_unit_blocks<S>(count, [&](i64 jb, int n) __attribute__((always_inline)) {
+      const V<S> d = load(v + jb * L, n) - mv;
+      if (n == L) sq += d * d;
+      else total += lanes_sum(d * d, n);
+    });
+    rstd = S(1) / std::sqrt((total + lanes_sum(sq, L)) / S(count) + eps);
+  }
+  // out[0, F) = gain (v - mean) rstd + beta; out may be v.
+  static void normalize(const S* v, i64 F, S mean, S rstd, const S* g, const S* beta, S* out) {
+    constexpr int L = Vec<S>::L;
+    const V<S> mv = splat(mean), rv = splat(rstd);
+    for_unit_blocks<S>(F, [&](i64 jb, int n) __attribute__((always_inline)) {
+      const i64 j = jb * L;
+      store(out + j, (load(v + j, n) - mv) * rv * gain(g, j, n) + load_bias(beta, j, n), n);
+    });
+  }
+  // The gradient reaching v[0, F) given d, the gradient of normalize's out:
+  //   dv = rstd (e - mean(e) - x mean(e x)),  e = d gain,  x = (v - mean) rstd.
+  // dv may be d. (Lanes past the row are zeros in d, so in both sums.)
+  static void normalize_backward(const S* d, const S* v, i64 F, S mean, S rstd, const S* g,
+                                 S* dv) {
+    constexpr int L = Vec<S>::L;
+    const V<S> mv = splat(mean), rv = splat(rstd);
+    V<S> sum_e{}, sum_ex{};
+    for_unit_blocks<S>(F, [&](i64 jb, int n) __attribute__((always_inline)) {
+      const i64 j = jb * L;
+      const V<S> e = load(d + j, n) * gain(g, j, n);
+      sum_e += e;
+      sum_ex += e * ((load(v + j, n) - mv) * rv);
+    });
+    const V<S> me = splat(lanes_sum(sum_e, L) / S(F)), mex = splat(lanes_sum(sum_ex, L) / S(F));
+    for_unit_blocks<S>(F, [&](i64 jb, int n) __attribute__((always_inline)) {
+      const i64 j = jb * L;
+      const V<S> e = load(d + j, n) * gain(g, j, n);
+      store(dv + j, rv * (e - me - (load(v + j, n) - mv) * rv * mex), n);
+    });
+  }
+  // Row `row` of the step product v (4H), normalised in place; v saved first when training.
+  void normalize_product(S* v, i64 row) const {
+    S mean, rstd;
+    moments(v, 4 * H, mean, rstd);
+    if (h_pre) {
+      std::memcpy(h_pre + row * 4 * H, v, 4 * H * sizeof(S));
+      mean_h[row] = mean;
+      rstd_h[row] = rstd;
+    }
+    normalize(v, 4 * H, mean, rstd, gain_h, beta_h, v);
+  }
+  // Where row b (global `row`) keeps its c~ and o (H each) between the cell and its output.
+  S* cand_row(i64 b, i64 row) const { return cand ? cand + row * H : scratch + b * 2 * H; }
+  S* o_row(i64 b, const S* saved_gates_row) const {
+    return saved_gates_row ? const_cast<S*>(saved_gates_row) + 3 * H : scratch + b * 2 * H + H;
+  }
+};
+
 template <typename S>
 struct LSTMForwardGates {
   const S* xproj; const S* bias; S* c; S* gates; S* cells; i64 H;
   const S* peep = nullptr;                                   // (3H) peephole weights, or none
   int form = 0;                                              // the cell's form, see CellForm
   ZoneoutMask<S> zone_c, zone_h;                             // zoneout, or none
+  LayerNorms<S> ln;                                          // layer norm, or none
   // Zoneout's h for the block at unit j of global row `row`: m itself without zoneout_h, else
   // mixed with the row's previous h (h_prev, the block's units). The drivers call it on
   // every block's result.
@@ -1257,6 +1355,7 @@ struct LSTMForwardGates {
   template <typename Product, typename Done>
   __attribute__((always_inline)) inline void row_cells(i64 b, i64 row, Product&& product,
                                                        Done&& done) const {
+    if (ln) return layer_norm_row_cells(b, row, product, done);
     for_unit_block_pairs<S>(H, [&](i64 jb, auto blocks, int n) __attribute__((always_inline)) {
       constexpr int W = decltype(blocks)::value;
       V<S> acc[W][4], m[W];
@@ -1308,6 +1407,44 @@ struct LSTMForwardGates {
     }
   }
   __attribute__((noinline)) V<S> general(i64 b, i64 row, i64 jb, const V<S>* acc) const {
+    V<S> o;
+    const V<S> cn = cell(b, row, jb, acc, o);
+    return o * cell_activation<S>(CellForm(form).output, cn);
+  }
+  // With layer norm: first every block's cell (c~ and o kept, see LayerNorms), then c~'s mean
+  // and rstd over the row, then each block's m = o psi(LN_c(c~)) to done(jb, m, n).
+  template <typename Product, typename Done>
+  void layer_norm_row_cells(i64 b, i64 row, Product&& product, Done&& done) const {
+    constexpr int L = Vec<S>::L;
+    S* cand = ln.cand_row(b, row);
+    S* o_row = ln.o_row(b, gates ? gates + row * 4 * H : nullptr);
+    for_unit_blocks<S>(H, [&](i64 jb, int n) __attribute__((always_inline)) {
+      V<S> acc[4], o;
+      for (int q = 0; q < 4; ++q) acc[q] = product(jb, q, n);
+      store(cand + jb * L, cell(b, row, jb, acc, o), n);
+      if (!gates) store(o_row + jb * L, o, n);
+    });
+    S mean, rstd;
+    ln.moments(cand, H, mean, rstd);
+    if (ln.mean_c) {
+      ln.mean_c[row] = mean;
+      ln.rstd_c[row] = rstd;
+    }
+    const int output = CellForm(form).output;
+    const V<S> mv = splat(mean), rv = splat(rstd);
+    for_unit_blocks<S>(H, [&](i64 jb, int n) __attribute__((always_inline)) {
+      const i64 j = jb * L;
+      const V<S> normal = (load(cand + j, n) - mv) * rv * LayerNorms<S>::gain(ln.gain_c, j, n) +
+                          load_bias(ln.beta_c, j, n);
+      const V<S> s = cell_activation<S>(output, normal);
+      if (ln.s) store(ln.s + row * H + j, s, n);
+      done(jb, load(o_row + j, n) * s, n);
+    });
+  }
+  // The cell of block jb of row b (global `row`) for the general forms: stores the state c
+  // (after zoneout) and, when saving, the gates and cells; returns c~ and o.
+  __attribute__((always_inline)) inline V<S> cell(i64 b, i64 row, i64 jb, const V<S>* acc,
+                                                  V<S>& o_out) const {
     constexpr int L = Vec<S>::L;
     i64 j = jb * L;
     int n = (int)std::min<i64>(L, H - j);
@@ -1338,7 +1475,8 @@ struct LSTMForwardGates {
       store(gr, i, n); store(gr + H, f, n); store(gr + 2 * H, g, n); store(gr + 3 * H, o, n);
       store(cells + row * H + j, c_state, n);
     }
-    return o * cell_activation<S>(act.output, cn);
+    o_out = o;
+    return cn;
   }
 };
 
@@ -1353,10 +1491,14 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
                                  const Steps& st, bool save, i64 parts, const Tensor& w_ih,
                                  bool own_product, const Tensor& peephole, int cell_form,
                                  const Tensor& zoneout_h, const Tensor& zoneout_c,
-                                 const Tensor& recurrent_mask) {
+                                 const Tensor& recurrent_mask,
+                                 const LayerNorms<S>& layer_norms = {}) {
   constexpr int L = Vec<S>::L;
   const i64 H = c0.size(1), P = h0.size(1), B = st.batch, N = st.rows;
   const i64 I = w_ih.defined() ? w_ih.size(1) : 0;
+  TORCH_CHECK(!layer_norms || (parts > 0 && !own_product && !I),
+              "lstm_forward: layer norm runs on the generic driver with MKL's step products, "
+              "the input projected first");
   Tensor h_state = recurrent_mask.defined() ? pooled_clone(h0) : Tensor();
   const RecurrentDropout<S> drop{ptr<S>(recurrent_mask), ptr<S>(h_state), P};
   const Tensor h0_operand = drop.initial(h0, recurrent_mask);
@@ -1369,7 +1511,8 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
   Tensor c = pooled_clone(c0);
   LSTMForwardGates<S> gate_math{I ? nullptr : ptr<S>(xproj), ptr<S>(bias), ptr<S>(c),
                                 ptr<S>(gates), ptr<S>(cells), H, ptr<S>(peephole), cell_form,
-                                ZoneoutMask<S>(zoneout_c), ZoneoutMask<S>(zoneout_h)};
+                                ZoneoutMask<S>(zoneout_c), ZoneoutMask<S>(zoneout_h),
+                                layer_norms};
   S* o_ptr = ptr<S>(out);
   const i64 J = (H + L - 1) / L;
   if (parts == 0 && !w_hr.defined()) {
@@ -1543,7 +1686,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
   StepProduct<S> recurrent(w.t(), B);
   c10::optional<StepProduct<S>> projection;
   if (w_hr.defined()) projection.emplace(w_hr.t(), B);
-  const S* r = ptr<S>(rec);
+  S* r = ptr<S>(rec);
   Mat<S> zm = mat<S>(z);
   S* target = m.defined() ? ptr<S>(m) : zm.p + I;
   const i64 ts = m.defined() ? H : I + P;
@@ -1553,6 +1696,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
     for (i64 b = r0; b < e && I; ++b) std::memcpy(zm.row(b), x + (off + b) * I, I * sizeof(S));
     recurrent(mat<S>(rec).rows_at(r0, e - r0), zm.rows_at(r0, e - r0));
     for_rows(e, H, [&](i64 b) {
+      if (layer_norms) layer_norms.normalize_product(r + b * 4 * H, off + b);
       gate_math.row_cells(b, off + b, [&](i64 jb, int q, int n) {
         return load(r + b * 4 * H + q * H + jb * L, n);
       }, [&](i64 jb, V<S> mv, int n) {
@@ -1594,6 +1738,9 @@ struct LSTMBackwardGates {
   int form = 0;                                              // as LSTMForwardGates's
   ZoneoutMask<S> zone_c, zone_h;                             // zoneout, or none
   S* dh_carry = nullptr;                                     // (B, H) with zone_h
+  LayerNorms<S> ln;                                          // layer norm (its saved rows)
+  S* d_product = nullptr;            // with ln: (N, 4H), the gradient of the product before LN
+  S* d_cell_norm = nullptr;          // with ln: (N, H), the gradient of LN_c(c~)
   // dm: the gradient reaching h, m = o psi(c) (the zoned h with zoneout_h), for row b of step t,
   // block jb. With peepholes c also reaches a_o (dc += da_o p_o) and c_prev reaches a_i and a_f
   // (dc_prev += da_i p_i + da_f p_f).
@@ -1632,6 +1779,72 @@ struct LSTMBackwardGates {
     store(k.da + 2 * H, dct * k.i * (one - k.g * k.g), n);
     store(k.da + 3 * H, dm * s * k.o * (one - k.o), n);
     store(k.dc, dct * k.f, n);
+  }
+  // Row b of step t with layer norm (see LayerNorms), dm_row its dm (H units): with
+  // x_c = (c~ - mean_c) rstd_c and s = psi(gain_c x_c + beta_c),
+  //   dn_c = dm o psi'(s) (kept in d_cell_norm for gain_c's gradient), g_c = dn_c gain_c,
+  //   dc~ += rstd_c (g_c - mean(g_c) - x_c mean(g_c x_c)),
+  // the gates' gradients da as general's with that dc~, and with x_h = (h_pre - mean_h) rstd_h,
+  // g_h = da gain_h, the product's d_product = rstd_h (g_h - mean(g_h) - x_h mean(g_h x_h)),
+  // the operand of dh_prev = d_product W_hh and of dW_hh. (The means over the row's H and 4H
+  // values: a partial block's lanes past the row are zeros in dm and da, so in every sum.)
+  void layer_norm_row(i64 t, i64 b, const S* dm_row) const {
+    constexpr int L = Vec<S>::L;
+    const i64 row = st->offset[t] + b;
+    const CellForm act(form);
+    const bool cifg = form & GATE_CIFG;
+    const S* cand = ln.cand + row * H;
+    const S* s_row = ln.s + row * H;
+    const S* gr = gates + row * 4 * H;
+    S* dn = d_cell_norm + row * H;
+    S* da = d_gates + row * 4 * H;
+    const V<S> mean_c = splat(ln.mean_c[row]), rstd_c = splat(ln.rstd_c[row]);
+    V<S> sum_g{}, sum_gx{};
+    for_unit_blocks<S>(H, [&](i64 jb, int n) __attribute__((always_inline)) {
+      const i64 j = jb * L;
+      V<S> dm = load(dm_row + j, n);
+      if (zone_h) {                            // as general's
+        S* carry = dh_carry + b * H + j;
+        const V<S> dh = dm + load(carry, n), kept = dh * zone_h.at(row, j, n);
+        store(carry, kept, n);
+        dm = dh - kept;
+      }
+      const V<S> o = load(gr + 3 * H + j, n), s = load(s_row + j, n);
+      const V<S> dnv = dm * o * cell_slope<S>(act.output, s);
+      store(dn + j, dnv, n);
+      store(da + 3 * H + j, dm * s * gate_slope<S>(act.gate, o), n);
+      const V<S> g = dnv * LayerNorms<S>::gain(ln.gain_c, j, n);
+      sum_g += g;
+      sum_gx += g * ((load(cand + j, n) - mean_c) * rstd_c);
+    });
+    const V<S> mg = splat(LayerNorms<S>::lanes_sum(sum_g, L) / S(H));
+    const V<S> mgx = splat(LayerNorms<S>::lanes_sum(sum_gx, L) / S(H));
+    for_unit_blocks<S>(H, [&](i64 jb, int n) __attribute__((always_inline)) {
+      const Saved k = saved(t, b, jb, n);
+      const i64 j = k.j;
+      const V<S> i = k.i, f = k.f, g = k.g, c_prev = k.c_prev;
+      V<S> dc_in = load(k.dc, n), dc_kept{};
+      if (zone_c) {
+        dc_kept = dc_in * zone_c.at(row, j, n);
+        dc_in = dc_in - dc_kept;
+      }
+      const V<S> x = (load(cand + j, n) - mean_c) * rstd_c;
+      V<S> dct = dc_in + rstd_c * (load(dn + j, n) * LayerNorms<S>::gain(ln.gain_c, j, n) - mg -
+                                   x * mgx);
+      const V<S> da_o = load(k.da + 3 * H, n);
+      if (peep) dct += da_o * load(peep + 2 * H + j, n);
+      V<S> da_i = dct * (cifg ? g - c_prev : g) * gate_slope<S>(act.gate, i);
+      V<S> da_f = cifg ? V<S>{} : dct * c_prev * gate_slope<S>(act.gate, f);
+      store(k.da, da_i, n);
+      store(k.da + H, da_f, n);
+      store(k.da + 2 * H, dct * i * cell_slope<S>(act.cell, g), n);
+      V<S> dc_prev = dct * f;
+      if (peep) dc_prev += da_i * load(peep + j, n) + da_f * load(peep + H + j, n);
+      if (zone_c) dc_prev += dc_kept;
+      store(k.dc, dc_prev, n);
+    });
+    LayerNorms<S>::normalize_backward(da, ln.h_pre + row * 4 * H, 4 * H, ln.mean_h[row],
+                                      ln.rstd_h[row], ln.gain_h, d_product + row * 4 * H);
   }
   __attribute__((noinline)) void general(i64 t, i64 b, i64 jb, V<S> dm, int n) const {
     const Saved k = saved(t, b, jb, n);
@@ -1677,8 +1890,14 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
                                   const Tensor& cells, const Steps& st, i64 parts,
                                   bool own_product, const Tensor& peephole, int cell_form,
                                   const Tensor& zoneout_h, const Tensor& zoneout_c,
-                                  const Tensor& dh_carry, const Tensor& recurrent_mask) {
+                                  const Tensor& dh_carry, const Tensor& recurrent_mask,
+                                  const LayerNorms<S>& layer_norms = {},
+                                  const Tensor& d_product = {},
+                                  const Tensor& d_cell_norm = {}) {
   constexpr int L = Vec<S>::L;
+  TORCH_CHECK(!layer_norms || (parts > 0 && !own_product && d_product.defined() &&
+                               d_cell_norm.defined()),
+              "lstm_backward: layer norm runs on the generic driver with MKL's step products");
   const i64 H = c0.size(1), P = d_hT.size(1), B = st.batch, N = st.rows;
   Tensor w_hr = w_hr_opt.has_value() ? w_hr_opt->contiguous() : Tensor();
   Tensor d_gates = pooled_empty({N, 4 * H}, gates.options());
@@ -1686,7 +1905,8 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
   LSTMBackwardGates<S> gate_math{ptr<S>(gates), ptr<S>(cells), ptr<S>(c0), ptr<S>(dc),
                                  ptr<S>(d_gates), &st, H, ptr<S>(peephole), cell_form,
                                  ZoneoutMask<S>(zoneout_c), ZoneoutMask<S>(zoneout_h),
-                                 ptr<S>(dh_carry)};
+                                 ptr<S>(dh_carry), layer_norms, ptr<S>(d_product),
+                                 ptr<S>(d_cell_norm)};
   const S* dy = ptr<S>(d_out);
   S* dhp = ptr<S>(dh);
   const i64 J = (H + L - 1) / L;
@@ -1772,11 +1992,12 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
       add_rows(mat<S>(dm).rows_at(r0, n), mat<S>(d_out).rows_at(off + r0, n), dh_t);
     }
     for_rows(e, H, [&](i64 b) {
+      if (layer_norms) return gate_math.layer_norm_row(t, b, dmp + b * H);
       for_unit_blocks<S>(H, [&](i64 jb, int n) __attribute__((always_inline)) {
         gate_math(t, b, jb, load(dmp + b * H + jb * L, n), n);
       });
     }, r0);
-    recurrent(dh_t, mat<S>(d_gates).rows_at(off + r0, n));
+    recurrent(dh_t, mat<S>(layer_norms ? d_product : d_gates).rows_at(off + r0, n));
     for (i64 b = r0; b < e && drop; ++b)
       for_unit_blocks<S>(P, [&](i64 jb, int w) __attribute__((always_inline)) {
         store(dhp + b * P + jb * L, dropped(b, jb * L, load(dhp + b * P + jb * L, w), w), w);
@@ -3297,6 +3518,221 @@ std::vector<Tensor> rnn_layer_backward(Tensor d_out, Tensor d_hT, Tensor x, Tens
   return {dx, loop[1], w[0], w[1], w[2]};
 }
 
+// ---- the LSTM with layer norm: the step loops of LSTMVariantFunction -----------------------
+// Its Python Function (lstm_variants.py) does what is sequence-wide with torch (the input's
+// layer norm before the loop; the layer norms' parameter gradients, dX and the weight
+// gradients after it) and calls these two for the loops, which would otherwise be Python
+// loops of torch operations per step. Tensors in one compute dtype (float32 or float64).
+
+// Layer norm over the rows of v (N, F), what the sequence-wide input side needs (torch's
+// native_layer_norm and its backward write fresh tensors, and at batch 64 / hidden 512 / length
+// 100 faulting in their 52 MB cost as much as the arithmetic: 17.5 ms against 7-8 for a
+// product of that size into recycled memory). Returns out (N, F) = gain (v - mean) rstd + beta,
+// mean and rstd (N, 1); gain and beta may be absent.
+std::vector<Tensor> layer_norm_rows(Tensor v, c10::optional<Tensor> gain,
+                                    c10::optional<Tensor> beta, double eps) {
+  check_cpu(v, "v");
+  TORCH_CHECK_VALUE(v.dim() == 2, "layer_norm_rows: v must be (N, F), got ", v.sizes());
+  v = v.contiguous();
+  const i64 N = v.size(0), F = v.size(1);
+  Tensor out = pooled_empty({N, F}, v.options());
+  Tensor mean = pooled_empty({N, 1}, v.options()), rstd = pooled_empty({N, 1}, v.options());
+  Tensor g = optional_contiguous(gain), b = optional_contiguous(beta);
+  LSTMKIT_DISPATCH(v.scalar_type(), [&] {
+    LayerNorms<scalar> ln;
+    ln.eps = (scalar)eps;
+    const scalar* vp = ptr<scalar>(v);
+    const scalar* gp = ptr<scalar>(g);
+    const scalar* bp = ptr<scalar>(b);
+    scalar* op = ptr<scalar>(out);
+    scalar* mp = ptr<scalar>(mean);
+    scalar* rp = ptr<scalar>(rstd);
+    at::parallel_for(0, N, std::max<i64>(1, GATE_MATH_GRAIN_UNITS / std::max<i64>(F, 1)),
+                     [&](i64 r0, i64 r1) {
+      for (i64 r = r0; r < r1; ++r) {
+        ln.moments(vp + r * F, F, mp[r], rp[r]);
+        LayerNorms<scalar>::normalize(vp + r * F, F, mp[r], rp[r], gp, bp, op + r * F);
+      }
+    });
+    return 0;
+  });
+  return {out, mean, rstd};
+}
+
+// The gradient of layer_norm_rows's v given d (N, F), the gradient of its out, and what it
+// returned (see LayerNorms::normalize_backward). (The gain's and bias's gradients, sums over the
+// rows, are torch's.)
+Tensor layer_norm_rows_backward(Tensor d, Tensor v, Tensor mean, Tensor rstd,
+                                c10::optional<Tensor> gain) {
+  check_cpu(v, "v");
+  TORCH_CHECK_VALUE(d.dim() == 2 && d.sizes() == v.sizes() && mean.numel() == v.size(0) &&
+                        rstd.numel() == v.size(0),
+                    "layer_norm_rows_backward: d and v (N, F), mean and rstd (N, 1); got ",
+                    d.sizes(), ", ", v.sizes(), ", ", mean.sizes(), ", ", rstd.sizes());
+  d = d.contiguous(); v = v.contiguous(); mean = mean.contiguous(); rstd = rstd.contiguous();
+  const i64 N = v.size(0), F = v.size(1);
+  Tensor dv = pooled_empty({N, F}, v.options());
+  Tensor g = optional_contiguous(gain);
+  LSTMKIT_DISPATCH(v.scalar_type(), [&] {
+    const scalar* dp = ptr<scalar>(d);
+    const scalar* vp = ptr<scalar>(v);
+    const scalar* gp = ptr<scalar>(g);
+    const scalar* mp = ptr<scalar>(mean);
+    const scalar* rp = ptr<scalar>(rstd);
+    scalar* out = ptr<scalar>(dv);
+    at::parallel_for(0, N, std::max<i64>(1, GATE_MATH_GRAIN_UNITS / std::max<i64>(F, 1)),
+                     [&](i64 r0, i64 r1) {
+      for (i64 r = r0; r < r1; ++r) {
+        LayerNorms<scalar>::normalize_backward(dp + r * F, vp + r * F, F, mp[r], rp[r], gp,
+                                               out + r * F);
+      }
+    });
+    return 0;
+  });
+  return dv;
+}
+
+// LayerNorms's gains and biases (undefined: absent), contiguous (they must outlive it).
+template <typename S>
+LayerNorms<S> layer_norms_of(const Tensor& gain_h, const Tensor& beta_h, const Tensor& gain_c,
+                             const Tensor& beta_c, double eps, i64 H) {
+  LayerNorms<S> ln;
+  ln.gain_h = ptr<S>(gain_h);
+  ln.beta_h = ptr<S>(beta_h);
+  ln.gain_c = ptr<S>(gain_c);
+  ln.beta_c = ptr<S>(beta_c);
+  ln.eps = (S)eps;
+  ln.H = H;
+  return ln;
+}
+
+void check_layer_norm_parameters(i64 H, const c10::optional<Tensor>& gain_h,
+                                 const c10::optional<Tensor>& beta_h,
+                                 const c10::optional<Tensor>& gain_c,
+                                 const c10::optional<Tensor>& beta_c, at::ScalarType dtype) {
+  auto check = [&](const char* name, const c10::optional<Tensor>& t, i64 size) {
+    TORCH_CHECK_VALUE(!t.has_value() || (t->dim() == 1 && t->size(0) == size &&
+                                         t->scalar_type() == dtype),
+                      name, " must be a (", size, ",) tensor of ", dtype, ", got ",
+                      t.has_value() ? c10::str(t->sizes(), " ", t->scalar_type()) : "");
+  };
+  check("ln_hh_weight", gain_h, 4 * H);
+  check("ln_hh_bias", beta_h, 4 * H);
+  check("ln_cell_weight", gain_c, H);
+  check("ln_cell_bias", beta_c, H);
+}
+
+// The forward loop: xproj (N, 4H) = LN_ih(x W_ih^T) (the biases not added: the loop adds
+// b_ih + b_hh), h0 (B, P), c0 (B, H), w_hh (4H, P), w_hr (P, H), the elementwise variants as
+// lstm_layer_forward's (zoneout_h only without projection), the layer norms' gains and biases
+// (ln_hh (4H), ln_cell (H), each may be absent), on the generic driver with `parts` row parts.
+// Returns out (N, P), h_T, c_T and, when `save`, gates (N, 4H) activated, cells (N, H) (after
+// zoneout), cand (N, H) c~, s (N, H) psi(LN_c(c~)), h_pre (N, 4H) the step products before
+// LN, mean_h, rstd_h, mean_c, rstd_c (N, 1) (lstm_variants.py's stash).
+std::vector<Tensor> lstm_layer_norm_forward(
+    Tensor xproj, c10::optional<Tensor> b_ih, c10::optional<Tensor> b_hh, Tensor h0, Tensor c0,
+    Tensor w_hh, c10::optional<Tensor> w_hr, c10::optional<Tensor> w_peephole, i64 cell_form,
+    c10::optional<Tensor> zoneout_h, c10::optional<Tensor> zoneout_c,
+    c10::optional<Tensor> recurrent, c10::optional<Tensor> ln_hh_weight,
+    c10::optional<Tensor> ln_hh_bias, c10::optional<Tensor> ln_cell_weight,
+    c10::optional<Tensor> ln_cell_bias, double eps, std::vector<i64> batch_sizes, bool reverse,
+    bool save, i64 parts) {
+  check_cpu(xproj, "x");
+  const i64 H = c0.size(1), P = h0.size(1), B = h0.size(0), N = xproj.size(0);
+  TORCH_CHECK_VALUE(xproj.dim() == 2 && xproj.size(1) == 4 * H,
+                    "lstm_layer_norm_forward: xproj must be (N, 4H) = (N, ", 4 * H, "), got ",
+                    xproj.sizes());
+  check_layer_weights(4, xproj, H, P, Tensor(), w_hh, b_ih, b_hh, w_hr,
+                      w_peephole);
+  check_layer_norm_parameters(H, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias,
+                              xproj.scalar_type());
+  TORCH_CHECK_VALUE(!(zoneout_h.has_value() && w_hr.has_value()),
+                    "the native LSTM has no zoneout_h with a projection (proj_size): the "
+                    "portable kernel computes it");
+  TORCH_CHECK_VALUE(parts >= 1, "lstm_layer_norm_forward: parts must be >= 1, got ", parts);
+  Tensor zone_h = checked_zoneout_mask("zoneout_h", zoneout_h, xproj, P);
+  Tensor zone_c = checked_zoneout_mask("zoneout_c", zoneout_c, xproj, H);
+  Tensor dropout = checked_recurrent_mask(recurrent, h0);
+  xproj = xproj.contiguous();
+  for (auto* t : {&h0, &c0, &w_hh}) *t = t->contiguous();
+  Tensor bias = bias_sum(optional_contiguous(b_ih), optional_contiguous(b_hh));
+  Steps st(batch_sizes, reverse);
+  TORCH_CHECK_VALUE(st.rows == N && st.batch == B, "lstm_layer_norm_forward: batch_sizes ",
+                    at::IntArrayRef(batch_sizes), " do not fit x's ", N,
+                    " rows and h0's batch ", B);
+  const auto options = xproj.options();
+  Tensor cand, s, h_pre, mean_h, rstd_h, mean_c, rstd_c, scratch;
+  if (save) {
+    cand = pooled_empty({N, H}, options);
+    s = pooled_empty({N, H}, options);
+    h_pre = pooled_empty({N, 4 * H}, options);
+    for (Tensor* t : {&mean_h, &rstd_h, &mean_c, &rstd_c}) *t = pooled_empty({N, 1}, options);
+  } else {
+    scratch = pooled_empty({B, 2 * H}, options);
+  }
+  const Tensor gain_h = optional_contiguous(ln_hh_weight);
+  const Tensor beta_h = optional_contiguous(ln_hh_bias);
+  const Tensor gain_c = optional_contiguous(ln_cell_weight);
+  const Tensor beta_c = optional_contiguous(ln_cell_bias);
+  return LSTMKIT_DISPATCH(xproj.scalar_type(), [&] {
+    LayerNorms<scalar> ln = layer_norms_of<scalar>(gain_h, beta_h, gain_c, beta_c, eps, H);
+    ln.h_pre = ptr<scalar>(h_pre); ln.mean_h = ptr<scalar>(mean_h);
+    ln.rstd_h = ptr<scalar>(rstd_h); ln.cand = ptr<scalar>(cand); ln.s = ptr<scalar>(s);
+    ln.mean_c = ptr<scalar>(mean_c); ln.rstd_c = ptr<scalar>(rstd_c);
+    ln.scratch = ptr<scalar>(scratch);
+    auto r = lstm_forward<scalar>(xproj, bias, h0, c0, w_hh, w_hr, st, save, parts, Tensor(),
+                                  false, optional_contiguous(w_peephole), (int)cell_form,
+                                  zone_h, zone_c, dropout, ln);
+    return std::vector<Tensor>{r[0], r[1], r[2], r[3], r[4], cand, s, h_pre, mean_h, rstd_h,
+                               mean_c, rstd_c};
+  });
+}
+
+// The backward loop of lstm_layer_norm_forward, given what it saved and the gradients arriving
+// at out, h_T, c_T: returns d_gates (N, 4H) (the gradient of the pre-activations a), d_product
+// (N, 4H) (of the step products before LN_hh: dh_prev = d_product W_hh, and dW_hh's operand),
+// d_cell_norm (N, H) (of LN_c(c~)), d_h_tilde (N, P) (of each step's h before the projection,
+// undefined without one), dh0, dc0.
+std::vector<Tensor> lstm_layer_norm_backward(
+    Tensor d_out, Tensor d_hT, Tensor d_cT, Tensor c0, Tensor w_hh, c10::optional<Tensor> w_hr,
+    Tensor gates, Tensor cells, Tensor cand, Tensor s, Tensor h_pre, Tensor mean_h,
+    Tensor rstd_h, Tensor mean_c, Tensor rstd_c, c10::optional<Tensor> ln_hh_weight,
+    c10::optional<Tensor> ln_cell_weight, c10::optional<Tensor> w_peephole, i64 cell_form,
+    c10::optional<Tensor> zoneout_h, c10::optional<Tensor> zoneout_c,
+    c10::optional<Tensor> recurrent, std::vector<i64> batch_sizes, bool reverse, i64 parts) {
+  const auto dtype = gates.scalar_type();
+  const i64 H = cells.size(1), N = gates.size(0);
+  TORCH_CHECK_VALUE(parts >= 1, "lstm_layer_norm_backward: parts must be >= 1, got ", parts);
+  check_layer_norm_parameters(H, ln_hh_weight, c10::nullopt, ln_cell_weight, c10::nullopt,
+                              dtype);
+  d_out = incoming(d_out, dtype); d_hT = incoming(d_hT, dtype); d_cT = incoming(d_cT, dtype);
+  for (Tensor* t : {&c0, &w_hh, &gates, &cells, &cand, &s, &h_pre, &mean_h, &rstd_h, &mean_c,
+                    &rstd_c})
+    *t = t->contiguous();
+  Steps st(batch_sizes, reverse);
+  TORCH_CHECK_VALUE(st.rows == N, "lstm_layer_norm_backward: batch_sizes ",
+                    at::IntArrayRef(batch_sizes), " do not fit the ", N, " saved rows");
+  Tensor zone_h = optional_contiguous(zoneout_h), zone_c = optional_contiguous(zoneout_c);
+  Tensor dh_carry = zone_h.defined() ? pooled_empty({st.batch, H}, gates.options()).zero_()
+                                     : Tensor();
+  Tensor d_product = pooled_empty({N, 4 * H}, gates.options());
+  Tensor d_cell_norm = pooled_empty({N, H}, gates.options());
+  const Tensor gain_h = optional_contiguous(ln_hh_weight);
+  const Tensor gain_c = optional_contiguous(ln_cell_weight);
+  auto loop = LSTMKIT_DISPATCH(dtype, [&] {
+    LayerNorms<scalar> ln = layer_norms_of<scalar>(gain_h, Tensor(), gain_c, Tensor(), 0.0, H);
+    ln.h_pre = ptr<scalar>(h_pre); ln.mean_h = ptr<scalar>(mean_h);
+    ln.rstd_h = ptr<scalar>(rstd_h); ln.cand = ptr<scalar>(cand); ln.s = ptr<scalar>(s);
+    ln.mean_c = ptr<scalar>(mean_c); ln.rstd_c = ptr<scalar>(rstd_c);
+    return lstm_backward<scalar>(d_out, d_hT, d_cT, c0, w_hh, w_hr, gates, cells, st, parts,
+                                 false, optional_contiguous(w_peephole), (int)cell_form, zone_h,
+                                 zone_c, dh_carry, optional_contiguous(recurrent), ln, d_product,
+                                 d_cell_norm);
+  });
+  if (dh_carry.defined()) loop[1].add_(dh_carry);
+  return {loop[0], d_product, d_cell_norm, loop[3], loop[1], loop[2]};
+}
+
 // One GRU layer, one direction: x (N, I) -> out (N, H), h_T, stash. zoneout_h (N or 1, H):
 // zoneout's mask; recurrent (B, H): recurrent dropout's; form: the activations (GRUActivations).
 std::vector<Tensor> gru_layer_forward(Tensor x, c10::optional<Tensor> b_ih,
@@ -3702,6 +4138,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_layer", &lstm_layer_py);
   m.def("one_state_layer", &one_state_layer_py);
   m.def("lstm_infer", &lstm_infer_py);
+  m.def("lstm_layer_norm_forward", &lstm_layer_norm_forward);
+  m.def("lstm_layer_norm_backward", &lstm_layer_norm_backward);
+  m.def("layer_norm_rows", &layer_norm_rows);
+  m.def("layer_norm_rows_backward", &layer_norm_rows_backward);
   m.def("one_state_infer", &one_state_infer_py);
   m.def("cell_step", &cell_step_py, py::arg("kind"), py::arg("x"), py::arg("h"), py::arg("c"),
         py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"),

@@ -28,7 +28,8 @@ Then the weight gradients are one matrix product each over all rows, as in lstm.
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..reference.variant import LSTMVariant
+from ..reference.variant import CELL_FORM_FIELDS, LSTMVariant
+from . import native
 from ._precision import cast_like, cast_to, compute_dtype, dtypes_of, upcast
 from .layout import StepLayout
 
@@ -77,11 +78,12 @@ def _layer_norm(v, gain, bias, eps):
     return torch.native_layer_norm(v, [v.shape[1]], gain, bias, eps)
 
 
-def _layer_norm_backward(d_out, v, mean, rstd, gain, bias, parameters=False):
+def _layer_norm_backward(d_out, v, mean, rstd, gain, bias, parameters=False, input=True):
     """dL/dv for LN(v) = gain * (v - mean) * rstd + bias, given dL/dLN (M, F); with
-    `parameters`, also (dL/dgain, dL/dbias) summed over the rows."""
+    `parameters`, (dL/dv, dL/dgain, dL/dbias), the last two summed over the rows, and dL/dv
+    None when not `input`."""
     dv, dgain, dbias = torch.ops.aten.native_layer_norm_backward(
-        d_out, v, [v.shape[1]], mean, rstd, gain, bias, [True, parameters, parameters])
+        d_out, v, [v.shape[1]], mean, rstd, gain, bias, [input, parameters, parameters])
     return (dv, dgain, dbias) if parameters else dv
 
 
@@ -100,23 +102,47 @@ def _per_row(batch_mask, layout: StepLayout):
 # -- forward and backward ---------------------------------------------------------------------
 
 
+def _form(v: LSTMVariant) -> int:
+    """The variant's cell as the native kernels' `form` bits (native.cell_form)."""
+    return native.cell_form(*(getattr(v, name) for name in CELL_FORM_FIELDS))
+
+
 def lstm_variant_forward(x, h0, c0, q0, p: dict, masks: dict, v: LSTMVariant,
-                         layout: StepLayout, reverse: bool):
+                         layout: StepLayout, reverse: bool, native_parts: int = 0):
     """x (N, I), h0 (B, P), c0 (B, H), q0 (B, 3H) | None
     -> out (N, P), h_T (B, P), c_T (B, H), q_T (B, 3H) | None, stash dict.
 
     p: w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, w_gate, ln_* (None where absent).
     masks: zoneout_h (N, P) or (1, P), zoneout_c (N, H) or (1, H), recurrent (B, P); or None.
+    native_parts: 0 for the loop below; n >= 1 for the native loop with n row parts (layer
+    norm, no full gate recurrence: see `native_loop_parts`), which saves the same stash.
     """
     H = p["w_hh"].shape[0] // 4
     N = x.shape[0]
     z_h, z_c, d_r = masks["zoneout_h"], masks["zoneout_c"], masks["recurrent"]
     st = {}
-    ax = x @ p["w_ih"].t()                                       # (N, 4H)
-    if v.layer_norm:                      # stash each LN's input, mean and 1/deviation
+    if native_parts:
+        # In the native module's recycled memory: fresh tensors of this size cost about as
+        # much in page faults as the arithmetic (see layer_norm_rows in _native.cpp).
+        ax = _native_products(x, [(x, p["w_ih"].t())])[0]
         st["x_pre"] = ax
-        ax, st["mean_x"], st["rstd_x"] = _layer_norm(ax, p["ln_ih_weight"], p["ln_ih_bias"],
-                                                     v.layer_norm_eps)
+        ax, st["mean_x"], st["rstd_x"] = native.module().layer_norm_rows(
+            ax, p["ln_ih_weight"], p["ln_ih_bias"], v.layer_norm_eps)
+    else:
+        ax = x @ p["w_ih"].t()                                   # (N, 4H)
+        if v.layer_norm:                  # stash each LN's input, mean and 1/deviation
+            st["x_pre"] = ax
+            ax, st["mean_x"], st["rstd_x"] = _layer_norm(ax, p["ln_ih_weight"],
+                                                         p["ln_ih_bias"], v.layer_norm_eps)
+    if native_parts:
+        (out, h, c, st["gates"], st["cells"], st["cand"], st["s"], st["h_pre"], st["mean_h"],
+         st["rstd_h"], st["mean_c"], st["rstd_c"]) = native.module().lstm_layer_norm_forward(
+            ax, p["b_ih"], p["b_hh"], h0, c0, p["w_hh"], p["w_hr"], p["w_peephole"], _form(v),
+            z_h, z_c, d_r, p["ln_hh_weight"], p["ln_hh_bias"], p["ln_cell_weight"],
+            p["ln_cell_bias"], v.layer_norm_eps, layout.batch_sizes, reverse, True,
+            native_parts)
+        return out, h, c, None, st
+    if v.layer_norm:
         st["h_pre"] = x.new_empty(N, 4 * H)
         st["mean_h"], st["rstd_h"] = x.new_empty(N, 1), x.new_empty(N, 1)
         st["mean_c"], st["rstd_c"] = x.new_empty(N, 1), x.new_empty(N, 1)
@@ -203,18 +229,27 @@ def _ifo(t):
 
 def lstm_variant_backward(d_out, d_hT, d_cT, d_qT, x, h0, c0, q0, p, masks, out, st,
                           v: LSTMVariant, layout: StepLayout, reverse: bool,
-                          needs_input_grad: bool):
-    """Gradients of `lstm_variant_forward`: dx, dh0, dc0, dq0 and a dict of parameter
-    gradients."""
-    H = p["w_hh"].shape[0] // 4
+                          needs_input_grad: bool, native_parts: int = 0):
+    """Gradients of `lstm_variant_forward` (with the same native_parts): dx, dh0, dc0, dq0
+    and a dict of parameter gradients."""
     z_h, z_c, d_r = masks["zoneout_h"], masks["zoneout_c"], masks["recurrent"]
     gates, cells, cand, s_all = st["gates"], st["cells"], st["cand"], st["s"]
+    w_hh, w_hr = p["w_hh"], p["w_hr"]
+    if native_parts:
+        d_gates, d_ah, d_c_ln, d_h_tilde, dh, dc = native.module().lstm_layer_norm_backward(
+            d_out, d_hT, d_cT, c0, w_hh, w_hr, gates, cells, cand, s_all, st["h_pre"],
+            st["mean_h"], st["rstd_h"], st["mean_c"], st["rstd_c"], p["ln_hh_weight"],
+            p["ln_cell_weight"], p["w_peephole"], _form(v), z_h, z_c, d_r, layout.batch_sizes,
+            reverse, native_parts)
+        c_prev_rows = layout.previous_rows(cells, c0, reverse) if v.peepholes else None
+        return _parameter_gradients(x, h0, q0, p, d_r, out, st, v, layout, reverse,
+                                    needs_input_grad, d_gates, d_ah, d_c_ln, d_h_tilde,
+                                    c_prev_rows, dh, dc, None, native_parts)
     d_gates = torch.empty_like(gates)                         # dA, (N, 4H)
     d_ah = torch.empty_like(gates) if v.layer_norm else d_gates   # d(r W_hh^T)
     d_c_ln = torch.empty_like(cells) if v.layer_norm else None   # dL/dLN_c(c~)
     d_h_tilde = torch.empty_like(out) if p["w_hr"] is not None else None
     c_prev_rows = layout.previous_rows(cells, c0, reverse)    # (N, H)
-    w_hh, w_hr = p["w_hh"], p["w_hr"]
     if v.peepholes:
         p_i, p_f, p_o = p["w_peephole"].chunk(3)
     fgr = v.full_gate_recurrence
@@ -296,25 +331,60 @@ def lstm_variant_backward(d_out, d_hT, d_cT, d_qT, x, h0, c0, q0, p, masks, out,
         dc[:size] = dc_prev
         if fgr:
             dq[:size] = _ifo(da) @ p["w_gate"]
+    return _parameter_gradients(x, h0, q0, p, d_r, out, st, v, layout, reverse, needs_input_grad,
+                                d_gates, d_ah, d_c_ln, d_h_tilde, c_prev_rows, dh, dc, dq)
+
+
+def _native_products(like, pairs):
+    """a @ b for each (a, b) in `pairs`, in the native module's recycled memory, in one parallel
+    region (native.products)."""
+    outs = [native.module().pooled_empty([a.shape[0], b.shape[1]], like) for a, b in pairs]
+    native.module().products(outs, [a for a, _ in pairs], [b for _, b in pairs])
+    return outs
+
+
+def _parameter_gradients(x, h0, q0, p, d_r, out, st, v: LSTMVariant, layout: StepLayout,
+                         reverse: bool, needs_input_grad: bool, d_gates, d_ah, d_c_ln,
+                         d_h_tilde, c_prev_rows, dh, dc, dq, native_parts=0):
+    """After the backward loop, what is sequence-wide: dx and the parameters' gradients from
+    d_gates (N, 4H) (of the pre-activations a), d_ah (N, 4H) (of r W_hh^T before LN_h; d_gates
+    without layer norm), d_c_ln (N, H) (of LN_c(c~)), d_h_tilde (N, P) (of h~ before the
+    projection), c_prev_rows (N, H) (with peepholes); d_r: recurrent dropout's mask (B, P) or
+    None. Returns dx, dh0, dc0, dq0, grads."""
+    H = p["w_hh"].shape[0] // 4
+    gates, cand, s_all = st["gates"], st["cand"], st["s"]
+    w_hr, fgr = p["w_hr"], v.full_gate_recurrence
     grads = {}
     d_ax = d_gates
     if v.layer_norm:
         # gain and bias gradients of all steps at once, from the stashed LN inputs
         _, grads["ln_hh_weight"], grads["ln_hh_bias"] = _layer_norm_backward(
             d_gates, st["h_pre"], st["mean_h"], st["rstd_h"], p["ln_hh_weight"],
-            p["ln_hh_bias"], parameters=True)
+            p["ln_hh_bias"], parameters=True, input=False)
         _, grads["ln_cell_weight"], grads["ln_cell_bias"] = _layer_norm_backward(
             d_c_ln, cand, st["mean_c"], st["rstd_c"], p["ln_cell_weight"], p["ln_cell_bias"],
-            parameters=True)
+            parameters=True, input=False)
         d_ax, grads["ln_ih_weight"], grads["ln_ih_bias"] = _layer_norm_backward(
             d_gates, st["x_pre"], st["mean_x"], st["rstd_x"], p["ln_ih_weight"],
-            p["ln_ih_bias"], parameters=True)
-    dx = d_ax @ p["w_ih"] if needs_input_grad else None
-    grads["w_ih"] = d_ax.t() @ x
-    r_prev_rows = layout.previous_rows(out, h0, reverse)
+            p["ln_ih_bias"], parameters=True, input=not native_parts)
+        if native_parts:
+            d_ax = native.module().layer_norm_rows_backward(
+                d_gates, st["x_pre"], st["mean_x"], st["rstd_x"], p["ln_ih_weight"])
+    if native_parts:
+        r_prev_rows = native.module().pooled_empty(list(out.shape), out)
+        native.module().previous_rows(r_prev_rows, out, h0, layout.batch_sizes, reverse)
+    else:
+        r_prev_rows = layout.previous_rows(out, h0, reverse)
     if d_r is not None:
         r_prev_rows = r_prev_rows * _per_row(d_r, layout)
-    grads["w_hh"] = d_ah.t() @ r_prev_rows
+    products = [(d_ax.t(), x), (d_ah.t(), r_prev_rows)]
+    if needs_input_grad:
+        products.append((d_ax, p["w_ih"]))
+    if native_parts:
+        grads["w_ih"], grads["w_hh"], *dx = _native_products(x, products)
+    else:
+        grads["w_ih"], grads["w_hh"], *dx = [a @ b for a, b in products]
+    dx = dx[0] if dx else None
     db = d_gates.sum(0)
     grads["b_ih"] = db if p["b_ih"] is not None else None
     grads["b_hh"] = db.clone() if p["b_hh"] is not None else None
@@ -348,9 +418,12 @@ class LSTMVariantFunction(torch.autograd.Function):
           w_gate (3H, 3H) | None, ln_ih_weight, ln_ih_bias,
           ln_hh_weight, ln_hh_bias (4H,) | None, ln_cell_weight, ln_cell_bias (H,) | None,
           zoneout_h (N or 1, P) | None, zoneout_c (N or 1, H) | None, recurrent (B, P) | None,
-          variant: LSTMVariant, layout: StepLayout, reverse: bool)
+          variant: LSTMVariant, layout: StepLayout, reverse: bool, native_parts: int)
     -> out (N, P), h_T (B, P), c_T (B, H), q_T (B, 3H) (empty without full gate recurrence),
        gates (N, 4H) [i | f | g | o], cells (N, H)
+
+    native_parts: 0 for the Python loops of torch operations; n >= 1 for the native loops
+    (layer norm without full gate recurrence, see `native_loop_parts`) on n row parts.
 
     gates and cells are the values the forward stored for its backward, returned as
     non-differentiable outputs for introspection: they cost nothing extra.
@@ -358,15 +431,19 @@ class LSTMVariantFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, c0, q0, *args):
-        tensors, (variant, layout, reverse) = args[:-3], args[-3:]
+        tensors, (variant, layout, reverse, native_parts) = args[:-4], args[-4:]
         originals = (x, h0, c0, q0, *tensors)
         x, h0, c0, q0, *tensors = upcast(originals, compute_dtype(x.dtype))
         p = dict(zip(PARAMETERS, tensors[:len(PARAMETERS)], strict=True))
         masks = dict(zip(MASKS, tensors[len(PARAMETERS):], strict=True))
         out, h_T, c_T, q_T, st = lstm_variant_forward(x, h0, c0, q0, p, masks, variant, layout,
-                                                      reverse)
+                                                      reverse, native_parts)
         ctx.save_for_backward(x, h0, c0, q0, *tensors, out, *(st.get(k) for k in _STASH))
         ctx.variant, ctx.layout, ctx.reverse = variant, layout, reverse
+        ctx.native_parts = native_parts
+        # No zeros made for the gradients of outputs no one used (gates and cells, (N, 4H) and
+        # (N, H), are rarely used); backward makes the small ones it needs.
+        ctx.set_materialize_grads(False)
         ctx.dtypes = dtypes_of(originals)
         if q_T is None:
             q_T = h_T.new_empty(0)
@@ -385,12 +462,15 @@ class LSTMVariantFunction(torch.autograd.Function):
         st = dict(zip(_STASH, saved[5 + count:], strict=True))
         p = dict(zip(PARAMETERS, tensors[:len(PARAMETERS)], strict=True))
         masks = dict(zip(MASKS, tensors[len(PARAMETERS):], strict=True))
+        d_out = torch.zeros_like(out) if d_out is None else d_out
+        d_hT = h0.new_zeros(h0.shape) if d_hT is None else d_hT
+        d_cT = torch.zeros_like(c0) if d_cT is None else d_cT
         d_out, d_hT, d_cT = upcast((d_out, d_hT, d_cT), x.dtype)
         if q0 is not None:
             d_qT = torch.zeros_like(q0) if d_qT is None else d_qT.to(x.dtype)
         dx, dh0, dc0, dq0, grads = lstm_variant_backward(
             d_out, d_hT, d_cT, d_qT, x, h0, c0, q0, p, masks, out, st, ctx.variant, ctx.layout,
-            ctx.reverse, ctx.needs_input_grad[0])
+            ctx.reverse, ctx.needs_input_grad[0], ctx.native_parts)
         result = [dx, dh0, dc0, dq0] + [grads.get(name) if p[name] is not None else None
                                         for name in PARAMETERS] + [None] * len(MASKS)
-        return (*cast_to(result, ctx.dtypes), None, None, None)
+        return (*cast_to(result, ctx.dtypes), None, None, None, None)

@@ -275,17 +275,26 @@ def _driver(layout, w_hh, projected: bool = False, w_ih=None, itemsize=None) -> 
     threads = torch.get_num_threads()
     itemsize = itemsize or w_hh.element_size()
     weight_bytes = w_hh.numel() * itemsize
-    step_weight_bytes = weight_bytes + (0 if w_ih is None else w_ih.numel() * itemsize)
-    parts = 1
-    if step_weight_bytes <= ROW_PARTS_MAX_WEIGHT_BYTES:
-        most = threads if MAX_ROW_PARTS is None else MAX_ROW_PARTS
-        parts = max(1, min(most, layout.batch // MIN_PART_ROWS))
+    parts = generic_parts(layout, w_hh, w_ih, itemsize)
     if not projected and layout.batch <= FUSED_MAX_BATCH:
         if layout.batch <= FUSED_ALWAYS_BATCH:
             return 0
         if parts == 1 and weight_bytes < threads * FUSED_MAX_WEIGHT_BYTES_PER_THREAD:
             return 0
     return parts
+
+
+def generic_parts(layout, w_hh, w_ih=None, itemsize=None) -> int:
+    """The generic driver's row parts (see ROW_PARTS_MAX_WEIGHT_BYTES): one per thread, each of
+    at least MIN_PART_ROWS rows, when the step's weights (W_hh, and W_ih given) fit one core's
+    L2; else 1. The LSTM's layer-norm loops (lstm_variants.py), which need each step's whole
+    product before the gate math, always run on it."""
+    itemsize = itemsize or w_hh.element_size()
+    step_weight_bytes = (w_hh.numel() + (0 if w_ih is None else w_ih.numel())) * itemsize
+    if step_weight_bytes > ROW_PARTS_MAX_WEIGHT_BYTES:
+        return 1
+    most = torch.get_num_threads() if MAX_ROW_PARTS is None else MAX_ROW_PARTS
+    return max(1, min(most, layout.batch // MIN_PART_ROWS))
 
 
 def _own_step_product(layout, parts: int, w_ih, w_hh, w_hr, backward: bool = False,
@@ -337,7 +346,7 @@ def cell_form(cifg=False, input_gate=True, forget_gate=True, output_gate=True,
             | _CELL_ACTIVATION_CODES[output_activation] << 7)
 
 
-def _check_device(x):
+def check_device(x):
     if x.device.type != "cpu":
         raise ValueError(f"backend='native' runs on the CPU only, got a tensor on {x.device}")
 
@@ -399,7 +408,7 @@ class NativeLSTMFunction:
     @staticmethod
     def apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole=None,
               form=None, zoneout_h=None, zoneout_c=None, recurrent=None):
-        _check_device(x)
+        check_device(x)
         if module() is None:
             _refuse_variant("LSTM", w_peephole, form, zoneout_h, zoneout_c, recurrent)
             return _lstm.LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout,
@@ -451,7 +460,7 @@ class NativeGRUFunction:
     @staticmethod
     def apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after, zoneout_h=None,
               recurrent=None, form=0):
-        _check_device(x)
+        check_device(x)
         if module() is None:
             _refuse_variant("GRU", zoneout_h, recurrent, form)
             return _gru.GRUFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse,
@@ -480,7 +489,7 @@ class NativeRNNFunction:
 
     @staticmethod
     def apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, nonlinearity):
-        _check_device(x)
+        check_device(x)
         if module() is None:
             return _rnn.RNNFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse,
                                           nonlinearity)
