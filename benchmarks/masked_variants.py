@@ -1,11 +1,12 @@
-"""What zoneout and recurrent dropout cost: training steps, native against portable.
+"""What zoneout, recurrent dropout and the LSTM's layer norm cost: training steps, native
+against portable.
 
     python benchmarks/masked_variants.py                          # LSTM and GRU, 3 sizes
     python benchmarks/masked_variants.py --family GRU --batch 8 --hidden 256
 
-For each (batch, hidden), six modules of one family in training mode: the plain cell (native),
-zoneout and recurrent dropout on the native kernels and on the portable variant kernel, and
-torch.nn's plain module. Every repetition runs them in a freshly shuffled order: a module that
+For each (batch, hidden), the modules of one family in training mode: the plain cell (native),
+zoneout and recurrent dropout (and for the LSTM layer norm) on the native kernels and on the
+portable variant kernel, and torch.nn's plain module. Every repetition runs them in a freshly shuffled order: a module that
 runs right after torch.nn's finds the caches evicted, so a fixed (or rotated) order would bias
 the comparison against whichever module follows it. Medians of the repetitions, in ms.
 """
@@ -26,14 +27,16 @@ def modules(family: str, input_size: int, hidden: int) -> dict:
     variant = lstmkit.LSTMVariant if lstm else lstmkit.GRUVariant
     zoneout = variant(zoneout_h=0.1, zoneout_c=0.1) if lstm else variant(zoneout_h=0.1)
     dropout = variant(recurrent_dropout=0.2)
+    variants = {"zoneout": zoneout, "recurrent_dropout": dropout}
+    if lstm:                  # the GRU's layer norm runs on the portable kernel only
+        variants["layer_norm"] = variant(layer_norm=True)
     ours = getattr(lstmkit, family)
-    return {"plain": ours(input_size, hidden),
-            "zoneout": ours(input_size, hidden, variant=zoneout),
-            "recurrent_dropout": ours(input_size, hidden, variant=dropout),
-            "zoneout (portable)": ours(input_size, hidden, variant=zoneout, backend="portable"),
-            "recurrent_dropout (portable)": ours(input_size, hidden, variant=dropout,
-                                                 backend="portable"),
-            "torch.nn (plain)": getattr(torch.nn, family)(input_size, hidden)}
+    mods = {"plain": ours(input_size, hidden)}
+    for name, v in variants.items():
+        mods[name] = ours(input_size, hidden, variant=v)
+        mods[f"{name} (portable)"] = ours(input_size, hidden, variant=v, backend="portable")
+    mods["torch.nn (plain)"] = getattr(torch.nn, family)(input_size, hidden)
+    return mods
 
 
 def measure(family: str, batch: int, hidden: int, args) -> dict:
