@@ -1,14 +1,15 @@
-"""What zoneout, recurrent dropout and the LSTM's layer norm cost: training steps, native
-against portable.
+"""What zoneout, recurrent dropout and layer norm cost: training steps, native against
+portable.
 
     python benchmarks/masked_variants.py                          # LSTM and GRU, 3 sizes
     python benchmarks/masked_variants.py --family GRU --batch 8 --hidden 256
 
 For each (batch, hidden), the modules of one family in training mode: the plain cell (native),
-zoneout and recurrent dropout (and for the LSTM layer norm) on the native kernels and on the
-portable variant kernel, and torch.nn's plain module. Every repetition runs them in a freshly shuffled order: a module that
-runs right after torch.nn's finds the caches evicted, so a fixed (or rotated) order would bias
-the comparison against whichever module follows it. Medians of the repetitions, in ms.
+zoneout, recurrent dropout and layer norm on the native kernels and on the portable variant
+kernel, and torch.nn's plain module. Every repetition runs them in a freshly shuffled order: a
+module that runs right after torch.nn's finds the caches evicted, so a fixed (or rotated) order
+would bias the comparison against whichever module follows it. Medians of the repetitions, in
+ms.
 """
 
 import argparse
@@ -27,9 +28,8 @@ def modules(family: str, input_size: int, hidden: int) -> dict:
     variant = lstmkit.LSTMVariant if lstm else lstmkit.GRUVariant
     zoneout = variant(zoneout_h=0.1, zoneout_c=0.1) if lstm else variant(zoneout_h=0.1)
     dropout = variant(recurrent_dropout=0.2)
-    variants = {"zoneout": zoneout, "recurrent_dropout": dropout}
-    if lstm:                  # the GRU's layer norm runs on the portable kernel only
-        variants["layer_norm"] = variant(layer_norm=True)
+    variants = {"zoneout": zoneout, "recurrent_dropout": dropout,
+                "layer_norm": variant(layer_norm=True)}
     ours = getattr(lstmkit, family)
     mods = {"plain": ours(input_size, hidden)}
     for name, v in variants.items():

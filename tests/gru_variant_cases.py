@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from lstmkit import kernels
-from lstmkit.kernels import StepLayout
+from lstmkit.kernels import StepLayout, native
 from lstmkit.reference.gru_variants import gru_variant_backward, gru_variant_forward
 from lstmkit.reference.variant import GRUVariant
 
@@ -60,9 +60,12 @@ def reference_result(variant, params, inputs, masks, out_weights, reset_after=Tr
     return (y, h), grads
 
 
-def kernel_result(variant, params, inputs, masks, out_weights, dtype, reset_after=True):
+def kernel_result(variant, params, inputs, masks, out_weights, dtype, reset_after=True,
+                  backend="auto"):
     """The same loss through `kernels.gru_variant_layer` (DropConnect applied by autograd,
-    as the modules do). Returns outputs and gradients as float64 NumPy arrays."""
+    as the modules do). Returns outputs and gradients as float64 NumPy arrays. It checks that
+    the step loops ran natively where they can (layer norm, backend "native" or "auto" with the
+    native module there)."""
     T, B, _ = inputs["x"].shape
 
     def tensor(a, grad):
@@ -80,7 +83,10 @@ def kernel_result(variant, params, inputs, masks, out_weights, dtype, reset_afte
         kernel_masks["recurrent"] = tensor(masks["recurrent"], False)
     out, h, _ = kernels.gru_variant_layer(
         ins["x"].reshape(T * B, -1), ins["h0"], weights, kernel_masks, variant,
-        layout=StepLayout.padded(T, B), reset_after=reset_after)
+        layout=StepLayout.padded(T, B), reset_after=reset_after, backend=backend)
+    native_expected = variant.layer_norm and (
+        backend == "native" or (backend == "auto" and native.available()))
+    assert (out.grad_fn.native_parts > 0) == native_expected
     loss = ((out * tensor(out_weights["dy"], False).reshape(T * B, -1)).sum()
             + (h * tensor(out_weights["dh"], False)).sum())
     loss.backward()

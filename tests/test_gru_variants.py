@@ -106,14 +106,90 @@ def test_reference_zoneout_keeps_the_masked_units():
 
 
 @RESET
+@pytest.mark.parametrize("backend", ["portable", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_kernel_matches_reference(name, dtype, reset_after):
+def test_kernel_matches_reference(name, dtype, backend, reset_after):
+    """"auto" runs layer norm's step loops natively (kernel_result checks it)."""
     variant = VARIANTS[name]
     problem = random_problem(variant, T=5, B=3, I=4, H=5, masks=ALL_MASKS, seed=5)
     ref_out, ref_grads = reference_result(variant, *problem, reset_after)
-    outs, grads = kernel_result(variant, *problem, dtype=dtype, reset_after=reset_after)
+    outs, grads = kernel_result(variant, *problem, dtype=dtype, reset_after=reset_after,
+                                backend=backend)
     _assert_matches(outs, grads, ref_out, ref_grads, TOLERANCE[dtype])
+
+
+@RESET
+@pytest.mark.parametrize("parts", [1, 3])
+@pytest.mark.parametrize("masks", [(), ALL_MASKS], ids=["no-masks", "all-masks"])
+@pytest.mark.parametrize("shape", [
+    dict(T=1, B=1, I=1, H=1),                 # one step, one sequence, one unit
+    dict(T=6, B=13, I=3, H=3),                # 13 rows (three row parts of 4-5)
+    dict(T=3, B=13, I=5, H=127),              # wide: partial vector blocks in every row
+    dict(T=200, B=2, I=2, H=3),               # long
+], ids=["tiny", "rows", "wide", "long"])
+def test_native_layer_norm_loops_match_reference(shape, masks, parts, reset_after, monkeypatch):
+    """The native layer-norm loops (float64) at odd sizes with one or three row parts
+    (native.MAX_ROW_PARTS) and every mask."""
+    monkeypatch.setattr(kernels.native, "MAX_ROW_PARTS", parts)
+    problem = random_problem(EVERY_EQUATION, **shape, masks=masks, seed=11)
+    ref_out, ref_grads = reference_result(EVERY_EQUATION, *problem, reset_after)
+    outs, grads = kernel_result(EVERY_EQUATION, *problem, dtype=torch.float64,
+                                reset_after=reset_after)
+    _assert_matches(outs, grads, ref_out, ref_grads, 1e-10)
+
+
+@RESET
+@pytest.mark.parametrize("H", [16, 17, 127])
+def test_native_layer_norm_loops_in_float32(H, reset_after):
+    """(Smaller H in float64 above: layer norm over few units is ill-conditioned in float32.)"""
+    variant = GRUVariant(layer_norm=True)
+    problem = random_problem(variant, T=7, B=9, I=4, H=H, masks=ALL_MASKS, seed=12)
+    ref_out, ref_grads = reference_result(variant, *problem, reset_after)
+    outs, grads = kernel_result(variant, *problem, dtype=torch.float32, reset_after=reset_after)
+    _assert_matches(outs, grads, ref_out, ref_grads, TOLERANCE[torch.float32])
+
+
+@RESET
+def test_native_layer_norm_module_matches_portable(reset_after):
+    """lstmkit.GRU with layer norm, two bidirectional layers, packed sequences, training
+    masks: the native loops against the portable ones, the same masks from the same seed."""
+    variant = GRUVariant(layer_norm=True, zoneout_h=0.2, recurrent_dropout=0.2, weight_drop=0.1,
+                         candidate_activation="softsign")
+    torch.manual_seed(3)
+    modules = [lstmkit.GRU(3, 5, num_layers=2, bidirectional=True, variant=variant,
+                           reset_after=reset_after, dtype=torch.float64, backend=backend)
+               for backend in ("auto", "portable")]
+    modules[1].load_state_dict(modules[0].state_dict())
+    with torch.no_grad():                         # move layer-norm parameters off 1 and 0
+        for module in modules:
+            torch.manual_seed(4)
+            for name, p in module.named_parameters():
+                if name.startswith("ln_"):
+                    p.add_(0.2 * torch.randn_like(p))
+    x = torch.randn(6, 3, 3, dtype=torch.float64)
+    results = []
+    for module in modules:
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(5)
+        out, h = module(xi, lengths=torch.tensor([6, 4, 1]))
+        (out.sum() + h.sum()).backward()
+        results.append([out.detach(), h.detach(), xi.grad] + [p.grad for p in module.parameters()])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_native_layer_norm_backend_choices():
+    """backend "native" runs the GRU's layer norm natively and refuses the gate traces of a
+    variant without it."""
+    problem = random_problem(GRUVariant(layer_norm=True), T=4, B=2, I=3, H=4, seed=13)
+    for backend in ("native", "auto", "portable"):
+        kernel_result(GRUVariant(layer_norm=True), *problem, dtype=torch.float64,
+                      backend=backend)                             # checks which loops ran
+    with pytest.raises(ValueError, match="backend='native' has no kernel for these GRU "
+                                         "variants: the gate traces of a variant without layer"):
+        lstmkit.GRU(3, 4, variant=GRUVariant(zoneout_h=0.1), backend="native")(
+            torch.randn(5, 2, 3), return_gates=True)
 
 
 @RESET
@@ -135,7 +211,8 @@ def test_kernel_matches_reference_at_odd_sizes(shape, reset_after):
 
 
 @RESET
-def test_kernel_packed_and_reverse_match_reference_per_sequence(reset_after):
+@pytest.mark.parametrize("backend", ["portable", "auto"])
+def test_kernel_packed_and_reverse_match_reference_per_sequence(backend, reset_after):
     """Packed sequences of different lengths, both directions, with zoneout and recurrent
     dropout masks: each sequence as the reference runs it alone (reverse = the reference on
     the time-flipped sequence)."""
@@ -157,7 +234,9 @@ def test_kernel_packed_and_reverse_match_reference_per_sequence(reset_after):
         xt = torch.tensor(x, requires_grad=True)
         h0t = torch.tensor(h0, requires_grad=True)
         out, h_T, _ = kernels.gru_variant_layer(xt, h0t, p, masks, variant, layout=layout,
-                                                reverse=reverse, reset_after=reset_after)
+                                                reverse=reverse, reset_after=reset_after,
+                                                backend=backend)
+        assert (out.grad_fn.native_parts > 0) == (backend == "auto")
         (out.sum() + h_T.sum()).backward()
         for b, seq in enumerate(seqs):
             rows = [layout.offsets[t] + b for t in range(len(seq))]
@@ -182,7 +261,9 @@ def test_kernel_packed_and_reverse_match_reference_per_sequence(reset_after):
     GRUVariant(layer_norm=True),
 ], ids=["plain", "hard_sigmoid_softsign", "hardtanh", "layer_norm"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_variant_function_gradcheck(variant, bias, reset_after):
+@pytest.mark.parametrize("backend", ["portable", "auto"])
+def test_variant_function_gradcheck(variant, bias, backend, reset_after):
+    """(With "auto", layer norm runs on the native loops.)"""
     torch.manual_seed(0)
     T, B, I, H = 3, 2, 2, 3
     layout = StepLayout.padded(T, B)
@@ -203,7 +284,8 @@ def test_variant_function_gradcheck(variant, bias, reset_after):
     def run(x, h0, *values):
         out, h, _ = kernels.gru_variant_layer(x, h0, dict(zip(names, values, strict=True)),
                                               masks, variant, layout=layout,
-                                              reset_after=reset_after)
+                                              reset_after=reset_after, backend=backend)
+        assert (out.grad_fn.native_parts > 0) == (variant.layer_norm and backend == "auto")
         return out, h
 
     assert torch.autograd.gradcheck(run, (leaf(T * B, I), leaf(B, H), *params.values()))
@@ -597,9 +679,9 @@ def test_module_level_errors():
     for option in ("recurrent_dropout", "weight_drop"):
         with pytest.raises(ValueError, match=f"GRUCell.*{option}.*lstmkit.GRU"):
             lstmkit.GRUCell(2, 3, variant=GRUVariant(**{option: 0.1}))
-    native = lstmkit.GRU(2, 3, backend="native", variant=GRUVariant(layer_norm=True))
+    native = lstmkit.GRU(2, 3, backend="native", variant=GRUVariant(zoneout_h=0.1))
     with pytest.raises(ValueError, match="backend='native'.*GRU variants.*'portable'"):
-        native(torch.randn(4, 1, 2))
+        native(torch.randn(4, 1, 2), return_gates=True)
     with pytest.raises(ValueError, match="unknown GRU-variant arguments.*'w_hr'"):
         kernels.gru_variant_layer(torch.randn(2, 2), torch.zeros(1, 3),
                                   {"w_ih": torch.randn(9, 2), "w_hh": torch.randn(9, 3),

@@ -1596,8 +1596,8 @@ def test_zoneout_keeps_the_masked_units_exactly(family, backend):
 ], ids=["layer-norm", "recurrent-dropout-layer-norm", "zoneout-full-gate-recurrence",
         "gru-recurrent-dropout-layer-norm", "gru-zoneout-layer-norm", "gru-activation-layer-norm"])
 def test_native_variants_with_other_changes_take_the_variant_kernel(training, variant):
-    """The variant Function, whose step loops are native for the LSTM's layer norm without
-    full gate recurrence (its native_parts), and Python loops otherwise."""
+    """The variant Function, whose step loops are native for layer norm (the LSTM's without
+    full gate recurrence; its native_parts), and Python loops otherwise."""
     lstm = isinstance(variant, lstmkit.LSTMVariant)
     model = (lstmkit.LSTM if lstm else lstmkit.GRU)(3, 4, variant=variant).train(training)
     out, _ = model(torch.randn(5, 2, 3))
@@ -1605,7 +1605,7 @@ def test_native_variants_with_other_changes_take_the_variant_kernel(training, va
     nodes = _graph_node_objects(out)
     assert name in nodes
     assert not any("Native" in node for node in nodes)
-    native_loops = lstm and variant.layer_norm and not variant.full_gate_recurrence
+    native_loops = variant.layer_norm and not (lstm and variant.full_gate_recurrence)
     assert getattr(nodes[name], "native_parts", 0) == (1 if native_loops else 0)
 
 

@@ -133,16 +133,9 @@ def lstm_variant_layer(x, h0, c0, params: dict, masks: dict, variant, *, q0=None
     native_loops = variant.layer_norm and not variant.full_gate_recurrence and not (
         masks.get("zoneout_h") is not None and params.get("w_hr") is not None)
     if backend == "native":
-        if not native_loops:
-            raise ValueError("backend='native' has no kernel for these LSTM variants: full gate "
-                             "recurrence, zoneout_h with a projection, or the gate traces of a "
-                             "variant without layer norm (return_gates=True); use "
-                             "backend='auto' or 'portable'")
-        native.check_device(x)
-        if not native.available():
-            raise ValueError(f"the native LSTM variants need the native module, which is "
-                             f"unavailable ({native.unavailable_reason()}): use "
-                             "backend='auto' or 'portable'")
+        _check_native_loops("LSTM", native_loops, x, "full gate recurrence, zoneout_h with a "
+                            "projection, or the gate traces of a variant without layer norm "
+                            "(return_gates=True)")
     if native_loops and backend != "portable" and native.supports(x):
         native_parts = native.generic_parts(layout, params["w_hh"],
                                             itemsize=compute_dtype(x.dtype).itemsize)
@@ -192,23 +185,45 @@ def gru_layer_with_gates(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: Ste
 
 def gru_variant_layer(x, h0, params: dict, masks: dict, variant, *, layout: StepLayout,
                       reverse: bool = False, reset_after: bool = True, backend: str = "auto"):
-    """One GRU-variant layer, one direction (see gru_variants.py); portable backend only.
+    """One GRU-variant layer, one direction (see gru_variants.py).
 
     params: w_ih (3H, I), w_hh (3H, H), b_ih, b_hh (3H,) (missing keys are absent); masks:
     zoneout_h (N or 1, H), recurrent (B, H) (missing keys are off).
     Returns out (N, H), h_T (B, H), gates (N, 3H) = [r | z | n].
+
+    With layer norm (in either reset form, with the other variants beside it) the step loops
+    are native on the CPU (`backend` "auto" where the native module is there, or "native");
+    the other variants' gate traces run the portable loops ("auto" or "portable").
     """
-    if backend not in ("auto", "portable"):
-        raise ValueError(f"backend={backend!r} has no kernel for these GRU variants: layer "
-                         "norm, or the gate traces of any variant (return_gates=True); use "
-                         "backend='auto' or 'portable'")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     unknown = (set(params) - set(_GRU_VARIANT_PARAMETERS)) | (set(masks) - set(_GRU_VARIANT_MASKS))
     if unknown:
         raise ValueError(f"unknown GRU-variant arguments {sorted(unknown)}; expected some of "
                          f"{_GRU_VARIANT_PARAMETERS + _GRU_VARIANT_MASKS}")
+    if backend == "native":
+        _check_native_loops("GRU", variant.layer_norm, x, "the gate traces of a variant "
+                            "without layer norm (return_gates=True)")
+    native_parts = 0
+    if variant.layer_norm and backend != "portable" and native.supports(x):
+        native_parts = native.generic_parts(layout, params["w_hh"],
+                                            itemsize=compute_dtype(x.dtype).itemsize)
     return GRUVariantFunction.apply(
         x, h0, *(params.get(k) for k in _GRU_VARIANT_PARAMETERS),
-        *(masks.get(k) for k in _GRU_VARIANT_MASKS), variant, layout, reverse, reset_after)
+        *(masks.get(k) for k in _GRU_VARIANT_MASKS), variant, layout, reverse, reset_after,
+        native_parts)
+
+
+def _check_native_loops(family: str, runs_native: bool, x, what: str) -> None:
+    """backend="native" for a variant layer: a ValueError unless its loops run natively."""
+    if not runs_native:
+        raise ValueError(f"backend='native' has no kernel for these {family} variants: {what}; "
+                         "use backend='auto' or 'portable'")
+    native.check_device(x)
+    if not native.available():
+        raise ValueError(f"the native {family} variants need the native module, which is "
+                         f"unavailable ({native.unavailable_reason()}): use backend='auto' or "
+                         "'portable'")
 
 
 def rnn_layer(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: StepLayout,

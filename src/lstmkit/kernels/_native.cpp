@@ -2015,15 +2015,17 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
 // (G columns) for a part's active rows, then for each row and unit block the new h vector,
 // hv = block(row, j, n, rec row, h row), stored as the state and as the output row. u is h, or
 // h d with recurrent dropout's mask d (the GRU's). Returns h_T.
+// prepare(row, rec_row), if given, sees each row's product first (the GRU's layer norm).
 template <typename S, typename Block>
 Tensor generic_forward(const Tensor& w_hh, const Tensor& h0, i64 G, S* out, const Steps& st,
-                       i64 parts, Block&& block, const Tensor& recurrent_mask = {}) {
+                       i64 parts, Block&& block, const Tensor& recurrent_mask = {},
+                       const std::function<void(i64, S*)>& prepare = {}) {
   constexpr int L = Vec<S>::L;
   const i64 B = st.batch, H = h0.size(1);
   Tensor h = pooled_clone(h0);
   Tensor rec = pooled_empty({B, G}, h0.options());
   StepProduct<S> recurrent(w_hh.t(), B);
-  const S* r = ptr<S>(rec);
+  S* r = ptr<S>(rec);
   S* hp = ptr<S>(h);
   const RecurrentDropout<S> drop{ptr<S>(recurrent_mask), hp, H};
   Tensor u = drop ? drop.initial(h0, recurrent_mask) : h;          // the product's operand
@@ -2033,6 +2035,7 @@ Tensor generic_forward(const Tensor& w_hh, const Tensor& h0, i64 G, S* out, cons
     if (e <= r0) return;
     recurrent(mat<S>(rec).rows_at(r0, e - r0), mat<S>(u).rows_at(r0, e - r0));
     for_rows(e, H, [&](i64 b) {
+      if (prepare) prepare(off + b, r + b * G);
       for_unit_blocks<S>(H, [&](i64 jb, int n) __attribute__((always_inline)) {
         i64 j = jb * L;
         V<S> hv = block(off + b, j, n, r + b * G, hp + b * H);
@@ -2188,6 +2191,42 @@ struct GRUActivations {
 };
 // ==========================================================================================
 
+// GRUVariant's layer norm of the recurrent products (see gru_variants.py): each row's product
+// in two blocks, q = 0 the gates' [r | z] (2H) and q = 1 the candidate's n (H), each
+// normalised over its own units (LayerNorms's arithmetic) before b_hh is added; with reset
+// before, n's block is the product of (r u). The input side is normalised for all steps
+// before the loop (lstm_variants.py's layer_norm_rows). Saved when training: the products
+// before LN, h_pre (N, 3H), and each block's mean and rstd, (N, 2).
+template <typename S>
+struct GRULayerNorms {
+  LayerNorms<S> norm;           // its eps, and the (3H) gains and biases as gain_h, beta_h
+  S* h_pre = nullptr; S* mean = nullptr; S* rstd = nullptr;
+  i64 H = 0;
+  explicit operator bool() const { return H != 0; }
+  i64 start(int q) const { return q ? 2 * H : 0; }
+  i64 width(int q) const { return q ? H : 2 * H; }
+  // Block q of global row `row`'s product, at v, normalised in place (saved first).
+  void normalize(S* v, i64 row, int q) const {
+    const i64 at = start(q), F = width(q);
+    S m, r;
+    norm.moments(v, F, m, r);
+    if (h_pre) {
+      std::memcpy(h_pre + row * 3 * H + at, v, F * sizeof(S));
+      mean[row * 2 + q] = m;
+      rstd[row * 2 + q] = r;
+    }
+    LayerNorms<S>::normalize(v, F, m, r, norm.gain_h ? norm.gain_h + at : nullptr,
+                             norm.beta_h ? norm.beta_h + at : nullptr, v);
+  }
+  // The gradient of block q's product (to dv) from d, its LN output's, row `row`.
+  void backward(const S* d, i64 row, int q, S* dv) const {
+    const i64 at = start(q);
+    LayerNorms<S>::normalize_backward(d, h_pre + row * 3 * H + at, width(q), mean[row * 2 + q],
+                                      rstd[row * 2 + q], norm.gain_h ? norm.gain_h + at : nullptr,
+                                      dv);
+  }
+};
+
 template <typename S>
 struct GRUForwardGates {    // reset after
   const S* gi; const S* b_ih; const S* b_hh; S* stash; i64 H;
@@ -2246,10 +2285,13 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
                                 const Tensor& w_hh,
                                 const Tensor& b_hh, const Steps& st, bool reset_after,
                                 bool save, i64 parts, const Tensor& zoneout,
-                                const Tensor& recurrent_mask, int form) {
+                                const Tensor& recurrent_mask, int form,
+                                const GRULayerNorms<S>& layer_norms = {}) {
   constexpr int L = Vec<S>::L;
   const i64 H = h0.size(1), B = st.batch, N = st.rows;
   const i64 J = (H + L - 1) / L;
+  TORCH_CHECK(!layer_norms || parts > 0,
+              "gru_forward: layer norm runs on the generic driver with MKL's step products");
   Tensor out = pooled_empty({N, H}, gi.options());
   Tensor stash = save ? pooled_empty({N, reset_after ? 4 * H : 3 * H}, gi.options()) : Tensor();
   S* o_ptr = ptr<S>(out);
@@ -2293,7 +2335,10 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
       V<S> acc[3];
       for (int q = 0; q < 3; ++q) acc[q] = load(rec + q * H + j, n);
       return gate_math(row, j / L, acc, load(h_row + j, n), n);
-    }, recurrent_mask);
+    }, recurrent_mask, layer_norms ? std::function<void(i64, S*)>([&](i64 row, S* rec) {
+      layer_norms.normalize(rec, row, 0);
+      layer_norms.normalize(rec + 2 * H, row, 1);
+    }) : std::function<void(i64, S*)>());
     return {out, h, stash};
   }
   // Reset before: the reset gate scales h before the second product, so each step is
@@ -2313,8 +2358,8 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
   GRUResetBeforeGates<S> gates{ptr<S>(b_ih), ptr<S>(b_hh), H, GRUActivations<S>{form}};
   const ZoneoutMask<S> zone(zoneout);
   S* sp = ptr<S>(stash);
-  const S* r_ = ptr<S>(rec);
-  const S* rn = ptr<S>(rec_n);
+  S* r_ = ptr<S>(rec);
+  S* rn = ptr<S>(rec_n);
   S* hp = ptr<S>(h);
   S* rhp = ptr<S>(rh);
   S* zp = ptr<S>(zbuf);
@@ -2323,6 +2368,7 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
     if (e <= r0) return;
     recurrent_rz(mat<S>(rec).rows_at(r0, e - r0), mat<S>(u).rows_at(r0, e - r0));
     for_rows(e, H, [&](i64 b) {
+      if (layer_norms) layer_norms.normalize(r_ + b * 2 * H, off + b, 0);
       for (i64 jb = 0; jb < J; ++jb) {
         i64 j = jb * L;
         int n = (int)std::min<i64>(L, H - j);
@@ -2336,6 +2382,7 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
     }, r0);
     recurrent_n(mat<S>(rec_n).rows_at(r0, e - r0), mat<S>(rh).rows_at(r0, e - r0));
     for_rows(e, H, [&](i64 b) {
+      if (layer_norms) layer_norms.normalize(rn + b * H, off + b, 1);
       for (i64 jb = 0; jb < J; ++jb) {
         i64 j = jb * L;
         int n = (int)std::min<i64>(L, H - j);
@@ -2398,10 +2445,15 @@ template <typename S>
 std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const Tensor& h0,
                                  const Tensor& w_hh, const Tensor& out, const Tensor& stash,
                                  const Steps& st, bool reset_after, i64 parts,
-                                 const Tensor& zoneout, const Tensor& recurrent_mask, int form) {
+                                 const Tensor& zoneout, const Tensor& recurrent_mask, int form,
+                                 const GRULayerNorms<S>& layer_norms = {},
+                                 const Tensor& d_product = {}) {
   constexpr int L = Vec<S>::L;
   const i64 H = d_hT.size(1), B = st.batch, N = st.rows;
   const i64 J = (H + L - 1) / L;
+  TORCH_CHECK(!layer_norms || (parts > 0 && d_product.defined()),
+              "gru_backward: layer norm runs on the generic driver with MKL's step products");
+  S* dpp = ptr<S>(d_product);     // with layer norm: (N, 3H), the products' gradients
   Tensor d_gi = pooled_empty({N, 3 * H}, out.options());
   Tensor dh = pooled_clone(d_hT);
   Tensor carry = pooled_empty({B, H}, out.options());
@@ -2459,13 +2511,19 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
         for_unit_blocks<S>(H, [&](i64 jb, int n) __attribute__((always_inline)) {
           gate_math(t, b, jb, load(dhp + b * H + jb * L, n), n);
         });
+        if (!layer_norms) return;
+        const i64 row = off + b;
+        const S* dg = ptr<S>(d_gh) + row * 3 * H;
+        layer_norms.backward(dg, row, 0, dpp + row * 3 * H);
+        layer_norms.backward(dg + 2 * H, row, 1, dpp + row * 3 * H + 2 * H);
       }, r0);
+      const Tensor& d_rec = layer_norms ? d_product : d_gh;      // the product's gradient
       if (!drop) {
-        recurrent(mat<S>(dh).rows_at(r0, e - r0), mat<S>(d_gh).rows_at(off + r0, e - r0),
+        recurrent(mat<S>(dh).rows_at(r0, e - r0), mat<S>(d_rec).rows_at(off + r0, e - r0),
                   mat<S>(carry).rows_at(r0, e - r0));
         return;
       }
-      recurrent(mat<S>(dh).rows_at(r0, e - r0), mat<S>(d_gh).rows_at(off + r0, e - r0));
+      recurrent(mat<S>(dh).rows_at(r0, e - r0), mat<S>(d_rec).rows_at(off + r0, e - r0));
       dropped_rows(r0, e);
     });
     return {d_gi, d_gh, dh};
@@ -2508,9 +2566,14 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
         store(gp + row * 3 * H + 2 * H + j, dh * (S(1) - z) * act.candidate_slope(nn), n);
         store(gp + row * 3 * H + H + j, dh * (h_prev_at(b, j, n) - nn) * act.gate_slope(z), n);
       }
+      if (layer_norms)
+        layer_norms.backward(gp + (off + b) * 3 * H + 2 * H, off + b, 1,
+                             dpp + (off + b) * 3 * H + 2 * H);
     }, r0);
+    // The products' gradients: d_gi's columns, or through layer norm d_product's.
+    const Tensor& d_rec = layer_norms ? d_product : d_gi;
     recurrent_n(mat<S>(d_rh).rows_at(r0, n_rows),
-                mat<S>(d_gi).rows_at(off + r0, n_rows).cols_at(2 * H, H));
+                mat<S>(d_rec).rows_at(off + r0, n_rows).cols_at(2 * H, H));
     for_rows(e, H, [&](i64 b) {
       for (i64 jb = 0; jb < J; ++jb) {
         i64 j = jb * L;
@@ -2530,15 +2593,17 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
         V<S> to_prev = load(dht + b * H + j, n) * z + d_u;
         store(cp + b * H + j, zone ? to_prev + load(cp + b * H + j, n) : to_prev, n);
       }
+      if (layer_norms)
+        layer_norms.backward(gp + (off + b) * 3 * H, off + b, 0, dpp + (off + b) * 3 * H);
     }, r0);
     if (!drop) {
       recurrent_rz(mat<S>(dh).rows_at(r0, n_rows),
-                   mat<S>(d_gi).rows_at(off + r0, n_rows).cols_at(0, 2 * H),
+                   mat<S>(d_rec).rows_at(off + r0, n_rows).cols_at(0, 2 * H),
                    mat<S>(carry).rows_at(r0, n_rows));
       return;
     }
     recurrent_rz(mat<S>(dh).rows_at(r0, n_rows),
-                 mat<S>(d_gi).rows_at(off + r0, n_rows).cols_at(0, 2 * H));
+                 mat<S>(d_rec).rows_at(off + r0, n_rows).cols_at(0, 2 * H));
     dropped_rows(r0, e);
   });
   return {d_gi, d_gi, dh};
@@ -3527,17 +3592,24 @@ std::vector<Tensor> rnn_layer_backward(Tensor d_out, Tensor d_hT, Tensor x, Tens
 // Layer norm over the rows of v (N, F), what the sequence-wide input side needs (torch's
 // native_layer_norm and its backward write fresh tensors, and at batch 64 / hidden 512 / length
 // 100 faulting in their 52 MB cost as much as the arithmetic: 17.5 ms against 7-8 for a
-// product of that size into recycled memory). Returns out (N, F) = gain (v - mean) rstd + beta,
-// mean and rstd (N, 1); gain and beta may be absent.
+// product of that size into recycled memory). Returns out (N, F) = gain (v - mean) rstd + beta
+// (into `into` when given, a (N, F) view of unit column stride: the GRU's column blocks), mean
+// and rstd (N, 1); gain and beta may be absent. v may be a view with unit column stride.
 std::vector<Tensor> layer_norm_rows(Tensor v, c10::optional<Tensor> gain,
-                                    c10::optional<Tensor> beta, double eps) {
+                                    c10::optional<Tensor> beta, double eps,
+                                    c10::optional<Tensor> into) {
   check_cpu(v, "v");
   TORCH_CHECK_VALUE(v.dim() == 2, "layer_norm_rows: v must be (N, F), got ", v.sizes());
-  v = v.contiguous();
+  if (!unit_stride(v, 1)) v = v.contiguous();
   const i64 N = v.size(0), F = v.size(1);
-  Tensor out = pooled_empty({N, F}, v.options());
+  Tensor out = into.has_value() ? *into : pooled_empty({N, F}, v.options());
+  TORCH_CHECK_VALUE(out.sizes() == v.sizes() && unit_stride(out, 1) &&
+                        out.scalar_type() == v.scalar_type(),
+                    "layer_norm_rows: `into` must be ", v.sizes(), " of unit column stride, got ",
+                    out.sizes());
   Tensor mean = pooled_empty({N, 1}, v.options()), rstd = pooled_empty({N, 1}, v.options());
   Tensor g = optional_contiguous(gain), b = optional_contiguous(beta);
+  const i64 vs = leading(v, 0), os = leading(out, 0);
   LSTMKIT_DISPATCH(v.scalar_type(), [&] {
     LayerNorms<scalar> ln;
     ln.eps = (scalar)eps;
@@ -3550,8 +3622,8 @@ std::vector<Tensor> layer_norm_rows(Tensor v, c10::optional<Tensor> gain,
     at::parallel_for(0, N, std::max<i64>(1, GATE_MATH_GRAIN_UNITS / std::max<i64>(F, 1)),
                      [&](i64 r0, i64 r1) {
       for (i64 r = r0; r < r1; ++r) {
-        ln.moments(vp + r * F, F, mp[r], rp[r]);
-        LayerNorms<scalar>::normalize(vp + r * F, F, mp[r], rp[r], gp, bp, op + r * F);
+        ln.moments(vp + r * vs, F, mp[r], rp[r]);
+        LayerNorms<scalar>::normalize(vp + r * vs, F, mp[r], rp[r], gp, bp, op + r * os);
       }
     });
     return 0;
@@ -3560,19 +3632,29 @@ std::vector<Tensor> layer_norm_rows(Tensor v, c10::optional<Tensor> gain,
 }
 
 // The gradient of layer_norm_rows's v given d (N, F), the gradient of its out, and what it
-// returned (see LayerNorms::normalize_backward). (The gain's and bias's gradients, sums over the
-// rows, are torch's.)
+// returned (see LayerNorms::normalize_backward), into `into` when given (as layer_norm_rows's);
+// d, v, mean and rstd may be views with unit column stride. (The gain's and bias's gradients,
+// sums over the rows, are torch's.)
 Tensor layer_norm_rows_backward(Tensor d, Tensor v, Tensor mean, Tensor rstd,
-                                c10::optional<Tensor> gain) {
+                                c10::optional<Tensor> gain, c10::optional<Tensor> into) {
   check_cpu(v, "v");
   TORCH_CHECK_VALUE(d.dim() == 2 && d.sizes() == v.sizes() && mean.numel() == v.size(0) &&
-                        rstd.numel() == v.size(0),
-                    "layer_norm_rows_backward: d and v (N, F), mean and rstd (N, 1); got ",
-                    d.sizes(), ", ", v.sizes(), ", ", mean.sizes(), ", ", rstd.sizes());
-  d = d.contiguous(); v = v.contiguous(); mean = mean.contiguous(); rstd = rstd.contiguous();
+                        rstd.numel() == v.size(0) && d.scalar_type() == v.scalar_type(),
+                    "layer_norm_rows_backward: d and v (N, F) of one dtype, mean and rstd (N, 1); "
+                    "got ", d.sizes(), ", ", v.sizes(), ", ", mean.sizes(), ", ", rstd.sizes());
+  for (Tensor* t : {&d, &v})
+    if (!unit_stride(*t, 1)) *t = t->contiguous();
+  mean = mean.reshape({-1, 1});
+  rstd = rstd.reshape({-1, 1});
   const i64 N = v.size(0), F = v.size(1);
-  Tensor dv = pooled_empty({N, F}, v.options());
+  Tensor dv = into.has_value() ? *into : pooled_empty({N, F}, v.options());
+  TORCH_CHECK_VALUE(dv.sizes() == v.sizes() && unit_stride(dv, 1) &&
+                        dv.scalar_type() == v.scalar_type(),
+                    "layer_norm_rows_backward: `into` must be ", v.sizes(),
+                    " of unit column stride, got ", dv.sizes());
   Tensor g = optional_contiguous(gain);
+  const i64 ds = leading(d, 0), vs = leading(v, 0), os = leading(dv, 0);
+  const i64 ms = mean.stride(0), rs = rstd.stride(0);
   LSTMKIT_DISPATCH(v.scalar_type(), [&] {
     const scalar* dp = ptr<scalar>(d);
     const scalar* vp = ptr<scalar>(v);
@@ -3583,8 +3665,8 @@ Tensor layer_norm_rows_backward(Tensor d, Tensor v, Tensor mean, Tensor rstd,
     at::parallel_for(0, N, std::max<i64>(1, GATE_MATH_GRAIN_UNITS / std::max<i64>(F, 1)),
                      [&](i64 r0, i64 r1) {
       for (i64 r = r0; r < r1; ++r) {
-        LayerNorms<scalar>::normalize_backward(dp + r * F, vp + r * F, F, mp[r], rp[r], gp,
-                                               out + r * F);
+        LayerNorms<scalar>::normalize_backward(dp + r * ds, vp + r * vs, F, mp[r * ms],
+                                               rp[r * rs], gp, out + r * os);
       }
     });
     return 0;
@@ -3606,18 +3688,21 @@ LayerNorms<S> layer_norms_of(const Tensor& gain_h, const Tensor& beta_h, const T
   return ln;
 }
 
+// The recurrent layer norm's gain and bias (gates x H: the LSTM's 4H, the GRU's 3H) and the
+// LSTM's cell's (H), each absent or a vector of `dtype`, else a ValueError.
 void check_layer_norm_parameters(i64 H, const c10::optional<Tensor>& gain_h,
                                  const c10::optional<Tensor>& beta_h,
                                  const c10::optional<Tensor>& gain_c,
-                                 const c10::optional<Tensor>& beta_c, at::ScalarType dtype) {
+                                 const c10::optional<Tensor>& beta_c, at::ScalarType dtype,
+                                 i64 gates = 4) {
   auto check = [&](const char* name, const c10::optional<Tensor>& t, i64 size) {
     TORCH_CHECK_VALUE(!t.has_value() || (t->dim() == 1 && t->size(0) == size &&
                                          t->scalar_type() == dtype),
                       name, " must be a (", size, ",) tensor of ", dtype, ", got ",
                       t.has_value() ? c10::str(t->sizes(), " ", t->scalar_type()) : "");
   };
-  check("ln_hh_weight", gain_h, 4 * H);
-  check("ln_hh_bias", beta_h, 4 * H);
+  check("ln_hh_weight", gain_h, gates * H);
+  check("ln_hh_bias", beta_h, gates * H);
   check("ln_cell_weight", gain_c, H);
   check("ln_cell_bias", beta_c, H);
 }
@@ -3731,6 +3816,87 @@ std::vector<Tensor> lstm_layer_norm_backward(
   });
   if (dh_carry.defined()) loop[1].add_(dh_carry);
   return {loop[0], d_product, d_cell_norm, loop[3], loop[1], loop[2]};
+}
+
+// The GRU's layer-norm loops (GRUVariantFunction's native loops, see GRULayerNorms), as the
+// LSTM's above. gi (N, 3H): the input's products after its layer norm, without b_ih; the rest
+// as gru_layer_forward's, and ln_hh's (3H) gain and bias (either may be absent). Returns out
+// (N, H), h_T and, when `save`, the stash (N, 4H) [r | z | n | gh_n] ((N, 3H) [r | z | n]
+// reset before), h_pre (N, 3H) (the recurrent products before LN), mean_h and rstd_h (N, 2)
+// (their blocks' [r | z] and n).
+std::vector<Tensor> gru_layer_norm_forward(
+    Tensor gi, c10::optional<Tensor> b_ih, c10::optional<Tensor> b_hh, Tensor h0, Tensor w_hh,
+    c10::optional<Tensor> zoneout_h, c10::optional<Tensor> recurrent,
+    c10::optional<Tensor> ln_hh_weight, c10::optional<Tensor> ln_hh_bias, double eps,
+    std::vector<i64> batch_sizes, bool reverse, bool reset_after, bool save, i64 parts,
+    i64 form) {
+  check_cpu(gi, "x");
+  const i64 H = h0.size(1), B = h0.size(0), N = gi.size(0);
+  TORCH_CHECK_VALUE(gi.dim() == 2 && gi.size(1) == 3 * H,
+                    "gru_layer_norm_forward: gi must be (N, 3H) = (N, ", 3 * H, "), got ",
+                    gi.sizes());
+  check_layer_weights(3, gi, H, H, Tensor(), w_hh, b_ih, b_hh);
+  check_layer_norm_parameters(H, ln_hh_weight, ln_hh_bias, c10::nullopt, c10::nullopt,
+                              gi.scalar_type(), 3);
+  TORCH_CHECK_VALUE(parts >= 1, "gru_layer_norm_forward: parts must be >= 1, got ", parts);
+  Tensor zone = checked_zoneout_mask("zoneout_h", zoneout_h, gi, H);
+  Tensor dropout = checked_recurrent_mask(recurrent, h0);
+  gi = gi.contiguous();
+  for (auto* t : {&h0, &w_hh}) *t = t->contiguous();
+  Steps st(batch_sizes, reverse);
+  TORCH_CHECK_VALUE(st.rows == N && st.batch == B, "gru_layer_norm_forward: batch_sizes ",
+                    at::IntArrayRef(batch_sizes), " do not fit x's ", N,
+                    " rows and h0's batch ", B);
+  Tensor h_pre, mean, rstd;
+  if (save) {
+    h_pre = pooled_empty({N, 3 * H}, gi.options());
+    mean = pooled_empty({N, 2}, gi.options());
+    rstd = pooled_empty({N, 2}, gi.options());
+  }
+  const Tensor gain = optional_contiguous(ln_hh_weight), beta = optional_contiguous(ln_hh_bias);
+  return LSTMKIT_DISPATCH(gi.scalar_type(), [&] {
+    GRULayerNorms<scalar> ln;
+    ln.norm = layer_norms_of<scalar>(gain, beta, Tensor(), Tensor(), eps, H);
+    ln.h_pre = ptr<scalar>(h_pre); ln.mean = ptr<scalar>(mean); ln.rstd = ptr<scalar>(rstd);
+    ln.H = H;
+    auto r = gru_forward<scalar>(gi, optional_contiguous(b_ih), h0, w_hh,
+                                 optional_contiguous(b_hh), st, reset_after, save, parts, zone,
+                                 dropout, (int)form, ln);
+    return std::vector<Tensor>{r[0], r[1], r[2], h_pre, mean, rstd};
+  });
+}
+
+// The backward loop of gru_layer_norm_forward, given what it saved and the gradients arriving
+// at out and h_T: returns d_gi (N, 3H) (the gradient of the input's side, [da_r | da_z | da_n]),
+// d_gh (N, 3H) (of the recurrent products after LN, for ln_hh's gain and bias), d_product
+// (N, 3H) (before LN: dW_hh's operand) and dh0.
+std::vector<Tensor> gru_layer_norm_backward(
+    Tensor d_out, Tensor d_hT, Tensor h0, Tensor w_hh, Tensor out, Tensor stash, Tensor h_pre,
+    Tensor mean, Tensor rstd, c10::optional<Tensor> ln_hh_weight,
+    c10::optional<Tensor> zoneout_h, c10::optional<Tensor> recurrent,
+    std::vector<i64> batch_sizes, bool reverse, bool reset_after, i64 parts, i64 form) {
+  const auto dtype = out.scalar_type();
+  const i64 H = out.size(1), N = out.size(0);
+  TORCH_CHECK_VALUE(parts >= 1, "gru_layer_norm_backward: parts must be >= 1, got ", parts);
+  check_layer_norm_parameters(H, ln_hh_weight, c10::nullopt, c10::nullopt, c10::nullopt, dtype,
+                              3);
+  d_out = incoming(d_out, dtype); d_hT = incoming(d_hT, dtype);
+  for (Tensor* t : {&h0, &w_hh, &out, &stash, &h_pre, &mean, &rstd}) *t = t->contiguous();
+  Steps st(batch_sizes, reverse);
+  TORCH_CHECK_VALUE(st.rows == N, "gru_layer_norm_backward: batch_sizes ",
+                    at::IntArrayRef(batch_sizes), " do not fit the ", N, " saved rows");
+  Tensor d_product = pooled_empty({N, 3 * H}, out.options());
+  const Tensor gain = optional_contiguous(ln_hh_weight);
+  auto loop = LSTMKIT_DISPATCH(dtype, [&] {
+    GRULayerNorms<scalar> ln;
+    ln.norm = layer_norms_of<scalar>(gain, Tensor(), Tensor(), Tensor(), 0.0, H);
+    ln.h_pre = ptr<scalar>(h_pre); ln.mean = ptr<scalar>(mean); ln.rstd = ptr<scalar>(rstd);
+    ln.H = H;
+    return gru_backward<scalar>(d_out, d_hT, h0, w_hh, out, stash, st, reset_after, parts,
+                                optional_contiguous(zoneout_h), optional_contiguous(recurrent),
+                                (int)form, ln, d_product);
+  });
+  return {loop[0], loop[1], d_product, loop[2]};
 }
 
 // One GRU layer, one direction: x (N, I) -> out (N, H), h_T, stash. zoneout_h (N or 1, H):
@@ -4140,8 +4306,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_infer", &lstm_infer_py);
   m.def("lstm_layer_norm_forward", &lstm_layer_norm_forward);
   m.def("lstm_layer_norm_backward", &lstm_layer_norm_backward);
-  m.def("layer_norm_rows", &layer_norm_rows);
-  m.def("layer_norm_rows_backward", &layer_norm_rows_backward);
+  m.def("gru_layer_norm_forward", &gru_layer_norm_forward);
+  m.def("gru_layer_norm_backward", &gru_layer_norm_backward);
+  m.def("layer_norm_rows", &layer_norm_rows, py::arg("v"), py::arg("gain"), py::arg("beta"),
+        py::arg("eps"), py::arg("into") = py::none());
+  m.def("layer_norm_rows_backward", &layer_norm_rows_backward, py::arg("d"), py::arg("v"),
+        py::arg("mean"), py::arg("rstd"), py::arg("gain"), py::arg("into") = py::none());
   m.def("one_state_infer", &one_state_infer_py);
   m.def("cell_step", &cell_step_py, py::arg("kind"), py::arg("x"), py::arg("h"), py::arg("c"),
         py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"),

@@ -27,16 +27,26 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..reference.variant import GRUVariant
+from . import native
 from ._common import linear
 from ._precision import cast_like, cast_to, compute_dtype, dtypes_of, upcast
 from .layout import StepLayout
-from .lstm_variants import _activate_, _layer_norm, _layer_norm_backward, _per_row, _rows, _slope
+from .lstm_variants import (
+    _activate_,
+    _layer_norm,
+    _layer_norm_backward,
+    _native_products,
+    _per_row,
+    _rows,
+    _slope,
+)
 
 PARAMETERS = ("w_ih", "w_hh", "b_ih", "b_hh", "ln_ih_weight", "ln_ih_bias", "ln_hh_weight",
               "ln_hh_bias")
 MASKS = ("zoneout_h", "recurrent")
 _STASH = ("x_pre", "h_pre", "mean_x_rz", "rstd_x_rz", "mean_x_n", "rstd_x_n", "mean_h_rz",
-          "rstd_h_rz", "mean_h_n", "rstd_h_n")
+          "rstd_h_rz", "mean_h_n", "rstd_h_n", "stash", "mean_h", "rstd_h")   # the last three
+# are the native loops' own: their stash [r | z | n | gh_n] and (N, 2) [rz | n] moments.
 
 
 def _blocks(H: int):
@@ -44,14 +54,47 @@ def _blocks(H: int):
     return (slice(0, 2 * H), "rz"), (slice(2 * H, 3 * H), "n")
 
 
+def _block(t, block):
+    """A (3H) parameter's block, or None."""
+    return None if t is None else t[block]
+
+
+def _native_forward(x, h0, p, masks, v: GRUVariant, layout, reverse, reset_after, parts):
+    """gru_variant_forward's results from the native loops (layer norm; see GRULayerNorms in
+    _native.cpp): the input's products and their layer norm here, in the native module's
+    recycled memory, then the loops."""
+    H = p["w_hh"].shape[0] // 3
+    module = native.module()
+    ax = _native_products(x, [(x, p["w_ih"].t())])[0]
+    gi = module.pooled_empty([x.shape[0], 3 * H], x)
+    st = {"x_pre": ax}
+    for block, name in _blocks(H):
+        _, st["mean_x_" + name], st["rstd_x_" + name] = module.layer_norm_rows(
+            ax[:, block], _block(p["ln_ih_weight"], block), _block(p["ln_ih_bias"], block),
+            v.layer_norm_eps, into=gi[:, block])
+    out, h, stash, st["h_pre"], st["mean_h"], st["rstd_h"] = module.gru_layer_norm_forward(
+        gi, p["b_ih"], p["b_hh"], h0, p["w_hh"], masks["zoneout_h"], masks["recurrent"],
+        p["ln_hh_weight"], p["ln_hh_bias"], v.layer_norm_eps, layout.batch_sizes, reverse,
+        reset_after, True, parts, native.gru_form(v.gate_activation, v.candidate_activation))
+    for q, (_, name) in enumerate(_blocks(H)):
+        st["mean_h_" + name] = st["mean_h"][:, q:q + 1]
+        st["rstd_h_" + name] = st["rstd_h"][:, q:q + 1]
+    st["stash"] = stash
+    return out, h, stash[:, :3 * H], stash[:, 3 * H:] if reset_after else None, st
+
+
 def gru_variant_forward(x, h0, p: dict, masks: dict, v: GRUVariant, layout: StepLayout,
-                        reverse: bool, reset_after: bool):
+                        reverse: bool, reset_after: bool, native_parts: int = 0):
     """x (N, I), h0 (B, H) -> out (N, H), h_T (B, H), gates (N, 3H), gh_n (N, H) | None,
     stash dict (layer norm's inputs, means and reciprocal deviations).
 
     p: w_ih, w_hh, b_ih, b_hh, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias (None where
     absent). masks: zoneout_h (N, H) or (1, H), recurrent (B, H); or None.
+    native_parts: 0 for the loop below; n >= 1 for the native loops on n row parts (layer
+    norm), which save the same stash and their own.
     """
+    if native_parts:
+        return _native_forward(x, h0, p, masks, v, layout, reverse, reset_after, native_parts)
     H = p["w_hh"].shape[0] // 3
     N = x.shape[0]
     k_mask, d_r = masks["zoneout_h"], masks["recurrent"]
@@ -118,13 +161,24 @@ def gru_variant_forward(x, h0, p: dict, masks: dict, v: GRUVariant, layout: Step
 
 def gru_variant_backward(d_out, d_hT, x, h0, p, masks, out, gates, gh_all, st, v: GRUVariant,
                          layout: StepLayout, reverse: bool, reset_after: bool,
-                         needs_input_grad: bool):
-    """Gradients of `gru_variant_forward`: dx, dh0 and a dict of parameter gradients."""
+                         needs_input_grad: bool, native_parts: int = 0):
+    """Gradients of `gru_variant_forward` (with the same native_parts): dx, dh0 and a dict of
+    parameter gradients."""
     H = p["w_hh"].shape[0] // 3
     N = x.shape[0]
     k_mask, d_r = masks["zoneout_h"], masks["recurrent"]
     w_hh = p["w_hh"]
     (rz_block, _), (n_block, _) = _blocks(H)
+    if native_parts:
+        h_prev_rows = native.module().pooled_empty(list(out.shape), out)
+        native.module().previous_rows(h_prev_rows, out, h0, layout.batch_sizes, reverse)
+        u_rows = h_prev_rows if d_r is None else h_prev_rows * _per_row(d_r, layout)
+        d_gi, d_gh, d_prod, dh = native.module().gru_layer_norm_backward(
+            d_out, d_hT, h0, w_hh, out, st["stash"], st["h_pre"], st["mean_h"], st["rstd_h"],
+            p["ln_hh_weight"], k_mask, d_r, layout.batch_sizes, reverse, reset_after,
+            native_parts, native.gru_form(v.gate_activation, v.candidate_activation))
+        return _parameter_gradients(x, p, gates, st, v, reset_after, needs_input_grad, u_rows,
+                                    d_gi, d_gh, d_prod, dh, in_pool=True)
     h_prev_rows = layout.previous_rows(out, h0, reverse)      # (N, H)
     u_rows = h_prev_rows if d_r is None else h_prev_rows * _per_row(d_r, layout)
     d_gi = out.new_empty(N, 3 * H)                            # [da_r | da_z | da_n]
@@ -171,32 +225,56 @@ def gru_variant_backward(d_out, d_hT, x, h0, p, masks, out, gates, gh_all, st, v
         if d_r is not None:
             du.mul_(d_r[:size])
         dh[:size] = dh_prev.add_(du)
-    grads = {}
     # the gradient at the recurrent products' outputs (after LN): [da_r, da_z, da_n (* r)]
     d_gh = torch.cat([d_gi[:, :2 * H], d_gh_n], 1) if reset_after else d_gi
+    return _parameter_gradients(x, p, gates, st, v, reset_after, needs_input_grad, u_rows, d_gi,
+                                d_gh, d_prod, dh)
+
+
+def _parameter_gradients(x, p, gates, st, v: GRUVariant, reset_after: bool,
+                         needs_input_grad: bool, u_rows, d_gi, d_gh, d_prod, dh,
+                         in_pool: bool = False):
+    """After the backward loop, what is sequence-wide: dx and the parameters' gradients from
+    d_gi (N, 3H) (of the input's side), d_gh (N, 3H) (of the recurrent products after LN),
+    d_prod (N, 3H) (before LN; None without layer norm) and u_rows (N, H), each row's product
+    operand. With `in_pool`, the big results in the native module's recycled memory. Returns
+    dx, dh0, grads."""
+    H = p["w_hh"].shape[0] // 3
+    grads = {}
     d_ax = d_gi
     if v.layer_norm:
-        d_ax = torch.empty_like(d_gi)
+        d_ax = (native.module().pooled_empty(list(d_gi.shape), d_gi) if in_pool
+                else torch.empty_like(d_gi))
         # gain and bias gradients of all steps at once, from the stashed LN inputs
         for name, stem, d_after, target in (("x", "ln_ih", d_gi, d_ax),
                                             ("h", "ln_hh", d_gh, None)):
             weight, bias = x.new_empty(3 * H), x.new_empty(3 * H)
             for block, part in _blocks(H):
+                args = (d_after[:, block], st[name + "_pre"][:, block],
+                        st[f"mean_{name}_{part}"], st[f"rstd_{name}_{part}"])
                 dv, weight[block], bias[block] = _layer_norm_backward(
-                    d_after[:, block].contiguous(), st[name + "_pre"][:, block].contiguous(),
-                    st[f"mean_{name}_{part}"], st[f"rstd_{name}_{part}"],
-                    p[stem + "_weight"][block], p[stem + "_bias"][block], parameters=True)
-                if target is not None:
+                    *(a.contiguous() for a in args), _block(p[stem + "_weight"], block),
+                    _block(p[stem + "_bias"], block), parameters=True,
+                    input=target is not None and not in_pool)
+                if target is not None and in_pool:
+                    native.module().layer_norm_rows_backward(
+                        *args, _block(p[stem + "_weight"], block), into=target[:, block])
+                elif target is not None:
                     target[:, block] = dv
             grads[stem + "_weight"], grads[stem + "_bias"] = weight, bias
-    dx = d_ax @ p["w_ih"] if needs_input_grad else None
-    grads["w_ih"] = d_ax.t() @ x
     d_rec = d_prod if v.layer_norm else d_gh                  # d(u W_hh^T), before LN
+    products = [(d_ax.t(), x)]
     if reset_after:
-        grads["w_hh"] = d_rec.t() @ u_rows
+        products.append((d_rec.t(), u_rows))
     else:
         ru = gates[:, :H] * u_rows
-        grads["w_hh"] = torch.cat([d_rec[:, :2 * H].t() @ u_rows, d_rec[:, 2 * H:].t() @ ru])
+        products += [(d_rec[:, :2 * H].t(), u_rows), (d_rec[:, 2 * H:].t(), ru)]
+    if needs_input_grad:
+        products.append((d_ax, p["w_ih"]))
+    results = _native_products(x, products) if in_pool else [a @ b for a, b in products]
+    grads["w_ih"] = results.pop(0)
+    dx = results.pop() if needs_input_grad else None
+    grads["w_hh"] = results[0] if reset_after else torch.cat(results)
     grads["b_ih"] = d_gi.sum(0) if p["b_ih"] is not None else None
     grads["b_hh"] = d_gh.sum(0) if p["b_hh"] is not None else None
     return dx, dh, grads
@@ -208,8 +286,12 @@ class GRUVariantFunction(torch.autograd.Function):
     apply(x (N, I), h0 (B, H), w_ih (3H, I), w_hh (3H, H), b_ih, b_hh (3H,) | None,
           ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias (3H,) | None,
           zoneout_h (N or 1, H) | None, recurrent (B, H) | None,
-          variant: GRUVariant, layout: StepLayout, reverse: bool, reset_after: bool)
+          variant: GRUVariant, layout: StepLayout, reverse: bool, reset_after: bool,
+          native_parts: int)
     -> out (N, H), h_T (B, H), gates (N, 3H) [r | z | n]
+
+    native_parts: 0 for the Python loops of torch operations; n >= 1 for the native loops
+    (layer norm) on n row parts.
 
     gates are the values the forward stored for its backward, returned as a
     non-differentiable output for introspection: they cost nothing extra.
@@ -217,16 +299,17 @@ class GRUVariantFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, *args):
-        tensors, (variant, layout, reverse, reset_after) = args[:-4], args[-4:]
+        tensors, (variant, layout, reverse, reset_after, native_parts) = args[:-5], args[-5:]
         originals = (x, h0, *tensors)
         x, h0, *tensors = upcast(originals, compute_dtype(x.dtype))
         p = dict(zip(PARAMETERS, tensors[:len(PARAMETERS)], strict=True))
         masks = dict(zip(MASKS, tensors[len(PARAMETERS):], strict=True))
         out, h_T, gates, gh_all, st = gru_variant_forward(x, h0, p, masks, variant, layout,
-                                                          reverse, reset_after)
+                                                          reverse, reset_after, native_parts)
         ctx.save_for_backward(x, h0, *tensors, out, gates, gh_all, *(st.get(k) for k in _STASH))
         ctx.variant, ctx.layout, ctx.reverse, ctx.reset_after = (variant, layout, reverse,
                                                                   reset_after)
+        ctx.native_parts = native_parts
         ctx.dtypes = dtypes_of(originals)
         results = cast_like((out, h_T, gates), (originals[0], originals[1], originals[0]))
         ctx.mark_non_differentiable(results[2])
@@ -244,7 +327,7 @@ class GRUVariantFunction(torch.autograd.Function):
         d_out, d_hT = upcast((d_out, d_hT), x.dtype)
         dx, dh0, grads = gru_variant_backward(
             d_out, d_hT, x, h0, p, masks, out, gates, gh_all, st, ctx.variant, ctx.layout,
-            ctx.reverse, ctx.reset_after, ctx.needs_input_grad[0])
+            ctx.reverse, ctx.reset_after, ctx.needs_input_grad[0], ctx.native_parts)
         result = [dx, dh0] + [grads[name] if p[name] is not None else None
                               for name in PARAMETERS] + [None] * len(MASKS)
-        return (*cast_to(result, ctx.dtypes), None, None, None, None)
+        return (*cast_to(result, ctx.dtypes), None, None, None, None, None)
