@@ -179,6 +179,49 @@ def test_native_layer_norm_module_matches_portable(reset_after):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+@RESET
+def test_native_layer_norm_loops_split_rows_across_threads(reset_after, monkeypatch):
+    """One row part of 130 rows at hidden 64: each step's per-row work split across threads."""
+    monkeypatch.setattr(kernels.native, "MAX_ROW_PARTS", 1)
+    problem = random_problem(EVERY_EQUATION, T=3, B=130, I=3, H=64, masks=ALL_MASKS, seed=14)
+    ref_out, ref_grads = reference_result(EVERY_EQUATION, *problem, reset_after)
+    outs, grads = kernel_result(EVERY_EQUATION, *problem, dtype=torch.float64,
+                                reset_after=reset_after)
+    _assert_matches(outs, grads, ref_out, ref_grads, 1e-10)
+
+
+@pytest.mark.parametrize("name, shape", [("weight_ih_l0", (12, 1)), ("ln_ih_weight_l0", (1,)),
+                                         ("ln_ih_bias_l0", (2,)), ("ln_hh_weight_l0", (3, 4)),
+                                         ("weight_hh_l0", (12, 5))])
+def test_native_layer_norm_loops_refuse_replaced_parameters(name, shape):
+    module = lstmkit.GRU(3, 4, variant=GRUVariant(layer_norm=True), backend="native")
+    setattr(module, name, torch.nn.Parameter(torch.randn(*shape)))
+    with pytest.raises(ValueError, match="must|do not fit"):
+        module(torch.randn(5, 2, 3))
+
+
+@RESET
+def test_native_layer_norm_inference_matches_training(reset_after):
+    """No_grad inference (the native loops save nothing) gives the training forward's results;
+    return_gates the portable loops' gates."""
+    variant = GRUVariant(layer_norm=True, candidate_activation="softsign")
+    torch.manual_seed(6)
+    modules = [lstmkit.GRU(3, 5, variant=variant, reset_after=reset_after, dtype=torch.float64,
+                           backend=backend) for backend in ("auto", "portable")]
+    modules[1].load_state_dict(modules[0].state_dict())
+    x = torch.randn(7, 2, 3, dtype=torch.float64)
+    trained, h = modules[0](x)
+    with torch.no_grad():
+        inferred, h_i = modules[0](x)
+        _, _, trace = modules[0](x, return_gates=True)
+    _, _, expected = modules[1](x, return_gates=True)
+    torch.testing.assert_close(trained.detach(), inferred, rtol=0, atol=0)
+    torch.testing.assert_close(h.detach(), h_i, rtol=0, atol=0)
+    for gate in ("r", "z", "n", "h"):
+        torch.testing.assert_close(trace[0, "forward"][gate], expected[0, "forward"][gate],
+                                   rtol=0, atol=1e-12)
+
+
 def test_native_layer_norm_backend_choices():
     """backend "native" runs the GRU's layer norm natively and refuses the gate traces of a
     variant without it."""

@@ -378,6 +378,91 @@ def test_native_layer_norm_loops_check_their_arguments():
             forward(**{**good, **change})
 
 
+@pytest.mark.parametrize("family", ["LSTM", "GRU"])
+def test_layer_norm_without_gains_and_biases(family):
+    """The kernels' layer norm with its ln_* parameters absent (documented as allowed): the
+    native loops equal the portable ones, values and gradients."""
+    lstm = family == "LSTM"
+    results = {}
+    for backend in ("portable", "auto"):
+        g = torch.Generator().manual_seed(0)
+        gates = 4 if lstm else 3
+        p = {"w_ih": torch.randn(gates * 4, 3, generator=g, dtype=torch.float64),
+             "w_hh": torch.randn(gates * 4, 4, generator=g, dtype=torch.float64)}
+        x = torch.randn(6, 3, generator=g, dtype=torch.float64)
+        for t in (x, *p.values()):
+            t.requires_grad_()
+        zeros = torch.zeros(2, 4, dtype=torch.float64)
+        layout = StepLayout.padded(3, 2)
+        if lstm:
+            out, *_ = kernels.lstm_variant_layer(x, zeros, zeros, p, {},
+                                                 LSTMVariant(layer_norm=True), layout=layout,
+                                                 backend=backend)
+        else:
+            out, *_ = kernels.gru_variant_layer(x, zeros, p, {},
+                                                lstmkit.GRUVariant(layer_norm=True),
+                                                layout=layout, backend=backend)
+        assert native_loops_ran(out) == (backend == "auto")
+        out.sum().backward()
+        results[backend] = [out.detach(), x.grad, p["w_ih"].grad, p["w_hh"].grad]
+    for a, b in zip(results["portable"], results["auto"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_native_layer_norm_loops_split_rows_across_threads(monkeypatch):
+    """One row part of 130 rows at hidden 64: the per-row gate math and layer norms are split
+    across the threads (for_rows, 64 rows a piece) in both loops."""
+    monkeypatch.setattr(native, "MAX_ROW_PARTS", 1)
+    variant = NATIVE_LAYER_NORM["peepholes_cifg"]
+    problem = random_problem(variant, T=3, B=130, I=3, H=64, masks=ALL_MASKS, seed=14)
+    ref_out, ref_grads = reference_result(variant, *problem)
+    outs, grads = kernel_result(variant, *problem, dtype=torch.float64)
+    for got, expected in zip(outs, ref_out, strict=True):
+        assert relative_error(got, expected) < 1e-10
+    for key, expected in ref_grads.items():
+        assert relative_error(grads[key], expected) < 1e-10, key
+
+
+@pytest.mark.parametrize("name, shape", [("weight_ih_l0", (16, 1)), ("ln_ih_weight_l0", (1,)),
+                                         ("ln_ih_bias_l0", (2,)), ("ln_hh_weight_l0", (4, 4)),
+                                         ("ln_cell_bias_l0", (5,))])
+def test_native_layer_norm_loops_refuse_replaced_parameters(name, shape):
+    """A parameter replaced by one of another shape: a ValueError naming the mismatch, never
+    a read out of bounds."""
+    module = lstmkit.LSTM(3, 4, variant=LSTMVariant(layer_norm=True), backend="native")
+    setattr(module, name, torch.nn.Parameter(torch.randn(*shape)))
+    with pytest.raises(ValueError, match="must|do not fit"):
+        module(torch.randn(5, 2, 3))
+
+
+def test_native_layer_norm_inference_saves_nothing_and_matches_training():
+    """Under no_grad (and with no gates asked for) the native loops save nothing; their results
+    are the training forward's, and return_gates gets the same gates either way."""
+    variant = LSTMVariant(layer_norm=True, peepholes=True)
+    torch.manual_seed(6)
+    module = lstmkit.LSTM(3, 5, variant=variant, dtype=torch.float64)
+    portable = lstmkit.LSTM(3, 5, variant=variant, dtype=torch.float64, backend="portable")
+    portable.load_state_dict(module.state_dict())
+    x = torch.randn(7, 2, 3, dtype=torch.float64)
+    trained, (h, c) = module(x)
+    with torch.no_grad():
+        inferred, (h_i, c_i) = module(x)
+        _, _, trace = module(x, return_gates=True)
+    _, _, expected_trace = portable(x, return_gates=True)
+    for a, b in ((trained, inferred), (h, h_i), (c, c_i)):
+        torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
+    for gate in ("i", "f", "g", "o", "c", "h"):
+        torch.testing.assert_close(trace[0, "forward"][gate],
+                                   expected_trace[0, "forward"][gate], rtol=0, atol=1e-12)
+    layer = kernels.lstm_variant_layer
+    params = {k: torch.tensor(v) for k, v in random_problem(variant, I=3, H=4)[0].items()}
+    with torch.no_grad():
+        zeros = torch.zeros(2, 4, dtype=torch.float64)
+        results = layer(torch.randn(6, 3, dtype=torch.float64), zeros, zeros, params, {},
+                        variant, layout=StepLayout.padded(3, 2), gates=False)
+    assert results[4].numel() == results[5].numel() == 0
+
+
 # -- modules -------------------------------------------------------------------------------------
 
 
@@ -719,8 +804,9 @@ def test_module_level_errors():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_runs_in_float32_and_returns_its_dtype(dtype):
-    variant = LSTMVariant(peepholes=True, layer_norm=True, full_gate_recurrence=True)
+@pytest.mark.parametrize("fgr", [True, False], ids=["portable-loops", "native-loops"])
+def test_low_precision_runs_in_float32_and_returns_its_dtype(dtype, fgr):
+    variant = LSTMVariant(peepholes=True, layer_norm=True, full_gate_recurrence=fgr)
     torch.manual_seed(8)
     module = lstmkit.LSTM(3, 4, variant=variant, dtype=torch.float64)
     x = torch.randn(6, 2, 3, dtype=torch.float64)
@@ -728,9 +814,10 @@ def test_low_precision_runs_in_float32_and_returns_its_dtype(dtype):
     low = lstmkit.LSTM(3, 4, variant=variant, dtype=dtype)
     low.load_state_dict(module.state_dict())
     xl = x.to(dtype).requires_grad_()
-    out, (h, c, q) = low(xl)
+    out, (h, c, *q) = low(xl)
     out.sum().backward()
-    assert out.dtype == h.dtype == q.dtype == xl.grad.dtype == low.weight_gate_l0.grad.dtype == dtype
+    grads = [xl.grad, low.weight_hh_l0.grad, low.ln_hh_weight_l0.grad]
+    assert {t.dtype for t in (out, h, c, *q, *grads)} == {dtype}
     # the error of rounding inputs and weights to 8 (bfloat16) or 11 (float16) bits
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=0.05)
 

@@ -13,6 +13,8 @@ Backends:
     "auto": native for CPU inputs when it is available, portable otherwise.
 """
 
+import torch
+
 from ..reference.rnn import NONLINEARITIES
 from ..reference.variant import CELL_FORM_FIELDS, GRUVariant, LSTMVariant
 from . import native
@@ -97,7 +99,7 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
     variant = LSTMVariant(peepholes=w_peephole is not None,
                           **dict(zip(CELL_FORM_FIELDS, cell, strict=True)))
     out, h_T, c_T, *_ = lstm_variant_layer(x, h0, c0, params, masks, variant, layout=layout,
-                                           reverse=reverse, backend=variant_backend)
+                                           reverse=reverse, backend=variant_backend, gates=False)
     return out, h_T, c_T
 
 
@@ -109,14 +111,16 @@ def lstm_layer_with_gates(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None
 
 
 def lstm_variant_layer(x, h0, c0, params: dict, masks: dict, variant, *, q0=None,
-                       layout: StepLayout, reverse: bool = False, backend: str = "auto"):
+                       layout: StepLayout, reverse: bool = False, backend: str = "auto",
+                       gates: bool = True):
     """One LSTM-variant layer, one direction (see lstm_variants.py).
 
     params: w_ih, w_hh, ... as `LSTMVariantFunction`'s (missing keys are absent); masks:
     zoneout_h, zoneout_c, recurrent (missing keys are off); q0 (B, 3H): the previous gates,
     for full gate recurrence (zeros when None).
     Returns out (N, P), h_T (B, P), c_T (B, H), q_T (B, 3H) or None without full gate
-    recurrence, gates (N, 4H), cells (N, H).
+    recurrence, gates (N, 4H), cells (N, H); with `gates` False the last two may be empty
+    (where nothing needs a gradient, the native loops then save nothing for a backward).
 
     With layer norm (and the elementwise variants, zoneout and recurrent dropout beside it) the
     step loops are native on the CPU (`backend` "auto" where the native module is there, or
@@ -143,10 +147,17 @@ def lstm_variant_layer(x, h0, c0, params: dict, masks: dict, variant, *, q0=None
         q0 = None
     elif q0 is None:
         q0 = h0.new_zeros(h0.shape[0], 3 * c0.shape[1])
-    out, h_T, c_T, q_T, gates, cells = LSTMVariantFunction.apply(
+    save = gates or _needs_grad(x, h0, c0, q0, *params.values())
+    out, h_T, c_T, q_T, gate_values, cells = LSTMVariantFunction.apply(
         x, h0, c0, q0, *(params.get(k) for k in _VARIANT_PARAMETERS),
-        *(masks.get(k) for k in _VARIANT_MASKS), variant, layout, reverse, native_parts)
-    return out, h_T, c_T, (q_T if q0 is not None else None), gates, cells
+        *(masks.get(k) for k in _VARIANT_MASKS), variant, layout, reverse, native_parts, save)
+    return out, h_T, c_T, (q_T if q0 is not None else None), gate_values, cells
+
+
+def _needs_grad(*tensors) -> bool:
+    """Whether autograd will want a backward through a layer of these inputs."""
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 def gru_layer(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: StepLayout,
@@ -173,7 +184,7 @@ def gru_layer(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: StepLayout,
                          candidate_activation=candidate_activation)
     out, h_T, _ = gru_variant_layer(x, h0, params, masks, variant,
                                     layout=layout, reverse=reverse, reset_after=reset_after,
-                                    backend="portable")
+                                    backend="portable", gates=False)
     return out, h_T
 
 
@@ -184,12 +195,14 @@ def gru_layer_with_gates(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: Ste
 
 
 def gru_variant_layer(x, h0, params: dict, masks: dict, variant, *, layout: StepLayout,
-                      reverse: bool = False, reset_after: bool = True, backend: str = "auto"):
+                      reverse: bool = False, reset_after: bool = True, backend: str = "auto",
+                      gates: bool = True):
     """One GRU-variant layer, one direction (see gru_variants.py).
 
     params: w_ih (3H, I), w_hh (3H, H), b_ih, b_hh (3H,) (missing keys are absent); masks:
     zoneout_h (N or 1, H), recurrent (B, H) (missing keys are off).
-    Returns out (N, H), h_T (B, H), gates (N, 3H) = [r | z | n].
+    Returns out (N, H), h_T (B, H), gates (N, 3H) = [r | z | n] (may be empty with `gates`
+    False, as lstm_variant_layer's).
 
     With layer norm (in either reset form, with the other variants beside it) the step loops
     are native on the CPU (`backend` "auto" where the native module is there, or "native");
@@ -208,18 +221,19 @@ def gru_variant_layer(x, h0, params: dict, masks: dict, variant, *, layout: Step
     if variant.layer_norm and backend != "portable" and native.supports(x):
         native_parts = native.generic_parts(layout, params["w_hh"],
                                             itemsize=compute_dtype(x.dtype).itemsize)
+    save = gates or _needs_grad(x, h0, *params.values())
     return GRUVariantFunction.apply(
         x, h0, *(params.get(k) for k in _GRU_VARIANT_PARAMETERS),
         *(masks.get(k) for k in _GRU_VARIANT_MASKS), variant, layout, reverse, reset_after,
-        native_parts)
+        native_parts, save)
 
 
 def _check_native_loops(family: str, runs_native: bool, x, what: str) -> None:
     """backend="native" for a variant layer: a ValueError unless its loops run natively."""
+    native.check_device(x)
     if not runs_native:
         raise ValueError(f"backend='native' has no kernel for these {family} variants: {what}; "
                          "use backend='auto' or 'portable'")
-    native.check_device(x)
     if not native.available():
         raise ValueError(f"the native {family} variants need the native module, which is "
                          f"unavailable ({native.unavailable_reason()}): use backend='auto' or "

@@ -1232,13 +1232,13 @@ __attribute__((always_inline)) inline void ratio_cells(const V<float> (&a)[W][4]
 // peephole keep c~). The input's LN_ih(x W_ih^T) is one sequence-wide torch call before the
 // loop (lstm_variants.py), as the parameters' gradients are after it. A row's whole product
 // is needed first, so only the generic driver (MKL's step products, the gate math by rows)
-// runs it. Saved for the backward when training (N rows): the product before LN (h_pre,
-// 4H), c~ (cand), s = psi(LN_c(c~)), and each LN's mean and rstd.
+// runs it. Saved for the backward unless nothing will need one (N rows): the product before
+// LN (h_pre, 4H), c~ (cand), s = psi(LN_c(c~)), and each LN's mean and rstd.
 template <typename S>
 struct LayerNorms {
   const S* gain_h = nullptr; const S* beta_h = nullptr;      // (4H), either may be absent
   const S* gain_c = nullptr; const S* beta_c = nullptr;      // (H)
-  S eps = S(1e-5);
+  S eps = 0;                                                 // the forward's: LSTMVariant's
   S* h_pre = nullptr; S* mean_h = nullptr; S* rstd_h = nullptr;   // saved, or none
   S* cand = nullptr; S* s = nullptr; S* mean_c = nullptr; S* rstd_c = nullptr;
   S* scratch = nullptr;      // (B, 2H): c~ and o of a row when nothing is saved
@@ -1317,8 +1317,8 @@ struct LayerNorms {
   }
   // Where row b (global `row`) keeps its c~ and o (H each) between the cell and its output.
   S* cand_row(i64 b, i64 row) const { return cand ? cand + row * H : scratch + b * 2 * H; }
-  S* o_row(i64 b, const S* saved_gates_row) const {
-    return saved_gates_row ? const_cast<S*>(saved_gates_row) + 3 * H : scratch + b * 2 * H + H;
+  S* o_row(i64 b, S* saved_gates_row) const {
+    return saved_gates_row ? saved_gates_row + 3 * H : scratch + b * 2 * H + H;
   }
 };
 
@@ -2195,7 +2195,7 @@ struct GRUActivations {
 // in two blocks, q = 0 the gates' [r | z] (2H) and q = 1 the candidate's n (H), each
 // normalised over its own units (LayerNorms's arithmetic) before b_hh is added; with reset
 // before, n's block is the product of (r u). The input side is normalised for all steps
-// before the loop (lstm_variants.py's layer_norm_rows). Saved when training: the products
+// before the loop (layer_norm_rows). Saved unless nothing will need a backward: the products
 // before LN, h_pre (N, 3H), and each block's mean and rstd, (N, 2).
 template <typename S>
 struct GRULayerNorms {
@@ -3589,6 +3589,18 @@ std::vector<Tensor> rnn_layer_backward(Tensor d_out, Tensor d_hT, Tensor x, Tens
 // gradients after it) and calls these two for the loops, which would otherwise be Python
 // loops of torch operations per step. Tensors in one compute dtype (float32 or float64).
 
+// An optional parameter vector: absent, or (size,) of `dtype` on the CPU; else a ValueError
+// naming it.
+void check_vector(const char* name, const c10::optional<Tensor>& t, i64 size,
+                  at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(!t.has_value() || (t->dim() == 1 && t->size(0) == size &&
+                                       t->scalar_type() == dtype && t->device().is_cpu()),
+                    name, " must be a (", size, ",) tensor of ", dtype, " on the CPU, got ",
+                    t.has_value() ? c10::str(t->sizes(), " ", t->scalar_type(), " on ",
+                                             t->device())
+                                  : std::string());
+}
+
 // Layer norm over the rows of v (N, F), what the sequence-wide input side needs (torch's
 // native_layer_norm and its backward write fresh tensors, and at batch 64 / hidden 512 / length
 // 100 faulting in their 52 MB cost as much as the arithmetic: 17.5 ms against 7-8 for a
@@ -3607,6 +3619,8 @@ std::vector<Tensor> layer_norm_rows(Tensor v, c10::optional<Tensor> gain,
                         out.scalar_type() == v.scalar_type(),
                     "layer_norm_rows: `into` must be ", v.sizes(), " of unit column stride, got ",
                     out.sizes());
+  check_vector("gain", gain, F, v.scalar_type());
+  check_vector("beta", beta, F, v.scalar_type());
   Tensor mean = pooled_empty({N, 1}, v.options()), rstd = pooled_empty({N, 1}, v.options());
   Tensor g = optional_contiguous(gain), b = optional_contiguous(beta);
   const i64 vs = leading(v, 0), os = leading(out, 0);
@@ -3652,6 +3666,7 @@ Tensor layer_norm_rows_backward(Tensor d, Tensor v, Tensor mean, Tensor rstd,
                         dv.scalar_type() == v.scalar_type(),
                     "layer_norm_rows_backward: `into` must be ", v.sizes(),
                     " of unit column stride, got ", dv.sizes());
+  check_vector("gain", gain, F, v.scalar_type());
   Tensor g = optional_contiguous(gain);
   const i64 ds = leading(d, 0), vs = leading(v, 0), os = leading(dv, 0);
   const i64 ms = mean.stride(0), rs = rstd.stride(0);
@@ -3695,16 +3710,10 @@ void check_layer_norm_parameters(i64 H, const c10::optional<Tensor>& gain_h,
                                  const c10::optional<Tensor>& gain_c,
                                  const c10::optional<Tensor>& beta_c, at::ScalarType dtype,
                                  i64 gates = 4) {
-  auto check = [&](const char* name, const c10::optional<Tensor>& t, i64 size) {
-    TORCH_CHECK_VALUE(!t.has_value() || (t->dim() == 1 && t->size(0) == size &&
-                                         t->scalar_type() == dtype),
-                      name, " must be a (", size, ",) tensor of ", dtype, ", got ",
-                      t.has_value() ? c10::str(t->sizes(), " ", t->scalar_type()) : "");
-  };
-  check("ln_hh_weight", gain_h, gates * H);
-  check("ln_hh_bias", beta_h, gates * H);
-  check("ln_cell_weight", gain_c, H);
-  check("ln_cell_bias", beta_c, H);
+  check_vector("ln_hh_weight", gain_h, gates * H, dtype);
+  check_vector("ln_hh_bias", beta_h, gates * H, dtype);
+  check_vector("ln_cell_weight", gain_c, H, dtype);
+  check_vector("ln_cell_bias", beta_c, H, dtype);
 }
 
 // The forward loop: xproj (N, 4H) = LN_ih(x W_ih^T) (the biases not added: the loop adds
@@ -3790,6 +3799,24 @@ std::vector<Tensor> lstm_layer_norm_backward(
   TORCH_CHECK_VALUE(parts >= 1, "lstm_layer_norm_backward: parts must be >= 1, got ", parts);
   check_layer_norm_parameters(H, ln_hh_weight, c10::nullopt, ln_cell_weight, c10::nullopt,
                               dtype);
+  const i64 B = c0.size(0), P = d_hT.size(1);
+  // What the forward saved, and the arriving gradients, against each other: a wrong shape
+  // would be read out of bounds.
+  std::string wrong = layer_weights_mismatch(4, gates.narrow(1, 0, 0), H, P, Tensor(), w_hh,
+                                             Tensor(), Tensor(), given(w_hr), given(w_peephole));
+  auto shape = [&](const char* name, const Tensor& t, std::initializer_list<i64> expected) {
+    if (wrong.empty() && t.sizes() != at::IntArrayRef(expected))
+      wrong = c10::str(name, " must have shape ", at::IntArrayRef(expected), ", got ", t.sizes());
+  };
+  shape("gates", gates, {N, 4 * H});
+  shape("h_pre", h_pre, {N, 4 * H});
+  for (const Tensor* t : {&cand, &s}) shape("cand and s", *t, {N, H});
+  for (const Tensor* t : {&mean_h, &rstd_h, &mean_c, &rstd_c}) shape("mean and rstd", *t, {N, 1});
+  shape("d_out", d_out, {N, P});
+  shape("d_hT", d_hT, {B, P});
+  shape("d_cT", d_cT, {B, H});
+  shape("cells", cells, {N, H});
+  TORCH_CHECK_VALUE(wrong.empty(), "lstm_layer_norm_backward: ", wrong);
   d_out = incoming(d_out, dtype); d_hT = incoming(d_hT, dtype); d_cT = incoming(d_cT, dtype);
   for (Tensor* t : {&c0, &w_hh, &gates, &cells, &cand, &s, &h_pre, &mean_h, &rstd_h, &mean_c,
                     &rstd_c})
@@ -3880,6 +3907,20 @@ std::vector<Tensor> gru_layer_norm_backward(
   TORCH_CHECK_VALUE(parts >= 1, "gru_layer_norm_backward: parts must be >= 1, got ", parts);
   check_layer_norm_parameters(H, ln_hh_weight, c10::nullopt, c10::nullopt, c10::nullopt, dtype,
                               3);
+  const i64 B = h0.size(0);
+  std::string wrong = layer_weights_mismatch(3, out.narrow(1, 0, 0), H, H, Tensor(), w_hh,
+                                             Tensor(), Tensor());
+  auto shape = [&](const char* name, const Tensor& t, std::initializer_list<i64> expected) {
+    if (wrong.empty() && t.sizes() != at::IntArrayRef(expected))
+      wrong = c10::str(name, " must have shape ", at::IntArrayRef(expected), ", got ", t.sizes());
+  };
+  shape("stash", stash, {N, (reset_after ? 4 : 3) * H});
+  shape("h_pre", h_pre, {N, 3 * H});
+  for (const Tensor* t : {&mean, &rstd}) shape("mean and rstd", *t, {N, 2});
+  shape("d_out", d_out, {N, H});
+  shape("d_hT", d_hT, {B, H});
+  shape("h0", h0, {B, H});
+  TORCH_CHECK_VALUE(wrong.empty(), "gru_layer_norm_backward: ", wrong);
   d_out = incoming(d_out, dtype); d_hT = incoming(d_hT, dtype);
   for (Tensor* t : {&h0, &w_hh, &out, &stash, &h_pre, &mean, &rstd}) *t = t->contiguous();
   Steps st(batch_sizes, reverse);
@@ -4265,6 +4306,16 @@ std::vector<Tensor> one_state_infer_py(Tensor x, Tensor h0, Tensor w_ih, Tensor 
 void products_py(std::vector<Tensor> outs, std::vector<Tensor> as, std::vector<Tensor> bs) {
   TORCH_CHECK(outs.size() == as.size() && as.size() == bs.size(),
               "products: lists of different lengths");
+  for (size_t i = 0; i < outs.size(); ++i) {
+    const Tensor &o = outs[i], &a = as[i], &b = bs[i];
+    TORCH_CHECK_VALUE(o.dim() == 2 && a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0) &&
+                          o.size(0) == a.size(0) && o.size(1) == b.size(1) &&
+                          a.scalar_type() == o.scalar_type() &&
+                          b.scalar_type() == o.scalar_type(),
+                      "products: out ", o.sizes(), " = a ", a.sizes(), " @ b ", b.sizes(),
+                      " do not fit (or their dtypes differ)");
+    for (const Tensor* t : {&o, &a, &b}) check_cpu(*t, "products' operands");
+  }
   Products jobs{outs, as, bs};
   jobs.run();
 }

@@ -1,4 +1,5 @@
-"""Portable kernel for the GRU variants: torch operations only, hand-written backward through time.
+"""Kernel for the GRU variants: hand-written backward through time, torch operations only, or
+with native step loops for layer norm on the CPU.
 
 # N rows (time-major, see layout.py), B batch, I input, H hidden, G = 3H gate pre-activations
 # in torch.nn's order [r | z | n].
@@ -59,10 +60,12 @@ def _block(t, block):
     return None if t is None else t[block]
 
 
-def _native_forward(x, h0, p, masks, v: GRUVariant, layout, reverse, reset_after, parts):
+def _native_forward(x, h0, p, masks, v: GRUVariant, layout, reverse, reset_after, parts,
+                    save):
     """gru_variant_forward's results from the native loops (layer norm; see GRULayerNorms in
     _native.cpp): the input's products and their layer norm here, in the native module's
-    recycled memory, then the loops."""
+    recycled memory, then the loops. Without `save` the stash's entries and the gates are
+    None."""
     H = p["w_hh"].shape[0] // 3
     module = native.module()
     ax = _native_products(x, [(x, p["w_ih"].t())])[0]
@@ -75,7 +78,9 @@ def _native_forward(x, h0, p, masks, v: GRUVariant, layout, reverse, reset_after
     out, h, stash, st["h_pre"], st["mean_h"], st["rstd_h"] = module.gru_layer_norm_forward(
         gi, p["b_ih"], p["b_hh"], h0, p["w_hh"], masks["zoneout_h"], masks["recurrent"],
         p["ln_hh_weight"], p["ln_hh_bias"], v.layer_norm_eps, layout.batch_sizes, reverse,
-        reset_after, True, parts, native.gru_form(v.gate_activation, v.candidate_activation))
+        reset_after, save, parts, native.gru_form(v.gate_activation, v.candidate_activation))
+    if not save:
+        return out, h, None, None, st
     for q, (_, name) in enumerate(_blocks(H)):
         st["mean_h_" + name] = st["mean_h"][:, q:q + 1]
         st["rstd_h_" + name] = st["rstd_h"][:, q:q + 1]
@@ -84,17 +89,20 @@ def _native_forward(x, h0, p, masks, v: GRUVariant, layout, reverse, reset_after
 
 
 def gru_variant_forward(x, h0, p: dict, masks: dict, v: GRUVariant, layout: StepLayout,
-                        reverse: bool, reset_after: bool, native_parts: int = 0):
+                        reverse: bool, reset_after: bool, native_parts: int = 0,
+                        save: bool = True):
     """x (N, I), h0 (B, H) -> out (N, H), h_T (B, H), gates (N, 3H), gh_n (N, H) | None,
     stash dict (layer norm's inputs, means and reciprocal deviations).
 
     p: w_ih, w_hh, b_ih, b_hh, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias (None where
     absent). masks: zoneout_h (N, H) or (1, H), recurrent (B, H); or None.
     native_parts: 0 for the loop below; n >= 1 for the native loops on n row parts (layer
-    norm), which save the same stash and their own.
+    norm, as kernels.gru_variant_layer picks them), which save the same stash and their own,
+    or nothing without `save`.
     """
     if native_parts:
-        return _native_forward(x, h0, p, masks, v, layout, reverse, reset_after, native_parts)
+        return _native_forward(x, h0, p, masks, v, layout, reverse, reset_after, native_parts,
+                               save)
     H = p["w_hh"].shape[0] // 3
     N = x.shape[0]
     k_mask, d_r = masks["zoneout_h"], masks["recurrent"]
@@ -108,8 +116,8 @@ def gru_variant_forward(x, h0, p: dict, masks: dict, v: GRUVariant, layout: Step
         gates = torch.empty_like(ax)
         for block, name in _blocks(H):
             gates[:, block], st["mean_x_" + name], st["rstd_x_" + name] = _layer_norm(
-                ax[:, block].contiguous(), p["ln_ih_weight"][block], p["ln_ih_bias"][block],
-                v.layer_norm_eps)
+                ax[:, block].contiguous(), _block(p["ln_ih_weight"], block),
+                _block(p["ln_ih_bias"], block), v.layer_norm_eps)
             st["mean_h_" + name], st["rstd_h_" + name] = x.new_empty(N, 1), x.new_empty(N, 1)
         if p["b_ih"] is not None:
             gates.add_(p["b_ih"])
@@ -123,7 +131,8 @@ def gru_variant_forward(x, h0, p: dict, masks: dict, v: GRUVariant, layout: Step
         product = u @ w_hh[block].t()
         st["h_pre"][rows, block] = product
         product, st["mean_h_" + name][rows], st["rstd_h_" + name][rows] = _layer_norm(
-            product, p["ln_hh_weight"][block], p["ln_hh_bias"][block], v.layer_norm_eps)
+            product, _block(p["ln_hh_weight"], block), _block(p["ln_hh_bias"], block),
+            v.layer_norm_eps)
         return product if bias is None else product.add_(bias)
 
     (rz_block, _), (n_block, _) = _blocks(H)
@@ -191,7 +200,7 @@ def gru_variant_backward(d_out, d_hT, x, h0, p, masks, out, gates, gh_all, st, v
             return d
         d = _layer_norm_backward(d.contiguous(), st["h_pre"][rows, block].contiguous(),
                                  st["mean_h_" + name][rows], st["rstd_h_" + name][rows],
-                                 p["ln_hh_weight"][block], p["ln_hh_bias"][block])
+                                 _block(p["ln_hh_weight"], block), _block(p["ln_hh_bias"], block))
         d_prod[rows, block] = d
         return d
 
@@ -248,20 +257,23 @@ def _parameter_gradients(x, p, gates, st, v: GRUVariant, reset_after: bool,
         # gain and bias gradients of all steps at once, from the stashed LN inputs
         for name, stem, d_after, target in (("x", "ln_ih", d_gi, d_ax),
                                             ("h", "ln_hh", d_gh, None)):
-            weight, bias = x.new_empty(3 * H), x.new_empty(3 * H)
+            weight, bias = [], []                       # each block's (absent: None)
             for block, part in _blocks(H):
                 args = (d_after[:, block], st[name + "_pre"][:, block],
                         st[f"mean_{name}_{part}"], st[f"rstd_{name}_{part}"])
-                dv, weight[block], bias[block] = _layer_norm_backward(
+                dv, d_weight, d_bias = _layer_norm_backward(
                     *(a.contiguous() for a in args), _block(p[stem + "_weight"], block),
                     _block(p[stem + "_bias"], block), parameters=True,
                     input=target is not None and not in_pool)
+                weight.append(d_weight)
+                bias.append(d_bias)
                 if target is not None and in_pool:
                     native.module().layer_norm_rows_backward(
                         *args, _block(p[stem + "_weight"], block), into=target[:, block])
                 elif target is not None:
                     target[:, block] = dv
-            grads[stem + "_weight"], grads[stem + "_bias"] = weight, bias
+            grads[stem + "_weight"], grads[stem + "_bias"] = (
+                None if parts[0] is None else torch.cat(parts) for parts in (weight, bias))
     d_rec = d_prod if v.layer_norm else d_gh                  # d(u W_hh^T), before LN
     products = [(d_ax.t(), x)]
     if reset_after:
@@ -287,11 +299,12 @@ class GRUVariantFunction(torch.autograd.Function):
           ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias (3H,) | None,
           zoneout_h (N or 1, H) | None, recurrent (B, H) | None,
           variant: GRUVariant, layout: StepLayout, reverse: bool, reset_after: bool,
-          native_parts: int)
+          native_parts: int, save: bool)
     -> out (N, H), h_T (B, H), gates (N, 3H) [r | z | n]
 
     native_parts: 0 for the Python loops of torch operations; n >= 1 for the native loops
-    (layer norm) on n row parts.
+    (layer norm) on n row parts. save: False when nothing will need a backward and no one
+    wants the gates: the native loops then save nothing (and return empty gates).
 
     gates are the values the forward stored for its backward, returned as a
     non-differentiable output for introspection: they cost nothing extra.
@@ -299,13 +312,17 @@ class GRUVariantFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, *args):
-        tensors, (variant, layout, reverse, reset_after, native_parts) = args[:-5], args[-5:]
+        tensors, (variant, layout, reverse, reset_after, native_parts, save) = (args[:-6],
+                                                                                args[-6:])
         originals = (x, h0, *tensors)
         x, h0, *tensors = upcast(originals, compute_dtype(x.dtype))
         p = dict(zip(PARAMETERS, tensors[:len(PARAMETERS)], strict=True))
         masks = dict(zip(MASKS, tensors[len(PARAMETERS):], strict=True))
         out, h_T, gates, gh_all, st = gru_variant_forward(x, h0, p, masks, variant, layout,
-                                                          reverse, reset_after, native_parts)
+                                                          reverse, reset_after, native_parts,
+                                                          save)
+        if gates is None:
+            gates = x.new_empty(0)
         ctx.save_for_backward(x, h0, *tensors, out, gates, gh_all, *(st.get(k) for k in _STASH))
         ctx.variant, ctx.layout, ctx.reverse, ctx.reset_after = (variant, layout, reverse,
                                                                   reset_after)
@@ -330,4 +347,4 @@ class GRUVariantFunction(torch.autograd.Function):
             ctx.reverse, ctx.reset_after, ctx.needs_input_grad[0], ctx.native_parts)
         result = [dx, dh0] + [grads[name] if p[name] is not None else None
                               for name in PARAMETERS] + [None] * len(MASKS)
-        return (*cast_to(result, ctx.dtypes), None, None, None, None, None)
+        return (*cast_to(result, ctx.dtypes), None, None, None, None, None, None)

@@ -1,4 +1,5 @@
-"""Portable kernel for the LSTM variants: torch operations only, hand-written backward through time.
+"""Kernel for the LSTM variants: hand-written backward through time, torch operations only, or
+with native step loops for layer norm (without full gate recurrence) on the CPU.
 
 # N rows (time-major, see layout.py), B batch, I input, H hidden, P output (= H, or proj size),
 # G = 4H gate pre-activations in torch.nn's order [i | f | g | o].
@@ -80,10 +81,11 @@ def _layer_norm(v, gain, bias, eps):
 
 def _layer_norm_backward(d_out, v, mean, rstd, gain, bias, parameters=False, input=True):
     """dL/dv for LN(v) = gain * (v - mean) * rstd + bias, given dL/dLN (M, F); with
-    `parameters`, (dL/dv, dL/dgain, dL/dbias), the last two summed over the rows, and dL/dv
-    None when not `input`."""
+    `parameters`, (dL/dv, dL/dgain, dL/dbias), the last two summed over the rows (None for an
+    absent gain or bias), and dL/dv None when not `input`."""
     dv, dgain, dbias = torch.ops.aten.native_layer_norm_backward(
-        d_out, v, [v.shape[1]], mean, rstd, gain, bias, [input, parameters, parameters])
+        d_out, v, [v.shape[1]], mean, rstd, gain, bias,
+        [input, parameters and gain is not None, parameters and bias is not None])
     return (dv, dgain, dbias) if parameters else dv
 
 
@@ -107,41 +109,49 @@ def _form(v: LSTMVariant) -> int:
     return native.cell_form(*(getattr(v, name) for name in CELL_FORM_FIELDS))
 
 
+def _native_forward(x, h0, c0, p: dict, masks: dict, v: LSTMVariant, layout: StepLayout,
+                    reverse: bool, parts: int, save: bool):
+    """lstm_variant_forward's results from the native loops (layer norm; see LayerNorms in
+    _native.cpp): the input's products and their layer norm here, in the native module's
+    recycled memory (fresh tensors of this size cost about as much in page faults as the
+    arithmetic, see layer_norm_rows), then the loops. Without `save` the stash's entries are
+    None (nothing will need a backward)."""
+    module = native.module()
+    st = {"x_pre": _native_products(x, [(x, p["w_ih"].t())])[0]}
+    ax, st["mean_x"], st["rstd_x"] = module.layer_norm_rows(
+        st["x_pre"], p["ln_ih_weight"], p["ln_ih_bias"], v.layer_norm_eps)
+    (out, h, c, st["gates"], st["cells"], st["cand"], st["s"], st["h_pre"], st["mean_h"],
+     st["rstd_h"], st["mean_c"], st["rstd_c"]) = module.lstm_layer_norm_forward(
+        ax, p["b_ih"], p["b_hh"], h0, c0, p["w_hh"], p["w_hr"], p["w_peephole"], _form(v),
+        masks["zoneout_h"], masks["zoneout_c"], masks["recurrent"], p["ln_hh_weight"],
+        p["ln_hh_bias"], p["ln_cell_weight"], p["ln_cell_bias"], v.layer_norm_eps,
+        layout.batch_sizes, reverse, save, parts)
+    return out, h, c, None, st
+
+
 def lstm_variant_forward(x, h0, c0, q0, p: dict, masks: dict, v: LSTMVariant,
-                         layout: StepLayout, reverse: bool, native_parts: int = 0):
+                         layout: StepLayout, reverse: bool, native_parts: int = 0,
+                         save: bool = True):
     """x (N, I), h0 (B, P), c0 (B, H), q0 (B, 3H) | None
     -> out (N, P), h_T (B, P), c_T (B, H), q_T (B, 3H) | None, stash dict.
 
     p: w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, w_gate, ln_* (None where absent).
     masks: zoneout_h (N, P) or (1, P), zoneout_c (N, H) or (1, H), recurrent (B, P); or None.
-    native_parts: 0 for the loop below; n >= 1 for the native loop with n row parts (layer
-    norm, no full gate recurrence: see `native_loop_parts`), which saves the same stash.
+    native_parts: 0 for the loop below; n >= 1 for the native loops with n row parts (layer
+    norm without full gate recurrence, as kernels.lstm_variant_layer picks them), which save
+    the same stash, or none of it without `save`.
     """
+    if native_parts:
+        return _native_forward(x, h0, c0, p, masks, v, layout, reverse, native_parts, save)
     H = p["w_hh"].shape[0] // 4
     N = x.shape[0]
     z_h, z_c, d_r = masks["zoneout_h"], masks["zoneout_c"], masks["recurrent"]
     st = {}
-    if native_parts:
-        # In the native module's recycled memory: fresh tensors of this size cost about as
-        # much in page faults as the arithmetic (see layer_norm_rows in _native.cpp).
-        ax = _native_products(x, [(x, p["w_ih"].t())])[0]
+    ax = x @ p["w_ih"].t()                                       # (N, 4H)
+    if v.layer_norm:                      # stash each LN's input, mean and 1/deviation
         st["x_pre"] = ax
-        ax, st["mean_x"], st["rstd_x"] = native.module().layer_norm_rows(
-            ax, p["ln_ih_weight"], p["ln_ih_bias"], v.layer_norm_eps)
-    else:
-        ax = x @ p["w_ih"].t()                                   # (N, 4H)
-        if v.layer_norm:                  # stash each LN's input, mean and 1/deviation
-            st["x_pre"] = ax
-            ax, st["mean_x"], st["rstd_x"] = _layer_norm(ax, p["ln_ih_weight"],
-                                                         p["ln_ih_bias"], v.layer_norm_eps)
-    if native_parts:
-        (out, h, c, st["gates"], st["cells"], st["cand"], st["s"], st["h_pre"], st["mean_h"],
-         st["rstd_h"], st["mean_c"], st["rstd_c"]) = native.module().lstm_layer_norm_forward(
-            ax, p["b_ih"], p["b_hh"], h0, c0, p["w_hh"], p["w_hr"], p["w_peephole"], _form(v),
-            z_h, z_c, d_r, p["ln_hh_weight"], p["ln_hh_bias"], p["ln_cell_weight"],
-            p["ln_cell_bias"], v.layer_norm_eps, layout.batch_sizes, reverse, True,
-            native_parts)
-        return out, h, c, None, st
+        ax, st["mean_x"], st["rstd_x"] = _layer_norm(ax, p["ln_ih_weight"], p["ln_ih_bias"],
+                                                     v.layer_norm_eps)
     if v.layer_norm:
         st["h_pre"] = x.new_empty(N, 4 * H)
         st["mean_h"], st["rstd_h"] = x.new_empty(N, 1), x.new_empty(N, 1)
@@ -364,10 +374,11 @@ def _parameter_gradients(x, h0, q0, p, d_r, out, st, v: LSTMVariant, layout: Ste
         _, grads["ln_cell_weight"], grads["ln_cell_bias"] = _layer_norm_backward(
             d_c_ln, cand, st["mean_c"], st["rstd_c"], p["ln_cell_weight"], p["ln_cell_bias"],
             parameters=True, input=False)
+        # the input side's gradient too: torch's, or the native module's in recycled memory
         d_ax, grads["ln_ih_weight"], grads["ln_ih_bias"] = _layer_norm_backward(
             d_gates, st["x_pre"], st["mean_x"], st["rstd_x"], p["ln_ih_weight"],
             p["ln_ih_bias"], parameters=True, input=not native_parts)
-        if native_parts:
+        if native_parts:                                 # (torch's was not asked for)
             d_ax = native.module().layer_norm_rows_backward(
                 d_gates, st["x_pre"], st["mean_x"], st["rstd_x"], p["ln_ih_weight"])
     if native_parts:
@@ -418,12 +429,15 @@ class LSTMVariantFunction(torch.autograd.Function):
           w_gate (3H, 3H) | None, ln_ih_weight, ln_ih_bias,
           ln_hh_weight, ln_hh_bias (4H,) | None, ln_cell_weight, ln_cell_bias (H,) | None,
           zoneout_h (N or 1, P) | None, zoneout_c (N or 1, H) | None, recurrent (B, P) | None,
-          variant: LSTMVariant, layout: StepLayout, reverse: bool, native_parts: int)
+          variant: LSTMVariant, layout: StepLayout, reverse: bool, native_parts: int,
+          save: bool)
     -> out (N, P), h_T (B, P), c_T (B, H), q_T (B, 3H) (empty without full gate recurrence),
        gates (N, 4H) [i | f | g | o], cells (N, H)
 
     native_parts: 0 for the Python loops of torch operations; n >= 1 for the native loops
-    (layer norm without full gate recurrence, see `native_loop_parts`) on n row parts.
+    (layer norm without full gate recurrence, as kernels.lstm_variant_layer picks them) on n
+    row parts. save: False when nothing will need a backward and no one wants gates and cells:
+    the native loops then save nothing (and return empty gates and cells).
 
     gates and cells are the values the forward stored for its backward, returned as
     non-differentiable outputs for introspection: they cost nothing extra.
@@ -431,24 +445,25 @@ class LSTMVariantFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, c0, q0, *args):
-        tensors, (variant, layout, reverse, native_parts) = args[:-4], args[-4:]
+        tensors, (variant, layout, reverse, native_parts, save) = args[:-5], args[-5:]
         originals = (x, h0, c0, q0, *tensors)
         x, h0, c0, q0, *tensors = upcast(originals, compute_dtype(x.dtype))
         p = dict(zip(PARAMETERS, tensors[:len(PARAMETERS)], strict=True))
         masks = dict(zip(MASKS, tensors[len(PARAMETERS):], strict=True))
         out, h_T, c_T, q_T, st = lstm_variant_forward(x, h0, c0, q0, p, masks, variant, layout,
-                                                      reverse, native_parts)
+                                                      reverse, native_parts, save)
         ctx.save_for_backward(x, h0, c0, q0, *tensors, out, *(st.get(k) for k in _STASH))
         ctx.variant, ctx.layout, ctx.reverse = variant, layout, reverse
         ctx.native_parts = native_parts
         # No zeros made for the gradients of outputs no one used (gates and cells, (N, 4H) and
-        # (N, H), are rarely used); backward makes the small ones it needs.
+        # (N, H), never get one); backward makes the zeros it needs.
         ctx.set_materialize_grads(False)
         ctx.dtypes = dtypes_of(originals)
         if q_T is None:
             q_T = h_T.new_empty(0)
+        gates, cells = (x.new_empty(0) if st[k] is None else st[k] for k in ("gates", "cells"))
         like = (originals[0], originals[1], originals[2], originals[0], originals[0], originals[0])
-        results = cast_like((out, h_T, c_T, q_T, st["gates"], st["cells"]), like)
+        results = cast_like((out, h_T, c_T, q_T, gates, cells), like)
         ctx.mark_non_differentiable(*results[4:] if q0 is not None else results[3:])
         return tuple(results)
 
@@ -473,4 +488,4 @@ class LSTMVariantFunction(torch.autograd.Function):
             ctx.reverse, ctx.needs_input_grad[0], ctx.native_parts)
         result = [dx, dh0, dc0, dq0] + [grads.get(name) if p[name] is not None else None
                                         for name in PARAMETERS] + [None] * len(MASKS)
-        return (*cast_to(result, ctx.dtypes), None, None, None, None)
+        return (*cast_to(result, ctx.dtypes), None, None, None, None, None)

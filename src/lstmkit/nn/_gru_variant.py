@@ -89,7 +89,8 @@ def gru_layer_options(variant: GRUVariant) -> dict | None:
     """Keyword arguments of `kernels.gru_layer` for this variant (besides `draw_masks`'s
     masks), or None when only the variant kernel computes it: gru_layer runs the plain cell,
     the activations, zoneout (in training or its expectation in eval) and recurrent dropout,
-    natively where it can; not layer norm, which mixes units."""
+    natively where it can; not layer norm, which the variant kernel's Function computes
+    (kernels.gru_variant_layer, whose step loops are native too)."""
     if variant.layer_norm:
         return None
     if not variant.changes_equations:          # the plain cell's activations

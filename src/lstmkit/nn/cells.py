@@ -181,7 +181,7 @@ class LSTMCell(_CellBase):
                                       layout=layout, backend=self.backend)
         out, h, c, _, _, _ = kernels.lstm_variant_layer(x, h0, c0, self._weights(), masks,
                                                      self.variant, layout=layout,
-                                                     backend=self.backend)
+                                                     backend=self.backend, gates=False)
         return out, h, c
 
 
@@ -235,7 +235,7 @@ class GRUCell(_CellBase):
 
     def _step(self, x, states, layout):
         # The plain cell, the activations, zoneout: gru_layer, native where it can; layer norm
-        # the variant kernel.
+        # the variant kernel's Function (its step loops native where they can).
         masks = _gru_variant.draw_masks(self.variant, self.training, layout, x,
                                         self.hidden_size) \
             if _gru_variant.uses_variant_kernel(self.variant, self.training) else {}
@@ -246,7 +246,7 @@ class GRUCell(_CellBase):
                                      backend=self.backend)
         out, h, _ = kernels.gru_variant_layer(x, *states, self._weights(), masks, self.variant,
                                               layout=layout, reset_after=self.reset_after,
-                                              backend=self.backend)
+                                              backend=self.backend, gates=False)
         return out, h
 
 

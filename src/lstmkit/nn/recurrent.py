@@ -594,7 +594,7 @@ class LSTM(_RecurrentBase):
         else:
             out, h_T, c_T, q_T, gates, cells = kernels.lstm_variant_layer(
                 x, h0, c0, weights, masks, v, q0=q0[0] if q0 else None, layout=layout,
-                reverse=reverse, backend=self.backend)
+                reverse=reverse, backend=self.backend, gates=return_gates)
         trace = None
         if return_gates:
             i, f, g, o = gates.chunk(4, 1)
@@ -703,7 +703,7 @@ class GRU(_RecurrentBase):
         if varied:
             out, h_T, gates = kernels.gru_variant_layer(
                 x, states[0], weights, masks, v, layout=layout, reverse=reverse,
-                reset_after=self.reset_after, backend=self.backend)
+                reset_after=self.reset_after, backend=self.backend, gates=return_gates)
         else:
             out, h_T, gates = kernels.gru_layer_with_gates(
                 x, states[0], **weights, layout=layout, reverse=reverse,
