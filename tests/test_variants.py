@@ -31,6 +31,13 @@ ALL_MASKS = ("zoneout_h", "zoneout_c", "recurrent", "weight")
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
+def _assert_matches(outs, grads, ref_out, ref_grads, tol):
+    for got, expected in zip(outs, ref_out, strict=True):
+        assert relative_error(got, expected) < tol
+    for key, expected in ref_grads.items():
+        assert relative_error(grads[key], expected) < tol, key
+
+
 def finite_difference_errors(variant, params, inputs, masks, out_weights):
     """Largest relative error of each analytic gradient against central differences."""
     _, grads = reference_result(variant, params, inputs, masks, out_weights)
@@ -111,10 +118,7 @@ def test_kernel_matches_reference(name, dtype, backend):
     (ref_out, ref_grads) = reference_result(variant, *problem)
     outs, grads = kernel_result(variant, *problem, dtype=dtype, backend=backend)
     tol = TOLERANCE[dtype]
-    for got, expected in zip(outs, ref_out, strict=True):
-        assert relative_error(got, expected) < tol
-    for key, expected in ref_grads.items():
-        assert relative_error(grads[key], expected) < tol, key
+    _assert_matches(outs, grads, ref_out, ref_grads, tol)
 
 
 @pytest.mark.parametrize("shape", [
@@ -128,10 +132,7 @@ def test_kernel_matches_reference_at_odd_sizes(shape):
     problem = random_problem(variant, **shape, masks=ALL_MASKS, seed=6)
     ref_out, ref_grads = reference_result(variant, *problem)
     outs, grads = kernel_result(variant, *problem, dtype=torch.float64)
-    for got, expected in zip(outs, ref_out, strict=True):
-        assert relative_error(got, expected) < 1e-10
-    for key, expected in ref_grads.items():
-        assert relative_error(grads[key], expected) < 1e-10, key
+    _assert_matches(outs, grads, ref_out, ref_grads, 1e-10)
 
 
 # The layer-norm variants whose step loops run natively (see runs_native_loops), with the
@@ -165,10 +166,7 @@ def test_native_layer_norm_loops_match_reference(name, shape, masks, parts, monk
     problem = random_problem(variant, **shape, masks=masks, seed=11)
     ref_out, ref_grads = reference_result(variant, *problem)
     outs, grads = kernel_result(variant, *problem, dtype=torch.float64)
-    for got, expected in zip(outs, ref_out, strict=True):
-        assert relative_error(got, expected) < 1e-10
-    for key, expected in ref_grads.items():
-        assert relative_error(grads[key], expected) < 1e-10, key
+    _assert_matches(outs, grads, ref_out, ref_grads, 1e-10)
 
 
 @pytest.mark.parametrize("H", [16, 17, 127])
@@ -181,10 +179,7 @@ def test_native_layer_norm_loops_in_float32(H):
                              seed=12)
     ref_out, ref_grads = reference_result(variant, *problem)
     outs, grads = kernel_result(variant, *problem, dtype=torch.float32)
-    for got, expected in zip(outs, ref_out, strict=True):
-        assert relative_error(got, expected) < TOLERANCE[torch.float32]
-    for key, expected in ref_grads.items():
-        assert relative_error(grads[key], expected) < TOLERANCE[torch.float32], key
+    _assert_matches(outs, grads, ref_out, ref_grads, TOLERANCE[torch.float32])
 
 
 @pytest.mark.parametrize("variant", [
@@ -417,10 +412,7 @@ def test_native_layer_norm_loops_split_rows_across_threads(monkeypatch):
     problem = random_problem(variant, T=3, B=130, I=3, H=64, masks=ALL_MASKS, seed=14)
     ref_out, ref_grads = reference_result(variant, *problem)
     outs, grads = kernel_result(variant, *problem, dtype=torch.float64)
-    for got, expected in zip(outs, ref_out, strict=True):
-        assert relative_error(got, expected) < 1e-10
-    for key, expected in ref_grads.items():
-        assert relative_error(grads[key], expected) < 1e-10, key
+    _assert_matches(outs, grads, ref_out, ref_grads, 1e-10)
 
 
 @pytest.mark.parametrize("name, shape", [("weight_ih_l0", (16, 1)), ("ln_ih_weight_l0", (1,)),
@@ -854,7 +846,4 @@ def test_any_combination_of_options_matches_reference(options, masks, T, B, I, H
                              seed=seed)
     ref_out, ref_grads = reference_result(variant, *problem)
     outs, grads = kernel_result(variant, *problem, dtype=torch.float64)
-    for got, expected in zip(outs, ref_out, strict=True):
-        assert relative_error(got, expected) < 1e-10
-    for key, expected in ref_grads.items():
-        assert relative_error(grads[key], expected) < 1e-10, key
+    _assert_matches(outs, grads, ref_out, ref_grads, 1e-10)
