@@ -179,6 +179,40 @@ def test_native_layer_norm_module_matches_portable(reset_after):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+def test_native_layer_norm_loops_check_their_arguments():
+    """The GRU's native loops name a bad argument in a ValueError (masks, batch sizes, saved
+    tensors), never reading out of bounds."""
+    m = kernels.native.module()
+    T, B, H = 2, 2, 3
+    z = torch.zeros
+    h0, w_hh, good_gi = z(B, H), z(3 * H, H), z(T * B, 3 * H)
+
+    def forward(gi=good_gi, zoneout_h=None, batch_sizes=(B,) * T, gain=None):
+        return m.gru_layer_norm_forward(gi, None, None, h0, w_hh, zoneout_h, None, gain, None,
+                                        1e-5, list(batch_sizes), False, True, True, 1, 0)
+
+    out, _, stash, h_pre, mean, rstd = forward()
+    for change, words in ((dict(gi=z(T * B, 3 * H + 1)), "gi must be"),
+                          (dict(zoneout_h=z(T * B, H + 1)), "zoneout_h must have"),
+                          (dict(batch_sizes=(1, 3)), "never grow"),
+                          (dict(gain=z(3 * H + 1)), "ln_hh_weight must be")):
+        with pytest.raises(ValueError, match=words):
+            forward(**change)
+
+    def backward(recurrent=None, zoneout_h=None, batch_sizes=(B,) * T, stash=stash):
+        return m.gru_layer_norm_backward(z(T * B, H), z(B, H), h0, w_hh, out, stash, h_pre,
+                                         mean, rstd, None, zoneout_h, recurrent,
+                                         list(batch_sizes), False, True, 1, 0)
+
+    assert backward()[0].shape == (T * B, 3 * H)
+    for change, words in ((dict(recurrent=z(1, 1)), "recurrent must have"),
+                          (dict(zoneout_h=z(T * B, 1)), "zoneout_h must have"),
+                          (dict(batch_sizes=(4,)), "batch_sizes"),
+                          (dict(stash=z(T * B, 3 * H)), "stash must have")):
+        with pytest.raises(ValueError, match=words):
+            backward(**change)
+
+
 @RESET
 def test_native_layer_norm_loops_split_rows_across_threads(reset_after, monkeypatch):
     """One row part of 130 rows at hidden 64: each step's per-row work split across threads."""
@@ -217,6 +251,13 @@ def test_native_layer_norm_inference_matches_training(reset_after):
     _, _, expected = modules[1](x, return_gates=True)
     torch.testing.assert_close(trained.detach(), inferred, rtol=0, atol=0)
     torch.testing.assert_close(h.detach(), h_i, rtol=0, atol=0)
+    params = {k: torch.tensor(v) for k, v in random_problem(variant, I=3, H=4)[0].items()}
+    with torch.no_grad():
+        *_, gates = kernels.gru_variant_layer(torch.randn(6, 3, dtype=torch.float64),
+                                              torch.zeros(2, 4, dtype=torch.float64), params, {},
+                                              variant, layout=StepLayout.padded(3, 2),
+                                              reset_after=reset_after, gates=False)
+    assert gates.numel() == 0
     for gate in ("r", "z", "n", "h"):
         torch.testing.assert_close(trace[0, "forward"][gate], expected[0, "forward"][gate],
                                    rtol=0, atol=1e-12)

@@ -368,9 +368,51 @@ def test_native_layer_norm_loops_check_their_arguments():
                           (dict(w_hh=z(4 * H, H + 1)), "w_hh must have shape"),
                           (dict(gain_h=z(4 * H - 1)), r"ln_hh_weight must be a \(12,\) tensor"),
                           (dict(gain_c=z(H, dtype=torch.float64)), "ln_cell_weight must be"),
-                          (dict(batch_sizes=[B] * (T + 1)), "batch_sizes")):
+                          (dict(batch_sizes=[B] * (T + 1)), "batch_sizes"),
+                          (dict(batch_sizes=[1, 3]), "never grow")):
         with pytest.raises(ValueError, match=words):
             forward(**{**good, **change})
+    saved = forward(**good)
+    zero_state = z(B, H)
+
+    def backward(d_hT=zero_state, recurrent=None, zoneout_c=None, batch_sizes=good["batch_sizes"],
+                 cand=saved[5]):
+        return m.lstm_layer_norm_backward(z(T * B, H), d_hT, z(B, H), good["c0"], good["w_hh"],
+                                          None, saved[3], saved[4], cand, *saved[6:], None,
+                                          None, None, 0, None, zoneout_c, recurrent, batch_sizes,
+                                          False, 1)
+
+    assert backward()[0].shape == (T * B, 4 * H)
+    for change, words in ((dict(recurrent=z(1, 1)), "recurrent must have"),
+                          (dict(zoneout_c=z(T * B, 1)), "zoneout_c must have"),
+                          (dict(batch_sizes=[T * B]), "batch_sizes"),
+                          (dict(d_hT=z(B + 1, H)), "d_hT must have"),
+                          (dict(cand=z(T * B, H + 1)), "cand and s must have")):
+        with pytest.raises(ValueError, match=words):
+            backward(**change)
+
+
+@pytest.mark.parametrize("backend", ["portable", "auto"])
+@pytest.mark.parametrize("family, name, size", [
+    ("LSTM", "ln_ih_weight", 17), ("LSTM", "ln_cell_bias", 5), ("LSTM", "ln_hh_bias", 15),
+    ("GRU", "ln_ih_weight", 13), ("GRU", "ln_hh_bias", 11)])
+def test_layer_norm_parameters_of_another_size_are_named(family, name, size, backend):
+    """A layer-norm gain or bias of the wrong size, larger or smaller, on either kernel: a
+    ValueError naming it (the GRU's kernels slice them into blocks, which hid a larger one)."""
+    gates = 4 if family == "LSTM" else 3
+    params = {"w_ih": torch.randn(gates * 4, 3), "w_hh": torch.randn(gates * 4, 4),
+              name: torch.randn(size)}
+    zeros = torch.zeros(2, 4)
+    layout = StepLayout.padded(3, 2)
+    with pytest.raises(ValueError, match=rf"{name} must have shape \("):
+        if family == "LSTM":
+            kernels.lstm_variant_layer(torch.randn(6, 3), zeros, zeros, params, {},
+                                       LSTMVariant(layer_norm=True), layout=layout,
+                                       backend=backend)
+        else:
+            kernels.gru_variant_layer(torch.randn(6, 3), zeros, params, {},
+                                      lstmkit.GRUVariant(layer_norm=True), layout=layout,
+                                      backend=backend)
 
 
 @pytest.mark.parametrize("family", ["LSTM", "GRU"])

@@ -13,8 +13,6 @@ Backends:
     "auto": native for CPU inputs when it is available, portable otherwise.
 """
 
-import torch
-
 from ..reference.rnn import NONLINEARITIES
 from ..reference.variant import CELL_FORM_FIELDS, GRUVariant, LSTMVariant
 from . import native
@@ -133,6 +131,11 @@ def lstm_variant_layer(x, h0, c0, params: dict, masks: dict, variant, *, q0=None
     if unknown:
         raise ValueError(f"unknown LSTM-variant arguments {sorted(unknown)}; expected some of "
                          f"{_VARIANT_PARAMETERS + _VARIANT_MASKS}")
+    H, P, G = c0.shape[1], h0.shape[1], 4 * c0.shape[1]
+    _check_shapes(params, {"w_ih": (G, x.shape[1]), "w_hh": (G, P), "b_ih": (G,), "b_hh": (G,),
+                           "w_hr": (P, H), "w_peephole": (3 * H,), "w_gate": (3 * H, 3 * H),
+                           **{f"ln_{stem}_{k}": (size,) for stem, size in
+                              (("ih", G), ("hh", G), ("cell", H)) for k in ("weight", "bias")}})
     native_parts = 0
     native_loops = variant.layer_norm and not variant.full_gate_recurrence and not (
         masks.get("zoneout_h") is not None and params.get("w_hr") is not None)
@@ -147,17 +150,12 @@ def lstm_variant_layer(x, h0, c0, params: dict, masks: dict, variant, *, q0=None
         q0 = None
     elif q0 is None:
         q0 = h0.new_zeros(h0.shape[0], 3 * c0.shape[1])
-    save = gates or _needs_grad(x, h0, c0, q0, *params.values())
+    save = gates or native.needs_autograd((x, h0, c0, q0, *params.values()))
     out, h_T, c_T, q_T, gate_values, cells = LSTMVariantFunction.apply(
         x, h0, c0, q0, *(params.get(k) for k in _VARIANT_PARAMETERS),
         *(masks.get(k) for k in _VARIANT_MASKS), variant, layout, reverse, native_parts, save)
     return out, h_T, c_T, (q_T if q0 is not None else None), gate_values, cells
 
-
-def _needs_grad(*tensors) -> bool:
-    """Whether autograd will want a backward through a layer of these inputs."""
-    return torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 def gru_layer(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: StepLayout,
@@ -214,6 +212,10 @@ def gru_variant_layer(x, h0, params: dict, masks: dict, variant, *, layout: Step
     if unknown:
         raise ValueError(f"unknown GRU-variant arguments {sorted(unknown)}; expected some of "
                          f"{_GRU_VARIANT_PARAMETERS + _GRU_VARIANT_MASKS}")
+    G = 3 * h0.shape[1]
+    _check_shapes(params, {"w_ih": (G, x.shape[1]), "w_hh": (G, h0.shape[1]), "b_ih": (G,),
+                           "b_hh": (G,), **{f"ln_{stem}_{k}": (G,) for stem in ("ih", "hh")
+                                            for k in ("weight", "bias")}})
     if backend == "native":
         _check_native_loops("GRU", variant.layer_norm, x, "the gate traces of a variant "
                             "without layer norm (return_gates=True)")
@@ -221,11 +223,20 @@ def gru_variant_layer(x, h0, params: dict, masks: dict, variant, *, layout: Step
     if variant.layer_norm and backend != "portable" and native.supports(x):
         native_parts = native.generic_parts(layout, params["w_hh"],
                                             itemsize=compute_dtype(x.dtype).itemsize)
-    save = gates or _needs_grad(x, h0, *params.values())
+    save = gates or native.needs_autograd((x, h0, *params.values()))
     return GRUVariantFunction.apply(
         x, h0, *(params.get(k) for k in _GRU_VARIANT_PARAMETERS),
         *(masks.get(k) for k in _GRU_VARIANT_MASKS), variant, layout, reverse, reset_after,
         native_parts, save)
+
+
+def _check_shapes(params: dict, shapes: dict) -> None:
+    """Each parameter given against its shape: a ValueError naming the first that differs (the
+    kernels slice and read them as such; the GRU's slicing hid a longer layer-norm gain)."""
+    for name, shape in shapes.items():
+        t = params.get(name)
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
 
 def _check_native_loops(family: str, runs_native: bool, x, what: str) -> None:

@@ -371,7 +371,11 @@ struct Steps {
   i64 batch = 0, rows = 0;
   bool reverse = false;
   Steps(const std::vector<i64>& batch_sizes, bool rev) : size(batch_sizes), reverse(rev) {
-    TORCH_CHECK(!size.empty(), "batch_sizes must not be empty");
+    TORCH_CHECK_VALUE(!size.empty(), "batch_sizes must not be empty");
+    for (size_t t = 0; t < size.size(); ++t)
+      TORCH_CHECK_VALUE(size[t] > 0 && (t == 0 || size[t] <= size[t - 1]),
+                        "batch_sizes must be positive and never grow, got ",
+                        at::IntArrayRef(size));
     for (i64 s : size) { offset.push_back(rows); rows += s; }
     batch = size[0];
     for (i64 i = 0; i < (i64)size.size(); ++i) order.push_back(rev ? (i64)size.size() - 1 - i : i);
@@ -3816,14 +3820,19 @@ std::vector<Tensor> lstm_layer_norm_backward(
   shape("d_hT", d_hT, {B, P});
   shape("d_cT", d_cT, {B, H});
   shape("cells", cells, {N, H});
+  shape("c0", c0, {B, H});
   TORCH_CHECK_VALUE(wrong.empty(), "lstm_layer_norm_backward: ", wrong);
+  checked_zoneout_mask("zoneout_h", zoneout_h, gates, P);
+  checked_zoneout_mask("zoneout_c", zoneout_c, gates, H);
+  checked_recurrent_mask(recurrent, d_hT);
   d_out = incoming(d_out, dtype); d_hT = incoming(d_hT, dtype); d_cT = incoming(d_cT, dtype);
   for (Tensor* t : {&c0, &w_hh, &gates, &cells, &cand, &s, &h_pre, &mean_h, &rstd_h, &mean_c,
                     &rstd_c})
     *t = t->contiguous();
   Steps st(batch_sizes, reverse);
-  TORCH_CHECK_VALUE(st.rows == N, "lstm_layer_norm_backward: batch_sizes ",
-                    at::IntArrayRef(batch_sizes), " do not fit the ", N, " saved rows");
+  TORCH_CHECK_VALUE(st.rows == N && st.batch == B, "lstm_layer_norm_backward: batch_sizes ",
+                    at::IntArrayRef(batch_sizes), " do not fit the ", N, " saved rows of batch ",
+                    B);
   Tensor zone_h = optional_contiguous(zoneout_h), zone_c = optional_contiguous(zoneout_c);
   Tensor dh_carry = zone_h.defined() ? pooled_empty({st.batch, H}, gates.options()).zero_()
                                      : Tensor();
@@ -3921,11 +3930,14 @@ std::vector<Tensor> gru_layer_norm_backward(
   shape("d_hT", d_hT, {B, H});
   shape("h0", h0, {B, H});
   TORCH_CHECK_VALUE(wrong.empty(), "gru_layer_norm_backward: ", wrong);
+  checked_zoneout_mask("zoneout_h", zoneout_h, out, H);
+  checked_recurrent_mask(recurrent, h0);
   d_out = incoming(d_out, dtype); d_hT = incoming(d_hT, dtype);
   for (Tensor* t : {&h0, &w_hh, &out, &stash, &h_pre, &mean, &rstd}) *t = t->contiguous();
   Steps st(batch_sizes, reverse);
-  TORCH_CHECK_VALUE(st.rows == N, "gru_layer_norm_backward: batch_sizes ",
-                    at::IntArrayRef(batch_sizes), " do not fit the ", N, " saved rows");
+  TORCH_CHECK_VALUE(st.rows == N && st.batch == B, "gru_layer_norm_backward: batch_sizes ",
+                    at::IntArrayRef(batch_sizes), " do not fit the ", N, " saved rows of batch ",
+                    B);
   Tensor d_product = pooled_empty({N, 3 * H}, out.options());
   const Tensor gain = optional_contiguous(ln_hh_weight);
   auto loop = LSTMKIT_DISPATCH(dtype, [&] {

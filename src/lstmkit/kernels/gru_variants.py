@@ -273,7 +273,7 @@ def _parameter_gradients(x, p, gates, st, v: GRUVariant, reset_after: bool,
                 elif target is not None:
                     target[:, block] = dv
             grads[stem + "_weight"], grads[stem + "_bias"] = (
-                None if parts[0] is None else torch.cat(parts) for parts in (weight, bias))
+                None if blocks[0] is None else torch.cat(blocks) for blocks in (weight, bias))
     d_rec = d_prod if v.layer_norm else d_gh                  # d(u W_hh^T), before LN
     products = [(d_ax.t(), x)]
     if reset_after:
@@ -327,6 +327,7 @@ class GRUVariantFunction(torch.autograd.Function):
         ctx.variant, ctx.layout, ctx.reverse, ctx.reset_after = (variant, layout, reverse,
                                                                   reset_after)
         ctx.native_parts = native_parts
+        ctx.set_materialize_grads(False)          # no zeros for the gates' (never used)
         ctx.dtypes = dtypes_of(originals)
         results = cast_like((out, h_T, gates), (originals[0], originals[1], originals[0]))
         ctx.mark_non_differentiable(results[2])
@@ -341,6 +342,8 @@ class GRUVariantFunction(torch.autograd.Function):
         st = dict(zip(_STASH, rest[count + 3:], strict=True))
         p = dict(zip(PARAMETERS, tensors[:len(PARAMETERS)], strict=True))
         masks = dict(zip(MASKS, tensors[len(PARAMETERS):], strict=True))
+        d_out = torch.zeros_like(out) if d_out is None else d_out
+        d_hT = h0.new_zeros(h0.shape) if d_hT is None else d_hT
         d_out, d_hT = upcast((d_out, d_hT), x.dtype)
         dx, dh0, grads = gru_variant_backward(
             d_out, d_hT, x, h0, p, masks, out, gates, gh_all, st, ctx.variant, ctx.layout,

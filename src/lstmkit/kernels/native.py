@@ -196,7 +196,8 @@ def supports(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in INPUT_DTYPES and available()
 
 
-def _needs_autograd(tensors) -> bool:
+def needs_autograd(tensors) -> bool:
+    """Whether autograd will want a backward through a call on these tensors (None allowed)."""
     return torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
@@ -413,7 +414,7 @@ class NativeLSTMFunction:
             _refuse_variant("LSTM", w_peephole, form, zoneout_h, zoneout_c, recurrent)
             return _lstm.LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout,
                                             reverse)
-        if not _needs_autograd((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole)):
+        if not needs_autograd((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole)):
             return NativeLSTMFunction.infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout,
                                             reverse, w_peephole, form or 0, zoneout_h, zoneout_c,
                                             recurrent)
@@ -465,7 +466,7 @@ class NativeGRUFunction:
             _refuse_variant("GRU", zoneout_h, recurrent, form)
             return _gru.GRUFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse,
                                           reset_after)
-        inference = not _needs_autograd((x, h0, w_ih, w_hh, b_ih, b_hh))
+        inference = not needs_autograd((x, h0, w_ih, w_hh, b_ih, b_hh))
         if inference and layout.steps == 1 and zoneout_h is None and recurrent is None and \
                 not form and \
                 _one_dtype(x, h0, w_ih, w_hh, b_ih, b_hh):
@@ -494,7 +495,7 @@ class NativeRNNFunction:
             return _rnn.RNNFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse,
                                           nonlinearity)
         relu = nonlinearity == "relu"
-        inference = not _needs_autograd((x, h0, w_ih, w_hh, b_ih, b_hh))
+        inference = not needs_autograd((x, h0, w_ih, w_hh, b_ih, b_hh))
         if inference and layout.steps == 1 and _one_dtype(x, h0, w_ih, w_hh, b_ih, b_hh):
             (h_1,) = step_inference(rnn_cell(nonlinearity), x, h0, None, w_ih, w_hh, b_ih, b_hh)
             return h_1, h_1
