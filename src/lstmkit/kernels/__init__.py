@@ -264,7 +264,8 @@ __all__ = [
     "BACKENDS", "GRUFunction", "NONLINEARITIES", "LSTMFunction", "RNNFunction", "StepLayout",
     "gru_layer", "lstm_layer", "rnn_layer",
 ]
-# Variants and gate traces (portable only): LSTMVariant and GRUVariant options, return_gates.
+# Variants and gate traces: LSTMVariant and GRUVariant options (layer norm's step loops native
+# where they can), return_gates.
 __all__ += ["GRUTraceFunction", "GRUVariantFunction", "LSTMTraceFunction", "LSTMVariantFunction",
             "gru_layer_with_gates", "gru_variant_layer", "lstm_layer_with_gates",
             "lstm_variant_layer"]
