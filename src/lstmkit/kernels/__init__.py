@@ -157,7 +157,6 @@ def lstm_variant_layer(x, h0, c0, params: dict, masks: dict, variant, *, q0=None
     return out, h_T, c_T, (q_T if q0 is not None else None), gate_values, cells
 
 
-
 def gru_layer(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: StepLayout,
               reverse: bool = False, reset_after: bool = True, backend: str = "auto",
               zoneout_h=None, recurrent=None, gate_activation: str = "sigmoid",

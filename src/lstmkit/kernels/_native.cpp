@@ -1259,7 +1259,7 @@ struct LayerNorms {
     return total;
   }
   // mean and rstd of v[0, count), two passes (the deviations summed, not the squares).
-  void moments(const S* v, i64 count, S& mean, S& rstd) const {
+  static void moments(const S* v, i64 count, S eps, S& mean, S& rstd) {
     constexpr int L = Vec<S>::L;
     V<S> acc{};
     S total = 0;
@@ -1311,7 +1311,7 @@ struct LayerNorms {
   // Row `row` of the step product v (4H), normalised in place; v saved first when training.
   void normalize_product(S* v, i64 row) const {
     S mean, rstd;
-    moments(v, 4 * H, mean, rstd);
+    moments(v, 4 * H, eps, mean, rstd);
     if (h_pre) {
       std::memcpy(h_pre + row * 4 * H, v, 4 * H * sizeof(S));
       mean_h[row] = mean;
@@ -1429,7 +1429,7 @@ struct LSTMForwardGates {
       if (!gates) store(o_row + jb * L, o, n);
     });
     S mean, rstd;
-    ln.moments(cand, H, mean, rstd);
+    LayerNorms<S>::moments(cand, H, ln.eps, mean, rstd);
     if (ln.mean_c) {
       ln.mean_c[row] = mean;
       ln.rstd_c[row] = rstd;
@@ -2215,7 +2215,7 @@ struct GRULayerNorms {
   void normalize(S* v, i64 row, int q) const {
     const i64 at = start(q), F = width(q);
     S m, r;
-    norm.moments(v, F, m, r);
+    LayerNorms<S>::moments(v, F, norm.eps, m, r);
     if (h_pre) {
       std::memcpy(h_pre + row * 3 * H + at, v, F * sizeof(S));
       mean[row * 2 + q] = m;
@@ -3233,6 +3233,14 @@ void check_cpu(const Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
 }
 
+// The first shape mismatch of several checks, in words, kept in `wrong`: t (undefined: not
+// given, no check) against its expected shape, unless an earlier check already failed.
+void expect_shape(std::string& wrong, const char* name, const Tensor& t,
+                  at::IntArrayRef expected) {
+  if (!wrong.empty() || !t.defined() || t.sizes() == expected) return;
+  wrong = c10::str(name, " must have shape ", expected, ", got ", t.sizes());
+}
+
 // A layer's weights against its input x (N, I) and states, before a kernel reads them with the
 // strides those imply: w_ih (G H, I), w_hh (G H, P), the biases (G H), w_hr (P, H), the
 // peepholes (3H). A parameter replaced by one of another shape was read out of step, or past
@@ -3241,16 +3249,12 @@ std::string layer_weights_mismatch(i64 gates, const Tensor& x, i64 H, i64 P, con
                                    const Tensor& w_hh, const Tensor& b_ih, const Tensor& b_hh,
                                    const Tensor& w_hr = {}, const Tensor& w_peephole = {}) {
   std::string wrong;
-  auto shape = [&](const char* name, const Tensor& t, std::initializer_list<i64> expected) {
-    if (!wrong.empty() || !t.defined() || t.sizes() == at::IntArrayRef(expected)) return;
-    wrong = c10::str(name, " must have shape ", at::IntArrayRef(expected), ", got ", t.sizes());
-  };
-  shape("w_ih", w_ih, {gates * H, x.size(1)});
-  shape("w_hh", w_hh, {gates * H, P});
-  shape("b_ih", b_ih, {gates * H});
-  shape("b_hh", b_hh, {gates * H});
-  shape("w_hr", w_hr, {P, H});
-  shape("w_peephole", w_peephole, {3 * H});
+  expect_shape(wrong, "w_ih", w_ih, {gates * H, x.size(1)});
+  expect_shape(wrong, "w_hh", w_hh, {gates * H, P});
+  expect_shape(wrong, "b_ih", b_ih, {gates * H});
+  expect_shape(wrong, "b_hh", b_hh, {gates * H});
+  expect_shape(wrong, "w_hr", w_hr, {P, H});
+  expect_shape(wrong, "w_peephole", w_peephole, {3 * H});
   return wrong;
 }
 
@@ -3631,8 +3635,6 @@ std::vector<Tensor> layer_norm_rows(Tensor v, c10::optional<Tensor> gain,
   Tensor g = optional_contiguous(gain), b = optional_contiguous(beta);
   const i64 vs = leading(v, 0), os = leading(out, 0);
   LSTMKIT_DISPATCH(v.scalar_type(), [&] {
-    LayerNorms<scalar> ln;
-    ln.eps = (scalar)eps;
     const scalar* vp = ptr<scalar>(v);
     const scalar* gp = ptr<scalar>(g);
     const scalar* bp = ptr<scalar>(b);
@@ -3642,7 +3644,7 @@ std::vector<Tensor> layer_norm_rows(Tensor v, c10::optional<Tensor> gain,
     at::parallel_for(0, N, std::max<i64>(1, GATE_MATH_GRAIN_UNITS / std::max<i64>(F, 1)),
                      [&](i64 r0, i64 r1) {
       for (i64 r = r0; r < r1; ++r) {
-        ln.moments(vp + r * vs, F, mp[r], rp[r]);
+        LayerNorms<scalar>::moments(vp + r * vs, F, (scalar)eps, mp[r], rp[r]);
         LayerNorms<scalar>::normalize(vp + r * vs, F, mp[r], rp[r], gp, bp, op + r * os);
       }
     });
@@ -3810,19 +3812,16 @@ std::vector<Tensor> lstm_layer_norm_backward(
   // would be read out of bounds.
   std::string wrong = layer_weights_mismatch(4, gates.narrow(1, 0, 0), H, P, Tensor(), w_hh,
                                              Tensor(), Tensor(), given(w_hr), given(w_peephole));
-  auto shape = [&](const char* name, const Tensor& t, std::initializer_list<i64> expected) {
-    if (wrong.empty() && t.sizes() != at::IntArrayRef(expected))
-      wrong = c10::str(name, " must have shape ", at::IntArrayRef(expected), ", got ", t.sizes());
-  };
-  shape("gates", gates, {N, 4 * H});
-  shape("h_pre", h_pre, {N, 4 * H});
-  for (const Tensor* t : {&cand, &s}) shape("cand and s", *t, {N, H});
-  for (const Tensor* t : {&mean_h, &rstd_h, &mean_c, &rstd_c}) shape("mean and rstd", *t, {N, 1});
-  shape("d_out", d_out, {N, P});
-  shape("d_hT", d_hT, {B, P});
-  shape("d_cT", d_cT, {B, H});
-  shape("cells", cells, {N, H});
-  shape("c0", c0, {B, H});
+  expect_shape(wrong, "gates", gates, {N, 4 * H});
+  expect_shape(wrong, "h_pre", h_pre, {N, 4 * H});
+  for (const Tensor* t : {&cand, &s}) expect_shape(wrong, "cand and s", *t, {N, H});
+  for (const Tensor* t : {&mean_h, &rstd_h, &mean_c, &rstd_c})
+    expect_shape(wrong, "mean and rstd", *t, {N, 1});
+  expect_shape(wrong, "d_out", d_out, {N, P});
+  expect_shape(wrong, "d_hT", d_hT, {B, P});
+  expect_shape(wrong, "d_cT", d_cT, {B, H});
+  expect_shape(wrong, "cells", cells, {N, H});
+  expect_shape(wrong, "c0", c0, {B, H});
   TORCH_CHECK_VALUE(wrong.empty(), "lstm_layer_norm_backward: ", wrong);
   checked_zoneout_mask("zoneout_h", zoneout_h, gates, P);
   checked_zoneout_mask("zoneout_c", zoneout_c, gates, H);
@@ -3921,16 +3920,12 @@ std::vector<Tensor> gru_layer_norm_backward(
   const i64 B = h0.size(0);
   std::string wrong = layer_weights_mismatch(3, out.narrow(1, 0, 0), H, H, Tensor(), w_hh,
                                              Tensor(), Tensor());
-  auto shape = [&](const char* name, const Tensor& t, std::initializer_list<i64> expected) {
-    if (wrong.empty() && t.sizes() != at::IntArrayRef(expected))
-      wrong = c10::str(name, " must have shape ", at::IntArrayRef(expected), ", got ", t.sizes());
-  };
-  shape("stash", stash, {N, (reset_after ? 4 : 3) * H});
-  shape("h_pre", h_pre, {N, 3 * H});
-  for (const Tensor* t : {&mean, &rstd}) shape("mean and rstd", *t, {N, 2});
-  shape("d_out", d_out, {N, H});
-  shape("d_hT", d_hT, {B, H});
-  shape("h0", h0, {B, H});
+  expect_shape(wrong, "stash", stash, {N, (reset_after ? 4 : 3) * H});
+  expect_shape(wrong, "h_pre", h_pre, {N, 3 * H});
+  for (const Tensor* t : {&mean, &rstd}) expect_shape(wrong, "mean and rstd", *t, {N, 2});
+  expect_shape(wrong, "d_out", d_out, {N, H});
+  expect_shape(wrong, "d_hT", d_hT, {B, H});
+  expect_shape(wrong, "h0", h0, {B, H});
   TORCH_CHECK_VALUE(wrong.empty(), "gru_layer_norm_backward: ", wrong);
   checked_zoneout_mask("zoneout_h", zoneout_h, out, H);
   checked_recurrent_mask(recurrent, h0);

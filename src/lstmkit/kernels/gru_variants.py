@@ -36,8 +36,9 @@ from .lstm_variants import (
     _activate_,
     _layer_norm,
     _layer_norm_backward,
-    _native_products,
     _per_row,
+    _previous_rows,
+    _products,
     _rows,
     _slope,
 )
@@ -68,8 +69,8 @@ def _native_forward(x, h0, p, masks, v: GRUVariant, layout, reverse, reset_after
     None."""
     H = p["w_hh"].shape[0] // 3
     module = native.module()
-    ax = _native_products(x, [(x, p["w_ih"].t())])[0]
-    gi = module.pooled_empty([x.shape[0], 3 * H], x)
+    ax = _products(x, [(x, p["w_ih"].t())], in_pool=True)[0]
+    gi = native.pooled_empty([x.shape[0], 3 * H], x)
     st = {"x_pre": ax}
     for block, name in _blocks(H):
         _, st["mean_x_" + name], st["rstd_x_" + name] = module.layer_norm_rows(
@@ -178,18 +179,15 @@ def gru_variant_backward(d_out, d_hT, x, h0, p, masks, out, gates, gh_all, st, v
     k_mask, d_r = masks["zoneout_h"], masks["recurrent"]
     w_hh = p["w_hh"]
     (rz_block, _), (n_block, _) = _blocks(H)
+    h_prev_rows = _previous_rows(out, h0, layout, reverse, in_pool=bool(native_parts))  # (N, H)
+    u_rows = h_prev_rows if d_r is None else h_prev_rows * _per_row(d_r, layout)
     if native_parts:
-        h_prev_rows = native.module().pooled_empty(list(out.shape), out)
-        native.module().previous_rows(h_prev_rows, out, h0, layout.batch_sizes, reverse)
-        u_rows = h_prev_rows if d_r is None else h_prev_rows * _per_row(d_r, layout)
         d_gi, d_gh, d_prod, dh = native.module().gru_layer_norm_backward(
             d_out, d_hT, h0, w_hh, out, st["stash"], st["h_pre"], st["mean_h"], st["rstd_h"],
             p["ln_hh_weight"], k_mask, d_r, layout.batch_sizes, reverse, reset_after,
             native_parts, native.gru_form(v.gate_activation, v.candidate_activation))
         return _parameter_gradients(x, p, gates, st, v, reset_after, needs_input_grad, u_rows,
                                     d_gi, d_gh, d_prod, dh, in_pool=True)
-    h_prev_rows = layout.previous_rows(out, h0, reverse)      # (N, H)
-    u_rows = h_prev_rows if d_r is None else h_prev_rows * _per_row(d_r, layout)
     d_gi = out.new_empty(N, 3 * H)                            # [da_r | da_z | da_n]
     d_gh_n = out.new_empty(N, H) if reset_after else None     # da_n * r
     d_prod = out.new_empty(N, 3 * H) if v.layer_norm else None   # d(u W_hh^T), before LN
@@ -252,8 +250,7 @@ def _parameter_gradients(x, p, gates, st, v: GRUVariant, reset_after: bool,
     grads = {}
     d_ax = d_gi
     if v.layer_norm:
-        d_ax = (native.module().pooled_empty(list(d_gi.shape), d_gi) if in_pool
-                else torch.empty_like(d_gi))
+        d_ax = native.pooled_empty(d_gi.shape, d_gi) if in_pool else torch.empty_like(d_gi)
         # gain and bias gradients of all steps at once, from the stashed LN inputs
         for name, stem, d_after, target in (("x", "ln_ih", d_gi, d_ax),
                                             ("h", "ln_hh", d_gh, None)):
@@ -283,7 +280,7 @@ def _parameter_gradients(x, p, gates, st, v: GRUVariant, reset_after: bool,
         products += [(d_rec[:, :2 * H].t(), u_rows), (d_rec[:, 2 * H:].t(), ru)]
     if needs_input_grad:
         products.append((d_ax, p["w_ih"]))
-    results = _native_products(x, products) if in_pool else [a @ b for a, b in products]
+    results = _products(x, products, in_pool)
     grads["w_ih"] = results.pop(0)
     dx = results.pop() if needs_input_grad else None
     grads["w_hh"] = results[0] if reset_after else torch.cat(results)

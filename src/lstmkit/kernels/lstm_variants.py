@@ -117,7 +117,7 @@ def _native_forward(x, h0, c0, p: dict, masks: dict, v: LSTMVariant, layout: Ste
     arithmetic, see layer_norm_rows), then the loops. Without `save` the stash's entries are
     None (nothing will need a backward)."""
     module = native.module()
-    st = {"x_pre": _native_products(x, [(x, p["w_ih"].t())])[0]}
+    st = {"x_pre": _products(x, [(x, p["w_ih"].t())], in_pool=True)[0]}
     ax, st["mean_x"], st["rstd_x"] = module.layer_norm_rows(
         st["x_pre"], p["ln_ih_weight"], p["ln_ih_bias"], v.layer_norm_eps)
     (out, h, c, st["gates"], st["cells"], st["cand"], st["s"], st["h_pre"], st["mean_h"],
@@ -152,7 +152,6 @@ def lstm_variant_forward(x, h0, c0, q0, p: dict, masks: dict, v: LSTMVariant,
         st["x_pre"] = ax
         ax, st["mean_x"], st["rstd_x"] = _layer_norm(ax, p["ln_ih_weight"], p["ln_ih_bias"],
                                                      v.layer_norm_eps)
-    if v.layer_norm:
         st["h_pre"] = x.new_empty(N, 4 * H)
         st["mean_h"], st["rstd_h"] = x.new_empty(N, 1), x.new_empty(N, 1)
         st["mean_c"], st["rstd_c"] = x.new_empty(N, 1), x.new_empty(N, 1)
@@ -254,7 +253,7 @@ def lstm_variant_backward(d_out, d_hT, d_cT, d_qT, x, h0, c0, q0, p, masks, out,
         c_prev_rows = layout.previous_rows(cells, c0, reverse) if v.peepholes else None
         return _parameter_gradients(x, h0, q0, p, d_r, out, st, v, layout, reverse,
                                     needs_input_grad, d_gates, d_ah, d_c_ln, d_h_tilde,
-                                    c_prev_rows, dh, dc, None, native_parts)
+                                    c_prev_rows, dh, dc, None, in_pool=True)
     d_gates = torch.empty_like(gates)                         # dA, (N, 4H)
     d_ah = torch.empty_like(gates) if v.layer_norm else d_gates   # d(r W_hh^T)
     d_c_ln = torch.empty_like(cells) if v.layer_norm else None   # dL/dLN_c(c~)
@@ -345,22 +344,36 @@ def lstm_variant_backward(d_out, d_hT, d_cT, d_qT, x, h0, c0, q0, p, masks, out,
                                 d_gates, d_ah, d_c_ln, d_h_tilde, c_prev_rows, dh, dc, dq)
 
 
-def _native_products(like, pairs):
-    """a @ b for each (a, b) in `pairs`, in the native module's recycled memory, in one parallel
-    region (native.products)."""
-    outs = [native.module().pooled_empty([a.shape[0], b.shape[1]], like) for a, b in pairs]
+def _products(like, pairs, in_pool: bool):
+    """a @ b for each (a, b) in `pairs`: with `in_pool` in the native module's recycled memory,
+    in one parallel region (native.products; fresh tensors of the sequence-wide sizes cost
+    about as much in page faults as the arithmetic), else torch's."""
+    if not in_pool:
+        return [a @ b for a, b in pairs]
+    outs = [native.pooled_empty([a.shape[0], b.shape[1]], like) for a, b in pairs]
     native.module().products(outs, [a for a, _ in pairs], [b for _, b in pairs])
     return outs
 
 
+def _previous_rows(sequence, initial, layout: StepLayout, reverse: bool, in_pool: bool):
+    """layout.previous_rows(sequence, initial, reverse), in the native module's recycled memory
+    with `in_pool`."""
+    if not in_pool:
+        return layout.previous_rows(sequence, initial, reverse)
+    rows = native.pooled_empty(sequence.shape, sequence)
+    native.module().previous_rows(rows, sequence, initial, layout.batch_sizes, reverse)
+    return rows
+
+
 def _parameter_gradients(x, h0, q0, p, d_r, out, st, v: LSTMVariant, layout: StepLayout,
                          reverse: bool, needs_input_grad: bool, d_gates, d_ah, d_c_ln,
-                         d_h_tilde, c_prev_rows, dh, dc, dq, native_parts=0):
+                         d_h_tilde, c_prev_rows, dh, dc, dq, in_pool: bool = False):
     """After the backward loop, what is sequence-wide: dx and the parameters' gradients from
     d_gates (N, 4H) (of the pre-activations a), d_ah (N, 4H) (of r W_hh^T before LN_h; d_gates
     without layer norm), d_c_ln (N, H) (of LN_c(c~)), d_h_tilde (N, P) (of h~ before the
     projection), c_prev_rows (N, H) (with peepholes); d_r: recurrent dropout's mask (B, P) or
-    None. Returns dx, dh0, dc0, dq0, grads."""
+    None. With `in_pool` (the native loops'), the big results in the native module's recycled
+    memory. Returns dx, dh0, dc0, dq0, grads."""
     H = p["w_hh"].shape[0] // 4
     gates, cand, s_all = st["gates"], st["cand"], st["s"]
     w_hr, fgr = p["w_hr"], v.full_gate_recurrence
@@ -377,24 +390,17 @@ def _parameter_gradients(x, h0, q0, p, d_r, out, st, v: LSTMVariant, layout: Ste
         # the input side's gradient too: torch's, or the native module's in recycled memory
         d_ax, grads["ln_ih_weight"], grads["ln_ih_bias"] = _layer_norm_backward(
             d_gates, st["x_pre"], st["mean_x"], st["rstd_x"], p["ln_ih_weight"],
-            p["ln_ih_bias"], parameters=True, input=not native_parts)
-        if native_parts:                                 # (torch's was not asked for)
+            p["ln_ih_bias"], parameters=True, input=not in_pool)
+        if in_pool:                                      # (torch's was not asked for)
             d_ax = native.module().layer_norm_rows_backward(
                 d_gates, st["x_pre"], st["mean_x"], st["rstd_x"], p["ln_ih_weight"])
-    if native_parts:
-        r_prev_rows = native.module().pooled_empty(list(out.shape), out)
-        native.module().previous_rows(r_prev_rows, out, h0, layout.batch_sizes, reverse)
-    else:
-        r_prev_rows = layout.previous_rows(out, h0, reverse)
+    r_prev_rows = _previous_rows(out, h0, layout, reverse, in_pool)
     if d_r is not None:
         r_prev_rows = r_prev_rows * _per_row(d_r, layout)
     products = [(d_ax.t(), x), (d_ah.t(), r_prev_rows)]
     if needs_input_grad:
         products.append((d_ax, p["w_ih"]))
-    if native_parts:
-        grads["w_ih"], grads["w_hh"], *dx = _native_products(x, products)
-    else:
-        grads["w_ih"], grads["w_hh"], *dx = [a @ b for a, b in products]
+    grads["w_ih"], grads["w_hh"], *dx = _products(x, products, in_pool)
     dx = dx[0] if dx else None
     db = d_gates.sum(0)
     grads["b_ih"] = db if p["b_ih"] is not None else None
