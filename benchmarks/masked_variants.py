@@ -1,12 +1,13 @@
-"""What zoneout, recurrent dropout and layer norm cost: training steps, native against
-portable.
+"""What zoneout, recurrent dropout, layer norm and (LSTM) full gate recurrence cost: training
+steps, native against portable.
 
     python benchmarks/masked_variants.py                          # LSTM and GRU, 3 sizes
     python benchmarks/masked_variants.py --family GRU --batch 8 --hidden 256
 
 For each (batch, hidden), the modules of one family in training mode: the plain cell (native),
-zoneout, recurrent dropout and layer norm on the native kernels and on the portable variant
-kernel, and torch.nn's plain module. Every repetition runs them in a freshly shuffled order: a
+zoneout, recurrent dropout and layer norm (and for the LSTM full gate recurrence, and zoneout
+with a projection to hidden / 2) on the native kernels and on the portable variant kernel, and
+torch.nn's plain module. Every repetition runs them in a freshly shuffled order: a
 module that runs right after torch.nn's finds the caches evicted, so a fixed (or rotated) order
 would bias the comparison against whichever module follows it. Medians of the repetitions, in
 ms.
@@ -28,13 +29,17 @@ def modules(family: str, input_size: int, hidden: int) -> dict:
     variant = lstmkit.LSTMVariant if lstm else lstmkit.GRUVariant
     zoneout = variant(zoneout_h=0.1, zoneout_c=0.1) if lstm else variant(zoneout_h=0.1)
     dropout = variant(recurrent_dropout=0.2)
-    variants = {"zoneout": zoneout, "recurrent_dropout": dropout,
-                "layer_norm": variant(layer_norm=True)}
+    variants = {"zoneout": (zoneout, {}), "recurrent_dropout": (dropout, {}),
+                "layer_norm": (variant(layer_norm=True), {})}
+    if lstm:
+        variants["full_gate_recurrence"] = (variant(full_gate_recurrence=True), {})
+        variants["zoneout_projection"] = (zoneout, {"proj_size": hidden // 2})
     ours = getattr(lstmkit, family)
     mods = {"plain": ours(input_size, hidden)}
-    for name, v in variants.items():
-        mods[name] = ours(input_size, hidden, variant=v)
-        mods[f"{name} (portable)"] = ours(input_size, hidden, variant=v, backend="portable")
+    for name, (v, options) in variants.items():
+        mods[name] = ours(input_size, hidden, variant=v, **options)
+        mods[f"{name} (portable)"] = ours(input_size, hidden, variant=v, backend="portable",
+                                          **options)
     mods["torch.nn (plain)"] = getattr(torch.nn, family)(input_size, hidden)
     return mods
 

@@ -122,9 +122,41 @@ def test_lstm_trace_function_gradcheck():
     assert torch.autograd.gradcheck(run, args)
 
 
+@pytest.mark.parametrize("proj_size", [0, 2])
+def test_native_plain_trace_matches_portable(proj_size):
+    """The plain LSTM's trace on the variants' native loops (backend "auto" on the CPU): the
+    portable trace's gates, cells, outputs and gradients, two layers, both directions."""
+    torch.manual_seed(7)
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    results = []
+    for backend in ("auto", "portable"):
+        torch.manual_seed(8)
+        module = lstmkit.LSTM(4, 5, num_layers=2, bidirectional=True, proj_size=proj_size,
+                              dtype=torch.float64, backend=backend)
+        xi = x.clone().requires_grad_()
+        out, (h, c), trace = module(xi, return_gates=True)
+        (out.sin().sum() + h.sum() + c.cos().sum()).backward()
+        results.append([out, h, c, xi.grad, *(p.grad for p in module.parameters()),
+                        *(trace[layer, direction][name] for layer in range(2)
+                          for direction in ("forward", "reverse") for name in "ifgoch")])
+        assert ("LSTMVariantFunctionBackward" in _graph_names(out)) == (backend == "auto")
+    for mine, theirs in zip(*results, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-12)
+
+
+def _graph_names(tensor) -> set:
+    names, todo = set(), [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node.name() not in names:
+            names.add(node.name())
+            todo += [next_node for next_node, _ in node.next_functions]
+    return names
+
+
 def test_plain_trace_is_the_plain_kernel_exactly():
-    # Traces come from the portable kernel's own stash, so they match it bit for bit; the
-    # native kernel (backend "auto" on the CPU) agrees to rounding.
+    # The portable trace comes from the portable kernel's own stash, so it matches it bit for
+    # bit; the native loops (backend "auto" on the CPU) agree to rounding.
     torch.manual_seed(5)
     x = torch.randn(7, 3, 3)
     for backend in ("portable", "auto"):

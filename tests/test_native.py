@@ -886,13 +886,13 @@ def test_layers_refuse_weights_of_the_wrong_shape(cls, name, shape, message, ste
     ({"zoneout_c": (7, 4)}, False, r"zoneout_c must have shape \(6, 4\) or \(1, 4\), got \[7, 4\]"),
     ({"zoneout_h": (6,)}, False, r"zoneout_h must have shape \(6, 4\) or \(1, 4\), got \[6\]"),
     ({"zoneout_h": (1, 3)}, False, r"zoneout_h must have shape \(6, 4\) or \(1, 4\), got \[1, 3\]"),
-    ({"zoneout_h": (6, 2)}, True, "no zoneout_h with a projection"),
+    ({"zoneout_h": (6, 4)}, True, r"zoneout_h must have shape \(6, 2\) or \(1, 2\), got \[6, 4\]"),
     ({"recurrent": (6, 4)}, False, r"recurrent must have h0's shape \[2, 4\], got \[6, 4\]"),
 ])
 def test_native_lstm_refuses_zoneout_masks_that_do_not_fit(masks, proj, message, grad):
     """Zoneout masks of the wrong shape (the kernels would read them out of step or past their
-    end), and zoneout_h with a projection, which only the portable kernel computes: a
-    ValueError naming the mask and the shapes it may have."""
+    end; zoneout_h's is the projection's width when there is one): a ValueError naming the mask
+    and the shapes it may have."""
     x, h0, c0 = torch.randn(6, 3), torch.randn(2, 2 if proj else 4), torch.randn(2, 4)
     w_hh = torch.randn(16, h0.shape[1])
     w_hr = torch.randn(2, 4) if proj else None
@@ -1521,16 +1521,15 @@ _MASKED_CASES = {
 def test_native_masked_variants_match_portable(module, training, variant, options):
     """Zoneout, in training (masks drawn per call) and its expectation in eval, and recurrent
     dropout, with other elementwise variants (and initialisation and DropConnect): the native
-    kernels (but for zoneout_h with a projection, which only the variant kernel has) give the
-    portable variant kernel's results and gradients, with the same masks from the same seed.
+    kernels give the portable variant kernel's results and gradients, with the same masks from
+    the same seed.
     Two layers, both directions and packed sequences for the modules, one step for the
     cells."""
     cell, lstm = module.endswith("Cell"), module.startswith("LSTM")
     options = dict(options, variant=variant, dtype=torch.float64)
     if not cell:
         options.update(num_layers=2, bidirectional=True)
-    # "auto": native where it can (backend="native" refuses zoneout_h with a projection)
-    ours = getattr(lstmkit, module)(3, 6, backend="auto", **options).train(training)
+    ours = getattr(lstmkit, module)(3, 6, backend="native", **options).train(training)
     portable = getattr(lstmkit, module)(3, 6, backend="portable", **options).train(training)
     portable.load_state_dict(ours.state_dict())
     results = []
@@ -1553,8 +1552,7 @@ def test_native_masked_variants_match_portable(module, training, variant, option
                          for name in ("NativeLSTM", "NativeOneState"))
         variant_ran = any(name in nodes for name in ("LSTMVariantFunctionBackward",
                                                      "GRUVariantFunctionBackward"))
-        expect_native = model is ours and not (lstm and variant.zoneout_h
-                                               and options.get("proj_size"))
+        expect_native = model is ours
         assert (native_ran, variant_ran) == (expect_native, not expect_native), nodes
         results.append([out, *states, x.grad, *(p.grad for p in model.parameters())])
     for mine, theirs in zip(*results, strict=True):
@@ -1596,8 +1594,8 @@ def test_zoneout_keeps_the_masked_units_exactly(family, backend):
 ], ids=["layer-norm", "recurrent-dropout-layer-norm", "zoneout-full-gate-recurrence",
         "gru-recurrent-dropout-layer-norm", "gru-zoneout-layer-norm", "gru-activation-layer-norm"])
 def test_native_variants_with_other_changes_take_the_variant_kernel(training, variant):
-    """The variant Function, whose step loops are native for layer norm (the LSTM's without
-    full gate recurrence; its native_parts), and Python loops otherwise."""
+    """The variant Function, whose step loops are native (its native_parts) for every LSTM
+    variant and for the GRU's layer norm."""
     lstm = isinstance(variant, lstmkit.LSTMVariant)
     model = (lstmkit.LSTM if lstm else lstmkit.GRU)(3, 4, variant=variant).train(training)
     out, _ = model(torch.randn(5, 2, 3))
@@ -1605,21 +1603,44 @@ def test_native_variants_with_other_changes_take_the_variant_kernel(training, va
     nodes = _graph_node_objects(out)
     assert name in nodes
     assert not any("Native" in node for node in nodes)
-    native_loops = variant.layer_norm and not (lstm and variant.full_gate_recurrence)
-    assert getattr(nodes[name], "native_parts", 0) == (1 if native_loops else 0)
+    assert nodes[name].native_parts == 1
 
 
 @pytest.mark.parametrize("variant, proj_size", [
-    (lstmkit.LSTMVariant(full_gate_recurrence=True), 0),
-    (lstmkit.LSTMVariant(layer_norm=True, full_gate_recurrence=True), 0),
-    (lstmkit.LSTMVariant(zoneout_h=0.1), 2),
-    (lstmkit.LSTMVariant(layer_norm=True, zoneout_h=0.1), 2)])
-def test_native_backend_refuses_the_variants_it_has_no_kernel_for(variant, proj_size):
-    model = lstmkit.LSTM(2, 3, proj_size=proj_size, variant=variant, backend="native")
-    with pytest.raises(ValueError, match="backend='native' has no kernel for these LSTM "
-                                         "variants: full gate recurrence, zoneout_h with a "
-                                         "projection"):
-        model(torch.randn(4, 1, 2))
+    (lstmkit.LSTMVariant(full_gate_recurrence=True, peepholes=True), 0),
+    (lstmkit.LSTMVariant(full_gate_recurrence=True, cifg=True, zoneout_h=0.2,
+                         recurrent_dropout=0.2, weight_drop=0.1), 2),
+    (lstmkit.LSTMVariant(layer_norm=True, full_gate_recurrence=True, zoneout_c=0.2), 0),
+    (lstmkit.LSTMVariant(zoneout_h=0.3, zoneout_c=0.1, peepholes=True), 2),
+    (lstmkit.LSTMVariant(layer_norm=True, zoneout_h=0.3, recurrent_dropout=0.2), 2),
+], ids=["fgr", "fgr-projection-masks", "fgr-layer-norm", "zoneout-h-projection",
+        "layer-norm-zoneout-h-projection"])
+def test_native_backend_runs_every_lstm_variant(variant, proj_size):
+    """Full gate recurrence (with layer norm, masks, a projection) and zoneout_h with a
+    projection, which ran only on the portable kernel until stop 23: backend="native" runs them
+    on native loops (the variant Function's native_parts, or the native layer), two layers,
+    both directions, packed sequences, in training, with the portable kernel's results and
+    gradients from the same masks."""
+    options = dict(num_layers=2, bidirectional=True, proj_size=proj_size, variant=variant,
+                   dtype=torch.float64)
+    ours = lstmkit.LSTM(3, 5, backend="native", **options).train()
+    portable = lstmkit.LSTM(3, 5, backend="portable", **options).train()
+    portable.load_state_dict(ours.state_dict())
+    results = []
+    for model in (ours, portable):
+        x = torch.randn(6, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2),
+                        requires_grad=True)
+        torch.manual_seed(6)                   # the same masks for both
+        out, states = model(pack_padded_sequence(x, [6, 3, 1], enforce_sorted=False))
+        out = pad_packed_sequence(out)[0]
+        (out.sin().sum() + sum(s.cos().sum() for s in states)).backward()
+        nodes = _graph_node_objects(out)
+        native_ran = any("Native" in name for name in nodes) or any(
+            getattr(node, "native_parts", 0) > 0 for node in nodes.values())
+        assert native_ran == (model is ours), list(nodes)
+        results.append([out, *states, x.grad, *(p.grad for p in model.parameters())])
+    for mine, theirs in zip(*results, strict=True):
+        assert (mine - theirs).abs().max().item() < 1e-10
 
 
 def _cpu_flags() -> set:

@@ -135,15 +135,22 @@ def test_kernel_matches_reference_at_odd_sizes(shape):
     _assert_matches(outs, grads, ref_out, ref_grads, 1e-10)
 
 
-# The layer-norm variants whose step loops run natively (see runs_native_loops), with the
-# elementwise variants and masks beside layer norm.
-NATIVE_LAYER_NORM = {
+# Variants through the native loops of LSTMVariantFunction: layer norm and full gate
+# recurrence, alone, together and with the elementwise variants, and an elementwise variant
+# alone (its gate traces take these loops); the masks beside them.
+NATIVE_LOOPS = {
     "layer_norm": LSTMVariant(layer_norm=True),
     "peepholes_cifg": LSTMVariant(layer_norm=True, peepholes=True, cifg=True),
     "activations": LSTMVariant(layer_norm=True, gate_activation="hard_sigmoid",
                                cell_activation="softsign", output_activation="hardtanh"),
     "removed_gates": LSTMVariant(layer_norm=True, peepholes=True, input_gate=False,
                                  output_gate=False),
+    "fgr": LSTMVariant(full_gate_recurrence=True),
+    "fgr_peepholes_cifg": LSTMVariant(full_gate_recurrence=True, peepholes=True, cifg=True),
+    "fgr_layer_norm_removed_gates": LSTMVariant(full_gate_recurrence=True, layer_norm=True,
+                                                peepholes=True, input_gate=False,
+                                                output_activation="softsign"),
+    "peepholes": LSTMVariant(peepholes=True, forget_gate=False),
 }
 
 
@@ -156,13 +163,12 @@ NATIVE_LAYER_NORM = {
     dict(T=3, B=13, I=5, H=127),              # wide: partial vector blocks in every row
     dict(T=200, B=2, I=2, H=3),               # long
 ], ids=["tiny", "projection", "wide", "long"])
-@pytest.mark.parametrize("name", sorted(NATIVE_LAYER_NORM))
-def test_native_layer_norm_loops_match_reference(name, shape, masks, parts, monkeypatch):
-    """The native layer-norm loops (float64) at odd sizes, with one or three row parts
-    (native.MAX_ROW_PARTS), every mask, and projection (zoneout_h then takes the portable
-    loops, which kernel_result checks)."""
+@pytest.mark.parametrize("name", sorted(NATIVE_LOOPS))
+def test_native_variant_loops_match_reference(name, shape, masks, parts, monkeypatch):
+    """The variants' native loops (float64) at odd sizes, with one or three row parts
+    (native.MAX_ROW_PARTS), every mask, and projection (zoneout_h's mix with it too)."""
     monkeypatch.setattr(native, "MAX_ROW_PARTS", parts)
-    variant = NATIVE_LAYER_NORM[name]
+    variant = NATIVE_LOOPS[name]
     problem = random_problem(variant, **shape, masks=masks, seed=11)
     ref_out, ref_grads = reference_result(variant, *problem)
     outs, grads = kernel_result(variant, *problem, dtype=torch.float64)
@@ -170,23 +176,34 @@ def test_native_layer_norm_loops_match_reference(name, shape, masks, parts, monk
 
 
 @pytest.mark.parametrize("H", [16, 17, 127])
-def test_native_layer_norm_loops_in_float32(H):
+@pytest.mark.parametrize("name, P, masks", [
+    ("peepholes_cifg", None, ("zoneout_c", "recurrent")),
+    ("fgr_peepholes_cifg", 5, ALL_MASKS),
+    ("fgr_layer_norm_removed_gates", None, ("zoneout_h", "recurrent")),
+])
+def test_native_variant_loops_in_float32(H, name, P, masks):
     """(At H = 1-3 layer norm over the cell's few values is ill-conditioned: the portable and
     native loops in float32 both miss the float64 reference by up to 1e-4 there; float64
     covers those sizes above.)"""
-    variant = LSTMVariant(layer_norm=True, peepholes=True)
-    problem = random_problem(variant, T=7, B=9, I=4, H=H, masks=("zoneout_c", "recurrent"),
-                             seed=12)
+    variant = NATIVE_LOOPS[name]
+    problem = random_problem(variant, T=7, B=9, I=4, H=H, P=P, masks=masks, seed=12)
+    # W_gg's 3H inputs and W_hr's H at random_problem's scale make the recurrence chaotic at
+    # H = 127 (the portable loops in float32 then miss the reference by 1-4e-4 as well): scaled
+    # by 1 / sqrt(fan-in), as an initialisation would.
+    for name, fan_in in (("w_gate", 3 * H), ("w_hr", H)):
+        if name in problem[0]:
+            problem[0][name] *= 1.0 / np.sqrt(fan_in)
     ref_out, ref_grads = reference_result(variant, *problem)
     outs, grads = kernel_result(variant, *problem, dtype=torch.float32)
     _assert_matches(outs, grads, ref_out, ref_grads, TOLERANCE[torch.float32])
 
 
+@pytest.mark.parametrize("backend", ["portable", "auto"])
 @pytest.mark.parametrize("variant", [
     LSTMVariant(peepholes=True, layer_norm=True, cifg=True, full_gate_recurrence=True),
     LSTMVariant(peepholes=True, layer_norm=True, cifg=True),
-], ids=["portable-loops", "native-loops"])
-def test_kernel_packed_and_reverse_match_reference_per_sequence(variant):
+], ids=["fgr", "layer-norm"])
+def test_kernel_packed_and_reverse_match_reference_per_sequence(variant, backend):
     """Packed sequences of different lengths, both directions: each sequence as the
     reference runs it alone (reverse = the reference on the time-flipped sequence)."""
     lengths = (5, 3, 2)
@@ -202,9 +219,9 @@ def test_kernel_packed_and_reverse_match_reference_per_sequence(variant):
         xt = torch.tensor(x, requires_grad=True)
         out, h_T, c_T, _, _, _ = kernels.lstm_variant_layer(
             xt, torch.tensor(h0), torch.tensor(c0), p, {}, variant, layout=layout,
-            reverse=reverse)
+            reverse=reverse, backend=backend)
         out.sum().backward()
-        assert native_loops_ran(out) == (not variant.full_gate_recurrence)
+        assert native_loops_ran(out) == (backend == "auto")
         for b, seq in enumerate(seqs):
             rows = [layout.offsets[t] + b for t in range(len(seq))]
             order = seq[::-1] if reverse else seq
@@ -264,9 +281,14 @@ def test_variant_function_gradcheck(variant):
     (LSTMVariant(layer_norm=True, cifg=True, output_activation="softsign"), True,
      ("zoneout_c", "recurrent")),
     (LSTMVariant(layer_norm=True, gate_activation="hard_sigmoid"), False, ()),
-], ids=["peepholes-masks", "cifg-projection", "hard-sigmoid"])
-def test_native_layer_norm_gradcheck(variant, project, masked):
-    """gradcheck through the native layer-norm loops (LSTMVariantFunction with native_parts)."""
+    (LSTMVariant(full_gate_recurrence=True, peepholes=True), True,
+     ("zoneout_h", "zoneout_c", "recurrent")),
+    (LSTMVariant(full_gate_recurrence=True, layer_norm=True, cifg=True), False, ("zoneout_h",)),
+], ids=["peepholes-masks", "cifg-projection", "hard-sigmoid", "fgr-projection-masks",
+        "fgr-layer-norm-cifg"])
+def test_native_variant_loops_gradcheck(variant, project, masked):
+    """gradcheck through the variants' native loops (LSTMVariantFunction with native_parts),
+    the previous gates q0 among the inputs with full gate recurrence."""
     torch.manual_seed(1)
     T, B, I, H = 3, 2, 2, 3
     P = 2 if project else H
@@ -281,22 +303,26 @@ def test_native_layer_norm_gradcheck(variant, project, masked):
         params["w_hr"] = leaf(P, H)
     if variant.peepholes:
         params["w_peephole"] = leaf(3 * H)
+    if variant.full_gate_recurrence:
+        params["w_gate"] = leaf(3 * H, 3 * H)
     for stem, size in (("ih", 4 * H), ("hh", 4 * H), ("cell", H)):
-        params[f"ln_{stem}_weight"] = leaf(size, offset=1.0)
-        params[f"ln_{stem}_bias"] = leaf(size)
+        if variant.layer_norm:
+            params[f"ln_{stem}_weight"] = leaf(size, offset=1.0)
+            params[f"ln_{stem}_bias"] = leaf(size)
     shapes = {"zoneout_h": (T * B, P), "zoneout_c": (T * B, H), "recurrent": (B, P)}
     masks = {name: torch.bernoulli(torch.full(shapes[name], 0.6, dtype=torch.float64))
              for name in masked}
     names = list(params)
 
-    def run(x, h0, c0, *values):
-        out, h, c, _, _, _ = kernels.lstm_variant_layer(
-            x, h0, c0, dict(zip(names, values, strict=True)), masks, variant, layout=layout)
+    def run(x, h0, c0, q0, *values):
+        out, h, c, q, _, _ = kernels.lstm_variant_layer(
+            x, h0, c0, dict(zip(names, values, strict=True)), masks, variant,
+            q0=q0 if variant.full_gate_recurrence else None, layout=layout)
         assert native_loops_ran(out)
-        return out, h, c
+        return (out, h, c) if q is None else (out, h, c, q)
 
     assert torch.autograd.gradcheck(run, (leaf(T * B, I), leaf(B, P), leaf(B, H),
-                                          *params.values()))
+                                          leaf(B, 3 * H, offset=0.5), *params.values()))
 
 
 def test_native_layer_norm_module_matches_portable():
@@ -330,10 +356,12 @@ def test_native_layer_norm_module_matches_portable():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
-def test_native_layer_norm_backend_choices():
-    """backend "native" and "auto" run the layer-norm loops natively, "portable" the Python
-    loops; "native" refuses what has no native loop (full gate recurrence)."""
-    variant = LSTMVariant(layer_norm=True)
+@pytest.mark.parametrize("variant", [LSTMVariant(layer_norm=True),
+                                     LSTMVariant(full_gate_recurrence=True)],
+                         ids=["layer-norm", "fgr"])
+def test_native_variant_loops_backend_choices(variant):
+    """backend "native" and "auto" run the variants' loops natively, "portable" the Python
+    loops."""
     problem = random_problem(variant, T=5, B=2, I=3, H=4, seed=13)
     for backend, native_expected in (("native", True), ("auto", True), ("portable", False)):
         kernel_result(variant, *problem, dtype=torch.float64, backend=backend)   # checks it
@@ -344,50 +372,58 @@ def test_native_layer_norm_backend_choices():
                                              variant, layout=StepLayout.padded(5, 2),
                                              backend=backend)
         assert native_loops_ran(out) == native_expected
-    fgr = LSTMVariant(layer_norm=True, full_gate_recurrence=True)
-    with pytest.raises(ValueError, match="backend='native' has no kernel for these LSTM "
-                                         "variants: full gate recurrence"):
-        lstmkit.LSTM(3, 4, variant=fgr, backend="native")(torch.randn(5, 2, 3))
 
 
-def test_native_layer_norm_loops_check_their_arguments():
+def test_native_variant_loops_check_their_arguments():
     """The native loops' entry points name a bad argument in a ValueError."""
     m = native.module()
     T, B, H = 2, 2, 3
     z = torch.zeros
     good = dict(xproj=z(T * B, 4 * H), h0=z(B, H), c0=z(B, H), w_hh=z(4 * H, H),
-                gain_h=z(4 * H), gain_c=z(H), batch_sizes=[B] * T)
+                w_gate=z(3 * H, 3 * H), q0=z(B, 3 * H), gain_h=z(4 * H), gain_c=z(H),
+                batch_sizes=[B] * T, layer_norm=True)
 
-    def forward(xproj, h0, c0, w_hh, gain_h, gain_c, batch_sizes):
-        return m.lstm_layer_norm_forward(xproj, None, None, h0, c0, w_hh, None, None, 0, None,
-                                         None, None, gain_h, None, gain_c, None, 1e-5,
-                                         batch_sizes, False, True, 1)
+    def forward(xproj, h0, c0, w_hh, w_gate, q0, gain_h, gain_c, batch_sizes, layer_norm):
+        return m.lstm_variant_loops_forward(xproj, None, None, h0, c0, w_hh, None, None, 0, None,
+                                            None, None, w_gate, q0, layer_norm, gain_h, None,
+                                            gain_c, None, 1e-5, batch_sizes, False, True, 1)
 
     assert forward(**good)[0].shape == (T * B, H)
+    assert forward(**good)[3].shape == (B, 3 * H)
     for change, words in ((dict(xproj=z(T * B, 4 * H + 1)), "xproj must be"),
                           (dict(w_hh=z(4 * H, H + 1)), "w_hh must have shape"),
                           (dict(gain_h=z(4 * H - 1)), r"ln_hh_weight must be a \(12,\) tensor"),
                           (dict(gain_c=z(H, dtype=torch.float64)), "ln_cell_weight must be"),
+                          (dict(layer_norm=False), "layer-norm parameters given with "
+                                                   "layer_norm=False"),
+                          (dict(w_gate=z(3 * H, 3 * H + 1)), r"w_gate must be a \(9, 9\)"),
+                          (dict(q0=z(B + 1, 3 * H)), r"q must have shape \(2, 9\)"),
+                          (dict(q0=None), "needs both w_gate and its state q"),
                           (dict(batch_sizes=[B] * (T + 1)), "batch_sizes"),
                           (dict(batch_sizes=[1, 3]), "never grow")):
         with pytest.raises(ValueError, match=words):
             forward(**{**good, **change})
     saved = forward(**good)
-    zero_state = z(B, H)
+    zero_state, zero_gates = z(B, H), z(B, 3 * H)
 
-    def backward(d_hT=zero_state, recurrent=None, zoneout_c=None, batch_sizes=good["batch_sizes"],
-                 cand=saved[5]):
-        return m.lstm_layer_norm_backward(z(T * B, H), d_hT, z(B, H), good["c0"], good["w_hh"],
-                                          None, saved[3], saved[4], cand, *saved[6:], None,
-                                          None, None, 0, None, zoneout_c, recurrent, batch_sizes,
-                                          False, 1)
+    def backward(d_hT=zero_state, d_qT=zero_gates, recurrent=None, zoneout_c=None,
+                 batch_sizes=good["batch_sizes"], cand=saved[6], layer_norm=True):
+        stash = (cand, *saved[7:]) if layer_norm else (None,) * 7
+        return m.lstm_variant_loops_backward(z(T * B, H), d_hT, z(B, H), d_qT, good["c0"],
+                                             good["w_hh"], None, good["w_gate"], saved[4],
+                                             saved[5], layer_norm, *stash, None, None, None, 0,
+                                             None, zoneout_c, recurrent, batch_sizes, False, 1)
 
     assert backward()[0].shape == (T * B, 4 * H)
+    assert backward()[6].shape == (B, 3 * H)
+    assert backward(layer_norm=False)[2] is None            # no d_cell_norm without layer norm
     for change, words in ((dict(recurrent=z(1, 1)), "recurrent must have"),
                           (dict(zoneout_c=z(T * B, 1)), "zoneout_c must have"),
                           (dict(batch_sizes=[T * B]), "batch_sizes"),
                           (dict(d_hT=z(B + 1, H)), "d_hT must have"),
-                          (dict(cand=z(T * B, H + 1)), "cand and s must have")):
+                          (dict(d_qT=z(B, H)), r"q must have shape \(2, 9\)"),
+                          (dict(d_qT=None), "needs both w_gate and its state q"),
+                          (dict(cand=z(T * B, H + 1)), "cand must have")):
         with pytest.raises(ValueError, match=words):
             backward(**change)
 
@@ -450,7 +486,7 @@ def test_native_layer_norm_loops_split_rows_across_threads(monkeypatch):
     """One row part of 130 rows at hidden 64: the per-row gate math and layer norms are split
     across the threads (for_rows, 64 rows a piece) in both loops."""
     monkeypatch.setattr(native, "MAX_ROW_PARTS", 1)
-    variant = NATIVE_LAYER_NORM["peepholes_cifg"]
+    variant = NATIVE_LOOPS["fgr_layer_norm_removed_gates"]
     problem = random_problem(variant, T=3, B=130, I=3, H=64, masks=ALL_MASKS, seed=14)
     ref_out, ref_grads = reference_result(variant, *problem)
     outs, grads = kernel_result(variant, *problem, dtype=torch.float64)
@@ -838,7 +874,7 @@ def test_module_level_errors():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("fgr", [True, False], ids=["portable-loops", "native-loops"])
+@pytest.mark.parametrize("fgr", [True, False], ids=["fgr", "layer-norm"])
 def test_low_precision_runs_in_float32_and_returns_its_dtype(dtype, fgr):
     variant = LSTMVariant(peepholes=True, layer_norm=True, full_gate_recurrence=fgr)
     torch.manual_seed(8)

@@ -72,9 +72,8 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
     f = 1 - i; input_gate, forget_gate, output_gate False: that gate is 1; the gate, cell and
     output activations; zoneout_h (N or 1, P), zoneout_c (N or 1, H): zoneout's masks, by row
     or one row for all; recurrent (B, P): recurrent dropout's mask, scaled by 1 / keep
-    (`lstm_variant_layer`'s masks, drawn by the caller). The native kernel computes them
-    (zoneout_h only without projection), the portable backend (or a machine without the native
-    kernels) the variant kernel."""
+    (`lstm_variant_layer`'s masks, drawn by the caller). The native kernel computes them, the
+    portable backend (or a machine without the native kernels) the variant kernel."""
     fn = _function("lstm", backend, x)
     cell = (bool(cifg), input_gate, forget_gate, output_gate, gate_activation, cell_activation,
             output_activation)                               # in CELL_FORM_FIELDS's order
@@ -82,14 +81,10 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
     if w_peephole is None and not form and zoneout_h is None and zoneout_c is None and \
             recurrent is None:
         return fn.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse)
-    # The variant kernel: on the portable backend, without the native module, and for zoneout_h
-    # with a projection (which backend="native" refuses).
-    variant_backend = "portable"
     if fn is native.NativeLSTMFunction and native.available():
-        if zoneout_h is None or w_hr is None:
-            return fn.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole,
-                            form, zoneout_h, zoneout_c, recurrent)
-        variant_backend = backend
+        return fn.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse, w_peephole,
+                        form, zoneout_h, zoneout_c, recurrent)
+    # The variant kernel: on the portable backend, and without the native module.
     params = {"w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh, "w_hr": w_hr,
               "w_peephole": w_peephole}
     masks = {name: mask for name, mask in (("zoneout_h", zoneout_h), ("zoneout_c", zoneout_c),
@@ -97,14 +92,23 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
     variant = LSTMVariant(peepholes=w_peephole is not None,
                           **dict(zip(CELL_FORM_FIELDS, cell, strict=True)))
     out, h_T, c_T, *_ = lstm_variant_layer(x, h0, c0, params, masks, variant, layout=layout,
-                                           reverse=reverse, backend=variant_backend, gates=False)
+                                           reverse=reverse, backend="portable", gates=False)
     return out, h_T, c_T
 
 
 def lstm_layer_with_gates(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
-                          layout: StepLayout, reverse: bool = False):
-    """`lstm_layer` on the portable kernel, also returning gates (N, 4H) = [i | f | g | o]
-    and cells (N, H)."""
+                          layout: StepLayout, reverse: bool = False, backend: str = "portable"):
+    """`lstm_layer`, also returning gates (N, 4H) = [i | f | g | o] and cells (N, H): on the
+    variants' native loops (`lstm_variant_layer` with the plain LSTMVariant) where `backend`
+    runs native, else from the portable kernel's own stash."""
+    if backend == "native" or (backend == "auto" and native.supports(x)):
+        params = {"w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh, "w_hr": w_hr}
+        out, h_T, c_T, _, gates, cells = lstm_variant_layer(
+            x, h0, c0, params, {}, LSTMVariant(), layout=layout, reverse=reverse,
+            backend=backend)
+        return out, h_T, c_T, gates, cells
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return LSTMTraceFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout, reverse)
 
 
@@ -120,10 +124,8 @@ def lstm_variant_layer(x, h0, c0, params: dict, masks: dict, variant, *, q0=None
     recurrence, gates (N, 4H), cells (N, H); with `gates` False the last two may be empty
     (where nothing needs a gradient, the native loops then save nothing for a backward).
 
-    With layer norm (and the elementwise variants, zoneout and recurrent dropout beside it) the
-    step loops are native on the CPU (`backend` "auto" where the native module is there, or
-    "native"); full gate recurrence, zoneout_h with a projection and the other variants' gate
-    traces run the portable loops ("auto" or "portable").
+    The step loops are native on the CPU (`backend` "auto" where the native module is there,
+    or "native"; every variant, gate traces included), else portable.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -137,14 +139,11 @@ def lstm_variant_layer(x, h0, c0, params: dict, masks: dict, variant, *, q0=None
                            **{f"ln_{stem}_{k}": (size,) for stem, size in
                               (("ih", G), ("hh", G), ("cell", H)) for k in ("weight", "bias")}})
     native_parts = 0
-    native_loops = variant.layer_norm and not variant.full_gate_recurrence and not (
-        masks.get("zoneout_h") is not None and params.get("w_hr") is not None)
     if backend == "native":
-        _check_native_loops("LSTM", native_loops, x, "full gate recurrence, zoneout_h with a "
-                            "projection, or the gate traces of a variant without layer norm "
-                            "(return_gates=True)")
-    if native_loops and backend != "portable" and native.supports(x):
-        native_parts = native.generic_parts(layout, params["w_hh"],
+        _check_native_loops("LSTM", x)
+    if backend != "portable" and native.supports(x):
+        # (W_gg is multiplied at every step as well: its bytes count towards the parts' L2.)
+        native_parts = native.generic_parts(layout, params["w_hh"], params.get("w_gate"),
                                             itemsize=compute_dtype(x.dtype).itemsize)
     if not variant.full_gate_recurrence:
         q0 = None
@@ -216,8 +215,8 @@ def gru_variant_layer(x, h0, params: dict, masks: dict, variant, *, layout: Step
                            "b_hh": (G,), **{f"ln_{stem}_{k}": (G,) for stem in ("ih", "hh")
                                             for k in ("weight", "bias")}})
     if backend == "native":
-        _check_native_loops("GRU", variant.layer_norm, x, "the gate traces of a variant "
-                            "without layer norm (return_gates=True)")
+        _check_native_loops("GRU", x, None if variant.layer_norm else
+                            "the gate traces of a variant without layer norm (return_gates=True)")
     native_parts = 0
     if variant.layer_norm and backend != "portable" and native.supports(x):
         native_parts = native.generic_parts(layout, params["w_hh"],
@@ -238,12 +237,13 @@ def _check_shapes(params: dict, shapes: dict) -> None:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
 
-def _check_native_loops(family: str, runs_native: bool, x, what: str) -> None:
-    """backend="native" for a variant layer: a ValueError unless its loops run natively."""
+def _check_native_loops(family: str, x, refused: str | None = None) -> None:
+    """backend="native" for a variant layer: a ValueError unless its loops run natively
+    (`refused`: what has no native loops, if the variant is that)."""
     native.check_device(x)
-    if not runs_native:
-        raise ValueError(f"backend='native' has no kernel for these {family} variants: {what}; "
-                         "use backend='auto' or 'portable'")
+    if refused:
+        raise ValueError(f"backend='native' has no kernel for these {family} variants: "
+                         f"{refused}; use backend='auto' or 'portable'")
     if not native.available():
         raise ValueError(f"the native {family} variants need the native module, which is "
                          f"unavailable ({native.unavailable_reason()}): use backend='auto' or "

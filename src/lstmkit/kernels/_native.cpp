@@ -1039,7 +1039,16 @@ void add_rows(Mat<S> out, Mat<S> a, Mat<S> b) {
 }
 template <typename S>
 void copy_rows(Mat<S> out, Mat<S> a) {
+  if (out.p == a.p) return;
   for (i64 r = 0; r < out.rows; ++r) std::memcpy(out.row(r), a.row(r), out.cols * sizeof(S));
+}
+// out[0, count) += a[0, count).
+template <typename S>
+void add_to(S* out, const S* a, i64 count) {
+  constexpr int L = Vec<S>::L;
+  for_unit_blocks<S>(count, [&](i64 jb, int n) __attribute__((always_inline)) {
+    store(out + jb * L, load(out + jb * L, n) + load(a + jb * L, n), n);
+  });
 }
 
 // out = a @ b, or out = add + a @ b, for the same b (K, N) at every step and at most `rows` rows
@@ -1123,8 +1132,11 @@ auto dispatch(at::ScalarType dtype, F&& f) -> decltype(f(float{})) {
 // Zoneout (Krueger et al. 2016, LSTMVariant's zoneout_c and zoneout_h): each unit keeps its
 // previous value with its mask's weight z, c = c~ + z_c (c_prev - c~), h = m + z_h (h_prev - m),
 // where c~ = f c_prev + i g is the cell above and m = o psi(c~) (peepholes see c~ too). Masks
-// (N, H) by row (drawn per call in training) or (1, H) for every row (the expectation in eval);
-// zoneout_h only without projection.
+// (N, H) by row (drawn per call in training) or (1, H) for every row (the expectation in eval).
+// With a projection zoneout_h mixes the projected h = m W_hr^T (masks (N or 1, P)), on the
+// generic driver.
+// Full gate recurrence (Greff et al.'s FGR, LSTMVariant's full_gate_recurrence): a_{i,f,o} +=
+// q_{t-1} W_gg^T, q = the previous step's [i | f | o] as applied (q0 first); generic driver.
 // Saved: gates (N, 4H) activated, cells (N, H) (c, after zoneout).
 constexpr int GATE_CIFG = 1, NO_INPUT_GATE = 2, NO_FORGET_GATE = 4, NO_OUTPUT_GATE = 8;
 constexpr int HARD_SIGMOID_GATES = 16, CELL_ACTIVATION_SHIFT = 5, OUTPUT_ACTIVATION_SHIFT = 7;
@@ -1333,6 +1345,7 @@ struct LSTMForwardGates {
   int form = 0;                                              // the cell's form, see CellForm
   ZoneoutMask<S> zone_c, zone_h;                             // zoneout, or none
   LayerNorms<S> ln;                                          // layer norm, or none
+  S* q_state = nullptr;      // full gate recurrence: (B, 3H), each row's [i | f | o] as applied
   // Zoneout's h for the block at unit j of global row `row`: m itself without zoneout_h, else
   // mixed with the row's previous h (h_prev, the block's units). The drivers call it on
   // every block's result.
@@ -1350,7 +1363,7 @@ struct LSTMForwardGates {
   __attribute__((always_inline)) inline void cell_blocks(i64 b, i64 row, i64 jb,
                                                          const V<S> (&acc)[W][4], int n,
                                                          V<S> (&m)[W]) const {
-    if (form == 0 && !peep && !zone_c) return standard<W>(b, row, jb, acc, n, m);
+    if (form == 0 && !peep && !zone_c && !q_state) return standard<W>(b, row, jb, acc, n, m);
     for (int w = 0; w < W; ++w) m[w] = general(b, row, jb + w, acc[w]);
   }
   // The cell over every unit block of row b (global row `row`), two full blocks at a time (see
@@ -1446,7 +1459,8 @@ struct LSTMForwardGates {
     });
   }
   // The cell of block jb of row b (global `row`) for the general forms: stores the state c
-  // (after zoneout) and, when saving, the gates and cells; returns c~ and o.
+  // (after zoneout), the gates full gate recurrence reads at the next step and, when saving,
+  // the gates and cells; returns c~ and o.
   __attribute__((always_inline)) inline V<S> cell(i64 b, i64 row, i64 jb, const V<S>* acc,
                                                   V<S>& o_out) const {
     constexpr int L = Vec<S>::L;
@@ -1474,6 +1488,10 @@ struct LSTMForwardGates {
     V<S> o = (form & NO_OUTPUT_GATE) ? one : gate_activation<S>(act.gate, a_o);
     const V<S> c_state = zone_c ? zone_c.mix(row, j, cn, c_prev, n) : cn;
     store(cb, c_state, n);
+    if (q_state) {
+      S* qr = q_state + b * 3 * H + j;
+      store(qr, i, n); store(qr + H, f, n); store(qr + 2 * H, o, n);
+    }
     if (gates) {
       S* gr = gates + row * 4 * H + j;
       store(gr, i, n); store(gr + H, f, n); store(gr + 2 * H, g, n); store(gr + 3 * H, o, n);
@@ -1496,13 +1514,16 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
                                  bool own_product, const Tensor& peephole, int cell_form,
                                  const Tensor& zoneout_h, const Tensor& zoneout_c,
                                  const Tensor& recurrent_mask,
-                                 const LayerNorms<S>& layer_norms = {}) {
+                                 const LayerNorms<S>& layer_norms = {},
+                                 const Tensor& w_gate = {}, const Tensor& q0 = {}) {
   constexpr int L = Vec<S>::L;
   const i64 H = c0.size(1), P = h0.size(1), B = st.batch, N = st.rows;
   const i64 I = w_ih.defined() ? w_ih.size(1) : 0;
-  TORCH_CHECK(!layer_norms || (parts > 0 && !own_product && !I),
-              "lstm_forward: layer norm runs on the generic driver with MKL's step products, "
-              "the input projected first");
+  TORCH_CHECK(!(layer_norms || w_gate.defined()) || (parts > 0 && !own_product && !I),
+              "lstm_forward: layer norm and full gate recurrence run on the generic driver with "
+              "MKL's step products, the input projected first");
+  TORCH_CHECK(!zoneout_h.defined() || !w_hr_opt.has_value() || (parts > 0 && !own_product),
+              "lstm_forward: zoneout_h with a projection runs on the generic driver");
   Tensor h_state = recurrent_mask.defined() ? pooled_clone(h0) : Tensor();
   const RecurrentDropout<S> drop{ptr<S>(recurrent_mask), ptr<S>(h_state), P};
   const Tensor h0_operand = drop.initial(h0, recurrent_mask);
@@ -1690,6 +1711,14 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
   StepProduct<S> recurrent(w.t(), B);
   c10::optional<StepProduct<S>> projection;
   if (w_hr.defined()) projection.emplace(w_hr.t(), B);
+  // Full gate recurrence: q (B, 3H) the previous step's [i | f | o] (q0 first, written by the
+  // cell), each step's aq = q W_gg^T added to a_i, a_f, a_o after LN_hh.
+  const Tensor q = w_gate.defined() ? pooled_clone(q0) : Tensor();
+  const Tensor aq = w_gate.defined() ? pooled_empty({B, 3 * H}, xproj.options()) : Tensor();
+  c10::optional<StepProduct<S>> gate_recurrence;
+  if (w_gate.defined()) gate_recurrence.emplace(w_gate.t(), B);
+  gate_math.q_state = ptr<S>(q);
+  const S* aqp = ptr<S>(aq);
   S* r = ptr<S>(rec);
   Mat<S> zm = mat<S>(z);
   S* target = m.defined() ? ptr<S>(m) : zm.p + I;
@@ -1699,8 +1728,15 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
     if (e <= r0) return;
     for (i64 b = r0; b < e && I; ++b) std::memcpy(zm.row(b), x + (off + b) * I, I * sizeof(S));
     recurrent(mat<S>(rec).rows_at(r0, e - r0), zm.rows_at(r0, e - r0));
+    if (gate_recurrence) (*gate_recurrence)(mat<S>(aq).rows_at(r0, e - r0),
+                                            mat<S>(q).rows_at(r0, e - r0));
     for_rows(e, H, [&](i64 b) {
-      if (layer_norms) layer_norms.normalize_product(r + b * 4 * H, off + b);
+      S* rb = r + b * 4 * H;
+      if (layer_norms) layer_norms.normalize_product(rb, off + b);
+      if (aqp) {                                     // [a_i | a_f] += aq's first 2H, a_o its last H
+        add_to(rb, aqp + b * 3 * H, 2 * H);
+        add_to(rb + 3 * H, aqp + b * 3 * H + 2 * H, H);
+      }
       gate_math.row_cells(b, off + b, [&](i64 jb, int q, int n) {
         return load(r + b * 4 * H + q * H + jb * L, n);
       }, [&](i64 jb, V<S> mv, int n) {
@@ -1713,17 +1749,23 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
       });
     }, r0);
     if (m.defined()) {
+      // h = m W_hr^T, then zoneout's mix with h_prev (still in z, or the state with dropout).
       Mat<S> rows = mat<S>(out).rows_at(off + r0, e - r0);
       (*projection)(rows, mat<S>(m).rows_at(r0, e - r0));
-      if (!drop) return copy_rows(zm.rows_at(r0, e - r0), rows);    // (no input: I = 0)
+      if (!drop && !gate_math.zone_h) return copy_rows(zm.rows_at(r0, e - r0), rows);  // (I = 0)
       for (i64 b = r0; b < e; ++b)
         for_unit_blocks<S>(P, [&](i64 jb, int n) __attribute__((always_inline)) {
-          store(zm.row(b) + jb * L, drop.operand(b, jb * L, load(rows.row(b - r0) + jb * L, n),
-                                                 n), n);
+          const i64 j = jb * L;
+          S* hb = rows.row(b - r0) + j;
+          const V<S> h = gate_math.zoned_h(off + b, j, load(hb, n),
+                                           drop.previous(b, j, zm.row(b) + j), n);
+          if (gate_math.zone_h) store(hb, h, n);
+          store(zm.row(b) + j, drop.operand(b, j, h, n), n);
         });
     }
   });
-  return {out, drop ? pooled_clone(h_state) : z.narrow(1, I, P).contiguous(), c, gates, cells};
+  return {out, drop ? pooled_clone(h_state) : z.narrow(1, I, P).contiguous(), c, gates, cells,
+          q};
 }
 
 // Backward, per step in reverse order, dh including the output gradient (tanh and sigmoid
@@ -1741,10 +1783,13 @@ struct LSTMBackwardGates {
   const S* peep = nullptr;                                   // (3H) peephole weights, or none
   int form = 0;                                              // as LSTMForwardGates's
   ZoneoutMask<S> zone_c, zone_h;                             // zoneout, or none
-  S* dh_carry = nullptr;                                     // (B, H) with zone_h
+  S* dh_carry = nullptr;                                     // (B, P) with zone_h
   LayerNorms<S> ln;                                          // layer norm (its saved rows)
   S* d_product = nullptr;            // with ln: (N, 4H), the gradient of the product before LN
   S* d_cell_norm = nullptr;          // with ln: (N, H), the gradient of LN_c(c~)
+  // Full gate recurrence: (B, 3H), the gradient reaching row b's [i | f | o] of this step as
+  // values (through the next step's q W_gg^T): it joins the gates' own before their slopes.
+  const S* dq = nullptr;
   // dm: the gradient reaching h, m = o psi(c) (the zoned h with zoneout_h), for row b of step t,
   // block jb. With peepholes c also reaches a_o (dc += da_o p_o) and c_prev reaches a_i and a_f
   // (dc_prev += da_i p_i + da_f p_f).
@@ -1755,7 +1800,7 @@ struct LSTMBackwardGates {
   // n: the block's width, min(L, H - jb L) (see for_unit_blocks).
   __attribute__((always_inline)) inline void operator()(i64 t, i64 b, i64 jb, V<S> dm,
                                                         int n) const {
-    if (form == 0 && !peep && !zone_c && !zone_h) return standard(t, b, jb, dm, n);
+    if (form == 0 && !peep && !zone_c && !zone_h && !dq) return standard(t, b, jb, dm, n);
     general(t, b, jb, dm, n);
   }
   // What the backward of row b of step t, block jb, reads: the saved gates and cells, c_prev,
@@ -1765,6 +1810,10 @@ struct LSTMBackwardGates {
     V<S> i, f, g, o, c, c_prev;
     S* dc; S* da;
   };
+  // Row b's dq at unit j, gate k of [i | f | o] (zeros without full gate recurrence).
+  __attribute__((always_inline)) inline V<S> dq_at(i64 b, int k, i64 j, int n) const {
+    return dq ? load(dq + b * 3 * H + k * H + j, n) : V<S>{};
+  }
   __attribute__((always_inline)) inline Saved saved(i64 t, i64 b, i64 jb, int n) const {
     const i64 j = jb * Vec<S>::L, row = st->offset[t] + b, prev = st->row(st->before(t), b);
     const S* gr = gates + row * 4 * H + j;
@@ -1816,7 +1865,7 @@ struct LSTMBackwardGates {
       const V<S> o = load(gr + 3 * H + j, n), s = load(s_row + j, n);
       const V<S> dnv = dm * o * cell_slope<S>(act.output, s);
       store(dn + j, dnv, n);
-      store(da + 3 * H + j, dm * s * gate_slope<S>(act.gate, o), n);
+      store(da + 3 * H + j, (dm * s + dq_at(b, 2, j, n)) * gate_slope<S>(act.gate, o), n);
       const V<S> g = dnv * LayerNorms<S>::gain(ln.gain_c, j, n);
       sum_g += g;
       sum_gx += g * ((load(cand + j, n) - mean_c) * rstd_c);
@@ -1837,8 +1886,10 @@ struct LSTMBackwardGates {
                                    x * mgx);
       const V<S> da_o = load(k.da + 3 * H, n);
       if (peep) dct += da_o * load(peep + 2 * H + j, n);
-      V<S> da_i = dct * (cifg ? g - c_prev : g) * gate_slope<S>(act.gate, i);
-      V<S> da_f = cifg ? V<S>{} : dct * c_prev * gate_slope<S>(act.gate, f);
+      const V<S> dq_i = dq_at(b, 0, j, n), dq_f = dq_at(b, 1, j, n);
+      V<S> da_i = (dct * (cifg ? g - c_prev : g) + (cifg ? dq_i - dq_f : dq_i)) *
+                  gate_slope<S>(act.gate, i);
+      V<S> da_f = cifg ? V<S>{} : (dct * c_prev + dq_f) * gate_slope<S>(act.gate, f);
       store(k.da, da_i, n);
       store(k.da + H, da_f, n);
       store(k.da + 2 * H, dct * i * cell_slope<S>(act.cell, g), n);
@@ -1872,10 +1923,13 @@ struct LSTMBackwardGates {
     const V<S> c_cell = zone_c ? f * c_prev + i * g : k.c;                       // c~
     V<S> s = cell_activation<S>(act.output, c_cell);                             // psi(c~)
     V<S> dct = dc_in + dm * o * cell_slope<S>(act.output, s);
-    V<S> da_o = dm * s * gate_slope<S>(act.gate, o);
+    V<S> da_o = (dm * s + dq_at(b, 2, j, n)) * gate_slope<S>(act.gate, o);
     if (peep) dct += da_o * load(peep + 2 * H + j, n);
-    V<S> da_i = dct * (cifg ? g - c_prev : g) * gate_slope<S>(act.gate, i);
-    V<S> da_f = cifg ? V<S>{} : dct * c_prev * gate_slope<S>(act.gate, f);
+    // (With CIFG, f = 1 - i: f's gradient as a value, dq_f among it, reaches i negated.)
+    const V<S> dq_i = dq_at(b, 0, j, n), dq_f = dq_at(b, 1, j, n);
+    V<S> da_i = (dct * (cifg ? g - c_prev : g) + (cifg ? dq_i - dq_f : dq_i)) *
+                gate_slope<S>(act.gate, i);
+    V<S> da_f = cifg ? V<S>{} : (dct * c_prev + dq_f) * gate_slope<S>(act.gate, f);
     store(da, da_i, n);
     store(da + H, da_f, n);
     store(da + 2 * H, dct * i * cell_slope<S>(act.cell, g), n);
@@ -1897,20 +1951,27 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
                                   const Tensor& dh_carry, const Tensor& recurrent_mask,
                                   const LayerNorms<S>& layer_norms = {},
                                   const Tensor& d_product = {},
-                                  const Tensor& d_cell_norm = {}) {
+                                  const Tensor& d_cell_norm = {}, const Tensor& w_gate = {},
+                                  const Tensor& dq = {}) {
   constexpr int L = Vec<S>::L;
   TORCH_CHECK(!layer_norms || (parts > 0 && !own_product && d_product.defined() &&
                                d_cell_norm.defined()),
               "lstm_backward: layer norm runs on the generic driver with MKL's step products");
+  TORCH_CHECK(!w_gate.defined() || (parts > 0 && !own_product && dq.defined()),
+              "lstm_backward: full gate recurrence runs on the generic driver");
   const i64 H = c0.size(1), P = d_hT.size(1), B = st.batch, N = st.rows;
   Tensor w_hr = w_hr_opt.has_value() ? w_hr_opt->contiguous() : Tensor();
   Tensor d_gates = pooled_empty({N, 4 * H}, gates.options());
   Tensor dh = pooled_clone(d_hT), dc = pooled_clone(d_cT);
+  // zoneout_h mixes m itself without a projection (the gate math splits dm), the projected h
+  // with one (the loop below splits the gradient reaching it, before W_hr's product).
+  const ZoneoutMask<S> zone_m(w_hr.defined() ? Tensor() : zoneout_h);
+  const ZoneoutMask<S> zone_projected(w_hr.defined() ? zoneout_h : Tensor());
   LSTMBackwardGates<S> gate_math{ptr<S>(gates), ptr<S>(cells), ptr<S>(c0), ptr<S>(dc),
                                  ptr<S>(d_gates), &st, H, ptr<S>(peephole), cell_form,
-                                 ZoneoutMask<S>(zoneout_c), ZoneoutMask<S>(zoneout_h),
+                                 ZoneoutMask<S>(zoneout_c), zone_m,
                                  ptr<S>(dh_carry), layer_norms, ptr<S>(d_product),
-                                 ptr<S>(d_cell_norm)};
+                                 ptr<S>(d_cell_norm), ptr<S>(dq)};
   const S* dy = ptr<S>(d_out);
   S* dhp = ptr<S>(dh);
   const i64 J = (H + L - 1) / L;
@@ -1982,6 +2043,13 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
   StepProduct<S> recurrent(w_hh, B);
   c10::optional<StepProduct<S>> projection;
   if (w_hr.defined()) projection.emplace(w_hr, B);
+  // Full gate recurrence: dq_prev = [da_i | da_f | da_o] W_gg, as two products of d_gates'
+  // columns ([i | f] and o) by W_gg's rows.
+  c10::optional<StepProduct<S>> gate_if, gate_o;
+  if (w_gate.defined()) {
+    gate_if.emplace(w_gate.narrow(0, 0, 2 * H), B);
+    gate_o.emplace(w_gate.narrow(0, 2 * H, H), B);
+  }
   const S* dmp = ptr<S>(dm);
   run_row_parts(st.count(), B, parts, [&](i64 k, i64 r0, i64 r1) {
     i64 t = st.order[st.count() - 1 - k], off = st.offset[t], e = std::min(r1, st.size[t]);
@@ -1991,6 +2059,16 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
     if (w_hr.defined()) {
       Mat<S> d_rows = mat<S>(d_h_rows).rows_at(off + r0, n);
       add_rows(d_rows, mat<S>(d_out).rows_at(off + r0, n), dh_t);
+      for (i64 b = r0; b < e && zone_projected; ++b)     // as general's split of dm
+        for_unit_blocks<S>(P, [&](i64 jb, int w) __attribute__((always_inline)) {
+          const i64 j = jb * L;
+          S* carry = ptr<S>(dh_carry) + b * P + j;
+          S* d = d_rows.row(b - r0) + j;
+          const V<S> dh_all = load(d, w) + load(carry, w);
+          const V<S> kept = dh_all * zone_projected.at(off + b, j, w);
+          store(carry, kept, w);
+          store(d, dh_all - kept, w);
+        });
       (*projection)(mat<S>(dm).rows_at(r0, n), d_rows);
     } else {
       add_rows(mat<S>(dm).rows_at(r0, n), mat<S>(d_out).rows_at(off + r0, n), dh_t);
@@ -2002,6 +2080,11 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
       });
     }, r0);
     recurrent(dh_t, mat<S>(layer_norms ? d_product : d_gates).rows_at(off + r0, n));
+    if (gate_if) {
+      Mat<S> da = mat<S>(d_gates).rows_at(off + r0, n), dq_t = mat<S>(dq).rows_at(r0, n);
+      (*gate_if)(dq_t, da.cols_at(0, 2 * H));
+      (*gate_o)(dq_t, da.cols_at(3 * H, H), dq_t);
+    }
     for (i64 b = r0; b < e && drop; ++b)
       for_unit_blocks<S>(P, [&](i64 jb, int w) __attribute__((always_inline)) {
         store(dhp + b * P + jb * L, dropped(b, jb * L, load(dhp + b * P + jb * L, w), w), w);
@@ -3304,7 +3387,7 @@ Tensor checked_recurrent_mask(const c10::optional<Tensor>& mask, const Tensor& h
 // One LSTM layer, one direction: x (N, I) -> out (N, P), h_T, c_T, gates, cells (see
 // lstm_forward). With input_in_step (generic driver, no projection) the input is multiplied
 // inside each step's product; else projected for all steps first. zoneout_h (N or 1, P),
-// zoneout_c (N or 1, H): zoneout's masks, zoneout_h only without projection; recurrent (B, P):
+// zoneout_c (N or 1, H): zoneout's masks; recurrent (B, P):
 // recurrent dropout's mask.
 std::vector<Tensor> lstm_layer_forward(Tensor x, c10::optional<Tensor> b_ih,
                                        c10::optional<Tensor> b_hh, Tensor h0, Tensor c0,
@@ -3317,9 +3400,6 @@ std::vector<Tensor> lstm_layer_forward(Tensor x, c10::optional<Tensor> b_ih,
                                        c10::optional<Tensor> recurrent) {
   check_cpu(x, "x");
   check_layer_weights(4, x, c0.size(1), h0.size(1), w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole);
-  TORCH_CHECK_VALUE(!(zoneout_h.has_value() && w_hr.has_value()),
-                    "the native LSTM has no zoneout_h with a projection (proj_size): the "
-                    "portable kernel computes it");
   Tensor zone_h = checked_zoneout_mask("zoneout_h", zoneout_h, x, h0.size(1));
   Tensor zone_c = checked_zoneout_mask("zoneout_c", zoneout_c, x, c0.size(1));
   Tensor dropout = checked_recurrent_mask(recurrent, h0);
@@ -3368,9 +3448,10 @@ std::vector<Tensor> lstm_layer_backward(Tensor d_out, Tensor d_hT, Tensor d_cT, 
   Tensor dropout = optional_contiguous(recurrent);
   const i64 H = cells.size(1);
   // With zoneout_h, the share of each step's dh that goes to the step before (see
-  // LSTMBackwardGates), added to dh0 at the end.
-  Tensor dh_carry = zone_h.defined() ? pooled_empty({st.batch, H}, gates.options()).zero_()
-                                     : Tensor();
+  // LSTMBackwardGates and lstm_backward), added to dh0 at the end.
+  Tensor dh_carry =
+      zone_h.defined() ? pooled_empty({st.batch, d_hT.size(1)}, gates.options()).zero_()
+                       : Tensor();
   auto loop = LSTMKIT_DISPATCH(dtype, [&] {
     return lstm_backward<scalar>(d_out, d_hT, d_cT, c0, w_hh, w_hr, gates, cells, st, parts,
                                  own_product, peephole, (int)cell_form, zone_h, zone_c,
@@ -3611,6 +3692,27 @@ void check_vector(const char* name, const c10::optional<Tensor>& t, i64 size,
                                   : std::string());
 }
 
+// Full gate recurrence's W_gg (3H, 3H) against its state q (B, 3H) (q0 in the forward, d_qT in
+// the backward; B = like's batch): both or neither, else a ValueError. Returns W_gg contiguous,
+// undefined when not given.
+Tensor checked_gate_recurrence(const c10::optional<Tensor>& w_gate,
+                               const c10::optional<Tensor>& q, const Tensor& like, i64 H,
+                               at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(w_gate.has_value() == q.has_value(),
+                    "full gate recurrence needs both w_gate and its state q (q0 or d_qT), got ",
+                    w_gate.has_value() ? "w_gate alone" : "q alone");
+  if (!w_gate.has_value()) return Tensor();
+  TORCH_CHECK_VALUE(w_gate->dim() == 2 && w_gate->size(0) == 3 * H && w_gate->size(1) == 3 * H &&
+                        w_gate->scalar_type() == dtype && w_gate->device().is_cpu(),
+                    "w_gate must be a (", 3 * H, ", ", 3 * H, ") tensor of ", dtype,
+                    " on the CPU, got ", w_gate->sizes(), " ", w_gate->scalar_type());
+  TORCH_CHECK_VALUE(q->dim() == 2 && q->size(0) == like.size(0) && q->size(1) == 3 * H &&
+                        q->device().is_cpu(),
+                    "the gate state q must have shape (", like.size(0), ", ", 3 * H, "), got ",
+                    q->sizes());
+  return w_gate->contiguous();
+}
+
 // Layer norm over the rows of v (N, F), what the sequence-wide input side needs (torch's
 // native_layer_norm and its backward write fresh tensors, and at batch 64 / hidden 512 / length
 // 100 faulting in their 52 MB cost as much as the arithmetic: 17.5 ms against 7-8 for a
@@ -3724,34 +3826,40 @@ void check_layer_norm_parameters(i64 H, const c10::optional<Tensor>& gain_h,
   check_vector("ln_cell_bias", beta_c, H, dtype);
 }
 
-// The forward loop: xproj (N, 4H) = LN_ih(x W_ih^T) (the biases not added: the loop adds
+// The LSTM variants' native loops (LSTMVariantFunction's, lstm_variants.py): every variant,
+// layer norm and full gate recurrence included, on the generic driver with `parts` row parts.
+// The forward: xproj (N, 4H) = [LN_ih](x W_ih^T) (the biases not added: the loop adds
 // b_ih + b_hh), h0 (B, P), c0 (B, H), w_hh (4H, P), w_hr (P, H), the elementwise variants as
-// lstm_layer_forward's (zoneout_h only without projection), the layer norms' gains and biases
-// (ln_hh (4H), ln_cell (H), each may be absent), on the generic driver with `parts` row parts.
-// Returns out (N, P), h_T, c_T and, when `save`, gates (N, 4H) activated, cells (N, H) (after
-// zoneout), cand (N, H) c~, s (N, H) psi(LN_c(c~)), h_pre (N, 4H) the step products before
-// LN, mean_h, rstd_h, mean_c, rstd_c (N, 1) (lstm_variants.py's stash).
-std::vector<Tensor> lstm_layer_norm_forward(
+// lstm_layer_forward's; full gate recurrence's w_gate (3H, 3H) with q0 (B, 3H), the previous
+// step's [i | f | o] (both or neither); with `layer_norm` the layer norms' gains and biases
+// (ln_hh (4H), ln_cell (H), each may be absent).
+// Returns out (N, P), h_T, c_T, q_T (B, 3H) (undefined without w_gate) and, when `save`, gates
+// (N, 4H) activated, cells (N, H) (after zoneout); with layer norm also cand (N, H) c~, s (N, H)
+// psi(LN_c(c~)), h_pre (N, 4H) the step products before LN, mean_h, rstd_h, mean_c, rstd_c
+// (N, 1) (lstm_variants.py's stash; undefined without).
+std::vector<Tensor> lstm_variant_loops_forward(
     Tensor xproj, c10::optional<Tensor> b_ih, c10::optional<Tensor> b_hh, Tensor h0, Tensor c0,
     Tensor w_hh, c10::optional<Tensor> w_hr, c10::optional<Tensor> w_peephole, i64 cell_form,
     c10::optional<Tensor> zoneout_h, c10::optional<Tensor> zoneout_c,
-    c10::optional<Tensor> recurrent, c10::optional<Tensor> ln_hh_weight,
-    c10::optional<Tensor> ln_hh_bias, c10::optional<Tensor> ln_cell_weight,
-    c10::optional<Tensor> ln_cell_bias, double eps, std::vector<i64> batch_sizes, bool reverse,
-    bool save, i64 parts) {
+    c10::optional<Tensor> recurrent, c10::optional<Tensor> w_gate, c10::optional<Tensor> q0,
+    bool layer_norm, c10::optional<Tensor> ln_hh_weight, c10::optional<Tensor> ln_hh_bias,
+    c10::optional<Tensor> ln_cell_weight, c10::optional<Tensor> ln_cell_bias, double eps,
+    std::vector<i64> batch_sizes, bool reverse, bool save, i64 parts) {
   check_cpu(xproj, "x");
   const i64 H = c0.size(1), P = h0.size(1), B = h0.size(0), N = xproj.size(0);
   TORCH_CHECK_VALUE(xproj.dim() == 2 && xproj.size(1) == 4 * H,
-                    "lstm_layer_norm_forward: xproj must be (N, 4H) = (N, ", 4 * H, "), got ",
-                    xproj.sizes());
+                    "lstm_variant_loops_forward: xproj must be (N, 4H) = (N, ", 4 * H,
+                    "), got ", xproj.sizes());
   check_layer_weights(4, xproj, H, P, Tensor(), w_hh, b_ih, b_hh, w_hr,
                       w_peephole);
   check_layer_norm_parameters(H, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias,
                               xproj.scalar_type());
-  TORCH_CHECK_VALUE(!(zoneout_h.has_value() && w_hr.has_value()),
-                    "the native LSTM has no zoneout_h with a projection (proj_size): the "
-                    "portable kernel computes it");
-  TORCH_CHECK_VALUE(parts >= 1, "lstm_layer_norm_forward: parts must be >= 1, got ", parts);
+  TORCH_CHECK_VALUE(layer_norm || !(ln_hh_weight || ln_hh_bias || ln_cell_weight ||
+                                    ln_cell_bias),
+                    "lstm_variant_loops_forward: layer-norm parameters given with "
+                    "layer_norm=False");
+  const Tensor gate_weights = checked_gate_recurrence(w_gate, q0, h0, H, xproj.scalar_type());
+  TORCH_CHECK_VALUE(parts >= 1, "lstm_variant_loops_forward: parts must be >= 1, got ", parts);
   Tensor zone_h = checked_zoneout_mask("zoneout_h", zoneout_h, xproj, P);
   Tensor zone_c = checked_zoneout_mask("zoneout_c", zoneout_c, xproj, H);
   Tensor dropout = checked_recurrent_mask(recurrent, h0);
@@ -3759,17 +3867,17 @@ std::vector<Tensor> lstm_layer_norm_forward(
   for (auto* t : {&h0, &c0, &w_hh}) *t = t->contiguous();
   Tensor bias = bias_sum(optional_contiguous(b_ih), optional_contiguous(b_hh));
   Steps st(batch_sizes, reverse);
-  TORCH_CHECK_VALUE(st.rows == N && st.batch == B, "lstm_layer_norm_forward: batch_sizes ",
+  TORCH_CHECK_VALUE(st.rows == N && st.batch == B, "lstm_variant_loops_forward: batch_sizes ",
                     at::IntArrayRef(batch_sizes), " do not fit x's ", N,
                     " rows and h0's batch ", B);
   const auto options = xproj.options();
   Tensor cand, s, h_pre, mean_h, rstd_h, mean_c, rstd_c, scratch;
-  if (save) {
+  if (layer_norm && save) {
     cand = pooled_empty({N, H}, options);
     s = pooled_empty({N, H}, options);
     h_pre = pooled_empty({N, 4 * H}, options);
     for (Tensor* t : {&mean_h, &rstd_h, &mean_c, &rstd_c}) *t = pooled_empty({N, 1}, options);
-  } else {
+  } else if (layer_norm) {
     scratch = pooled_empty({B, 2 * H}, options);
   }
   const Tensor gain_h = optional_contiguous(ln_hh_weight);
@@ -3777,34 +3885,42 @@ std::vector<Tensor> lstm_layer_norm_forward(
   const Tensor gain_c = optional_contiguous(ln_cell_weight);
   const Tensor beta_c = optional_contiguous(ln_cell_bias);
   return LSTMKIT_DISPATCH(xproj.scalar_type(), [&] {
-    LayerNorms<scalar> ln = layer_norms_of<scalar>(gain_h, beta_h, gain_c, beta_c, eps, H);
-    ln.h_pre = ptr<scalar>(h_pre); ln.mean_h = ptr<scalar>(mean_h);
-    ln.rstd_h = ptr<scalar>(rstd_h); ln.cand = ptr<scalar>(cand); ln.s = ptr<scalar>(s);
-    ln.mean_c = ptr<scalar>(mean_c); ln.rstd_c = ptr<scalar>(rstd_c);
-    ln.scratch = ptr<scalar>(scratch);
+    LayerNorms<scalar> ln;
+    if (layer_norm) {
+      ln = layer_norms_of<scalar>(gain_h, beta_h, gain_c, beta_c, eps, H);
+      ln.h_pre = ptr<scalar>(h_pre); ln.mean_h = ptr<scalar>(mean_h);
+      ln.rstd_h = ptr<scalar>(rstd_h); ln.cand = ptr<scalar>(cand); ln.s = ptr<scalar>(s);
+      ln.mean_c = ptr<scalar>(mean_c); ln.rstd_c = ptr<scalar>(rstd_c);
+      ln.scratch = ptr<scalar>(scratch);
+    }
     auto r = lstm_forward<scalar>(xproj, bias, h0, c0, w_hh, w_hr, st, save, parts, Tensor(),
                                   false, optional_contiguous(w_peephole), (int)cell_form,
-                                  zone_h, zone_c, dropout, ln);
-    return std::vector<Tensor>{r[0], r[1], r[2], r[3], r[4], cand, s, h_pre, mean_h, rstd_h,
-                               mean_c, rstd_c};
+                                  zone_h, zone_c, dropout, ln, gate_weights,
+                                  optional_contiguous(q0));
+    return std::vector<Tensor>{r[0], r[1], r[2], r[5], r[3], r[4], cand, s, h_pre, mean_h,
+                               rstd_h, mean_c, rstd_c};
   });
 }
 
-// The backward loop of lstm_layer_norm_forward, given what it saved and the gradients arriving
-// at out, h_T, c_T: returns d_gates (N, 4H) (the gradient of the pre-activations a), d_product
-// (N, 4H) (of the step products before LN_hh: dh_prev = d_product W_hh, and dW_hh's operand),
-// d_cell_norm (N, H) (of LN_c(c~)), d_h_tilde (N, P) (of each step's h before the projection,
-// undefined without one), dh0, dc0.
-std::vector<Tensor> lstm_layer_norm_backward(
-    Tensor d_out, Tensor d_hT, Tensor d_cT, Tensor c0, Tensor w_hh, c10::optional<Tensor> w_hr,
-    Tensor gates, Tensor cells, Tensor cand, Tensor s, Tensor h_pre, Tensor mean_h,
-    Tensor rstd_h, Tensor mean_c, Tensor rstd_c, c10::optional<Tensor> ln_hh_weight,
-    c10::optional<Tensor> ln_cell_weight, c10::optional<Tensor> w_peephole, i64 cell_form,
-    c10::optional<Tensor> zoneout_h, c10::optional<Tensor> zoneout_c,
-    c10::optional<Tensor> recurrent, std::vector<i64> batch_sizes, bool reverse, i64 parts) {
+// The backward loop of lstm_variant_loops_forward, given what it saved and the gradients
+// arriving at out, h_T, c_T and q_T (d_qT, with w_gate): returns d_gates (N, 4H) (the gradient
+// of the pre-activations a), d_product (N, 4H) (of the step products before LN_hh: dh_prev =
+// d_product W_hh, and dW_hh's operand; d_gates itself without layer norm), d_cell_norm (N, H)
+// (of LN_c(c~), undefined without layer norm), d_h_tilde (N, P) (of each step's h before the
+// projection, undefined without one), dh0, dc0, dq0 (undefined without w_gate).
+std::vector<Tensor> lstm_variant_loops_backward(
+    Tensor d_out, Tensor d_hT, Tensor d_cT, c10::optional<Tensor> d_qT, Tensor c0, Tensor w_hh,
+    c10::optional<Tensor> w_hr, c10::optional<Tensor> w_gate, Tensor gates, Tensor cells,
+    bool layer_norm, c10::optional<Tensor> cand, c10::optional<Tensor> s,
+    c10::optional<Tensor> h_pre, c10::optional<Tensor> mean_h, c10::optional<Tensor> rstd_h,
+    c10::optional<Tensor> mean_c, c10::optional<Tensor> rstd_c,
+    c10::optional<Tensor> ln_hh_weight, c10::optional<Tensor> ln_cell_weight,
+    c10::optional<Tensor> w_peephole, i64 cell_form, c10::optional<Tensor> zoneout_h,
+    c10::optional<Tensor> zoneout_c, c10::optional<Tensor> recurrent,
+    std::vector<i64> batch_sizes, bool reverse, i64 parts) {
   const auto dtype = gates.scalar_type();
   const i64 H = cells.size(1), N = gates.size(0);
-  TORCH_CHECK_VALUE(parts >= 1, "lstm_layer_norm_backward: parts must be >= 1, got ", parts);
+  TORCH_CHECK_VALUE(parts >= 1, "lstm_variant_loops_backward: parts must be >= 1, got ", parts);
   check_layer_norm_parameters(H, ln_hh_weight, c10::nullopt, ln_cell_weight, c10::nullopt,
                               dtype);
   const i64 B = c0.size(0), P = d_hT.size(1);
@@ -3813,46 +3929,58 @@ std::vector<Tensor> lstm_layer_norm_backward(
   std::string wrong = layer_weights_mismatch(4, gates.narrow(1, 0, 0), H, P, Tensor(), w_hh,
                                              Tensor(), Tensor(), given(w_hr), given(w_peephole));
   expect_shape(wrong, "gates", gates, {N, 4 * H});
-  expect_shape(wrong, "h_pre", h_pre, {N, 4 * H});
-  for (const Tensor* t : {&cand, &s}) expect_shape(wrong, "cand and s", *t, {N, H});
-  for (const Tensor* t : {&mean_h, &rstd_h, &mean_c, &rstd_c})
-    expect_shape(wrong, "mean and rstd", *t, {N, 1});
+  // With layer norm, its stash (as the forward returned it) in this order, and each one's width.
+  const std::array<std::tuple<const char*, c10::optional<Tensor>*, i64>, 7> ln_stash = {{
+      {"h_pre", &h_pre, 4 * H}, {"mean_h", &mean_h, 1}, {"rstd_h", &rstd_h, 1},
+      {"cand", &cand, H}, {"s", &s, H}, {"mean_c", &mean_c, 1}, {"rstd_c", &rstd_c, 1}}};
+  for (const auto& [name, t, width] : ln_stash) {
+    if (!layer_norm) break;
+    TORCH_CHECK_VALUE(t->has_value(), "lstm_variant_loops_backward: layer norm needs ", name);
+    expect_shape(wrong, name, **t, {N, width});
+  }
   expect_shape(wrong, "d_out", d_out, {N, P});
   expect_shape(wrong, "d_hT", d_hT, {B, P});
   expect_shape(wrong, "d_cT", d_cT, {B, H});
   expect_shape(wrong, "cells", cells, {N, H});
   expect_shape(wrong, "c0", c0, {B, H});
-  TORCH_CHECK_VALUE(wrong.empty(), "lstm_layer_norm_backward: ", wrong);
+  TORCH_CHECK_VALUE(wrong.empty(), "lstm_variant_loops_backward: ", wrong);
+  const Tensor gate_weights = checked_gate_recurrence(w_gate, d_qT, c0, H, dtype);
   checked_zoneout_mask("zoneout_h", zoneout_h, gates, P);
   checked_zoneout_mask("zoneout_c", zoneout_c, gates, H);
   checked_recurrent_mask(recurrent, d_hT);
   d_out = incoming(d_out, dtype); d_hT = incoming(d_hT, dtype); d_cT = incoming(d_cT, dtype);
-  for (Tensor* t : {&c0, &w_hh, &gates, &cells, &cand, &s, &h_pre, &mean_h, &rstd_h, &mean_c,
-                    &rstd_c})
-    *t = t->contiguous();
+  for (Tensor* t : {&c0, &w_hh, &gates, &cells}) *t = t->contiguous();
   Steps st(batch_sizes, reverse);
-  TORCH_CHECK_VALUE(st.rows == N && st.batch == B, "lstm_layer_norm_backward: batch_sizes ",
+  TORCH_CHECK_VALUE(st.rows == N && st.batch == B, "lstm_variant_loops_backward: batch_sizes ",
                     at::IntArrayRef(batch_sizes), " do not fit the ", N, " saved rows of batch ",
                     B);
   Tensor zone_h = optional_contiguous(zoneout_h), zone_c = optional_contiguous(zoneout_c);
-  Tensor dh_carry = zone_h.defined() ? pooled_empty({st.batch, H}, gates.options()).zero_()
+  Tensor dh_carry = zone_h.defined() ? pooled_empty({st.batch, P}, gates.options()).zero_()
                                      : Tensor();
-  Tensor d_product = pooled_empty({N, 4 * H}, gates.options());
-  Tensor d_cell_norm = pooled_empty({N, H}, gates.options());
+  Tensor d_product = layer_norm ? pooled_empty({N, 4 * H}, gates.options()) : Tensor();
+  Tensor d_cell_norm = layer_norm ? pooled_empty({N, H}, gates.options()) : Tensor();
+  Tensor dq = gate_weights.defined() ? pooled_clone(incoming(*d_qT, dtype)) : Tensor();
   const Tensor gain_h = optional_contiguous(ln_hh_weight);
   const Tensor gain_c = optional_contiguous(ln_cell_weight);
+  std::array<Tensor, 7> stash;
+  for (size_t i = 0; i < ln_stash.size() && layer_norm; ++i)
+    stash[i] = std::get<1>(ln_stash[i])->value().contiguous();
   auto loop = LSTMKIT_DISPATCH(dtype, [&] {
-    LayerNorms<scalar> ln = layer_norms_of<scalar>(gain_h, Tensor(), gain_c, Tensor(), 0.0, H);
-    ln.h_pre = ptr<scalar>(h_pre); ln.mean_h = ptr<scalar>(mean_h);
-    ln.rstd_h = ptr<scalar>(rstd_h); ln.cand = ptr<scalar>(cand); ln.s = ptr<scalar>(s);
-    ln.mean_c = ptr<scalar>(mean_c); ln.rstd_c = ptr<scalar>(rstd_c);
+    LayerNorms<scalar> ln;
+    if (layer_norm) {
+      ln = layer_norms_of<scalar>(gain_h, Tensor(), gain_c, Tensor(), 0.0, H);
+      ln.h_pre = ptr<scalar>(stash[0]); ln.mean_h = ptr<scalar>(stash[1]);
+      ln.rstd_h = ptr<scalar>(stash[2]); ln.cand = ptr<scalar>(stash[3]);
+      ln.s = ptr<scalar>(stash[4]); ln.mean_c = ptr<scalar>(stash[5]);
+      ln.rstd_c = ptr<scalar>(stash[6]);
+    }
     return lstm_backward<scalar>(d_out, d_hT, d_cT, c0, w_hh, w_hr, gates, cells, st, parts,
                                  false, optional_contiguous(w_peephole), (int)cell_form, zone_h,
                                  zone_c, dh_carry, optional_contiguous(recurrent), ln, d_product,
-                                 d_cell_norm);
+                                 d_cell_norm, gate_weights, dq);
   });
   if (dh_carry.defined()) loop[1].add_(dh_carry);
-  return {loop[0], d_product, d_cell_norm, loop[3], loop[1], loop[2]};
+  return {loop[0], layer_norm ? d_product : loop[0], d_cell_norm, loop[3], loop[1], loop[2], dq};
 }
 
 // The GRU's layer-norm loops (GRUVariantFunction's native loops, see GRULayerNorms), as the
@@ -4372,8 +4500,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_layer", &lstm_layer_py);
   m.def("one_state_layer", &one_state_layer_py);
   m.def("lstm_infer", &lstm_infer_py);
-  m.def("lstm_layer_norm_forward", &lstm_layer_norm_forward);
-  m.def("lstm_layer_norm_backward", &lstm_layer_norm_backward);
+  m.def("lstm_variant_loops_forward", &lstm_variant_loops_forward);
+  m.def("lstm_variant_loops_backward", &lstm_variant_loops_backward);
   m.def("gru_layer_norm_forward", &gru_layer_norm_forward);
   m.def("gru_layer_norm_backward", &gru_layer_norm_backward);
   m.def("layer_norm_rows", &layer_norm_rows, py::arg("v"), py::arg("gain"), py::arg("beta"),

@@ -1,5 +1,6 @@
 """Kernel for the LSTM variants: hand-written backward through time, torch operations only, or
-with native step loops for layer norm (without full gate recurrence) on the CPU.
+with native step loops on the CPU (every variant; see lstm_variant_loops_forward in
+_native.cpp).
 
 # N rows (time-major, see layout.py), B batch, I input, H hidden, P output (= H, or proj size),
 # G = 4H gate pre-activations in torch.nn's order [i | f | g | o].
@@ -109,24 +110,28 @@ def _form(v: LSTMVariant) -> int:
     return native.cell_form(*(getattr(v, name) for name in CELL_FORM_FIELDS))
 
 
-def _native_forward(x, h0, c0, p: dict, masks: dict, v: LSTMVariant, layout: StepLayout,
+def _native_forward(x, h0, c0, q0, p: dict, masks: dict, v: LSTMVariant, layout: StepLayout,
                     reverse: bool, parts: int, save: bool):
-    """lstm_variant_forward's results from the native loops (layer norm; see LayerNorms in
-    _native.cpp): the input's products and their layer norm here, in the native module's
+    """lstm_variant_forward's results from the native loops (see lstm_variant_loops_forward in
+    _native.cpp): the input's products (and their layer norm) here, in the native module's
     recycled memory (fresh tensors of this size cost about as much in page faults as the
     arithmetic, see layer_norm_rows), then the loops. Without `save` the stash's entries are
-    None (nothing will need a backward)."""
+    None (nothing will need a backward); without layer norm so are cand and s (the backward
+    recomputes them where it needs them, see _cell_outputs)."""
     module = native.module()
-    st = {"x_pre": _products(x, [(x, p["w_ih"].t())], in_pool=True)[0]}
-    ax, st["mean_x"], st["rstd_x"] = module.layer_norm_rows(
-        st["x_pre"], p["ln_ih_weight"], p["ln_ih_bias"], v.layer_norm_eps)
-    (out, h, c, st["gates"], st["cells"], st["cand"], st["s"], st["h_pre"], st["mean_h"],
-     st["rstd_h"], st["mean_c"], st["rstd_c"]) = module.lstm_layer_norm_forward(
+    ax = _products(x, [(x, p["w_ih"].t())], in_pool=True)[0]
+    st = {}
+    if v.layer_norm:
+        st["x_pre"] = ax
+        ax, st["mean_x"], st["rstd_x"] = module.layer_norm_rows(
+            ax, p["ln_ih_weight"], p["ln_ih_bias"], v.layer_norm_eps)
+    (out, h, c, q, st["gates"], st["cells"], st["cand"], st["s"], st["h_pre"], st["mean_h"],
+     st["rstd_h"], st["mean_c"], st["rstd_c"]) = module.lstm_variant_loops_forward(
         ax, p["b_ih"], p["b_hh"], h0, c0, p["w_hh"], p["w_hr"], p["w_peephole"], _form(v),
-        masks["zoneout_h"], masks["zoneout_c"], masks["recurrent"], p["ln_hh_weight"],
-        p["ln_hh_bias"], p["ln_cell_weight"], p["ln_cell_bias"], v.layer_norm_eps,
-        layout.batch_sizes, reverse, save, parts)
-    return out, h, c, None, st
+        masks["zoneout_h"], masks["zoneout_c"], masks["recurrent"], p["w_gate"], q0,
+        v.layer_norm, p["ln_hh_weight"], p["ln_hh_bias"], p["ln_cell_weight"],
+        p["ln_cell_bias"], v.layer_norm_eps, layout.batch_sizes, reverse, save, parts)
+    return out, h, c, q, st
 
 
 def lstm_variant_forward(x, h0, c0, q0, p: dict, masks: dict, v: LSTMVariant,
@@ -137,12 +142,12 @@ def lstm_variant_forward(x, h0, c0, q0, p: dict, masks: dict, v: LSTMVariant,
 
     p: w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, w_gate, ln_* (None where absent).
     masks: zoneout_h (N, P) or (1, P), zoneout_c (N, H) or (1, H), recurrent (B, P); or None.
-    native_parts: 0 for the loop below; n >= 1 for the native loops with n row parts (layer
-    norm without full gate recurrence, as kernels.lstm_variant_layer picks them), which save
-    the same stash, or none of it without `save`.
+    native_parts: 0 for the loop below; n >= 1 for the native loops with n row parts (as
+    kernels.lstm_variant_layer picks them), which save the same stash (but cand and s only with
+    layer norm), or none of it without `save`.
     """
     if native_parts:
-        return _native_forward(x, h0, c0, p, masks, v, layout, reverse, native_parts, save)
+        return _native_forward(x, h0, c0, q0, p, masks, v, layout, reverse, native_parts, save)
     H = p["w_hh"].shape[0] // 4
     N = x.shape[0]
     z_h, z_c, d_r = masks["zoneout_h"], masks["zoneout_c"], masks["recurrent"]
@@ -245,15 +250,21 @@ def lstm_variant_backward(d_out, d_hT, d_cT, d_qT, x, h0, c0, q0, p, masks, out,
     gates, cells, cand, s_all = st["gates"], st["cells"], st["cand"], st["s"]
     w_hh, w_hr = p["w_hh"], p["w_hr"]
     if native_parts:
-        d_gates, d_ah, d_c_ln, d_h_tilde, dh, dc = native.module().lstm_layer_norm_backward(
-            d_out, d_hT, d_cT, c0, w_hh, w_hr, gates, cells, cand, s_all, st["h_pre"],
-            st["mean_h"], st["rstd_h"], st["mean_c"], st["rstd_c"], p["ln_hh_weight"],
-            p["ln_cell_weight"], p["w_peephole"], _form(v), z_h, z_c, d_r, layout.batch_sizes,
-            reverse, native_parts)
-        c_prev_rows = layout.previous_rows(cells, c0, reverse) if v.peepholes else None
+        d_gates, d_ah, d_c_ln, d_h_tilde, dh, dc, dq = \
+            native.module().lstm_variant_loops_backward(
+                d_out, d_hT, d_cT, d_qT, c0, w_hh, w_hr, p["w_gate"], gates, cells, v.layer_norm,
+                cand, s_all, st["h_pre"], st["mean_h"], st["rstd_h"], st["mean_c"],
+                st["rstd_c"], p["ln_hh_weight"], p["ln_cell_weight"], p["w_peephole"], _form(v),
+                z_h, z_c, d_r, layout.batch_sizes, reverse, native_parts)
+        c_prev_rows = None
+        if v.peepholes or (not v.layer_norm and z_c is not None and w_hr is not None):
+            c_prev_rows = layout.previous_rows(cells, c0, reverse)
+        if not v.layer_norm:
+            st = {**st, **_cell_outputs(gates, cells, c_prev_rows, v, z_c is not None,
+                                        w_hr is not None)}
         return _parameter_gradients(x, h0, q0, p, d_r, out, st, v, layout, reverse,
                                     needs_input_grad, d_gates, d_ah, d_c_ln, d_h_tilde,
-                                    c_prev_rows, dh, dc, None, in_pool=True)
+                                    c_prev_rows, dh, dc, dq, in_pool=True)
     d_gates = torch.empty_like(gates)                         # dA, (N, 4H)
     d_ah = torch.empty_like(gates) if v.layer_norm else d_gates   # d(r W_hh^T)
     d_c_ln = torch.empty_like(cells) if v.layer_norm else None   # dL/dLN_c(c~)
@@ -344,6 +355,41 @@ def lstm_variant_backward(d_out, d_hT, d_cT, d_qT, x, h0, c0, q0, p, masks, out,
                                 d_gates, d_ah, d_c_ln, d_h_tilde, c_prev_rows, dh, dc, dq)
 
 
+def _cell_outputs(gates, cells, c_prev_rows, v: LSTMVariant, zoneout_c: bool, need_s: bool):
+    """What the native loops save only with layer norm, from their gates and cells, where the
+    parameters' gradients need them: cand (N, H) c~ (the peepholes' operand; the carried cells
+    themselves without zoneout_c, else f c_prev + i g), and s (N, H) = psi(c~) when `need_s`
+    (W_hr's operand is o s)."""
+    if not (v.peepholes or need_s):
+        return {}
+    H = cells.shape[1]
+    cand = cells
+    if zoneout_c:
+        cand = torch.addcmul(gates[:, H:2 * H] * c_prev_rows, gates[:, :H], gates[:, 2 * H:3 * H])
+    s = None
+    if need_s:
+        s = cand.clone()
+        _activate_(v.output_activation, s)
+    return {"cand": cand, "s": s}
+
+
+def _gate_recurrence_gradient(like, d_gates, gates, q0, layout: StepLayout, reverse: bool,
+                              in_pool: bool):
+    """dW_gg (3H, 3H) = [da_i | da_f | da_o]^T q_prev over all rows, q_prev each row's previous
+    [i | f | o] (q0 for a sequence's first step): four products of column blocks ([i | f] and
+    o) of d_gates and of the previous rows of gates, read in place rather than gathered into
+    fresh (N, 3H) copies (at batch 64 / hidden 512 / length 100 the gathered product took 133
+    ms, of a 91 ms product)."""
+    H = gates.shape[1] // 4
+    q0_rows = q0.new_zeros(q0.shape[0], 4 * H)          # [i | f | (unused) | o]
+    q0_rows[:, :2 * H], q0_rows[:, 3 * H:] = q0[:, :2 * H], q0[:, 2 * H:]
+    prev = _previous_rows(gates, q0_rows, layout, reverse, in_pool)
+    blocks = (slice(0, 2 * H), slice(3 * H, 4 * H))
+    parts = _products(like, [(d_gates[:, rows].t(), prev[:, cols])
+                             for rows in blocks for cols in blocks], in_pool)
+    return torch.cat([torch.cat(parts[:2], 1), torch.cat(parts[2:], 1)])
+
+
 def _products(like, pairs, in_pool: bool):
     """a @ b for each (a, b) in `pairs`: with `in_pool` in the native module's recycled memory,
     in one parallel region (native.products; fresh tensors of the sequence-wide sizes cost
@@ -408,7 +454,8 @@ def _parameter_gradients(x, h0, q0, p, d_r, out, st, v: LSTMVariant, layout: Ste
     if w_hr is not None:
         grads["w_hr"] = d_h_tilde.t() @ (gates[:, 3 * H:] * s_all)
     if fgr:
-        grads["w_gate"] = _ifo(d_gates).t() @ layout.previous_rows(_ifo(gates), q0, reverse)
+        grads["w_gate"] = _gate_recurrence_gradient(x, d_gates, gates, q0, layout, reverse,
+                                                    in_pool)
     if v.peepholes:
         grads["w_peephole"] = torch.cat([
             (d_gates[:, :H] * c_prev_rows).sum(0),
@@ -440,10 +487,10 @@ class LSTMVariantFunction(torch.autograd.Function):
     -> out (N, P), h_T (B, P), c_T (B, H), q_T (B, 3H) (empty without full gate recurrence),
        gates (N, 4H) [i | f | g | o], cells (N, H)
 
-    native_parts: 0 for the Python loops of torch operations; n >= 1 for the native loops
-    (layer norm without full gate recurrence, as kernels.lstm_variant_layer picks them) on n
-    row parts. save: False when nothing will need a backward and no one wants gates and cells:
-    the native loops then save nothing (and return empty gates and cells).
+    native_parts: 0 for the Python loops of torch operations; n >= 1 for the native loops (as
+    kernels.lstm_variant_layer picks them) on n row parts. save: False when nothing will need a
+    backward and no one wants gates and cells: the native loops then save nothing (and return
+    empty gates and cells).
 
     gates and cells are the values the forward stored for its backward, returned as
     non-differentiable outputs for introspection: they cost nothing extra.

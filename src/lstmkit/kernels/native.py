@@ -285,13 +285,14 @@ def _driver(layout, w_hh, projected: bool = False, w_ih=None, itemsize=None) -> 
     return parts
 
 
-def generic_parts(layout, w_hh, w_ih=None, itemsize=None) -> int:
+def generic_parts(layout, w_hh, other=None, itemsize=None) -> int:
     """The generic driver's row parts (see ROW_PARTS_MAX_WEIGHT_BYTES): one per thread, each of
-    at least MIN_PART_ROWS rows, when the step's weights (W_hh, and W_ih given) fit one core's
-    L2; else 1. The LSTM's layer-norm loops (lstm_variants.py), which need each step's whole
-    product before the gate math, always run on it."""
+    at least MIN_PART_ROWS rows, when the step's weights (W_hh, and `other` given: W_ih in the
+    step, or full gate recurrence's W_gg) fit one core's L2; else 1. The variants' loops
+    (lstm_variants.py, gru_variants.py), which need each step's whole product before the gate
+    math, always run on it."""
     itemsize = itemsize or w_hh.element_size()
-    step_weight_bytes = (w_hh.numel() + (0 if w_ih is None else w_ih.numel())) * itemsize
+    step_weight_bytes = (w_hh.numel() + (0 if other is None else other.numel())) * itemsize
     if step_weight_bytes > ROW_PARTS_MAX_WEIGHT_BYTES:
         return 1
     most = torch.get_num_threads() if MAX_ROW_PARTS is None else MAX_ROW_PARTS

@@ -590,7 +590,7 @@ class LSTM(_RecurrentBase):
             return out, (h_T, c_T), None
         if options == {}:                           # the plain cell
             out, h_T, c_T, gates, cells = kernels.lstm_layer_with_gates(
-                x, h0, c0, **weights, layout=layout, reverse=reverse)
+                x, h0, c0, **weights, layout=layout, reverse=reverse, backend=self.backend)
         else:
             out, h_T, c_T, q_T, gates, cells = kernels.lstm_variant_layer(
                 x, h0, c0, weights, masks, v, q0=q0[0] if q0 else None, layout=layout,
