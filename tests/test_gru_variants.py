@@ -128,13 +128,17 @@ def test_kernel_matches_reference(name, dtype, backend, reset_after):
     dict(T=3, B=13, I=5, H=127),              # wide: partial vector blocks in every row
     dict(T=200, B=2, I=2, H=3),               # long
 ], ids=["tiny", "rows", "wide", "long"])
-def test_native_layer_norm_loops_match_reference(shape, masks, parts, reset_after, monkeypatch):
-    """The native layer-norm loops (float64) at odd sizes with one or three row parts
-    (native.MAX_ROW_PARTS) and every mask."""
+@pytest.mark.parametrize("variant", [EVERY_EQUATION,
+                                     GRUVariant(gate_activation="hard_sigmoid", zoneout_h=0.1)],
+                         ids=["layer-norm", "activations"])
+def test_native_variant_loops_match_reference(variant, shape, masks, parts, reset_after,
+                                              monkeypatch):
+    """The native variant loops (float64), with and without layer norm, at odd sizes with one
+    or three row parts (native.MAX_ROW_PARTS) and every mask."""
     monkeypatch.setattr(kernels.native, "MAX_ROW_PARTS", parts)
-    problem = random_problem(EVERY_EQUATION, **shape, masks=masks, seed=11)
-    ref_out, ref_grads = reference_result(EVERY_EQUATION, *problem, reset_after)
-    outs, grads = kernel_result(EVERY_EQUATION, *problem, dtype=torch.float64,
+    problem = random_problem(variant, **shape, masks=masks, seed=11)
+    ref_out, ref_grads = reference_result(variant, *problem, reset_after)
+    outs, grads = kernel_result(variant, *problem, dtype=torch.float64,
                                 reset_after=reset_after)
     _assert_matches(outs, grads, ref_out, ref_grads, 1e-10)
 
@@ -179,7 +183,7 @@ def test_native_layer_norm_module_matches_portable(reset_after):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
-def test_native_layer_norm_loops_check_their_arguments():
+def test_native_variant_loops_check_their_arguments():
     """The GRU's native loops name a bad argument in a ValueError (masks, batch sizes, saved
     tensors), never reading out of bounds."""
     m = kernels.native.module()
@@ -187,28 +191,35 @@ def test_native_layer_norm_loops_check_their_arguments():
     z = torch.zeros
     h0, w_hh, good_gi = z(B, H), z(3 * H, H), z(T * B, 3 * H)
 
-    def forward(gi=good_gi, zoneout_h=None, batch_sizes=(B,) * T, gain=None):
-        return m.gru_layer_norm_forward(gi, None, None, h0, w_hh, zoneout_h, None, gain, None,
-                                        1e-5, list(batch_sizes), False, True, True, 1, 0)
+    def forward(gi=good_gi, zoneout_h=None, batch_sizes=(B,) * T, gain=None, layer_norm=True):
+        return m.gru_variant_loops_forward(gi, None, None, h0, w_hh, zoneout_h, None, layer_norm,
+                                           gain, None, 1e-5, list(batch_sizes), False, True,
+                                           True, 1, 0)
 
     out, _, stash, h_pre, mean, rstd = forward()
+    assert forward(layer_norm=False)[3] is None               # no layer-norm stash without it
     for change, words in ((dict(gi=z(T * B, 3 * H + 1)), "gi must be"),
                           (dict(zoneout_h=z(T * B, H + 1)), "zoneout_h must have"),
                           (dict(batch_sizes=(1, 3)), "never grow"),
-                          (dict(gain=z(3 * H + 1)), "ln_hh_weight must be")):
+                          (dict(gain=z(3 * H + 1)), "ln_hh_weight must be"),
+                          (dict(gain=z(3 * H), layer_norm=False),
+                           "layer-norm parameters given with layer_norm=False")):
         with pytest.raises(ValueError, match=words):
             forward(**change)
 
-    def backward(recurrent=None, zoneout_h=None, batch_sizes=(B,) * T, stash=stash):
-        return m.gru_layer_norm_backward(z(T * B, H), z(B, H), h0, w_hh, out, stash, h_pre,
-                                         mean, rstd, None, zoneout_h, recurrent,
-                                         list(batch_sizes), False, True, 1, 0)
+    def backward(recurrent=None, zoneout_h=None, batch_sizes=(B,) * T, stash=stash,
+                 saved=(h_pre, mean, rstd)):
+        return m.gru_variant_loops_backward(z(T * B, H), z(B, H), h0, w_hh, out, stash, *saved,
+                                            None, zoneout_h, recurrent, list(batch_sizes),
+                                            False, True, 1, 0)
 
     assert backward()[0].shape == (T * B, 3 * H)
+    assert backward(saved=(None, None, None))[2] is None      # d_product is d_gh without LN
     for change, words in ((dict(recurrent=z(1, 1)), "recurrent must have"),
                           (dict(zoneout_h=z(T * B, 1)), "zoneout_h must have"),
                           (dict(batch_sizes=(4,)), "batch_sizes"),
-                          (dict(stash=z(T * B, 3 * H)), "stash must have")):
+                          (dict(stash=z(T * B, 3 * H)), "stash must have"),
+                          (dict(saved=(h_pre, None, rstd)), "needs h_pre, mean and rstd")):
         with pytest.raises(ValueError, match=words):
             backward(**change)
 
@@ -263,17 +274,15 @@ def test_native_layer_norm_inference_matches_training(reset_after):
                                    rtol=0, atol=1e-12)
 
 
-def test_native_layer_norm_backend_choices():
-    """backend "native" runs the GRU's layer norm natively and refuses the gate traces of a
-    variant without it."""
-    problem = random_problem(GRUVariant(layer_norm=True), T=4, B=2, I=3, H=4, seed=13)
+@pytest.mark.parametrize("variant", [GRUVariant(layer_norm=True), GRUVariant(zoneout_h=0.2)],
+                         ids=["layer-norm", "zoneout"])
+def test_native_variant_loops_backend_choices(variant):
+    """backend "native" and "auto" run the GRU variants' loops natively, "portable" the Python
+    loops."""
+    problem = random_problem(variant, T=4, B=2, I=3, H=4, masks=("zoneout_h",), seed=13)
     for backend in ("native", "auto", "portable"):
-        kernel_result(GRUVariant(layer_norm=True), *problem, dtype=torch.float64,
+        kernel_result(variant, *problem, dtype=torch.float64,
                       backend=backend)                             # checks which loops ran
-    with pytest.raises(ValueError, match="backend='native' has no kernel for these GRU "
-                                         "variants: the gate traces of a variant without layer"):
-        lstmkit.GRU(3, 4, variant=GRUVariant(zoneout_h=0.1), backend="native")(
-            torch.randn(5, 2, 3), return_gates=True)
 
 
 @RESET
@@ -369,7 +378,7 @@ def test_variant_function_gradcheck(variant, bias, backend, reset_after):
         out, h, _ = kernels.gru_variant_layer(x, h0, dict(zip(names, values, strict=True)),
                                               masks, variant, layout=layout,
                                               reset_after=reset_after, backend=backend)
-        assert (out.grad_fn.native_parts > 0) == (variant.layer_norm and backend == "auto")
+        assert (out.grad_fn.native_parts > 0) == (backend == "auto")
         return out, h
 
     assert torch.autograd.gradcheck(run, (leaf(T * B, I), leaf(B, H), *params.values()))
@@ -763,9 +772,6 @@ def test_module_level_errors():
     for option in ("recurrent_dropout", "weight_drop"):
         with pytest.raises(ValueError, match=f"GRUCell.*{option}.*lstmkit.GRU"):
             lstmkit.GRUCell(2, 3, variant=GRUVariant(**{option: 0.1}))
-    native = lstmkit.GRU(2, 3, backend="native", variant=GRUVariant(zoneout_h=0.1))
-    with pytest.raises(ValueError, match="backend='native'.*GRU variants.*'portable'"):
-        native(torch.randn(4, 1, 2), return_gates=True)
     with pytest.raises(ValueError, match="unknown GRU-variant arguments.*'w_hr'"):
         kernels.gru_variant_layer(torch.randn(2, 2), torch.zeros(1, 3),
                                   {"w_ih": torch.randn(9, 2), "w_hh": torch.randn(9, 3),

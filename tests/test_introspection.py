@@ -122,36 +122,48 @@ def test_lstm_trace_function_gradcheck():
     assert torch.autograd.gradcheck(run, args)
 
 
-@pytest.mark.parametrize("proj_size", [0, 2])
-def test_native_plain_trace_matches_portable(proj_size):
-    """The plain LSTM's trace on the variants' native loops (backend "auto" on the CPU): the
-    portable trace's gates, cells, outputs and gradients, two layers, both directions."""
+@pytest.mark.parametrize("module, options", [
+    ("LSTM", {}), ("LSTM", {"proj_size": 2}),
+    ("LSTM", {"variant": LSTMVariant(peepholes=True, zoneout_h=0.2)}),
+    ("GRU", {}), ("GRU", {"reset_after": False}),
+    ("GRU", {"variant": lstmkit.GRUVariant(zoneout_h=0.2, candidate_activation="softsign")}),
+], ids=["lstm", "lstm-projection", "lstm-variant", "gru", "gru-reset-before", "gru-variant"])
+def test_native_traces_match_portable(module, options):
+    """Traces on the variants' native loops (backend "auto" on the CPU), the plain cells' and
+    the elementwise variants' alike: the portable traces' gates, outputs and gradients, two
+    layers, both directions, in training (the same masks from the same seed)."""
     torch.manual_seed(7)
     x = torch.randn(6, 3, 4, dtype=torch.float64)
+    names = "ifgoch" if module == "LSTM" else "rznh"
     results = []
     for backend in ("auto", "portable"):
         torch.manual_seed(8)
-        module = lstmkit.LSTM(4, 5, num_layers=2, bidirectional=True, proj_size=proj_size,
-                              dtype=torch.float64, backend=backend)
+        model = getattr(lstmkit, module)(4, 5, num_layers=2, bidirectional=True,
+                                         dtype=torch.float64, backend=backend, **options)
         xi = x.clone().requires_grad_()
-        out, (h, c), trace = module(xi, return_gates=True)
-        (out.sin().sum() + h.sum() + c.cos().sum()).backward()
-        results.append([out, h, c, xi.grad, *(p.grad for p in module.parameters()),
+        torch.manual_seed(9)
+        out, states, trace = model(xi, return_gates=True)
+        states = states if isinstance(states, tuple) else (states,)
+        (out.sin().sum() + sum(s.cos().sum() for s in states)).backward()
+        results.append([out, *states, xi.grad, *(p.grad for p in model.parameters()),
                         *(trace[layer, direction][name] for layer in range(2)
-                          for direction in ("forward", "reverse") for name in "ifgoch")])
-        assert ("LSTMVariantFunctionBackward" in _graph_names(out)) == (backend == "auto")
+                          for direction in ("forward", "reverse") for name in names)])
+        ran_native = any(getattr(node, "native_parts", 0) > 0 for node in _graph_nodes(out))
+        assert ran_native == (backend == "auto")
     for mine, theirs in zip(*results, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-12)
 
 
-def _graph_names(tensor) -> set:
-    names, todo = set(), [tensor.grad_fn]
+def _graph_nodes(tensor) -> list:
+    """The autograd nodes that produced `tensor`."""
+    nodes, seen, todo = [], set(), [tensor.grad_fn]
     while todo:
         node = todo.pop()
-        if node is not None and node.name() not in names:
-            names.add(node.name())
+        if node is not None and node not in seen:
+            seen.add(node)
+            nodes.append(node)
             todo += [next_node for next_node, _ in node.next_functions]
-    return names
+    return nodes
 
 
 def test_plain_trace_is_the_plain_kernel_exactly():

@@ -185,8 +185,17 @@ def gru_layer(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: StepLayout,
 
 
 def gru_layer_with_gates(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: StepLayout,
-                         reverse: bool = False, reset_after: bool = True):
-    """`gru_layer` on the portable kernel, also returning gates (N, 3H) = [r | z | n]."""
+                         reverse: bool = False, reset_after: bool = True,
+                         backend: str = "portable"):
+    """`gru_layer`, also returning gates (N, 3H) = [r | z | n]: on the variants' native loops
+    (`gru_variant_layer` with the plain GRUVariant) where `backend` runs native, else from the
+    portable kernel's own stash."""
+    if backend == "native" or (backend == "auto" and native.supports(x)):
+        params = {"w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh}
+        return gru_variant_layer(x, h0, params, {}, GRUVariant(), layout=layout,
+                                 reverse=reverse, reset_after=reset_after, backend=backend)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return GRUTraceFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, layout, reverse, reset_after)
 
 
@@ -200,9 +209,8 @@ def gru_variant_layer(x, h0, params: dict, masks: dict, variant, *, layout: Step
     Returns out (N, H), h_T (B, H), gates (N, 3H) = [r | z | n] (may be empty with `gates`
     False, as lstm_variant_layer's).
 
-    With layer norm (in either reset form, with the other variants beside it) the step loops
-    are native on the CPU (`backend` "auto" where the native module is there, or "native");
-    the other variants' gate traces run the portable loops ("auto" or "portable").
+    The step loops are native on the CPU (`backend` "auto" where the native module is there,
+    or "native"; every variant in either reset form, gate traces included), else portable.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -215,10 +223,9 @@ def gru_variant_layer(x, h0, params: dict, masks: dict, variant, *, layout: Step
                            "b_hh": (G,), **{f"ln_{stem}_{k}": (G,) for stem in ("ih", "hh")
                                             for k in ("weight", "bias")}})
     if backend == "native":
-        _check_native_loops("GRU", x, None if variant.layer_norm else
-                            "the gate traces of a variant without layer norm (return_gates=True)")
+        _check_native_loops("GRU", x)
     native_parts = 0
-    if variant.layer_norm and backend != "portable" and native.supports(x):
+    if backend != "portable" and native.supports(x):
         native_parts = native.generic_parts(layout, params["w_hh"],
                                             itemsize=compute_dtype(x.dtype).itemsize)
     save = gates or native.needs_autograd((x, h0, *params.values()))
@@ -237,13 +244,9 @@ def _check_shapes(params: dict, shapes: dict) -> None:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
 
-def _check_native_loops(family: str, x, refused: str | None = None) -> None:
-    """backend="native" for a variant layer: a ValueError unless its loops run natively
-    (`refused`: what has no native loops, if the variant is that)."""
+def _check_native_loops(family: str, x) -> None:
+    """backend="native" for a variant layer: a ValueError unless its loops can run natively."""
     native.check_device(x)
-    if refused:
-        raise ValueError(f"backend='native' has no kernel for these {family} variants: "
-                         f"{refused}; use backend='auto' or 'portable'")
     if not native.available():
         raise ValueError(f"the native {family} variants need the native module, which is "
                          f"unavailable ({native.unavailable_reason()}): use backend='auto' or "

@@ -3983,37 +3983,40 @@ std::vector<Tensor> lstm_variant_loops_backward(
   return {loop[0], layer_norm ? d_product : loop[0], d_cell_norm, loop[3], loop[1], loop[2], dq};
 }
 
-// The GRU's layer-norm loops (GRUVariantFunction's native loops, see GRULayerNorms), as the
-// LSTM's above. gi (N, 3H): the input's products after its layer norm, without b_ih; the rest
-// as gru_layer_forward's, and ln_hh's (3H) gain and bias (either may be absent). Returns out
-// (N, H), h_T and, when `save`, the stash (N, 4H) [r | z | n | gh_n] ((N, 3H) [r | z | n]
-// reset before), h_pre (N, 3H) (the recurrent products before LN), mean_h and rstd_h (N, 2)
-// (their blocks' [r | z] and n).
-std::vector<Tensor> gru_layer_norm_forward(
+// The GRU variants' native loops (GRUVariantFunction's: every variant, its layer norm with
+// GRULayerNorms), as the LSTM's above. gi (N, 3H): the input's products (after their layer
+// norm), without b_ih; the rest as gru_layer_forward's, and with `layer_norm` ln_hh's (3H) gain
+// and bias (either may be absent). Returns out (N, H), h_T and, when `save`, the stash (N, 4H)
+// [r | z | n | gh_n] ((N, 3H) [r | z | n] reset before); with layer norm also h_pre (N, 3H)
+// (the recurrent products before LN), mean_h and rstd_h (N, 2) (their blocks' [r | z] and n).
+std::vector<Tensor> gru_variant_loops_forward(
     Tensor gi, c10::optional<Tensor> b_ih, c10::optional<Tensor> b_hh, Tensor h0, Tensor w_hh,
-    c10::optional<Tensor> zoneout_h, c10::optional<Tensor> recurrent,
+    c10::optional<Tensor> zoneout_h, c10::optional<Tensor> recurrent, bool layer_norm,
     c10::optional<Tensor> ln_hh_weight, c10::optional<Tensor> ln_hh_bias, double eps,
     std::vector<i64> batch_sizes, bool reverse, bool reset_after, bool save, i64 parts,
     i64 form) {
   check_cpu(gi, "x");
   const i64 H = h0.size(1), B = h0.size(0), N = gi.size(0);
   TORCH_CHECK_VALUE(gi.dim() == 2 && gi.size(1) == 3 * H,
-                    "gru_layer_norm_forward: gi must be (N, 3H) = (N, ", 3 * H, "), got ",
+                    "gru_variant_loops_forward: gi must be (N, 3H) = (N, ", 3 * H, "), got ",
                     gi.sizes());
   check_layer_weights(3, gi, H, H, Tensor(), w_hh, b_ih, b_hh);
   check_layer_norm_parameters(H, ln_hh_weight, ln_hh_bias, c10::nullopt, c10::nullopt,
                               gi.scalar_type(), 3);
-  TORCH_CHECK_VALUE(parts >= 1, "gru_layer_norm_forward: parts must be >= 1, got ", parts);
+  TORCH_CHECK_VALUE(layer_norm || !(ln_hh_weight || ln_hh_bias),
+                    "gru_variant_loops_forward: layer-norm parameters given with "
+                    "layer_norm=False");
+  TORCH_CHECK_VALUE(parts >= 1, "gru_variant_loops_forward: parts must be >= 1, got ", parts);
   Tensor zone = checked_zoneout_mask("zoneout_h", zoneout_h, gi, H);
   Tensor dropout = checked_recurrent_mask(recurrent, h0);
   gi = gi.contiguous();
   for (auto* t : {&h0, &w_hh}) *t = t->contiguous();
   Steps st(batch_sizes, reverse);
-  TORCH_CHECK_VALUE(st.rows == N && st.batch == B, "gru_layer_norm_forward: batch_sizes ",
+  TORCH_CHECK_VALUE(st.rows == N && st.batch == B, "gru_variant_loops_forward: batch_sizes ",
                     at::IntArrayRef(batch_sizes), " do not fit x's ", N,
                     " rows and h0's batch ", B);
   Tensor h_pre, mean, rstd;
-  if (save) {
+  if (save && layer_norm) {
     h_pre = pooled_empty({N, 3 * H}, gi.options());
     mean = pooled_empty({N, 2}, gi.options());
     rstd = pooled_empty({N, 2}, gi.options());
@@ -4021,9 +4024,11 @@ std::vector<Tensor> gru_layer_norm_forward(
   const Tensor gain = optional_contiguous(ln_hh_weight), beta = optional_contiguous(ln_hh_bias);
   return LSTMKIT_DISPATCH(gi.scalar_type(), [&] {
     GRULayerNorms<scalar> ln;
-    ln.norm = layer_norms_of<scalar>(gain, beta, Tensor(), Tensor(), eps, H);
-    ln.h_pre = ptr<scalar>(h_pre); ln.mean = ptr<scalar>(mean); ln.rstd = ptr<scalar>(rstd);
-    ln.H = H;
+    if (layer_norm) {
+      ln.norm = layer_norms_of<scalar>(gain, beta, Tensor(), Tensor(), eps, H);
+      ln.h_pre = ptr<scalar>(h_pre); ln.mean = ptr<scalar>(mean); ln.rstd = ptr<scalar>(rstd);
+      ln.H = H;
+    }
     auto r = gru_forward<scalar>(gi, optional_contiguous(b_ih), h0, w_hh,
                                  optional_contiguous(b_hh), st, reset_after, save, parts, zone,
                                  dropout, (int)form, ln);
@@ -4031,45 +4036,57 @@ std::vector<Tensor> gru_layer_norm_forward(
   });
 }
 
-// The backward loop of gru_layer_norm_forward, given what it saved and the gradients arriving
-// at out and h_T: returns d_gi (N, 3H) (the gradient of the input's side, [da_r | da_z | da_n]),
-// d_gh (N, 3H) (of the recurrent products after LN, for ln_hh's gain and bias), d_product
-// (N, 3H) (before LN: dW_hh's operand) and dh0.
-std::vector<Tensor> gru_layer_norm_backward(
-    Tensor d_out, Tensor d_hT, Tensor h0, Tensor w_hh, Tensor out, Tensor stash, Tensor h_pre,
-    Tensor mean, Tensor rstd, c10::optional<Tensor> ln_hh_weight,
-    c10::optional<Tensor> zoneout_h, c10::optional<Tensor> recurrent,
-    std::vector<i64> batch_sizes, bool reverse, bool reset_after, i64 parts, i64 form) {
+// The backward loop of gru_variant_loops_forward, given what it saved (h_pre, mean and rstd
+// with layer norm, else none) and the gradients arriving at out and h_T: returns d_gi (N, 3H)
+// (the gradient of the input's side, [da_r | da_z | da_n]), d_gh (N, 3H) (of the recurrent
+// products after LN, for ln_hh's gain and bias), d_product (N, 3H) (before LN: dW_hh's operand;
+// undefined without layer norm, where it is d_gh) and dh0.
+std::vector<Tensor> gru_variant_loops_backward(
+    Tensor d_out, Tensor d_hT, Tensor h0, Tensor w_hh, Tensor out, Tensor stash,
+    c10::optional<Tensor> h_pre, c10::optional<Tensor> mean, c10::optional<Tensor> rstd,
+    c10::optional<Tensor> ln_hh_weight, c10::optional<Tensor> zoneout_h,
+    c10::optional<Tensor> recurrent, std::vector<i64> batch_sizes, bool reverse,
+    bool reset_after, i64 parts, i64 form) {
   const auto dtype = out.scalar_type();
   const i64 H = out.size(1), N = out.size(0);
-  TORCH_CHECK_VALUE(parts >= 1, "gru_layer_norm_backward: parts must be >= 1, got ", parts);
+  const bool layer_norm = h_pre.has_value();
+  TORCH_CHECK_VALUE(layer_norm == mean.has_value() && layer_norm == rstd.has_value(),
+                    "gru_variant_loops_backward: layer norm needs h_pre, mean and rstd, all "
+                    "three");
+  TORCH_CHECK_VALUE(parts >= 1, "gru_variant_loops_backward: parts must be >= 1, got ", parts);
   check_layer_norm_parameters(H, ln_hh_weight, c10::nullopt, c10::nullopt, c10::nullopt, dtype,
                               3);
   const i64 B = h0.size(0);
   std::string wrong = layer_weights_mismatch(3, out.narrow(1, 0, 0), H, H, Tensor(), w_hh,
                                              Tensor(), Tensor());
   expect_shape(wrong, "stash", stash, {N, (reset_after ? 4 : 3) * H});
-  expect_shape(wrong, "h_pre", h_pre, {N, 3 * H});
-  for (const Tensor* t : {&mean, &rstd}) expect_shape(wrong, "mean and rstd", *t, {N, 2});
+  if (layer_norm) {
+    expect_shape(wrong, "h_pre", *h_pre, {N, 3 * H});
+    for (const Tensor* t : {&*mean, &*rstd}) expect_shape(wrong, "mean and rstd", *t, {N, 2});
+  }
   expect_shape(wrong, "d_out", d_out, {N, H});
   expect_shape(wrong, "d_hT", d_hT, {B, H});
   expect_shape(wrong, "h0", h0, {B, H});
-  TORCH_CHECK_VALUE(wrong.empty(), "gru_layer_norm_backward: ", wrong);
+  TORCH_CHECK_VALUE(wrong.empty(), "gru_variant_loops_backward: ", wrong);
   checked_zoneout_mask("zoneout_h", zoneout_h, out, H);
   checked_recurrent_mask(recurrent, h0);
   d_out = incoming(d_out, dtype); d_hT = incoming(d_hT, dtype);
-  for (Tensor* t : {&h0, &w_hh, &out, &stash, &h_pre, &mean, &rstd}) *t = t->contiguous();
+  for (Tensor* t : {&h0, &w_hh, &out, &stash}) *t = t->contiguous();
+  Tensor pre = optional_contiguous(h_pre), means = optional_contiguous(mean);
+  Tensor rstds = optional_contiguous(rstd);
   Steps st(batch_sizes, reverse);
-  TORCH_CHECK_VALUE(st.rows == N && st.batch == B, "gru_layer_norm_backward: batch_sizes ",
+  TORCH_CHECK_VALUE(st.rows == N && st.batch == B, "gru_variant_loops_backward: batch_sizes ",
                     at::IntArrayRef(batch_sizes), " do not fit the ", N, " saved rows of batch ",
                     B);
-  Tensor d_product = pooled_empty({N, 3 * H}, out.options());
+  Tensor d_product = layer_norm ? pooled_empty({N, 3 * H}, out.options()) : Tensor();
   const Tensor gain = optional_contiguous(ln_hh_weight);
   auto loop = LSTMKIT_DISPATCH(dtype, [&] {
     GRULayerNorms<scalar> ln;
-    ln.norm = layer_norms_of<scalar>(gain, Tensor(), Tensor(), Tensor(), 0.0, H);
-    ln.h_pre = ptr<scalar>(h_pre); ln.mean = ptr<scalar>(mean); ln.rstd = ptr<scalar>(rstd);
-    ln.H = H;
+    if (layer_norm) {
+      ln.norm = layer_norms_of<scalar>(gain, Tensor(), Tensor(), Tensor(), 0.0, H);
+      ln.h_pre = ptr<scalar>(pre); ln.mean = ptr<scalar>(means); ln.rstd = ptr<scalar>(rstds);
+      ln.H = H;
+    }
     return gru_backward<scalar>(d_out, d_hT, h0, w_hh, out, stash, st, reset_after, parts,
                                 optional_contiguous(zoneout_h), optional_contiguous(recurrent),
                                 (int)form, ln, d_product);
@@ -4502,8 +4519,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_infer", &lstm_infer_py);
   m.def("lstm_variant_loops_forward", &lstm_variant_loops_forward);
   m.def("lstm_variant_loops_backward", &lstm_variant_loops_backward);
-  m.def("gru_layer_norm_forward", &gru_layer_norm_forward);
-  m.def("gru_layer_norm_backward", &gru_layer_norm_backward);
+  m.def("gru_variant_loops_forward", &gru_variant_loops_forward);
+  m.def("gru_variant_loops_backward", &gru_variant_loops_backward);
   m.def("layer_norm_rows", &layer_norm_rows, py::arg("v"), py::arg("gain"), py::arg("beta"),
         py::arg("eps"), py::arg("into") = py::none());
   m.def("layer_norm_rows_backward", &layer_norm_rows_backward, py::arg("d"), py::arg("v"),

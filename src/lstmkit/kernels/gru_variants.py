@@ -1,5 +1,6 @@
 """Kernel for the GRU variants: hand-written backward through time, torch operations only, or
-with native step loops for layer norm on the CPU.
+with native step loops on the CPU (every variant; see gru_variant_loops_forward in
+_native.cpp).
 
 # N rows (time-major, see layout.py), B batch, I input, H hidden, G = 3H gate pre-activations
 # in torch.nn's order [r | z | n].
@@ -63,26 +64,28 @@ def _block(t, block):
 
 def _native_forward(x, h0, p, masks, v: GRUVariant, layout, reverse, reset_after, parts,
                     save):
-    """gru_variant_forward's results from the native loops (layer norm; see GRULayerNorms in
-    _native.cpp): the input's products and their layer norm here, in the native module's
-    recycled memory, then the loops. Without `save` the stash's entries and the gates are
-    None."""
+    """gru_variant_forward's results from the native loops (see gru_variant_loops_forward and
+    GRULayerNorms in _native.cpp): the input's products (and their layer norm) here, in the
+    native module's recycled memory, then the loops. Without `save` the stash's entries and the
+    gates are None."""
     H = p["w_hh"].shape[0] // 3
     module = native.module()
-    ax = _products(x, [(x, p["w_ih"].t())], in_pool=True)[0]
-    gi = native.pooled_empty([x.shape[0], 3 * H], x)
-    st = {"x_pre": ax}
-    for block, name in _blocks(H):
-        _, st["mean_x_" + name], st["rstd_x_" + name] = module.layer_norm_rows(
-            ax[:, block], _block(p["ln_ih_weight"], block), _block(p["ln_ih_bias"], block),
-            v.layer_norm_eps, into=gi[:, block])
-    out, h, stash, st["h_pre"], st["mean_h"], st["rstd_h"] = module.gru_layer_norm_forward(
+    gi = _products(x, [(x, p["w_ih"].t())], in_pool=True)[0]
+    st = {}
+    if v.layer_norm:
+        st["x_pre"], gi = gi, native.pooled_empty([x.shape[0], 3 * H], x)
+        for block, name in _blocks(H):
+            _, st["mean_x_" + name], st["rstd_x_" + name] = module.layer_norm_rows(
+                st["x_pre"][:, block], _block(p["ln_ih_weight"], block),
+                _block(p["ln_ih_bias"], block), v.layer_norm_eps, into=gi[:, block])
+    out, h, stash, st["h_pre"], st["mean_h"], st["rstd_h"] = module.gru_variant_loops_forward(
         gi, p["b_ih"], p["b_hh"], h0, p["w_hh"], masks["zoneout_h"], masks["recurrent"],
-        p["ln_hh_weight"], p["ln_hh_bias"], v.layer_norm_eps, layout.batch_sizes, reverse,
-        reset_after, save, parts, native.gru_form(v.gate_activation, v.candidate_activation))
+        v.layer_norm, p["ln_hh_weight"], p["ln_hh_bias"], v.layer_norm_eps, layout.batch_sizes,
+        reverse, reset_after, save, parts,
+        native.gru_form(v.gate_activation, v.candidate_activation))
     if not save:
         return out, h, None, None, st
-    for q, (_, name) in enumerate(_blocks(H)):
+    for q, (_, name) in enumerate(_blocks(H) if v.layer_norm else ()):
         st["mean_h_" + name] = st["mean_h"][:, q:q + 1]
         st["rstd_h_" + name] = st["rstd_h"][:, q:q + 1]
     st["stash"] = stash
@@ -97,9 +100,9 @@ def gru_variant_forward(x, h0, p: dict, masks: dict, v: GRUVariant, layout: Step
 
     p: w_ih, w_hh, b_ih, b_hh, ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias (None where
     absent). masks: zoneout_h (N, H) or (1, H), recurrent (B, H); or None.
-    native_parts: 0 for the loop below; n >= 1 for the native loops on n row parts (layer
-    norm, as kernels.gru_variant_layer picks them), which save the same stash and their own,
-    or nothing without `save`.
+    native_parts: 0 for the loop below; n >= 1 for the native loops on n row parts (as
+    kernels.gru_variant_layer picks them), which save the same stash and their own, or nothing
+    without `save`.
     """
     if native_parts:
         return _native_forward(x, h0, p, masks, v, layout, reverse, reset_after, native_parts,
@@ -182,7 +185,7 @@ def gru_variant_backward(d_out, d_hT, x, h0, p, masks, out, gates, gh_all, st, v
     h_prev_rows = _previous_rows(out, h0, layout, reverse, in_pool=bool(native_parts))  # (N, H)
     u_rows = h_prev_rows if d_r is None else h_prev_rows * _per_row(d_r, layout)
     if native_parts:
-        d_gi, d_gh, d_prod, dh = native.module().gru_layer_norm_backward(
+        d_gi, d_gh, d_prod, dh = native.module().gru_variant_loops_backward(
             d_out, d_hT, h0, w_hh, out, st["stash"], st["h_pre"], st["mean_h"], st["rstd_h"],
             p["ln_hh_weight"], k_mask, d_r, layout.batch_sizes, reverse, reset_after,
             native_parts, native.gru_form(v.gate_activation, v.candidate_activation))
@@ -299,8 +302,8 @@ class GRUVariantFunction(torch.autograd.Function):
           native_parts: int, save: bool)
     -> out (N, H), h_T (B, H), gates (N, 3H) [r | z | n]
 
-    native_parts: 0 for the Python loops of torch operations; n >= 1 for the native loops
-    (layer norm) on n row parts. save: False when nothing will need a backward and no one
+    native_parts: 0 for the Python loops of torch operations; n >= 1 for the native loops on n
+    row parts. save: False when nothing will need a backward and no one
     wants the gates: the native loops then save nothing (and return empty gates).
 
     gates are the values the forward stored for its backward, returned as a

@@ -707,7 +707,7 @@ class GRU(_RecurrentBase):
         else:
             out, h_T, gates = kernels.gru_layer_with_gates(
                 x, states[0], **weights, layout=layout, reverse=reverse,
-                reset_after=self.reset_after)
+                reset_after=self.reset_after, backend=self.backend)
         if not return_gates:
             return out, (h_T,), None
         r, z, n = gates.chunk(3, 1)
