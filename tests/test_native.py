@@ -41,14 +41,15 @@ FAMILIES = ("lstm", "lstm_proj", "lstm_nobias", "lstm_peephole", "lstm_proj_peep
             "lstm_proj_peephole_nooutput", "lstm_hardsigmoid_cellsoftsign_outidentity",
             "lstm_proj_peephole_cellhardtanh_outsoftsign", "lstm_cifg_cellidentity_outhardtanh",
             "gru", "gru_reset_before", "rnn_tanh", "rnn_relu")
-# Zoneout, the LSTM's with the other elementwise variants (its h only without projection),
+# Zoneout, the LSTM's with the other elementwise variants (and its h with a projection),
 # the GRU's in both forms; recurrent dropout, alone and with zoneout.
 MASKED_FAMILIES = ("lstm_zoneouth", "lstm_zoneouth_zoneoutc", "lstm_proj_peephole_cifg_zoneoutc",
                    "lstm_peephole_noforget_outsoftsign_zoneouth_zoneoutc_expectation",
                    "lstm_nooutput_zoneouth", "gru_zoneouth", "gru_reset_before_zoneouth",
                    "gru_zoneouth_expectation", "lstm_recurrent", "lstm_proj_recurrent_zoneoutc",
                    "lstm_peephole_recurrent_zoneouth_zoneoutc", "gru_recurrent",
-                   "gru_reset_before_recurrent_zoneouth")
+                   "gru_reset_before_recurrent_zoneouth", "lstm_proj_zoneouth_zoneoutc",
+                   "lstm_proj_peephole_recurrent_zoneouth")
 # The GRU's activations, alone and with the masks.
 GRU_VARIANT_FAMILIES = ("gru_hardsigmoid_candsoftsign", "gru_reset_before_candhardtanh_zoneouth",
                         "gru_candsoftsign_recurrent")
@@ -687,10 +688,10 @@ def test_inference_path_matches_training_path(family, driver):
     rng = np.random.default_rng(0)
     w, P = make_weights(family, 3, 17, rng)
     wt = {k: torch.tensor(v, dtype=torch.float32, requires_grad=True) for k, v in w.items()}
-    x = torch.randn(7 * 4, 3)
+    layout = StepLayout.packed([4, 4, 3, 3, 2, 1, 1])
+    x = torch.randn(layout.rows, 3)
     sizes = (P, 17) if family == "lstm" else (17,)
     states = [torch.randn(4, s) for s in sizes]
-    layout = StepLayout.packed([4, 4, 3, 3, 2, 1, 1])
     trained = native_layer(family, x, states, wt, layout, reverse=False)
     with torch.no_grad():
         inferred = native_layer(family, x, states, wt, layout, reverse=False)
@@ -1697,12 +1698,13 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch):
 def test_without_the_native_module_variants_run_portable_or_are_refused(monkeypatch):
     """With the native module unavailable, kernels.lstm_layer and gru_layer run zoneout and
     recurrent dropout on the portable variant kernel (backend="native" too, as for the plain
-    cell); the Native*Functions, whose fallback is the plain kernel, refuse the masks rather
-    than drop them."""
+    cell), the variant layers and the gate traces their Python loops; the Native*Functions,
+    whose fallback is the plain kernel, refuse the masks rather than drop them."""
     monkeypatch.setenv("LSTMKIT_NATIVE", "0")
     monkeypatch.setattr(native, "_state", {"tried": False, "module": None, "reason": None})
     g = torch.Generator().manual_seed(3)
-    x, h, c = (torch.randn(6, size, generator=g, dtype=torch.float64) for size in (2, 3, 3))
+    x, h, c = (torch.randn(rows, size, generator=g, dtype=torch.float64)
+               for rows, size in ((6, 2), (2, 3), (2, 3)))
     layout = StepLayout.padded(3, 2)
     masks = {"zoneout_h": torch.bernoulli(torch.full((6, 3), 0.5, dtype=torch.float64),
                                           generator=g),
@@ -1719,6 +1721,17 @@ def test_without_the_native_module_variants_run_portable_or_are_refused(monkeypa
     out, _ = kernels.gru_layer(x, h, **gru, layout=layout, backend="native", **masks)
     expected = kernels.gru_variant_layer(x, h, gru, masks, lstmkit.GRUVariant(), layout=layout)[0]
     assert torch.equal(out, expected)
+    # the variant layers and the gate traces with backend="native": the portable loops
+    for variant in (lstmkit.LSTMVariant(), lstmkit.LSTMVariant(full_gate_recurrence=True)):
+        params = {**lstm, "w_gate": torch.randn(9, 9, dtype=torch.float64, generator=g)} \
+            if variant.full_gate_recurrence else lstm
+        out = kernels.lstm_variant_layer(x.clone().requires_grad_(), h, c, params, masks,
+                                         variant, layout=layout, backend="native")[0]
+        assert out.grad_fn.native_parts == 0
+    for module in (lstmkit.LSTM(2, 3, backend="native"), lstmkit.GRU(2, 3, backend="native"),
+                   lstmkit.GRU(2, 3, backend="native", variant=lstmkit.GRUVariant(zoneout_h=0.2))):
+        out, _, trace = module(torch.randn(4, 2, 2), return_gates=True)
+        assert trace[0, "forward"]["h"].shape == (4, 2, 3)
     with pytest.raises(ValueError, match="native LSTM variants need the native module.*"
                                          "LSTMKIT_NATIVE=0.*kernels.lstm_layer"):
         native.NativeLSTMFunction.apply(x, h, c, *lstm.values(), None, None, None, layout,
@@ -1736,3 +1749,49 @@ def test_disabled_by_environment(monkeypatch):
     monkeypatch.setattr(native, "_state", {"tried": False, "module": None, "reason": None})
     with pytest.warns(RuntimeWarning, match="LSTMKIT_NATIVE=0"):
         assert not native.available()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_bernoulli_mask_draws_zeros_and_ones_at_rate_p(dtype):
+    """The masks' native draw: 0 and 1 of the caller's dtype, at rate p (a million draws: the
+    mean within 5 standard deviations, 0.0015 at p = 0.3), adjacent elements and rows
+    uncorrelated, p = 0 and 1 exact."""
+    like = torch.empty(0, dtype=dtype)
+    torch.manual_seed(0)
+    mask = native.bernoulli_mask(1000, 1000, 0.3, like)
+    assert mask.dtype == dtype and mask.shape == (1000, 1000)
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+    m = mask.double()
+    assert abs(m.mean().item() - 0.3) < 5 * (0.3 * 0.7 / 1e6) ** 0.5
+    for pairs in ((m[:, 1:], m[:, :-1]), (m[1:], m[:-1])):       # neighbours in a row, rows
+        assert abs((pairs[0] * pairs[1]).mean().item() - 0.09) < 0.002
+    assert native.bernoulli_mask(7, 9, 0.0, like).sum() == 0
+    assert native.bernoulli_mask(7, 9, 1.0, like).sum() == 63
+
+
+def test_bernoulli_mask_follows_torch_seed_not_threads():
+    """One seed from torch's global generator: torch.manual_seed reproduces a mask, the next
+    call draws another, and the thread count does not change it."""
+    like = torch.empty(0)
+    torch.manual_seed(4)
+    first, second = (native.bernoulli_mask(300, 700, 0.5, like) for _ in range(2))
+    assert not torch.equal(first, second)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(4)
+        assert torch.equal(native.bernoulli_mask(300, 700, 0.5, like), first)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\], got 1.5"):
+        native.module().bernoulli_mask(2, 2, 1.5, 0, like)
+
+
+def test_bernoulli_mask_without_the_native_module(monkeypatch):
+    """Without the native module (or off the CPU) torch.bernoulli draws the masks."""
+    monkeypatch.setattr(native, "available", lambda: False)
+    torch.manual_seed(2)
+    mask = native.bernoulli_mask(5, 6, 0.4, torch.empty(0, dtype=torch.float64))
+    torch.manual_seed(2)
+    expected = torch.bernoulli(torch.full((5, 6), 0.4, dtype=torch.float64))
+    assert torch.equal(mask, expected)

@@ -205,36 +205,49 @@ def test_native_variant_loops_in_float32(H, name, P, masks):
 ], ids=["fgr", "layer-norm"])
 def test_kernel_packed_and_reverse_match_reference_per_sequence(variant, backend):
     """Packed sequences of different lengths, both directions: each sequence as the
-    reference runs it alone (reverse = the reference on the time-flipped sequence)."""
+    reference runs it alone (reverse = the reference on the time-flipped sequence), its final
+    states and their gradients included (with full gate recurrence the gates q, from a random
+    q0: a finished sequence's row keeps its q and dq while the others run on)."""
     lengths = (5, 3, 2)
+    fgr = variant.full_gate_recurrence
     params, _, _, _ = random_problem(variant, I=3, H=4, seed=7)
     rng = np.random.default_rng(7)
     seqs = [rng.normal(size=(n, 3)) for n in lengths]
-    h0, c0 = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+    h0, c0, q0 = rng.normal(size=(3, 4)), rng.normal(size=(3, 4)), rng.random((3, 12))
+    dh, dc, dq = rng.normal(size=(3, 4)), rng.normal(size=(3, 4)), rng.normal(size=(3, 12))
     layout = StepLayout.packed([sum(n > t for n in lengths) for t in range(max(lengths))])
     x = np.concatenate([np.stack([s[t] for s in seqs if len(s) > t])
                         for t in range(max(lengths))])
     p = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
     for reverse in (False, True):
-        xt = torch.tensor(x, requires_grad=True)
-        out, h_T, c_T, _, _, _ = kernels.lstm_variant_layer(
-            xt, torch.tensor(h0), torch.tensor(c0), p, {}, variant, layout=layout,
+        xt, h0t, c0t, q0t = (torch.tensor(a, requires_grad=True) for a in (x, h0, c0, q0))
+        out, h_T, c_T, q_T, _, _ = kernels.lstm_variant_layer(
+            xt, h0t, c0t, p, {}, variant, q0=q0t if fgr else None, layout=layout,
             reverse=reverse, backend=backend)
-        out.sum().backward()
+        loss = out.sum() + (h_T * torch.tensor(dh)).sum() + (c_T * torch.tensor(dc)).sum()
+        if fgr:
+            loss = loss + (q_T * torch.tensor(dq)).sum()
+        loss.backward()
         assert native_loops_ran(out) == (backend == "auto")
         for b, seq in enumerate(seqs):
             rows = [layout.offsets[t] + b for t in range(len(seq))]
             order = seq[::-1] if reverse else seq
-            y, h, c, cache = lstm_variant_forward(order[:, None], h0[b:b + 1], c0[b:b + 1],
-                                                  params, variant)
-            grads = lstm_variant_backward(np.ones_like(y), np.zeros_like(h), np.zeros_like(c),
-                                          cache)
+            one = slice(b, b + 1)
+            y, h, c, cache = lstm_variant_forward(order[:, None], h0[one], c0[one], params,
+                                                  variant, q0=q0[one] if fgr else None)
+            grads = lstm_variant_backward(np.ones_like(y), dh[one], dc[one], cache,
+                                          dq_T=dq[one] if fgr else None)
             y_seq = y[::-1, 0] if reverse else y[:, 0]
             dx_seq = grads["x"][::-1, 0] if reverse else grads["x"][:, 0]
             np.testing.assert_allclose(out.detach().numpy()[rows], y_seq, atol=1e-12)
             np.testing.assert_allclose(h_T.detach().numpy()[b], h[0], atol=1e-12)
             np.testing.assert_allclose(c_T.detach().numpy()[b], c[0], atol=1e-12)
             np.testing.assert_allclose(xt.grad.numpy()[rows], dx_seq, atol=1e-12)
+            np.testing.assert_allclose(h0t.grad.numpy()[b], grads["h0"][0], atol=1e-12)
+            np.testing.assert_allclose(c0t.grad.numpy()[b], grads["c0"][0], atol=1e-12)
+            if fgr:
+                np.testing.assert_allclose(q_T.detach().numpy()[b], cache[-1][0], atol=1e-12)
+                np.testing.assert_allclose(q0t.grad.numpy()[b], grads["q0"][0], atol=1e-12)
 
 
 @pytest.mark.parametrize("variant", [
@@ -925,3 +938,63 @@ def test_any_combination_of_options_matches_reference(options, masks, T, B, I, H
     ref_out, ref_grads = reference_result(variant, *problem)
     outs, grads = kernel_result(variant, *problem, dtype=torch.float64)
     _assert_matches(outs, grads, ref_out, ref_grads, 1e-10)
+
+
+@pytest.mark.parametrize("backend", ["portable", "auto"])
+@pytest.mark.parametrize("variant, change, words", [
+    (LSTMVariant(), {"w_peephole": (12,)}, r"w_peephole given with peepholes=False"),
+    (LSTMVariant(peepholes=True), {}, r"w_peephole given without peepholes=True"),
+    (LSTMVariant(), {"w_gate": (12, 12)}, r"w_gate given with full_gate_recurrence=False"),
+    (LSTMVariant(full_gate_recurrence=True), {}, "w_gate given without full_gate_recurrence"),
+    (LSTMVariant(cifg=True), {"ln_hh_weight": (16,)},
+     r"layer-norm parameters \['ln_hh_weight'\] given with layer_norm=False"),
+])
+def test_variant_parameters_must_agree_with_the_variant(variant, change, words, backend):
+    """A variant's own parameter given where the variant does not use it, or missing where it
+    does: a ValueError on either kernel (the native loops read what they are given, the
+    Python loops what the variant names)."""
+    H = 4
+    params = {"w_ih": torch.randn(4 * H, 3), "w_hh": torch.randn(4 * H, H)}
+    params.update({name: torch.randn(*shape) for name, shape in change.items()})
+    zeros = torch.zeros(2, H)
+    with pytest.raises(ValueError, match=words):
+        kernels.lstm_variant_layer(torch.randn(6, 3), zeros, zeros, params, {}, variant,
+                                   layout=StepLayout.padded(3, 2), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["portable", "auto"])
+@pytest.mark.parametrize("state, shape", [("h0", (1, 4)), ("c0", (1, 4)), ("c0", (3, 4)),
+                                          ("q0", (1, 12)), ("x", (5, 3))])
+def test_variant_layer_refuses_states_of_another_batch(state, shape, backend):
+    """States (or an input) whose batch does not fit the layout: a ValueError naming them
+    (the native loops read c0 for every batch row: a shorter one was read past its end)."""
+    inputs = {"x": torch.randn(6, 3), "h0": torch.zeros(2, 4), "c0": torch.zeros(2, 4),
+              "q0": torch.zeros(2, 12)}
+    inputs[state] = torch.zeros(*shape)
+    params = {"w_ih": torch.randn(16, 3), "w_hh": torch.randn(16, 4),
+              "w_gate": torch.randn(12, 12)}
+    with pytest.raises(ValueError, match=rf"{state} must have shape"):
+        kernels.lstm_variant_layer(inputs["x"], inputs["h0"], inputs["c0"], params, {},
+                                   LSTMVariant(full_gate_recurrence=True), q0=inputs["q0"],
+                                   layout=StepLayout.padded(3, 2), backend=backend)
+
+
+def test_native_loops_check_state_batches():
+    """The native entry points themselves refuse a c0 of another batch than h0's, and
+    batch sizes that do not fit x and h0 (the plain layer's too)."""
+    m = native.module()
+    x, h0, w_hh = torch.zeros(6, 16), torch.zeros(2, 4), torch.zeros(16, 4)
+    with pytest.raises(ValueError, match=r"c0 must have shape \[2, 4\], got \[1, 4\]"):
+        m.lstm_variant_loops_forward(x, None, None, h0, torch.zeros(1, 4), w_hh, None, None, 0,
+                                     None, None, None, None, None, False, None, None, None, None,
+                                     1e-5, [2, 2, 2], False, True, 1)
+    layout = StepLayout.padded(3, 2)
+    with pytest.raises(ValueError, match="c0 must have h0's batch 2"):
+        kernels.lstm_layer(torch.randn(6, 3), h0, torch.zeros(1, 4), torch.randn(16, 3), w_hh,
+                           layout=layout, backend="native")
+    with pytest.raises(ValueError, match="do not fit x's"):
+        kernels.lstm_layer(torch.randn(6, 3), torch.zeros(3, 4), torch.zeros(3, 4),
+                           torch.randn(16, 3), w_hh, layout=layout, backend="native")
+    with pytest.raises(ValueError, match="do not fit x's"):
+        kernels.gru_layer(torch.randn(5, 3), torch.zeros(2, 4), torch.randn(12, 3),
+                          torch.randn(12, 4), layout=layout, backend="native")

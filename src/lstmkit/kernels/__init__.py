@@ -101,7 +101,7 @@ def lstm_layer_with_gates(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None
     """`lstm_layer`, also returning gates (N, 4H) = [i | f | g | o] and cells (N, H): on the
     variants' native loops (`lstm_variant_layer` with the plain LSTMVariant) where `backend`
     runs native, else from the portable kernel's own stash."""
-    if backend == "native" or (backend == "auto" and native.supports(x)):
+    if _native_loops(backend, x):
         params = {"w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh, "w_hr": w_hr}
         out, h_T, c_T, _, gates, cells = lstm_variant_layer(
             x, h0, c0, params, {}, LSTMVariant(), layout=layout, reverse=reverse,
@@ -124,8 +124,10 @@ def lstm_variant_layer(x, h0, c0, params: dict, masks: dict, variant, *, q0=None
     recurrence, gates (N, 4H), cells (N, H); with `gates` False the last two may be empty
     (where nothing needs a gradient, the native loops then save nothing for a backward).
 
-    The step loops are native on the CPU (`backend` "auto" where the native module is there,
-    or "native"; every variant, gate traces included), else portable.
+    The step loops are native on the CPU (`backend` "auto" or "native", where the native
+    module is there; every variant, gate traces included), else portable. The variant's own
+    parameters (w_peephole, w_gate, ln_*) must be given exactly where it uses them (ln_* may be
+    absent with layer norm).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -133,15 +135,17 @@ def lstm_variant_layer(x, h0, c0, params: dict, masks: dict, variant, *, q0=None
     if unknown:
         raise ValueError(f"unknown LSTM-variant arguments {sorted(unknown)}; expected some of "
                          f"{_VARIANT_PARAMETERS + _VARIANT_MASKS}")
-    H, P, G = c0.shape[1], h0.shape[1], 4 * c0.shape[1]
+    H, P, G, B = c0.shape[1], h0.shape[1], 4 * c0.shape[1], layout.batch
+    _check_shapes({"x": x, "h0": h0, "c0": c0, "q0": q0},
+                  {"x": (layout.rows, x.shape[1]), "h0": (B, P), "c0": (B, H), "q0": (B, 3 * H)})
     _check_shapes(params, {"w_ih": (G, x.shape[1]), "w_hh": (G, P), "b_ih": (G,), "b_hh": (G,),
                            "w_hr": (P, H), "w_peephole": (3 * H,), "w_gate": (3 * H, 3 * H),
                            **{f"ln_{stem}_{k}": (size,) for stem, size in
                               (("ih", G), ("hh", G), ("cell", H)) for k in ("weight", "bias")}})
+    _check_variant_parameters(params, variant, {"w_peephole": "peepholes",
+                                                "w_gate": "full_gate_recurrence"})
     native_parts = 0
-    if backend == "native":
-        _check_native_loops("LSTM", x)
-    if backend != "portable" and native.supports(x):
+    if _native_loops(backend, x):
         # (W_gg is multiplied at every step as well: its bytes count towards the parts' L2.)
         native_parts = native.generic_parts(layout, params["w_hh"], params.get("w_gate"),
                                             itemsize=compute_dtype(x.dtype).itemsize)
@@ -190,7 +194,7 @@ def gru_layer_with_gates(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: Ste
     """`gru_layer`, also returning gates (N, 3H) = [r | z | n]: on the variants' native loops
     (`gru_variant_layer` with the plain GRUVariant) where `backend` runs native, else from the
     portable kernel's own stash."""
-    if backend == "native" or (backend == "auto" and native.supports(x)):
+    if _native_loops(backend, x):
         params = {"w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh}
         return gru_variant_layer(x, h0, params, {}, GRUVariant(), layout=layout,
                                  reverse=reverse, reset_after=reset_after, backend=backend)
@@ -209,8 +213,9 @@ def gru_variant_layer(x, h0, params: dict, masks: dict, variant, *, layout: Step
     Returns out (N, H), h_T (B, H), gates (N, 3H) = [r | z | n] (may be empty with `gates`
     False, as lstm_variant_layer's).
 
-    The step loops are native on the CPU (`backend` "auto" where the native module is there,
-    or "native"; every variant in either reset form, gate traces included), else portable.
+    The step loops are native on the CPU (`backend` "auto" or "native", where the native
+    module is there; every variant in either reset form, gate traces included), else portable.
+    ln_* may be given only with layer norm.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -219,13 +224,14 @@ def gru_variant_layer(x, h0, params: dict, masks: dict, variant, *, layout: Step
         raise ValueError(f"unknown GRU-variant arguments {sorted(unknown)}; expected some of "
                          f"{_GRU_VARIANT_PARAMETERS + _GRU_VARIANT_MASKS}")
     G = 3 * h0.shape[1]
+    _check_shapes({"x": x, "h0": h0}, {"x": (layout.rows, x.shape[1]),
+                                       "h0": (layout.batch, h0.shape[1])})
     _check_shapes(params, {"w_ih": (G, x.shape[1]), "w_hh": (G, h0.shape[1]), "b_ih": (G,),
                            "b_hh": (G,), **{f"ln_{stem}_{k}": (G,) for stem in ("ih", "hh")
                                             for k in ("weight", "bias")}})
-    if backend == "native":
-        _check_native_loops("GRU", x)
+    _check_variant_parameters(params, variant, {})
     native_parts = 0
-    if backend != "portable" and native.supports(x):
+    if _native_loops(backend, x):
         native_parts = native.generic_parts(layout, params["w_hh"],
                                             itemsize=compute_dtype(x.dtype).itemsize)
     save = gates or native.needs_autograd((x, h0, *params.values()))
@@ -244,13 +250,28 @@ def _check_shapes(params: dict, shapes: dict) -> None:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
 
-def _check_native_loops(family: str, x) -> None:
-    """backend="native" for a variant layer: a ValueError unless its loops can run natively."""
-    native.check_device(x)
-    if not native.available():
-        raise ValueError(f"the native {family} variants need the native module, which is "
-                         f"unavailable ({native.unavailable_reason()}): use backend='auto' or "
-                         "'portable'")
+def _check_variant_parameters(params: dict, variant, options: dict) -> None:
+    """A variant's own parameters against the variant: each of `options` (parameter -> the
+    variant's flag) given exactly when its flag is on, and layer norm's only with it (both
+    kernels would read a parameter the variant says is off, or miss one it needs)."""
+    for name, flag in options.items():
+        if (params.get(name) is not None) != bool(getattr(variant, flag)):
+            state = "without" if params.get(name) is None else "with"
+            raise ValueError(f"{name} given {state} {flag}={getattr(variant, flag)}: the variant "
+                             f"needs it exactly when {flag} is on")
+    given = sorted(k for k, t in params.items() if k.startswith("ln_") and t is not None)
+    if given and not variant.layer_norm:
+        raise ValueError(f"layer-norm parameters {given} given with layer_norm=False")
+
+
+def _native_loops(backend: str, x) -> bool:
+    """Whether a variant layer (or a gate trace) runs the native loops: backend "auto" or
+    "native" where the native module runs x. Without the module the portable loops run, as
+    the plain layers do (native's one warning says why); "native" for another device is a
+    ValueError."""
+    if backend == "native":
+        native.check_device(x)
+    return backend != "portable" and native.supports(x)
 
 
 def rnn_layer(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, *, layout: StepLayout,

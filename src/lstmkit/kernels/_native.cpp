@@ -1207,10 +1207,14 @@ struct RecurrentDropout {
 // the core overlaps, where one block at a time waited on its divisions' latency. W = 2 against
 // one block at a time, forward, interleaved medians: batch 32 / hidden 128 0.970, 64 / 128
 // 0.969, 32 / 512 0.992 (W = 4 in a first version: 0.962, 0.978, 0.995, and 64 / 512 1.013).
+// With zoneout_c (`zone`, row `row`, the first block at unit j) the state c keeps
+// c~ + z (c_prev - c~), and h's tanh reads c~.
 template <int W>
 __attribute__((always_inline)) inline void ratio_cells(const V<float> (&a)[W][4], float* c,
                                                        int n, float* saved, i64 H,
-                                                       V<float> (&m)[W]) {
+                                                       V<float> (&m)[W],
+                                                       const ZoneoutMask<float>& zone, i64 row,
+                                                       i64 j) {
   constexpr int L = Vec<float>::L;
   V<float> d_i[W], d_f[W], d_o[W], cn[W];
   Ratio g[W];
@@ -1222,8 +1226,9 @@ __attribute__((always_inline)) inline void ratio_cells(const V<float> (&a)[W][4]
   }
   for (int w = 0; w < W; ++w) {
     V<float> d_ig = d_i[w] * g[w].den;
-    cn[w] = (load(c + w * L, n) * d_ig + g[w].num * d_f[w]) / (d_f[w] * d_ig);
-    store(c + w * L, cn[w], n);
+    const V<float> c_prev = load(c + w * L, n);
+    cn[w] = (c_prev * d_ig + g[w].num * d_f[w]) / (d_f[w] * d_ig);
+    store(c + w * L, zone ? zone.mix(row, j + w * L, cn[w], c_prev, n) : cn[w], n);
   }
   if (saved) {
     const V<float> one = splat(1.0f);
@@ -1363,7 +1368,7 @@ struct LSTMForwardGates {
   __attribute__((always_inline)) inline void cell_blocks(i64 b, i64 row, i64 jb,
                                                          const V<S> (&acc)[W][4], int n,
                                                          V<S> (&m)[W]) const {
-    if (form == 0 && !peep && !zone_c && !q_state) return standard<W>(b, row, jb, acc, n, m);
+    if (form == 0 && !peep && !q_state) return standard<W>(b, row, jb, acc, n, m);
     for (int w = 0; w < W; ++w) m[w] = general(b, row, jb + w, acc[w]);
   }
   // The cell over every unit block of row b (global row `row`), two full blocks at a time (see
@@ -1404,7 +1409,7 @@ struct LSTMForwardGates {
         for (int q = 0; q < 4; ++q) a[w][q] += load(x + q * H + j + w * L, n);
     S* gr = gates ? gates + row * 4 * H + j : nullptr;
     if constexpr (std::is_same_v<S, float>) {
-      ratio_cells<W>(a, cb, n, gr, H, m);
+      ratio_cells<W>(a, cb, n, gr, H, m, zone_c, row, j);
       if (gates)
         for (int w = 0; w < W; ++w) store(cells + row * H + j + w * L, load(cb + w * L, n), n);
     } else {
@@ -1412,12 +1417,13 @@ struct LSTMForwardGates {
         V<S> i = vsigmoid(a[w][0]), f = vsigmoid(a[w][1]), g = vtanh(a[w][2]);
         V<S> o = vsigmoid(a[w][3]);
         S* cw = cb + w * L;
-        V<S> cn = f * load(cw, n) + i * g;
-        store(cw, cn, n);
+        const V<S> c_prev = load(cw, n), cn = f * c_prev + i * g;
+        const V<S> c_state = zone_c ? zone_c.mix(row, j + w * L, cn, c_prev, n) : cn;
+        store(cw, c_state, n);
         if (gates) {
           S* gw = gr + w * L;
           store(gw, i, n); store(gw + H, f, n); store(gw + 2 * H, g, n); store(gw + 3 * H, o, n);
-          store(cells + row * H + j + w * L, cn, n);
+          store(cells + row * H + j + w * L, c_state, n);
         }
         m[w] = o * vtanh(cn);
       }
@@ -1776,14 +1782,16 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
 // With zoneout (c = c~ + z_c (c_prev - c~), h = m + z_h (h_prev - m)) dh and dc are the
 // gradients reaching the zoned h and c: m gets (1 - z_h) dh and h_prev z_h dh (kept in dh_carry
 // (B, H) for the step before, then dh0), c~ gets (1 - z_c) dc and c_prev z_c dc; c~ (which
-// psi and the output peephole saw) is recomputed as f c_prev + i g.
+// psi and the output peephole saw) is recomputed as f c_prev + i g. With a projection zoneout_h
+// mixes the projected h instead: lstm_backward's generic driver splits the gradient reaching it
+// (a (B, P) carry) before W_hr's product, and the gate math has no zone_h.
 template <typename S>
 struct LSTMBackwardGates {
   const S* gates; const S* cells; const S* c0; S* dc; S* d_gates; const Steps* st; i64 H;
   const S* peep = nullptr;                                   // (3H) peephole weights, or none
   int form = 0;                                              // as LSTMForwardGates's
   ZoneoutMask<S> zone_c, zone_h;                             // zoneout, or none
-  S* dh_carry = nullptr;                                     // (B, P) with zone_h
+  S* dh_carry = nullptr;                                     // (B, H) with zone_h
   LayerNorms<S> ln;                                          // layer norm (its saved rows)
   S* d_product = nullptr;            // with ln: (N, 4H), the gradient of the product before LN
   S* d_cell_norm = nullptr;          // with ln: (N, H), the gradient of LN_c(c~)
@@ -1800,8 +1808,24 @@ struct LSTMBackwardGates {
   // n: the block's width, min(L, H - jb L) (see for_unit_blocks).
   __attribute__((always_inline)) inline void operator()(i64 t, i64 b, i64 jb, V<S> dm,
                                                         int n) const {
-    if (form == 0 && !peep && !zone_c && !zone_h && !dq) return standard(t, b, jb, dm, n);
+    if (form == 0 && !peep && !dq) return standard(t, b, jb, dm, n);
     general(t, b, jb, dm, n);
+  }
+  // zoneout_h: dh = dm as it arrived plus the next step's share (in dh_carry); keeps z dh there
+  // for the step before and returns (1 - z) dh, m's.
+  __attribute__((always_inline)) inline V<S> zoned_dm(i64 b, i64 row, i64 j, V<S> dm,
+                                                      int n) const {
+    if (!zone_h) return dm;
+    S* carry = dh_carry + b * H + j;
+    const V<S> dh = dm + load(carry, n), kept = dh * zone_h.at(row, j, n);
+    store(carry, kept, n);
+    return dh - kept;
+  }
+  // zoneout_c: splits dc into (1 - z) dc, c~'s (returned), and z dc, c_prev's (`kept`).
+  __attribute__((always_inline)) inline V<S> zoned_dc(i64 row, i64 j, V<S> dc, V<S>& kept,
+                                                      int n) const {
+    kept = zone_c ? dc * zone_c.at(row, j, n) : V<S>{};
+    return dc - kept;
   }
   // What the backward of row b of step t, block jb, reads: the saved gates and cells, c_prev,
   // and where dc and the gate gradients go.
@@ -1825,13 +1849,17 @@ struct LSTMBackwardGates {
   __attribute__((always_inline)) inline void standard(i64 t, i64 b, i64 jb, V<S> dm,
                                                       int n) const {
     const Saved k = saved(t, b, jb, n);
-    const V<S> one = splat(S(1)), s = vtanh(k.c);
-    V<S> dct = load(k.dc, n) + dm * k.o * (one - s * s);
+    const i64 row = st->offset[t] + b;
+    dm = zoned_dm(b, row, k.j, dm, n);
+    V<S> dc_kept;
+    const V<S> dc_in = zoned_dc(row, k.j, load(k.dc, n), dc_kept, n);
+    const V<S> one = splat(S(1)), s = vtanh(zone_c ? k.f * k.c_prev + k.i * k.g : k.c);  // c~
+    V<S> dct = dc_in + dm * k.o * (one - s * s);
     store(k.da, dct * k.g * k.i * (one - k.i), n);
     store(k.da + H, dct * k.c_prev * k.f * (one - k.f), n);
     store(k.da + 2 * H, dct * k.i * (one - k.g * k.g), n);
     store(k.da + 3 * H, dm * s * k.o * (one - k.o), n);
-    store(k.dc, dct * k.f, n);
+    store(k.dc, dct * k.f + dc_kept, n);
   }
   // Row b of step t with layer norm (see LayerNorms), dm_row its dm (H units): with
   // x_c = (c~ - mean_c) rstd_c and s = psi(gain_c x_c + beta_c),
@@ -1855,13 +1883,7 @@ struct LSTMBackwardGates {
     V<S> sum_g{}, sum_gx{};
     for_unit_blocks<S>(H, [&](i64 jb, int n) __attribute__((always_inline)) {
       const i64 j = jb * L;
-      V<S> dm = load(dm_row + j, n);
-      if (zone_h) {                            // as general's
-        S* carry = dh_carry + b * H + j;
-        const V<S> dh = dm + load(carry, n), kept = dh * zone_h.at(row, j, n);
-        store(carry, kept, n);
-        dm = dh - kept;
-      }
+      const V<S> dm = zoned_dm(b, row, j, load(dm_row + j, n), n);
       const V<S> o = load(gr + 3 * H + j, n), s = load(s_row + j, n);
       const V<S> dnv = dm * o * cell_slope<S>(act.output, s);
       store(dn + j, dnv, n);
@@ -1876,11 +1898,8 @@ struct LSTMBackwardGates {
       const Saved k = saved(t, b, jb, n);
       const i64 j = k.j;
       const V<S> i = k.i, f = k.f, g = k.g, c_prev = k.c_prev;
-      V<S> dc_in = load(k.dc, n), dc_kept{};
-      if (zone_c) {
-        dc_kept = dc_in * zone_c.at(row, j, n);
-        dc_in = dc_in - dc_kept;
-      }
+      V<S> dc_kept;
+      const V<S> dc_in = zoned_dc(row, j, load(k.dc, n), dc_kept, n);
       const V<S> x = (load(cand + j, n) - mean_c) * rstd_c;
       V<S> dct = dc_in + rstd_c * (load(dn + j, n) * LayerNorms<S>::gain(ln.gain_c, j, n) - mg -
                                    x * mgx);
@@ -1895,8 +1914,7 @@ struct LSTMBackwardGates {
       store(k.da + 2 * H, dct * i * cell_slope<S>(act.cell, g), n);
       V<S> dc_prev = dct * f;
       if (peep) dc_prev += da_i * load(peep + j, n) + da_f * load(peep + H + j, n);
-      if (zone_c) dc_prev += dc_kept;
-      store(k.dc, dc_prev, n);
+      store(k.dc, dc_prev + dc_kept, n);
     });
     LayerNorms<S>::normalize_backward(da, ln.h_pre + row * 4 * H, 4 * H, ln.mean_h[row],
                                       ln.rstd_h[row], ln.gain_h, d_product + row * 4 * H);
@@ -1909,17 +1927,9 @@ struct LSTMBackwardGates {
     S* da = k.da;
     const CellForm act(form);
     const bool cifg = form & GATE_CIFG;
-    if (zone_h) {                              // dh = dm as it arrived, plus h_next's share
-      S* carry = dh_carry + b * H + j;
-      const V<S> dh = dm + load(carry, n), kept = dh * zone_h.at(row, j, n);
-      store(carry, kept, n);
-      dm = dh - kept;
-    }
-    V<S> dc_in = load(dcb, n), dc_kept{};
-    if (zone_c) {
-      dc_kept = dc_in * zone_c.at(row, j, n);
-      dc_in = dc_in - dc_kept;
-    }
+    dm = zoned_dm(b, row, j, dm, n);
+    V<S> dc_kept;
+    const V<S> dc_in = zoned_dc(row, j, load(dcb, n), dc_kept, n);
     const V<S> c_cell = zone_c ? f * c_prev + i * g : k.c;                       // c~
     V<S> s = cell_activation<S>(act.output, c_cell);                             // psi(c~)
     V<S> dct = dc_in + dm * o * cell_slope<S>(act.output, s);
@@ -1936,8 +1946,7 @@ struct LSTMBackwardGates {
     store(da + 3 * H, da_o, n);
     V<S> dc_prev = dct * f;
     if (peep) dc_prev += da_i * load(peep + j, n) + da_f * load(peep + H + j, n);
-    if (zone_c) dc_prev += dc_kept;
-    store(dcb, dc_prev, n);
+    store(dcb, dc_prev + dc_kept, n);
   }
 };
 
@@ -3384,6 +3393,15 @@ Tensor checked_recurrent_mask(const c10::optional<Tensor>& mask, const Tensor& h
   return d;
 }
 
+// The layers' batch sizes against x's rows and h0's batch (what the loops read), else a
+// ValueError.
+void check_steps(const Steps& st, const Tensor& x, const Tensor& h0) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && h0.dim() == 2 && st.rows == x.size(0) &&
+                        st.batch == h0.size(0),
+                    "batch_sizes (", st.rows, " rows, batch ", st.batch, ") do not fit x's ",
+                    x.sizes(), " and h0's ", h0.sizes());
+}
+
 // One LSTM layer, one direction: x (N, I) -> out (N, P), h_T, c_T, gates, cells (see
 // lstm_forward). With input_in_step (generic driver, no projection) the input is multiplied
 // inside each step's product; else projected for all steps first. zoneout_h (N or 1, P),
@@ -3400,12 +3418,15 @@ std::vector<Tensor> lstm_layer_forward(Tensor x, c10::optional<Tensor> b_ih,
                                        c10::optional<Tensor> recurrent) {
   check_cpu(x, "x");
   check_layer_weights(4, x, c0.size(1), h0.size(1), w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole);
+  TORCH_CHECK_VALUE(c0.dim() == 2 && h0.dim() == 2 && c0.size(0) == h0.size(0),
+                    "c0 must have h0's batch ", h0.size(0), ", got ", c0.sizes());
   Tensor zone_h = checked_zoneout_mask("zoneout_h", zoneout_h, x, h0.size(1));
   Tensor zone_c = checked_zoneout_mask("zoneout_c", zoneout_c, x, c0.size(1));
   Tensor dropout = checked_recurrent_mask(recurrent, h0);
   for (auto* t : {&h0, &c0, &w_ih, &w_hh}) *t = t->contiguous();
   Tensor bias = bias_sum(optional_contiguous(b_ih), optional_contiguous(b_hh));
   Steps st(batch_sizes, reverse);
+  check_steps(st, x, h0);
   // At batch 1 the fused driver (parts 0) projects the input itself (see lstm_forward).
   // Interleaved medians, forward ms, MKL's projection vs the workers': hidden 64 0.153 vs
   // 0.142, 256 0.701 vs 0.653; at batch 2 / hidden 256 0.884 vs 0.911, at batch 6 / hidden 64
@@ -3641,6 +3662,7 @@ std::vector<Tensor> rnn_layer_forward(Tensor x, c10::optional<Tensor> b_ih,
   for (auto* t : {&h0, &w_hh}) *t = t->contiguous();
   Tensor bias = bias_sum(optional_contiguous(b_ih), optional_contiguous(b_hh));
   Steps st(batch_sizes, reverse);
+  check_steps(st, x, h0);
   Tensor xproj = input_projection(x, w_ih);
   return LSTMKIT_DISPATCH(x.scalar_type(), [&] {
     return rnn_forward<scalar>(xproj, bias, h0, w_hh, st, relu, parts);
@@ -3859,6 +3881,11 @@ std::vector<Tensor> lstm_variant_loops_forward(
                     "lstm_variant_loops_forward: layer-norm parameters given with "
                     "layer_norm=False");
   const Tensor gate_weights = checked_gate_recurrence(w_gate, q0, h0, H, xproj.scalar_type());
+  TORCH_CHECK_VALUE(!q0.has_value() || q0->scalar_type() == xproj.scalar_type(),
+                    "q0 must be of x's dtype ", xproj.scalar_type(), ", got ", q0->scalar_type());
+  std::string wrong;
+  expect_shape(wrong, "c0", c0, {B, H});                     // (h0 gives B; c0 is read for B)
+  TORCH_CHECK_VALUE(wrong.empty(), "lstm_variant_loops_forward: ", wrong);
   TORCH_CHECK_VALUE(parts >= 1, "lstm_variant_loops_forward: parts must be >= 1, got ", parts);
   Tensor zone_h = checked_zoneout_mask("zoneout_h", zoneout_h, xproj, P);
   Tensor zone_c = checked_zoneout_mask("zoneout_c", zoneout_c, xproj, H);
@@ -4108,6 +4135,7 @@ std::vector<Tensor> gru_layer_forward(Tensor x, c10::optional<Tensor> b_ih,
   Tensor dropout = checked_recurrent_mask(recurrent, h0);
   for (auto* t : {&h0, &w_hh}) *t = t->contiguous();
   Steps st(batch_sizes, reverse);
+  check_steps(st, x, h0);
   Tensor gi = input_projection(x, w_ih);
   return LSTMKIT_DISPATCH(x.scalar_type(), [&] {
     // torch.nn's activations (form 0) on the drivers compiled without the branch on form.
@@ -4482,6 +4510,40 @@ void products_py(std::vector<Tensor> outs, std::vector<Tensor> as, std::vector<T
   jobs.run();
 }
 
+// Masks of independent Bernoulli(p) draws, 0 or 1 (zoneout's and recurrent dropout's), (rows,
+// cols) of like's dtype: element k is 1 where u_k < p, u_k the top 24 bits of the k-th output
+// of SplitMix64 (Steele et al. 2014: state seed + (k + 1) golden, then its mixing function; it
+// passes BigCrush), a uniform in [0, 1) on a 2^-24 grid. Counter-based, so the elements are
+// drawn in parallel and the result does not depend on the threads. torch.bernoulli draws one
+// element at a time from one stream: 20 ms for the two zoneout masks of a layer at batch 64 /
+// hidden 512 / length 100, most of what zoneout added to a training step there.
+Tensor bernoulli_mask_py(i64 rows, i64 cols, double p, int64_t seed, const Tensor& like) {
+  TORCH_CHECK_VALUE(rows >= 0 && cols >= 0, "bernoulli_mask: rows and cols must be >= 0, got ",
+                    rows, " and ", cols);
+  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, "bernoulli_mask: p must be in [0, 1], got ", p);
+  const at::ScalarType type = like.scalar_type();
+  const bool direct = type == at::kFloat || type == at::kDouble;
+  Tensor mask = pooled_empty({rows, cols}, like.options().dtype(direct ? type : at::kFloat));
+  // u < p with u = m 2^-24, m an integer below 2^24: m < ceil(p 2^24), exactly.
+  const uint64_t threshold = (uint64_t)std::ceil(p * 16777216.0);
+  const uint64_t base = (uint64_t)seed;
+  constexpr uint64_t golden = 0x9E3779B97F4A7C15ull;
+  dispatch(mask.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    T* out = mask.data_ptr<T>();
+    at::parallel_for(0, rows * cols, 1 << 16, [&](i64 k0, i64 k1) {
+      for (i64 k = k0; k < k1; ++k) {
+        uint64_t z = base + (uint64_t)(k + 1) * golden;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        out[k] = (z >> 40) < threshold ? T(1) : T(0);
+      }
+    });
+  });
+  return direct ? mask : mask.to(type);
+}
+
 // For the benchmark's products bound (bench.products_seconds): `steps` times out = a @ b, a
 // (B, K), b (K, N), as the generic driver multiplies: MKL's packed GEMM with b packed once
 // (at::mm without it), the rows in `parts` independent per-thread parts (1: each product split
@@ -4532,6 +4594,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cell_step_if", &cell_step_if_py);
   m.def("previous_rows", &previous_rows_py);
   m.def("products", &products_py);
+  m.def("bernoulli_mask", &bernoulli_mask_py);
   m.def("step_products", &step_products_py);
   m.def("pooled_empty", [](std::vector<i64> sizes, const Tensor& like) {
     return pooled_empty(sizes, like.options());

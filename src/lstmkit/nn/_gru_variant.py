@@ -3,13 +3,15 @@ parameters it needs, their initialisation, and the random masks of its regularis
 (DropConnect is `_lstm_variant.drop_connect`).
 
 Masks come from torch's global generator (as `torch.nn.functional.dropout`), so
-`torch.manual_seed` makes a training run reproducible.
+`torch.manual_seed` makes a training run reproducible: on the CPU through one seed for the
+native module's counter-based draw (`kernels.native.bernoulli_mask`), elsewhere
+torch.bernoulli.
 """
 
 import torch
 from torch import nn
 
-from ..kernels import StepLayout
+from ..kernels import StepLayout, native
 from ..reference.variant import GRUVariant
 
 
@@ -65,16 +67,16 @@ def draw_masks(variant: GRUVariant, training: bool, layout: StepLayout, like: to
     (1, H) tensor filled with the rate (Krueger et al. 2016); recurrent dropout is off.
     """
     masks = {}
-    factory = {"dtype": like.dtype, "device": like.device}
     rate = variant.zoneout_h
-    if rate and (training or variant.zoneout_eval == "expectation"):
-        rows = layout.rows if training else 1
-        probability = torch.full((rows, hidden_size), rate, **factory)
-        masks["zoneout_h"] = torch.bernoulli(probability) if training else probability
+    if rate and training:
+        masks["zoneout_h"] = native.bernoulli_mask(layout.rows, hidden_size, rate, like)
+    elif rate and variant.zoneout_eval == "expectation":
+        masks["zoneout_h"] = torch.full((1, hidden_size), rate, dtype=like.dtype,
+                                        device=like.device)
     if variant.recurrent_dropout and training:
         keep = 1.0 - variant.recurrent_dropout
-        masks["recurrent"] = torch.bernoulli(
-            torch.full((layout.batch, hidden_size), keep, **factory)).div_(keep)
+        masks["recurrent"] = native.bernoulli_mask(layout.batch, hidden_size, keep,
+                                                   like).div_(keep)
     return masks
 
 

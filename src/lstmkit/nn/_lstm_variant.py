@@ -2,13 +2,15 @@
 parameters it needs, their initialisation, and the random masks of its regularisers.
 
 Masks come from torch's global generator (as `torch.nn.functional.dropout`), so
-`torch.manual_seed` makes a training run reproducible.
+`torch.manual_seed` makes a training run reproducible: on the CPU through one seed for the
+native module's counter-based draw (`kernels.native.bernoulli_mask`), elsewhere
+torch.bernoulli.
 """
 
 import torch
 from torch import nn
 
-from ..kernels import StepLayout
+from ..kernels import StepLayout, native
 from ..reference.variant import CELL_FORM_FIELDS, LSTMVariant
 
 
@@ -98,17 +100,15 @@ def draw_masks(variant: LSTMVariant, training: bool, layout: StepLayout, like: t
     (1, F) tensor filled with the rate (Krueger et al. 2016); recurrent dropout is off.
     """
     masks = {}
-    factory = {"dtype": like.dtype, "device": like.device}
     for name, rate, size in (("zoneout_h", variant.zoneout_h, out_size),
                              ("zoneout_c", variant.zoneout_c, hidden_size)):
-        if rate and (training or variant.zoneout_eval == "expectation"):
-            rows = layout.rows if training else 1
-            probability = torch.full((rows, size), rate, **factory)
-            masks[name] = torch.bernoulli(probability) if training else probability
+        if rate and training:
+            masks[name] = native.bernoulli_mask(layout.rows, size, rate, like)
+        elif rate and variant.zoneout_eval == "expectation":
+            masks[name] = torch.full((1, size), rate, dtype=like.dtype, device=like.device)
     if variant.recurrent_dropout and training:
         keep = 1.0 - variant.recurrent_dropout
-        masks["recurrent"] = torch.bernoulli(
-            torch.full((layout.batch, out_size), keep, **factory)).div_(keep)
+        masks["recurrent"] = native.bernoulli_mask(layout.batch, out_size, keep, like).div_(keep)
     return masks
 
 
