@@ -35,6 +35,14 @@ def backend(request):
     return request.param
 
 
+@pytest.fixture
+def same_masks(monkeypatch):
+    """Layers on every backend draw their masks with torch.bernoulli (on the native backend
+    they draw them natively, from another stream): a native and a portable module given the
+    same seed then run on the same masks."""
+    monkeypatch.setattr(lstmkit.kernels.native, "NATIVE_MASKS", False)
+
+
 def interrupt_forecaster_training(monkeypatch, epoch):
     """Make the forecaster's training loop raise KeyboardInterrupt (as Ctrl-C would) when
     `epoch` ends. Returns a function that puts the real loop back."""

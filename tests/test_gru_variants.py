@@ -155,7 +155,7 @@ def test_native_layer_norm_loops_in_float32(H, reset_after):
 
 
 @RESET
-def test_native_layer_norm_module_matches_portable(reset_after):
+def test_native_layer_norm_module_matches_portable(reset_after, same_masks):
     """lstmkit.GRU with layer norm, two bidirectional layers, packed sequences, training
     masks: the native loops against the portable ones, the same masks from the same seed."""
     variant = GRUVariant(layer_norm=True, zoneout_h=0.2, recurrent_dropout=0.2, weight_drop=0.1,

@@ -128,7 +128,7 @@ def test_lstm_trace_function_gradcheck():
     ("GRU", {}), ("GRU", {"reset_after": False}),
     ("GRU", {"variant": lstmkit.GRUVariant(zoneout_h=0.2, candidate_activation="softsign")}),
 ], ids=["lstm", "lstm-projection", "lstm-variant", "gru", "gru-reset-before", "gru-variant"])
-def test_native_traces_match_portable(module, options):
+def test_native_traces_match_portable(module, options, same_masks):
     """Traces on the variants' native loops (backend "auto" on the CPU), the plain cells' and
     the elementwise variants' alike: the portable traces' gates, outputs and gradients, two
     layers, both directions, in training (the same masks from the same seed)."""

@@ -338,7 +338,7 @@ def test_native_variant_loops_gradcheck(variant, project, masked):
                                           leaf(B, 3 * H, offset=0.5), *params.values()))
 
 
-def test_native_layer_norm_module_matches_portable():
+def test_native_layer_norm_module_matches_portable(same_masks):
     """lstmkit.LSTM with layer norm, two bidirectional layers, packed sequences, training
     masks: the native loops against the portable ones, the same masks from the same seed."""
     variant = LSTMVariant(layer_norm=True, peepholes=True, zoneout_h=0.2, zoneout_c=0.1,

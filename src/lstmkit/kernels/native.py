@@ -209,15 +209,21 @@ def pooled_empty(shape, like: torch.Tensor) -> torch.Tensor:
     return module().pooled_empty(list(shape), like)
 
 
-def bernoulli_mask(rows: int, cols: int, p: float, like: torch.Tensor) -> torch.Tensor:
+# Whether layers on the native backend draw their masks with the native module (tests that
+# compare a native and a portable module on the same masks turn it off).
+NATIVE_MASKS = True
+
+
+def bernoulli_mask(rows: int, cols: int, p: float, like: torch.Tensor,
+                   backend: str = "auto") -> torch.Tensor:
     """(rows, cols) of like's dtype and device, each element 1 with probability p, else 0,
     independently, drawn from torch's global generator (so torch.manual_seed makes it
-    reproducible). On the CPU with the native module (whichever backend the caller runs, so
-    that both draw the same masks): its counter-based draw (bernoulli_mask in _native.cpp),
-    seeded by one number from torch's generator, about 25x faster than torch.bernoulli with
-    two threads; elsewhere torch.bernoulli."""
-    if like.device.type == "cpu" and available():
-        seed = int(torch.randint(0, 2**62, ()))
+    reproducible). For a layer whose backend runs native on the CPU ("auto" or "native", the
+    native module there): the module's counter-based draw (bernoulli_mask in _native.cpp),
+    seeded by one number from torch's CPU generator, about 25x faster than torch.bernoulli with
+    two threads; otherwise ("portable", another device, no native module) torch.bernoulli."""
+    if NATIVE_MASKS and backend != "portable" and like.device.type == "cpu" and available():
+        seed = int(torch.randint(0, 2**62, (), device="cpu"))
         return module().bernoulli_mask(rows, cols, float(p), seed, like)
     return torch.bernoulli(torch.full((rows, cols), p, dtype=like.dtype, device=like.device))
 

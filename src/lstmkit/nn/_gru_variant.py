@@ -3,9 +3,9 @@ parameters it needs, their initialisation, and the random masks of its regularis
 (DropConnect is `_lstm_variant.drop_connect`).
 
 Masks come from torch's global generator (as `torch.nn.functional.dropout`), so
-`torch.manual_seed` makes a training run reproducible: on the CPU through one seed for the
-native module's counter-based draw (`kernels.native.bernoulli_mask`), elsewhere
-torch.bernoulli.
+`torch.manual_seed` makes a training run reproducible: for a layer on the native backend
+through one seed for the native module's counter-based draw (`kernels.native.bernoulli_mask`),
+else torch.bernoulli.
 """
 
 import torch
@@ -60,7 +60,7 @@ def initialise(weights: dict, variant: GRUVariant, hidden_size: int) -> None:
 
 
 def draw_masks(variant: GRUVariant, training: bool, layout: StepLayout, like: torch.Tensor,
-               hidden_size: int) -> dict:
+               hidden_size: int, backend: str = "auto") -> dict:
     """Masks for one layer and direction: zoneout_h (N, H), recurrent (B, H).
 
     In eval, zoneout is off, or with zoneout_eval="expectation" uses its expectation, a
@@ -69,14 +69,14 @@ def draw_masks(variant: GRUVariant, training: bool, layout: StepLayout, like: to
     masks = {}
     rate = variant.zoneout_h
     if rate and training:
-        masks["zoneout_h"] = native.bernoulli_mask(layout.rows, hidden_size, rate, like)
+        masks["zoneout_h"] = native.bernoulli_mask(layout.rows, hidden_size, rate, like, backend)
     elif rate and variant.zoneout_eval == "expectation":
         masks["zoneout_h"] = torch.full((1, hidden_size), rate, dtype=like.dtype,
                                         device=like.device)
     if variant.recurrent_dropout and training:
         keep = 1.0 - variant.recurrent_dropout
-        masks["recurrent"] = native.bernoulli_mask(layout.batch, hidden_size, keep,
-                                                   like).div_(keep)
+        masks["recurrent"] = native.bernoulli_mask(layout.batch, hidden_size, keep, like,
+                                                   backend).div_(keep)
     return masks
 
 

@@ -2,9 +2,9 @@
 parameters it needs, their initialisation, and the random masks of its regularisers.
 
 Masks come from torch's global generator (as `torch.nn.functional.dropout`), so
-`torch.manual_seed` makes a training run reproducible: on the CPU through one seed for the
-native module's counter-based draw (`kernels.native.bernoulli_mask`), elsewhere
-torch.bernoulli.
+`torch.manual_seed` makes a training run reproducible: for a layer on the native backend
+through one seed for the native module's counter-based draw (`kernels.native.bernoulli_mask`),
+else torch.bernoulli.
 """
 
 import torch
@@ -93,7 +93,7 @@ def drop_connect(w_hh: torch.Tensor, rate: float) -> torch.Tensor:
 
 
 def draw_masks(variant: LSTMVariant, training: bool, layout: StepLayout, like: torch.Tensor,
-               out_size: int, hidden_size: int) -> dict:
+               out_size: int, hidden_size: int, backend: str = "auto") -> dict:
     """Masks for one layer and direction: zoneout_h (N, P), zoneout_c (N, H), recurrent (B, P).
 
     In eval, zoneout is off, or with zoneout_eval="expectation" uses its expectation, a
@@ -103,12 +103,13 @@ def draw_masks(variant: LSTMVariant, training: bool, layout: StepLayout, like: t
     for name, rate, size in (("zoneout_h", variant.zoneout_h, out_size),
                              ("zoneout_c", variant.zoneout_c, hidden_size)):
         if rate and training:
-            masks[name] = native.bernoulli_mask(layout.rows, size, rate, like)
+            masks[name] = native.bernoulli_mask(layout.rows, size, rate, like, backend)
         elif rate and variant.zoneout_eval == "expectation":
             masks[name] = torch.full((1, size), rate, dtype=like.dtype, device=like.device)
     if variant.recurrent_dropout and training:
         keep = 1.0 - variant.recurrent_dropout
-        masks["recurrent"] = native.bernoulli_mask(layout.batch, out_size, keep, like).div_(keep)
+        masks["recurrent"] = native.bernoulli_mask(layout.batch, out_size, keep, like,
+                                                   backend).div_(keep)
     return masks
 
 

@@ -175,7 +175,7 @@ class LSTMCell(_CellBase):
         h0, c0 = states
         options = _lstm_variant.lstm_layer_options(self.variant, self.training)
         masks = {} if options == {} else _lstm_variant.draw_masks(
-            self.variant, self.training, layout, x, h0.shape[1], c0.shape[1])
+            self.variant, self.training, layout, x, h0.shape[1], c0.shape[1], self.backend)
         if options is not None:
             return kernels.lstm_layer(x, h0, c0, **self._weights(), **options, **masks,
                                       layout=layout, backend=self.backend)
@@ -237,7 +237,7 @@ class GRUCell(_CellBase):
         # The plain cell, the activations, zoneout: gru_layer, native where it can; layer norm
         # the variant kernel's Function (its step loops native where they can).
         masks = _gru_variant.draw_masks(self.variant, self.training, layout, x,
-                                        self.hidden_size) \
+                                        self.hidden_size, self.backend) \
             if _gru_variant.uses_variant_kernel(self.variant, self.training) else {}
         options = _gru_variant.gru_layer_options(self.variant)
         if options is not None:

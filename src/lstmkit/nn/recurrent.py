@@ -582,7 +582,7 @@ class LSTM(_RecurrentBase):
         q_T = None
         options = _lstm_variant.lstm_layer_options(v, self.training)
         masks = {} if options == {} else _lstm_variant.draw_masks(
-            v, self.training, layout, x, h0.shape[1], c0.shape[1])
+            v, self.training, layout, x, h0.shape[1], c0.shape[1], self.backend)
         if not return_gates and options is not None:
             out, h_T, c_T = kernels.lstm_layer(x, h0, c0, **weights, **options, **masks,
                                                layout=layout, reverse=reverse,
@@ -692,7 +692,8 @@ class GRU(_RecurrentBase):
             weights = {**weights, "w_hh": _lstm_variant.drop_connect(weights["w_hh"],
                                                                      v.weight_drop)}
         varied = _gru_variant.uses_variant_kernel(v, self.training)
-        masks = _gru_variant.draw_masks(v, self.training, layout, x, self.hidden_size) \
+        masks = _gru_variant.draw_masks(v, self.training, layout, x, self.hidden_size,
+                                        self.backend) \
             if varied else {}
         options = _gru_variant.gru_layer_options(v)
         if not return_gates and options is not None:
