@@ -1359,9 +1359,10 @@ struct LSTMForwardGates {
     return zone_h ? zone_h.mix(row, j, m, load(h_prev, n), n) : m;
   }
   // Pre-activations of row b (global row `row`), block jb -> writes c and the saved tensors,
-  // returns m = o tanh(c) for the block. torch.nn's cell takes a straight-line copy inlined
-  // into the drivers' loops: the general one, branching on the form, kept the compiler from
-  // inlining it and spilled registers (LSTM forward batch 32 / hidden 256: 16% of the time).
+  // returns m = o tanh(c) for the block. torch.nn's cell (with zoneout's masks, if any) takes a
+  // straight-line copy inlined into the drivers' loops: the general one, branching on the form,
+  // kept the compiler from inlining it and spilled registers (LSTM forward batch 32 / hidden
+  // 256: 16% of the time).
   // W consecutive unit blocks from jb: acc[w] the products for block jb + w, m[w] its result;
   // n: the blocks' width, min(L, H - jb L) (L for all when W > 1; see for_unit_blocks).
   template <int W>
@@ -1804,7 +1805,8 @@ struct LSTMBackwardGates {
   // With CIFG, f = 1 - i: i's gradient is dc (g - c_prev), a_f gets none. A removed gate was
   // saved as 1, where both gate activations' slopes are 0: its pre-activation gets no gradient
   // with no test here.
-  // torch.nn's cell inlined, the others called (as LSTMForwardGates's).
+  // torch.nn's cell (with zoneout's masks, if any) inlined, the others called (as
+  // LSTMForwardGates's).
   // n: the block's width, min(L, H - jb L) (see for_unit_blocks).
   __attribute__((always_inline)) inline void operator()(i64 t, i64 b, i64 jb, V<S> dm,
                                                         int n) const {
