@@ -1450,7 +1450,7 @@ def test_modules_copy_their_output_only_where_the_layer_saved_it(family, dtype):
                         output_activation="softsign"),
 ], ids=["peepholes", "cifg", "peepholes-cifg-dropconnect", "peepholes-no-output-gate",
         "no-forget-gate", "activations"])
-def test_native_variant_lstm_module_matches_portable(variant):
+def test_native_variant_lstm_module_matches_portable(variant, same_masks):
     """Peepholes, CIFG and removed gates, with init-only options and DropConnect, run on the
     native kernels (both directions, two layers, training mode) with the portable variant
     kernel's results and gradients."""
@@ -1781,3 +1781,28 @@ def test_bernoulli_mask_from_torch_for_portable_layers(backend, monkeypatch):
         lstmkit.LSTM(3, 4, variant=variant, backend="portable").train()(torch.randn(5, 2, 3))
         gru = lstmkit.GRUVariant(zoneout_h=0.2, recurrent_dropout=0.2)
         lstmkit.GRU(3, 4, variant=gru, backend="portable").train()(torch.randn(5, 2, 3))
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3, 1.0])
+def test_native_dropout_is_f_dropout_in_distribution(rate):
+    """native.dropout, the modules' dropout between layers and DropConnect: each element zeroed
+    with probability `rate`, the rest scaled by 1 / (1 - rate), the gradient the mask; its mask
+    drawn natively for native layers (0 < rate < 1), F.dropout's own for portable ones."""
+    torch.manual_seed(3)
+    x = (torch.rand(2000, 500, dtype=torch.float64) + 0.5).requires_grad_()
+    y = native.dropout(x, rate, "auto")
+    kept = y != 0
+    assert abs(kept.double().mean().item() - (1 - rate)) <= 5 * (rate * (1 - rate) / 1e6) ** 0.5
+    if 0 < rate < 1:
+        torch.testing.assert_close(y[kept], x[kept] / (1 - rate), rtol=1e-15, atol=0)
+        y.sum().backward()
+        torch.testing.assert_close(x.grad, kept.double() / (1 - rate), rtol=1e-15, atol=0)
+        torch.manual_seed(3)
+        z = (torch.rand(2000, 500, dtype=torch.float64) + 0.5)
+        torch.manual_seed(9)
+        native_mask = native.dropout(z, rate, "auto") != 0
+        torch.manual_seed(9)
+        torch_mask = native.dropout(z, rate, "portable") != 0
+        assert not torch.equal(native_mask, torch_mask)        # two draws: native, F.dropout
+        torch.manual_seed(9)
+        assert torch.equal(torch_mask, torch.nn.functional.dropout(z, rate) != 0)

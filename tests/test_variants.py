@@ -764,7 +764,9 @@ def test_zoneout_is_off_in_eval_by_default_and_on_in_training():
         LSTMVariant(zoneout_eval="never")
 
 
-def test_mask_keep_rates():
+@pytest.mark.parametrize("backend", ["auto", "portable"])
+def test_mask_keep_rates(backend):
+    """The masks' rates, drawn natively ("auto") and by torch ("portable")."""
     from lstmkit.nn import _lstm_variant
 
     torch.manual_seed(0)
@@ -772,7 +774,7 @@ def test_mask_keep_rates():
     like = torch.empty(0, dtype=torch.float64)
     masks = _lstm_variant.draw_masks(LSTMVariant(zoneout_h=0.2, zoneout_c=0.7,
                                                  recurrent_dropout=0.3), True, layout, like,
-                                     40, 40)
+                                     40, 40, backend)
     n = 200 * 50 * 40
     for name, rate in (("zoneout_h", 0.2), ("zoneout_c", 0.7)):
         assert masks[name].shape == (200 * 50, 40)
@@ -782,7 +784,7 @@ def test_mask_keep_rates():
     assert set(recurrent.unique().tolist()) <= {0.0, 1 / 0.7}
     assert abs((recurrent > 0).double().mean().item() - 0.7) < 5 * math.sqrt(0.21 / 2000)
     w = torch.ones(400, 100, dtype=torch.float64)
-    dropped = _lstm_variant.drop_connect(w, 0.4)
+    dropped = _lstm_variant.drop_connect(w, 0.4, backend)
     assert abs((dropped > 0).double().mean().item() - 0.6) < 5 * math.sqrt(0.24 / 40000)
     assert set(dropped.unique().tolist()) <= {0.0, 1 / 0.6}
     assert _lstm_variant.draw_masks(LSTMVariant(zoneout_h=0.2, recurrent_dropout=0.3),

@@ -222,10 +222,26 @@ def bernoulli_mask(rows: int, cols: int, p: float, like: torch.Tensor,
     native module there): the module's counter-based draw (bernoulli_mask in _native.cpp),
     seeded by one number from torch's CPU generator, about 25x faster than torch.bernoulli with
     two threads; otherwise ("portable", another device, no native module) torch.bernoulli."""
-    if NATIVE_MASKS and backend != "portable" and like.device.type == "cpu" and available():
+    if _native_masks(backend, like):
         seed = int(torch.randint(0, 2**62, (), device="cpu"))
         return module().bernoulli_mask(rows, cols, float(p), seed, like)
     return torch.bernoulli(torch.full((rows, cols), p, dtype=like.dtype, device=like.device))
+
+
+def _native_masks(backend: str, like: torch.Tensor) -> bool:
+    return NATIVE_MASKS and backend != "portable" and like.device.type == "cpu" and available()
+
+
+def dropout(x: torch.Tensor, rate: float, backend: str = "auto") -> torch.Tensor:
+    """F.dropout(x, rate) in training (each element zeroed with probability `rate`, the rest
+    scaled by 1 / (1 - rate)), its mask from `bernoulli_mask` where a layer on `backend` draws
+    natively (F.dropout's own draw took 37 ms for a (6400, 512) input, 7% of a two-layer
+    training step at batch 64 / hidden 512); else F.dropout itself."""
+    if not (_native_masks(backend, x) and 0.0 < rate < 1.0 and x.numel()):
+        return torch.nn.functional.dropout(x, rate, training=True)
+    keep = 1.0 - rate
+    mask = bernoulli_mask(x.shape[0], x.numel() // x.shape[0], keep, x, backend).div_(keep)
+    return x * mask.view(x.shape)
 
 
 def _one_dtype(x, *tensors) -> bool:

@@ -86,10 +86,10 @@ def initialise(weights: dict, variant: LSTMVariant, hidden_size: int) -> None:
         b_hh[:H] = 0.0
 
 
-def drop_connect(w_hh: torch.Tensor, rate: float) -> torch.Tensor:
-    """W_hh * D / (1 - rate), D ~ Bernoulli(1 - rate) per weight (Merity et al. 2017)."""
-    keep = 1.0 - rate
-    return w_hh * torch.bernoulli(torch.full_like(w_hh, keep)).div_(keep)
+def drop_connect(w_hh: torch.Tensor, rate: float, backend: str = "auto") -> torch.Tensor:
+    """W_hh * D / (1 - rate), D ~ Bernoulli(1 - rate) per weight (Merity et al. 2017), drawn as
+    the layer's other masks (see draw_masks)."""
+    return native.dropout(w_hh, rate, backend)
 
 
 def draw_masks(variant: LSTMVariant, training: bool, layout: StepLayout, like: torch.Tensor,

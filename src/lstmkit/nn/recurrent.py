@@ -12,7 +12,6 @@ import math
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
@@ -244,7 +243,7 @@ class _RecurrentBase(nn.Module):
                         for name, t in trace.items()}
             layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)
             if self.dropout and self.training and layer < self.num_layers - 1:
-                layer_input = F.dropout(layer_input, self.dropout, training=True)
+                layer_input = kernels.native.dropout(layer_input, self.dropout, self.backend)
         if self.num_directions == 1 and layer_input.requires_grad:
             # A copy where the kernel saved this tensor for its backward pass, so that in-place
             # edits of the output (out += residual) work as they do with torch.nn.
@@ -578,7 +577,7 @@ class LSTM(_RecurrentBase):
         v = self.variant
         if v.weight_drop and self.training:         # DropConnect: one mask per call
             weights = {**weights, "w_hh": _lstm_variant.drop_connect(weights["w_hh"],
-                                                                     v.weight_drop)}
+                                                                     v.weight_drop, self.backend)}
         q_T = None
         options = _lstm_variant.lstm_layer_options(v, self.training)
         masks = {} if options == {} else _lstm_variant.draw_masks(
@@ -690,7 +689,7 @@ class GRU(_RecurrentBase):
         v = self.variant
         if v.weight_drop and self.training:         # DropConnect: one mask per call
             weights = {**weights, "w_hh": _lstm_variant.drop_connect(weights["w_hh"],
-                                                                     v.weight_drop)}
+                                                                     v.weight_drop, self.backend)}
         varied = _gru_variant.uses_variant_kernel(v, self.training)
         masks = _gru_variant.draw_masks(v, self.training, layout, x, self.hidden_size,
                                         self.backend) \
