@@ -240,7 +240,7 @@ def dropout(x: torch.Tensor, rate: float, backend: str = "auto") -> torch.Tensor
     if not (_native_masks(backend, x) and 0.0 < rate < 1.0 and x.numel()):
         return torch.nn.functional.dropout(x, rate, training=True)
     keep = 1.0 - rate
-    mask = bernoulli_mask(x.shape[0], x.numel() // x.shape[0], keep, x, backend).div_(keep)
+    mask = bernoulli_mask(1, x.numel(), keep, x, backend).div_(keep)
     return x * mask.view(x.shape)
 
 
