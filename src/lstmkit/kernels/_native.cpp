@@ -1160,11 +1160,22 @@ struct ZoneoutMask {
     return load(p + row * stride + j, n);
   }
   // fresh + z (previous - fresh): zoneout's state, computed as torch.lerp does (from the
-  // nearer end), so that a unit whose mask is 1 keeps exactly its previous value.
+  // nearer end), so that a unit whose mask is 1 keeps exactly its previous value; fresh itself
+  // without a mask.
   __attribute__((always_inline)) inline V<S> mix(i64 row, i64 j, V<S> fresh, V<S> previous,
                                                  int n) const {
+    if (!p) return fresh;
     const V<S> z = at(row, j, n), d = previous - fresh;
     return z < S(0.5) ? fresh + z * d : previous - d * (S(1) - z);
+  }
+  // mix's backward for a state carried to the next step: dh (the gradient arriving at the mixed
+  // state) plus the share the next step left in `carry`; keeps z of it in `carry` for the step
+  // before and returns the rest, fresh's. (With a mask only.)
+  __attribute__((always_inline)) inline V<S> split(i64 row, i64 j, V<S> dh, S* carry,
+                                                   int n) const {
+    const V<S> all = dh + load(carry, n), kept = all * at(row, j, n);
+    store(carry, kept, n);
+    return all - kept;
   }
 };
 
@@ -1228,7 +1239,7 @@ __attribute__((always_inline)) inline void ratio_cells(const V<float> (&a)[W][4]
     V<float> d_ig = d_i[w] * g[w].den;
     const V<float> c_prev = load(c + w * L, n);
     cn[w] = (c_prev * d_ig + g[w].num * d_f[w]) / (d_f[w] * d_ig);
-    store(c + w * L, zone ? zone.mix(row, j + w * L, cn[w], c_prev, n) : cn[w], n);
+    store(c + w * L, zone.mix(row, j + w * L, cn[w], c_prev, n), n);
   }
   if (saved) {
     const V<float> one = splat(1.0f);
@@ -1419,7 +1430,7 @@ struct LSTMForwardGates {
         V<S> o = vsigmoid(a[w][3]);
         S* cw = cb + w * L;
         const V<S> c_prev = load(cw, n), cn = f * c_prev + i * g;
-        const V<S> c_state = zone_c ? zone_c.mix(row, j + w * L, cn, c_prev, n) : cn;
+        const V<S> c_state = zone_c.mix(row, j + w * L, cn, c_prev, n);
         store(cw, c_state, n);
         if (gates) {
           S* gw = gr + w * L;
@@ -1493,7 +1504,7 @@ struct LSTMForwardGates {
     V<S> cn = f * c_prev + i * g;
     if (peep) a_o += load(peep + 2 * H + j, n) * cn;
     V<S> o = (form & NO_OUTPUT_GATE) ? one : gate_activation<S>(act.gate, a_o);
-    const V<S> c_state = zone_c ? zone_c.mix(row, j, cn, c_prev, n) : cn;
+    const V<S> c_state = zone_c.mix(row, j, cn, c_prev, n);
     store(cb, c_state, n);
     if (q_state) {
       S* qr = q_state + b * 3 * H + j;
@@ -1817,11 +1828,7 @@ struct LSTMBackwardGates {
   // for the step before and returns (1 - z) dh, m's.
   __attribute__((always_inline)) inline V<S> zoned_dm(i64 b, i64 row, i64 j, V<S> dm,
                                                       int n) const {
-    if (!zone_h) return dm;
-    S* carry = dh_carry + b * H + j;
-    const V<S> dh = dm + load(carry, n), kept = dh * zone_h.at(row, j, n);
-    store(carry, kept, n);
-    return dh - kept;
+    return zone_h ? zone_h.split(row, j, dm, dh_carry + b * H + j, n) : dm;
   }
   // zoneout_c: splits dc into (1 - z) dc, c~'s (returned), and z dc, c_prev's (`kept`).
   __attribute__((always_inline)) inline V<S> zoned_dc(i64 row, i64 j, V<S> dc, V<S>& kept,
@@ -1875,7 +1882,6 @@ struct LSTMBackwardGates {
     constexpr int L = Vec<S>::L;
     const i64 row = st->offset[t] + b;
     const CellForm act(form);
-    const bool cifg = form & GATE_CIFG;
     const S* cand = ln.cand + row * H;
     const S* s_row = ln.s + row * H;
     const S* gr = gates + row * 4 * H;
@@ -1899,24 +1905,12 @@ struct LSTMBackwardGates {
     for_unit_blocks<S>(H, [&](i64 jb, int n) __attribute__((always_inline)) {
       const Saved k = saved(t, b, jb, n);
       const i64 j = k.j;
-      const V<S> i = k.i, f = k.f, g = k.g, c_prev = k.c_prev;
       V<S> dc_kept;
       const V<S> dc_in = zoned_dc(row, j, load(k.dc, n), dc_kept, n);
       const V<S> x = (load(cand + j, n) - mean_c) * rstd_c;
-      V<S> dct = dc_in + rstd_c * (load(dn + j, n) * LayerNorms<S>::gain(ln.gain_c, j, n) - mg -
-                                   x * mgx);
-      const V<S> da_o = load(k.da + 3 * H, n);
-      if (peep) dct += da_o * load(peep + 2 * H + j, n);
-      const V<S> dq_i = dq_at(b, 0, j, n), dq_f = dq_at(b, 1, j, n);
-      V<S> da_i = (dct * (cifg ? g - c_prev : g) + (cifg ? dq_i - dq_f : dq_i)) *
-                  gate_slope<S>(act.gate, i);
-      V<S> da_f = cifg ? V<S>{} : (dct * c_prev + dq_f) * gate_slope<S>(act.gate, f);
-      store(k.da, da_i, n);
-      store(k.da + H, da_f, n);
-      store(k.da + 2 * H, dct * i * cell_slope<S>(act.cell, g), n);
-      V<S> dc_prev = dct * f;
-      if (peep) dc_prev += da_i * load(peep + j, n) + da_f * load(peep + H + j, n);
-      store(k.dc, dc_prev + dc_kept, n);
+      const V<S> dct = dc_in + rstd_c * (load(dn + j, n) * LayerNorms<S>::gain(ln.gain_c, j, n) -
+                                         mg - x * mgx);
+      cell_gradients(k, b, dct, load(k.da + 3 * H, n), dc_kept, n);
     });
     LayerNorms<S>::normalize_backward(da, ln.h_pre + row * 4 * H, 4 * H, ln.mean_h[row],
                                       ln.rstd_h[row], ln.gain_h, d_product + row * 4 * H);
@@ -1924,31 +1918,38 @@ struct LSTMBackwardGates {
   __attribute__((noinline)) void general(i64 t, i64 b, i64 jb, V<S> dm, int n) const {
     const Saved k = saved(t, b, jb, n);
     const i64 j = k.j, row = st->offset[t] + b;
-    const V<S> i = k.i, f = k.f, g = k.g, o = k.o, c_prev = k.c_prev;
-    S* dcb = k.dc;
-    S* da = k.da;
     const CellForm act(form);
-    const bool cifg = form & GATE_CIFG;
     dm = zoned_dm(b, row, j, dm, n);
     V<S> dc_kept;
-    const V<S> dc_in = zoned_dc(row, j, load(dcb, n), dc_kept, n);
-    const V<S> c_cell = zone_c ? f * c_prev + i * g : k.c;                       // c~
-    V<S> s = cell_activation<S>(act.output, c_cell);                             // psi(c~)
-    V<S> dct = dc_in + dm * o * cell_slope<S>(act.output, s);
-    V<S> da_o = (dm * s + dq_at(b, 2, j, n)) * gate_slope<S>(act.gate, o);
+    const V<S> dc_in = zoned_dc(row, j, load(k.dc, n), dc_kept, n);
+    const V<S> c_cell = zone_c ? k.f * k.c_prev + k.i * k.g : k.c;               // c~
+    const V<S> s = cell_activation<S>(act.output, c_cell);                       // psi(c~)
+    const V<S> da_o = (dm * s + dq_at(b, 2, j, n)) * gate_slope<S>(act.gate, k.o);
+    store(k.da + 3 * H, da_o, n);
+    cell_gradients(k, b, dc_in + dm * k.o * cell_slope<S>(act.output, s), da_o, dc_kept, n);
+  }
+  // What general and layer_norm_row share once dc~ is known (dct, the gradient reaching c~
+  // but for the output peephole's share) and da_o: the input, forget and candidate gates'
+  // gradients (stored), their values' gradients dq from full gate recurrence joined before
+  // the slopes, and dc_prev = dc~ f (+ the peepholes' and zoneout's shares, dc_kept).
+  // With CIFG, f = 1 - i: f's gradient as a value, dq_f among it, reaches i negated.
+  __attribute__((always_inline)) inline void cell_gradients(const Saved& k, i64 b, V<S> dct,
+                                                            V<S> da_o, V<S> dc_kept,
+                                                            int n) const {
+    const i64 j = k.j;
+    const CellForm act(form);
+    const bool cifg = form & GATE_CIFG;
     if (peep) dct += da_o * load(peep + 2 * H + j, n);
-    // (With CIFG, f = 1 - i: f's gradient as a value, dq_f among it, reaches i negated.)
     const V<S> dq_i = dq_at(b, 0, j, n), dq_f = dq_at(b, 1, j, n);
-    V<S> da_i = (dct * (cifg ? g - c_prev : g) + (cifg ? dq_i - dq_f : dq_i)) *
-                gate_slope<S>(act.gate, i);
-    V<S> da_f = cifg ? V<S>{} : (dct * c_prev + dq_f) * gate_slope<S>(act.gate, f);
-    store(da, da_i, n);
-    store(da + H, da_f, n);
-    store(da + 2 * H, dct * i * cell_slope<S>(act.cell, g), n);
-    store(da + 3 * H, da_o, n);
-    V<S> dc_prev = dct * f;
+    const V<S> da_i = (dct * (cifg ? k.g - k.c_prev : k.g) + (cifg ? dq_i - dq_f : dq_i)) *
+                      gate_slope<S>(act.gate, k.i);
+    const V<S> da_f = cifg ? V<S>{} : (dct * k.c_prev + dq_f) * gate_slope<S>(act.gate, k.f);
+    store(k.da, da_i, n);
+    store(k.da + H, da_f, n);
+    store(k.da + 2 * H, dct * k.i * cell_slope<S>(act.cell, k.g), n);
+    V<S> dc_prev = dct * k.f;
     if (peep) dc_prev += da_i * load(peep + j, n) + da_f * load(peep + H + j, n);
-    store(dcb, dc_prev + dc_kept, n);
+    store(k.dc, dc_prev + dc_kept, n);
   }
 };
 
@@ -2070,15 +2071,11 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_hT, const
     if (w_hr.defined()) {
       Mat<S> d_rows = mat<S>(d_h_rows).rows_at(off + r0, n);
       add_rows(d_rows, mat<S>(d_out).rows_at(off + r0, n), dh_t);
-      for (i64 b = r0; b < e && zone_projected; ++b)     // as general's split of dm
+      for (i64 b = r0; b < e && zone_projected; ++b)     // as the gate math's zoned_dm
         for_unit_blocks<S>(P, [&](i64 jb, int w) __attribute__((always_inline)) {
-          const i64 j = jb * L;
-          S* carry = ptr<S>(dh_carry) + b * P + j;
-          S* d = d_rows.row(b - r0) + j;
-          const V<S> dh_all = load(d, w) + load(carry, w);
-          const V<S> kept = dh_all * zone_projected.at(off + b, j, w);
-          store(carry, kept, w);
-          store(d, dh_all - kept, w);
+          S* d = d_rows.row(b - r0) + jb * L;
+          store(d, zone_projected.split(off + b, jb * L, load(d, w),
+                                        ptr<S>(dh_carry) + b * P + jb * L, w), w);
         });
       (*projection)(mat<S>(dm).rows_at(r0, n), d_rows);
     } else {
@@ -2357,7 +2354,7 @@ struct GRUForwardGates {    // reset after
       store(sr, r, n); store(sr + H, z, n); store(sr + 2 * H, nn, n); store(sr + 3 * H, gh_n, n);
     }
     const V<S> h = nn + z * (h_prev - nn);
-    return zone ? zone.mix(row, j, h, h_prev, n) : h;
+    return zone.mix(row, j, h, h_prev, n);
   }
 };
 
@@ -2490,7 +2487,7 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
                                   load(rn + b * H + j, n), j, n);
         V<S> z = load(zp + b * H + j, n), h_prev = load(hp + b * H + j, n);
         V<S> hv = nn + z * (h_prev - nn);
-        if (zone) hv = zone.mix(off + b, j, hv, h_prev, n);
+        hv = zone.mix(off + b, j, hv, h_prev, n);
         if (sp) store(sp + (off + b) * 3 * H + 2 * H + j, nn, n);
         store(up + b * H + j, drop.operand(b, j, hv, n), n);       // and the state, with d
         store(o_ptr + (off + b) * H + j, hv, n);
@@ -3896,9 +3893,7 @@ std::vector<Tensor> lstm_variant_loops_forward(
   for (auto* t : {&h0, &c0, &w_hh}) *t = t->contiguous();
   Tensor bias = bias_sum(optional_contiguous(b_ih), optional_contiguous(b_hh));
   Steps st(batch_sizes, reverse);
-  TORCH_CHECK_VALUE(st.rows == N && st.batch == B, "lstm_variant_loops_forward: batch_sizes ",
-                    at::IntArrayRef(batch_sizes), " do not fit x's ", N,
-                    " rows and h0's batch ", B);
+  check_steps(st, xproj, h0);
   const auto options = xproj.options();
   Tensor cand, s, h_pre, mean_h, rstd_h, mean_c, rstd_c, scratch;
   if (layer_norm && save) {
@@ -4025,7 +4020,7 @@ std::vector<Tensor> gru_variant_loops_forward(
     std::vector<i64> batch_sizes, bool reverse, bool reset_after, bool save, i64 parts,
     i64 form) {
   check_cpu(gi, "x");
-  const i64 H = h0.size(1), B = h0.size(0), N = gi.size(0);
+  const i64 H = h0.size(1), N = gi.size(0);
   TORCH_CHECK_VALUE(gi.dim() == 2 && gi.size(1) == 3 * H,
                     "gru_variant_loops_forward: gi must be (N, 3H) = (N, ", 3 * H, "), got ",
                     gi.sizes());
@@ -4041,9 +4036,7 @@ std::vector<Tensor> gru_variant_loops_forward(
   gi = gi.contiguous();
   for (auto* t : {&h0, &w_hh}) *t = t->contiguous();
   Steps st(batch_sizes, reverse);
-  TORCH_CHECK_VALUE(st.rows == N && st.batch == B, "gru_variant_loops_forward: batch_sizes ",
-                    at::IntArrayRef(batch_sizes), " do not fit x's ", N,
-                    " rows and h0's batch ", B);
+  check_steps(st, gi, h0);
   Tensor h_pre, mean, rstd;
   if (save && layer_norm) {
     h_pre = pooled_empty({N, 3 * H}, gi.options());

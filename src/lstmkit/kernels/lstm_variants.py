@@ -258,7 +258,7 @@ def lstm_variant_backward(d_out, d_hT, d_cT, d_qT, x, h0, c0, q0, p, masks, out,
                 z_h, z_c, d_r, layout.batch_sizes, reverse, native_parts)
         c_prev_rows = None
         if v.peepholes or (not v.layer_norm and z_c is not None and w_hr is not None):
-            c_prev_rows = layout.previous_rows(cells, c0, reverse)
+            c_prev_rows = _previous_rows(cells, c0, layout, reverse, in_pool=True)
         if not v.layer_norm:
             st = {**st, **_cell_outputs(gates, cells, c_prev_rows, v, z_c is not None,
                                         w_hr is not None)}
