@@ -59,6 +59,48 @@ def test_isolated_points_run_in_a_fresh_process_with_the_same_threads():
     assert "RuntimeWarning" not in done.stderr
 
 
+def test_rounds_report_medians_and_the_range_of_speedups(monkeypatch):
+    points = [bench.Point("LSTM", "forward", batch=2, hidden=4, input_size=3, steps=3),
+              bench.Point("GRU", "train", batch=32, hidden=128, input_size=3, steps=2)]
+    # Each measurement's seconds from a script, in the order run() asks for them: the whole
+    # list of points once per round.
+    script = iter([(2e-3, 5e-3, 4e-3), (1e-3, 4e-3, None),      # round 1: LSTM, GRU
+                   (4e-3, 6e-3, 2e-3), (1e-3, 2e-3, None),      # round 2
+                   (3e-3, 3e-3, 3e-3), (1e-3, 3e-3, None)])     # round 3
+    asked = []
+
+    def scripted(point, dtype, device, repeats, warmup, min_seconds=0):
+        asked.append(point.family)
+        ours, theirs, products = next(script)
+        return {"lstmkit_s": ours, "torch_s": theirs, "calls": 2, "products_s": products}
+
+    monkeypatch.setattr(bench, "_measure", scripted)
+    progress = []
+    results = bench.run(points, repeats=1, warmup=0, rate=100.0, min_seconds=0, rounds=3,
+                        progress=progress.append)
+    assert asked == ["LSTM", "GRU"] * 3
+    assert [(row["family"], row["round"]) for row in progress] == [
+        ("LSTM", 1), ("GRU", 1), ("LSTM", 2), ("GRU", 2), ("LSTM", 3), ("GRU", 3)]
+    assert progress[2]["speedup"] == pytest.approx(1.5)         # each round's own row
+    lstm, gru = results["points"]
+    # LSTM speedups 2.5, 1.5, 1.0: the median of the rounds' ratios, not of the times' ratio.
+    assert lstm["speedup"] == pytest.approx(1.5) and lstm["speedup_range"] == pytest.approx(
+        [1.0, 2.5])
+    assert lstm["lstmkit_ms"] == pytest.approx(3.0) and lstm["torch_ms"] == pytest.approx(5.0)
+    assert lstm["products_ms"] == pytest.approx(3.0) and lstm["calls"] == 6
+    assert lstm["lstmkit_gflops"] == pytest.approx(points[0].flops() / 1e6 / 3.0)
+    assert lstm["products_bound"] == pytest.approx(5.0 / 3.0)
+    assert [r["speedup"] for r in lstm["rounds"]] == pytest.approx([2.5, 1.5, 1.0])
+    assert gru["speedup"] == pytest.approx(3.0) and gru["products_ms"] is None
+    assert gru["target_class"] == "medium" and gru["target_met"] is True
+    assert "(1.00-2.50x over 3 rounds)" in bench.format_row(lstm)
+    assert "1.50x (1.00-2.50x, 3 rounds)" in bench.markdown(results)
+    assert "round" not in lstm and "rounds" not in progress[0]
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="rounds must be a positive integer"):
+            bench.run(points, rate=100.0, rounds=bad)
+
+
 def test_short_points_get_more_calls_than_repeats(monkeypatch):
     point = bench.Point("LSTM", "forward", batch=1, hidden=3, input_size=2, steps=2)
     timing = bench.time_point(point, repeats=2, warmup=0, min_seconds=0)
@@ -221,6 +263,19 @@ def test_cli_writes_json(tmp_path, capsys):
     assert [p["batch"] for p in results["points"]] == [1, 2]
     assert list(results["streaming"]) == ["LSTM"]
     assert results["streaming"]["LSTM"]["hidden"] == 4 and results["dtype"] == "float32"
+
+
+def test_cli_rounds_print_each_round_then_the_medians(tmp_path, capsys):
+    code, printed, results = run_cli(tmp_path, capsys, "--family", "GRU", "--mode", "forward",
+                                     "--batch", "1,3", "--rounds", "2", "--streaming-steps", "0")
+    assert code == 0
+    lines = printed.splitlines()
+    assert lines.index("round 1 of 2") < lines.index("round 2 of 2")
+    assert sum(line.startswith("GRU ") for line in lines) == 6      # 2 points x (2 rounds + 1)
+    assert sum("over 2 rounds)" in line for line in lines) == 2
+    assert [len(p["rounds"]) for p in results["points"]] == [2, 2]
+    assert main(["bench", "--rounds", "0"]) == 2
+    assert "--rounds must be positive, got 0" in capsys.readouterr().err
 
 
 def test_the_matmul_rate_is_measured_in_the_dtype_the_products_run_in():

@@ -318,52 +318,59 @@ def _main(request: str) -> None:
 
 
 def run(points, dtype=torch.float32, device="cpu", repeats=5, warmup=1, rate=None,
-        progress=None, isolate=False, min_seconds=MIN_SECONDS) -> dict:
+        progress=None, isolate=False, min_seconds=MIN_SECONDS, rounds=1) -> dict:
     """Time every point; returns {"machine", "matmul_gflops", "matmul_dtype", "points": [...]}
     (the rate measured in `matmul_dtype(dtype, device)`).
 
     Each point: `warmup` untimed calls of each side, then at least `repeats` timed calls of
     each, more until `min_seconds` have passed (see time_point); its row says how many ("calls").
 
+    rounds: the whole list of points measured this many times over, one round after the other,
+    so that a slow spell of the machine falls on one round of many points rather than on every
+    round of one (on the shared benchmark machine a point's speedup moved by up to 15% between
+    two runs of the quick grid). With more than one, each point's row holds the medians: of its
+    rounds' times, and `speedup` the median of its rounds' speedups (each measured on both sides
+    in the same moments); `speedup_range` the slowest and fastest round's, `rounds` every
+    round's times. `progress(row)` is called for each round's row of each point (with its
+    "round", from 1) as it is measured.
+
     isolate: each point in a fresh Python process (`lstmkit bench` does this by default). In
     one process, what earlier points allocated and freed decides how many of a later point's
     allocations fault fresh pages in, for both sides (torch.nn's LSTM training step at batch
     32 / hidden 256: 31 ms in a fresh process, 24.7 ms after the other points of the quick
     grid), so the same point measures differently depending on what ran before it."""
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
     device = torch.device(device)
     machine_before = machine()
     measured_rate = rate is None
     rate_dtype = matmul_dtype(dtype, device)
     rate = rate or matmul_rate(rate_dtype, device)
     start_rate = rate
-    rows = []
-    for point in points:
-        if measured_rate and rows:
-            # Sampled again before every point, the best kept: the machine's speed drifts and
-            # other processes slow some samples down (on the shared 2-core machine the start
-            # and end samples alone ranged over 381-439 GFLOP/s between runs).
-            rate = max(rate, matmul_rate(rate_dtype, device, repeats=2))
-        measure = _measure_in_subprocess if isolate else _measure
-        timing = measure(point, dtype, device, repeats, warmup, min_seconds)
-        gflop = point.flops() / 1e9
-        row = {**asdict(point), "target_class": point.target_class,
-               "lstmkit_ms": timing["lstmkit_s"] * 1e3, "torch_ms": timing["torch_s"] * 1e3,
-               "lstmkit_gflops": gflop / timing["lstmkit_s"],
-               "torch_gflops": gflop / timing["torch_s"],
-               "speedup": timing["torch_s"] / timing["lstmkit_s"], "calls": timing["calls"]}
-        products = timing["products_s"]
-        row["products_ms"] = None if products is None else products * 1e3
-        row["products_gflops"] = None if products is None else gflop / products
-        _judge(row, rate)
-        rows.append(row)
-        if progress:
-            progress(row)
+    measure = _measure_in_subprocess if isolate else _measure
+    measured = [[] for _ in points]            # each point's rows, one per round
+    for round_index in range(rounds):
+        for index, (point, point_rows) in enumerate(zip(points, measured)):
+            if measured_rate and (round_index or index):
+                # Sampled again before every point, the best kept: the machine's speed drifts
+                # and other processes slow some samples down (on the shared 2-core machine the
+                # start and end samples alone ranged over 381-439 GFLOP/s between runs).
+                rate = max(rate, matmul_rate(rate_dtype, device, repeats=2))
+            row = _row(point, measure(point, dtype, device, repeats, warmup, min_seconds))
+            if rounds > 1:
+                row["round"] = round_index + 1
+            _judge(row, rate)
+            point_rows.append(row)
+            if progress:
+                progress(row)
+    rows = [point_rows[0] if rounds == 1 else _median_row(point, point_rows)
+            for point, point_rows in zip(points, measured)]
     if measured_rate:
         # Measured again at the end and the best of all samples kept, for every row: another
         # process running at some of the moments would otherwise make fractions look larger.
         rate = max(rate, matmul_rate(rate_dtype, device))
-        for row in rows:
-            _judge(row, rate)
+    for row in rows:
+        _judge(row, rate)
     # The load average before and after: other processes on the machine slow both sides, and
     # thread-team synchronisation suffers most when cores are shared.
     return {"machine": machine_before, "load_average_1min_after": machine()["load_average_1min"],
@@ -371,6 +378,39 @@ def run(points, dtype=torch.float32, device="cpu", repeats=5, warmup=1, rate=Non
             "device": str(device), "matmul_gflops": rate, "matmul_gflops_start": start_rate,
             "matmul_dtype": str(rate_dtype).replace("torch.", ""),
             "points": rows}
+
+
+def _row(point: Point, timing: dict) -> dict:
+    """A point's row from its measured seconds (see _measure), before `_judge`."""
+    gflop = point.flops() / 1e9
+    products = timing["products_s"]
+    return {**asdict(point), "target_class": point.target_class,
+            "lstmkit_ms": timing["lstmkit_s"] * 1e3, "torch_ms": timing["torch_s"] * 1e3,
+            "lstmkit_gflops": gflop / timing["lstmkit_s"],
+            "torch_gflops": gflop / timing["torch_s"],
+            "speedup": timing["torch_s"] / timing["lstmkit_s"], "calls": timing["calls"],
+            "products_ms": None if products is None else products * 1e3,
+            "products_gflops": None if products is None else gflop / products}
+
+
+def _median_row(point: Point, rounds: list) -> dict:
+    """One row for a point measured in several rounds (see `run`), before `_judge`."""
+    gflop = point.flops() / 1e9
+    lstmkit_ms = statistics.median(r["lstmkit_ms"] for r in rounds)
+    torch_ms = statistics.median(r["torch_ms"] for r in rounds)
+    products = [r["products_ms"] for r in rounds if r["products_ms"] is not None]
+    products_ms = statistics.median(products) if products else None
+    speedups = [r["speedup"] for r in rounds]
+    return {**asdict(point), "target_class": point.target_class,
+            "lstmkit_ms": lstmkit_ms, "torch_ms": torch_ms,
+            "lstmkit_gflops": gflop / lstmkit_ms * 1e3, "torch_gflops": gflop / torch_ms * 1e3,
+            "speedup": statistics.median(speedups),
+            "speedup_range": [min(speedups), max(speedups)],
+            "calls": sum(r["calls"] for r in rounds),
+            "products_ms": products_ms,
+            "products_gflops": None if products_ms is None else gflop / products_ms * 1e3,
+            "rounds": [{key: r[key] for key in ("lstmkit_ms", "torch_ms", "speedup")}
+                       for r in rounds]}
 
 
 def speedup_bound(torch_gflops: float, rate: float) -> float:
@@ -494,7 +534,14 @@ def format_row(row: dict) -> str:
             f"{row['speedup']:>7.2f}x {row['speedup_bound']:>6.2f}x "
             f"{_optional(row.get('products_bound'), '.2f', 6, 'x')} "
             f"{_optional(row.get('products_matmul_fraction'), '.0%', 7)} "
-            f"{row['target_class']:>7} {STATUS_TEXT[row['target_status']]:>12}")
+            f"{row['target_class']:>7} {STATUS_TEXT[row['target_status']]:>12}"
+            + _range_text(row, "  ({:.2f}-{:.2f}x over {} rounds)"))
+
+
+def _range_text(row: dict, form: str) -> str:
+    """The slowest and fastest round's speedups, for a row measured in several rounds."""
+    low_high = row.get("speedup_range")
+    return "" if low_high is None else form.format(*low_high, len(row["rounds"]))
 
 
 def markdown(results: dict) -> str:
@@ -516,7 +563,8 @@ def markdown(results: dict) -> str:
             f"{2 if row['bidirectional'] else 1} | {row['lstmkit_ms']:.2f} | "
             f"{row['torch_ms']:.2f} | {row['lstmkit_gflops']:.1f} | "
             f"{row['lstmkit_matmul_fraction']:.0%} | {row['torch_matmul_fraction']:.0%} | "
-            f"{row['speedup']:.2f}x | {row['speedup_bound']:.2f}x | "
+            f"{row['speedup']:.2f}x{_range_text(row, ' ({:.2f}-{:.2f}x, {} rounds)')} | "
+            f"{row['speedup_bound']:.2f}x | "
             f"{'-' if products is None else f'{products:.2f}x'} | "
             f"{'-' if fraction is None else f'{fraction:.0%}'} | "
             f"{row['target_class']} | {target_text} |")

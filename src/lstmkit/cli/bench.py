@@ -62,6 +62,10 @@ def register(subparsers):
     parser.add_argument("--min-seconds", type=float, default=None,
                         help="time each point for at least this long, with more runs than "
                              "--repeats where they are short (default 0.5)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure the whole grid this many times over, one round after the "
+                             "other, and report each point's medians and the range of its "
+                             "speedups (default 1)")
     parser.add_argument("--streaming-steps", type=int, default=2000,
                         help="steps of the batch-1 single-step comparison; 0 skips it")
     parser.add_argument("--streaming-hidden", type=int, default=256,
@@ -100,7 +104,7 @@ def _points(args):
 def run(args) -> int:
     from .. import bench
 
-    for name in ("threads", "repeats", "warmup"):
+    for name in ("threads", "repeats", "warmup", "rounds"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
     min_seconds = bench.MIN_SECONDS if args.min_seconds is None else args.min_seconds
@@ -125,9 +129,24 @@ def run(args) -> int:
           f"({args.threads} threads), {args.dtype} on {device}; "
           f"load average {info['load_average_1min']}")
     print(bench.HEADER, flush=True)
-    results = bench.run(points, dtype, device, args.repeats, args.warmup,
-                        progress=lambda row: print(bench.format_row(row), flush=True),
-                        isolate=not args.same_process, min_seconds=min_seconds)
+
+    printed = []
+
+    def progress(row):
+        if args.rounds > 1 and len(printed) % len(points) == 0:
+            print(f"round {row['round']} of {args.rounds}", flush=True)
+        printed.append(row)
+        print(bench.format_row(row), flush=True)
+
+    results = bench.run(points, dtype, device, args.repeats, args.warmup, progress=progress,
+                        isolate=not args.same_process, min_seconds=min_seconds,
+                        rounds=args.rounds)
+    if args.rounds > 1:
+        print(f"each point's median over the {args.rounds} rounds (its speedup the median of "
+              f"the rounds' speedups; the slowest and fastest round's in brackets):")
+        print(bench.HEADER)
+        for row in results["points"]:
+            print(bench.format_row(row))
     if args.streaming_steps:
         results["streaming"] = {}
         for family in args.family or bench.FAMILIES:
