@@ -173,7 +173,41 @@ Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return at::detail::empty_generic(sizes, &recycling(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(options.dtype()), c10::nullopt);
 }
-Tensor pooled_clone(const Tensor& t) { return pooled_empty(t.sizes(), t.options()).copy_(t); }
+// Copies of at most this many bytes between contiguous tensors are a memcpy: a call's states
+// are a few KiB, and each ATen copy (and the select or narrow before it) went through the
+// dispatcher, about 1 us apiece, seven of them in a batch-1 forward.
+constexpr size_t PLAIN_COPY_BYTES = 256 << 10;
+Tensor pooled_clone(const Tensor& t) {
+  Tensor copy = pooled_empty(t.sizes(), t.options());
+  if (t.is_contiguous() && t.nbytes() <= PLAIN_COPY_BYTES) {
+    if (t.nbytes()) std::memcpy(copy.data_ptr(), t.data_ptr(), t.nbytes());
+    return copy;
+  }
+  return copy.copy_(t);
+}
+// The fused drivers' state pair (2, B, P): each step reads h from one half and writes the next
+// into the other; both start as s (B, P).
+Tensor state_pair(const Tensor& s) {
+  Tensor pair = pooled_empty({2, s.size(0), s.size(1)}, s.options());
+  Tensor first = pair.select(0, 0), second = pair.select(0, 1);
+  if (!s.is_contiguous() || s.nbytes() > PLAIN_COPY_BYTES) {
+    first.copy_(s);
+    second.copy_(s);
+  } else if (s.nbytes()) {
+    auto* base = static_cast<char*>(pair.data_ptr());
+    std::memcpy(base, s.data_ptr(), s.nbytes());
+    std::memcpy(base + s.nbytes(), s.data_ptr(), s.nbytes());
+  }
+  return pair;
+}
+// A pooled copy of half k of a state pair.
+Tensor state_of(const Tensor& pair, i64 k) {
+  Tensor s = pooled_empty({pair.size(1), pair.size(2)}, pair.options());
+  if (s.nbytes())
+    std::memcpy(s.data_ptr(), static_cast<const char*>(pair.data_ptr()) + k * s.nbytes(),
+                s.nbytes());
+  return s;
+}
 // The dtype the kernels compute in for inputs of dtype t: float16 and bfloat16 in float32.
 inline at::ScalarType compute_type(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16 ? at::kFloat : t;
@@ -1560,9 +1594,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
   const i64 J = (H + L - 1) / L;
   if (parts == 0 && !w_hr.defined()) {
     Tensor packed = packed_empty<S>(4, H, P, xproj.options());   // packed in step -1
-    Tensor hbuf = pooled_empty({2, B, P}, xproj.options());
-    hbuf[0].copy_(h0_operand);
-    hbuf[1].copy_(h0_operand);
+    Tensor hbuf = state_pair(h0_operand);
     S* hb = ptr<S>(hbuf);
     const S* wp = ptr<S>(packed);
     i64 workers = worker_count(J, 8 * B * H * P);
@@ -1663,7 +1695,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
         std::memcpy(h_write + b * P + j0, h_read + b * P + j0, (j1 - j0) * sizeof(S));
       }
     }, begin);
-    Tensor h_T = pooled_clone(drop ? h_state : hbuf[st.count() % 2]);
+    Tensor h_T = drop ? pooled_clone(h_state) : state_of(hbuf, st.count() % 2);
     return {out, h_T, c, gates, cells};
   }
   const S* x = ptr<S>(xproj);
@@ -2157,9 +2189,7 @@ std::vector<Tensor> rnn_forward(const Tensor& xproj, const Tensor& bias, const T
   const S* bp = ptr<S>(bias);
   if (parts == 0) {
     Tensor packed = pack<S>(w_hh, 1, H, H, 0, H, 1);
-    Tensor hbuf = pooled_empty({2, B, H}, xproj.options());
-    hbuf[0].copy_(h0);
-    hbuf[1].copy_(h0);
+    Tensor hbuf = state_pair(h0);
     S* hb = ptr<S>(hbuf);
     const S* wp = ptr<S>(packed);
     i64 workers = worker_count(J, 2 * B * H * H);
@@ -2181,7 +2211,7 @@ std::vector<Tensor> rnn_forward(const Tensor& xproj, const Tensor& bias, const T
         std::memcpy(h_write + b * H + j0, h_read + b * H + j0, (j1 - j0) * sizeof(S));
       }
     });
-    return {out, pooled_clone(hbuf[st.count() % 2])};
+    return {out, state_of(hbuf, st.count() % 2)};
   }
   Tensor h = generic_forward<S>(w_hh, h0, H, o_ptr, st, parts,
                                 [&](i64 row, i64 j, int n, const S* rec, const S*) {
@@ -2397,12 +2427,9 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
                                  ZoneoutMask<S>(zoneout), GRUActivations<S, Custom>{form}};
     if (parts == 0) {
       Tensor packed = pack<S>(w_hh, 3, H, H, H * H, H, 1);
-      Tensor hbuf = pooled_empty({2, B, H}, gi.options());
       Tensor h_state = recurrent_mask.defined() ? pooled_clone(h0) : Tensor();
       const RecurrentDropout<S> drop{ptr<S>(recurrent_mask), ptr<S>(h_state), H};
-      const Tensor h0_operand = drop.initial(h0, recurrent_mask);
-      hbuf[0].copy_(h0_operand);
-      hbuf[1].copy_(h0_operand);
+      Tensor hbuf = state_pair(drop.initial(h0, recurrent_mask));
       S* hb = ptr<S>(hbuf);
       const S* wp = ptr<S>(packed);
       i64 workers = worker_count(J, 6 * B * H * H);
@@ -2425,7 +2452,7 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
           std::memcpy(h_write + b * H + j0, h_read + b * H + j0, (j1 - j0) * sizeof(S));
         }
       });
-      return {out, pooled_clone(drop ? h_state : hbuf[st.count() % 2]), stash};
+      return {out, drop ? pooled_clone(h_state) : state_of(hbuf, st.count() % 2), stash};
     }
     Tensor h = generic_forward<S>(w_hh, h0, 3 * H, o_ptr, st, parts,
                                   [&](i64 row, i64 j, int n, const S* rec, const S* h_row) {
@@ -3315,7 +3342,19 @@ Tensor output_activation(const Tensor& c, int form) {
 // b_ih + b_hh, or whichever is given (undefined for none): the LSTM's and RNN's one bias.
 Tensor bias_sum(const Tensor& b_ih, const Tensor& b_hh) {
   if (!b_ih.defined() || !b_hh.defined()) return b_ih.defined() ? b_ih : b_hh;
-  return at::add(b_ih, b_hh);
+  const auto dtype = b_ih.scalar_type();
+  if (dtype != b_hh.scalar_type() || b_ih.sizes() != b_hh.sizes() || !b_ih.is_contiguous() ||
+      !b_hh.is_contiguous() || (dtype != at::kFloat && dtype != at::kDouble))
+    return at::add(b_ih, b_hh);
+  // A loop rather than at::add, whose dispatch costs more than this sum of a few KiB.
+  Tensor sum = pooled_empty(b_ih.sizes(), b_ih.options());
+  return LSTMKIT_DISPATCH(b_ih.scalar_type(), [&] {
+    const scalar* a = b_ih.data_ptr<scalar>();
+    const scalar* b = b_hh.data_ptr<scalar>();
+    scalar* out = sum.data_ptr<scalar>();
+    for (i64 i = 0, n = sum.numel(); i < n; ++i) out[i] = a[i] + b[i];
+    return sum;
+  });
 }
 
 // ---- dispatch by dtype -------------------------------------------------------------------
