@@ -1193,8 +1193,13 @@ def test_lstm_direct_path_matches_general_path(grad, dtype, batch_first, steps, 
         return [r.detach() for r in results]
 
     general = count_general_module_calls(monkeypatch)
+    module_calls = []
+    monkeypatch.setattr(native, "lstm_module_infer", lambda *args, infer=native.lstm_module_infer:
+                        module_calls.append(args) or infer(*args))
     direct = run(ours)
     assert general == []                                   # the direct path ran
+    # In inference over several steps, with the module's reshapes in C++ (lstm_module_infer).
+    assert len(module_calls) == (not grad and steps > 1)
     monkeypatch.setattr(type(ours), "_runs_directly", lambda self, x, hx: False)
     via_general = run(ours)
     assert len(general) == 1
@@ -1205,6 +1210,23 @@ def test_lstm_direct_path_matches_general_path(grad, dtype, batch_first, steps, 
         assert got.shape == same.shape == torch_nn.shape and got.dtype == dtype
         assert torch.equal(got, same)
         assert_close("vs torch.nn", got, torch_nn.double().numpy(), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lstm_direct_inference_in_low_precision_matches_general_path(dtype, monkeypatch):
+    """float16 and bfloat16 modules (computed in float32) take the direct inference call too,
+    with the general path's results to the bit, in the module's dtype."""
+    torch.manual_seed(3)
+    lstm = lstmkit.LSTM(5, 17, batch_first=True, dtype=dtype)
+    x = torch.randn(3, 6, 5, dtype=dtype)
+    hx = tuple(torch.randn(1, 3, 17, dtype=dtype) for _ in range(2))
+    with torch.no_grad():
+        direct = [lstm(x)[0], *lstm(x, hx)[1]]
+        monkeypatch.setattr(type(lstm), "_runs_directly", lambda self, x, hx: False)
+        general = [lstm(x)[0], *lstm(x, hx)[1]]
+    for got, expected in zip(direct, general, strict=True):
+        assert got.dtype == dtype and got.shape == expected.shape
+        assert torch.equal(got, expected)
 
 
 def test_lstm_direct_path_leaves_other_calls_to_the_general_path(monkeypatch):

@@ -36,6 +36,7 @@ from . import gru as _gru
 from . import lstm as _lstm
 from . import rnn as _rnn
 from ._precision import compute_dtype
+from .layout import StepLayout
 
 _SOURCE = Path(__file__).with_name("_native.cpp")
 NATIVE_DTYPES = (torch.float32, torch.float64)        # what the kernels compute in
@@ -476,6 +477,20 @@ class NativeLSTMFunction:
         return tuple(module().lstm_infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole,
                                          zoneout_h, zoneout_c, recurrent, layout.batch_sizes,
                                          reverse, form, plan))
+
+
+def lstm_module_infer(x, hx, w_ih, w_hh, b_ih, b_hh, batch_first: bool, hidden: int):
+    """lstmkit.LSTM's direct call (one plain layer, one direction) in inference:
+    x (T, B, I) (or (B, T, I) with batch_first), hx = (h0, c0) of (1, B, H) each or None
+    (zeros of `hidden` units) -> out in x's layout, (h_T, c_T) (1, B, H). The same kernel call as
+    NativeLSTMFunction.infer, with the module's reshapes done in C++ (lstm_module_infer)."""
+    steps, batch = (x.shape[1], x.shape[0]) if batch_first else (x.shape[0], x.shape[1])
+    plan = _lstm_plan(StepLayout.padded(steps, batch), w_ih, w_hh, None,
+                      compute_dtype(x.dtype).itemsize)
+    h0, c0 = (None, None) if hx is None else (hx[0], hx[1])
+    out, h_T, c_T = module().lstm_module_infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_first,
+                                               hidden, plan)
+    return out, (h_T, c_T)
 
 
 class NativeGRUFunction:

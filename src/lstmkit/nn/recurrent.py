@@ -519,7 +519,14 @@ class LSTM(_RecurrentBase):
 
     def _direct_call(self, x, hx):
         """forward() for a call `_runs_directly` accepts: the native call the general path makes
-        (the same call, so the same numbers and gradients)."""
+        (the same call, so the same numbers and gradients). In inference over more than one
+        step, with the reshapes around it in C++ too (one step takes the single-step kernel)."""
+        p = self._parameters
+        if (x.shape[1] if self.batch_first else x.shape[0]) > 1 and \
+                not kernels.native.needs_autograd((x, *p.values(), *(hx or ()))):
+            return kernels.native.lstm_module_infer(
+                x, hx, p["weight_ih_l0"], p["weight_hh_l0"], p.get("bias_ih_l0"),
+                p.get("bias_hh_l0"), self.batch_first, self.hidden_size)
         if self.batch_first:
             x = x.transpose(0, 1)                    # (B, T, I) -> (T, B, I)
         steps, batch = x.shape[0], x.shape[1]
@@ -527,7 +534,6 @@ class LSTM(_RecurrentBase):
             h0 = c0 = x.new_zeros(batch, self.hidden_size)   # read only by the kernel
         else:
             h0, c0 = hx[0][0], hx[1][0]
-        p = self._parameters
         out, h_T, c_T = kernels.native.NativeLSTMFunction.apply(
             x.reshape(steps * batch, self.input_size), h0, c0, p["weight_ih_l0"],
             p["weight_hh_l0"], p.get("bias_ih_l0"), p.get("bias_hh_l0"), None,
