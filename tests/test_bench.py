@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,9 +97,11 @@ def test_rounds_report_medians_and_the_range_of_speedups(monkeypatch):
     assert "(1.00-2.50x over 3 rounds)" in bench.format_row(lstm)
     assert "1.50x (1.00-2.50x, 3 rounds)" in bench.markdown(results)
     assert "round" not in lstm and "rounds" not in progress[0]
-    for bad in (0, -1, 1.5, True, "2"):
+    for bad in (0, -1, 1.5, True, "2", None):
         with pytest.raises(ValueError, match="rounds must be a positive integer"):
             bench.run(points, rate=100.0, rounds=bad)
+    script = iter([(1e-3, 2e-3, None)] * 4)                  # any integer type counts
+    assert len(bench.run(points, rate=100.0, rounds=np.int64(2))["points"][0]["rounds"]) == 2
 
 
 def test_short_points_get_more_calls_than_repeats(monkeypatch):

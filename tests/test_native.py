@@ -1229,6 +1229,69 @@ def test_lstm_direct_inference_in_low_precision_matches_general_path(dtype, monk
         assert torch.equal(got, expected)
 
 
+def _modules_with_same_weights(family, *args, **kwargs):
+    ours = getattr(lstmkit, family)(*args, **kwargs)
+    theirs = getattr(torch.nn, family)(*args, **kwargs)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+@pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])
+def test_an_expanded_input_is_read_as_its_values(family):
+    """An input expanded over time and batch (its flattened rows 0 elements apart) gives
+    torch.nn's outputs and gradients: BLAS, which would read such rows as if they were
+    consecutive, past the memory behind them, is never handed them."""
+    torch.manual_seed(8)
+    ours, theirs = _modules_with_same_weights(family, 4, 5, dtype=torch.float64)
+    base = torch.randn(1, 1, 4, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(5, 3, 5, dtype=torch.float64)
+    results = []
+    for module in (ours, theirs):
+        with torch.no_grad():
+            inferred = module(base.expand(5, 3, 4))[0]
+        base.grad = None
+        out = module(base.expand(5, 3, 4))[0]
+        (out * weights).sum().backward()
+        results.append([inferred, out.detach(), base.grad.clone(),
+                        *(p.grad.clone() for p in module.parameters())])
+        module.zero_grad()
+    for got, expected in zip(*results, strict=True):
+        assert_close("expanded input", got, expected.numpy(), torch.float64)
+
+
+@pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("state", ["negated view", "one-element imaginary part",
+                                   "zero tensor"])
+def test_states_without_plain_memory_are_read_as_their_values(family, state):
+    """Initial states whose values are not the bytes in their memory: a negated view (its sign
+    a flag; `conj().imag` of a complex tensor is one) and a zero tensor (no memory at all; both
+    made here with torch's private constructors, the only way at these sizes). The kernels'
+    plain copies take neither; torch.nn's results, in inference and in training."""
+    torch.manual_seed(9)
+    hidden, batch = (1, 1) if state == "one-element imaginary part" else (6, 2)
+    ours, theirs = _modules_with_same_weights(family, 3, hidden, dtype=torch.float32)
+    x = torch.randn(4, batch, 3)
+    values = [torch.randn(1, batch, hidden) for _ in range(2)]
+    if state == "negated view":
+        states = [torch._neg_view(v) for v in values]
+    elif state == "one-element imaginary part":
+        states = [torch.complex(torch.randn_like(v), -v).conj().imag for v in values]
+    else:
+        states = [torch._efficientzerotensor(v.shape) for v in values]
+    expected_states = [s.clone() for s in states]          # plain tensors, same values
+    assert states[0].is_neg() or states[0]._is_zerotensor()
+    hx = tuple(states) if family == "LSTM" else states[0]
+    expected_hx = tuple(expected_states) if family == "LSTM" else expected_states[0]
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            got = ours(x, hx)
+            expected = theirs(x, expected_hx)
+        for a, b in zip(torch.utils._pytree.tree_leaves(got),
+                        torch.utils._pytree.tree_leaves(expected), strict=True):
+            assert_close(f"{state}, grad {grad}", a.detach(), b.detach().double().numpy(),
+                         torch.float32)
+
+
 def test_lstm_direct_path_leaves_other_calls_to_the_general_path(monkeypatch):
     general = count_general_module_calls(monkeypatch)
     lstm = lstmkit.LSTM(3, 4)

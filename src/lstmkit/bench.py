@@ -20,6 +20,7 @@ MKL runs the steps, the largest speedup with the same products at MKL's speed
 torch.nn's cell (LSTMCell, GRUCell or RNNCell) called the same way."""
 
 import json
+import operator
 import os
 import platform
 import statistics
@@ -331,16 +332,21 @@ def run(points, dtype=torch.float32, device="cpu", repeats=5, warmup=1, rate=Non
     two runs of the quick grid). With more than one, each point's row holds the medians: of its
     rounds' times, and `speedup` the median of its rounds' speedups (each measured on both sides
     in the same moments); `speedup_range` the slowest and fastest round's, `rounds` every
-    round's times. `progress(row)` is called for each round's row of each point (with its
-    "round", from 1) as it is measured.
+    round's times. `progress(row)` is called for each round's row of each point as it is
+    measured (with its "round", from 1, when there are several).
 
     isolate: each point in a fresh Python process (`lstmkit bench` does this by default). In
     one process, what earlier points allocated and freed decides how many of a later point's
     allocations fault fresh pages in, for both sides (torch.nn's LSTM training step at batch
     32 / hidden 256: 31 ms in a fresh process, 24.7 ms after the other points of the quick
     grid), so the same point measures differently depending on what ran before it."""
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+    try:
+        whole = None if isinstance(rounds, bool) else operator.index(rounds)
+    except TypeError:
+        whole = None
+    if whole is None or whole < 1:
         raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+    rounds = whole
     device = torch.device(device)
     machine_before = machine()
     measured_rate = rate is None

@@ -166,7 +166,11 @@ def run(args) -> int:
           f"{results['matmul_gflops']:.1f} GFLOP/s")
     if results["matmul_gflops"] != results["matmul_gflops_start"]:
         users = "the JSON file and the Markdown table use" if args.markdown else "the JSON file uses"
-        print(f"(the lines above used the best rate sampled before each of them, from "
+        if args.rounds > 1:
+            lines, users = "each round's lines", "the medians, " + users
+        else:
+            lines = "the lines above"
+        print(f"({lines} used the best rate sampled before each of them, from "
               f"{results['matmul_gflops_start']:.1f} GFLOP/s at the start; {users} the best one)")
     if args.markdown:
         print(bench.markdown(results))

@@ -173,26 +173,31 @@ Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return at::detail::empty_generic(sizes, &recycling(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(options.dtype()), c10::nullopt);
 }
-// Copies of at most this many bytes between contiguous tensors are a memcpy: a call's states
-// are a few KiB, and each ATen copy (and the select or narrow before it) went through the
-// dispatcher, about 1 us apiece, seven of them in a batch-1 forward.
+// Whether t's elements are in its memory as they read, in order: contiguous, and neither a
+// negated view (whose sign is a flag, not in memory) nor a zero tensor (which has no memory).
+inline bool plain_memory(const Tensor& t) {
+  return t.is_contiguous() && !t.is_neg() && !t._is_zerotensor();
+}
+// Copies of at most this many bytes from plain memory are a memcpy: a call's states are a few
+// KiB, and each ATen copy (and the select or narrow before it) went through the dispatcher,
+// about 1 us apiece, seven of them in a batch-1 forward.
 constexpr size_t PLAIN_COPY_BYTES = 256 << 10;
+inline bool memcpy_copies(const Tensor& t) {
+  return plain_memory(t) && t.nbytes() <= PLAIN_COPY_BYTES;
+}
 Tensor pooled_clone(const Tensor& t) {
   Tensor copy = pooled_empty(t.sizes(), t.options());
-  if (t.is_contiguous() && t.nbytes() <= PLAIN_COPY_BYTES) {
-    if (t.nbytes()) std::memcpy(copy.data_ptr(), t.data_ptr(), t.nbytes());
-    return copy;
-  }
-  return copy.copy_(t);
+  if (!memcpy_copies(t)) return copy.copy_(t);
+  if (t.nbytes()) std::memcpy(copy.data_ptr(), t.data_ptr(), t.nbytes());
+  return copy;
 }
 // The fused drivers' state pair (2, B, P): each step reads h from one half and writes the next
 // into the other; both start as s (B, P).
 Tensor state_pair(const Tensor& s) {
   Tensor pair = pooled_empty({2, s.size(0), s.size(1)}, s.options());
-  Tensor first = pair.select(0, 0), second = pair.select(0, 1);
-  if (!s.is_contiguous() || s.nbytes() > PLAIN_COPY_BYTES) {
-    first.copy_(s);
-    second.copy_(s);
+  if (!memcpy_copies(s)) {
+    pair.select(0, 0).copy_(s);
+    pair.select(0, 1).copy_(s);
   } else if (s.nbytes()) {
     auto* base = static_cast<char*>(pair.data_ptr());
     std::memcpy(base, s.data_ptr(), s.nbytes());
@@ -215,8 +220,8 @@ inline at::ScalarType compute_type(at::ScalarType t) {
 // t in dtype `type`: t itself if it is already, else a copy in pooled memory (float16 weights
 // converted afresh at every call faulted in a page per 4 KiB of the copy); undefined stays so.
 Tensor to_type(const Tensor& t, at::ScalarType type) {
-  return !t.defined() || t.scalar_type() == type
-             ? t : pooled_empty(t.sizes(), t.options().dtype(type)).copy_(t);
+  if (!t.defined() || (t.scalar_type() == type && !t.is_neg() && !t._is_zerotensor())) return t;
+  return pooled_empty(t.sizes(), t.options().dtype(type)).copy_(t);   // also resolves those
 }
 
 // ---- SIMD vectors (GCC/Clang vector extensions: AVX-512, AVX2 or SSE, as the machine has) ----
@@ -1021,6 +1026,12 @@ bool use_mkl = true;
 // smaller than BLAS accepts), so a dimension of size 1 counts as unit-stride and a leading
 // dimension is never below the row length.
 inline bool unit_stride(const Tensor& t, int dim) { return t.size(dim) == 1 || t.stride(dim) == 1; }
+// Whether t (2-D) is what BLAS takes as a matrix with dimension `dim` contiguous: its lines along
+// the other dimension do not overlap (an expanded tensor's stride 0 would make BLAS read past
+// the memory behind it).
+inline bool blas_layout(const Tensor& t, int dim) {
+  return unit_stride(t, dim) && (t.size(1 - dim) == 1 || t.stride(1 - dim) >= t.size(dim));
+}
 inline i64 leading(const Tensor& t, int dim) {
   return std::max<i64>(t.stride(dim), t.size(1 - dim));
 }
@@ -1038,7 +1049,11 @@ struct Strided {
   Strided t() const { return {p, cols, rows, cs, rs}; }
   // As BLAS (column-major) sees this matrix's transpose: 'N' with leading dimension rs when its
   // rows are contiguous, 'T' with cs when its columns are; '\0' when neither.
-  char trans() const { return cols == 1 || cs == 1 ? 'N' : rows == 1 || rs == 1 ? 'T' : '\0'; }
+  char trans() const {
+    if ((cols == 1 || cs == 1) && (rows == 1 || rs >= cols)) return 'N';
+    if ((rows == 1 || rs == 1) && (cols == 1 || cs >= rows)) return 'T';
+    return '\0';     // e.g. an expanded input's rows, stride 0: at::mm takes those
+  }
   int ld() const { return (int)(trans() == 'N' ? std::max(rs, cols) : std::max(cs, rows)); }
   Tensor tensor() const {
     return at::from_blob(p, {rows, cols}, {rs, cs},
@@ -1062,7 +1077,7 @@ struct Mat {
 };
 template <typename S>
 Mat<S> mat(const Tensor& t) {      // a 2-D tensor of unit column stride
-  TORCH_CHECK(t.dim() == 2 && unit_stride(t, 1), "mat: rows must be contiguous");
+  TORCH_CHECK(t.dim() == 2 && blas_layout(t, 1), "mat: rows must be contiguous");
   return {t.data_ptr<S>(), t.size(0), t.size(1), leading(t, 0)};
 }
 // out = a + b, row by row.
@@ -1098,8 +1113,8 @@ class StepProduct {
     N_ = b.size(1);
     Tensor src = b;
     int trans = NO_TRANS, ld = (int)leading(b, 0);
-    if (!unit_stride(b, 1)) {
-      if (unit_stride(b, 0)) {
+    if (!blas_layout(b, 1)) {
+      if (blas_layout(b, 0)) {
         trans = TRANS;              // b's transpose is row-major: W itself, as given
         ld = (int)leading(b, 1);
       } else {
@@ -3315,7 +3330,7 @@ struct WeightGradients {
 // of it faults in a page per 4 KiB).
 Tensor incoming(const Tensor& d, at::ScalarType dtype) {
   Tensor t = d.to(dtype);
-  return t.is_contiguous() ? t : pooled_clone(t);
+  return plain_memory(t) ? t : pooled_clone(t);
 }
 
 inline Tensor optional_contiguous(const c10::optional<Tensor>& t) {
