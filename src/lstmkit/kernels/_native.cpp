@@ -173,11 +173,11 @@ Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return at::detail::empty_generic(sizes, &recycling(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(options.dtype()), c10::nullopt);
 }
-// Whether t's elements are in its memory as they read, in order: contiguous, and neither a
-// negated view (whose sign is a flag, not in memory) nor a zero tensor (which has no memory).
-inline bool plain_memory(const Tensor& t) {
-  return t.is_contiguous() && !t.is_neg() && !t._is_zerotensor();
-}
+// Whether t's values are not the bytes in its memory: a negated view (its sign is a flag) or a
+// zero tensor (it has no memory). ATen's copies resolve both; the kernels' reads do not.
+inline bool flagged(const Tensor& t) { return t.is_neg() || t._is_zerotensor(); }
+// Whether t's elements are in its memory as they read, in order.
+inline bool plain_memory(const Tensor& t) { return t.is_contiguous() && !flagged(t); }
 // Copies of at most this many bytes from plain memory are a memcpy: a call's states are a few
 // KiB, and each ATen copy (and the select or narrow before it) went through the dispatcher,
 // about 1 us apiece, seven of them in a batch-1 forward.
@@ -220,7 +220,7 @@ inline at::ScalarType compute_type(at::ScalarType t) {
 // t in dtype `type`: t itself if it is already, else a copy in pooled memory (float16 weights
 // converted afresh at every call faulted in a page per 4 KiB of the copy); undefined stays so.
 Tensor to_type(const Tensor& t, at::ScalarType type) {
-  if (!t.defined() || (t.scalar_type() == type && !t.is_neg() && !t._is_zerotensor())) return t;
+  if (!t.defined() || (t.scalar_type() == type && !flagged(t))) return t;
   return pooled_empty(t.sizes(), t.options().dtype(type)).copy_(t);   // also resolves those
 }
 
