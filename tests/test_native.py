@@ -1194,12 +1194,13 @@ def test_lstm_direct_path_matches_general_path(grad, dtype, batch_first, steps, 
 
     general = count_general_module_calls(monkeypatch)
     module_calls = []
-    monkeypatch.setattr(native, "lstm_module_infer", lambda *args, infer=native.lstm_module_infer:
-                        module_calls.append(args) or infer(*args))
+    monkeypatch.setattr(native, "lstm_module", lambda *args, call=native.lstm_module:
+                        module_calls.append(args) or call(*args))
     direct = run(ours)
     assert general == []                                   # the direct path ran
-    # In inference over several steps, with the module's reshapes in C++ (lstm_module_infer).
-    assert len(module_calls) == (not grad and steps > 1)
+    # In training, and in inference over several steps, with the module's reshapes in C++
+    # (lstm_module), inside the autograd node in training.
+    assert [args[-1] for args in module_calls] == ([grad] if grad or steps > 1 else [])
     monkeypatch.setattr(type(ours), "_runs_directly", lambda self, x, hx: False)
     via_general = run(ours)
     assert len(general) == 1
@@ -1226,6 +1227,42 @@ def test_lstm_direct_inference_in_low_precision_matches_general_path(dtype, monk
         general = [lstm(x)[0], *lstm(x, hx)[1]]
     for got, expected in zip(direct, general, strict=True):
         assert got.dtype == dtype and got.shape == expected.shape
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time-major", "batch-first"])
+@pytest.mark.parametrize("state", [False, True], ids=["no-state", "state"])
+def test_lstm_direct_training_results_are_the_nodes_own(dtype, batch_first, state, monkeypatch):
+    """In training the direct path's output and states come straight from the layer's autograd
+    node in the module's shapes (no view node around it), and the caller may change each of
+    them in place: the gradients are then the general path's, to the bit."""
+    torch.manual_seed(11)
+    lstm = lstmkit.LSTM(3, 5, batch_first=batch_first, dtype=dtype)
+    x = torch.randn(*((2, 4) if batch_first else (4, 2)), 3, dtype=dtype)
+    hx = tuple(torch.randn(1, 2, 5, dtype=dtype) for _ in range(2)) if state else None
+    weights = torch.randn(*x.shape[:2], 5, dtype=dtype)
+
+    def run():
+        leaves = [x, *(hx or ()), *lstm.parameters()]
+        for t in leaves:
+            t.grad = None
+            t.requires_grad_(True)
+        out, (h, c) = lstm(x, hx)
+        nodes = {r.grad_fn.name() for r in (out, h, c)}
+        out += 1.0                                       # the caller's in-place edits
+        h.mul_(2.0)
+        c.add_(0.5)
+        ((out * weights).sum() + (h * c).sum()).backward()
+        return nodes, [out.detach(), h.detach(), c.detach(), *(t.grad for t in leaves)]
+
+    nodes, direct = run()
+    assert nodes == {native._LSTM_NODE}
+    monkeypatch.setattr(type(lstm), "_runs_directly", lambda self, x, hx: False)
+    _, general = run()
+    assert len(direct) == len(general) == 3 + 1 + 2 * state + 4
+    for got, expected in zip(direct, general, strict=True):
+        assert got.shape == expected.shape and got.dtype == dtype
         assert torch.equal(got, expected)
 
 

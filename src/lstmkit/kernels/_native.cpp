@@ -3394,7 +3394,7 @@ std::string layer_weights_mismatch(i64 gates, const Tensor& x, i64 H, i64 P, con
                                    const Tensor& w_hh, const Tensor& b_ih, const Tensor& b_hh,
                                    const Tensor& w_hr = {}, const Tensor& w_peephole = {}) {
   std::string wrong;
-  expect_shape(wrong, "w_ih", w_ih, {gates * H, x.size(1)});
+  expect_shape(wrong, "w_ih", w_ih, {gates * H, x.size(-1)});   // x: rows, or (T, B, I)
   expect_shape(wrong, "w_hh", w_hh, {gates * H, P});
   expect_shape(wrong, "b_ih", b_ih, {gates * H});
   expect_shape(wrong, "b_hh", b_hh, {gates * H});
@@ -4341,21 +4341,63 @@ inline variable_list node_gradients(AutogradContext* ctx, std::vector<Tensor> gr
   return (*error)(std::move(fakes));
 }
 
+// How a layer node's x and results are shaped: as rows (x (N, I), out (N, P), h_T (B, P), c_T
+// (B, H)), or as lstmkit.LSTM's (x and out (T, B, .), or (B, T, .) batch-first; h_T and c_T
+// (1, B, .)), so that the module's direct call needs no view of its own around the node: each
+// view is an autograd node more, forward and backward, and at batch 1-8 the Python and autograd
+// work around the kernels is a fifth of a training step.
+enum class NodeShapes : i64 { ROWS = 0, TIME_MAJOR = 1, BATCH_FIRST = 2 };
+
+// The time-major rows (T * B, F) of a module-shaped sequence (T, B, F) or (B, T, F).
+inline Tensor sequence_rows(const Tensor& sequence, NodeShapes shapes) {
+  if (shapes == NodeShapes::ROWS) return sequence;
+  Tensor time_major = shapes == NodeShapes::BATCH_FIRST ? sequence.transpose(0, 1) : sequence;
+  return time_major.reshape({time_major.size(0) * time_major.size(1), time_major.size(2)});
+}
+
+// t's memory under other sizes and strides as a tensor of its own, not a view: a node's output
+// that is a view of a tensor made inside the node may not be changed in place (autograd
+// refuses), and the caller may change the module's output in place (out += residual), as with
+// torch.nn.
+inline Tensor same_memory(const Tensor& t, at::IntArrayRef sizes, at::IntArrayRef strides) {
+  return at::empty({0}, t.options()).set_(t.storage(), t.storage_offset(), sizes, strides);
+}
+
+// Rows (T * B, F) in a module's shape (see NodeShapes); `own`: as a tensor of its own.
+inline Tensor module_sequence(const Tensor& rows, i64 T, i64 B, NodeShapes shapes, bool own) {
+  if (shapes == NodeShapes::ROWS) return rows;
+  const i64 F = rows.size(1);
+  Tensor time_major = own ? same_memory(rows, {T, B, F}, {B * F, F, 1}) : rows.view({T, B, F});
+  return shapes == NodeShapes::BATCH_FIRST
+             ? (own ? same_memory(rows, {B, T, F}, {F, B * F, 1}) : time_major.transpose(0, 1))
+             : time_major;
+}
+
+// A state (B, F) as the module's (1, B, F), a tensor of its own.
+inline Tensor module_state(const Tensor& state, NodeShapes shapes) {
+  if (shapes == NodeShapes::ROWS) return state;
+  return same_memory(state, {1, state.size(0), state.size(1)},
+                     {state.size(0) * state.size(1), state.size(1), 1});
+}
+
 struct NativeLSTMLayer : public torch::autograd::Function<NativeLSTMLayer> {
   // Tensors x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, zoneout_h, zoneout_c,
   // recurrent (as NativeLSTMFunction's; the masks get no gradient);
-  // plan = {parts, input_in_step, own_product, backward parts, backward own_product} (native.py).
+  // plan = {parts, input_in_step, own_product, backward parts, backward own_product} (native.py);
+  // shapes: x's and the results' (NodeShapes; h0 and c0 are (B, .) in every case).
   static variable_list forward(
       AutogradContext* ctx, const Tensor& x, const Tensor& h0, const Tensor& c0,
       const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
       const c10::optional<Tensor>& b_hh, const c10::optional<Tensor>& w_hr,
       const c10::optional<Tensor>& w_peephole, const c10::optional<Tensor>& zoneout_h,
       const c10::optional<Tensor>& zoneout_c, const c10::optional<Tensor>& recurrent,
-      const std::vector<i64>& batch_sizes, bool reverse, i64 form, const std::vector<i64>& plan) {
+      const std::vector<i64>& batch_sizes, bool reverse, i64 form, const std::vector<i64>& plan,
+      i64 shapes) {
     TORCH_CHECK(plan.size() == 5, "lstm_layer: plan has 5 entries, got ", plan.size());
-    auto in = compute_inputs<12>(ctx, {x, h0, c0, w_ih, w_hh, given(b_ih), given(b_hh),
-                                       given(w_hr), given(w_peephole), given(zoneout_h),
-                                       given(zoneout_c), given(recurrent)});
+    const NodeShapes node_shapes = static_cast<NodeShapes>(shapes);
+    auto in = compute_inputs<12>(ctx, {sequence_rows(x, node_shapes), h0, c0, w_ih, w_hh,
+                                       given(b_ih), given(b_hh), given(w_hr), given(w_peephole),
+                                       given(zoneout_h), given(zoneout_c), given(recurrent)});
     auto r = lstm_layer_forward(in[0], maybe(in[5]), maybe(in[6]), in[1], in[2], in[3], in[4],
                                 maybe(in[7]), batch_sizes, reverse, true, plan[0], plan[1] != 0,
                                 plan[2] != 0, maybe(in[8]), form, maybe(in[9]), maybe(in[10]),
@@ -4374,8 +4416,11 @@ struct NativeLSTMLayer : public torch::autograd::Function<NativeLSTMLayer> {
     ctx->saved_data["form"] = form;
     ctx->saved_data["parts"] = plan[3];
     ctx->saved_data["own"] = plan[4] != 0;
-    return {to_type(r[0], x.scalar_type()), to_type(r[1], h0.scalar_type()),
-            to_type(r[2], c0.scalar_type())};
+    ctx->saved_data["shapes"] = shapes;
+    const i64 T = (i64)batch_sizes.size(), B = batch_sizes.empty() ? 0 : batch_sizes[0];
+    return {module_sequence(to_type(r[0], x.scalar_type()), T, B, node_shapes, true),
+            module_state(to_type(r[1], h0.scalar_type()), node_shapes),
+            module_state(to_type(r[2], c0.scalar_type()), node_shapes)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -4388,6 +4433,12 @@ struct NativeLSTMLayer : public torch::autograd::Function<NativeLSTMLayer> {
       std::vector<bool> needs = inputs_needing_grad(ctx);
       needs.resize(9);                                         // the masks get none
       const std::vector<i64> batch_sizes = ctx->saved_data["batch_sizes"].toIntVector();
+      const auto shapes = static_cast<NodeShapes>(ctx->saved_data["shapes"].toInt());
+      if (shapes != NodeShapes::ROWS) {                        // the module's shapes as rows
+        if (grads[0].defined()) grads[0] = sequence_rows(grads[0], shapes);
+        for (int k : {1, 2})
+          if (grads[k].defined()) grads[k] = grads[k].select(0, 0);
+      }
       const Tensor& h_prev = s[5];
       auto g = lstm_layer_backward(
           arriving(grads[0], h_prev.sizes(), h_prev.options()),
@@ -4397,10 +4448,12 @@ struct NativeLSTMLayer : public torch::autograd::Function<NativeLSTMLayer> {
           ctx->saved_data["parts"].toInt(), ctx->saved_data["own"].toBool(), needs,
           maybe(s[8]), ctx->saved_data["form"].toInt(), maybe(s[9]), maybe(s[10]), maybe(s[11]));
       // g: dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr, dw_peephole
+      if (g[0].defined())
+        g[0] = module_sequence(g[0], (i64)batch_sizes.size(), batch_sizes[0], shapes, false);
       auto [db_ih, db_hh] = bias_gradients(g[5], needs[5], needs[6]);
       per_input = {g[0], g[1], g[2], g[3], g[4], db_ih, db_hh, g[6], g[7]};
     }
-    return node_gradients(ctx, per_input, 16, create_graph);
+    return node_gradients(ctx, per_input, 17, create_graph);
   }
 };
 
@@ -4479,7 +4532,8 @@ std::vector<Tensor> lstm_layer_py(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, T
   check_cpu(x, "x");
   check_layer_weights(4, x, c0.size(1), h0.size(1), w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole);
   return NativeLSTMLayer::apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, zoneout_h,
-                                zoneout_c, recurrent, batch_sizes, reverse, form, plan);
+                                zoneout_c, recurrent, batch_sizes, reverse, form, plan,
+                                (i64)NodeShapes::ROWS);
 }
 
 // A GRU (gru, option = reset_after) or RNN (option = relu) layer through its autograd node;
@@ -4522,19 +4576,20 @@ std::vector<Tensor> lstm_infer_py(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, T
           to_type(r[2], c0.scalar_type())};
 }
 
-// lstmkit.LSTM's direct inference call (see _runs_directly in nn/recurrent.py): x (T, B, I), or
-// (B, T, I) with batch_first; hx = (h0, c0), each (1, B, H), or None for zeros of the module's
-// hidden size (not w_hh's, which the kernel checks against it). Returns out in
-// x's layout and h_T, c_T (1, B, H): lstm_infer with the module's reshapes around it done here,
-// where they cost no Python calls (about 7 us of a batch-1 forward of 250 us at hidden 128).
-std::vector<Tensor> lstm_module_infer_py(Tensor x, c10::optional<Tensor> h0,
-                                         c10::optional<Tensor> c0, Tensor w_ih, Tensor w_hh,
-                                         c10::optional<Tensor> b_ih, c10::optional<Tensor> b_hh,
-                                         bool batch_first, i64 hidden, std::vector<i64> plan) {
+// lstmkit.LSTM's direct call (see _runs_directly in nn/recurrent.py): x (T, B, I), or (B, T, I)
+// with batch_first; hx = (h0, c0), each (1, B, H), or None for zeros of the module's hidden size
+// (not w_hh's, which the kernel checks against it). plan: lstm_infer's (3 entries) in inference,
+// lstm_layer's (5) for the autograd node. Returns out in x's layout and h_T, c_T (1, B, H): the
+// module's reshapes done here and, in training, inside the node, where they cost no Python call
+// and no autograd node (at batch 1-8 a tenth of a training step's Python and autograd work).
+std::vector<Tensor> lstm_module_py(Tensor x, c10::optional<Tensor> h0, c10::optional<Tensor> c0,
+                                   Tensor w_ih, Tensor w_hh, c10::optional<Tensor> b_ih,
+                                   c10::optional<Tensor> b_hh, bool batch_first, i64 hidden,
+                                   std::vector<i64> plan) {
   TORCH_CHECK_VALUE(x.dim() == 3 && h0.has_value() == c0.has_value(),
-                    "lstm_module_infer: x (T, B, I) and both states or neither");
-  Tensor sequence = batch_first ? x.transpose(0, 1) : x;
-  const i64 T = sequence.size(0), B = sequence.size(1);
+                    "lstm_module: x (T, B, I) and both states or neither");
+  check_cpu(x, "x");
+  const i64 T = x.size(batch_first ? 1 : 0), B = x.size(batch_first ? 0 : 1);
   Tensor zeros;                       // read only by the kernel
   auto first = [&](const c10::optional<Tensor>& state) {
     if (state.has_value()) return state->select(0, 0);
@@ -4542,11 +4597,16 @@ std::vector<Tensor> lstm_module_infer_py(Tensor x, c10::optional<Tensor> h0,
     return zeros;
   };
   Tensor h_start = first(h0), c_start = first(c0);
-  auto r = lstm_infer_py(sequence.reshape({T * B, sequence.size(2)}), h_start, c_start, w_ih,
-                         w_hh, b_ih, b_hh, {}, {}, {}, {}, {}, std::vector<i64>(T, B), false, 0,
-                         plan);
-  Tensor out = r[0].view({T, B, r[0].size(1)});
-  return {batch_first ? out.transpose(0, 1) : out, r[1].unsqueeze(0), r[2].unsqueeze(0)};
+  check_layer_weights(4, x, c_start.size(1), h_start.size(1), w_ih, w_hh, b_ih, b_hh);
+  const auto shapes = batch_first ? NodeShapes::BATCH_FIRST : NodeShapes::TIME_MAJOR;
+  const c10::optional<Tensor> none;
+  if (plan.size() == 5)
+    return NativeLSTMLayer::apply(x, h_start, c_start, w_ih, w_hh, b_ih, b_hh, none, none,
+                                  none, none, none, std::vector<i64>(T, B), false, (i64)0, plan,
+                                  (i64)shapes);
+  auto r = lstm_infer_py(sequence_rows(x, shapes), h_start, c_start, w_ih, w_hh, b_ih, b_hh, {},
+                         {}, {}, {}, {}, std::vector<i64>(T, B), false, 0, plan);
+  return {module_sequence(r[0], T, B, shapes, false), r[1].unsqueeze(0), r[2].unsqueeze(0)};
 }
 
 // Inference: one_state_layer's, the same way. Returns out, h_T in the dtypes of x, h0.
@@ -4655,7 +4715,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_layer", &lstm_layer_py);
   m.def("one_state_layer", &one_state_layer_py);
   m.def("lstm_infer", &lstm_infer_py);
-  m.def("lstm_module_infer", &lstm_module_infer_py);
+  m.def("lstm_module", &lstm_module_py);
   m.def("lstm_variant_loops_forward", &lstm_variant_loops_forward);
   m.def("lstm_variant_loops_backward", &lstm_variant_loops_backward);
   m.def("gru_variant_loops_forward", &gru_variant_loops_forward);

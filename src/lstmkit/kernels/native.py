@@ -359,6 +359,14 @@ def _lstm_plan(layout, w_ih, w_hh, w_hr, itemsize=None) -> tuple[int, bool, bool
     return parts, bool(parts) and (input_in_step or own), own
 
 
+def _lstm_training_plan(layout, w_ih, w_hh, w_hr, itemsize=None) -> tuple:
+    """_lstm_plan and how the backward runs: (its driver parts, its own step product)."""
+    backward_parts = _driver(layout, w_hh, w_hr is not None, itemsize=itemsize)
+    return _lstm_plan(layout, w_ih, w_hh, w_hr, itemsize) + (
+        backward_parts, _own_step_product(layout, backward_parts, w_ih, w_hh, w_hr,
+                                          backward=True, itemsize=itemsize))
+
+
 _GATE_ACTIVATION_CODES = {"sigmoid": 0, "hard_sigmoid": 1}
 _CELL_ACTIVATION_CODES = {"tanh": 0, "softsign": 1, "hardtanh": 2, "identity": 3}
 
@@ -455,11 +463,7 @@ class NativeLSTMFunction:
             return NativeLSTMFunction.infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, layout,
                                             reverse, w_peephole, form or 0, zoneout_h, zoneout_c,
                                             recurrent)
-        itemsize = compute_dtype(x.dtype).itemsize
-        plan = _lstm_plan(layout, w_ih, w_hh, w_hr, itemsize)
-        backward_parts = _driver(layout, w_hh, w_hr is not None, itemsize=itemsize)
-        plan += (backward_parts, _own_step_product(layout, backward_parts, w_ih, w_hh, w_hr,
-                                                   backward=True, itemsize=itemsize))
+        plan = _lstm_training_plan(layout, w_ih, w_hh, w_hr, compute_dtype(x.dtype).itemsize)
         return tuple(module().lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole,
                                          zoneout_h, zoneout_c, recurrent, layout.batch_sizes,
                                          reverse, form or 0, plan))
@@ -479,17 +483,38 @@ class NativeLSTMFunction:
                                          reverse, form, plan))
 
 
-def lstm_module_infer(x, hx, w_ih, w_hh, b_ih, b_hh, batch_first: bool, hidden: int):
-    """lstmkit.LSTM's direct call (one plain layer, one direction) in inference:
-    x (T, B, I) (or (B, T, I) with batch_first), hx = (h0, c0) of (1, B, H) each or None
-    (zeros of `hidden` units) -> out in x's layout, (h_T, c_T) (1, B, H). The same kernel call as
-    NativeLSTMFunction.infer, with the module's reshapes done in C++ (lstm_module_infer)."""
-    steps, batch = (x.shape[1], x.shape[0]) if batch_first else (x.shape[0], x.shape[1])
-    plan = _lstm_plan(StepLayout.padded(steps, batch), w_ih, w_hh, None,
-                      compute_dtype(x.dtype).itemsize)
+# lstm_module's plans by everything they depend on: the shapes, dtype, thread count and tunables
+# (the plan functions in Python cost 10-15 us of a training step at batch 8 / hidden 64, where
+# the interpreter's data and code come cold from memory after the kernels).
+_module_plans: dict = {}
+
+
+def _tunables() -> tuple:
+    return (FUSED_MAX_BATCH, FUSED_ALWAYS_BATCH, FUSED_MAX_WEIGHT_BYTES_PER_THREAD, MIN_PART_ROWS,
+            ROW_PARTS_MAX_WEIGHT_BYTES, MAX_ROW_PARTS, INPUT_IN_STEP_MAX_RATIO,
+            OWN_FORWARD_MAX_ROWS, OWN_FORWARD_MAX_ROW_BYTES, OWN_BACKWARD_MAX_ROWS)
+
+
+def lstm_module(x, hx, w_ih, w_hh, b_ih, b_hh, batch_first: bool, hidden: int, train: bool):
+    """lstmkit.LSTM's direct call (one plain layer, one direction): x (T, B, I) (or (B, T, I)
+    with batch_first), hx = (h0, c0) of (1, B, H) each or None (zeros of `hidden` units) -> out
+    in x's layout, (h_T, c_T) (1, B, H). The same kernel calls as NativeLSTMFunction's `infer`
+    (train False) or `apply` through the autograd node (train True), with the module's reshapes
+    done in C++ (lstm_module in _native.cpp), inside the node in training."""
+    key = (x.shape, batch_first, x.dtype, w_ih.shape, w_hh.shape, train,
+           torch.get_num_threads(), _tunables())
+    plan = _module_plans.get(key)
+    if plan is None:
+        batch = x.shape[0] if batch_first else x.shape[1]
+        layout = StepLayout.padded(x.shape[1] if batch_first else x.shape[0], batch)
+        itemsize = compute_dtype(x.dtype).itemsize
+        plan = (_lstm_training_plan if train else _lstm_plan)(layout, w_ih, w_hh, None, itemsize)
+        if len(_module_plans) >= 256:
+            _module_plans.clear()
+        _module_plans[key] = plan
     h0, c0 = (None, None) if hx is None else (hx[0], hx[1])
-    out, h_T, c_T = module().lstm_module_infer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_first,
-                                               hidden, plan)
+    out, h_T, c_T = module().lstm_module(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_first, hidden,
+                                         plan)
     return out, (h_T, c_T)
 
 

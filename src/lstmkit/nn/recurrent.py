@@ -519,29 +519,25 @@ class LSTM(_RecurrentBase):
 
     def _direct_call(self, x, hx):
         """forward() for a call `_runs_directly` accepts: the native call the general path makes
-        (the same call, so the same numbers and gradients). In inference over more than one
-        step, with the reshapes around it in C++ too (one step takes the single-step kernel)."""
+        (the same kernels, so the same numbers and gradients), with the reshapes around it in
+        C++ (kernels.native.lstm_module), inside the autograd node in training. Inference over
+        one step takes the general path's single-step kernel."""
         p = self._parameters
-        if (x.shape[1] if self.batch_first else x.shape[0]) > 1 and \
-                not kernels.native.needs_autograd((x, *p.values(), *(hx or ()))):
-            return kernels.native.lstm_module_infer(
+        train = kernels.native.needs_autograd((x, *p.values(), *(hx or ())))
+        if train or (x.shape[1] if self.batch_first else x.shape[0]) > 1:
+            return kernels.native.lstm_module(
                 x, hx, p["weight_ih_l0"], p["weight_hh_l0"], p.get("bias_ih_l0"),
-                p.get("bias_hh_l0"), self.batch_first, self.hidden_size)
-        if self.batch_first:
-            x = x.transpose(0, 1)                    # (B, T, I) -> (T, B, I)
-        steps, batch = x.shape[0], x.shape[1]
+                p.get("bias_hh_l0"), self.batch_first, self.hidden_size, train)
+        x = x.reshape(x.shape[0] * x.shape[1], self.input_size)   # one step: (B, I)
         if hx is None:
-            h0 = c0 = x.new_zeros(batch, self.hidden_size)   # read only by the kernel
+            h0 = c0 = x.new_zeros(x.shape[0], self.hidden_size)   # read only by the kernel
         else:
             h0, c0 = hx[0][0], hx[1][0]
-        out, h_T, c_T = kernels.native.NativeLSTMFunction.apply(
-            x.reshape(steps * batch, self.input_size), h0, c0, p["weight_ih_l0"],
-            p["weight_hh_l0"], p.get("bias_ih_l0"), p.get("bias_hh_l0"), None,
-            StepLayout.padded(steps, batch), False)
-        output = out.view(steps, batch, self.hidden_size)
-        if self.batch_first:
-            output = output.transpose(0, 1)
-        return output, (h_T.unsqueeze(0), c_T.unsqueeze(0))
+        h_1, _, c_1 = kernels.native.NativeLSTMFunction.apply(
+            x, h0, c0, p["weight_ih_l0"], p["weight_hh_l0"], p.get("bias_ih_l0"),
+            p.get("bias_hh_l0"), None, StepLayout.padded(1, x.shape[0]), False)
+        output = h_1.unsqueeze(1 if self.batch_first else 0)
+        return output, (h_1.unsqueeze(0), c_1.unsqueeze(0))
 
     def _extra_shapes(self):
         return _lstm_variant.extra_shapes(self.variant, self.hidden_size)
