@@ -1569,6 +1569,37 @@ struct LSTMForwardGates {
   }
 };
 
+// h_prev (N, P), the previous rows of the output (see previous_rows), made by the fused and
+// own-product drivers as they go: each step's output row b is also stored as row b of the step
+// processed next, where that row is active (in registers, instead of a pass over all N rows after
+// the loop: 10-20 us of a training step at batch 1-8 on the calling thread); here, the rows
+// whose sequence starts at their step, h0's.
+template <typename S>
+struct PreviousRows {
+  Tensor rows;                  // h_prev, undefined when not wanted
+  const Steps* st;
+  i64 P;
+
+  PreviousRows(bool wanted, const Tensor& h0, const Steps& steps)
+      : st(&steps), P(h0.size(1)) {
+    if (!wanted) return;
+    rows = pooled_empty({steps.rows, P}, h0.options());
+    const S* init = ptr<S>(h0);
+    for (i64 s = 0; s < steps.count(); ++s) {
+      const i64 t = steps.order[s], begun = s ? steps.size[steps.order[s - 1]] : 0;
+      for (i64 b = begun; b < steps.size[t]; ++b)
+        std::memcpy(ptr<S>(rows) + (steps.offset[t] + b) * P, init + b * P, P * sizeof(S));
+    }
+  }
+  // Where processing step s stores its row b's h (row b of the next step's rows), and how many
+  // of its rows go there; nullptr, 0 when none.
+  std::pair<S*, i64> next(i64 s) const {
+    if (!rows.defined() || s + 1 >= st->count()) return {nullptr, 0};
+    const i64 u = st->order[s + 1];
+    return {ptr<S>(rows) + st->offset[u] * P, st->size[u]};
+  }
+};
+
 // With w_ih (generic driver, no projection), `xproj` is the input x (N, I) itself and each step
 // multiplies [x_t | h] by [W_ih | W_hh]^T ("input in the step"): the same products as the
 // projection of all steps before the loop, but the (N, 4H) projection is never written out and
@@ -1608,6 +1639,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
   S* o_ptr = ptr<S>(out);
   const i64 J = (H + L - 1) / L;
   if (parts == 0 && !w_hr.defined()) {
+    const PreviousRows<S> previous(save, h0, st);
     Tensor packed = packed_empty<S>(4, H, P, xproj.options());   // packed in step -1
     Tensor hbuf = state_pair(h0_operand);
     S* hb = ptr<S>(hbuf);
@@ -1679,6 +1711,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
       i64 t = st.order[s], bs = st.size[t], off = st.offset[t];
       const S* h_read = hb + (s % 2) * B * P;
       S* h_write = hb + ((s + 1) % 2) * B * P;
+      const auto [h_next, next_rows] = previous.next(s);
       auto epilogue = [&](i64 b, i64 jb, const V<S>* acc) {
         i64 j = jb * L;
         at_width<S>(H, j, [&](int n) __attribute__((always_inline)) {
@@ -1686,6 +1719,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
                                      drop.previous(b, j, h_read + b * P + j), n);
           store(h_write + b * P + j, drop.operand(b, j, m, n), n);
           store(o_ptr + (off + b) * P + j, m, n);
+          if (b < next_rows) store(h_next + b * P + j, m, n);
         });
       };
       if (begin_steps) {
@@ -1711,7 +1745,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
       }
     }, begin);
     Tensor h_T = drop ? pooled_clone(h_state) : state_of(hbuf, st.count() % 2);
-    return {out, h_T, c, gates, cells};
+    return {out, h_T, c, gates, cells, Tensor(), previous.rows};
   }
   const S* x = ptr<S>(xproj);
   if (own_product && !w_hr.defined()) {
@@ -1728,10 +1762,12 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
     const S* wp = ptr<S>(packed);
     Chunking<S> chunks(B, J, 4, K, xproj.options());
     Tensor pre_buf = pooled_empty({B * J * 4 * L}, xproj.options());
+    const PreviousRows<S> previous(save, h0, st);
     run_row_parts(st.count(), B, parts, [&](i64 s, i64 r0, i64 r1) {
       i64 t = st.order[s], off = st.offset[t], e = std::min(r1, st.size[t]);
       S* z_read = zb + (s % 2) * B * K;
       S* z_write = zb + ((s + 1) % 2) * B * K;
+      const auto [h_next, next_rows] = previous.next(s);
       for (i64 b = r0; b < e && I; ++b)
         std::memcpy(z_read + b * K, x + (off + b) * I, I * sizeof(S));
       if (e > r0) {
@@ -1754,13 +1790,14 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
                                   drop.previous(b, jb * L, z_read + b * K + I + jb * L), n);
             store(z_write + b * K + I + jb * L, drop.operand(b, jb * L, m, n), n);
             store(o_ptr + (off + b) * P + jb * L, m, n);
+            if (b < next_rows) store(h_next + b * P + jb * L, m, n);
           });
       }
       for (i64 b = std::max(r0, e); b < r1; ++b)       // inactive rows keep their state
         std::memcpy(z_write + b * K + I, z_read + b * K + I, P * sizeof(S));
     });
     Tensor h_T = pooled_clone(drop ? h_state : zbuf[st.count() % 2].narrow(1, I, P));
-    return {out, h_T, c, gates, cells};
+    return {out, h_T, c, gates, cells, Tensor(), previous.rows};
   }
   Tensor w = w_hh;
   if (I) {                                 // [W_ih | W_hh] (4H, I + P)
@@ -1830,7 +1867,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
     }
   });
   return {out, drop ? pooled_clone(h_state) : z.narrow(1, I, P).contiguous(), c, gates, cells,
-          q};
+          q, Tensor()};
 }
 
 // Backward, per step in reverse order, dh including the output gradient (tanh and sigmoid
@@ -4402,13 +4439,17 @@ struct NativeLSTMLayer : public torch::autograd::Function<NativeLSTMLayer> {
                                 maybe(in[7]), batch_sizes, reverse, true, plan[0], plan[1] != 0,
                                 plan[2] != 0, maybe(in[8]), form, maybe(in[9]), maybe(in[10]),
                                 maybe(in[11]));
-    // r: out, h_T, c_T, gates, cells. Saved: what lstm.py's Functions save, but the previous
+    // r: out, h_T, c_T, gates, cells, q (none here), h_prev (from the fused and own-product
+    // drivers, see PreviousRows). Saved: what lstm.py's Functions save, but the previous
     // rows of the output (dW_hh's operand) instead of the output itself: the caller may edit
     // the output in place (out += residual), as with torch.nn, without a copy of it (the copy
     // and its autograd node cost 25 us of a 470 us training step at batch 1 / hidden 64).
     // h0 is not saved: the backward never reads it.
-    Tensor h_prev = pooled_empty(r[0].sizes(), r[0].options());
-    previous_rows(h_prev, r[0], in[1].contiguous(), Steps(batch_sizes, reverse));
+    Tensor h_prev = r[6];                  // made by the step loop, or here
+    if (!h_prev.defined()) {
+      h_prev = pooled_empty(r[0].sizes(), r[0].options());
+      previous_rows(h_prev, r[0], in[1].contiguous(), Steps(batch_sizes, reverse));
+    }
     ctx->save_for_backward({in[0], in[2], in[3], in[4], in[7], h_prev, r[3], r[4], in[8],
                             in[9], in[10], in[11]});
     ctx->saved_data["batch_sizes"] = batch_sizes;
