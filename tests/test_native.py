@@ -1266,6 +1266,19 @@ def test_lstm_direct_training_results_are_the_nodes_own(dtype, batch_first, stat
         assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time-major", "batch-first"])
+def test_lstm_direct_training_refuses_an_input_changed_in_place(batch_first):
+    """An input (an earlier layer's output) changed in place between the direct path's forward
+    and backward makes the backward raise torch's usual error, which names the change and the
+    tensor, as torch.nn.LSTM's does."""
+    lstm = lstmkit.LSTM(3, 5, batch_first=batch_first)
+    x = torch.randn(4, 2, 3, requires_grad=True) * 1.0        # not a leaf
+    out, _ = lstm(x.transpose(0, 1) if batch_first else x)
+    x.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
 def _modules_with_same_weights(family, *args, **kwargs):
     ours = getattr(lstmkit, family)(*args, **kwargs)
     theirs = getattr(torch.nn, family)(*args, **kwargs)

@@ -4397,7 +4397,9 @@ inline Tensor sequence_rows(const Tensor& sequence, NodeShapes shapes) {
 // refuses), and the caller may change the module's output in place (out += residual), as with
 // torch.nn.
 inline Tensor same_memory(const Tensor& t, at::IntArrayRef sizes, at::IntArrayRef strides) {
-  return at::empty({0}, t.options()).set_(t.storage(), t.storage_offset(), sizes, strides);
+  const Tensor plain = t.contiguous();            // the callers' strides are of plain rows
+  return at::empty({0}, plain.options())
+      .set_(plain.storage(), plain.storage_offset(), sizes, strides);
 }
 
 // Rows (T * B, F) in a module's shape (see NodeShapes); `own`: as a tensor of its own.
@@ -4432,9 +4434,14 @@ struct NativeLSTMLayer : public torch::autograd::Function<NativeLSTMLayer> {
       i64 shapes) {
     TORCH_CHECK(plan.size() == 5, "lstm_layer: plan has 5 entries, got ", plan.size());
     const NodeShapes node_shapes = static_cast<NodeShapes>(shapes);
-    auto in = compute_inputs<12>(ctx, {sequence_rows(x, node_shapes), h0, c0, w_ih, w_hh,
-                                       given(b_ih), given(b_hh), given(w_hr), given(w_peephole),
-                                       given(zoneout_h), given(zoneout_c), given(recurrent)});
+    // The rows of a module-shaped x: a view of x.detach(), not of x, which would be a view made
+    // here in no-grad mode, whose grad_fn autograd reads (and refuses) when it words its error
+    // for an x changed in place before the backward. detach() shares x's version counter, so
+    // that change is still caught, with torch's usual message.
+    const Tensor rows = node_shapes == NodeShapes::ROWS ? x : sequence_rows(x.detach(), node_shapes);
+    auto in = compute_inputs<12>(ctx, {rows, h0, c0, w_ih, w_hh, given(b_ih), given(b_hh),
+                                       given(w_hr), given(w_peephole), given(zoneout_h),
+                                       given(zoneout_c), given(recurrent)});
     auto r = lstm_layer_forward(in[0], maybe(in[5]), maybe(in[6]), in[1], in[2], in[3], in[4],
                                 maybe(in[7]), batch_sizes, reverse, true, plan[0], plan[1] != 0,
                                 plan[2] != 0, maybe(in[8]), form, maybe(in[9]), maybe(in[10]),
