@@ -4392,31 +4392,26 @@ inline Tensor sequence_rows(const Tensor& sequence, NodeShapes shapes) {
   return time_major.reshape({time_major.size(0) * time_major.size(1), time_major.size(2)});
 }
 
-// t's memory under other sizes and strides as a tensor of its own, not a view: a node's output
-// that is a view of a tensor made inside the node may not be changed in place (autograd
-// refuses), and the caller may change the module's output in place (out += residual), as with
-// torch.nn.
-inline Tensor same_memory(const Tensor& t, at::IntArrayRef sizes, at::IntArrayRef strides) {
-  const Tensor plain = t.contiguous();            // the callers' strides are of plain rows
-  return at::empty({0}, plain.options())
-      .set_(plain.storage(), plain.storage_offset(), sizes, strides);
+// A tensor of its own over a view's elements (same storage, offset, sizes and strides), not a
+// view: a node's output that is a view of a tensor made inside the node may not be changed in
+// place (autograd refuses), and the caller may change the module's output in place
+// (out += residual), as with torch.nn.
+inline Tensor own_tensor(const Tensor& view) {
+  return at::empty({0}, view.options())
+      .set_(view.storage(), view.storage_offset(), view.sizes(), view.strides());
 }
 
 // Rows (T * B, F) in a module's shape (see NodeShapes); `own`: as a tensor of its own.
 inline Tensor module_sequence(const Tensor& rows, i64 T, i64 B, NodeShapes shapes, bool own) {
   if (shapes == NodeShapes::ROWS) return rows;
-  const i64 F = rows.size(1);
-  Tensor time_major = own ? same_memory(rows, {T, B, F}, {B * F, F, 1}) : rows.view({T, B, F});
-  return shapes == NodeShapes::BATCH_FIRST
-             ? (own ? same_memory(rows, {B, T, F}, {F, B * F, 1}) : time_major.transpose(0, 1))
-             : time_major;
+  Tensor shaped = rows.view({T, B, rows.size(1)});
+  if (shapes == NodeShapes::BATCH_FIRST) shaped = shaped.transpose(0, 1);
+  return own ? own_tensor(shaped) : shaped;
 }
 
 // A state (B, F) as the module's (1, B, F), a tensor of its own.
 inline Tensor module_state(const Tensor& state, NodeShapes shapes) {
-  if (shapes == NodeShapes::ROWS) return state;
-  return same_memory(state, {1, state.size(0), state.size(1)},
-                     {state.size(0) * state.size(1), state.size(1), 1});
+  return shapes == NodeShapes::ROWS ? state : own_tensor(state.unsqueeze(0));
 }
 
 struct NativeLSTMLayer : public torch::autograd::Function<NativeLSTMLayer> {
