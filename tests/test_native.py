@@ -103,7 +103,7 @@ def driver(request, monkeypatch):
     monkeypatch.setattr(native, "MAX_ROW_PARTS", 3 if rows else None)
     monkeypatch.setattr(native, "ROW_PARTS_MAX_WEIGHT_BYTES", 2**62)
     own = request.param.startswith("own")
-    for limit in ("OWN_FORWARD_MAX_ROWS", "OWN_FORWARD_MAX_ROW_BYTES", "OWN_BACKWARD_MAX_ROWS"):
+    for limit in ("OWN_FORWARD_MAX_ROWS", "OWN_FORWARD_MAX_WEIGHT_BYTES", "OWN_BACKWARD_MAX_ROWS"):
         monkeypatch.setattr(native, limit, 2**62 if own else 0)
     # "chunked": the contraction split into chunks of 4, as large matrices are split to stay
     # in the L2 cache, so the running sums between chunks are checked on small shapes too.
@@ -403,8 +403,8 @@ def test_only_the_wanted_gradients(family, wanted, weight_products):
 
 
 def test_own_step_product_by_rows_and_weight_size(monkeypatch):
-    """The LSTM's row parts take our own step product in the forward for up to 6 rows, or while
-    rows x the bytes of [W_ih | W_hh] stay within OWN_FORWARD_MAX_ROW_BYTES; in the backward for
+    """The LSTM's row parts take our own step product in the forward for up to 8 rows, or while
+    [W_ih | W_hh] takes at most OWN_FORWARD_MAX_WEIGHT_BYTES (1 MiB); in the backward for
     up to OWN_BACKWARD_MAX_ROWS rows; never with one part or a projection (input 64, float32,
     two threads)."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
@@ -416,9 +416,10 @@ def test_own_step_product_by_rows_and_weight_size(monkeypatch):
         parts = native._driver(layout, w_hh, proj, None if backward else w_ih)
         return native._own_step_product(layout, parts, w_ih, w_hh, w_hr, backward=backward)
 
-    assert own(8, 256) and own(12, 256)                # 4 and 6 rows: always
-    assert own(32, 128) and own(64, 64) and own(128, 64)   # 16 x 384 KiB, 32 and 64 x 128 KiB
-    assert not own(32, 256) and not own(64, 128)       # 16 x 1.25 MiB, 32 x 384 KiB
+    assert own(8, 256) and own(16, 256)                # 4 and 8 rows: always
+    assert not own(24, 256) and not own(32, 256)       # 12 and 16 rows of 1.25 MiB
+    assert own(64, 128) and own(128, 192) and own(128, 64)   # 384, 786 and 128 KiB: any rows
+    assert not own(64, 240)                            # 1.11 MiB
     assert own(128, 128, backward=True) and not own(130, 128, backward=True)   # 64 rows, 65
     assert not own(32, 128, proj=True) and not own(2, 64)   # projection; the fused driver
 

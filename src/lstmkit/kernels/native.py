@@ -86,9 +86,9 @@ INPUT_IN_STEP_MAX_RATIO = 0.5
 # step's product can be our register-blocked one (the fused driver's), the gate math applied
 # to its results in registers, instead of MKL's call (whose fixed cost is a good part of such
 # small products) and a pass over its (rows, 4H) result; the forward then multiplies the input
-# inside the step. The forward takes it for parts of at most OWN_FORWARD_MAX_ROWS rows (their
-# four gates in one pass), or while rows x the bytes of [W_ih | W_hh] (what the product reads
-# from L2 per step, a group of up to 8 rows at a time) is at most OWN_FORWARD_MAX_ROW_BYTES;
+# inside the step. The forward takes it for parts of at most OWN_FORWARD_MAX_ROWS rows (one
+# group of up to 8 rows reads each weight once per step), or while [W_ih | W_hh] takes at most
+# OWN_FORWARD_MAX_WEIGHT_BYTES (half the L2 cache: the other half holds the rows' state);
 # the backward (dh = da W_hh) for parts of at most OWN_BACKWARD_MAX_ROWS rows.
 # Interleaved medians, input 64, MKL vs own, forward / training ms: batch 8 / hidden 64 0.49 /
 # 1.50 vs 0.38 / 1.38; 8 / 128 0.85 / 3.00 vs 0.77 / 2.68; 8 / 256 2.15 / 6.92 vs 2.21 / 6.84;
@@ -101,8 +101,15 @@ INPUT_IN_STEP_MAX_RATIO = 0.5
 # 786) 1.008, 32 / 256 (16, 1280) 1.136. The backward, own / MKL, training: 64 / 64 (32 rows)
 # 0.939, 64 / 128 0.932, 128 / 64 (64 rows) 0.956, 128 / 128 0.961, 64 / 160 0.980, 48 / 256
 # 0.987, 64 / 256 1.000.
-OWN_FORWARD_MAX_ROWS = 6
-OWN_FORWARD_MAX_ROW_BYTES = 8 << 20
+# Stop 26 (each configuration after its own torch.nn call: the numbers above ran a
+# configuration right after another's, in warmer caches), forward, own / MKL (rows per part,
+# kilobytes of [W_ih | W_hh]): 64 / 128 (32, 384) 0.957, 128 / 128 (64, 384) 0.977, 128 / 96
+# (64, 240) 0.814, 16 / 256 (8, 1280) 0.956, 32 / 160 (16, 573) 0.970, 24 / 192 (12, 786)
+# 0.968, 32 / 192 and 64 / 192 (786) 0.994-0.999, 64 / 160 0.995; but 24 / 256 (12, 1280) 1.054,
+# 32 / 256 1.085. Training, own / MKL: 64 / 128 0.970, 128 / 96 0.929, 128 / 128 0.984, 16 / 256
+# 0.999.
+OWN_FORWARD_MAX_ROWS = 8
+OWN_FORWARD_MAX_WEIGHT_BYTES = 1 << 20
 OWN_BACKWARD_MAX_ROWS = 64
 
 _lock = threading.Lock()
@@ -346,7 +353,7 @@ def _own_step_product(layout, parts: int, w_ih, w_hh, w_hr, backward: bool = Fal
     if backward:
         return rows <= OWN_BACKWARD_MAX_ROWS
     weight_bytes = (w_ih.numel() + w_hh.numel()) * (itemsize or w_hh.element_size())
-    return rows <= OWN_FORWARD_MAX_ROWS or rows * weight_bytes <= OWN_FORWARD_MAX_ROW_BYTES
+    return rows <= OWN_FORWARD_MAX_ROWS or weight_bytes <= OWN_FORWARD_MAX_WEIGHT_BYTES
 
 
 def _lstm_plan(layout, w_ih, w_hh, w_hr, itemsize=None) -> tuple[int, bool, bool]:
@@ -492,7 +499,7 @@ _module_plans: dict = {}
 def _tunables() -> tuple:
     return (FUSED_MAX_BATCH, FUSED_ALWAYS_BATCH, FUSED_MAX_WEIGHT_BYTES_PER_THREAD, MIN_PART_ROWS,
             ROW_PARTS_MAX_WEIGHT_BYTES, MAX_ROW_PARTS, INPUT_IN_STEP_MAX_RATIO,
-            OWN_FORWARD_MAX_ROWS, OWN_FORWARD_MAX_ROW_BYTES, OWN_BACKWARD_MAX_ROWS)
+            OWN_FORWARD_MAX_ROWS, OWN_FORWARD_MAX_WEIGHT_BYTES, OWN_BACKWARD_MAX_ROWS)
 
 
 def lstm_module(x, hx, w_ih, w_hh, b_ih, b_hh, batch_first: bool, hidden: int, train: bool):
