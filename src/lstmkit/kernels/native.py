@@ -88,7 +88,7 @@ INPUT_IN_STEP_MAX_RATIO = 0.5
 # small products) and a pass over its (rows, 4H) result; the forward then multiplies the input
 # inside the step. The forward takes it for parts of at most OWN_FORWARD_MAX_ROWS rows (one
 # group of up to 8 rows reads each weight once per step), or while [W_ih | W_hh] takes at most
-# OWN_FORWARD_MAX_WEIGHT_BYTES (half the L2 cache: the other half holds the rows' state);
+# OWN_FORWARD_MAX_WEIGHT_BYTES (half of the benchmark machine's 2 MiB L2 per core);
 # the backward (dh = da W_hh) for parts of at most OWN_BACKWARD_MAX_ROWS rows.
 # Interleaved medians, input 64, MKL vs own, forward / training ms: batch 8 / hidden 64 0.49 /
 # 1.50 vs 0.38 / 1.38; 8 / 128 0.85 / 3.00 vs 0.77 / 2.68; 8 / 256 2.15 / 6.92 vs 2.21 / 6.84;
