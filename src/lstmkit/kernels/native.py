@@ -101,13 +101,14 @@ INPUT_IN_STEP_MAX_RATIO = 0.5
 # 786) 1.008, 32 / 256 (16, 1280) 1.136. The backward, own / MKL, training: 64 / 64 (32 rows)
 # 0.939, 64 / 128 0.932, 128 / 64 (64 rows) 0.956, 128 / 128 0.961, 64 / 160 0.980, 48 / 256
 # 0.987, 64 / 256 1.000.
-# Stop 26 (each configuration after its own torch.nn call: the numbers above ran a
-# configuration right after another's, in warmer caches), forward, own / MKL (rows per part,
-# kilobytes of [W_ih | W_hh]): 64 / 128 (32, 384) 0.957, 128 / 128 (64, 384) 0.977, 128 / 96
-# (64, 240) 0.814, 16 / 256 (8, 1280) 0.956, 32 / 160 (16, 573) 0.970, 24 / 192 (12, 786)
-# 0.968, 32 / 192 and 64 / 192 (786) 0.994-0.999, 64 / 160 0.995; but 24 / 256 (12, 1280) 1.054,
-# 32 / 256 1.085. Training, own / MKL: 64 / 128 0.970, 128 / 96 0.929, 128 / 128 0.984, 16 / 256
-# 0.999.
+# Stop 26, with benchmarks/tunables.py (every call after a torch.nn call, as the benchmark runs
+# it; the numbers above may have run in warmer caches: stop 24's script ran most calls right
+# after another configuration's), forward, own / MKL (rows per part, kilobytes of
+# [W_ih | W_hh]): 64 / 128 (32, 384) 0.957, 128 / 128 (64, 384) 0.977, 128 / 96 (64, 240)
+# 0.814, 16 / 256 (8, 1280) 0.956, 32 / 160 (16, 573) 0.970, 24 / 192 (12, 786) 0.968,
+# 32 / 192 and 64 / 192 (786) 0.994-0.999, 64 / 160 0.995; but 24 / 256 (12, 1280) 1.054,
+# 32 / 256 1.085. Training, own / MKL: 64 / 128 0.970, 128 / 96 0.929, 128 / 128 0.984,
+# 16 / 256 0.999.
 OWN_FORWARD_MAX_ROWS = 8
 OWN_FORWARD_MAX_WEIGHT_BYTES = 1 << 20
 OWN_BACKWARD_MAX_ROWS = 64
