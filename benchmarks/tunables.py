@@ -25,6 +25,7 @@ import time
 import torch
 
 import lstmkit
+from lstmkit import bench
 from lstmkit.cli import _Parser as OneLineParser  # a usage error: one line on stderr, exit 2
 from lstmkit.kernels import native
 
@@ -106,18 +107,12 @@ def main(argv=None):
                     requires_grad=args.mode == "train")
     defaults = {name: getattr(native, name) for config in configs for name in config}
 
-    def run(module):
-        if args.mode == "forward":
-            with torch.no_grad():
-                module(x)
-            return
-        module.zero_grad(set_to_none=True)
-        x.grad = None
-        module(x)[0].sum().backward()
+    # The harness's own calls: inference under no_grad, or a training step from fresh gradients.
+    run_ours, run_theirs = bench._runner(ours, x, args.mode), bench._runner(theirs, x, args.mode)
 
-    def timed(module):
+    def timed(run):
         start = time.perf_counter()
-        run(module)
+        run()
         return time.perf_counter() - start
 
     def use(config):
@@ -127,17 +122,17 @@ def main(argv=None):
     try:
         for config in configs:                   # warm-up: each plan made and cached once
             use(config)
-            run(ours)
-            run(theirs)
-        one = timed(ours) + timed(theirs)
+            run_ours()
+            run_theirs()
+        one = timed(run_ours) + timed(run_theirs)
         rounds = max(7, min(300, int(args.seconds / (one * len(configs)))))
         ours_times = [[] for _ in configs]
         theirs_times = []
         for _ in range(rounds):
             for k, config in enumerate(configs):
-                theirs_times.append(timed(theirs))
+                theirs_times.append(timed(run_theirs))
                 use(config)
-                ours_times[k].append(timed(ours))
+                ours_times[k].append(timed(run_ours))
     finally:
         use({})
     torch_ms = statistics.median(theirs_times) * 1e3
