@@ -3,7 +3,7 @@
     python benchmarks/tunables.py --batch 64 --hidden 128 --mode forward \\
         --config "" --config "OWN_FORWARD_MAX_WEIGHT_BYTES=0" --config "MAX_ROW_PARTS=4"
 
-A configuration sets module-level tunables of `lstmkit.kernels.native` (the upper-case names
+A configuration sets tunables of `lstmkit.kernels.native` (`TUNABLE_NAMES`, the thresholds
 that choose drivers and products: FUSED_MAX_BATCH, MAX_ROW_PARTS, OWN_FORWARD_MAX_ROWS, ...):
 "NAME=VALUE,NAME=VALUE", VALUE a Python number (`1 << 20` and `2 ** 62` allowed) or None; ""
 is the defaults. The plans are cached by the tunables' values, so each configuration gets its
@@ -18,6 +18,7 @@ time relative to the first configuration's, and torch.nn's time over it.
 """
 
 import ast
+import math
 import operator
 import statistics
 import time
@@ -42,29 +43,36 @@ def _number(text: str):
         if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:
             return _OPERATORS[type(node.op)](value(node.operand))
         if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
-            return _OPERATORS[type(node.op)](value(node.left), value(node.right))
+            left, right = value(node.left), value(node.right)
+            if isinstance(node.op, (ast.Pow, ast.LShift)) and abs(right) > 64:
+                raise ValueError
+            return _OPERATORS[type(node.op)](left, right)
         raise ValueError
     try:
-        return value(ast.parse(text.strip(), mode="eval").body)
-    except (SyntaxError, ValueError, TypeError):
-        raise ValueError(
-            f"expected a number such as 8, 0.5, 1 << 20 or None, got {text!r}") from None
+        number = value(ast.parse(text.strip(), mode="eval").body)
+        if number is not None and not (math.isfinite(number) and abs(number) <= 2 ** 64):
+            raise ValueError
+        return number
+    except (SyntaxError, ValueError, TypeError, OverflowError):
+        raise ValueError(f"expected a number such as 8, 0.5, 1 << 20 or None (at most 2 ** 64), "
+                         f"got {text!r}") from None
 
 
 def parse_config(text: str) -> dict:
-    """"NAME=VALUE,..." as {NAME: value}, each NAME an upper-case attribute of kernels.native
-    (None only where the default is None)."""
+    """"NAME=VALUE,..." as {NAME: value}, each NAME one of kernels.native.TUNABLE_NAMES, its
+    value of the default's kind: an int where the default is one, None only where it is None."""
     settings = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, raw = item.partition("=")
         name = name.strip()
-        if not sep or not name.isupper() or not hasattr(native, name):
-            raise ValueError(f"expected NAME=VALUE with NAME a tunable of "
-                             f"lstmkit.kernels.native (e.g. MAX_ROW_PARTS=4), got {item!r}")
-        value = _number(raw)
-        if value is None and getattr(native, name) is not None:
-            raise ValueError(f"{name} takes a number (its default is {getattr(native, name)!r}), "
-                             f"got None")
+        if not sep or name not in native.TUNABLE_NAMES:
+            raise ValueError(f"expected NAME=VALUE with NAME one of {', '.join(native.TUNABLE_NAMES)}"
+                             f", got {item!r}")
+        value, default = _number(raw), getattr(native, name)
+        if value is None and default is not None:
+            raise ValueError(f"{name} takes a number (its default is {default!r}), got None")
+        if isinstance(value, float) and (default is None or isinstance(default, int)):
+            raise ValueError(f"{name} takes an int (its default is {default!r}), got {value!r}")
         settings[name] = value
     return settings
 
@@ -77,6 +85,8 @@ def main(argv=None):
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--input-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--bidirectional", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--config", action="append", default=None,
                         help='tunables to set, "NAME=VALUE,..." ("" for the defaults); '
@@ -84,12 +94,12 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=20.0,
                         help="time to spend measuring, about (default 20)")
     args = parser.parse_args(argv)
-    for name in ("batch", "hidden", "input_size", "steps", "threads"):
+    for name in ("batch", "hidden", "input_size", "steps", "layers", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive int, "
                          f"got {getattr(args, name)}")
-    if not args.seconds > 0:
-        parser.error(f"--seconds must be positive, got {args.seconds}")
+    if not (math.isfinite(args.seconds) and args.seconds > 0):
+        parser.error(f"--seconds must be a positive number, got {args.seconds}")
     texts = args.config if args.config is not None else [""]
     try:
         configs = [parse_config(text) for text in texts]
@@ -100,8 +110,9 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    ours = getattr(lstmkit, args.family)(args.input_size, args.hidden)
-    theirs = getattr(torch.nn, args.family)(args.input_size, args.hidden)
+    shape = dict(num_layers=args.layers, bidirectional=args.bidirectional)
+    ours = getattr(lstmkit, args.family)(args.input_size, args.hidden, **shape)
+    theirs = getattr(torch.nn, args.family)(args.input_size, args.hidden, **shape)
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(args.steps, args.batch, args.input_size,
                     requires_grad=args.mode == "train")
@@ -136,9 +147,11 @@ def main(argv=None):
     finally:
         use({})
     torch_ms = statistics.median(theirs_times) * 1e3
+    layers = (f", {args.layers} layers" if args.layers > 1 else "") + (
+        ", bidirectional" if args.bidirectional else "")
     print(f"{args.family} {args.mode} batch {args.batch} hidden {args.hidden} input "
-          f"{args.input_size} steps {args.steps}, {args.threads} threads, {rounds} rounds: "
-          f"torch.nn {torch_ms:.3f} ms")
+          f"{args.input_size} steps {args.steps}{layers}, {args.threads} threads, {rounds} "
+          f"rounds: torch.nn {torch_ms:.3f} ms")
     first = statistics.median(ours_times[0]) * 1e3
     for text, times in zip(texts, ours_times, strict=True):
         ms = statistics.median(times) * 1e3

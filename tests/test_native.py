@@ -103,7 +103,8 @@ def driver(request, monkeypatch):
     monkeypatch.setattr(native, "MAX_ROW_PARTS", 3 if rows else None)
     monkeypatch.setattr(native, "ROW_PARTS_MAX_WEIGHT_BYTES", 2**62)
     own = request.param.startswith("own")
-    for limit in ("OWN_FORWARD_MAX_ROWS", "OWN_FORWARD_MAX_WEIGHT_BYTES", "OWN_BACKWARD_MAX_ROWS"):
+    for limit in ("OWN_FORWARD_MAX_ROWS", "OWN_FORWARD_MAX_WEIGHT_BYTES",
+                  "OWN_FORWARD_MAX_INPUT_RATIO", "OWN_BACKWARD_MAX_ROWS"):
         monkeypatch.setattr(native, limit, 2**62 if own else 0)
     # "chunked": the contraction split into chunks of 4, as large matrices are split to stay
     # in the L2 cache, so the running sums between chunks are checked on small shapes too.
@@ -404,13 +405,14 @@ def test_only_the_wanted_gradients(family, wanted, weight_products):
 
 def test_own_step_product_by_rows_and_weight_size(monkeypatch):
     """The LSTM's row parts take our own step product in the forward for up to 8 rows, or while
-    [W_ih | W_hh] takes at most OWN_FORWARD_MAX_WEIGHT_BYTES (1 MiB); in the backward for
+    [W_ih | W_hh] takes at most OWN_FORWARD_MAX_WEIGHT_BYTES (768 KiB) and the input at most
+    twice the hidden size; in the backward for
     up to OWN_BACKWARD_MAX_ROWS rows; never with one part or a projection (input 64, float32,
     two threads)."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
 
-    def own(batch, hidden, backward=False, proj=False):
-        w_ih, w_hh = torch.empty(4 * hidden, 64), torch.empty(4 * hidden, hidden)
+    def own(batch, hidden, backward=False, proj=False, inputs=64):
+        w_ih, w_hh = torch.empty(4 * hidden, inputs), torch.empty(4 * hidden, hidden)
         w_hr = torch.empty(hidden // 2, hidden) if proj else None
         layout = StepLayout.padded(10, batch)
         parts = native._driver(layout, w_hh, proj, None if backward else w_ih)
@@ -418,11 +420,19 @@ def test_own_step_product_by_rows_and_weight_size(monkeypatch):
 
     assert own(8, 256) and own(16, 256)                # 4 and 8 rows: always
     assert not own(24, 256) and not own(32, 256)       # 12 and 16 rows of 1.25 MiB
-    assert own(64, 128) and own(128, 192) and own(128, 64)   # 384, 786 and 128 KiB: any rows
-    assert not own(64, 240)                            # 1.11 MiB
+    assert own(64, 128) and own(128, 192) and own(128, 64)   # 384, 768 and 128 KiB: any rows
+    assert not own(64, 208)                            # 884 KiB
+    assert own(64, 32, inputs=64) and not own(64, 32, inputs=65)  # input up to twice hidden
+    assert own(16, 4, inputs=4096)                     # 8 rows: any input
     assert own(128, 128, backward=True) and not own(130, 128, backward=True)   # 64 rows, 65
     assert not own(32, 128, proj=True) and not own(2, 64)   # projection; the fused driver
 
+
+
+def test_tunable_names_are_the_plan_keys_tunables():
+    """TUNABLE_NAMES (what benchmarks/tunables.py may set) names _tunables()'s values, in order."""
+    assert native._tunables() == tuple(getattr(native, name) for name in native.TUNABLE_NAMES)
+    assert len(set(native.TUNABLE_NAMES)) == len(native.TUNABLE_NAMES)
 
 def test_stacked_weight_products_by_rows_and_threads():
     """Stacked from 800 rows while threads x count <= N: the threads' partial sums take no more

@@ -86,10 +86,14 @@ INPUT_IN_STEP_MAX_RATIO = 0.5
 # step's product can be our register-blocked one (the fused driver's), the gate math applied
 # to its results in registers, instead of MKL's call (whose fixed cost is a good part of such
 # small products) and a pass over its (rows, 4H) result; the forward then multiplies the input
-# inside the step. The forward takes it for parts of at most OWN_FORWARD_MAX_ROWS rows (one
-# group of up to 8 rows reads each weight once per step), or while [W_ih | W_hh] takes at most
-# OWN_FORWARD_MAX_WEIGHT_BYTES (half of the benchmark machine's 2 MiB L2 per core);
-# the backward (dh = da W_hh) for parts of at most OWN_BACKWARD_MAX_ROWS rows.
+# inside the step. The forward takes it for parts of at most OWN_FORWARD_MAX_ROWS rows (with
+# AVX-512 one group of up to 8 rows reads each weight once per step), or at any row count while
+# [W_ih | W_hh] takes at most OWN_FORWARD_MAX_WEIGHT_BYTES (under half of the benchmark
+# machine's 2 MiB L2 per core) and the input is at most OWN_FORWARD_MAX_INPUT_RATIO times the
+# hidden size (each output sums the I + H products in one chain, less accurate than MKL's
+# blocked sums over long rows: float32 output error 1.1e-5 against MKL's 7.2e-6 at input 2048,
+# hidden 16, 4.7e-5 against 9.7e-6 at input 8192, hidden 4); the backward (dh = da W_hh) for
+# parts of at most OWN_BACKWARD_MAX_ROWS rows.
 # Interleaved medians, input 64, MKL vs own, forward / training ms: batch 8 / hidden 64 0.49 /
 # 1.50 vs 0.38 / 1.38; 8 / 128 0.85 / 3.00 vs 0.77 / 2.68; 8 / 256 2.15 / 6.92 vs 2.21 / 6.84;
 # 12 / 256 3.63 / 10.74 vs 3.00 / 9.74; 16 / 128 1.47 / 4.89 vs 1.42 / 4.60; but 16 / 256 3.73
@@ -104,13 +108,15 @@ INPUT_IN_STEP_MAX_RATIO = 0.5
 # Stop 26, with benchmarks/tunables.py (every call after a torch.nn call, as the benchmark runs
 # it; the numbers above may have run in warmer caches: stop 24's script ran most calls right
 # after another configuration's), forward, own / MKL (rows per part, kilobytes of
-# [W_ih | W_hh]): 64 / 128 (32, 384) 0.957, 128 / 128 (64, 384) 0.977, 128 / 96 (64, 240)
-# 0.814, 16 / 256 (8, 1280) 0.956, 32 / 160 (16, 573) 0.970, 24 / 192 (12, 786) 0.968,
-# 32 / 192 and 64 / 192 (786) 0.994-0.999, 64 / 160 0.995; but 24 / 256 (12, 1280) 1.054,
-# 32 / 256 1.085. Training, own / MKL: 64 / 128 0.970, 128 / 96 0.929, 128 / 128 0.984,
-# 16 / 256 0.999.
+# [W_ih | W_hh], KiB): 64 / 128 (32, 384) 0.957, 128 / 128 (64, 384) 0.977, 128 / 96 (64, 240)
+# 0.814, 16 / 256 (8, 1280) 0.956, 32 / 160 (16, 560) 0.970, 24 / 192 (12, 768) 0.968,
+# 32 / 192 and 64 / 192 (768) 0.994-0.999, 64 / 160 0.995; but 128 / 224 (64, 1008) 1.013,
+# 24 / 256 (12, 1280) 1.054, 32 / 256 1.085. Two layers (the second's input the hidden size,
+# twice it when bidirectional): 64 / 128 0.901, 32 / 128 bidirectional 0.907. Training, own /
+# MKL: 64 / 128 0.970, 128 / 96 0.929, 128 / 128 0.984, 16 / 256 0.999.
 OWN_FORWARD_MAX_ROWS = 8
-OWN_FORWARD_MAX_WEIGHT_BYTES = 1 << 20
+OWN_FORWARD_MAX_WEIGHT_BYTES = 768 << 10
+OWN_FORWARD_MAX_INPUT_RATIO = 2.0
 OWN_BACKWARD_MAX_ROWS = 64
 
 _lock = threading.Lock()
@@ -354,7 +360,9 @@ def _own_step_product(layout, parts: int, w_ih, w_hh, w_hr, backward: bool = Fal
     if backward:
         return rows <= OWN_BACKWARD_MAX_ROWS
     weight_bytes = (w_ih.numel() + w_hh.numel()) * (itemsize or w_hh.element_size())
-    return rows <= OWN_FORWARD_MAX_ROWS or weight_bytes <= OWN_FORWARD_MAX_WEIGHT_BYTES
+    return rows <= OWN_FORWARD_MAX_ROWS or (
+        weight_bytes <= OWN_FORWARD_MAX_WEIGHT_BYTES
+        and w_ih.shape[1] <= OWN_FORWARD_MAX_INPUT_RATIO * w_hh.shape[1])
 
 
 def _lstm_plan(layout, w_ih, w_hh, w_hr, itemsize=None) -> tuple[int, bool, bool]:
@@ -497,10 +505,20 @@ class NativeLSTMFunction:
 _module_plans: dict = {}
 
 
+# The thresholds above that choose drivers and products (benchmarks/tunables.py compares
+# settings of them); _tunables() returns their values, in this order, as part of a plan's key.
+TUNABLE_NAMES = ("FUSED_MAX_BATCH", "FUSED_ALWAYS_BATCH", "FUSED_MAX_WEIGHT_BYTES_PER_THREAD",
+                 "MIN_PART_ROWS", "ROW_PARTS_MAX_WEIGHT_BYTES", "MAX_ROW_PARTS",
+                 "INPUT_IN_STEP_MAX_RATIO", "OWN_FORWARD_MAX_ROWS", "OWN_FORWARD_MAX_WEIGHT_BYTES",
+                 "OWN_FORWARD_MAX_INPUT_RATIO", "OWN_BACKWARD_MAX_ROWS")
+
+
 def _tunables() -> tuple:
+    # Spelled out rather than looked up by TUNABLE_NAMES: this runs at every direct call.
     return (FUSED_MAX_BATCH, FUSED_ALWAYS_BATCH, FUSED_MAX_WEIGHT_BYTES_PER_THREAD, MIN_PART_ROWS,
             ROW_PARTS_MAX_WEIGHT_BYTES, MAX_ROW_PARTS, INPUT_IN_STEP_MAX_RATIO,
-            OWN_FORWARD_MAX_ROWS, OWN_FORWARD_MAX_WEIGHT_BYTES, OWN_BACKWARD_MAX_ROWS)
+            OWN_FORWARD_MAX_ROWS, OWN_FORWARD_MAX_WEIGHT_BYTES, OWN_FORWARD_MAX_INPUT_RATIO,
+            OWN_BACKWARD_MAX_ROWS)
 
 
 def lstm_module(x, hx, w_ih, w_hh, b_ih, b_hh, batch_first: bool, hidden: int, train: bool):
