@@ -24,6 +24,7 @@ Without autograd (inference, `torch.no_grad()`, or no input needing a gradient) 
 
 import functools
 import hashlib
+import operator
 import os
 import platform
 import threading
@@ -506,19 +507,18 @@ _module_plans: dict = {}
 
 
 # The thresholds above that choose drivers and products (benchmarks/tunables.py compares
-# settings of them); _tunables() returns their values, in this order, as part of a plan's key.
+# settings of them); _tunables() returns their current values, part of a plan's key.
 TUNABLE_NAMES = ("FUSED_MAX_BATCH", "FUSED_ALWAYS_BATCH", "FUSED_MAX_WEIGHT_BYTES_PER_THREAD",
                  "MIN_PART_ROWS", "ROW_PARTS_MAX_WEIGHT_BYTES", "MAX_ROW_PARTS",
                  "INPUT_IN_STEP_MAX_RATIO", "OWN_FORWARD_MAX_ROWS", "OWN_FORWARD_MAX_WEIGHT_BYTES",
                  "OWN_FORWARD_MAX_INPUT_RATIO", "OWN_BACKWARD_MAX_ROWS")
 
 
+_tunable_values = operator.itemgetter(*TUNABLE_NAMES)
+
+
 def _tunables() -> tuple:
-    # Spelled out rather than looked up by TUNABLE_NAMES: this runs at every direct call.
-    return (FUSED_MAX_BATCH, FUSED_ALWAYS_BATCH, FUSED_MAX_WEIGHT_BYTES_PER_THREAD, MIN_PART_ROWS,
-            ROW_PARTS_MAX_WEIGHT_BYTES, MAX_ROW_PARTS, INPUT_IN_STEP_MAX_RATIO,
-            OWN_FORWARD_MAX_ROWS, OWN_FORWARD_MAX_WEIGHT_BYTES, OWN_FORWARD_MAX_INPUT_RATIO,
-            OWN_BACKWARD_MAX_ROWS)
+    return _tunable_values(globals())
 
 
 def lstm_module(x, hx, w_ih, w_hh, b_ih, b_hh, batch_first: bool, hidden: int, train: bool):
