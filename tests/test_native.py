@@ -307,11 +307,55 @@ def test_fused_workers_match_reference(family, shape, dtype, steal_after, monkey
             native.module().set_steal_after_spins(previous)
 
 
-def test_batch_one_lstm_forward_does_not_depend_on_the_threads_timing():
+@pytest.fixture(params=["all steps", "ring"])
+def projection_ring(request):
+    """The fused LSTM's projection of the input at batch 1: of all steps at once (the default
+    at these lengths), or in a ring of 3 rows at a time (see fused_projection_ring)."""
+    ring = request.param == "ring"
+    previous = native.module().set_fused_projection_ring(3, 0) if ring else None
+    yield ring
+    if previous is not None:
+        native.module().set_fused_projection_ring(*previous)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("family", ["lstm", "lstm_peephole_recurrent_zoneouth_zoneoutc"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_batch_one_projection_ring_matches_reference(family, rows, dtype):
+    """At batch 1 the fused LSTM projects a long sequence's input a chunk of rows at a time
+    into a ring of rows the steps read (native.module().set_fused_projection_ring), forced on
+    here at 37 steps: chunks of 1, 3 (a ring of 4 rows) and 16 rows, the last chunk part-full,
+    both directions, one worker, and two that take each other's blocks at every step (the
+    taker projects them)."""
+    threads = torch.get_num_threads()
+    previous = native.module().set_fused_projection_ring(rows, 0)
+    try:
+        for workers, steal_after in ((1, None), (2, 0)):
+            torch.set_num_threads(workers)
+            spins = (None if steal_after is None
+                     else native.module().set_steal_after_spins(steal_after))
+            try:
+                for reverse in (False, True):
+                    check_against_reference(family, (37, 1, 5, 83), reverse, dtype)
+            finally:
+                if spins is not None:
+                    native.module().set_steal_after_spins(spins)
+    finally:
+        torch.set_num_threads(threads)
+        native.module().set_fused_projection_ring(*previous)
+
+
+def test_fused_projection_ring_rejects_an_empty_chunk():
+    with pytest.raises(RuntimeError, match="rows: at least 1, got 0"):
+        native.module().set_fused_projection_ring(0, 0)
+
+
+def test_batch_one_lstm_forward_does_not_depend_on_the_threads_timing(projection_ring):
     """At batch 1 the LSTM's fused workers begin steps with their own units of h; a step that
     was not begun (the first, one after a theft, one taken by the other worker) must add up
     its sums in the same order, so that the same call gives the same bits whoever did which
-    block (the module's direct path is tested against the general path to the bit)."""
+    block (the module's direct path is tested against the general path to the bit). With the
+    projection in a ring, a taken block's rows are projected by the taker."""
     torch.manual_seed(11)
     lstm = lstmkit.LSTM(4, 127, backend="native", dtype=torch.float64)
     x = torch.randn(60, 1, 4, dtype=torch.float64)

@@ -912,6 +912,17 @@ void run_steps(i64 workers, i64 J, i64 steps, Step&& step, i64 G = 2) {
 // 0.300 / 0.98 vs 0.252 / 0.85; but LSTM hidden 64 (32 768 per step) no faster with two.
 constexpr i64 SERIAL_STEP_FLOPS = 50000;
 
+// The fused driver with the input x itself (batch 1) projects it for all steps before the loop,
+// or, when that projection (N, 4H) would take more than fused_projection_ring_bytes, this many
+// rows at a time, at the first step of each chunk of rows / B steps, into a ring of rows that
+// the steps read from (see lstm_forward). Interleaved medians, forward at batch 1 (input 64),
+// ring of 16 rows / all steps at once: hidden 256, length 1000 0.952, 300 0.973 (training at
+// 1000 0.982), hidden 64, length 1000 0.962; but hidden 128, length 1000 0.997 (training 1.007),
+// and at length 100 hidden 256 0.986-0.999, 128 1.024-1.026, 64 0.995. Its memory no longer
+// grows with the length either. Tests set both.
+int fused_projection_rows = 16;
+i64 fused_projection_ring_bytes = 1 << 20;
+
 i64 worker_count(i64 J, i64 flops_per_step) {
   if (flops_per_step < SERIAL_STEP_FLOPS) return 1;
   return std::max<i64>(1, std::min<i64>(at::get_num_threads(), (J + 1) / 2));  // 2 blocks a claim
@@ -1411,6 +1422,9 @@ struct LSTMForwardGates {
   ZoneoutMask<S> zone_c, zone_h;                             // zoneout, or none
   LayerNorms<S> ln;                                          // layer norm, or none
   S* q_state = nullptr;      // full gate recurrence: (B, 3H), each row's [i | f | o] as applied
+  // Global row `row` reads xproj's row (row & xproj_rows_mask): all ones for a projection of
+  // every row, the ring's size - 1 for the fused driver's ring (see lstm_forward).
+  i64 xproj_rows_mask = ~i64(0);
   // Zoneout's h for the block at unit j of global row `row`: m itself without zoneout_h, else
   // mixed with the row's previous h (h_prev, the block's units). The drivers call it on
   // every block's result.
@@ -1460,7 +1474,7 @@ struct LSTMForwardGates {
                                                       V<S> (&m)[W]) const {
     constexpr int L = Vec<S>::L;
     const i64 j = jb * L;
-    const S* x = xproj ? xproj + row * 4 * H : nullptr;
+    const S* x = xproj ? xproj + (row & xproj_rows_mask) * 4 * H : nullptr;
     S* cb = c + b * H + j;
     V<S> a[W][4];
     for (int w = 0; w < W; ++w)
@@ -1533,7 +1547,7 @@ struct LSTMForwardGates {
     constexpr int L = Vec<S>::L;
     i64 j = jb * L;
     int n = (int)std::min<i64>(L, H - j);
-    const S* x = xproj ? xproj + row * 4 * H : nullptr;      // none: already in acc
+    const S* x = xproj ? xproj + (row & xproj_rows_mask) * 4 * H : nullptr;  // none: in acc
     S* cb = c + b * H + j;
     V<S> c_prev = load(cb, n);
     V<S> a_i = acc[0] + load_bias(x, j, n) + load_bias(bias, j, n);
@@ -1647,24 +1661,46 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
     i64 workers = worker_count(J, 8 * B * H * P);
     Chunking<S> chunks(B, J, 4, P, xproj.options());
     // Step -1 of run_steps below: each worker packs its own unit blocks of W_hh (and W_ih),
-    // the ones it reads at every step, so they start out in its core's cache; with the input x
-    // (N, I) itself it then projects x onto its blocks' columns of every step (the fused
-    // product over all N rows), so the projection it reads at every step is in its cache too.
-    // (Made by MKL across both cores, half of each worker's columns came from the other core's
-    // cache.) Packing there rather than in a parallel region of its own (and W_ih on one
-    // thread): forward at batch 1, length 100, new / old 0.94 at hidden 96 and 128, 0.95-0.97
-    // at 256, training 0.97-0.98; batch 2-8 unchanged.
+    // the ones it reads at every step, so they start out in its core's cache. (Packing there
+    // rather than in a parallel region of its own, and W_ih on one thread: forward at batch 1,
+    // length 100, new / old 0.94 at hidden 96 and 128, 0.95-0.97 at 256, training 0.97-0.98;
+    // batch 2-8 unchanged.) With the input x (N, I) itself, each worker projects x onto its
+    // blocks' columns (made by MKL across both cores, half of each worker's columns came from
+    // the other core's cache): at step 0 for all steps, or, for a long sequence, `chunk_steps`
+    // steps at a time at the first step of each chunk, into a ring of `ring` rows (global row r
+    // in ring row r & (ring - 1)), so that the rows it reads stay in its cache beside the
+    // weights (see fused_projection_rows).
     Tensor projection, packed_ih;
+    const bool in_ring = N * 4 * H * (i64)sizeof(S) > fused_projection_ring_bytes;
+    const i64 chunk_steps = in_ring ? std::max<i64>(1, fused_projection_rows / B) : st.count();
+    i64 ring = 1;                       // a power of two, at least a chunk's rows
+    while (ring < std::min(N, chunk_steps * B)) ring *= 2;
+    const i64 rows_mask = in_ring ? ring - 1 : ~i64(0);
     if (I) {
-      projection = pooled_empty({N, 4 * H}, xproj.options());
+      projection = pooled_empty({in_ring ? ring : N, 4 * H}, xproj.options());
       packed_ih = packed_empty<S>(4, H, I, xproj.options());
       gate_math.xproj = ptr<S>(projection);
+      gate_math.xproj_rows_mask = rows_mask;
     }
     S* pp = ptr<S>(projection);
     const S* wip = ptr<S>(packed_ih);
     const S* xp = ptr<S>(xproj);
     c10::optional<Chunking<S>> input_chunks;
-    if (I) input_chunks.emplace(N, J, 4, I, xproj.options());
+    if (I) input_chunks.emplace(std::min(N, chunk_steps * B), J, 4, I, xproj.options());
+    // The projection of the chunk that starts at step s, for unit blocks [jb0, jb1): the
+    // chunk's steps hold consecutive rows, in either order.
+    auto project_chunk = [&](i64 s, i64 jb0, i64 jb1) {
+      const i64 first = st.order[s], last = st.order[std::min(st.count(), s + chunk_steps) - 1];
+      const i64 r0 = std::min(st.offset[first], st.offset[last]);
+      const i64 r1 = std::max(st.offset[first] + st.size[first], st.offset[last] + st.size[last]);
+      rows_times_blocks<S, 4>(xp + r0 * I, I, I, wip, r1 - r0, jb0, jb1, &*input_chunks,
+                              [&](i64 row, i64 jb, const V<S>* acc) {
+        i64 j = jb * L;
+        int n = (int)std::min<i64>(L, H - j);
+        S* out_row = pp + ((r0 + row) & rows_mask) * 4 * H;
+        for (int q = 0; q < 4; ++q) store(out_row + q * H + j, acc[q], n);
+      });
+    };
     // At batch 1 each worker begins a step with the product over its own units of h (see
     // run_steps), kept in `begun_sums` (J, 4) until the rest of h has come from the other
     // cores; each worker's share is one piece, so one call of step() does all of it.
@@ -1698,16 +1734,12 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
               [&](i64 s, i64 jb0, i64 jb1, Begun begun) {
       if (s-- == 0) {
         pack_blocks<S>(ptr<S>(packed), w_hh, 4, H, P, P, 0, H * P, P, 1, jb0, jb1);
-        if (!I) return;
-        pack_blocks<S>(ptr<S>(packed_ih), w_ih, 4, H, I, I, 0, H * I, I, 1, jb0, jb1);
-        rows_times_blocks<S, 4>(xp, I, I, wip, N, jb0, jb1, &*input_chunks,
-                                [&](i64 row, i64 jb, const V<S>* acc) {
-          i64 j = jb * L;
-          int n = (int)std::min<i64>(L, H - j);
-          for (int q = 0; q < 4; ++q) store(pp + row * 4 * H + q * H + j, acc[q], n);
-        });
+        if (I) pack_blocks<S>(ptr<S>(packed_ih), w_ih, 4, H, I, I, 0, H * I, I, 1, jb0, jb1);
         return;
       }
+      // The steps of a chunk read the ring rows made at its first step; the next chunk's
+      // overwrite them only after all of its pieces are done (run_steps' steps are in order).
+      if (I && s % chunk_steps == 0) project_chunk(s, jb0, jb1);
       i64 t = st.order[s], bs = st.size[t], off = st.offset[t];
       const S* h_read = hb + (s % 2) * B * P;
       S* h_write = hb + ((s + 1) % 2) * B * P;
@@ -4788,6 +4820,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_steal_after_spins", [](int spins) { return std::exchange(steal_after_spins, spins); },
         "Set how long a fused-driver worker waits for the others before it takes their unclaimed "
         "blocks (spins of ~50 ns); returns the previous value.");
+  m.def("set_fused_projection_ring", [](int rows, i64 bytes) {
+    TORCH_CHECK(rows >= 1, "rows: at least 1, got ", rows);
+    return std::make_pair(std::exchange(fused_projection_rows, rows),
+                          std::exchange(fused_projection_ring_bytes, bytes));
+  }, "Set the fused driver's projection ring at batch 1: `rows` rows at a time once the "
+     "projection of all steps would take more than `bytes`; returns the previous pair.");
   m.def("set_chunk_bytes", [](i64 bytes) { return std::exchange(chunk_bytes, bytes); },
         "Set the L2 budget of the packed-matrix chunks (bytes); returns the previous value.");
   m.def("stacked_weight_products", &stacked_weight_products,
