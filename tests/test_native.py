@@ -310,7 +310,7 @@ def test_fused_workers_match_reference(family, shape, dtype, steal_after, monkey
 @pytest.fixture(params=["all steps", "ring"])
 def projection_ring(request):
     """The fused LSTM's projection of the input at batch 1: of all steps at once (the default
-    at these lengths), or in a ring of 3 rows at a time (see fused_projection_ring)."""
+    at these lengths), or 3 rows at a time into a ring of 4 (set_fused_projection_ring)."""
     ring = request.param == "ring"
     previous = native.module().set_fused_projection_ring(3, 0) if ring else None
     yield ring
@@ -318,17 +318,22 @@ def projection_ring(request):
         native.module().set_fused_projection_ring(*previous)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize(("rows", "shape", "chunk_bytes"), [
+    (1, (37, 1, 5, 83), None), (3, (37, 1, 5, 83), None), (16, (37, 1, 5, 83), None),
+    (16, (5, 1, 5, 83), None), (3, (13, 1, 40, 35), 1)],
+    ids=["rows1", "rows3", "rows16", "shorter-than-ring", "split-sums"])
 @pytest.mark.parametrize("family", ["lstm", "lstm_peephole_recurrent_zoneouth_zoneoutc"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_batch_one_projection_ring_matches_reference(family, rows, dtype):
+def test_batch_one_projection_ring_matches_reference(family, rows, shape, chunk_bytes, dtype):
     """At batch 1 the fused LSTM projects a long sequence's input a chunk of rows at a time
     into a ring of rows the steps read (native.module().set_fused_projection_ring), forced on
-    here at 37 steps: chunks of 1, 3 (a ring of 4 rows) and 16 rows, the last chunk part-full,
-    both directions, one worker, and two that take each other's blocks at every step (the
-    taker projects them)."""
+    here: chunks of 1, 3 (a ring of 4 rows) and 16 rows over 37 steps, the last chunk
+    part-full; 5 steps, fewer than a chunk; and the projection's sums over the input split in
+    pieces (set_chunk_bytes(1)). Both directions, one worker, and two that take each other's
+    blocks at every step (the taker projects them)."""
     threads = torch.get_num_threads()
     previous = native.module().set_fused_projection_ring(rows, 0)
+    budget = None if chunk_bytes is None else native.module().set_chunk_bytes(chunk_bytes)
     try:
         for workers, steal_after in ((1, None), (2, 0)):
             torch.set_num_threads(workers)
@@ -336,13 +341,15 @@ def test_batch_one_projection_ring_matches_reference(family, rows, dtype):
                      else native.module().set_steal_after_spins(steal_after))
             try:
                 for reverse in (False, True):
-                    check_against_reference(family, (37, 1, 5, 83), reverse, dtype)
+                    check_against_reference(family, shape, reverse, dtype)
             finally:
                 if spins is not None:
                     native.module().set_steal_after_spins(spins)
     finally:
         torch.set_num_threads(threads)
         native.module().set_fused_projection_ring(*previous)
+        if budget is not None:
+            native.module().set_chunk_bytes(budget)
 
 
 def test_fused_projection_ring_rejects_an_empty_chunk():

@@ -916,10 +916,12 @@ constexpr i64 SERIAL_STEP_FLOPS = 50000;
 // or, when that projection (N, 4H) would take more than fused_projection_ring_bytes, this many
 // rows at a time, at the first step of each chunk of rows / B steps, into a ring of rows that
 // the steps read from (see lstm_forward). Interleaved medians, forward at batch 1 (input 64),
-// ring of 16 rows / all steps at once: hidden 256, length 1000 0.952, 300 0.973 (training at
-// 1000 0.982), hidden 64, length 1000 0.962; but hidden 128, length 1000 0.997 (training 1.007),
-// and at length 100 hidden 256 0.986-0.999, 128 1.024-1.026, 64 0.995. Its memory no longer
-// grows with the length either. Tests set both.
+// ring of 16 rows / all steps at once: hidden 256, length 1000 0.952-0.958, 300 0.973, 200
+// 0.991 (training at 1000 0.977-0.982); hidden 64, length 1000 0.957-0.962, 600 0.964; but
+// hidden 128, length 1000 0.997 (training 0.996-1.007), 300 1.017, 100 1.024-1.026; at length
+// 100 hidden 256 0.986-0.999, 64 0.995. So 1 MiB: a ring from length 257 at hidden 256, 513 at
+// 128 (no gain, no loss at 1000), 1025 at 64 (its gain at 600-1000 left out). Its memory no
+// longer grows with the length either. Tests set both.
 int fused_projection_rows = 16;
 i64 fused_projection_ring_bytes = 1 << 20;
 
