@@ -8,6 +8,7 @@ projection, GRU reset-before, large products), chosen here through the constants
 and `_own_step_product` read.
 """
 
+import contextlib
 import multiprocessing
 import os
 import platform
@@ -279,6 +280,21 @@ def check_against_reference(family, shape, reverse, dtype):
             assert_close(f"d{name}", param.grad, grads[name], dtype)
 
 
+@contextlib.contextmanager
+def native_setting(name, *value):
+    """The native module's test setting `name` (its set_<name>) at `value` inside the block,
+    restored after; a value of None leaves the setting as it is."""
+    if value == (None,):
+        yield
+        return
+    setter = getattr(native.module(), f"set_{name}")
+    previous = setter(*value)
+    try:
+        yield
+    finally:
+        setter(*previous) if isinstance(previous, tuple) else setter(previous)
+
+
 @pytest.mark.parametrize("steal_after", [0, None], ids=["taking", "own"])
 @pytest.mark.parametrize("shape", [(40, 1, 5, 83), (30, 1, 3, 200), (20, 3, 4, 83)],
                          ids=lambda shape: "T{}-B{}-I{}-H{}".format(*shape))
@@ -296,15 +312,12 @@ def test_fused_workers_match_reference(family, shape, dtype, steal_after, monkey
     monkeypatch.setattr(native, "FUSED_ALWAYS_BATCH", 10**9)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    previous = (None if steal_after is None
-                else native.module().set_steal_after_spins(steal_after))
     try:
-        for reverse in (False, True):
-            check_against_reference(family, shape, reverse, dtype)
+        with native_setting("steal_after_spins", steal_after):
+            for reverse in (False, True):
+                check_against_reference(family, shape, reverse, dtype)
     finally:
         torch.set_num_threads(threads)
-        if previous is not None:
-            native.module().set_steal_after_spins(previous)
 
 
 @pytest.fixture(params=["all steps", "ring"])
@@ -312,10 +325,8 @@ def projection_ring(request):
     """The fused LSTM's projection of the input at batch 1: of all steps at once (the default
     at these lengths), or 3 rows at a time into a ring of 4 (set_fused_projection_ring)."""
     ring = request.param == "ring"
-    previous = native.module().set_fused_projection_ring(3, 0) if ring else None
-    yield ring
-    if previous is not None:
-        native.module().set_fused_projection_ring(*previous)
+    with native_setting("fused_projection_ring", *((3, 0) if ring else (None,))):
+        yield ring
 
 
 @pytest.mark.parametrize(("rows", "shape", "chunk_bytes"), [
@@ -332,24 +343,16 @@ def test_batch_one_projection_ring_matches_reference(family, rows, shape, chunk_
     pieces (set_chunk_bytes(1)). Both directions, one worker, and two that take each other's
     blocks at every step (the taker projects them)."""
     threads = torch.get_num_threads()
-    previous = native.module().set_fused_projection_ring(rows, 0)
-    budget = None if chunk_bytes is None else native.module().set_chunk_bytes(chunk_bytes)
     try:
-        for workers, steal_after in ((1, None), (2, 0)):
-            torch.set_num_threads(workers)
-            spins = (None if steal_after is None
-                     else native.module().set_steal_after_spins(steal_after))
-            try:
-                for reverse in (False, True):
-                    check_against_reference(family, shape, reverse, dtype)
-            finally:
-                if spins is not None:
-                    native.module().set_steal_after_spins(spins)
+        with native_setting("fused_projection_ring", rows, 0), \
+                native_setting("chunk_bytes", chunk_bytes):
+            for workers, steal_after in ((1, None), (2, 0)):
+                torch.set_num_threads(workers)
+                with native_setting("steal_after_spins", steal_after):
+                    for reverse in (False, True):
+                        check_against_reference(family, shape, reverse, dtype)
     finally:
         torch.set_num_threads(threads)
-        native.module().set_fused_projection_ring(*previous)
-        if budget is not None:
-            native.module().set_chunk_bytes(budget)
 
 
 def test_fused_projection_ring_rejects_an_empty_chunk():
