@@ -374,11 +374,8 @@ def test_batch_one_lstm_forward_does_not_depend_on_the_threads_timing(projection
     try:
         with torch.no_grad():
             expected = lstm(x)[0]
-            previous = native.module().set_steal_after_spins(0)   # thefts at every step
-            try:
+            with native_setting("steal_after_spins", 0):            # thefts at every step
                 runs = [lstm(x)[0] for _ in range(100)]
-            finally:
-                native.module().set_steal_after_spins(previous)
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(run, expected) for run in runs)
@@ -422,9 +419,8 @@ GRADIENT_SUBSETS = [("b_hh",), ("b_ih",), ("w_hh",), ("w_ih", "b_hh"), ("x", "w_
 
 @pytest.fixture(params=["separate", "stacked"])
 def weight_products(request):
-    previous = native.module().set_weight_products_form(1 if request.param == "separate" else 2)
-    yield request.param
-    native.module().set_weight_products_form(previous)
+    with native_setting("weight_products_form", 1 if request.param == "separate" else 2):
+        yield request.param
 
 
 @pytest.mark.parametrize("wanted", GRADIENT_SUBSETS, ids="+".join)
@@ -492,13 +488,10 @@ def test_stacked_weight_products_by_rows_and_threads():
     """Stacked from 800 rows while threads x count <= N: the threads' partial sums take no more
     memory than the gate gradients."""
     stacked = native.module().stacked_weight_products
-    previous = native.module().set_weight_products_form(0)
-    try:
+    with native_setting("weight_products_form", 0):
         assert stacked(800, 321, 2) and not stacked(799, 10, 2)    # batch 8, hidden 256 and less
         assert not stacked(800, 577, 2)                             # batch 8, hidden 512
         assert stacked(6400, 577, 2) and not stacked(6400, 577, 64)
-    finally:
-        native.module().set_weight_products_form(previous)
 
 
 @pytest.mark.parametrize("x_layout", ["contiguous", "strided"])
@@ -530,15 +523,14 @@ def test_weight_gradients_split_across_threads(family, dtype, form, x_layout):
         assert not xt.is_contiguous()
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    previous = native.module().set_weight_products_form(
-        {"by-size": 0, "separate": 1, "stacked": 2}[form])
     try:
-        out = native_layer(family, xt, [torch.tensor(s, dtype=dtype) for s in states], tensors,
-                           StepLayout.padded(T, B), reverse=False)[0]
-        (out * torch.tensor(dy.reshape(T * B, P), dtype=dtype)).sum().backward()
+        with native_setting("weight_products_form",
+                            {"by-size": 0, "separate": 1, "stacked": 2}[form]):
+            out = native_layer(family, xt, [torch.tensor(s, dtype=dtype) for s in states],
+                               tensors, StepLayout.padded(T, B), reverse=False)[0]
+            (out * torch.tensor(dy.reshape(T * B, P), dtype=dtype)).sum().backward()
     finally:
         torch.set_num_threads(threads)
-        native.module().set_weight_products_form(previous)
     for name, param in {"x": xt, **tensors}.items():
         assert_close(f"d{name}", param.grad, grads[name].reshape(param.shape), dtype)
 
