@@ -257,6 +257,30 @@ inline void store(S* p, V<S> v, int n) {
     for (int i = 0; i < n; ++i) p[i] = v[i];
   }
 }
+// A streaming (non-temporal) store where p is aligned to a whole vector (else an ordinary one),
+// for write-once buffers read back only after the loop that writes them (the GRU's saved gates
+// in training, its d_gi): larger than the caches, their ordinary stores read every line in first
+// (write-allocate) and push out of the caches what the next steps read. FlushDenormals' end
+// orders a thread's streaming stores before its later stores (the parallel region's join).
+// Taken for buffers of at least stream_min_bytes (tests lower it).
+i64 stream_min_bytes = 16 << 20;
+template <typename S>
+inline void stream(S* p, V<S> v, int n) {
+#ifdef __AVX512F__
+  if (n == Vec<S>::L && reinterpret_cast<uintptr_t>(p) % sizeof(V<S>) == 0) {
+    if constexpr (std::is_same<S, float>::value) _mm512_stream_ps(p, (__m512)v);
+    else _mm512_stream_pd(p, (__m512d)v);
+    return;
+  }
+#endif
+  store(p, v, n);
+}
+// stream() or store(), as `streaming` says.
+template <typename S>
+inline void put(bool streaming, S* p, V<S> v, int n) {
+  streaming ? stream(p, v, n) : store(p, v, n);
+}
+inline bool streams(const Tensor& t) { return t.defined() && (i64)t.nbytes() >= stream_min_bytes; }
 template <typename S> inline V<S> splat(S s) { return V<S>{} + s; }
 // A slice of an optional bias vector (zero without one).
 template <typename S>
@@ -399,7 +423,10 @@ struct FlushDenormals {
 #ifdef LSTMKIT_X86
   unsigned saved;
   FlushDenormals() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040); }   // FTZ | DAZ
-  ~FlushDenormals() { _mm_setcsr(saved); }
+  ~FlushDenormals() {
+    _mm_setcsr(saved);
+    _mm_sfence();                     // the scope's streaming stores (see stream()) first
+  }
 #endif
 };
 
@@ -2450,6 +2477,7 @@ struct GRUForwardGates {    // reset after
   const S* gi; const S* b_ih; const S* b_hh; S* stash; i64 H;
   ZoneoutMask<S> zone = {};                                  // zoneout, or none
   GRUActivations<S, Custom> act = {};
+  bool stream_stash = false;                                 // see stream()
   // Inlined into the drivers' loops, as LSTMForwardGates::standard.
   // n: the block's width, min(L, H - jb L) (see for_unit_blocks).
   __attribute__((always_inline)) inline V<S> operator()(i64 row, i64 jb, const V<S>* acc,
@@ -2472,7 +2500,8 @@ struct GRUForwardGates {    // reset after
     V<S> nn = act.candidate(x[2] + load_bias(b_ih, 2 * H + j, n) + r * gh_n);
     if (stash) {
       S* sr = stash + row * 4 * H + j;
-      store(sr, r, n); store(sr + H, z, n); store(sr + 2 * H, nn, n); store(sr + 3 * H, gh_n, n);
+      put(stream_stash, sr, r, n); put(stream_stash, sr + H, z, n);
+      put(stream_stash, sr + 2 * H, nn, n); put(stream_stash, sr + 3 * H, gh_n, n);
     }
     const V<S> h = nn + z * (h_prev - nn);
     return zone.mix(row, j, h, h_prev, n);
@@ -2521,7 +2550,8 @@ std::vector<Tensor> gru_forward(const Tensor& gi, const Tensor& b_ih, const Tens
   S* o_ptr = ptr<S>(out);
   if (reset_after) {
     GRUForwardGates<S, Custom> gate_math{ptr<S>(gi), ptr<S>(b_ih), ptr<S>(b_hh), ptr<S>(stash), H,
-                                 ZoneoutMask<S>(zoneout), GRUActivations<S, Custom>{form}};
+                                 ZoneoutMask<S>(zoneout), GRUActivations<S, Custom>{form},
+                                 streams(stash)};
     if (parts == 0) {
       Tensor packed = pack<S>(w_hh, 3, H, H, H * H, H, 1);
       Tensor h_state = recurrent_mask.defined() ? pooled_clone(h0) : Tensor();
@@ -2650,6 +2680,7 @@ struct GRUBackwardGates {   // reset after
   const Steps* st; i64 H;
   ZoneoutMask<S> zone = {};                                  // zoneout, or none
   GRUActivations<S, Custom> act = {};
+  bool stream_d_gi = false;         // see stream(): d_gi is read after the loop, d_gh in it
   // n: the block's width, min(L, H - jb L) (see for_unit_blocks).
   __attribute__((always_inline)) inline void operator()(i64 t, i64 b, i64 jb, V<S> dh_next,
                                                         int n) const {
@@ -2669,7 +2700,8 @@ struct GRUBackwardGates {   // reset after
     V<S> da_r = da_n * gh_n * act.gate_slope(r);
     S* gi = d_gi + row * 3 * H + j;
     S* gh = d_gh + row * 3 * H + j;
-    store(gi, da_r, n); store(gi + H, da_z, n); store(gi + 2 * H, da_n, n);
+    put(stream_d_gi, gi, da_r, n); put(stream_d_gi, gi + H, da_z, n);
+    put(stream_d_gi, gi + 2 * H, da_n, n);
     store(gh, da_r, n); store(gh + H, da_z, n); store(gh + 2 * H, da_n * r, n);
     store(carry + b * H + j, zone ? dh * z + kept : dh * z, n);
   }
@@ -2707,7 +2739,8 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_hT, const 
     Tensor d_gh = pooled_empty({N, 3 * H}, out.options());
     GRUBackwardGates<S, Custom> gate_math{ptr<S>(d_out), ptr<S>(out), ptr<S>(h0), ptr<S>(stash),
                                   ptr<S>(d_gi), ptr<S>(d_gh), cp, &st, H,
-                                  ZoneoutMask<S>(zoneout), GRUActivations<S, Custom>{form}};
+                                  ZoneoutMask<S>(zoneout), GRUActivations<S, Custom>{form},
+                                  streams(d_gi)};
     if (parts == 0) {
       Tensor packed = pack<S>(w_hh, 1, H, 3 * H, 0, 1, H);
       const S* wp = ptr<S>(packed);
@@ -4863,6 +4896,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           std::exchange(fused_projection_ring_bytes, bytes));
   }, "Set the fused driver's projection ring at batch 1: `rows` rows at a time once the "
      "projection of all steps would take more than `bytes`; returns the previous pair.");
+  m.def("set_stream_min_bytes", [](i64 bytes) { return std::exchange(stream_min_bytes, bytes); },
+        "Set the size from which the GRU's saved gates and d_gi take streaming stores; returns "
+        "the previous value.");
   m.def("set_chunk_bytes", [](i64 bytes) { return std::exchange(chunk_bytes, bytes); },
         "Set the L2 budget of the packed-matrix chunks (bytes); returns the previous value.");
   m.def("stacked_weight_products", &stacked_weight_products,
