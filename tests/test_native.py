@@ -357,12 +357,14 @@ def test_batch_one_projection_ring_matches_reference(family, rows, shape, chunk_
 
 @pytest.mark.parametrize("shape", [(9, 5, 3, 32), (4, 3, 2, 19), (30, 2, 4, 16)],
                          ids=lambda shape: "T{}-B{}-I{}-H{}".format(*shape))
-@pytest.mark.parametrize("family", ["gru", "gru_recurrent_zoneouth_candsoftsign"])
+@pytest.mark.parametrize("family", ["lstm", "lstm_peephole_recurrent_zoneouth_zoneoutc", "gru",
+                                    "gru_recurrent_zoneouth_candsoftsign"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_gru_streaming_stores_match_reference(driver, family, shape, dtype):
-    """The GRU's saved gates and d_gi written with streaming stores (set_stream_min_bytes(0):
-    every buffer; the benchmark's sizes take them from 16 MiB), on every driver: hidden 32 and
-    16 in whole vectors, 19 with a partial one that takes ordinary stores."""
+def test_streaming_stores_match_reference(driver, family, shape, dtype):
+    """The saved gates (and the GRU's d_gi) written with streaming stores
+    (set_stream_min_bytes(0): every buffer; the benchmark's sizes take them from 16 MiB), on
+    every driver, the LSTM's plain cell and its general one (peepholes): hidden 32 and 16 in
+    whole vectors, 19 with a partial one that takes ordinary stores."""
     with native_setting("stream_min_bytes", 0):
         for reverse in (False, True):
             check_against_reference(family, shape, reverse, dtype)

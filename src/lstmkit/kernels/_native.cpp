@@ -258,8 +258,8 @@ inline void store(S* p, V<S> v, int n) {
   }
 }
 // A streaming (non-temporal) store where p is aligned to a whole vector (else an ordinary one),
-// for write-once buffers read back only after the loop that writes them (the GRU's saved gates
-// in training, its d_gi): larger than the caches, their ordinary stores read every line in first
+// for write-once buffers read back only after the loop that writes them (the saved gates in
+// training, the GRU's d_gi): larger than the caches, their ordinary stores read every line in first
 // (write-allocate) and push out of the caches what the next steps read. FlushDenormals' end
 // orders a thread's streaming stores before its later stores (the parallel region's join).
 // Taken for buffers of at least stream_min_bytes (tests lower it).
@@ -1308,13 +1308,13 @@ struct RecurrentDropout {
 // one block at a time, forward, interleaved medians: batch 32 / hidden 128 0.970, 64 / 128
 // 0.969, 32 / 512 0.992 (W = 4 in a first version: 0.962, 0.978, 0.995, and 64 / 512 1.013).
 // With zoneout_c (`zone`, row `row`, the first block at unit j) the state c keeps
-// c~ + z (c_prev - c~), and h's tanh reads c~.
+// c~ + z (c_prev - c~), and h's tanh reads c~. `streaming`: the saved gates take stream().
 template <int W>
 __attribute__((always_inline)) inline void ratio_cells(const V<float> (&a)[W][4], float* c,
                                                        int n, float* saved, i64 H,
                                                        V<float> (&m)[W],
                                                        const ZoneoutMask<float>& zone, i64 row,
-                                                       i64 j) {
+                                                       i64 j, bool streaming) {
   constexpr int L = Vec<float>::L;
   V<float> d_i[W], d_f[W], d_o[W], cn[W];
   Ratio g[W];
@@ -1334,10 +1334,10 @@ __attribute__((always_inline)) inline void ratio_cells(const V<float> (&a)[W][4]
     const V<float> one = splat(1.0f);
     for (int w = 0; w < W; ++w) {
       float* sw = saved + w * L;
-      store(sw, one / d_i[w], n);
-      store(sw + H, one / d_f[w], n);
-      store(sw + 2 * H, clamp_keeping_nan(g[w].num / g[w].den, -1.0f, 1.0f), n);
-      store(sw + 3 * H, one / d_o[w], n);
+      put(streaming, sw, one / d_i[w], n);
+      put(streaming, sw + H, one / d_f[w], n);
+      put(streaming, sw + 2 * H, clamp_keeping_nan(g[w].num / g[w].den, -1.0f, 1.0f), n);
+      put(streaming, sw + 3 * H, one / d_o[w], n);
     }
   }
   for (int w = 0; w < W; ++w) {
@@ -1454,6 +1454,7 @@ struct LSTMForwardGates {
   // Global row `row` reads xproj's row (row & xproj_rows_mask): all ones for a projection of
   // every row, the ring's size - 1 for the fused driver's ring (see lstm_forward).
   i64 xproj_rows_mask = ~i64(0);
+  bool stream_saved = false;        // the saved gates and cells take stream() (read after the loop)
   // Zoneout's h for the block at unit j of global row `row`: m itself without zoneout_h, else
   // mixed with the row's previous h (h_prev, the block's units). The drivers call it on
   // every block's result.
@@ -1513,9 +1514,10 @@ struct LSTMForwardGates {
         for (int q = 0; q < 4; ++q) a[w][q] += load(x + q * H + j + w * L, n);
     S* gr = gates ? gates + row * 4 * H + j : nullptr;
     if constexpr (std::is_same_v<S, float>) {
-      ratio_cells<W>(a, cb, n, gr, H, m, zone_c, row, j);
+      ratio_cells<W>(a, cb, n, gr, H, m, zone_c, row, j, stream_saved);
       if (gates)
-        for (int w = 0; w < W; ++w) store(cells + row * H + j + w * L, load(cb + w * L, n), n);
+        for (int w = 0; w < W; ++w)
+          put(stream_saved, cells + row * H + j + w * L, load(cb + w * L, n), n);
     } else {
       for (int w = 0; w < W; ++w) {
         V<S> i = vsigmoid(a[w][0]), f = vsigmoid(a[w][1]), g = vtanh(a[w][2]);
@@ -1526,8 +1528,9 @@ struct LSTMForwardGates {
         store(cw, c_state, n);
         if (gates) {
           S* gw = gr + w * L;
-          store(gw, i, n); store(gw + H, f, n); store(gw + 2 * H, g, n); store(gw + 3 * H, o, n);
-          store(cells + row * H + j + w * L, c_state, n);
+          put(stream_saved, gw, i, n); put(stream_saved, gw + H, f, n);
+          put(stream_saved, gw + 2 * H, g, n); put(stream_saved, gw + 3 * H, o, n);
+          put(stream_saved, cells + row * H + j + w * L, c_state, n);
         }
         m[w] = o * vtanh(cn);
       }
@@ -1604,8 +1607,9 @@ struct LSTMForwardGates {
     }
     if (gates) {
       S* gr = gates + row * 4 * H + j;
-      store(gr, i, n); store(gr + H, f, n); store(gr + 2 * H, g, n); store(gr + 3 * H, o, n);
-      store(cells + row * H + j, c_state, n);
+      put(stream_saved, gr, i, n); put(stream_saved, gr + H, f, n);
+      put(stream_saved, gr + 2 * H, g, n); put(stream_saved, gr + 3 * H, o, n);
+      put(stream_saved, cells + row * H + j, c_state, n);
     }
     o_out = o;
     return cn;
@@ -1679,6 +1683,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xproj, const Tensor& bias, const 
                                 ptr<S>(gates), ptr<S>(cells), H, ptr<S>(peephole), cell_form,
                                 ZoneoutMask<S>(zoneout_c), ZoneoutMask<S>(zoneout_h),
                                 layer_norms};
+  gate_math.stream_saved = streams(gates) && !layer_norms;   // layer norm reads o back
   S* o_ptr = ptr<S>(out);
   const i64 J = (H + L - 1) / L;
   if (parts == 0 && !w_hr.defined()) {
@@ -4897,8 +4902,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "Set the fused driver's projection ring at batch 1: `rows` rows at a time once the "
      "projection of all steps would take more than `bytes`; returns the previous pair.");
   m.def("set_stream_min_bytes", [](i64 bytes) { return std::exchange(stream_min_bytes, bytes); },
-        "Set the size from which the GRU's saved gates and d_gi take streaming stores; returns "
-        "the previous value.");
+        "Set the size from which the saved gates (and the GRU's d_gi) take streaming stores; "
+        "returns the previous value.");
   m.def("set_chunk_bytes", [](i64 bytes) { return std::exchange(chunk_bytes, bytes); },
         "Set the L2 budget of the packed-matrix chunks (bytes); returns the previous value.");
   m.def("stacked_weight_products", &stacked_weight_products,
