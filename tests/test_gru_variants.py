@@ -144,13 +144,23 @@ def test_native_variant_loops_match_reference(variant, shape, masks, parts, rese
 
 
 @RESET
+@pytest.mark.parametrize("streaming", [False, True], ids=["stores", "streaming"])
 @pytest.mark.parametrize("H", [16, 17, 127])
-def test_native_layer_norm_loops_in_float32(H, reset_after):
-    """(Smaller H in float64 above: layer norm over few units is ill-conditioned in float32.)"""
+def test_native_layer_norm_loops_in_float32(H, reset_after, streaming):
+    """(Smaller H in float64 above: layer norm over few units is ill-conditioned in float32.)
+    "streaming": the saved gates and d_gi take streaming stores at any size (see
+    set_stream_min_bytes), as they do from 16 MiB."""
     variant = GRUVariant(layer_norm=True)
     problem = random_problem(variant, T=7, B=9, I=4, H=H, masks=ALL_MASKS, seed=12)
     ref_out, ref_grads = reference_result(variant, *problem, reset_after)
-    outs, grads = kernel_result(variant, *problem, dtype=torch.float32, reset_after=reset_after)
+    module = kernels.native.module()
+    previous = module.set_stream_min_bytes(0) if streaming else None
+    try:
+        outs, grads = kernel_result(variant, *problem, dtype=torch.float32,
+                                    reset_after=reset_after)
+    finally:
+        if streaming:
+            module.set_stream_min_bytes(previous)
     _assert_matches(outs, grads, ref_out, ref_grads, TOLERANCE[torch.float32])
 
 

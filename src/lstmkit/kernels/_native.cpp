@@ -261,8 +261,10 @@ inline void store(S* p, V<S> v, int n) {
 // for write-once buffers read back only after the loop that writes them (the saved gates in
 // training, the GRU's d_gi): larger than the caches, their ordinary stores read every line in first
 // (write-allocate) and push out of the caches what the next steps read. FlushDenormals' end
-// orders a thread's streaming stores before its later stores (the parallel region's join).
-// Taken for buffers of at least stream_min_bytes (tests lower it).
+// orders a thread's streaming stores before its later stores (the parallel region's join), so
+// no other thread may read a streamed buffer before the parallel region that wrote it ends (the
+// fused driver's per-step release stores do not order them). AVX-512 builds only (elsewhere an
+// ordinary store). Taken for buffers of at least stream_min_bytes (tests lower it).
 i64 stream_min_bytes = 16 << 20;
 template <typename S>
 inline void stream(S* p, V<S> v, int n) {
@@ -4318,16 +4320,18 @@ std::vector<Tensor> gru_layer_forward(Tensor x, c10::optional<Tensor> b_ih,
   for (auto* t : {&h0, &w_hh}) *t = t->contiguous();
   Steps st(batch_sizes, reverse);
   check_steps(st, x, h0);
-  // The generic driver with one part (W_hh too large for row parts, see native.py's _driver)
-  // multiplies each step's input by W_ih^T right before the recurrent product, into a (B, 3H)
+  // The reset-after generic driver with one part (W_hh too large for row parts, or one thread;
+  // see native.py's _driver) multiplies each step's input by W_ih^T right before the recurrent
+  // product, into a (B, 3H)
   // buffer the gate math reads from the cache, instead of projecting all steps first into an
   // (N, 3H) one read back from memory (31 MB at batch 128 / hidden 1024 / length 20).
   // Alternating processes, ms, all steps first / each step: batch 128 / hidden 1024 / length
   // 20, forward in training 61.0 / 59.0, inference 59.4 / 58.1; 64 / 512 / 100, inference 43.9
   // / 41.7, training 138.8 / 136.8. With row parts it lost (32 / 256: 6.23 / 6.40 inference,
   // 21.24 / 21.40 training; 16 / 384: 6.65 / 6.98, 21.42 / 21.92): MKL's calls on a part's
-  // few rows cost more than the projection's passes over memory.
-  const bool input_per_step = parts == 1 && reset_after;
+  // few rows cost more than the projection's passes over memory. (Without input columns the
+  // projection's gemm() writes the zeros.)
+  const bool input_per_step = parts == 1 && reset_after && x.size(1) > 0;
   Tensor gi = input_per_step ? Tensor() : input_projection(x, w_ih);
   return LSTMKIT_DISPATCH(x.scalar_type(), [&] {
     // torch.nn's activations (form 0) on the drivers compiled without the branch on form.
