@@ -1,5 +1,7 @@
-"""Shared test helpers: one comparison function with tolerances derived per dtype, and an
-interrupted forecaster training run."""
+"""Shared test helpers: one comparison function with tolerances derived per dtype, a native
+kernel setting set for a block, and an interrupted forecaster training run."""
+
+import contextlib
 
 import numpy as np
 import pytest
@@ -28,6 +30,21 @@ def assert_close(actual, expected, dtype=None, name=""):
     scale = max(1.0, expected.detach().abs().max().item()) if expected.numel() else 1.0
     torch.testing.assert_close(actual.detach().to(torch.float64), expected.detach().to(torch.float64),
                                rtol=rtol, atol=rtol * scale, msg=lambda m: f"{name}: {m}")
+
+
+@contextlib.contextmanager
+def native_setting(name, *value):
+    """The native module's test setting `name` (its set_<name>) at `value` inside the block,
+    restored after; a value of None leaves the setting as it is."""
+    if value == (None,):
+        yield
+        return
+    setter = getattr(lstmkit.kernels.native.module(), f"set_{name}")
+    previous = setter(*value)
+    try:
+        yield
+    finally:
+        setter(*previous) if isinstance(previous, tuple) else setter(previous)
 
 
 @pytest.fixture(params=BACKENDS)

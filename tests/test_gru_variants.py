@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lstmkit
+from conftest import native_setting
 from gru_variant_cases import ALL_MASKS, VARIANTS, kernel_result, random_problem, reference_result
 from lstm_variant_cases import central_difference_errors, relative_error
 from lstmkit import kernels
@@ -153,14 +154,9 @@ def test_native_layer_norm_loops_in_float32(H, reset_after, streaming):
     variant = GRUVariant(layer_norm=True)
     problem = random_problem(variant, T=7, B=9, I=4, H=H, masks=ALL_MASKS, seed=12)
     ref_out, ref_grads = reference_result(variant, *problem, reset_after)
-    module = kernels.native.module()
-    previous = module.set_stream_min_bytes(0) if streaming else None
-    try:
+    with native_setting("stream_min_bytes", 0 if streaming else None):
         outs, grads = kernel_result(variant, *problem, dtype=torch.float32,
                                     reset_after=reset_after)
-    finally:
-        if streaming:
-            module.set_stream_min_bytes(previous)
     _assert_matches(outs, grads, ref_out, ref_grads, TOLERANCE[torch.float32])
 
 

@@ -4322,9 +4322,9 @@ std::vector<Tensor> gru_layer_forward(Tensor x, c10::optional<Tensor> b_ih,
   check_steps(st, x, h0);
   // The reset-after generic driver with one part (W_hh too large for row parts, or one thread;
   // see native.py's _driver) multiplies each step's input by W_ih^T right before the recurrent
-  // product, into a (B, 3H)
-  // buffer the gate math reads from the cache, instead of projecting all steps first into an
-  // (N, 3H) one read back from memory (31 MB at batch 128 / hidden 1024 / length 20).
+  // product, into a (B, 3H) buffer the gate math reads from the cache, instead of projecting
+  // all steps first into an (N, 3H) one read back from memory (31 MB at batch 128 / hidden 1024
+  // / length 20).
   // Alternating processes, ms, all steps first / each step: batch 128 / hidden 1024 / length
   // 20, forward in training 61.0 / 59.0, inference 59.4 / 58.1; 64 / 512 / 100, inference 43.9
   // / 41.7, training 138.8 / 136.8. With row parts it lost (32 / 256: 6.23 / 6.40 inference,
