@@ -91,8 +91,10 @@ def native_built():
 
 
 @pytest.fixture(params=["fused", "fused-chunked", "generic", "generic-rows", "generic-mm",
-                        "own-rows-chunked"])
+                        "generic-onednn", "own-rows-chunked"])
 def driver(request, monkeypatch):
+    if request.param == "generic-onednn" and not native.module().onednn_works():
+        pytest.skip("oneDNN's float32 matmul does not run on this CPU (it needs AVX-512)")
     generic = request.param.startswith(("generic", "own"))
     monkeypatch.setattr(native, "FUSED_MAX_BATCH", 0 if generic else 10**9)
     monkeypatch.setattr(native, "FUSED_ALWAYS_BATCH", 0 if generic else 10**9)
@@ -109,6 +111,13 @@ def driver(request, monkeypatch):
         monkeypatch.setattr(native, limit, 2**62 if own else 0)
     monkeypatch.setattr(native, "INPUT_IN_STEP_MAX_RATIO",
                         0 if request.param == "generic-mm" else 1e9)
+    # "generic-onednn": one part, every float32 product (each step's, the projection, dX, the
+    # weight gradients as one stacked product), however small, through oneDNN's matmul, as off
+    # Intel CPUs (where the small ones take MKL: onednn_min_flops); the
+    # others through MKL (or at::mm), whatever this CPU would choose. No case takes the LSTM's
+    # own row parts that oneDNN's products choose at larger batches (own-rows covers them).
+    onednn = request.param == "generic-onednn"
+    monkeypatch.setattr(native, "ONEDNN_OWN_MIN_ROWS", 2**62)
     # "chunked": the contraction split into chunks of 4, as large matrices are split to stay
     # in the L2 cache, so the running sums between chunks are checked on small shapes too.
     # "generic" multiplies by MKL's packed W_hh where this torch has it; "generic-mm" by at::mm,
@@ -119,7 +128,10 @@ def driver(request, monkeypatch):
     # products that small shapes get, see WeightGradients).
     with native_setting("chunk_bytes", 1 if request.param.endswith("chunked") else None), \
             native_setting("use_mkl", request.param != "generic-mm"), \
-            native_setting("weight_products_form", 2 if request.param == "generic" else 1):
+            native_setting("use_onednn", onednn), \
+            native_setting("onednn_min_flops", 0 if onednn else None), \
+            native_setting("weight_products_form",
+                           2 if request.param in ("generic", "generic-onednn") else 1):
         yield request.param
 
 
@@ -457,6 +469,7 @@ def test_own_step_product_by_rows_and_weight_size(monkeypatch):
     up to OWN_BACKWARD_MAX_ROWS rows; never with one part or a projection (input 64, float32,
     two threads)."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(native, "_onednn_products", lambda: False)    # MKL's rules
 
     def own(batch, hidden, backward=False, proj=False, inputs=64):
         w_ih, w_hh = torch.empty(4 * hidden, inputs), torch.empty(4 * hidden, hidden)
@@ -476,10 +489,62 @@ def test_own_step_product_by_rows_and_weight_size(monkeypatch):
 
 
 
+def test_onednn_plans_own_row_parts_fused_or_one_part(monkeypatch):
+    """With oneDNN's products (off Intel CPUs) the generic driver runs no row parts but the
+    LSTM's own: parts of at least ONEDNN_OWN_MIN_ROWS (8) rows, [W_ih | W_hh] at most
+    ONEDNN_OWN_MAX_WEIGHT_BYTES (8 MiB), no projection, input at most twice the hidden size;
+    smaller batches take the fused driver (0 parts), larger weights one part (input 64, float32,
+    two threads)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(native, "_onednn_products", lambda: True)
+
+    def plans(batch, hidden, proj=False, inputs=64):
+        w_ih, w_hh = torch.empty(4 * hidden, inputs), torch.empty(4 * hidden, hidden)
+        w_hr = torch.empty(hidden // 2, hidden) if proj else None
+        return native._lstm_training_plan(StepLayout.padded(10, batch), w_ih, w_hh, w_hr)
+
+    assert plans(32, 256) == (2, True, True, 2, True)      # parts, input in step, own; backward
+    assert plans(16, 512) == (2, True, True, 2, True)      # 8 rows of 4.25 MiB
+    assert plans(64, 640)[:3] == (2, True, True)           # 6.9 MiB
+    assert plans(64, 704)[:3] == (1, True, False)          # 8.25 MiB: one part, oneDNN's steps
+    assert plans(14, 256)[:3] == (0, False, False)         # 7 rows: the fused driver
+    assert plans(8, 128)[0] == 0 and plans(64, 64, inputs=129)[:3] == (0, False, False)
+    assert plans(64, 128, proj=True)[0] == 1               # projection: one part, oneDNN's
+    # GRU and RNN: no row parts either (the fused driver up to batch 64, then one part).
+    gru_w_hh = torch.empty(3 * 256, 256)
+    assert native._driver(StepLayout.padded(10, 32), gru_w_hh) == 0
+    assert native._driver(StepLayout.padded(10, 128), gru_w_hh) == 1
+
+
 def test_tunable_names_are_the_plan_keys_tunables():
-    """TUNABLE_NAMES (what benchmarks/tunables.py may set) names _tunables()'s values, in order."""
-    assert native._tunables() == tuple(getattr(native, name) for name in native.TUNABLE_NAMES)
+    """TUNABLE_NAMES (what benchmarks/tunables.py may set) names _tunables()'s values, in order,
+    then whether the products run on oneDNN."""
+    assert native._tunables() == tuple(getattr(native, name) for name in native.TUNABLE_NAMES) + (
+        native.product_library() == "onednn",)
     assert len(set(native.TUNABLE_NAMES)) == len(native.TUNABLE_NAMES)
+
+
+def test_product_library_is_onednn_off_intel_where_it_runs(monkeypatch):
+    """PRODUCT_LIBRARY None: MKL on Intel CPUs, oneDNN elsewhere where it runs; "mkl" and
+    "onednn" force one (oneDNN falling back to MKL where it does not run)."""
+    mod = native.module()
+    previous = mod.uses_onednn()
+    try:
+        for intel, forced, works, expected in [(True, None, True, "mkl"),
+                                               (False, None, True, "onednn"),
+                                               (False, None, False, "mkl"),
+                                               (True, "onednn", True, "onednn"),
+                                               (False, "mkl", True, "mkl")]:
+            monkeypatch.setattr(native, "_intel_cpu", lambda intel=intel: intel)
+            monkeypatch.setattr(native, "PRODUCT_LIBRARY", forced)
+
+            class Module:      # the real setter, a stand-in for the check
+                onednn_works = staticmethod(lambda works=works: works)
+                set_use_onednn = staticmethod(mod.set_use_onednn)
+            assert native._choose_product_library(Module) == expected
+            assert mod.uses_onednn() == (expected == "onednn")
+    finally:
+        mod.set_use_onednn(previous)
 
 def test_stacked_weight_products_by_rows_and_threads():
     """Stacked from 800 rows while threads x count <= N: the threads' partial sums take no more

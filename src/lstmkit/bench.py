@@ -7,11 +7,12 @@ for short points, until MIN_SECONDS have passed), and reports the median
 "forward" is inference under `torch.no_grad()`; "train" is one forward and
 backward pass (the gradients of the input and every parameter). Throughput is given as GFLOP/s
 of the matrix products (the gate math is not counted) and as a fraction of this machine's own
-matrix-multiply rate, measured here with torch.mm on square matrices. Each point also gets the
+matrix-multiply rate, measured here on square matrices (`matmul_rate`). Each point also gets the
 largest speedup physically possible there (`speedup_bound`: torch.nn's time over the time of the
 matrix products at 100% of that rate; a missed target above it is "out of reach"), and, where
-MKL runs the steps, the largest speedup with the same products at MKL's speed
-(`products_bound`, see `products_seconds`; a missed target above it is "beyond MKL").
+the library runs the steps (MKL, or oneDNN off Intel CPUs: `kernels.native.product_library`), the
+largest speedup with the same products at that library's speed (`products_bound`, see
+`products_seconds`; a missed target above it is "beyond lib").
 
     >>> from lstmkit import bench
     >>> results = bench.run(bench.grid("quick"), repeats=3, isolate=True)    # doctest: +SKIP
@@ -123,7 +124,14 @@ def machine() -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
-            "load_average_1min": round(load[0], 2)}
+            "load_average_1min": round(load[0], 2), "products": _product_library()}
+
+
+def _product_library() -> str:
+    """The native kernels' product library ("onednn" or "mkl"), or "none" without them."""
+    from .kernels import native
+
+    return native.product_library() if native.available() else "none"
 
 
 def _synchronize(device):
@@ -154,19 +162,41 @@ def matmul_dtype(dtype: torch.dtype, device) -> torch.dtype:
     return compute_dtype(dtype) if torch.device(device).type == "cpu" else dtype
 
 
+def _onednn_mm():
+    """a, b -> a @ b^T through oneDNN's matmul (torch's own op, the library torch.nn.LSTM's CPU
+    primitive is built on), or None where torch has no such op."""
+    try:
+        linear = torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+    return lambda a, b: linear(a, b, None, "none", [], "")
+
+
 def matmul_rate(dtype=torch.float32, device="cpu", size=2048, repeats=5) -> float:
-    """This machine's matrix-multiply rate in GFLOP/s: the fastest of `repeats` torch.mm calls
-    on size x size matrices.
+    """This machine's matrix-multiply rate in GFLOP/s: the fastest of `repeats` calls of torch.mm
+    on size x size matrices and, on the CPU in float32, of oneDNN's matmul as well.
 
     The fastest, not the median: other processes and frequency changes only ever slow a call
     down, and the rate bounds every speedup (`speedup_bound`), so it must not be underestimated.
+    For the same reason both libraries: torch.mm runs on MKL, whose fastest kernels run on Intel
+    CPUs only (on an AMD EPYC, Zen 5, it reached 192 GFLOP/s where oneDNN reached 430).
     """
     device = torch.device(device)
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
-    torch.mm(a, b)
-    seconds = min(_median_time(lambda: torch.mm(a, b), device, 1) for _ in range(repeats))
-    return 2.0 * size ** 3 / seconds / 1e9
+    calls = [torch.mm]
+    onednn = _onednn_mm() if device.type == "cpu" and dtype == torch.float32 else None
+    if onednn is not None:
+        try:
+            onednn(a[:16, :16], b[:16, :16])
+            calls.append(onednn)
+        except RuntimeError:      # torch without oneDNN, or a CPU it does not take
+            pass
+    best = float("inf")
+    for call in calls:
+        call(a, b)
+        best = min(best, min(_median_time(lambda call=call: call(a, b), device, 1) for _ in range(repeats)))
+    return 2.0 * size ** 3 / best / 1e9
 
 
 def _modules(point: Point, dtype, device):
@@ -225,19 +255,22 @@ def time_point(point: Point, dtype=torch.float32, device="cpu", repeats=5, warmu
 
 
 def products_seconds(point: Point, dtype=torch.float32, repeats=5):
-    """Seconds the point's matrix products take alone, each at the speed MKL runs it at its exact
-    shape on this machine (None without the native kernels, which hold the packed-GEMM loop).
+    """Seconds the point's matrix products take alone, each at the speed the native kernels'
+    product library (MKL, or oneDNN off Intel CPUs: `kernels.native.product_library`) runs it at
+    its exact shape on this machine (None without the native kernels, which hold the loop).
 
     Per layer and direction: the input projection (N, I) x (I, G) and the T step products
-    (B, H) x (H, G), as MKL's packed GEMM with W_hh packed once (the faster of the whole batch
+    (B, H) x (H, G), as the generic driver runs them (MKL's packed GEMM with W_hh packed once,
+    or oneDNN's matmul; the faster of the whole batch
     split across the threads and the batch rows split into one part per thread; operands and
     results in the same buffers at every step, as in the loop), or for the LSTM, if faster, the
     T step products (B, I + H) x (I + H, G) with the input; training adds
     the T backward steps (B, G) x (G, H), dX (N, G) x (G, I) and the weight and bias gradients
     (G, N) x (N, I + H + 1). No gate math, no state, no allocation: torch.nn's time over this
     (`products_bound`) is the largest speedup for any implementation whose products run at
-    MKL's speed. None where lstmkit's own fused step kernel runs instead (small batches: it is
-    faster than MKL at those shapes, so MKL's speed bounds nothing there). In the dtype the
+    the library's speed. None where lstmkit's own step products run instead (the fused driver at
+    small batches, or the LSTM's own row parts with oneDNN: faster than the library at those
+    shapes, so its speed bounds nothing there). In the dtype the
     kernels compute in (float32 for float16 and bfloat16, see `matmul_dtype`)."""
     from .kernels import StepLayout, native
 
@@ -255,6 +288,9 @@ def products_seconds(point: Point, dtype=torch.float32, repeats=5):
     w_hh = randn(G, H)
     if native._driver(StepLayout.padded(T, B), w_hh) == 0:
         return None       # lstmkit's own step product runs here, faster than MKL's at the shape
+    if point.family == "LSTM" and native._own_row_parts(StepLayout.padded(T, B),
+                                                        randn(G, point.input_size), w_hh, None):
+        return None       # likewise, the own row parts that oneDNN's products leave to us
 
     def timed(fn):
         fn()
@@ -430,10 +466,11 @@ def speedup_bound(torch_gflops: float, rate: float) -> float:
 
 def target_status(row: dict):
     """The row's verdict: "met"; "out of reach" when missed and the target exceeds
-    `speedup_bound` (it would need more than 100% of the matrix-multiply rate); "beyond MKL"
+    `speedup_bound` (it would need more than 100% of the matrix-multiply rate); "beyond lib"
     when missed and the target exceeds `products_bound`, or for the large class needs a larger
-    fraction of the rate than MKL's products reach alone at these shapes (only an
-    implementation with faster matrix products than MKL could meet it); "missed" otherwise.
+    fraction of the rate than the product library's products reach alone at these shapes (only
+    an implementation with faster matrix products than the library's could meet it); "missed"
+    otherwise.
     None outside the target classes."""
     if row["target_met"] is None:
         return None
@@ -446,7 +483,7 @@ def target_status(row: dict):
         fraction_short = (row["target_class"] == "large"
                           and row["products_matmul_fraction"] < LARGE_MATMUL_FRACTION)
         if row["products_bound"] < target or fraction_short:
-            return "beyond MKL"
+            return "beyond lib"
     return "missed"
 
 
@@ -517,10 +554,10 @@ def streaming(hidden=256, input_size=256, steps=2000, repeats=5, dtype=torch.flo
 
 HEADER = (f"{'family':6} {'mode':7} {'B':>4} {'H':>5} {'I':>4} {'T':>5} {'L':>2} {'D':>2} "
           f"{'lstmkit ms':>11} {'torch ms':>10} {'GFLOP/s':>8} {'of mm':>6} {'torch':>6} "
-          f"{'speedup':>8} {'bound':>7} {'MKL':>7} {'MKL mm':>7} {'class':>7} {'target':>12}")
+          f"{'speedup':>8} {'bound':>7} {'lib':>7} {'lib mm':>7} {'class':>7} {'target':>12}")
 
 STATUS_TEXT = {"met": "met", "missed": "MISSED", "out of reach": "out of reach",
-               "beyond MKL": "beyond MKL", None: ""}
+               "beyond lib": "beyond lib", None: ""}
 
 
 def _optional(value, form: str, width: int, unit: str = "") -> str:
@@ -530,8 +567,8 @@ def _optional(value, form: str, width: int, unit: str = "") -> str:
 
 def format_row(row: dict) -> str:
     """One line of the printed table; "bound" is `speedup_bound`, "torch" torch.nn's fraction
-    of the matrix-multiply rate, "MKL" `products_bound` and "MKL mm" the fraction of the rate
-    the products reach alone at MKL's speed (see products_seconds)."""
+    of the matrix-multiply rate, "lib" `products_bound` and "lib mm" the fraction of the rate
+    the products reach alone at the product library's speed (see products_seconds)."""
     return (f"{row['family']:6} {row['mode']:7} {row['batch']:>4} {row['hidden']:>5} "
             f"{row['input_size']:>4} {row['steps']:>5} {row['layers']:>2} "
             f"{2 if row['bidirectional'] else 1:>2} {row['lstmkit_ms']:>11.2f} "
@@ -554,11 +591,11 @@ def markdown(results: dict) -> str:
     """The results as a Markdown table (the one in docs/performance.md)."""
     lines = ["| family | mode | B | H | I | T | layers | dirs | lstmkit ms | torch.nn ms | "
              "lstmkit GFLOP/s | lstmkit of matmul rate | torch.nn of matmul rate | speedup | "
-             "bound (100% of matmul rate) | bound (products at MKL speed) | "
-             "MKL products of matmul rate | class | target |",
+             "bound (100% of matmul rate) | bound (products at library speed) | "
+             "library products of matmul rate | class | target |",
              "|" + "---|" * 19]
     status_text = {"met": "met", "missed": "**missed**", "out of reach": "out of reach",
-                   "beyond MKL": "beyond MKL", None: ""}
+                   "beyond lib": "beyond lib", None: ""}
     for row in results["points"]:
         target = TARGET_RATIO.get(row["target_class"])
         target_text = f"{target:.1f}x {status_text[row['target_status']]}" if target else ""

@@ -127,7 +127,7 @@ def run(args) -> int:
     info = bench.machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} "
           f"({args.threads} threads), {args.dtype} on {device}; "
-          f"load average {info['load_average_1min']}")
+          f"products on {info['products']}; load average {info['load_average_1min']}")
     print(bench.HEADER, flush=True)
 
     printed = []

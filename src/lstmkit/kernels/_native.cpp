@@ -21,7 +21,8 @@
 //           the LSTM's workers also project the input onto their own blocks first.
 //   generic any case (projection, GRU reset-before, larger matrices and batches): each
 //           step's recurrent product is one call of MKL's packed GEMM, W_hh reordered once
-//           per call (StepProduct; at::mm without MKL), the gate math a loop over rows right
+//           per call, or of oneDNN's matmul off Intel CPUs (StepProduct; at::mm without
+//           either), the gate math a loop over rows right
 //           after it; the batch rows split into independent per-thread parts when W_hh is
 //           small, else each product and loop split across the threads. For the LSTM with
 //           small row parts, each part's product can be the fused driver's instead ("own
@@ -37,6 +38,8 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/abs.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/equal.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/clamp.h>
 #include <ATen/ops/div.h>
@@ -1064,6 +1067,50 @@ bool mkl_gemm() { return false; }
 // at::mm fallback as well.
 bool use_mkl = true;
 
+// oneDNN's matrix multiply, the one torch.nn.LSTM's fused primitive is built on: libtorch links
+// oneDNN in whole and exports ATen's entry to its float32 matmul (out = a @ b into a given
+// tensor, plain or transposed operands read in place, single-threaded when called inside a
+// parallel region). MKL runs its AVX-512 kernels on Intel CPUs only: on an AMD EPYC (Zen 5,
+// 2 threads) its sgemm ran at 160-195 GFLOP/s where oneDNN's ran at 400-450 (the products of
+// a training step at batch 128 / hidden 1024), so native.py turns this on off Intel (see
+// PRODUCT_LIBRARY there). Float32 only (oneDNN has no float64 matmul on CPUs); the generic
+// driver's steps multiply through it too, with no packed form of W_hh to keep (oneDNN caches
+// the product's plan, and its kernels reorder blocks of the weights as they go).
+}  // namespace
+namespace at::native {
+TORCH_API void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tensor& result,
+                             float beta, float alpha);
+}  // namespace at::native
+namespace {
+bool use_onednn = false;
+// Per-sequence products of fewer floating-point operations than this take MKL even with
+// use_onednn: each oneDNN call costs a few microseconds more (a primitive looked up, its memory
+// descriptors made). Interleaved medians on the AMD EPYC, training ms with all on oneDNN / from
+// 4e6 / from 16e6 / from 64e6 / all on MKL: LSTM batch 1 / hidden 64 0.388 / 0.311 / 0.305 /
+// 0.304 / 0.303, 1 / 256 1.860 / 1.735 / 1.754 / 1.744 / 1.759, 8 / 128 1.995 / 1.936 / 1.940 /
+// 2.275 / 2.681; GRU 1 / 64 1.029 / 0.795 / 0.785 / 0.774 / 0.781, 8 / 256 5.15 / 5.17 / 5.22 /
+// 5.87 / 6.75.
+double onednn_min_flops = 16e6;
+
+// out = a @ b (+ out when accumulate) through oneDNN; out, a and b are float32 Tensors (views).
+inline void onednn_mm(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {
+  at::native::mkldnn_matmul(a, b, out, accumulate ? 1.0f : 0.0f, 1.0f);
+}
+
+// Whether oneDNN's matmul runs here: torch built with it, and a CPU it takes float32 on
+// (AVX-512, or AVX-NE-CONVERT); checked once, on a small product against the exact result.
+bool onednn_works() {
+  try {
+    Tensor a = at::arange(12, at::kFloat).reshape({3, 4});
+    Tensor b = at::arange(20, at::kFloat).reshape({5, 4}).t();
+    Tensor out = at::zeros({3, 5}, at::kFloat);
+    onednn_mm(out, a, b, false);
+    return at::equal(out, at::mm(a, b));
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
 // Row-major views for BLAS: the stride of a dimension of size 1 is arbitrary (and may be
 // smaller than BLAS accepts), so a dimension of size 1 counts as unit-stride and a leading
 // dimension is never below the row length.
@@ -1148,8 +1195,9 @@ template <typename S>
 class StepProduct {
  public:
   StepProduct(const Tensor& b, i64 rows) : b_(b) {
+    onednn_ = std::is_same<S, float>::value && use_onednn;
 #if defined(__linux__) && defined(LSTMKIT_X86)
-    if (!std::is_same<S, float>::value || !use_mkl || !mkl_packed_gemm()) return;
+    if (!std::is_same<S, float>::value || onednn_ || !use_mkl || !mkl_packed_gemm()) return;
     constexpr int ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112, B_MATRIX = 162;
     K_ = b.size(0);
     N_ = b.size(1);
@@ -1173,6 +1221,10 @@ class StepProduct {
   }
 
   void operator()(Mat<S> out, Mat<S> a, Mat<S> add = {}) const {
+    if (onednn_) {
+      if (add.p) copy_rows(out, add);
+      return onednn_mm(out.tensor(), a.tensor(), b_, add.p != nullptr);
+    }
     if (!packed_.defined()) {
       Tensor o = out.tensor();
       if (add.p) at::addmm_out(o, add.tensor(), a.tensor(), b_);
@@ -1193,6 +1245,7 @@ class StepProduct {
  private:
   Tensor b_, packed_;
   i64 K_ = 0, N_ = 0;
+  bool onednn_ = false;
 };
 
 template <typename S> S* ptr(const Tensor& t) { return t.defined() ? t.data_ptr<S>() : nullptr; }
@@ -3161,6 +3214,9 @@ void gemm(Strided<S> out, Strided<S> a, Strided<S> b) {
     out.tensor().zero_();
     return;
   }
+  if (std::is_same<S, float>::value && use_onednn && out.trans() == 'N' && a.trans() &&
+      b.trans() && 2.0 * out.rows * out.cols * a.cols >= onednn_min_flops)
+    return onednn_mm(out.tensor(), a.tensor(), b.tensor(), false);
 #if defined(__linux__) && defined(LSTMKIT_X86)
   if (use_mkl && mkl_gemm() && out.trans() == 'N' && a.trans() && b.trans()) {
     // Column-major: out^T (N, M) = b^T a^T.
@@ -4922,6 +4978,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mkl_packed_gemm", [] { return mkl_packed_gemm() && mkl_gemm(); },
         "Whether MKL's packed GEMM (the generic driver's float32 steps) and gemm (the layer's "
         "products) are there to call directly.");
+  m.def("onednn_works", &onednn_works,
+        "Whether oneDNN's float32 matmul runs on this machine (torch built with it, a CPU it "
+        "takes).");
+  m.def("uses_onednn", [] { return use_onednn; }, "Whether float32 products run on oneDNN.");
+  m.def("set_onednn_min_flops", [](double flops) { return std::exchange(onednn_min_flops, flops); },
+        "Set the size (floating-point operations) below which a per-sequence product takes MKL "
+        "even on oneDNN; returns the previous value.");
+  m.def("set_use_onednn", [](bool on) { return std::exchange(use_onednn, on); },
+        "Multiply float32 products through oneDNN (True) instead of MKL or at::mm; returns the "
+        "previous value.");
   m.def("set_use_mkl", [](bool on) { return std::exchange(use_mkl, on); },
         "Call MKL's packed GEMM and gemm directly when there (True, default), or at::mm; returns "
         "the previous value.");

@@ -115,13 +115,33 @@ INPUT_IN_STEP_MAX_RATIO = 0.5
 # 24 / 256 (12, 1280) 1.054, 32 / 256 1.085. Two layers (the second's input the hidden size,
 # twice it when bidirectional): 64 / 128 0.901, 32 / 128 bidirectional 0.907. Training, own /
 # MKL: 64 / 128 0.970, 128 / 96 0.929, 128 / 128 0.984, 16 / 256 0.999.
+# The library of the float32 matrix products (the generic driver's steps, the input projection,
+# dX, the weight gradients): None chooses oneDNN (torch.nn.LSTM's own) except on Intel CPUs,
+# where MKL runs its AVX-512 kernels and measured as fast or faster (stops 1-28); MKL runs
+# AVX2-class kernels elsewhere: on an AMD EPYC (Zen 5, 2 threads) torch.mm (MKL) ran at 192
+# GFLOP/s, oneDNN at 420-430 (2048 x 2048). "mkl" or "onednn" forces one; oneDNN falls back to
+# MKL where it does not run (no AVX-512). Read when the module loads.
+PRODUCT_LIBRARY = None
+# With oneDNN's products (whose calls cost more than MKL's packed ones for the few rows of a
+# row part: 43-230 GFLOP/s at 4-16 rows against 400+ at 64 and more) the generic driver runs
+# no row parts (generic_parts) except the LSTM's with our own step products, forward and
+# backward, for parts of at least ONEDNN_OWN_MIN_ROWS rows while [W_ih | W_hh] takes at most
+# ONEDNN_OWN_MAX_WEIGHT_BYTES; smaller batches take the fused driver, larger weights one part
+# with oneDNN's multi-threaded step products. Interleaved medians on the AMD EPYC (Zen 5, 1 MiB
+# of L2 per core), forward / training ms, own row parts against the fused driver or one part:
+# batch 32 / hidden 256 5.59 / 18.95 vs 6.55 / 21.61, 64 / 256 10.70 / 36.21 vs 12.92 / 38.34,
+# 32 / 512 (4.5 MiB) 18.08 / 66.07 vs 33.17 / 79.23, 64 / 512 35.27 / 146.5 vs 52.91 / 156.5,
+# 32 / 128 1.56 vs 1.85, 64 / 128 3.51 vs 5.08; but 8 / 256 1.71 / 5.56 vs 1.35 / 4.91, and
+# 128 / 1024 (17 MiB) 152.4 vs 62.4 forward.
+ONEDNN_OWN_MIN_ROWS = 8
+ONEDNN_OWN_MAX_WEIGHT_BYTES = 8 << 20
 OWN_FORWARD_MAX_ROWS = 8
 OWN_FORWARD_MAX_WEIGHT_BYTES = 768 << 10
 OWN_FORWARD_MAX_INPUT_RATIO = 2.0
 OWN_BACKWARD_MAX_ROWS = 64
 
 _lock = threading.Lock()
-_state: dict = {"tried": False, "module": None, "reason": None}
+_state: dict = {"tried": False, "module": None, "reason": None, "products": "mkl"}
 
 
 def _cpu_tag() -> str:
@@ -173,6 +193,32 @@ def _compile(march: str = "native"):
                 verbose=False)
 
 
+def _intel_cpu() -> bool:
+    """Whether this is an Intel CPU (/proc/cpuinfo's vendor_id), where MKL runs its fastest
+    kernels."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in info)
+    except OSError:
+        return False
+
+
+def _choose_product_library(mod) -> str:
+    """Set the library of the float32 matrix products ("onednn" or "mkl", see PRODUCT_LIBRARY)
+    on the loaded module; returns it."""
+    choice = PRODUCT_LIBRARY or ("mkl" if _intel_cpu() else "onednn")
+    if choice == "onednn" and not mod.onednn_works():
+        choice = "mkl"
+    mod.set_use_onednn(choice == "onednn")
+    return choice
+
+
+def product_library() -> str:
+    """The library the native kernels' float32 products run on: "onednn" or "mkl" (MKL where
+    torch has it, else ATen's matmul)."""
+    return _state["products"] if module() is not None else "mkl"
+
+
 def module():
     """The compiled extension, or None (after one warning) when it cannot be built or loaded."""
     if not _state["tried"]:
@@ -183,6 +229,7 @@ def module():
                 else:
                     try:
                         _state["module"] = _compile()
+                        _state["products"] = _choose_product_library(_state["module"])
                     except Exception as exc:  # any build or load failure means: fall back
                         lines = str(exc).strip().splitlines() or [""]
                         detail = next((ln.strip() for ln in lines if "error:" in ln), lines[0])
@@ -344,7 +391,7 @@ def generic_parts(layout, w_hh, other=None, itemsize=None) -> int:
     math, always run on it."""
     itemsize = itemsize or w_hh.element_size()
     step_weight_bytes = (w_hh.numel() + (0 if other is None else other.numel())) * itemsize
-    if step_weight_bytes > ROW_PARTS_MAX_WEIGHT_BYTES:
+    if step_weight_bytes > ROW_PARTS_MAX_WEIGHT_BYTES or _onednn_products():
         return 1
     most = torch.get_num_threads() if MAX_ROW_PARTS is None else MAX_ROW_PARTS
     return max(1, min(most, layout.batch // MIN_PART_ROWS))
@@ -366,8 +413,31 @@ def _own_step_product(layout, parts: int, w_ih, w_hh, w_hr, backward: bool = Fal
         and w_ih.shape[1] <= OWN_FORWARD_MAX_INPUT_RATIO * w_hh.shape[1])
 
 
+def _onednn_products() -> bool:
+    """Whether the float32 products run on oneDNN (see PRODUCT_LIBRARY)."""
+    return module().uses_onednn()
+
+
+def _own_row_parts(layout, w_ih, w_hh, w_hr, itemsize=None) -> int:
+    """With oneDNN's products: the row parts (one per thread) of the LSTM's generic driver with
+    our own step products, forward and backward, or 0 where the usual rules choose (see
+    ONEDNN_OWN_MIN_ROWS)."""
+    if w_hr is not None or not _onednn_products():
+        return 0
+    parts = torch.get_num_threads() if MAX_ROW_PARTS is None else MAX_ROW_PARTS
+    weight_bytes = (w_ih.numel() + w_hh.numel()) * (itemsize or w_hh.element_size())
+    if (parts < 2 or layout.batch < parts * ONEDNN_OWN_MIN_ROWS
+            or weight_bytes > ONEDNN_OWN_MAX_WEIGHT_BYTES
+            or w_ih.shape[1] > OWN_FORWARD_MAX_INPUT_RATIO * w_hh.shape[1]):
+        return 0
+    return parts
+
+
 def _lstm_plan(layout, w_ih, w_hh, w_hr, itemsize=None) -> tuple[int, bool, bool]:
     """How an LSTM layer's forward runs: (driver parts, input in the step, own step product)."""
+    own_parts = _own_row_parts(layout, w_ih, w_hh, w_hr, itemsize)
+    if own_parts:
+        return own_parts, True, True
     input_in_step = w_hr is None and w_ih.shape[1] <= INPUT_IN_STEP_MAX_RATIO * w_hh.shape[1]
     parts = _driver(layout, w_hh, w_hr is not None, w_ih if input_in_step else None, itemsize)
     own = _own_step_product(layout, parts, w_ih, w_hh, w_hr, itemsize=itemsize)
@@ -378,7 +448,8 @@ def _lstm_plan(layout, w_ih, w_hh, w_hr, itemsize=None) -> tuple[int, bool, bool
 
 def _lstm_training_plan(layout, w_ih, w_hh, w_hr, itemsize=None) -> tuple:
     """_lstm_plan and how the backward runs: (its driver parts, its own step product)."""
-    backward_parts = _driver(layout, w_hh, w_hr is not None, itemsize=itemsize)
+    backward_parts = (_own_row_parts(layout, w_ih, w_hh, w_hr, itemsize)
+                      or _driver(layout, w_hh, w_hr is not None, itemsize=itemsize))
     return _lstm_plan(layout, w_ih, w_hh, w_hr, itemsize) + (
         backward_parts, _own_step_product(layout, backward_parts, w_ih, w_hh, w_hr,
                                           backward=True, itemsize=itemsize))
@@ -511,14 +582,15 @@ _module_plans: dict = {}
 TUNABLE_NAMES = ("FUSED_MAX_BATCH", "FUSED_ALWAYS_BATCH", "FUSED_MAX_WEIGHT_BYTES_PER_THREAD",
                  "MIN_PART_ROWS", "ROW_PARTS_MAX_WEIGHT_BYTES", "MAX_ROW_PARTS",
                  "INPUT_IN_STEP_MAX_RATIO", "OWN_FORWARD_MAX_ROWS", "OWN_FORWARD_MAX_WEIGHT_BYTES",
-                 "OWN_FORWARD_MAX_INPUT_RATIO", "OWN_BACKWARD_MAX_ROWS")
+                 "OWN_FORWARD_MAX_INPUT_RATIO", "OWN_BACKWARD_MAX_ROWS", "ONEDNN_OWN_MIN_ROWS",
+                 "ONEDNN_OWN_MAX_WEIGHT_BYTES")
 
 
 _tunable_values = operator.itemgetter(*TUNABLE_NAMES)
 
 
 def _tunables() -> tuple:
-    return _tunable_values(globals())
+    return _tunable_values(globals()) + (_onednn_products(),)
 
 
 def lstm_module(x, hx, w_ih, w_hh, b_ih, b_hh, batch_first: bool, hidden: int, train: bool):
