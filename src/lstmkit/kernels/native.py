@@ -415,7 +415,8 @@ def _own_step_product(layout, parts: int, w_ih, w_hh, w_hr, backward: bool = Fal
 
 def _onednn_products() -> bool:
     """Whether the float32 products run on oneDNN (see PRODUCT_LIBRARY)."""
-    return module().uses_onednn()
+    mod = module()
+    return mod is not None and mod.uses_onednn()
 
 
 def _own_row_parts(layout, w_ih, w_hh, w_hr, itemsize=None) -> int:
