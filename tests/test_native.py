@@ -126,7 +126,10 @@ def driver(request, monkeypatch):
     # MKL's gemm called directly.
     # "generic": the weight gradients as one stacked product (the others take the separate
     # products that small shapes get, see WeightGradients).
+    # The chunked cases also pass their row groups over the weights one slab of blocks (two
+    # for one gate) at a time, as large weights are (batch 20: several row groups).
     with native_setting("chunk_bytes", 1 if request.param.endswith("chunked") else None), \
+            native_setting("slab_bytes", 1 if request.param.endswith("chunked") else None), \
             native_setting("use_mkl", request.param != "generic-mm"), \
             native_setting("use_onednn", onednn), \
             native_setting("onednn_min_flops", 0 if onednn else None), \
@@ -494,7 +497,7 @@ def test_onednn_plans_own_row_parts_fused_or_one_part(monkeypatch):
     LSTM's own: parts of at least ONEDNN_OWN_MIN_ROWS (8) rows, [W_ih | W_hh] at most
     ONEDNN_OWN_MAX_WEIGHT_BYTES (8 MiB), no projection, input at most twice the hidden size;
     smaller batches take the fused driver (0 parts), larger weights one part (input 64, float32,
-    two threads)."""
+    two threads). The backward takes its own row parts whatever W_hh's size."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(native, "_onednn_products", lambda: True)
 
@@ -507,6 +510,7 @@ def test_onednn_plans_own_row_parts_fused_or_one_part(monkeypatch):
     assert plans(16, 512) == (2, True, True, 2, True)      # 8 rows of 4.25 MiB
     assert plans(64, 640)[:3] == (2, True, True)           # 6.9 MiB
     assert plans(64, 704)[:3] == (1, True, False)          # 8.25 MiB: one part, oneDNN's steps
+    assert plans(128, 1024) == (1, True, False, 2, True)   # the backward: own parts at any size
     assert plans(14, 256)[:3] == (0, False, False)         # 7 rows: the fused driver
     assert plans(8, 128)[0] == 0 and plans(64, 64, inputs=129)[:3] == (0, False, False)
     assert plans(64, 128, proj=True)[0] == 1               # projection: one part, oneDNN's

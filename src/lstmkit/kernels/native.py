@@ -132,9 +132,16 @@ PRODUCT_LIBRARY = None
 # batch 32 / hidden 256 5.59 / 18.95 vs 6.55 / 21.61, 64 / 256 10.70 / 36.21 vs 12.92 / 38.34,
 # 32 / 512 (4.5 MiB) 18.08 / 66.07 vs 33.17 / 79.23, 64 / 512 35.27 / 146.5 vs 52.91 / 156.5,
 # 32 / 128 1.56 vs 1.85, 64 / 128 3.51 vs 5.08; but 8 / 256 1.71 / 5.56 vs 1.35 / 4.91, and
-# 128 / 1024 (17 MiB) 152.4 vs 62.4 forward.
+# 128 / 1024 (17 MiB) 152.4 vs 62.4 forward (59.5 vs 56.2 after the slabs of stop 29, still a
+# loss: 55.8 against 54.3 interleaved).
 ONEDNN_OWN_MIN_ROWS = 8
 ONEDNN_OWN_MAX_WEIGHT_BYTES = 8 << 20
+# The backward's own row parts have no weight limit (W_hh's size): since stop 29 our product
+# passes its row groups over the weights in slabs (slab_bytes in _native.cpp), so the weights
+# stream in once per step. Training at batch 128 / hidden 1024 (16 MiB W_hh), interleaved
+# medians: backward on oneDNN's steps 186.5 ms, own row parts 176.7 (the forward's own as well:
+# 179.6; torch.nn 192.1).
+ONEDNN_OWN_BACKWARD_MAX_WEIGHT_BYTES = 1 << 62
 OWN_FORWARD_MAX_ROWS = 8
 OWN_FORWARD_MAX_WEIGHT_BYTES = 768 << 10
 OWN_FORWARD_MAX_INPUT_RATIO = 2.0
@@ -419,16 +426,20 @@ def _onednn_products() -> bool:
     return mod is not None and mod.uses_onednn()
 
 
-def _own_row_parts(layout, w_ih, w_hh, w_hr, itemsize=None) -> int:
+def _own_row_parts(layout, w_ih, w_hh, w_hr, itemsize=None, backward=False) -> int:
     """With oneDNN's products: the row parts (one per thread) of the LSTM's generic driver with
-    our own step products, forward and backward, or 0 where the usual rules choose (see
-    ONEDNN_OWN_MIN_ROWS)."""
+    our own step products, in the forward (or the backward), or 0 where the usual rules choose
+    (see ONEDNN_OWN_MIN_ROWS)."""
     if w_hr is not None or not _onednn_products():
         return 0
     parts = torch.get_num_threads() if MAX_ROW_PARTS is None else MAX_ROW_PARTS
+    if parts < 2 or layout.batch < parts * ONEDNN_OWN_MIN_ROWS:
+        return 0
+    if backward:
+        weight_bytes = w_hh.numel() * (itemsize or w_hh.element_size())
+        return parts if weight_bytes <= ONEDNN_OWN_BACKWARD_MAX_WEIGHT_BYTES else 0
     weight_bytes = (w_ih.numel() + w_hh.numel()) * (itemsize or w_hh.element_size())
-    if (parts < 2 or layout.batch < parts * ONEDNN_OWN_MIN_ROWS
-            or weight_bytes > ONEDNN_OWN_MAX_WEIGHT_BYTES
+    if (weight_bytes > ONEDNN_OWN_MAX_WEIGHT_BYTES
             or w_ih.shape[1] > OWN_FORWARD_MAX_INPUT_RATIO * w_hh.shape[1]):
         return 0
     return parts
@@ -449,7 +460,7 @@ def _lstm_plan(layout, w_ih, w_hh, w_hr, itemsize=None) -> tuple[int, bool, bool
 
 def _lstm_training_plan(layout, w_ih, w_hh, w_hr, itemsize=None) -> tuple:
     """_lstm_plan and how the backward runs: (its driver parts, its own step product)."""
-    backward_parts = (_own_row_parts(layout, w_ih, w_hh, w_hr, itemsize)
+    backward_parts = (_own_row_parts(layout, w_ih, w_hh, w_hr, itemsize, backward=True)
                       or _driver(layout, w_hh, w_hr is not None, itemsize=itemsize))
     return _lstm_plan(layout, w_ih, w_hh, w_hr, itemsize) + (
         backward_parts, _own_step_product(layout, backward_parts, w_ih, w_hh, w_hr,
@@ -584,7 +595,7 @@ TUNABLE_NAMES = ("FUSED_MAX_BATCH", "FUSED_ALWAYS_BATCH", "FUSED_MAX_WEIGHT_BYTE
                  "MIN_PART_ROWS", "ROW_PARTS_MAX_WEIGHT_BYTES", "MAX_ROW_PARTS",
                  "INPUT_IN_STEP_MAX_RATIO", "OWN_FORWARD_MAX_ROWS", "OWN_FORWARD_MAX_WEIGHT_BYTES",
                  "OWN_FORWARD_MAX_INPUT_RATIO", "OWN_BACKWARD_MAX_ROWS", "ONEDNN_OWN_MIN_ROWS",
-                 "ONEDNN_OWN_MAX_WEIGHT_BYTES")
+                 "ONEDNN_OWN_MAX_WEIGHT_BYTES", "ONEDNN_OWN_BACKWARD_MAX_WEIGHT_BYTES")
 
 
 _tunable_values = operator.itemgetter(*TUNABLE_NAMES)
